@@ -1,0 +1,40 @@
+"""Lepton: medical-image classification from a folder of images to a trained, evaluated model.
+
+The public API is re-exported here and imported lazily, so ``import lepton`` (and ``lepton --help``)
+does not load PyTorch.
+
+>>> import lepton
+>>> run = lepton.train("chest_xrays/", model="resnet18", epochs=10)      # doctest: +SKIP
+>>> report = lepton.evaluate(run, split="test")                          # doctest: +SKIP
+>>> lepton.load_run(run.path).predict(["patient.dcm"])                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "train": "lepton.train",
+    "evaluate": "lepton.evaluate",
+    "load_run": "lepton.runs",
+    "Run": "lepton.runs",
+    "create_model": "lepton.models",
+    "list_models": "lepton.models",
+    "load_dataset": "lepton.data",
+    "read_image": "lepton.data",
+    "inspect_source": "lepton.data.inspection",
+    "make_config": "lepton.config",
+    "TrainConfig": "lepton.config",
+    "run_demo": "lepton.demo",
+    "LeptonError": "lepton.errors",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lepton' has no attribute {name!r}")

@@ -1,0 +1,266 @@
+"""The ``lepton`` command line: thin verbs over the library API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from lepton.errors import LeptonError
+
+app = typer.Typer(help="Lepton: medical-image classification, from images to evaluated models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Inspect data sources.", no_args_is_help=True)
+models_app = typer.Typer(help="Network architectures.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lepton import __version__
+
+        console.print(f"lepton {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    source: Annotated[str, typer.Argument(help="A .npz, medmnist:<name>, CSV manifest or class folder.")],
+    window: Annotated[str | None, typer.Option(help="CT window preset or CENTER,WIDTH for DICOM/NIfTI.")] = None,
+    slices: Annotated[str, typer.Option(help="'middle' or 'all' slices of volumes/multi-frame.")] = "middle",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Counts per class and split, sizes, modalities, intensities, duplicates and unreadable files."""
+    from lepton.data.inspection import inspect_source
+
+    result = inspect_source(source, window=window, slices=slices)
+    if as_json:
+        console.print_json(json.dumps(result))
+    else:
+        _print_inspection(result)
+    if result["problems"]:
+        raise typer.Exit(1)
+
+
+def _print_inspection(r: dict) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]{r['source']}[/]: {r['images']} images, classes {', '.join(r['classes'])}")
+    table = Table("split", *r["classes"], "total")
+    for split, counts in r["counts"].items():
+        table.add_row(split, *(str(counts.get(c, 0)) for c in r["classes"]), str(sum(counts.values())))
+    console.print(table)
+    console.print(f"sizes: {r['sizes']}  channels: {r['channels']}  modalities: {r['modalities']}")
+    if r["intensity"]:
+        s = r["intensity"]
+        console.print(f"intensity (0-1 scale): mean {s['mean']:.3f} std {s['std']:.3f} "
+                      f"min {s['min']:.3f} max {s['max']:.3f} p1 {s['p1']:.3f} p99 {s['p99']:.3f}")
+    d = r["duplicates"]
+    console.print(f"exact duplicates: {d['images']} images in {d['groups']} groups, "
+                  f"{d['across_splits']} across splits")
+    for u in r["unreadable"]:
+        console.print(f"[red]unreadable[/] {u['path']}: {u['reason']}")
+    for p in r["problems"]:
+        console.print(f"[yellow]problem[/] {p}")
+
+
+@models_app.command("available")
+def models_available() -> None:
+    """List the networks create_model knows."""
+    from rich.table import Table
+
+    from lepton.models import list_models
+
+    table = Table("name", "description", "pretrained weights")
+    for info in list_models():
+        table.add_row(info.name, info.description, info.pretrained_layout or "-")
+    console.print(table)
+
+
+def _parse_aug(values: list[str] | None) -> dict[str, float]:
+    out = {}
+    for item in values or []:
+        key, sep, val = item.partition("=")
+        try:
+            out[key.strip()] = float(val)
+        except ValueError:
+            raise typer.BadParameter(f"--aug expects KEY=NUMBER, got {item!r}") from None
+        if not sep:
+            raise typer.BadParameter(f"--aug expects KEY=NUMBER, got {item!r}")
+    return out
+
+
+@app.command()
+def train(
+    data: Annotated[str | None, typer.Argument(help="Training data source (see `lepton data inspect`).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory.")] = None,
+    config: Annotated[Path | None, typer.Option(help="A config.yaml to start from.")] = None,
+    preset: Annotated[str, typer.Option(help="Named recipe: default, demo, medmnist.")] = "default",
+    name: Annotated[str | None, typer.Option(help="Run name (default: data-model-time).")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Parent folder of run directories.")] = None,
+    model: Annotated[str | None, typer.Option(help="Network name (`lepton models available`).")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="Local state-dict file for transfer learning.")] = None,
+    freeze_backbone: Annotated[bool | None, typer.Option("--freeze-backbone", help="Train the head only.")] = None,
+    backbone_lr: Annotated[float | None, typer.Option(help="Learning rate of the backbone.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="cosine, step or none.")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Linear warm-up epochs.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
+    imbalance: Annotated[str | None, typer.Option(help="none, weighted (loss) or balanced (sampling).")] = None,
+    augment: Annotated[str | None, typer.Option(help="Augmentation preset: none, light, xray, strong.")] = None,
+    aug: Annotated[list[str] | None, typer.Option(help="Override one augmentation option, KEY=VALUE.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input size (default: data's native).")] = None,
+    channels: Annotated[int | None, typer.Option(help="Input channels, 1 or 3.")] = None,
+    window: Annotated[str | None, typer.Option(help="CT window for DICOM/NIfTI: lung, mediastinum, "
+                                                    "bone, brain, soft-tissue or C,W.")] = None,
+    slices: Annotated[str | None, typer.Option(help="Volumes: middle or all slices.")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="EMA of weights (0 = off).")] = None,
+    early_stopping: Annotated[int | None, typer.Option(help="Patience in epochs (0 = off).")] = None,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    deterministic: Annotated[bool | None, typer.Option("--deterministic", help="Deterministic kernels.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    skip_bad: Annotated[bool | None, typer.Option("--skip-bad", help="Skip unreadable files.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Train a classifier; writes a run directory with checkpoints, history and curves."""
+    from lepton.config import TrainConfig, make_config
+    from lepton.train import summary
+    from lepton.train import train as train_fn
+
+    if resume is not None:
+        run = train_fn(resume=resume, quiet=quiet)
+    else:
+        overrides = dict(
+            name=name, output_dir=output_dir, model=model, pretrained=pretrained,
+            freeze_backbone=freeze_backbone, backbone_lr=backbone_lr, epochs=epochs, batch_size=batch_size,
+            lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+            label_smoothing=label_smoothing, imbalance=imbalance, augment=augment,
+            augment_options=_parse_aug(aug) or None, image_size=image_size, channels=channels,
+            window=window, slices=slices, ema_decay=ema_decay, early_stopping=early_stopping, tta=tta,
+            seed=seed, deterministic=deterministic, device=device, threads=threads, skip_bad=skip_bad,
+        )
+        if config is not None:
+            base = TrainConfig.from_yaml(config).to_dict()
+            base.update({k: v for k, v in overrides.items() if v is not None})
+            if data:
+                base["data"] = data
+            base["name"] = name or ""
+            cfg = TrainConfig.from_dict(base).validate()
+        else:
+            if not data:
+                raise typer.BadParameter("give a DATA source, --config, or --resume RUN")
+            cfg = make_config(preset, data=data, **overrides)
+        run = train_fn(config=cfg, quiet=quiet)
+    console.print_json(json.dumps(summary(run)))
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    data: Annotated[str | None, typer.Option(help="Data source (default: the run's own).")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    output: Annotated[Path | None, typer.Option(help="Report folder (default RUN/eval/SPLIT).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs (0 = none).")] = 1000,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable files.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+) -> None:
+    """Metrics with 95 % CIs, calibration and plots; writes report.json and report.md."""
+    from lepton.evaluate import evaluate as evaluate_fn
+
+    report = evaluate_fn(run, data, split=split, output=output, n_bootstrap=bootstrap, skip_bad=skip_bad)
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    for key, m in report["metrics"].items():
+        ci = m.get("ci95") or {}
+        thr = "argmax" if m["threshold"] is None else f"{key} threshold {m['threshold']:.3f}"
+        acc_ci = " [{:.3f}, {:.3f}]".format(*ci["acc"]) if ci else ""
+        auc_ci = " [{:.3f}, {:.3f}]".format(*ci["auc"]) if ci else ""
+        console.print(f"{report['split']} ({report['images']} images), {thr}: "
+                      f"ACC {m['acc']:.4f}{acc_ci}  AUC {m['auc']:.4f}{auc_ci}  "
+                      f"balanced ACC {m['balanced_acc']:.4f}")
+    console.print(f"ECE {report['ece']:.4f}; report: {Path(report['output']) / 'report.md'}")
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    images: Annotated[list[Path], typer.Argument(help="PNG, JPEG, BMP, TIFF, DICOM, NIfTI or NPY files.")],
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Print one JSON line per image: label, class probabilities and the decision threshold."""
+    from lepton.runs import load_run
+
+    loaded = load_run(run, device=device)
+    for image in images:  # one file at a time, so a bad file names itself and the rest still run
+        try:
+            rows = loaded.predict([image])
+        except LeptonError as exc:
+            err.print(f"[red]error[/]: {exc}")
+            _state["failed"] = True
+            continue
+        for row in rows:
+            print(json.dumps(row))
+    if _state.get("failed"):
+        raise typer.Exit(2)
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option(help="Where the data and run go.")] = Path("runs"),
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller, faster demo.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Synthetic chest X-rays → train → evaluate → predict, end to end on CPU."""
+    from lepton.demo import run_demo
+
+    result = run_demo(output_dir, quick=quick, seed=seed)
+    console.print_json(json.dumps(result))
+    console.print(
+        f"[bold green]Demo done[/] in {result['wall_seconds']:.0f} s: test ACC {result['test_acc']:.3f}, "
+        f"AUC {result['test_auc']:.3f} on {result['test_images']} images.\n"
+        f"  run directory: {result['run']}\n  report: {result['report']}\n"
+        f"  next: lepton predict {result['run']} IMAGE.png")
+
+
+def main() -> None:
+    """Console-script entry point: LeptonError → message and exit code 2, no traceback."""
+    try:
+        app()
+    except LeptonError as exc:
+        if _state["debug"] or "--debug" in sys.argv:
+            raise
+        err.print(f"[red]error[/]: {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Typed training configuration with named presets, read from and written to YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lepton.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run; saved as ``config.yaml`` in the run directory."""
+
+    data: str = ""
+    name: str = ""
+    output_dir: str = "runs"
+    # model
+    model: str = "lepton_cnn"
+    pretrained: str | None = None
+    freeze_backbone: bool = False
+    backbone_lr: float | None = None
+    # preprocessing
+    image_size: int | None = None
+    channels: int | None = None
+    normalize: str = "dataset"  # "dataset" (train mean/std) or "half" (mean 0.5, std 0.5)
+    window: str | None = None
+    slices: str = "middle"
+    augment: str = "light"
+    augment_options: dict[str, float] = field(default_factory=dict)
+    # splits
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    skip_bad: bool = False
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | step | none
+    warmup_epochs: float = 1.0
+    step_size: int = 10
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    imbalance: str = "weighted"  # none | weighted | balanced
+    ema_decay: float = 0.0
+    early_stopping: int = 0  # patience in epochs; 0 disables
+    tta: bool = False
+    # reproducibility and hardware
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    amp: bool = True
+    threads: int | None = None
+    preset: str = "default"
+
+    def validate(self) -> TrainConfig:
+        """Check value ranges and choices; raise ConfigError naming the field and the fix."""
+        choices = {
+            "schedule": ("cosine", "step", "none"),
+            "imbalance": ("none", "weighted", "balanced"),
+            "normalize": ("dataset", "half"),
+            "slices": ("middle", "all"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        positive = ("epochs", "batch_size", "lr")
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0 (got {getattr(self, key)})")
+        for key in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, key) < 0.5:
+                raise ConfigError(f"{key} must be in [0, 0.5) (got {getattr(self, key)})")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        if self.image_size is not None and not 8 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size must be between 8 and 1024 (got {self.image_size})")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"channels must be 1 or 3 (got {self.channels})")
+        if not self.data:
+            raise ConfigError("data is empty: pass a dataset path, e.g. `lepton train DATA`")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: Path) -> None:
+        from lepton.utils import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config field(s): {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> TrainConfig:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of config fields")
+        return cls.from_dict(values)
+
+
+# Named recipes. A preset sets defaults; explicit arguments override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # Small synthetic demo: fast on 2 CPU cores.
+    "demo": {
+        "model": "lepton_cnn",
+        "epochs": 8,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "augment": "light",
+        "imbalance": "weighted",
+    },
+}
+
+
+def make_config(preset: str = "default", **overrides: Any) -> TrainConfig:
+    """Build a validated config from a named preset plus explicit overrides (None = keep preset)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(values).validate()

@@ -1,0 +1,55 @@
+"""Data stage: readers for npz, image folders, DICOM, NIfTI and CSV manifests; splits; checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lepton.data.dataset import ImageSet
+from lepton.data.io import Frame, read_image
+from lepton.errors import DataError
+
+__all__ = ["DataError", "Frame", "ImageSet", "load_dataset", "read_image"]
+
+
+def load_dataset(
+    source: str | Path,
+    *,
+    window: str | None = None,
+    slices: str = "middle",
+    skip_bad: bool = False,
+    validate: bool = True,
+) -> ImageSet:
+    """Load a labelled image source into memory.
+
+    ``source`` is a MedMNIST ``.npz`` file, ``medmnist:<name>`` (from ``~/.medmnist``), a CSV
+    manifest (``path,label[,patient_id][,split]``), or a folder with one sub-folder per class
+    (optionally under ``train/``, ``val/``, ``test/``) holding PNG, JPEG, BMP, TIFF, DICOM, NIfTI
+    or NPY files. Unreadable files fail the load with a list of every one, unless ``skip_bad``.
+
+    >>> data = load_dataset("chest_xrays/")             # doctest: +SKIP
+    >>> data.label_names, len(data)                     # doctest: +SKIP
+    (['normal', 'pneumonia'], 5856)
+    """
+    from lepton.data.folder import read_folder
+    from lepton.data.manifest import read_manifest
+    from lepton.data.medmnist import read_npz, resolve_medmnist
+
+    text = str(source)
+    if text.startswith("medmnist:"):
+        data = read_npz(resolve_medmnist(text.split(":", 1)[1]), source=text)
+    else:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder")
+        if path.is_dir():
+            data = read_folder(path, window=window, slices=slices, skip_bad=skip_bad)
+        elif path.suffix.lower() == ".npz":
+            data = read_npz(path)
+        elif path.suffix.lower() in (".csv", ".tsv"):
+            data = read_manifest(path, window=window, slices=slices, skip_bad=skip_bad)
+        else:
+            raise DataError(
+                f"{path}: a labelled data source must be a .npz file, a .csv manifest or a folder "
+                "with one sub-folder per class; to classify single images use `lepton predict`"
+            )
+    return data.validate() if validate else data

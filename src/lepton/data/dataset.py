@@ -1,0 +1,156 @@
+"""The in-memory labelled image set every reader produces, with its validation."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lepton.data.io import read_image
+from lepton.errors import DataError
+
+log = logging.getLogger("lepton.data")
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageSet:
+    """Labelled images in memory.
+
+    ``images`` holds float32 arrays (C, H, W) in [0, 1], either a list (mixed sizes) or one stacked
+    array (N, C, H, W). ``splits`` holds "train"/"val"/"test" or "" when the source has none.
+    ``groups`` holds a patient pseudonym (or the source file) so that one patient or volume never
+    spans two splits.
+    """
+
+    images: list[np.ndarray] | np.ndarray
+    labels: np.ndarray
+    label_names: list[str]
+    splits: np.ndarray
+    groups: np.ndarray
+    names: list[str]
+    modalities: list[str]
+    source: str
+    has_patient_ids: bool = False
+    bad_files: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def image(self, i: int) -> np.ndarray:
+        return self.images[i]
+
+    def subset(self, mask: np.ndarray) -> ImageSet:
+        idx = np.flatnonzero(mask)
+        images = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
+        return ImageSet(
+            images=images,
+            labels=self.labels[idx],
+            label_names=self.label_names,
+            splits=self.splits[idx],
+            groups=self.groups[idx],
+            names=[self.names[i] for i in idx],
+            modalities=[self.modalities[i] for i in idx],
+            source=self.source,
+            has_patient_ids=self.has_patient_ids,
+        )
+
+    def content_hashes(self) -> list[str]:
+        """SHA-256 of each image's decoded pixels (exact-duplicate and fingerprint key)."""
+        return [
+            hashlib.sha256(
+                str(np.shape(img)).encode() + np.ascontiguousarray(img, dtype=np.float32).tobytes()
+            ).hexdigest()
+            for img in self.images
+        ]
+
+    def validate(self) -> ImageSet:
+        """Raise DataError for an empty set, a single class, empty classes or bad labels."""
+        n = len(self.labels)
+        if n == 0:
+            raise DataError(f"{self.source}: no images were found")
+        if len(self.images) != n:
+            raise DataError(f"{self.source}: {len(self.images)} images but {n} labels")
+        if self.labels.min() < 0 or self.labels.max() >= len(self.label_names):
+            raise DataError(
+                f"{self.source}: labels must lie in 0..{len(self.label_names) - 1} "
+                f"(found {int(self.labels.min())}..{int(self.labels.max())})"
+            )
+        if len(self.label_names) < 2:
+            raise DataError(
+                f"{self.source}: only one class ({self.label_names[0] if self.label_names else '?'}); "
+                "a classifier needs at least two"
+            )
+        counts = np.bincount(self.labels, minlength=len(self.label_names))
+        empty = [self.label_names[i] for i in np.flatnonzero(counts == 0)]
+        if empty:
+            raise DataError(f"{self.source}: class(es) {', '.join(empty)} have no images")
+        bad_splits = sorted(set(self.splits.tolist()) - {"", *SPLITS})
+        if bad_splits:
+            raise DataError(f"{self.source}: unknown split name(s) {bad_splits}; use train, val, test")
+        return self
+
+
+def report_bad(source: str, bad: list[tuple[str, str]], skip_bad: bool) -> None:
+    """Fail listing every bad file, or warn and continue with ``skip_bad``."""
+    if not bad:
+        return
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    if not skip_bad:
+        raise DataError(
+            f"{source}: {len(bad)} file(s) could not be read:\n{listing}\n"
+            "Fix or remove them, or pass --skip-bad to skip them with a warning."
+        )
+    log.warning("%s: skipping %d unreadable file(s):\n%s", source, len(bad), listing)
+
+
+def from_files(
+    source: str,
+    records: Iterable[tuple[Path, int, str, str | None]],
+    label_names: list[str],
+    *,
+    window: str | None,
+    slices: str,
+    skip_bad: bool,
+) -> ImageSet:
+    """Read (path, label, split, patient) records into an ImageSet, collecting bad files."""
+    images, labels, splits, groups, names, modalities = [], [], [], [], [], []
+    bad: list[tuple[str, str]] = []
+    has_patient = False
+    for path, label, split, patient in records:
+        try:
+            frames = read_image(path, window=window, slices=slices)
+        except DataError as exc:
+            bad.append((str(path), str(exc).removeprefix(f"{path}: ")))
+            continue
+        for frame in frames:
+            group = patient or frame.patient
+            has_patient = has_patient or group is not None
+            images.append(frame.pixels)
+            labels.append(label)
+            splits.append(split)
+            groups.append(group or f"file:{path}")
+            names.append(str(path) if frame.name == path.name else f"{path}{frame.name[len(path.name):]}")
+            modalities.append(frame.modality)
+    report_bad(source, bad, skip_bad)
+    return ImageSet(
+        images=images,
+        labels=np.asarray(labels, dtype=np.int64),
+        label_names=label_names,
+        splits=np.asarray(splits, dtype=object),
+        groups=np.asarray(groups, dtype=object),
+        names=names,
+        modalities=modalities,
+        source=source,
+        has_patient_ids=has_patient,
+        bad_files=bad,
+    )

@@ -1,0 +1,75 @@
+"""``lepton data inspect``: what is in a source, and what is wrong with it."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+
+from lepton.errors import DataError
+
+
+def inspect_source(source: str, *, window: str | None = None, slices: str = "middle") -> dict[str, Any]:
+    """Summarise a data source: counts per split and class, sizes, modalities, intensities,
+    exact duplicates (within and across splits, by content hash) and unreadable files.
+
+    Problems are reported in the result rather than raised, except when nothing can be read.
+    """
+    from lepton.data import load_dataset
+
+    data = load_dataset(source, window=window, slices=slices, skip_bad=True, validate=False)
+    problems: list[str] = []
+    try:
+        data.validate()
+    except DataError as exc:
+        problems.append(str(exc))
+    splits = [s or "unsplit" for s in data.splits.tolist()]
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    for split in sorted(set(splits)):
+        mask = np.array([s == split for s in splits])
+        per = np.bincount(data.labels[mask], minlength=data.num_classes)
+        counts[split] = {name: int(c) for name, c in zip(data.label_names, per, strict=False)}
+    sizes = Counter("x".join(str(d) for d in np.shape(img)[1:]) for img in data.images)
+    channels = Counter(int(np.shape(img)[0]) for img in data.images)
+    flat = (np.concatenate([np.ravel(img) for img in data.images])
+            if isinstance(data.images, list) else np.ravel(data.images))
+    stats = {}
+    if flat.size:
+        stats = {"mean": float(flat.mean()), "std": float(flat.std()), "min": float(flat.min()),
+                 "max": float(flat.max()), "p1": float(np.percentile(flat, 1)),
+                 "p99": float(np.percentile(flat, 99))}
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, h in enumerate(data.content_hashes()):
+        by_hash[h].append(i)
+    dup_groups = [idx for idx in by_hash.values() if len(idx) > 1]
+    cross = [idx for idx in dup_groups if len({splits[i] for i in idx}) > 1]
+    if cross:
+        problems.append(
+            f"{len(cross)} image(s) appear in more than one split (leakage): "
+            + "; ".join(" = ".join(f"{data.names[i]} [{splits[i]}]" for i in idx[:3]) for idx in cross[:5])
+        )
+    conflicting = [idx for idx in dup_groups if len({int(data.labels[i]) for i in idx}) > 1]
+    if conflicting:
+        problems.append(f"{len(conflicting)} duplicate image group(s) carry different labels")
+    if data.bad_files:
+        problems.append(f"{len(data.bad_files)} unreadable file(s)")
+    return {
+        "source": source,
+        "images": len(data),
+        "classes": data.label_names,
+        "counts": dict(counts),
+        "sizes": dict(sizes.most_common(10)),
+        "channels": {str(k): v for k, v in channels.items()},
+        "modalities": dict(Counter(data.modalities)),
+        "patient_grouped": data.has_patient_ids,
+        "intensity": stats,
+        "duplicates": {
+            "groups": len(dup_groups),
+            "images": sum(len(g) for g in dup_groups),
+            "across_splits": len(cross),
+            "examples": [[data.names[i] for i in idx[:4]] for idx in cross[:5]],
+        },
+        "unreadable": [{"path": p, "reason": r} for p, r in data.bad_files],
+        "problems": problems,
+    }

@@ -1,0 +1,72 @@
+"""CSV manifests: ``path,label[,patient_id][,split]`` with a header row."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from lepton.data.dataset import SPLITS, ImageSet, from_files
+from lepton.data.io import pseudonymize
+from lepton.errors import DataError
+
+MAX_ROWS = 2_000_000
+
+
+def read_manifest(
+    path: Path, *, window: str | None = None, slices: str = "middle", skip_bad: bool = False
+) -> ImageSet:
+    """Read the images a CSV manifest lists; relative paths are taken from the CSV's folder.
+
+    Patient ids are pseudonymised on read and used only to keep each patient in one split.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = []
+            for i, row in enumerate(reader):
+                if i >= MAX_ROWS:
+                    raise DataError(f"{path}: more than {MAX_ROWS} rows")
+                rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 CSV file ({exc})") from exc
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({exc})") from exc
+    missing = {"path", "label"} - set(header)
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(sorted(missing))}; the header must be "
+            f"path,label[,patient_id][,split] (found: {', '.join(header) or 'no header'})"
+        )
+    if not rows:
+        raise DataError(f"{path}: the manifest lists no images")
+    problems = []
+    for line, row in enumerate(rows, start=2):
+        if not row.get("path"):
+            problems.append(f"line {line}: empty path")
+        if not row.get("label"):
+            problems.append(f"line {line}: empty label")
+        split = row.get("split", "")
+        if split and split not in SPLITS:
+            problems.append(f"line {line}: split {split!r} is not one of {', '.join(SPLITS)}")
+    if "split" in header:
+        filled = sum(bool(r.get("split")) for r in rows)
+        if 0 < filled < len(rows):
+            problems.append("the split column must be filled on every row or on none")
+    if problems:
+        raise DataError(f"{path}: invalid manifest:\n  " + "\n  ".join(problems[:50]))
+    raw_labels = sorted({r["label"] for r in rows})
+    if all(x.lstrip("-").isdigit() for x in raw_labels):
+        raw_labels = sorted(raw_labels, key=int)
+    index = {name: i for i, name in enumerate(raw_labels)}
+    base = path.parent
+    records = [
+        (
+            (base / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"]),
+            index[r["label"]],
+            r.get("split", ""),
+            pseudonymize(r["patient_id"]) if r.get("patient_id") else None,
+        )
+        for r in rows
+    ]
+    return from_files(str(path), records, raw_labels, window=window, slices=slices, skip_bad=skip_bad)

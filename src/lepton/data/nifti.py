@@ -1,0 +1,63 @@
+"""NIfTI reading with nibabel: 2-D images and axial slices of 3-D (or the first 4-D) volumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lepton.data.dicom import apply_window, resolve_window
+from lepton.data.io import MAX_PIXELS, Frame
+from lepton.errors import DataError
+
+
+def read_nifti(path: Path, *, window: str | None = None, slices: str = "middle") -> list[Frame]:
+    """Read a NIfTI-1/2 file; volumes are reoriented to RAS and cut into axial slices.
+
+    Intensities are windowed (``window``, e.g. ``lung`` for CT in HU) or scaled by the volume's
+    0.5–99.5th percentiles, so every slice of one volume shares one scale.
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        img = nib.as_closest_canonical(img) if len(img.shape) >= 3 else img
+        shape = img.shape
+        if int(np.prod(shape[:3])) > MAX_PIXELS:
+            raise DataError(f"{path}: volume of shape {shape} is over the pixel limit")
+        proxy = img.dataobj
+        if len(shape) == 4:
+            data = np.asarray(proxy[..., 0], dtype=np.float32)
+        elif len(shape) in (2, 3):
+            data = np.asarray(proxy, dtype=np.float32)
+        else:
+            raise DataError(f"{path}: {len(shape)}-D NIfTI of shape {shape} is not supported")
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: corrupt or unreadable NIfTI file ({exc})") from exc
+    if data.size == 0:
+        raise DataError(f"{path}: the NIfTI image has no voxels")
+    if not np.isfinite(data).all():
+        raise DataError(f"{path}: the NIfTI image contains NaN or infinite values")
+    if data.ndim == 2:
+        data = data[:, :, None]
+    preset = resolve_window(window)
+    if preset is not None:
+        unit = apply_window(data, *preset)
+    else:
+        lo, hi = np.percentile(data, [0.5, 99.5])
+        unit = np.clip((data - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(data)
+    depth = unit.shape[2]
+    idx = range(depth) if slices == "all" else [depth // 2]
+    name = path.name
+    # Transpose and flip so rows run anterior→posterior and columns right→left (radiological view).
+    return [
+        Frame(
+            np.ascontiguousarray(np.flipud(unit[:, :, k].T), dtype=np.float32)[None],
+            f"{name}#slice={k}" if depth > 1 else name,
+            "nifti",
+            None,
+        )
+        for k in idx
+    ]

@@ -1,0 +1,92 @@
+"""Built-in networks. MONAI supplies the ResNet, DenseNet and EfficientNet implementations."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lepton.models.registry import register_model
+
+SMALL_INPUT = 64  # at or below this size, networks keep full resolution in their stem
+
+
+class LeptonCNN(nn.Module):
+    """A compact VGG-style baseline: four conv blocks, global average pooling, dropout, linear."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.2):
+        super().__init__()
+        chans = [in_channels, width, width * 2, width * 4, width * 8]
+        blocks = []
+        for i in range(4):
+            blocks += [
+                nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False),
+                nn.BatchNorm2d(chans[i + 1]),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1, bias=False),
+                nn.BatchNorm2d(chans[i + 1]),
+                nn.ReLU(inplace=True),
+            ]
+            if i < 3:
+                blocks.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(chans[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
+
+
+@register_model("lepton_cnn", "compact 8-layer CNN baseline (fast on CPU)", head="fc")
+def lepton_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    return LeptonCNN(in_channels, num_classes)
+
+
+def _resnet(block: str, layers: list[int], in_channels: int, num_classes: int, image_size: int):
+    from monai.networks.nets import ResNet
+
+    small = image_size <= SMALL_INPUT
+    return ResNet(
+        block, layers, [64, 128, 256, 512], spatial_dims=2, n_input_channels=in_channels,
+        conv1_t_size=3 if small else 7, conv1_t_stride=1 if small else 2, no_max_pool=small,
+        num_classes=num_classes,
+    )
+
+
+@register_model("resnet18", "ResNet-18 (small-input stem at <= 64 px)", head="fc",
+                pretrained_layout="torchvision/timm resnet18")
+def resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    return _resnet("basic", [2, 2, 2, 2], in_channels, num_classes, image_size)
+
+
+@register_model("resnet34", "ResNet-34 (small-input stem at <= 64 px)", head="fc",
+                pretrained_layout="torchvision/timm resnet34")
+def resnet34(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    return _resnet("basic", [3, 4, 6, 3], in_channels, num_classes, image_size)
+
+
+@register_model("resnet50", "ResNet-50 (small-input stem at <= 64 px)", head="fc",
+                pretrained_layout="torchvision/timm resnet50")
+def resnet50(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    return _resnet("bottleneck", [3, 4, 6, 3], in_channels, num_classes, image_size)
+
+
+@register_model("densenet121", "DenseNet-121 (small-input stem at <= 64 px)", head="class_layers.out")
+def densenet121(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    from monai.networks.nets import DenseNet121
+
+    model = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
+    if image_size <= SMALL_INPUT:
+        # The stock stem divides resolution by 4; three transitions more would leave < 1 pixel.
+        model.features.conv0 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        model.features.pool0 = nn.Identity()
+    return model
+
+
+@register_model("efficientnet_b0", "EfficientNet-B0 (efficient small network, 4.0 M parameters)",
+                head="_fc")
+def efficientnet_b0(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    from monai.networks.nets import EfficientNetBN
+
+    return EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2,
+                          in_channels=in_channels, num_classes=num_classes, image_size=image_size)

@@ -1,0 +1,86 @@
+"""Matplotlib figures for runs and reports (Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton.utils import atomic_write_bytes
+
+
+def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (5, 4)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(nrows, ncols, figsize=size)
+
+
+def _save(plt, fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Training/validation loss and validation AUC/accuracy per epoch."""
+    plt, fig, (ax1, ax2) = _figure(1, 2, (10, 4))
+    epochs = [h["epoch"] for h in history]
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val loss")
+    ax1.set_xlabel("epoch")
+    ax1.legend()
+    ax2.plot(epochs, [h["val_auc"] for h in history], "o-", label="val AUC")
+    ax2.plot(epochs, [h["val_acc"] for h in history], "o-", label="val ACC")
+    ax2.set_xlabel("epoch")
+    ax2.legend()
+    _save(plt, fig, path)
+
+
+def plot_roc(y: np.ndarray, probs: np.ndarray, names: list[str], path: Path) -> None:
+    """ROC curve (binary) or one-vs-rest curves per class."""
+    from sklearn.metrics import auc, roc_curve
+
+    plt, fig, ax = _figure()
+    classes = [1] if len(names) == 2 else range(len(names))
+    for k in classes:
+        if len(np.unique(y == k)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y == k, probs[:, k])
+        ax.plot(fpr, tpr, label=f"{names[k]} (AUC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.legend(loc="lower right")
+    _save(plt, fig, path)
+
+
+def plot_confusion(cm: np.ndarray, names: list[str], path: Path) -> None:
+    plt, fig, ax = _figure()
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    _save(plt, fig, path)
+
+
+def plot_reliability(calib: dict[str, Any], path: Path) -> None:
+    plt, fig, ax = _figure()
+    bins = calib["bins"]
+    centers = [(b["low"] + b["high"]) / 2 for b in bins]
+    ax.bar(centers, [b["accuracy"] for b in bins], width=1 / 15, edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"ECE {calib['ece']:.4f}")
+    ax.legend(loc="upper left")
+    _save(plt, fig, path)
