@@ -19,8 +19,8 @@ data_app = typer.Typer(help="Inspect data sources.", no_args_is_help=True)
 models_app = typer.Typer(help="Network architectures.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
 
@@ -145,6 +145,8 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     skip_bad: Annotated[bool | None, typer.Option("--skip-bad", help="Skip unreadable files.")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Val share when the data has no val split.")] = None,
+    test_fraction: Annotated[float | None, typer.Option(help="Test share when the data has no splits.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Train a classifier; writes a run directory with checkpoints, history and curves."""
@@ -163,6 +165,7 @@ def train(
             augment_options=_parse_aug(aug) or None, image_size=image_size, channels=channels,
             window=window, slices=slices, ema_decay=ema_decay, early_stopping=early_stopping, tta=tta,
             seed=seed, deterministic=deterministic, device=device, threads=threads, skip_bad=skip_bad,
+            val_fraction=val_fraction, test_fraction=test_fraction,
         )
         if config is not None:
             base = TrainConfig.from_yaml(config).to_dict()
@@ -221,7 +224,7 @@ def predict(
         try:
             rows = loaded.predict([image])
         except LeptonError as exc:
-            err.print(f"[red]error[/]: {exc}")
+            err.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
             _state["failed"] = True
             continue
         for row in rows:
@@ -255,7 +258,7 @@ def main() -> None:
     except LeptonError as exc:
         if _state["debug"] or "--debug" in sys.argv:
             raise
-        err.print(f"[red]error[/]: {exc}", highlight=False)
+        err.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

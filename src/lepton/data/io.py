@@ -42,6 +42,8 @@ def sniff_format(path: Path) -> str | None:
     """Return the format of ``path`` from its content (one of FORMATS), or None if unknown."""
     with open(path, "rb") as fh:
         head = fh.read(352)
+    if head[128:132] == b"DICM":  # first: a DICOM preamble may itself look like a TIFF header
+        return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if head[:3] == b"\xff\xd8\xff":
@@ -50,8 +52,6 @@ def sniff_format(path: Path) -> str | None:
         return "bmp"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
-    if head[128:132] == b"DICM":
-        return "dicom"
     if head[:6] == b"\x93NUMPY":
         return "npy"
     if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] == b"n+2\x00":

@@ -83,10 +83,18 @@ def densenet121(in_channels: int, num_classes: int, image_size: int) -> nn.Modul
     return model
 
 
+# EfficientNet-B0's stages (Tan & Le, 2019) in MONAI's block-string notation.
+_B0_BLOCKS = ["r1_k3_s11_e1_i32_o16_se0.25", "r2_k3_s22_e6_i16_o24_se0.25", "r2_k5_s22_e6_i24_o40_se0.25",
+              "r3_k3_s22_e6_i40_o80_se0.25", "r3_k5_s11_e6_i80_o112_se0.25", "r4_k5_s22_e6_i112_o192_se0.25",
+              "r1_k3_s11_e6_i192_o320_se0.25"]
+
+
 @register_model("efficientnet_b0", "EfficientNet-B0 (efficient small network, 4.0 M parameters)",
                 head="_fc")
 def efficientnet_b0(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    from monai.networks.nets import EfficientNetBN
+    from monai.networks.nets import EfficientNet
 
-    return EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2,
-                          in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    # MONAI's EfficientNetBN fixes "same" padding for 224 px; the base class takes the real size.
+    return EfficientNet(_B0_BLOCKS, spatial_dims=2, in_channels=in_channels, num_classes=num_classes,
+                        width_coefficient=1.0, depth_coefficient=1.0, dropout_rate=0.2,
+                        image_size=image_size, drop_connect_rate=0.2)

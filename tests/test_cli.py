@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import lepton_cmd
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run(lepton_cmd(*args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, lepton, lepton.cli; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = run_cli("--help")
+    assert out.returncode == 0 and "train" in out.stdout and "evaluate" in out.stdout
+
+
+def test_models_available():
+    out = run_cli("models", "available")
+    assert out.returncode == 0
+    for name in ("lepton_cnn", "resnet18", "densenet121", "efficientnet_b0"):
+        assert name in out.stdout
+
+
+def test_data_inspect_json_and_exit_code(synthetic_npz, tmp_path):
+    out = run_cli("data", "inspect", str(synthetic_npz), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["images"] == 240
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a" / "x.png")
+    (tmp_path / "b" / "y.png").write_bytes(b"garbage")
+    out = run_cli("data", "inspect", str(tmp_path))
+    assert out.returncode == 1 and "unreadable" in out.stdout and "y.png" in out.stdout
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path):
+    out = run_cli("train", str(tmp_path / "missing"), "--epochs", "1")
+    assert out.returncode == 2
+    assert "error" in out.stderr and "no such file" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("evaluate", str(tmp_path))
+    assert out.returncode == 2 and "not a complete run" in out.stderr
+    out = run_cli("train", "x.npz", "--aug", "rotate")
+    assert out.returncode != 0 and "KEY=NUMBER" in out.stderr
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict_via_cli(tmp_path, png_folder):
+    out = run_cli("train", str(png_folder), "--epochs", "2", "--batch-size", "8", "--name", "cli",
+                  "--output-dir", str(tmp_path), "--val-fraction", "0.25", "--test-fraction", "0.25")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["epochs"] == 2
+    run = tmp_path / "cli"
+    out = run_cli("evaluate", str(run), "--bootstrap", "50")
+    assert out.returncode == 0, out.stderr
+    assert "AUC" in out.stdout and (run / "eval" / "test" / "report.md").is_file()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n")
+    images = sorted((png_folder / "pneumonia").glob("*.png"))[:2]
+    out = run_cli("predict", str(run), *map(str, images), str(bad))
+    assert out.returncode == 2 and "bad.png" in out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(lines) == 2 and all(set(r["probabilities"]) == {"normal", "pneumonia"} for r in lines)
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path):
+    out = run_cli("demo", "--quick", "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "Demo done" in out.stdout
+    runs = [p for p in tmp_path.iterdir() if p.name.startswith("demo-2")]
+    assert len(runs) == 1 and (runs[0] / "eval" / "test" / "report.md").is_file()

@@ -1,0 +1,109 @@
+import csv
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import lepton_cmd
+from lepton.config import TrainConfig, make_config
+from lepton.errors import ConfigError, RunError
+from lepton.train import train
+
+
+def test_run_directory_contents(tiny_run):
+    d = tiny_run.path
+    for name in ("config.yaml", "best.pt", "last.pt", "history.csv", "curves.png", "labels.json",
+                 "preprocessing.json", "data.json", "run.json"):
+        assert (d / name).is_file(), name
+    rows = list(csv.DictReader((d / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    info = json.loads((d / "run.json").read_text())
+    assert info["status"] == "complete" and 0.0 <= info["threshold"] <= 1.0
+    assert info["val_auc"] > 0.7, info  # the synthetic opacities are learnable within three epochs
+    fp = json.loads((d / "data.json").read_text())
+    assert len(fp["sha256"]) == 64 and fp["counts"]["train"]["opacity"] > 0
+    cfg = TrainConfig.from_yaml(d / "config.yaml")
+    assert cfg.epochs == 3 and cfg.model == "lepton_cnn"
+    assert not list(d.glob(".*.tmp")), "atomic writes left temporary files"
+
+
+def test_existing_run_is_not_overwritten(tiny_run):
+    with pytest.raises(RunError, match="already holds a run"):
+        train(tiny_run.config.data, name="tiny", output_dir=str(tiny_run.path.parent), epochs=1, quiet=True)
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="schedule"):
+        make_config(data="x", schedule="linear")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        make_config("best", data="x")
+    with pytest.raises(ConfigError, match="unknown config field"):
+        TrainConfig.from_dict({"data": "x", "learning_rate": 1})
+    with pytest.raises(ConfigError, match="data is empty"):
+        make_config()
+
+
+@pytest.mark.slow
+def test_freeze_backbone_and_balanced_sampling(tmp_path, synthetic_npz):
+    run = train(synthetic_npz, name="frozen", output_dir=str(tmp_path), epochs=1, model="lepton_cnn",
+                freeze_backbone=True, imbalance="balanced", quiet=True, ema_decay=0.9)
+    ckpt = torch.load(run.path / "last.pt", weights_only=False)
+    from lepton.models import create_model
+    from lepton.train import _seed_epoch
+
+    _seed_epoch(0, 0)  # training seeds this way before it builds the network
+    fresh = create_model("lepton_cnn", 1, 2, image_size=32)
+    torch.testing.assert_close(ckpt["model"]["features.0.weight"], fresh.state_dict()["features.0.weight"])
+    assert not torch.equal(ckpt["model"]["fc.weight"], fresh.state_dict()["fc.weight"])
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    """Kill a real training process mid-run with SIGKILL, resume it, compare with a clean run."""
+    from lepton.data.synthetic import write_synthetic_npz
+
+    data = write_synthetic_npz(tmp_path / "d.npz", n=500, size=40, seed=3)
+    args = ["train", str(data), "--epochs", "5", "--batch-size", "32", "--output-dir", str(tmp_path),
+            "--seed", "5", "--quiet", "--augment", "xray"]
+    proc = subprocess.Popen(lepton_cmd(*args, "--name", "killed"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    history = tmp_path / "killed" / "history.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) >= 3:  # header + 2 epochs
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    done = len(history.read_text().splitlines()) - 1
+    assert 2 <= done < 5
+    assert not (tmp_path / "killed" / "run.json").exists()
+
+    resumed = subprocess.run(lepton_cmd("train", "--resume", str(tmp_path / "killed"), "--quiet"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    clean = subprocess.run(lepton_cmd(*args, "--name", "clean"), capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+
+    def rows(name):
+        return list(csv.DictReader((tmp_path / name / "history.csv").open()))
+
+    killed_rows, clean_rows = rows("killed"), rows("clean")
+    assert [int(r["epoch"]) for r in killed_rows] == [1, 2, 3, 4, 5]
+    for a, b in zip(killed_rows, clean_rows, strict=True):
+        for key in ("train_loss", "val_loss", "val_auc", "val_acc"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-3), (a["epoch"], key)
+    info_k = json.loads((tmp_path / "killed" / "run.json").read_text())
+    info_c = json.loads((tmp_path / "clean" / "run.json").read_text())
+    assert info_k["best_epoch"] == info_c["best_epoch"]
+    assert info_k["val_auc"] == pytest.approx(info_c["val_auc"], abs=2e-3)
+
+
+def test_resume_of_nothing(tmp_path):
+    with pytest.raises(RunError, match="nothing to resume"):
+        train(resume=tmp_path)
