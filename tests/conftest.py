@@ -64,5 +64,5 @@ def tiny_run(tmp_path_factory, synthetic_npz):
     from lepton.train import train
 
     out = tmp_path_factory.mktemp("runs")
-    return train(synthetic_npz, name="tiny", output_dir=str(out), epochs=3, batch_size=32, lr=2e-3,
-                 quiet=True, seed=0)
+    return train(synthetic_npz, preset="default", name="tiny", output_dir=str(out), epochs=3, batch_size=32,
+                 lr=2e-3, quiet=True, seed=0)

@@ -115,7 +115,8 @@ def train(
     data: Annotated[str | None, typer.Argument(help="Training data source (see `lepton data inspect`).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory.")] = None,
     config: Annotated[Path | None, typer.Option(help="A config.yaml to start from.")] = None,
-    preset: Annotated[str, typer.Option(help="Named recipe: default, demo, medmnist.")] = "default",
+    preset: Annotated[str, typer.Option(help="Named recipe: auto (medmnist for .npz data, else default), "
+                                             "default, demo, medmnist.")] = "auto",
     name: Annotated[str | None, typer.Option(help="Run name (default: data-model-time).")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Parent folder of run directories.")] = None,
     model: Annotated[str | None, typer.Option(help="Network name (`lepton models available`).")] = None,

@@ -155,7 +155,7 @@ def train(
     *,
     config: TrainConfig | None = None,
     resume: str | Path | None = None,
-    preset: str = "default",
+    preset: str = "auto",
     quiet: bool = False,
     **overrides: Any,
 ) -> Run:
@@ -204,8 +204,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps_per_epoch))
     ema = None
     if config.ema_decay > 0:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_update(config.ema_decay),
+                                                  use_buffers=True)
     amp_dtype = None
     if device.startswith("cuda") and config.amp:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -240,6 +240,10 @@ def train(
 
     reporter = _Reporter(quiet, config.epochs, steps_per_epoch)
     x_val_norm = spec.normalize(prepared.x_val)
+    # Averaged weights do not match averaged BatchNorm statistics; the EMA model's statistics are
+    # recomputed on a fixed, un-augmented slice of the training set before each evaluation.
+    bn_batch = spec.normalize(prepared.x_train[torch.randperm(len(prepared.y_train),
+                              generator=torch.Generator().manual_seed(config.seed))[:2048]])
     started = time.perf_counter()
     with reporter:
         for epoch in range(start_epoch, config.epochs + 1):
@@ -276,7 +280,10 @@ def train(
                 loss_sum += loss.item() * len(idx)
                 reporter.step(loss.item(), seen / (time.perf_counter() - t0))
             train_seconds = time.perf_counter() - t0
-            eval_model = ema.module if ema is not None else model
+            eval_model = model
+            if ema is not None:
+                eval_model = ema.module
+                _recalibrate_bn(eval_model, bn_batch, device)
             probs = predict_proba(eval_model, x_val_norm, tta=config.tta, device=device)
             metrics = _val_metrics(prepared.y_val.numpy(), probs, class_weight)
             row = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"],
@@ -304,6 +311,36 @@ def train(
     if not history:
         raise RunError(f"{run_dir}: no epoch was trained")
     return _finish(run_dir, config, prepared, history, best, time.perf_counter() - started, device)
+
+
+def _ema_update(decay: float):
+    """EMA with warm-up: the decay ramps as (1 + n) / (10 + n) up to ``decay``, so short runs
+    average recent weights instead of staying near the initialisation."""
+
+    def update(ema_params, params, num_averaged) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        for e, p in zip(ema_params, params, strict=True):
+            e.lerp_(p.to(e.dtype), weight) if e.is_floating_point() else e.copy_(p)
+
+    return update
+
+
+def _recalibrate_bn(model: nn.Module, x: torch.Tensor, device: str, batch_size: int = 256) -> None:
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the slice
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            model(x[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last))
+    for m, momentum in momenta.items():
+        m.momentum = momentum
+    model.eval()
 
 
 def _val_metrics(y: np.ndarray, probs: np.ndarray, class_weight) -> dict[str, float]:

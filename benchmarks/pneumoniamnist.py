@@ -1,0 +1,216 @@
+"""PneumoniaMNIST on CPU: Lepton against the MedMNIST v2 reference training loop, then the preset.
+
+1. Throughput, same model (ResNet-18 at 28 px), same epochs, same run:
+   (a) a re-implementation of the MedMNIST v2 reference loop: a per-sample dataset that turns each
+       uint8 array into a PIL image, then ToTensor and Normalize(0.5, 0.5); DataLoader(batch 128,
+       shuffle); the CIFAR-style ResNet-18 MedMNIST uses at 28 px; Adam 1e-3; MultiStepLR at 50 % and
+       75 % of the epochs (gamma 0.1); cross-entropy;
+   (b) Lepton's training loop (`lepton.train`) with the same network and epochs.
+   Prints training images/s for each and the ratio.
+2. The `medmnist` preset, trained through the CLI as a user would, within its 10-minute CPU budget:
+   val ACC/AUC with 95 % bootstrap CIs, wall time, peak memory, run directory; test metrics too
+   when `--test-file` holds a test split.
+
+The data is read from ../shared/data/pneumoniamnist.npz (or --data); the benchmark skips with a
+message when it is absent. `--quick` runs everything on a small slice in under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
+
+
+# ---- (a) the reference loop ----------------------------------------------------------------------
+class RefBlock(nn.Module):
+    """BasicBlock of the CIFAR-style ResNet that MedMNIST v2 trains at 28 px."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class RefResNet18(nn.Module):
+    """3×3 stride-1 stem, no max-pool, four stages of two blocks, average pool, linear head."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [RefBlock(cin, cout, stride), RefBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class RefDataset(torch.utils.data.Dataset):
+    """Per-sample PIL round trip, as the medmnist package's dataset with ToTensor + Normalize."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(self.images[i])
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]  # ToTensor
+        return (x - 0.5) / 0.5, self.labels[i]  # Normalize(mean=[.5], std=[.5])
+
+
+def reference_loop(images: np.ndarray, labels: np.ndarray, epochs: int, seed: int = 0) -> float:
+    """Train the reference loop; return training images per second."""
+    torch.manual_seed(seed)
+    model = RefResNet18()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(0.5 * epochs), int(0.75 * epochs)], 0.1)
+    loader = torch.utils.data.DataLoader(RefDataset(images, labels.astype(np.int64)), batch_size=128, shuffle=True)
+    criterion = nn.CrossEntropyLoss()
+    seen, start = 0, time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+        scheduler.step()
+    return seen / (time.perf_counter() - start)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def write_slice(src: Path, out: Path, n_train: int, n_val: int) -> Path:
+    """A smaller MedMNIST-format file for --quick (class-balanced slices of train and val)."""
+    with np.load(src) as npz:
+        arrays = {}
+        for split, n in (("train", n_train), ("val", n_val)):
+            labels = npz[f"{split}_labels"].ravel()
+            idx = np.concatenate([np.flatnonzero(labels == k)[: n // 2] for k in (0, 1)])
+            arrays[f"{split}_images"] = npz[f"{split}_images"][idx]
+            arrays[f"{split}_labels"] = npz[f"{split}_labels"][idx]
+    np.savez(out, **arrays)
+    return out
+
+
+def fmt_metrics(report: dict) -> list[str]:
+    lines = []
+    for key, m in report["metrics"].items():
+        ci = m["ci95"]
+        lines.append(f"    threshold {key:>10}: ACC {m['acc']:.4f} [{ci['acc'][0]:.4f}, {ci['acc'][1]:.4f}]  "
+                     f"AUC {m['auc']:.4f} [{ci['auc'][0]:.4f}, {ci['auc'][1]:.4f}]")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--test-file", type=Path, default=None, help="a MedMNIST .npz holding test_* arrays")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of the throughput comparison")
+    parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--quick", action="store_true", help="a small slice, under a minute")
+    parser.add_argument("--skip-compare", action="store_true", help="only train and score the preset")
+    args = parser.parse_args()
+
+    if not args.data.is_file():
+        print(f"SKIP: {args.data} not found; the benchmark needs the shared PneumoniaMNIST file "
+              "(pass --data PATH).")
+        return 0
+    import lepton
+    from lepton.evaluate import evaluate
+
+    torch.set_num_threads(torch.get_num_threads())
+    args.output.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="lepton-bench-"))
+    data = write_slice(args.data, tmp / "slice.npz", 384, 128) if args.quick else args.data
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results: dict = {"data": str(args.data), "quick": args.quick, "threads": torch.get_num_threads(),
+                     "torch": torch.__version__}
+    print(f"PneumoniaMNIST benchmark ({'quick' if args.quick else 'full'}), {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+
+    if not args.skip_compare:
+        with np.load(data) as npz:
+            images, labels = npz["train_images"], npz["train_labels"].ravel()
+        print(f"\n1. Throughput, ResNet-18 @28, {args.epochs} epoch(s) of {len(labels)} training images")
+        ref_ips = reference_loop(images, labels, args.epochs)
+        print(f"  (a) MedMNIST reference loop : {ref_ips:8.1f} images/s")
+        run = lepton.train(data, name=f"throughput-{stamp}", output_dir=str(tmp), model="resnet18",
+                           epochs=args.epochs, batch_size=128, preset="medmnist", ema_decay=0.0, quiet=True)
+        lep_ips = run.info["images_per_s"]
+        print(f"  (b) Lepton training loop    : {lep_ips:8.1f} images/s")
+        print(f"  ratio (b)/(a)               : {lep_ips / ref_ips:8.2f}x")
+        results["throughput"] = {"reference_images_per_s": ref_ips, "lepton_images_per_s": lep_ips,
+                                 "ratio": lep_ips / ref_ips, "epochs": args.epochs, "images": len(labels)}
+
+    print("\n2. The medmnist preset (lepton train DATA --preset medmnist)")
+    name = f"pneumoniamnist-preset-{stamp}"
+    cmd = [sys.executable, "-m", "lepton.cli", "train", str(data), "--preset", "medmnist", "--name", name,
+           "--output-dir", str(args.output), "--quiet"]
+    if args.quick:
+        cmd += ["--epochs", "2"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        print(proc.stderr)
+        return 1
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    run_dir = args.output / name
+    val = evaluate(run_dir, split="val", n_bootstrap=1000, plots=False)
+    info = json.loads((run_dir / "run.json").read_text())
+    print(f"  training wall time          : {wall:8.1f} s ({info['epochs']} epochs, best epoch {info['best_epoch']})")
+    print(f"  peak memory (training)      : {peak_mib:8.0f} MiB")
+    print(f"  decision threshold (val)    : {info['threshold']:.4f}")
+    print(f"  val ({val['images']} images), 95 % bootstrap CIs:")
+    print("\n".join(fmt_metrics(val)))
+    results["preset"] = {"run": str(run_dir), "wall_seconds": wall, "peak_memory_mib": peak_mib,
+                         "epochs": info["epochs"], "best_epoch": info["best_epoch"],
+                         "threshold": info["threshold"], "val": {k: {"acc": m["acc"], "auc": m["auc"],
+                                                                     "ci95": m["ci95"]}
+                                                                 for k, m in val["metrics"].items()}}
+    if args.test_file:
+        test = evaluate(run_dir, args.test_file, split="test", n_bootstrap=1000)
+        print(f"  test ({test['images']} images):")
+        print("\n".join(fmt_metrics(test)))
+        results["preset"]["test"] = {k: {"acc": m["acc"], "auc": m["auc"], "ci95": m["ci95"]}
+                                     for k, m in test["metrics"].items()}
+    print(f"  run directory               : {run_dir}")
+    (args.output / f"benchmark-{stamp}.json").write_text(json.dumps(results, indent=2))
+    print(f"\nfigures written to {args.output / f'benchmark-{stamp}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

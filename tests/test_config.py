@@ -1,0 +1,31 @@
+import pytest
+
+from lepton.config import PRESETS, TrainConfig, make_config
+from lepton.errors import ConfigError
+
+
+def test_auto_preset_picks_medmnist_for_npz():
+    assert make_config(data="x.npz").preset == "medmnist"
+    assert make_config(data="medmnist:pneumoniamnist").preset == "medmnist"
+    assert make_config(data="folder/").preset == "default"
+    cfg = make_config(data="x.npz", epochs=3)
+    assert cfg.epochs == 3 and cfg.augment == PRESETS["medmnist"]["augment"]
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = make_config("medmnist", data="x.npz", augment_options={"rotate": 5.0})
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("val_fraction", 0.7), ("ema_decay", 1.0),
+                                         ("channels", 2), ("image_size", 4), ("imbalance", "smote")])
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        make_config(data="x.npz", **{field: value})
+
+
+def test_bad_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("- a\n- list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
