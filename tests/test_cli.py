@@ -76,3 +76,13 @@ def test_demo_quick(tmp_path):
     assert "Demo done" in out.stdout
     runs = [p for p in tmp_path.iterdir() if p.name.startswith("demo-2")]
     assert len(runs) == 1 and (runs[0] / "eval" / "test" / "report.md").is_file()
+
+
+def test_public_api_functions_survive_submodule_imports():
+    code = ("import lepton.train, lepton.evaluate, lepton.explain, lepton.robustness\n"
+            "import lepton\n"
+            "from lepton.train import prepare_data\n"
+            "for name in ('train', 'evaluate', 'explain', 'robustness', 'load_run', 'create_model'):\n"
+            "    value = getattr(lepton, name)\n"
+            "    assert callable(value) and not isinstance(value, type(lepton)), name\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,6 +11,8 @@ does not load PyTorch.
 
 from __future__ import annotations
 
+import sys
+import types
 from importlib import import_module
 from typing import Any
 
@@ -29,9 +31,26 @@ _EXPORTS = {
     "make_config": "lepton.config",
     "TrainConfig": "lepton.config",
     "run_demo": "lepton.demo",
+    "explain": "lepton.explain",
+    "robustness": "lepton.robustness",
+    "export_run": "lepton.export",
     "LeptonError": "lepton.errors",
 }
 __all__ = [*_EXPORTS, "__version__"]
+
+
+class _Package(types.ModuleType):
+    """Keeps ``lepton.train`` (and evaluate, explain, robustness) the public functions: importing the
+    same-named submodule would otherwise rebind the package attribute to the module."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}" \
+                and _EXPORTS.get(name) == value.__name__ and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,8 @@ models_app = typer.Typer(help="Network architectures.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 console = Console(soft_wrap=True)
+if not console.is_terminal:  # pipes and files get whole tables, not an 80-column squeeze
+    console = Console(soft_wrap=True, width=200)
 err = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
@@ -97,6 +99,154 @@ def models_available() -> None:
     console.print(table)
 
 
+RegistryOpt = Annotated[str | None, typer.Option("--registry", help="Registry folder or database URL "
+                                                 "(default: $LEPTON_DB_URL, else $LEPTON_HOME or ~/.lepton).")]
+
+
+def _registry(location: str | None):
+    from lepton.registry import Registry
+
+    return Registry.open(location)
+
+
+def _print_version(v, card: bool = False) -> None:
+    console.print_json(json.dumps({k: val for k, val in v.to_dict().items() if k not in ("config",)}))
+
+
+@models_app.command("register")
+def models_register(
+    run: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    name: Annotated[str, typer.Option("--name", help="Model name.")],
+    description: Annotated[str, typer.Option(help="Model description.")] = "",
+    registry: RegistryOpt = None,
+) -> None:
+    """Register a run as the next version of NAME (weights, spec, labels, metrics, card)."""
+    v = _registry(registry).register_run(run, name, description=description)
+    console.print(f"registered [bold]{v.ref}[/] ({v.format}); card: lepton models card {v.ref}")
+
+
+@models_app.command("register-onnx")
+def models_register_onnx(
+    path: Annotated[Path, typer.Argument(help="ONNX file taking (N, C, H, W) images.")],
+    name: Annotated[str, typer.Option("--name", help="Model name.")],
+    labels: Annotated[str, typer.Option(help="Comma-separated class names, in output order.")],
+    image_size: Annotated[int, typer.Option(help="Square input size in pixels.")],
+    channels: Annotated[int, typer.Option(help="Input channels.")] = 1,
+    mean: Annotated[str | None, typer.Option(help="Comma-separated normalisation mean (default 0.5).")] = None,
+    std: Annotated[str | None, typer.Option(help="Comma-separated normalisation std (default 0.5).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Binary decision threshold on P(last class).")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Register a model trained elsewhere (e.g. Keras/TF exported to ONNX) with its input spec."""
+    def floats(text: str | None) -> list[float] | None:
+        return [float(x) for x in text.split(",")] if text else None
+
+    v = _registry(registry).register_onnx(path, name, labels=[x.strip() for x in labels.split(",")],
+                                          image_size=image_size, channels=channels, mean=floats(mean),
+                                          std=floats(std), threshold=threshold)
+    console.print(f"registered [bold]{v.ref}[/] (onnx)")
+
+
+@models_app.command("list")
+def models_list(
+    name: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """List registered versions with stage and headline metrics."""
+    from rich.table import Table
+
+    table = Table("model", "version", "stage", "format", "val AUC", "val ACC", "created", "parent")
+    for v in _registry(registry).list(name):
+        auc, acc = v.metrics.get("val_auc"), v.metrics.get("val_acc")
+        table.add_row(v.name, str(v.version), v.stage, v.format, f"{auc:.4f}" if auc is not None else "-",
+                      f"{acc:.4f}" if acc is not None else "-", v.created_at[:19], str(v.parent_version or "-"))
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@staging or NAME@production.")],
+    registry: RegistryOpt = None,
+) -> None:
+    """Show one version as JSON."""
+    _print_version(_registry(registry).get(ref))
+
+
+@models_app.command("card")
+def models_card(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION.")],
+    set_file: Annotated[Path | None, typer.Option("--set", help="Replace the card with this Markdown file.")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Print a version's model card, or replace it with an edited file."""
+    reg = _registry(registry)
+    if set_file is not None:
+        reg.set_card(ref, set_file.read_text(encoding="utf-8"))
+    print(reg.card(ref))
+
+
+@models_app.command("promote")
+def models_promote(
+    name: Annotated[str, typer.Argument()], version: Annotated[int, typer.Argument()],
+    stage: Annotated[str, typer.Option(help="staging or production.")] = "production",
+    registry: RegistryOpt = None,
+) -> None:
+    """Move a version to staging or production (the previous holder is archived)."""
+    v = _registry(registry).promote(name, version, stage)
+    console.print(f"{v.ref} is now {v.stage}")
+
+
+@models_app.command("rollback")
+def models_rollback(name: Annotated[str, typer.Argument()], registry: RegistryOpt = None) -> None:
+    """Return production to the previous production version."""
+    v = _registry(registry).rollback(name)
+    console.print(f"{v.ref} is production again")
+
+
+@models_app.command("archive")
+def models_archive(name: Annotated[str, typer.Argument()], version: Annotated[int, typer.Argument()],
+                   registry: RegistryOpt = None) -> None:
+    """Archive a version."""
+    v = _registry(registry).archive(name, version)
+    console.print(f"{v.ref} archived")
+
+
+@models_app.command("delete")
+def models_delete(
+    name: Annotated[str, typer.Argument()], version: Annotated[int, typer.Argument()],
+    force: Annotated[bool, typer.Option("--force", help="Also delete a production version.")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """Delete a version (refused for the production version unless --force)."""
+    _registry(registry).delete(name, version, force=force)
+    console.print(f"{name}@{version} deleted")
+
+
+@models_app.command("diff")
+def models_diff(name: Annotated[str, typer.Argument()], a: Annotated[int, typer.Argument()],
+                b: Annotated[int, typer.Argument()], registry: RegistryOpt = None) -> None:
+    """Config, preprocessing, label and metric changes between two versions."""
+    console.print_json(json.dumps(_registry(registry).diff(name, a, b)))
+
+
+@models_app.command("export")
+def models_export(ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+                  path: Annotated[Path, typer.Argument(help="Bundle file, e.g. model.lepton")],
+                  registry: RegistryOpt = None) -> None:
+    """Write a portable bundle (weights, spec, card, manifest of hashes)."""
+    out = _registry(registry).export_bundle(ref, path)
+    console.print(f"wrote {out}")
+
+
+@models_app.command("import")
+def models_import(path: Annotated[Path, typer.Argument(help="A .lepton bundle.")],
+                  name: Annotated[str | None, typer.Option(help="Register under this name.")] = None,
+                  registry: RegistryOpt = None) -> None:
+    """Verify a bundle and register it as a new version."""
+    v = _registry(registry).import_bundle(path, name)
+    console.print(f"imported as [bold]{v.ref}[/]")
+
+
 def _parse_aug(values: list[str] | None) -> dict[str, float]:
     out = {}
     for item in values or []:
@@ -141,6 +291,8 @@ def train(
     ema_decay: Annotated[float | None, typer.Option(help="EMA of weights (0 = off).")] = None,
     early_stopping: Annotated[int | None, typer.Option(help="Patience in epochs (0 = off).")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation.")] = None,
+    adversarial: Annotated[str | None, typer.Option(help="Adversarial training: fgsm or pgd.")] = None,
+    adv_epsilon: Annotated[float | None, typer.Option(help="Attack budget on the 0-1 pixel scale.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     deterministic: Annotated[bool | None, typer.Option("--deterministic", help="Deterministic kernels.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
@@ -165,6 +317,7 @@ def train(
             label_smoothing=label_smoothing, imbalance=imbalance, augment=augment,
             augment_options=_parse_aug(aug) or None, image_size=image_size, channels=channels,
             window=window, slices=slices, ema_decay=ema_decay, early_stopping=early_stopping, tta=tta,
+            adversarial=adversarial, adv_epsilon=adv_epsilon,
             seed=seed, deterministic=deterministic, device=device, threads=threads, skip_bad=skip_bad,
             val_fraction=val_fraction, test_fraction=test_fraction,
         )
@@ -232,6 +385,59 @@ def predict(
             print(json.dumps(row))
     if _state.get("failed"):
         raise typer.Exit(2)
+
+
+@app.command()
+def explain(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files to explain.")],
+    method: Annotated[str, typer.Option(help="gradcam or gradcam++.")] = "gradcam",
+    target: Annotated[str | None, typer.Option("--class", help="Class to explain (default: predicted).")] = None,
+    output: Annotated[Path, typer.Option(help="Folder for overlays (PNG) and raw maps (NPY).")] = Path("explanations"),
+) -> None:
+    """Grad-CAM heatmaps: an overlay PNG and the raw map (NPY) per image; one JSON line each."""
+    from lepton.explain import explain as explain_fn
+
+    for row in explain_fn(run, images, method=method, output=output, target=target):
+        print(json.dumps(row))
+
+
+@app.command()
+def robustness(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    data: Annotated[str | None, typer.Option(help="Data source (default: the run's own).")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "val",
+    corruption: Annotated[list[str] | None, typer.Option(help="Only these corruptions (repeatable).")] = None,
+    attack: Annotated[list[str] | None, typer.Option(help="fgsm and/or pgd (repeatable).")] = None,
+    max_images: Annotated[int | None, typer.Option(help="Score a random subset of this size.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Report folder (default RUN/robustness/SPLIT).")] = None,
+) -> None:
+    """ACC/AUC under 9 corruptions x 5 severities and FGSM/PGD at several epsilons; table, JSON, plot."""
+    from lepton.robustness import render_markdown
+    from lepton.robustness import robustness as robustness_fn
+
+    report = robustness_fn(run, data, split=split, corruptions=tuple(corruption) if corruption else None,
+                           attacks=tuple(attack or ("fgsm", "pgd")), max_images=max_images, output=output)
+    print(render_markdown(report))
+    console.print(f"report: {report['output']}/robustness.md")
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    fmt: Annotated[list[str] | None, typer.Option("--format", help="onnx and/or torchscript (repeatable).")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8: ONNX Runtime static quantization.")] = None,
+    prune: Annotated[float | None, typer.Option(help="Fraction of conv/linear weights to prune (L1).")] = None,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tune epochs after pruning.")] = 0,
+    output: Annotated[Path | None, typer.Option(help="Output folder (default RUN/export).")] = None,
+) -> None:
+    """Export to ONNX/TorchScript, optionally int8-quantize and prune; print the comparison table."""
+    from lepton.export import export_run, format_table
+
+    report = export_run(run, formats=tuple(fmt or ["onnx"]), quantize=quantize, prune=prune,
+                        finetune_epochs=finetune_epochs, output=output)
+    console.print(format_table(report), highlight=False)
+    console.print(f"report: {(output or run / 'export') / 'export_report.json'}")
 
 
 @app.command()

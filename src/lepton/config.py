@@ -50,6 +50,9 @@ class TrainConfig:
     ema_decay: float = 0.0
     early_stopping: int = 0  # patience in epochs; 0 disables
     tta: bool = False
+    adversarial: str | None = None  # fgsm | pgd: train on clean plus adversarial copies of each batch
+    adv_epsilon: float = 2 / 255
+    adv_steps: int = 3
     # reproducibility and hardware
     seed: int = 0
     deterministic: bool = False
@@ -69,6 +72,10 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.adversarial not in (None, "fgsm", "pgd"):
+            raise ConfigError(f"adversarial={self.adversarial!r} is not one of fgsm, pgd")
+        if not 0.0 < self.adv_epsilon <= 0.5:
+            raise ConfigError(f"adv_epsilon must be in (0, 0.5] on the 0-1 pixel scale (got {self.adv_epsilon})")
         positive = ("epochs", "batch_size", "lr")
         for key in positive:
             if not getattr(self, key) > 0:

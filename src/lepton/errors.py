@@ -21,3 +21,7 @@ class ModelError(LeptonError):
 
 class RunError(LeptonError):
     """A run directory is missing files, incomplete or inconsistent."""
+
+
+class RegistryError(LeptonError):
+    """A registry reference, stage change, artifact or bundle is invalid."""

@@ -126,33 +126,14 @@ def evaluate(
     ``report.json``, ``report.md`` and ROC, confusion-matrix and reliability PNGs to ``output``
     (default ``RUN/eval/<split>``) and returns the report.
     """
-    from lepton.data import load_dataset
-    from lepton.data.splits import assign_splits
     from lepton.runs import Run, load_run
     from lepton.utils import atomic_write_json, atomic_write_text
 
     run = run if isinstance(run, Run) else load_run(run)
-    cfg, spec = run.config, run.preprocessing
+    cfg = run.config
     source = str(data) if data is not None else cfg.data
-    dataset = load_dataset(source, window=spec.window, slices=spec.slices, skip_bad=skip_bad)
-    _check_labels(dataset.label_names, run.label_names, source)
+    subset, used = select_split(run, data, split, skip_bad=skip_bad)
     same_source = source == cfg.data
-    if same_source:
-        splits = assign_splits(dataset, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                               seed=cfg.seed)
-    else:
-        splits = dataset.splits
-    available = sorted(set(splits.tolist()) - {""})
-    if available:
-        if split not in available:
-            raise DataError(f"{source}: has no {split!r} split; available: {', '.join(available)}")
-        subset = dataset.subset(splits == split)
-        used = split
-    else:
-        subset, used = dataset, "all"
-        log.info("%s defines no splits: evaluating all %d images", source, len(dataset))
-    if same_source and split == "train":
-        log.warning("evaluating on the training split: figures are optimistic")
     y = subset.labels
     probs = run.predict_proba(subset.images)
     names = run.label_names
@@ -187,6 +168,37 @@ def evaluate(
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
+
+
+def select_split(run, data: str | Path | None, split: str, *, skip_bad: bool = False):
+    """The images a run is evaluated on, and the split name actually used.
+
+    Without ``data`` the run's own source is re-split exactly as in training; another source is used
+    at its ``split`` if it defines splits, else whole (split name ``all``).
+    """
+    from lepton.data import load_dataset
+    from lepton.data.splits import assign_splits
+
+    cfg, spec = run.config, run.preprocessing
+    source = str(data) if data is not None else cfg.data
+    same_source = source == cfg.data
+    dataset = load_dataset(source, window=spec.window, slices=spec.slices,
+                           skip_bad=skip_bad or (same_source and cfg.skip_bad))
+    _check_labels(dataset.label_names, run.label_names, source)
+    if same_source:
+        splits = assign_splits(dataset, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                               seed=cfg.seed)
+    else:
+        splits = dataset.splits
+    available = sorted(set(splits.tolist()) - {""})
+    if not available:
+        log.info("%s defines no splits: using all %d images", source, len(dataset))
+        return dataset, "all"
+    if split not in available:
+        raise DataError(f"{source}: has no {split!r} split; available: {', '.join(available)}")
+    if same_source and split == "train":
+        log.warning("evaluating on the training split: figures are optimistic")
+    return dataset.subset(splits == split), split
 
 
 def _check_labels(found: list[str], expected: list[str], source: str) -> None:

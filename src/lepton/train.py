@@ -26,6 +26,7 @@ from lepton.data.splits import assign_splits
 from lepton.data.transforms import Preprocessing, augment_batch, augment_options
 from lepton.errors import ConfigError, DataError, RunError
 from lepton.models import create_model, head_parameters
+from lepton.robustness import attack
 from lepton.runs import Run, load_run, predict_proba
 from lepton.utils import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_bytes
 
@@ -260,9 +261,14 @@ def train(
                 idx = order[step * config.batch_size:(step + 1) * config.batch_size]
                 if len(idx) < 2:  # BatchNorm cannot train on a batch of one
                     continue
-                xb = spec.normalize(augment_batch(prepared.x_train[idx], aug, gen))
-                xb = xb.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                x01 = augment_batch(prepared.x_train[idx], aug, gen).to(device, non_blocking=True)
                 yb = prepared.y_train[idx].to(device, non_blocking=True)
+                if config.adversarial:
+                    adv = attack(model, spec.normalize, x01, yb, config.adv_epsilon, config.adversarial,
+                                 steps=config.adv_steps, seed=epoch * 100_000 + step)
+                    model.train()
+                    x01, yb = torch.cat([x01, adv]), torch.cat([yb, yb])
+                xb = spec.normalize(x01).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(xb)
                     loss = F.cross_entropy(logits.float(), yb, weight=class_weight,

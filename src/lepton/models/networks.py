@@ -37,7 +37,7 @@ class LeptonCNN(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
 
 
-@register_model("lepton_cnn", "compact 8-layer CNN baseline (fast on CPU)", head="fc")
+@register_model("lepton_cnn", "compact 8-layer CNN baseline (fast on CPU)", head="fc", cam_layer="features")
 def lepton_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return LeptonCNN(in_channels, num_classes)
 
@@ -54,24 +54,25 @@ def _resnet(block: str, layers: list[int], in_channels: int, num_classes: int, i
 
 
 @register_model("resnet18", "ResNet-18 (small-input stem at <= 64 px)", head="fc",
-                pretrained_layout="torchvision/timm resnet18")
+                pretrained_layout="torchvision/timm resnet18", cam_layer="layer4")
 def resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return _resnet("basic", [2, 2, 2, 2], in_channels, num_classes, image_size)
 
 
 @register_model("resnet34", "ResNet-34 (small-input stem at <= 64 px)", head="fc",
-                pretrained_layout="torchvision/timm resnet34")
+                pretrained_layout="torchvision/timm resnet34", cam_layer="layer4")
 def resnet34(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return _resnet("basic", [3, 4, 6, 3], in_channels, num_classes, image_size)
 
 
 @register_model("resnet50", "ResNet-50 (small-input stem at <= 64 px)", head="fc",
-                pretrained_layout="torchvision/timm resnet50")
+                pretrained_layout="torchvision/timm resnet50", cam_layer="layer4")
 def resnet50(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return _resnet("bottleneck", [3, 4, 6, 3], in_channels, num_classes, image_size)
 
 
-@register_model("densenet121", "DenseNet-121 (small-input stem at <= 64 px)", head="class_layers.out")
+@register_model("densenet121", "DenseNet-121 (small-input stem at <= 64 px)", head="class_layers.out",
+                cam_layer="class_layers.relu")
 def densenet121(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     from monai.networks.nets import DenseNet121
 
@@ -90,7 +91,7 @@ _B0_BLOCKS = ["r1_k3_s11_e1_i32_o16_se0.25", "r2_k3_s22_e6_i16_o24_se0.25", "r2_
 
 
 @register_model("efficientnet_b0", "EfficientNet-B0 (efficient small network, 4.0 M parameters)",
-                head="_fc")
+                head="_fc", cam_layer="_bn1")
 def efficientnet_b0(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     from monai.networks.nets import EfficientNet
 

@@ -16,16 +16,18 @@ class ModelInfo:
     head: str  # attribute path of the classification layer, replaced for transfer learning
     builder: Callable[..., object]
     pretrained_layout: str | None = None  # which public weight layout `pretrained=` accepts
+    cam_layer: str = ""  # last spatial feature layer, the default Grad-CAM target
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, description: str, head: str, pretrained_layout: str | None = None):
+def register_model(name: str, description: str, head: str, pretrained_layout: str | None = None,
+                   cam_layer: str = ""):
     """Decorator: register ``fn(in_channels, num_classes, image_size) -> nn.Module`` as ``name``."""
 
     def wrap(fn: Callable[..., object]) -> Callable[..., object]:
-        _REGISTRY[name] = ModelInfo(name, description, head, fn, pretrained_layout)
+        _REGISTRY[name] = ModelInfo(name, description, head, fn, pretrained_layout, cam_layer)
         return fn
 
     return wrap

@@ -1,0 +1,105 @@
+"""Explanations: Grad-CAM and Grad-CAM++ heatmaps (MONAI's implementations) with PNG overlays."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton.errors import ConfigError
+from lepton.utils import atomic_write_bytes
+
+METHODS = ("gradcam", "gradcam++")
+
+
+def saliency_maps(run, images: list[np.ndarray] | np.ndarray, *, method: str = "gradcam",
+                  class_idx: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Heatmaps in [0, 1] at the model's input size for decoded images, and the explained class per image.
+
+    ``class_idx`` None explains each image's predicted class (using the run's decision rule).
+    """
+    import torch
+    from monai.visualize import GradCAM, GradCAMpp
+
+    from lepton.models.registry import model_info
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown explanation method {method!r}; use {' or '.join(METHODS)}")
+    layer = model_info(run.config.model).cam_layer
+    x = run.preprocessing(images).to(run.device)
+    if class_idx is None:
+        targets = run.decide(run.predict_proba(images))
+    else:
+        if not 0 <= class_idx < len(run.label_names):
+            raise ConfigError(f"class index {class_idx} is out of range for {run.label_names}")
+        targets = np.full(len(x), class_idx)
+    cam_cls = GradCAM if method == "gradcam" else GradCAMpp
+    model = run.model.float().to(memory_format=torch.contiguous_format)
+    # MONAI's default post-processing maps (min, max) to (1, 0), inverting the map; scale to (0, 1).
+    cam = cam_cls(nn_module=model, target_layers=layer, postprocessing=_unit_scale)
+    maps = np.concatenate([
+        cam(x[i:i + 1].contiguous(), class_idx=int(targets[i])).detach().cpu().numpy() for i in range(len(x))
+    ])[:, 0]
+    run.model.to(memory_format=torch.channels_last)
+    return maps.astype(np.float32), np.asarray(targets)
+
+
+def _unit_scale(maps):
+    """Per-map min-max scaling to [0, 1], highest activation = 1 (a flat map becomes 0)."""
+    flat = maps.reshape(maps.shape[0], -1)
+    low = flat.min(dim=1).values.view(-1, *[1] * (maps.ndim - 1))
+    span = (flat.max(dim=1).values.view(-1, *[1] * (maps.ndim - 1)) - low).clamp_min(1e-12)
+    return (maps - low) / span
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> bytes:
+    """A PNG of a grayscale image (H, W in [0, 1]) with a jet-coloured heatmap blended over it."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    base = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
+    colour = colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3]
+    blend = (1 - alpha * heatmap[..., None]) * base + alpha * heatmap[..., None] * colour
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(blend, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def explain(run, paths: list[str | Path], *, method: str = "gradcam", output: str | Path = "explanations",
+            target: str | None = None) -> list[dict[str, Any]]:
+    """Write ``<name>_<method>.png`` overlays and ``<name>_<method>.npy`` raw maps for image files.
+
+    ``target`` names the class to explain (default: each image's predicted class).
+    """
+    from lepton.data.io import read_image
+    from lepton.runs import Run, load_run
+
+    run = run if isinstance(run, Run) else load_run(run)
+    class_idx = None
+    if target is not None:
+        if target not in run.label_names:
+            raise ConfigError(f"unknown class {target!r}; the run's classes are {run.label_names}")
+        class_idx = run.label_names.index(target)
+    frames, names = [], []
+    for p in paths:
+        for frame in read_image(p, window=run.preprocessing.window, slices=run.preprocessing.slices):
+            frames.append(frame.pixels)
+            names.append(frame.name.replace("#", "_").replace("=", ""))
+    maps, targets = saliency_maps(run, frames, method=method, class_idx=class_idx)
+    shown = run.preprocessing.resize(frames).mean(1).numpy()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    tag = method.replace("++", "pp")
+    for name, image, heat, k in zip(names, shown, maps, targets, strict=True):
+        stem = Path(name).stem if "." in name else name
+        png, npy = out / f"{stem}_{tag}.png", out / f"{stem}_{tag}.npy"
+        atomic_write_bytes(png, overlay_png(image, heat))
+        buf = io.BytesIO()
+        np.save(buf, heat)
+        atomic_write_bytes(npy, buf.getvalue())
+        results.append({"image": name, "class": run.label_names[int(k)], "method": method,
+                        "overlay": str(png), "map": str(npy)})
+    return results

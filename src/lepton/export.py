@@ -1,0 +1,262 @@
+"""Export and shrink trained runs: ONNX and TorchScript, int8 quantization, magnitude pruning,
+and a comparison of size, latency, throughput and accuracy against the fp32 PyTorch model."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lepton.errors import ConfigError
+from lepton.utils import atomic_write_bytes, atomic_write_json
+
+FORMATS = ("onnx", "torchscript")
+#: Exported models must reproduce PyTorch's probabilities within this absolute tolerance.
+PARITY_ATOL = 1e-4
+
+
+class WithSoftmax(nn.Module):
+    """The network followed by softmax: exported models output class probabilities."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path, opset: int = 17) -> Path:
+    """Write an ONNX graph with a dynamic batch axis: input ``input`` (N, C, H, W), output ``probabilities``."""
+    wrapped = WithSoftmax(model).eval().float()
+    example = torch.zeros(1, *input_shape)
+    buf = io.BytesIO()
+    torch.onnx.export(wrapped, (example,), buf, input_names=["input"], output_names=["probabilities"],
+                      dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=opset,
+                      dynamo=False)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def export_torchscript(model: nn.Module, input_shape: tuple[int, int, int], path: Path) -> Path:
+    wrapped = WithSoftmax(model).eval().float()
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapped, torch.zeros(2, *input_shape))
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray) -> Path:
+    """Static int8 quantization (QDQ, per-channel weights) with ONNX Runtime, calibrated on ``calibration``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": calibration[i:i + 32]} for i in range(0, len(calibration), 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    tmp = dst.with_suffix(".tmp.onnx")
+    quantize_static(str(src), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    tmp.replace(dst)
+    return dst
+
+
+def prune_model(model: nn.Module, amount: float) -> nn.Module:
+    """Global L1 magnitude pruning of conv and linear weights; the zeros are made permanent."""
+    from torch.nn.utils import prune
+
+    if not 0.0 < amount < 1.0:
+        raise ConfigError(f"--prune must be a fraction in (0, 1) (got {amount})")
+    model.to(memory_format=torch.contiguous_format)  # pruning flattens weights with view(-1)
+    params = [(m, "weight") for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
+    return model
+
+
+def finalize_pruning(model: nn.Module) -> nn.Module:
+    from torch.nn.utils import prune
+
+    for m in model.modules():
+        if prune.is_pruned(m) and hasattr(m, "weight_orig"):
+            prune.remove(m, "weight")
+    return model
+
+
+def sparsity(model: nn.Module) -> float:
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    total = sum(w.numel() for w in weights)
+    return float(sum((w == 0).sum().item() for w in weights) / total) if total else 0.0
+
+
+def _onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": x})[0]
+
+
+def _torch_runner(module: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
+
+    return run
+
+
+def _latency_ms(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, repeats: int) -> float:
+    fn(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def _measure(name: str, fn, size_bytes: int, x_val: np.ndarray, y_val: np.ndarray, repeats: int) -> dict[str, Any]:
+    from lepton.evaluate import auc_score
+
+    probs = np.concatenate([fn(x_val[i:i + 256]) for i in range(0, len(x_val), 256)])
+    b1 = _latency_ms(fn, x_val[:1], repeats * 4)
+    b32 = _latency_ms(fn, np.ascontiguousarray(np.resize(x_val, (32, *x_val.shape[1:]))), repeats)
+    return {"variant": name, "size_mb": size_bytes / 2**20, "latency_b1_ms": b1, "latency_b32_ms": b32,
+            "throughput_b1": 1000 / b1, "throughput_b32": 32_000 / b32,
+            "val_acc": float((probs.argmax(1) == y_val).mean()), "val_auc": auc_score(y_val, probs),
+            "_probs": probs}
+
+
+def export_run(
+    run,
+    *,
+    formats: tuple[str, ...] = ("onnx",),
+    quantize: str | None = None,
+    prune: float | None = None,
+    finetune_epochs: int = 0,
+    output: str | Path | None = None,
+    repeats: int = 20,
+) -> dict[str, Any]:
+    """Export a run and compare every variant with the fp32 PyTorch model on the run's val split.
+
+    Writes the models and ``export_report.json`` to ``output`` (default ``RUN/export``) and returns the
+    report: per variant the file size, CPU latency at batch 1 and 32, throughput, val ACC/AUC and their
+    delta against fp32 PyTorch, and the maximum probability difference from PyTorch.
+    """
+    import copy
+
+    from lepton.runs import Run, load_run
+    from lepton.train import prepare_data
+
+    run = run if isinstance(run, Run) else load_run(run)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown export format(s) {unknown}; use {', '.join(FORMATS)}")
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize supports int8 (got {quantize!r})")
+    if quantize and "onnx" not in formats:
+        formats = (*formats, "onnx")
+    out = Path(output) if output else run.path / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(run.config, run.preprocessing)
+    spec = run.preprocessing
+    x_val = spec.normalize(data.x_val).numpy()
+    y_val = data.y_val.numpy()
+    shape = (spec.channels, *spec.size)
+    model = run.model.float().eval()
+
+    state = io.BytesIO()
+    torch.save(model.state_dict(), state)
+    rows = [_measure("pytorch-fp32", _torch_runner(WithSoftmax(model).eval()), state.tell(), x_val, y_val, repeats)]
+    reference = rows[0]["_probs"]
+    files: dict[str, str] = {}
+    if "onnx" in formats:
+        onnx_path = export_onnx(model, shape, out / "model.onnx")
+        files["onnx"] = str(onnx_path)
+        rows.append(_measure("onnx-fp32", _onnx_runner(onnx_path), onnx_path.stat().st_size, x_val, y_val, repeats))
+        if quantize == "int8":
+            x_train = spec.normalize(data.x_train).numpy()
+            pick = np.random.default_rng(0).permutation(len(x_train))[:256]
+            q_path = quantize_onnx(onnx_path, out / "model.int8.onnx", x_train[pick])
+            files["onnx-int8"] = str(q_path)
+            rows.append(_measure("onnx-int8", _onnx_runner(q_path), q_path.stat().st_size, x_val, y_val, repeats))
+    if "torchscript" in formats:
+        ts_path = export_torchscript(model, shape, out / "model.ts")
+        files["torchscript"] = str(ts_path)
+        ts = torch.jit.load(str(ts_path))
+        rows.append(_measure("torchscript", _torch_runner(ts), ts_path.stat().st_size, x_val, y_val, repeats))
+    if prune:
+        pruned = prune_model(copy.deepcopy(model), prune)
+        if finetune_epochs:
+            _finetune(pruned, data, run.config, finetune_epochs)
+        pruned = finalize_pruning(pruned).eval()
+        buf = io.BytesIO()
+        torch.save(pruned.state_dict(), buf)
+        atomic_write_bytes(out / "model.pruned.pt", buf.getvalue())
+        files["pruned"] = str(out / "model.pruned.pt")
+        row = _measure(f"pytorch-pruned-{prune:g}", _torch_runner(WithSoftmax(pruned).eval()), buf.tell(),
+                       x_val, y_val, repeats)
+        row["sparsity"] = sparsity(pruned)
+        rows.append(row)
+        if "onnx" in formats:
+            p_onnx = export_onnx(pruned, shape, out / "model.pruned.onnx")
+            files["onnx-pruned"] = str(p_onnx)
+    base = rows[0]
+    for row in rows:
+        probs = row.pop("_probs")
+        row["max_abs_prob_diff"] = float(np.abs(probs - reference).max())
+        row["delta_acc"] = row["val_acc"] - base["val_acc"]
+        row["delta_auc"] = row["val_auc"] - base["val_auc"]
+        row["speedup_b1"] = base["latency_b1_ms"] / row["latency_b1_ms"]
+    report = {"run": str(run.path), "model": run.config.model, "val_images": len(y_val),
+              "threads": torch.get_num_threads(), "parity_atol": PARITY_ATOL, "files": files, "variants": rows}
+    atomic_write_json(out / "export_report.json", report)
+    return report
+
+
+def _finetune(model: nn.Module, data, config, epochs: int) -> None:
+    """A short fine-tune of a pruned model (pruning masks stay applied) on the run's train split."""
+    import torch.nn.functional as F
+
+    from lepton.data.transforms import augment_batch, augment_options
+
+    opts = augment_options(config.augment, config.augment_options)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr * 0.1,
+                                  weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(data.y_train), generator=gen)
+        for start in range(0, len(order) - 1, config.batch_size):
+            idx = order[start:start + config.batch_size]
+            if len(idx) < 2:
+                continue
+            x = data.spec.normalize(augment_batch(data.x_train[idx], opts, gen))
+            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), data.y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    model.eval()
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The comparison table as fixed-width text."""
+    head = (f"{'variant':<24}{'size MB':>9}{'b1 ms':>9}{'b32 ms':>9}{'img/s b1':>10}{'img/s b32':>11}"
+            f"{'val ACC':>9}{'val AUC':>9}{'dAUC':>9}{'max|dp|':>10}")
+    lines = [head, "-" * len(head)]
+    for r in report["variants"]:
+        lines.append(f"{r['variant']:<24}{r['size_mb']:>9.2f}{r['latency_b1_ms']:>9.2f}{r['latency_b32_ms']:>9.1f}"
+                     f"{r['throughput_b1']:>10.0f}{r['throughput_b32']:>11.0f}{r['val_acc']:>9.4f}"
+                     f"{r['val_auc']:>9.4f}{r['delta_auc']:>+9.4f}{r['max_abs_prob_diff']:>10.2e}")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Registry schema (SQLAlchemy) and engine set-up for SQLite and PostgreSQL; Alembic migrates it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+STAGES = ("none", "staging", "production", "archived")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    versions: Mapped[list[VersionRow]] = relationship(back_populates="model", order_by="VersionRow.version")
+
+
+class VersionRow(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version", name="uq_model_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    stage: Mapped[str] = mapped_column(String(20), default="none", nullable=False)
+    format: Mapped[str] = mapped_column(String(20), default="pytorch", nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    source_run: Mapped[str | None] = mapped_column(Text, nullable=True)
+    parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    artifacts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    labels: Mapped[list[str]] = mapped_column(JSON, default=list)
+    preprocessing: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    data_fingerprint: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    model: Mapped[ModelRow] = relationship(back_populates="versions")
+
+
+class StageEvent(Base):
+    """Every stage change, in order: rollback reads the production history from here."""
+
+    __tablename__ = "stage_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    from_stage: Mapped[str] = mapped_column(String(20), nullable=False)
+    to_stage: Mapped[str] = mapped_column(String(20), nullable=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``sqlite:///…`` or ``postgresql://…``, set up for concurrent writers."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record) -> None:
+            dbapi_conn.isolation_level = None  # let SQLAlchemy's BEGIN below control transactions
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # writers queue up instead of failing mid-transaction
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision with Alembic (creates it on an empty database)."""
+    import logging
+
+    from alembic import command
+    from alembic.config import Config
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # one migrator at a time across processes
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(727274)")
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
