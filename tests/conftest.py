@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +71,71 @@ def tiny_run(tmp_path_factory, synthetic_npz):
     out = tmp_path_factory.mktemp("runs")
     return train(synthetic_npz, preset="default", name="tiny", output_dir=str(out), epochs=3, batch_size=32,
                  lr=2e-3, quiet=True, seed=0)
+
+
+# -- serving helpers: a real uvicorn server on a free 127.0.0.1 port ----------------------------------
+@contextmanager
+def running(config):
+    """Start uvicorn in a thread on a free loopback port; stop it afterwards (bounded waits)."""
+    import uvicorn
+
+    from lepton.serve import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run, tmp_path_factory):
+    """A registry with cxr v1 (production) and v2 for tenant 'clinic', 'shared' for everyone, and keys."""
+    from lepton.evaluate import evaluate
+    from lepton.registry import Registry
+
+    root = tmp_path_factory.mktemp("serve")
+    run = root / "run"
+    shutil.copytree(tiny_run.path, run)
+    evaluate(run, split="test", n_bootstrap=20, plots=False)
+    reg = Registry.open(root / "reg")
+    reg.register_run(run, "cxr")
+    reg.register_run(run, "cxr")
+    reg.promote("cxr", 1, "production")
+    reg.set_tenant("cxr", "clinic")
+    reg.register_run(run, "shared")
+    keys = {"clinic": reg.create_key("clinic"), "other": reg.create_key("other"),
+            "admin": reg.create_key("ops", "admin")}
+    return {"registry": str(root / "reg"), "keys": keys, "run": tiny_run, "root": root}
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    from lepton.serve import ServeConfig
+
+    config = ServeConfig(models=["cxr@production", "shared"], registry=served["registry"], rate_limit=0)
+    with running(config) as base:
+        yield base
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def png_bytes(seed: int = 0, size: int = 32) -> bytes:
+    from lepton.data.synthetic import make_synthetic
+
+    images, _, _ = make_synthetic(1, size, seed=seed)
+    buf = io.BytesIO()
+    Image.fromarray(images[0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+

@@ -16,9 +16,13 @@ from lepton.errors import LeptonError
 app = typer.Typer(help="Lepton: medical-image classification, from images to evaluated models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Inspect data sources.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for the inference server.", no_args_is_help=True)
+route_app = typer.Typer(help="Traffic routes between model versions (A/B, canary, shadow).", no_args_is_help=True)
 models_app = typer.Typer(help="Network architectures.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
+app.add_typer(route_app, name="route")
 console = Console(soft_wrap=True)
 if not console.is_terminal:  # pipes and files get whole tables, not an 80-column squeeze
     console = Console(soft_wrap=True, width=200)
@@ -118,10 +122,14 @@ def models_register(
     run: Annotated[Path, typer.Argument(help="A finished run directory.")],
     name: Annotated[str, typer.Option("--name", help="Model name.")],
     description: Annotated[str, typer.Option(help="Model description.")] = "",
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys may see and call the model.")] = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Register a run as the next version of NAME (weights, spec, labels, metrics, card)."""
-    v = _registry(registry).register_run(run, name, description=description)
+    reg = _registry(registry)
+    v = reg.register_run(run, name, description=description)
+    if tenant is not None:
+        reg.set_tenant(name, tenant)
     console.print(f"registered [bold]{v.ref}[/] ({v.format}); card: lepton models card {v.ref}")
 
 
@@ -245,6 +253,89 @@ def models_import(path: Annotated[Path, typer.Argument(help="A .lepton bundle.")
     """Verify a bundle and register it as a new version."""
     v = _registry(registry).import_bundle(path, name)
     console.print(f"imported as [bold]{v.ref}[/]")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to.")],
+    scope: Annotated[str, typer.Option(help="predict or admin.")] = "predict",
+    registry: RegistryOpt = None,
+) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    key = _registry(registry).create_key(tenant, scope)
+    err.print(f"API key for tenant {tenant} ({scope}); store it now, it cannot be shown again:")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(registry: RegistryOpt = None) -> None:
+    """List key ids, tenants and scopes (never the keys)."""
+    console.print_json(json.dumps(_registry(registry).list_keys()))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The id shown by `lepton keys list`.")],
+                registry: RegistryOpt = None) -> None:
+    """Revoke a key."""
+    _registry(registry).revoke_key(key_id)
+    console.print(f"revoked {key_id}")
+
+
+@route_app.command("set")
+def route_set(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    weights: Annotated[list[str], typer.Argument(help="VERSION=WEIGHT pairs, e.g. v3=90 v4=10.")],
+    shadow: Annotated[int | None, typer.Option(help="A version that sees copies of traffic; answers recorded only.")]
+    = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Split a model's traffic between versions (sticky per X-Lepton-Client header)."""
+    parsed = {}
+    for item in weights:
+        version, sep, weight = item.lower().removeprefix("v").partition("=")
+        if not sep or not version.isdigit():
+            raise typer.BadParameter(f"expected VERSION=WEIGHT such as v3=90, got {item!r}")
+        try:
+            parsed[int(version)] = float(weight)
+        except ValueError:
+            raise typer.BadParameter(f"weight of {item!r} is not a number") from None
+    route = _registry(registry).set_route(name, parsed, shadow)
+    console.print(f"{name}: {route.weights} shadow={route.shadow}; running servers pick it up on reload")
+
+
+@route_app.command("clear")
+def route_clear(name: Annotated[str, typer.Argument()], registry: RegistryOpt = None) -> None:
+    """Send all traffic to the served reference again."""
+    _registry(registry).set_route(name, {})
+    console.print(f"{name}: route cleared")
+
+
+@app.command()
+def serve(
+    model: Annotated[list[str], typer.Option("--model", help="NAME, NAME@VERSION or NAME@production (repeatable).")],
+    registry: RegistryOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes (1; scale out with more processes).")] = 1,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Disable API keys (loopback only).")] = False,
+    backend: Annotated[str, typer.Option(help="auto or onnx.")] = "auto",
+    max_batch_size: Annotated[int, typer.Option(help="Largest dynamic batch.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest wait to fill a batch.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Queued requests per version before 503.")] = 256,
+    rate_limit: Annotated[float, typer.Option(help="Requests per second per key (0 = off).")] = 50.0,
+    poll_seconds: Annotated[float, typer.Option(help="Re-read the registry every N seconds (0 = admin call).")] = 0,
+) -> None:
+    """Serve registered models over HTTP (native API, Open Inference Protocol v2, /metrics)."""
+    from lepton.serve import ServeConfig
+    from lepton.serve import serve as serve_fn
+
+    if no_auth:
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise typer.BadParameter("--no-auth is only allowed on loopback (--host 127.0.0.1)")
+        err.print("[bold red]WARNING: authentication is OFF; anyone on this machine can call the models.[/]")
+    serve_fn(ServeConfig(models=model, registry=registry, auth=not no_auth, backend=backend,
+                         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                         rate_limit=rate_limit, poll_seconds=poll_seconds), host=host, port=port, workers=workers)
 
 
 def _parse_aug(values: list[str] | None) -> dict[str, float]:

@@ -57,6 +57,7 @@ def export_torchscript(model: nn.Module, input_shape: tuple[int, int, int], path
 def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray) -> Path:
     """Static int8 quantization (QDQ, per-channel weights) with ONNX Runtime, calibrated on ``calibration``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -65,10 +66,16 @@ def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray) -> Path:
         def get_next(self):
             return next(self.batches, None)
 
-    tmp = dst.with_suffix(".tmp.onnx")
-    quantize_static(str(src), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    tmp.replace(dst)
+    prepared, tmp = dst.with_suffix(".prep.onnx"), dst.with_suffix(".tmp.onnx")
+    try:
+        # ONNX Runtime's own pre-processing (shape inference, graph optimisation) before calibration.
+        quant_pre_process(str(src), str(prepared))
+        quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        tmp.replace(dst)
+    finally:
+        prepared.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return dst
 
 

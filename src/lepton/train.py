@@ -70,6 +70,12 @@ def data_fingerprint(data: ImageSet, splits: np.ndarray) -> dict[str, Any]:
             "images": len(data), "counts": counts, "patient_grouped": data.has_patient_ids}
 
 
+def intensity_stats(x: torch.Tensor) -> dict[str, float]:
+    """Mean intensity of preprocessed training images and the spread of per-image means (drift reference)."""
+    means = x.mean(dim=(1, 2, 3))
+    return {"mean": float(means.mean()), "std_of_image_means": float(means.std().clamp_min(1e-6))}
+
+
 def prepare_data(config: TrainConfig, spec: Preprocessing | None = None) -> Prepared:
     """Load, split and preprocess the data a config names (``spec`` fixed when resuming)."""
     data = load_dataset(config.data, window=config.window, slices=config.slices, skip_bad=config.skip_bad)
@@ -89,10 +95,11 @@ def prepare_data(config: TrainConfig, spec: Preprocessing | None = None) -> Prep
             spec.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     else:
         x = spec.resize(train.images)
+    fingerprint = data_fingerprint(data, splits) | {"intensity": intensity_stats(x)}
     return Prepared(
         spec=spec, x_train=x, y_train=torch.from_numpy(train.labels),
         x_val=spec.resize(val.images), y_val=torch.from_numpy(val.labels),
-        label_names=data.label_names, fingerprint=data_fingerprint(data, splits),
+        label_names=data.label_names, fingerprint=fingerprint,
     )
 
 

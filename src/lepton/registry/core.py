@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from lepton.errors import RegistryError
+from lepton.registry.access import AccessMixin
 from lepton.registry.db import STAGES, ModelRow, StageEvent, VersionRow, make_engine, migrate
 from lepton.registry.store import ArtifactStore
 
@@ -74,7 +75,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, selector or None
 
 
-class Registry:
+class Registry(AccessMixin):
     """Versioned models in SQLite (default) or PostgreSQL, artifacts in a content-addressed store.
 
     >>> reg = Registry.open()                                  # ~/.lepton, or $LEPTON_HOME / $LEPTON_DB_URL

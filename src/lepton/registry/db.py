@@ -28,6 +28,7 @@ class ModelRow(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    tenant: Mapped[str | None] = mapped_column(String(100), nullable=True)  # None: every tenant may use it
     versions: Mapped[list[VersionRow]] = relationship(back_populates="model", order_by="VersionRow.version")
 
 
@@ -64,6 +65,31 @@ class StageEvent(Base):
     from_stage: Mapped[str] = mapped_column(String(20), nullable=False)
     to_stage: Mapped[str] = mapped_column(String(20), nullable=False)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: only a SHA-256 of its secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), unique=True, nullable=False)
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    tenant: Mapped[str] = mapped_column(String(100), nullable=False)
+    scope: Mapped[str] = mapped_column(String(20), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class RouteRow(Base):
+    """Traffic weights per version (A/B, canary) and an optional shadow version."""
+
+    __tablename__ = "routes"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    weights: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    shadow_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
 def make_engine(url: str) -> Engine:

@@ -1,0 +1,146 @@
+"""Model adapters: a small class with setup / decode_request / predict / encode_response hooks.
+Batching, auth and metrics wrap an adapter; they never reach into it."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton.data.io import read_image, sniff_format
+from lepton.data.transforms import Preprocessing
+from lepton.errors import DataError
+
+#: Largest decoded input accepted by the server, in pixels per image (all frames): 4096 x 4096.
+MAX_SERVE_PIXELS = 4096 * 4096
+
+
+class ModelAdapter:
+    """Turns request payloads into probabilities for one registered model version."""
+
+    platform = "python"
+
+    def __init__(self, name: str, version: int, labels: list[str], preprocessing: Preprocessing,
+                 threshold: float | None):
+        self.name, self.version, self.labels = name, version, labels
+        self.preprocessing, self.threshold = preprocessing, threshold
+
+    def setup(self) -> None:
+        """Load weights and warm up (called once, off the event loop)."""
+
+    def decode_request(self, payload: bytes, filename: str | None = None) -> np.ndarray:
+        """Decode an uploaded file (PNG, JPEG, DICOM, NIfTI, NPY; sniffed by content) to (C, H, W) in [0, 1]."""
+        suffix = ".nii.gz" if (filename or "").lower().endswith(".nii.gz") else Path(filename or "x").suffix[:10]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(payload)
+            if sniff_format(path) is None:
+                raise DataError("upload: unsupported content; send PNG, JPEG, BMP, TIFF, DICOM, NIfTI or NPY")
+            try:
+                frames = read_image(path, window=self.preprocessing.window, slices="middle")
+            except DataError as exc:  # name the upload, never the server's temporary path
+                raise DataError(str(exc).replace(str(path), "upload")) from None
+        pixels = frames[0].pixels
+        if pixels.shape[1] * pixels.shape[2] > MAX_SERVE_PIXELS:
+            raise DataError(f"upload: {pixels.shape[1]}x{pixels.shape[2]} pixels is over the server's limit")
+        return pixels
+
+    def decode_array(self, array: Any) -> np.ndarray:
+        """A nested list or array in [0, 1]: (H, W) or (C, H, W)."""
+        try:
+            arr = np.asarray(array, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"array: not a numeric nested list ({exc})") from exc
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3 or arr.shape[0] not in (1, 3) or min(arr.shape[1:]) < 1:
+            raise DataError(f"array: shape {list(arr.shape)} is not (H, W) or (C, H, W) with C in 1 or 3")
+        if arr.shape[1] * arr.shape[2] > MAX_SERVE_PIXELS:
+            raise DataError("array: too many pixels")
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise DataError("array: values must be finite and within [0, 1]")
+        return arr
+
+    def prepare(self, images: list[np.ndarray]) -> np.ndarray:
+        """Resize, convert channels and normalise a batch: float32 (N, C, H, W)."""
+        return self.preprocessing(images).numpy()
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, K) for a prepared batch."""
+        raise NotImplementedError
+
+    def decide(self, probs: np.ndarray) -> int:
+        if len(self.labels) == 2 and self.threshold is not None:
+            return int(probs[1] >= self.threshold)
+        return int(np.argmax(probs))
+
+    def encode_response(self, probs: np.ndarray) -> dict[str, Any]:
+        return {"label": self.labels[self.decide(probs)],
+                "probabilities": {n: round(float(p), 6) for n, p in zip(self.labels, probs, strict=True)},
+                "threshold": self.threshold}
+
+
+class TorchAdapter(ModelAdapter):
+    """A registered PyTorch version, run with the run's own preprocessing and TTA setting."""
+
+    platform = "pytorch"
+
+    def __init__(self, registry, ref: str):
+        v = registry.get(ref)
+        super().__init__(v.name, v.version, v.labels, Preprocessing.from_dict(v.preprocessing), v.threshold)
+        self._registry, self._ref, self.run = registry, f"{v.name}@{v.version}", None
+
+    def setup(self) -> None:
+        import torch
+
+        self.run = self._registry.load_run(self._ref)
+        torch.set_grad_enabled(False)
+        self.predict(self.prepare([np.zeros((self.preprocessing.channels, *self.preprocessing.size), np.float32)]))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        from lepton.runs import predict_proba
+
+        return predict_proba(self.run.model, torch.from_numpy(batch), tta=self.run.config.tta)
+
+
+class OnnxAdapter(ModelAdapter):
+    """A registered ONNX version (foreign, or exported by Lepton) run with ONNX Runtime."""
+
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, registry, ref: str, onnx_sha: str | None = None):
+        v = registry.get(ref)
+        super().__init__(v.name, v.version, v.labels, Preprocessing.from_dict(v.preprocessing), v.threshold)
+        self._registry, self._sha, self.session = registry, onnx_sha or v.artifacts["onnx"], None
+
+    def setup(self) -> None:
+        import onnxruntime as ort
+
+        data = self._registry.store.get(self._sha, f"{self.name}@{self.version} onnx")
+        self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        self._input = self.session.get_inputs()[0].name
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        out = self.session.run(None, {self._input: batch.astype(np.float32)})[0]
+        if out.ndim != 2 or out.shape[1] != len(self.labels):
+            raise RuntimeError(f"{self.name}@{self.version}: ONNX output shape {out.shape} does not fit the labels")
+        sums = out.sum(1, keepdims=True)
+        if np.all(out >= 0) and np.allclose(sums, 1, atol=1e-3):
+            return out
+        e = np.exp(out - out.max(1, keepdims=True))  # logits → probabilities
+        return e / e.sum(1, keepdims=True)
+
+
+def make_adapter(registry, ref: str, backend: str = "auto") -> ModelAdapter:
+    """The adapter for a version: PyTorch weights, or ONNX (foreign models, or ``backend='onnx'``)."""
+    v = registry.get(ref)
+    if v.format == "onnx":
+        return OnnxAdapter(registry, ref)
+    if backend == "onnx":
+        raise DataError(f"{v.name}@{v.version} has no ONNX artifact; register an exported ONNX model to serve it "
+                        "with --backend onnx")
+    return TorchAdapter(registry, ref)

@@ -1,0 +1,100 @@
+"""Dynamic batching: requests are grouped up to ``max_batch_size`` or ``max_wait_ms`` and run off the
+event loop in one worker thread per model version; a bounded queue sheds load with QueueFull."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class QueueFull(Exception):
+    """The batcher's queue is at capacity: the client should retry later (HTTP 503)."""
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(self, prepare: Callable[[list[np.ndarray]], np.ndarray], predict: Callable[[np.ndarray], np.ndarray],
+                 *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
+                 on_batch: Callable[[int, float], None] | None = None):
+        self.prepare, self.predict = prepare, predict
+        self.max_batch_size, self.max_wait = max(1, max_batch_size), max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lepton-model")
+        self.in_flight = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize() + self.in_flight
+
+    async def submit(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities for one decoded image; raises QueueFull when the queue is at capacity."""
+        if self.queue.qsize() >= self.max_queue:
+            raise QueueFull
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Item(pixels, future))
+        return await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            self.in_flight = 1  # counted before the queue looks empty, so a drain never misses it
+            items = [first]
+            deadline = first.enqueued + self.max_wait
+            while len(items) < self.max_batch_size:
+                if not self.queue.empty():  # whatever is already waiting joins, however old the batch is
+                    items.append(self.queue.get_nowait())
+                    self.in_flight = len(items)
+                    continue
+                timeout = deadline - time.perf_counter()
+                if timeout <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), timeout))
+                    self.in_flight = len(items)
+                except TimeoutError:
+                    break
+            self.in_flight = len(items)
+            start = time.perf_counter()
+            try:
+                probs = await loop.run_in_executor(self.executor, self._run, [i.pixels for i in items])
+                for item, row in zip(items, probs, strict=True):
+                    if not item.future.done():
+                        item.future.set_result(row)
+            except Exception as exc:  # a model failure fails this batch's requests, not the server
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+            finally:
+                self.in_flight = 0
+            if self.on_batch:
+                self.on_batch(len(items), time.perf_counter() - start)
+
+    def _run(self, images: list[np.ndarray]) -> np.ndarray:
+        return self.predict(self.prepare(images))
+
+    async def drain_and_stop(self, timeout: float = 30.0) -> None:
+        """Wait until queued and running requests are answered, then stop (used by hot swaps)."""
+        deadline = time.perf_counter() + timeout
+        while self.depth and time.perf_counter() < deadline:
+            await asyncio.sleep(0.005)
+        if self._task:
+            self._task.cancel()
+        self.executor.shutdown(wait=False)

@@ -1,0 +1,216 @@
+"""The inference server, tested through a real uvicorn server on 127.0.0.1 (random free port)."""
+
+import asyncio
+import base64
+import io
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import auth, png_bytes, running
+from lepton.registry import Registry
+from lepton.serve import ServeConfig
+
+
+def test_health_and_listing(url, served):
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/readyz").json()["models"] == {"cxr": 1, "shared": 1}
+    clinic = httpx.get(f"{url}/v1/models", headers=auth(served["keys"]["clinic"])).json()
+    other = httpx.get(f"{url}/v1/models", headers=auth(served["keys"]["other"])).json()
+    assert [m["name"] for m in clinic["models"]] == ["cxr", "shared"]
+    assert [m["name"] for m in other["models"]] == ["shared"]
+    info = httpx.get(f"{url}/v1/models/cxr", headers=auth(served["keys"]["clinic"])).json()
+    assert info["version"] == 1 and [v["stage"] for v in info["versions"]] == ["production", "none"]
+    assert info["card_summary"].startswith("# Model card") and info["input"]["size"] == [32, 32]
+
+
+def test_predict_every_encoding_matches_the_run(url, served):
+    key = served["keys"]["clinic"]
+    data = png_bytes(3)
+    expected = served["run"].predict_proba([np.asarray(Image.open(io.BytesIO(data)), np.float32)[None] / 255])[0]
+    multipart = httpx.post(f"{url}/v1/models/cxr/predict", headers=auth(key), files={"file": ("x.png", data)})
+    as_json = httpx.post(f"{url}/v1/models/cxr/predict", headers=auth(key),
+                         json={"image": base64.b64encode(data).decode()})
+    array = (np.asarray(Image.open(io.BytesIO(data)), np.float32) / 255).tolist()
+    as_array = httpx.post(f"{url}/v1/models/cxr/predict", headers=auth(key), json={"array": array})
+    raw = httpx.post(f"{url}/v1/models/cxr/predict", headers={**auth(key), "content-type": "image/png"}, content=data)
+    for response in (multipart, as_json, as_array, raw):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == "cxr" and body["version"] == 1 and body["request_id"]
+        got = [body["probabilities"]["normal"], body["probabilities"]["opacity"]]
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert response.headers["x-request-id"] == body["request_id"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,status,code",
+    [
+        ({"content": b""}, 400, "empty_body"),
+        ({"content": b"definitely not an image"}, 422, "invalid_input"),
+        ({"content": b"\x89PNG\r\n\x1a\n" + b"\0" * 30}, 422, "invalid_input"),
+        ({"content": b"{bad json", "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
+        ({"json": {"image": "%%%not base64%%%"}}, 422, "invalid_base64"),
+        ({"json": {"array": [[2.0, 3.0], [0.0, 1.0]]}}, 422, "invalid_input"),
+        ({"json": {"array": [[[1]]] * 5}}, 422, "invalid_input"),
+        ({"json": {"other": 1}}, 422, "invalid_request"),
+        ({"files": {"wrong": ("x.png", b"abc")}}, 400, "missing_file"),
+    ],
+)
+def test_client_mistakes_are_4xx_json_and_server_keeps_serving(url, served, kwargs, status, code):
+    headers = {**auth(served["keys"]["clinic"]), **kwargs.pop("headers", {})}
+    response = httpx.post(f"{url}/v1/models/cxr/predict", headers=headers, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code and response.json()["error"]["message"]
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_oversized_and_bomb_uploads(url, served):
+    key = served["keys"]["clinic"]
+    buf = io.BytesIO()
+    Image.new("1", (10000, 10000)).save(buf, format="PNG")  # a few KB on the wire, 100 M pixels decoded
+    bomb = httpx.post(f"{url}/v1/models/cxr/predict", headers=auth(key), files={"file": ("bomb.png", buf.getvalue())})
+    message = bomb.json()["error"]["message"]
+    assert bomb.status_code == 422 and ("bomb" in message or "over the limit" in message)
+    assert message.startswith("upload:") and "/tmp" not in message
+    small = ServeConfig(models=["shared"], registry=served["registry"], rate_limit=0, max_upload_bytes=50_000)
+    with running(small) as base:
+        big = httpx.post(f"{base}/v1/models/shared/predict", headers=auth(key), content=b"x" * 200_000)
+        assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+        assert httpx.post(f"{base}/v1/models/shared/predict", headers=auth(key), content=png_bytes()).status_code == 200
+
+
+def test_auth_and_tenant_isolation(url, served):
+    data = png_bytes()
+    assert httpx.post(f"{url}/v1/models/cxr/predict", content=data).status_code == 401
+    bad = httpx.post(f"{url}/v1/models/cxr/predict", headers=auth("lpt_000000000000_" + "x" * 43), content=data)
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "unauthorized"
+    hidden = httpx.post(f"{url}/v1/models/cxr/predict", headers=auth(served["keys"]["other"]), content=data)
+    assert hidden.status_code == 404  # another tenant's model does not exist for this key
+    assert httpx.post(f"{url}/v1/models/shared/predict", headers=auth(served["keys"]["other"]),
+                      content=data).status_code == 200
+    assert httpx.post(f"{url}/v1/admin/reload", headers=auth(served["keys"]["clinic"])).status_code == 403
+
+
+def test_open_inference_protocol_v2(url, served):
+    key = auth(served["keys"]["clinic"])
+    assert httpx.get(f"{url}/v2").json()["name"] == "lepton"
+    assert httpx.get(f"{url}/v2/health/live").status_code == 200
+    assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+    meta = httpx.get(f"{url}/v2/models/cxr", headers=key).json()
+    assert meta["platform"] == "pytorch" and meta["inputs"][0] == {"name": "input", "datatype": "FP32",
+                                                                   "shape": [-1, 1, 32, 32]}
+    assert httpx.get(f"{url}/v2/models/cxr/versions/1/ready", headers=key).json() == {"name": "cxr", "ready": True}
+    x = np.random.default_rng(0).random((3, 1, 32, 32)).astype(np.float32)
+    body = {"id": "req-7", "inputs": [{"name": "input", "shape": [3, 1, 32, 32], "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}
+    response = httpx.post(f"{url}/v2/models/cxr/versions/1/infer", headers=key, json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["model_name"] == "cxr" and out["model_version"] == "1" and out["id"] == "req-7"
+    probs = next(o for o in out["outputs"] if o["name"] == "probabilities")
+    assert probs["shape"] == [3, 2] and probs["datatype"] == "FP32"
+    np.testing.assert_allclose(np.array(probs["data"]).reshape(3, 2), served["run"].predict_proba(list(x)), atol=1e-5)
+    nested = {**body, "inputs": [{**body["inputs"][0], "data": x.tolist()}], "outputs": [{"name": "label"}]}
+    out = httpx.post(f"{url}/v2/models/cxr/infer", headers=key, json=nested).json()
+    assert [o["name"] for o in out["outputs"]] == ["label"] and len(out["outputs"][0]["data"]) == 3
+    wrong = httpx.post(f"{url}/v2/models/cxr/infer", headers=key,
+                       json={"inputs": [{**body["inputs"][0], "shape": [3, 1, 28, 28]}]})
+    assert wrong.status_code == 400 and isinstance(wrong.json()["error"], str)
+    missing = httpx.get(f"{url}/v2/models/cxr/versions/9", headers=key)
+    assert missing.status_code == 404 and isinstance(missing.json()["error"], str)
+
+
+def _metric(text: str, prefix: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(prefix)))
+
+
+def test_batching_groups_concurrent_requests_and_metrics(served):
+    key = auth(served["keys"]["clinic"])
+    data = png_bytes(5)
+    config = ServeConfig(models=["cxr@production"], registry=served["registry"], rate_limit=0, max_wait_ms=50,
+                         max_batch_size=16)
+    with running(config) as base:
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                responses = await asyncio.gather(*(client.post(f"{base}/v1/models/cxr/predict", headers=key,
+                                                               content=data) for _ in range(48)))
+            return [r.status_code for r in responses]
+
+        assert asyncio.run(burst()) == [200] * 48
+        text = httpx.get(f"{base}/metrics").text
+    count = _metric(text, 'lepton_batch_size_count{model="cxr",version="1"}')
+    total = _metric(text, 'lepton_batch_size_sum{model="cxr",version="1"}')
+    assert total == 48 and total / count > 2, (total, count)  # concurrent requests share batches
+    assert _metric(text, 'lepton_requests_total{model="cxr",status="200",version="1"}') == 48
+    assert "lepton_request_latency_seconds_bucket" in text and 'lepton_predictions_total{label=' in text
+    assert 'lepton_input_drift{model="cxr"}' in text and "lepton_queue_depth" in text
+
+
+def test_rate_limit_answers_429(served):
+    config = ServeConfig(models=["shared"], registry=served["registry"], rate_limit=1.0, rate_burst=2)
+    with running(config) as base:
+        key = auth(served["keys"]["other"])
+        codes = [httpx.post(f"{base}/v1/models/shared/predict", headers=key, content=png_bytes()).status_code
+                 for _ in range(4)]
+        assert codes[:2] == [200, 200] and 429 in codes[2:]
+        limited = httpx.post(f"{base}/v1/models/shared/predict", headers=key, content=png_bytes())
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+
+
+@pytest.mark.slow
+def test_hot_swap_under_load_and_canary_routing(served):
+    reg = Registry.open(served["registry"])
+    config = ServeConfig(models=["cxr@production"], registry=served["registry"], rate_limit=0)
+    admin = auth(served["keys"]["admin"])
+    clinic = auth(served["keys"]["clinic"])
+    data = png_bytes(9)
+    with running(config) as base:
+        stop = time.monotonic() + 8
+        results: list[tuple[int, int]] = []
+
+        async def load() -> None:
+            async with httpx.AsyncClient(timeout=30) as client:
+                async def worker() -> None:
+                    while time.monotonic() < stop:
+                        r = await client.post(f"{base}/v1/models/cxr/predict", headers=clinic, content=data)
+                        results.append((r.status_code, r.json().get("version", -1)))
+                await asyncio.gather(*(worker() for _ in range(8)))
+
+        thread = threading.Thread(target=lambda: asyncio.run(load()))
+        thread.start()
+        time.sleep(2)
+        reg.promote("cxr", 2, "production")
+        swap = httpx.post(f"{base}/v1/admin/reload", headers=admin, timeout=60)
+        assert swap.status_code == 200 and swap.json()["changes"]["cxr"]["primary"] == 2
+        thread.join(timeout=60)
+        assert results and all(code == 200 for code, _ in results), {c for c, _ in results}
+        versions = [v for _, v in results]
+        assert versions[0] == 1 and versions[-1] == 2 and set(versions) == {1, 2}
+        assert versions.index(2) > 0 and 1 not in versions[versions.index(2) + 50:]
+
+        reg.set_route("cxr", {1: 80, 2: 20}, shadow=None)
+        httpx.post(f"{base}/v1/admin/reload", headers=admin, timeout=60)
+        seen = {}
+        for client_id in range(60):
+            hdr = {**clinic, "X-Lepton-Client": f"site-{client_id}"}
+            a = httpx.post(f"{base}/v1/models/cxr/predict", headers=hdr, content=data).json()["version"]
+            b = httpx.post(f"{base}/v1/models/cxr/predict", headers=hdr, content=data).json()["version"]
+            assert a == b  # sticky per client
+            seen[client_id] = a
+        share = sum(v == 2 for v in seen.values()) / len(seen)
+        assert 0.05 <= share <= 0.45, share
+        reg.set_route("cxr", {2: 100}, shadow=1)
+        httpx.post(f"{base}/v1/admin/reload", headers=admin, timeout=60)
+        for _ in range(5):
+            assert httpx.post(f"{base}/v1/models/cxr/predict", headers=clinic, content=data).json()["version"] == 2
+        deadline = time.monotonic() + 10
+        while 'lepton_shadow_predictions_total{model="cxr"' not in httpx.get(f"{base}/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    reg.set_route("cxr", {})
+    reg.promote("cxr", 1, "production")
