@@ -25,6 +25,17 @@ def test_augment_is_reproducible_and_hflip_is_exact():
     torch.testing.assert_close(flipped, torch.flip(x, dims=[3]), atol=1e-5, rtol=0)
 
 
+def test_corruption_augmentation_applies_report_corruptions():
+    x = torch.rand(8, 1, 28, 28) * 0.5 + 0.25
+    changed = 0
+    for seed in range(10):
+        out = augment_batch(x, {"corrupt": 1.0}, torch.Generator().manual_seed(seed))
+        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+        changed += not torch.allclose(out, x)
+    assert changed >= 8
+    assert torch.equal(augment_batch(x, {"corrupt": 0.0}, torch.Generator().manual_seed(0)), x)
+
+
 def test_unknown_options_are_errors():
     with pytest.raises(ConfigError, match="unknown augment preset"):
         augment_options("extreme")

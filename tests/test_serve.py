@@ -214,3 +214,42 @@ def test_hot_swap_under_load_and_canary_routing(served):
             time.sleep(0.1)
     reg.set_route("cxr", {})
     reg.promote("cxr", 1, "production")
+
+
+def test_explain_overlay_in_predict(url, served):
+    key = auth(served["keys"]["clinic"])
+    response = httpx.post(f"{url}/v1/models/cxr/predict?explain=gradcam", headers=key, content=png_bytes(4))
+    assert response.status_code == 200, response.text
+    explanation = response.json()["explanation"]
+    assert explanation["method"] == "gradcam" and explanation["class"] == response.json()["label"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png_base64"])))
+    assert overlay.size == (32, 32) and overlay.mode == "RGB"
+    bad = httpx.post(f"{url}/v1/models/cxr/predict?explain=lime", headers=key, content=png_bytes(4))
+    assert bad.status_code == 422
+
+
+def test_onnx_backend_and_foreign_onnx_models(served, tmp_path):
+    from test_registry import _onnx_classifier
+
+    reg = Registry.open(served["registry"])
+    reg.register_run(served["root"] / "run", "cxr-onnx", onnx=True)
+    reg.register_onnx(_onnx_classifier(tmp_path / "keras.onnx"), "foreign", labels=["normal", "pneumonia"],
+                      image_size=28)
+    key = auth(served["keys"]["admin"])
+    data = png_bytes(6)
+    config = ServeConfig(models=["cxr-onnx", "foreign"], registry=served["registry"], rate_limit=0, backend="onnx")
+    with running(config) as base:
+        models = {m["name"]: m for m in httpx.get(f"{base}/v1/models", headers=key).json()["models"]}
+        assert models["cxr-onnx"]["platform"] == models["foreign"]["platform"] == "onnxruntime_onnx"
+        onnx_answer = httpx.post(f"{base}/v1/models/cxr-onnx/predict", headers=key, content=data).json()
+        expected = served["run"].predict_proba([np.asarray(Image.open(io.BytesIO(data)), np.float32)[None] / 255])[0]
+        np.testing.assert_allclose(list(onnx_answer["probabilities"].values()), expected, atol=1e-4)
+        foreign = httpx.post(f"{base}/v1/models/foreign/predict", headers=key, content=png_bytes(1, size=28))
+        assert foreign.status_code == 200 and set(foreign.json()["probabilities"]) == {"normal", "pneumonia"}
+        no_cam = httpx.post(f"{base}/v1/models/foreign/predict?explain=gradcam", headers=key, content=data)
+        assert no_cam.status_code == 422 and "PyTorch" in no_cam.json()["error"]["message"]
+    from lepton.errors import DataError
+    from lepton.serve.adapters import make_adapter
+
+    with pytest.raises(DataError, match="no ONNX artifact"):
+        make_adapter(reg, "cxr@1", backend="onnx")

@@ -123,11 +123,13 @@ def models_register(
     name: Annotated[str, typer.Option("--name", help="Model name.")],
     description: Annotated[str, typer.Option(help="Model description.")] = "",
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys may see and call the model.")] = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Also store an ONNX export (for serve --backend onnx).")]
+    = False,
     registry: RegistryOpt = None,
 ) -> None:
     """Register a run as the next version of NAME (weights, spec, labels, metrics, card)."""
     reg = _registry(registry)
-    v = reg.register_run(run, name, description=description)
+    v = reg.register_run(run, name, description=description, onnx=onnx)
     if tenant is not None:
         reg.set_tenant(name, tenant)
     console.print(f"registered [bold]{v.ref}[/] ({v.format}); card: lepton models card {v.ref}")
@@ -372,7 +374,7 @@ def train(
     warmup_epochs: Annotated[float | None, typer.Option(help="Linear warm-up epochs.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
     imbalance: Annotated[str | None, typer.Option(help="none, weighted (loss) or balanced (sampling).")] = None,
-    augment: Annotated[str | None, typer.Option(help="Augmentation preset: none, light, xray, strong.")] = None,
+    augment: Annotated[str | None, typer.Option(help="Preset: none, light, xray, corrupt, strong.")] = None,
     aug: Annotated[list[str] | None, typer.Option(help="Override one augmentation option, KEY=VALUE.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Square input size (default: data's native).")] = None,
     channels: Annotated[int | None, typer.Option(help="Input channels, 1 or 3.")] = None,

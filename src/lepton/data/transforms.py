@@ -23,11 +23,15 @@ AUGMENT_PRESETS: dict[str, dict[str, float]] = {
     # Chest X-rays: no vertical flips, modest geometry, exposure and gamma changes, sensor noise.
     "xray": {"hflip": 0.5, "rotate": 10.0, "translate": 0.08, "scale": 0.12, "shear": 5.0,
              "brightness": 0.15, "contrast": 0.20, "gamma": 0.25, "noise": 0.02},
+    # X-ray preset plus, on 50 % of batches, one of the robustness report's corruption families
+    # (noise, blur, pixelation, JPEG, exposure) at severity 1-3: trades clean accuracy for robustness.
+    "corrupt": {"hflip": 0.5, "rotate": 10.0, "translate": 0.08, "scale": 0.12, "shear": 5.0,
+                "brightness": 0.15, "contrast": 0.20, "gamma": 0.25, "corrupt": 0.5},
     "strong": {"hflip": 0.5, "vflip": 0.5, "rotate": 25.0, "translate": 0.10, "scale": 0.20,
                "shear": 8.0, "brightness": 0.25, "contrast": 0.30, "gamma": 0.35, "noise": 0.04},
 }
 AUGMENT_KEYS = ("hflip", "vflip", "rotate", "translate", "scale", "shear", "brightness",
-                "contrast", "gamma", "noise")
+                "contrast", "gamma", "noise", "corrupt")
 
 
 def augment_options(preset: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
@@ -80,6 +84,13 @@ def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
     if opts.get("noise"):
         sigma = torch.rand(n, generator=generator).view(shape) * opts["noise"]
         x = x + torch.randn(x.shape, generator=generator) * sigma
+    if opts.get("corrupt") and float(torch.rand(1, generator=generator)) < opts["corrupt"]:
+        from lepton.robustness import CORRUPTIONS, corrupt
+
+        names = sorted(CORRUPTIONS)
+        name = names[int(torch.randint(len(names), (1,), generator=generator))]
+        severity = int(torch.randint(1, 4, (1,), generator=generator))
+        x = corrupt(x.clamp(0.0, 1.0), name, severity, seed=int(torch.randint(2**31, (1,), generator=generator)))
     return x.clamp(0.0, 1.0)
 
 

@@ -152,8 +152,12 @@ class Registry(AccessMixin):
 
         return self._retrying(write)
 
-    def register_run(self, run_dir: str | Path, name: str, *, description: str = "") -> ModelVersion:
-        """Register a finished run directory as the next version of ``name``, with a model card."""
+    def register_run(self, run_dir: str | Path, name: str, *, description: str = "",
+                     onnx: bool = False) -> ModelVersion:
+        """Register a finished run directory as the next version of ``name``, with a model card.
+
+        ``onnx=True`` also stores an ONNX export, so the server can run it with ONNX Runtime.
+        """
         run_dir = Path(run_dir)
         missing = [f for f in _RUN_ARTIFACTS.values() if not (run_dir / f).is_file()]
         if missing:
@@ -161,6 +165,17 @@ class Registry(AccessMixin):
         import yaml
 
         artifacts = {key: self.store.put((run_dir / f).read_bytes()) for key, f in _RUN_ARTIFACTS.items()}
+        if onnx:
+            import tempfile
+
+            from lepton.export import export_onnx
+            from lepton.runs import load_run
+
+            run = load_run(run_dir)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = export_onnx(run.model, (run.preprocessing.channels, *run.preprocessing.size),
+                                   Path(tmp) / "model.onnx")
+                artifacts["onnx"] = self.store.put(path.read_bytes())
         info = json.loads((run_dir / "run.json").read_text())
         metrics = {"val_auc": info.get("val_auc"), "val_acc": info.get("val_acc"),
                    "best_epoch": info.get("best_epoch")}

@@ -93,10 +93,7 @@ class TorchAdapter(ModelAdapter):
         self._registry, self._ref, self.run = registry, f"{v.name}@{v.version}", None
 
     def setup(self) -> None:
-        import torch
-
         self.run = self._registry.load_run(self._ref)
-        torch.set_grad_enabled(False)
         self.predict(self.prepare([np.zeros((self.preprocessing.channels, *self.preprocessing.size), np.float32)]))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -105,6 +102,17 @@ class TorchAdapter(ModelAdapter):
         from lepton.runs import predict_proba
 
         return predict_proba(self.run.model, torch.from_numpy(batch), tta=self.run.config.tta)
+
+    def explain(self, pixels: np.ndarray, method: str, class_idx: int) -> bytes:
+        """A Grad-CAM overlay PNG for one decoded image (run outside the batcher, in the caller's thread)."""
+        import torch
+
+        from lepton.explain import overlay_png, saliency_maps
+
+        with torch.enable_grad():  # executor threads may have autograd off
+            maps, _ = saliency_maps(self.run, [pixels], method=method, class_idx=class_idx)
+        shown = self.preprocessing.resize([pixels]).mean(1).numpy()[0]
+        return overlay_png(shown, maps[0])
 
 
 class OnnxAdapter(ModelAdapter):
@@ -141,6 +149,8 @@ def make_adapter(registry, ref: str, backend: str = "auto") -> ModelAdapter:
     if v.format == "onnx":
         return OnnxAdapter(registry, ref)
     if backend == "onnx":
-        raise DataError(f"{v.name}@{v.version} has no ONNX artifact; register an exported ONNX model to serve it "
-                        "with --backend onnx")
+        if "onnx" not in v.artifacts:
+            raise DataError(f"{v.name}@{v.version} has no ONNX artifact; register it with "
+                            "`lepton models register RUN --name NAME --onnx` to serve it with --backend onnx")
+        return OnnxAdapter(registry, ref, v.artifacts["onnx"])
     return TorchAdapter(registry, ref)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -116,6 +117,7 @@ class Server:
         self.buckets: dict[str, TokenBucket] = {}
         self.ready = False
         self._reload_lock = asyncio.Lock()
+        self._explain_lock = threading.Lock()
 
     async def reload(self) -> dict[str, Any]:
         """Resolve every served reference again; load new versions, swap them in, drain the old ones."""
@@ -241,6 +243,10 @@ class Server:
             return
         agree = int(np.argmax(probs)) == int(np.argmax(served))
         self.metrics.shadow.labels(dep.name, str(dep.shadow), "agree" if agree else "disagree").inc()
+
+    def explain(self, adapter, pixels: np.ndarray, method: str, class_idx: int) -> bytes:
+        with self._explain_lock:  # Grad-CAM hooks the shared model: one explanation at a time
+            return adapter.explain(pixels, method, class_idx)
 
     def _record(self, dep: Deployment, version: int, pixels: np.ndarray, adapter: ModelAdapter,
                 probs: np.ndarray) -> None:
@@ -424,8 +430,18 @@ def create_app(config: ServeConfig) -> FastAPI:
         pixels = await decode(request, adapter)
         version, probs = await server.infer(dep, pixels, request.headers.get("x-lepton-client"))
         request.state.log["version"] = version
-        served = dep.handles.get(version)
-        body = (served.adapter if served else adapter).encode_response(probs)
+        served = (dep.handles.get(version) or dep.handles[dep.primary]).adapter
+        body = served.encode_response(probs)
+        method = request.query_params.get("explain")
+        if method is not None:
+            if method not in ("gradcam", "gradcam++"):
+                raise ApiError(422, "invalid_request", "explain must be gradcam or gradcam++")
+            if not hasattr(served, "explain"):
+                raise ApiError(422, "invalid_request", f"{name}@{version} is served with ONNX Runtime; "
+                                                       "explanations need the PyTorch backend")
+            png = await asyncio.to_thread(server.explain, served, pixels, method, served.decide(probs))
+            body["explanation"] = {"method": method, "class": body["label"],
+                                   "overlay_png_base64": base64.b64encode(png).decode()}
         return {**body, "model": name, "version": version, "request_id": request.state.request_id,
                 "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
 

@@ -1,0 +1,200 @@
+"""Serving load test on loopback: (a) Lepton with dynamic batching, (b) Lepton without batching, and
+(c) a plain FastAPI endpoint that runs one forward pass per request — same model, same run.
+
+Each server runs in its own process on 127.0.0.1; a bounded asyncio load generator keeps N requests in
+flight for a fixed duration and prints requests/s, p50/p95/p99 latency and errors for each server, the
+ratios, and the model's own latency at the mean batch size (a). Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PLAIN_SERVER = '''
+import io, sys, numpy as np, torch
+from fastapi import FastAPI, Request
+from PIL import Image
+import uvicorn
+from lepton.registry import Registry
+reg = Registry.open(sys.argv[1])
+run = reg.load_run(sys.argv[2])
+spec = run.preprocessing
+app = FastAPI()
+
+@app.post("/predict")
+def predict(body: bytes = __import__("fastapi").Body(..., media_type="image/png")):
+    img = np.asarray(Image.open(io.BytesIO(body)), dtype=np.float32)[None] / 255
+    with torch.inference_mode():
+        probs = torch.softmax(run.model(spec([img]).contiguous(memory_format=torch.channels_last)), 1)[0]
+    return {"label": run.label_names[int(probs.argmax())], "probabilities": probs.tolist()}
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[3]), log_level="warning")
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+async def load(url: str, body: bytes, clients: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    stop = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        async def worker() -> None:
+            nonlocal errors
+            while time.monotonic() < stop:
+                start = time.perf_counter()
+                try:
+                    r = await client.post(url, content=body, headers=headers)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - begin
+    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {"requests_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
+            "ok": len(latencies), "errors": errors}
+
+
+def mean_batch(metrics: str) -> float:
+    total = count = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("lepton_batch_size_sum{"):
+            total += float(line.split()[-1])
+        elif line.startswith("lepton_batch_size_count{"):
+            count += float(line.split()[-1])
+    return total / count if count else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--model", default="resnet18", help="network served by all three servers")
+    parser.add_argument("--quick", action="store_true", help="8 clients, 4 s each, lepton_cnn")
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.seconds, args.model = 8, 4.0, "lepton_cnn"
+
+    import httpx
+    import torch
+    from PIL import Image
+
+    import lepton
+    from lepton.data.synthetic import make_synthetic, write_synthetic_npz
+    from lepton.registry import Registry
+
+    tmp = Path(tempfile.mkdtemp(prefix="lepton-serve-bench-"))
+    data = write_synthetic_npz(tmp / "d.npz", n=300, size=28, seed=0)
+    run = lepton.train(data, preset="default", name="served", output_dir=str(tmp), model=args.model, epochs=1,
+                       quiet=True)
+    reg = Registry.open(tmp / "reg")
+    reg.register_run(run.path, "bench")
+    images, _, _ = make_synthetic(1, 28, seed=1)
+    buf = io.BytesIO()
+    Image.fromarray(images[0]).save(buf, format="PNG")
+    body = buf.getvalue()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    results = {}
+    servers = {
+        "a) lepton, batching": ["--max-batch-size", "32", "--max-wait-ms", "5"],
+        "b) lepton, no batching": ["--max-batch-size", "1"],
+        "c) plain FastAPI, one forward per request": None,
+    }
+    mean_bs = float("nan")
+    for label, extra in servers.items():
+        port = free_port()
+        if extra is None:
+            cmd = [sys.executable, "-c", PLAIN_SERVER, str(tmp / "reg"), "bench@1", str(port)]
+            url, probe = f"http://127.0.0.1:{port}/predict", f"http://127.0.0.1:{port}/docs"
+        else:
+            cmd = [sys.executable, "-m", "lepton.cli", "serve", "--model", "bench", "--registry", str(tmp / "reg"),
+                   "--port", str(port), "--no-auth", "--rate-limit", "0", "--max-queue", "4096", *extra]
+            url, probe = f"http://127.0.0.1:{port}/v1/models/bench/predict", f"http://127.0.0.1:{port}/readyz"
+        log = tmp / f"server-{port}.log"  # a file, not a pipe: access logs must never block the server
+        with open(log, "wb") as log_fh:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_fh, env=env)
+        try:
+            wait_ready(probe, proc, log)
+            asyncio.run(load(url, body, min(args.clients, 8), 1.0, {"content-type": "image/png"}))  # warm-up
+            results[label] = asyncio.run(load(url, body, args.clients, args.seconds, {"content-type": "image/png"}))
+            if label.startswith("a)"):
+                mean_bs = mean_batch(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    # The model's own latency at the mean batch size the batching server formed.
+    model = reg.load_run("bench@1").model
+    bs = max(1, round(mean_bs)) if np.isfinite(mean_bs) else 1
+    x = torch.randn(bs, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model(x)
+        times = []
+        for _ in range(30):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    model_ms = float(np.median(times) * 1000)
+
+    print(f"\nServing {args.model} @28 px, {args.clients} concurrent clients for {args.seconds:.0f} s each, "
+          f"{torch.get_num_threads()} torch threads, loopback")
+    print(f"{'server':<44}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for label, r in results.items():
+        print(f"{label:<44}{r['requests_per_s']:>9.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+              f"{r['errors']:>8d}")
+    a, b, c = (results[k] for k in servers)
+    print(f"\nratio (a)/(c): {a['requests_per_s'] / c['requests_per_s']:.2f}x   "
+          f"(b)/(c): {b['requests_per_s'] / c['requests_per_s']:.2f}x")
+    print(f"mean batch size in (a): {mean_bs:.1f}; model latency at batch {bs}: {model_ms:.1f} ms; "
+          f"(a) p99 / model latency: {a['p99_ms'] / model_ms:.2f}")
+    out = Path(__file__).resolve().parents[1] / "runs" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"serve-load-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(
+        {"clients": args.clients, "seconds": args.seconds, "model": args.model, "results": results,
+         "mean_batch_size": mean_bs, "model_latency_ms_at_mean_batch": model_ms}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
