@@ -47,6 +47,10 @@ def test_errors_are_messages_not_tracebacks(tmp_path):
     assert out.returncode == 2 and "not a complete run" in out.stderr
     out = run_cli("train", "x.npz", "--aug", "rotate")
     assert out.returncode != 0 and "KEY=NUMBER" in out.stderr
+    out = run_cli("serve", "--model", "cxr", "--no-auth", "--host", "0.0.0.0")
+    assert out.returncode == 2 and "only allowed on loopback" in out.stderr
+    out = run_cli("serve", "--model", "cxr", "--workers", "2")
+    assert out.returncode == 2 and "load balancer" in out.stderr
 
 
 @pytest.mark.slow

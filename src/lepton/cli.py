@@ -331,6 +331,9 @@ def serve(
     from lepton.serve import ServeConfig
     from lepton.serve import serve as serve_fn
 
+    if workers != 1:
+        raise typer.BadParameter("--workers: one process serves; run several `lepton serve` processes behind a "
+                                 "load balancer to scale out (batching and hot swaps are per process)")
     if no_auth:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise typer.BadParameter("--no-auth is only allowed on loopback (--host 127.0.0.1)")
