@@ -135,7 +135,8 @@ def main() -> int:
     buf = io.BytesIO()
     Image.fromarray(images[0]).save(buf, format="PNG")
     body = buf.getvalue()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The same OpenMP policy for all three servers (`lepton serve` defaults to passive waiting).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     results = {}
     servers = {
         "a) lepton, batching": ["--max-batch-size", "32", "--max-wait-ms", "5"],

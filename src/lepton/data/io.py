@@ -6,6 +6,7 @@ The format is sniffed from the file's first bytes, never trusted from its extens
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,11 @@ def pseudonymize(patient_id: str) -> str:
 def sniff_format(path: Path) -> str | None:
     """Return the format of ``path`` from its content (one of FORMATS), or None if unknown."""
     with open(path, "rb") as fh:
-        head = fh.read(352)
+        return sniff_bytes(fh.read(352), path.name)
+
+
+def sniff_bytes(head: bytes, name: str = "") -> str | None:
+    """The format of content starting with ``head`` (``name`` only breaks ties: .nii.gz, bare .dcm)."""
     if head[128:132] == b"DICM":  # first: a DICOM preamble may itself look like a TIFF header
         return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -56,12 +61,42 @@ def sniff_format(path: Path) -> str | None:
         return "npy"
     if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] == b"n+2\x00":
         return "nifti"
-    name = path.name.lower()
+    name = name.lower()
     if head[:2] == b"\x1f\x8b" and name.endswith(".nii.gz"):
         return "nifti"
     if name.endswith(".dcm") and len(head) > 8:
         return "dicom"  # DICOM without the 128-byte preamble; pydicom validates it
     return None
+
+
+def read_image_bytes(data: bytes, name: str = "upload", *, window: str | None = None,
+                     slices: str = "middle") -> list[Frame]:
+    """Decode an in-memory file like ``read_image``; rasters and NPY never touch the disk.
+
+    Errors name ``name`` (never a temporary path).
+    """
+    import tempfile
+
+    if not data:
+        raise DataError(f"{name}: the file is empty")
+    if len(data) > MAX_FILE_BYTES:
+        raise DataError(f"{name}: {len(data)} bytes is over the {MAX_FILE_BYTES} byte limit")
+    fmt = sniff_bytes(data[:352], name)
+    if fmt is None:
+        raise DataError(f"{name}: unsupported or unrecognised file content; supported formats are {', '.join(FORMATS)}")
+    if fmt in RASTER_FORMATS:
+        return [Frame(_read_raster(io.BytesIO(data), name), name, fmt)]
+    if fmt == "npy":
+        return _read_npy(io.BytesIO(data), name, slices)
+    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix[:10]
+    with tempfile.TemporaryDirectory() as tmp:  # the DICOM and NIfTI readers work from files
+        path = Path(tmp) / f"upload{suffix}"
+        path.write_bytes(data)
+        try:
+            frames = read_image(path, window=window, slices=slices)
+        except DataError as exc:
+            raise DataError(str(exc).replace(str(path), name)) from None
+    return [Frame(f.pixels, f.name.replace("upload", name, 1), f.modality, f.patient) for f in frames]
 
 
 def read_image(path: str | Path, *, window: str | None = None, slices: str = "middle") -> list[Frame]:
@@ -94,8 +129,8 @@ def read_image(path: str | Path, *, window: str | None = None, slices: str = "mi
 
         return read_nifti(path, window=window, slices=slices)
     if fmt == "npy":
-        return _read_npy(path, slices)
-    return [Frame(_read_raster(path), path.name, fmt)]
+        return _read_npy(path, str(path), slices)
+    return [Frame(_read_raster(path, str(path)), path.name, fmt)]
 
 
 def to_unit_range(arr: np.ndarray) -> np.ndarray:
@@ -115,14 +150,14 @@ def to_unit_range(arr: np.ndarray) -> np.ndarray:
     return (out - lo) / (hi - lo)
 
 
-def _read_raster(path: Path) -> np.ndarray:
+def _read_raster(path, label: str) -> np.ndarray:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with Image.open(path) as img:
             if img.width * img.height > MAX_PIXELS:
-                raise DataError(f"{path}: {img.width}x{img.height} pixels is over the limit")
+                raise DataError(f"{label}: {img.width}x{img.height} pixels is over the limit")
             img.load()
             mode = img.mode
             if mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -131,45 +166,45 @@ def _read_raster(path: Path) -> np.ndarray:
                 img = img.convert("L")
             arr = np.asarray(img)
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: refused as a decompression bomb ({exc})") from exc
+        raise DataError(f"{label}: refused as a decompression bomb ({exc})") from exc
     except DataError:
         raise
     except Exception as exc:  # PIL raises many types for truncated or corrupt files
-        raise DataError(f"{path}: corrupt or truncated image ({exc})") from exc
+        raise DataError(f"{label}: corrupt or truncated image ({exc})") from exc
     if arr.size == 0:
-        raise DataError(f"{path}: the image has no pixels")
+        raise DataError(f"{label}: the image has no pixels")
     if arr.ndim == 2:
         return to_unit_range(arr)[None]
     return to_unit_range(arr[..., :3]).transpose(2, 0, 1).copy()
 
 
-def _read_npy(path: Path, slices: str) -> list[Frame]:
+def _read_npy(path, label: str, slices: str) -> list[Frame]:
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise DataError(f"{path}: not a readable .npy array ({exc}); object arrays are refused") from exc
+        raise DataError(f"{label}: not a readable .npy array ({exc}); object arrays are refused") from exc
     if arr.size == 0 or arr.size > MAX_PIXELS * 3:
-        raise DataError(f"{path}: array of shape {arr.shape} is empty or too large")
+        raise DataError(f"{label}: array of shape {arr.shape} is empty or too large")
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise DataError(f"{path}: dtype {arr.dtype} is not numeric")
+        raise DataError(f"{label}: dtype {arr.dtype} is not numeric")
     if arr.ndim == 2:
-        return [Frame(_npy_unit(path, arr)[None], path.name, "npy")]
+        return [Frame(_npy_unit(label, arr)[None], Path(label).name, "npy")]
     if arr.ndim == 3 and arr.shape[0] in (1, 3):
-        return [Frame(_npy_unit(path, arr), path.name, "npy")]
+        return [Frame(_npy_unit(label, arr), Path(label).name, "npy")]
     if arr.ndim == 3 and arr.shape[-1] in (1, 3):
-        return [Frame(_npy_unit(path, arr).transpose(2, 0, 1).copy(), path.name, "npy")]
+        return [Frame(_npy_unit(label, arr).transpose(2, 0, 1).copy(), Path(label).name, "npy")]
     if arr.ndim == 3:  # a stack of 2-D slices along the first axis
-        unit = _npy_unit(path, arr)
+        unit = _npy_unit(label, arr)
         idx = range(len(unit)) if slices == "all" else [len(unit) // 2]
-        return [Frame(unit[i][None].copy(), f"{path.name}#slice={i}", "npy") for i in idx]
+        return [Frame(unit[i][None].copy(), f"{Path(label).name}#slice={i}", "npy") for i in idx]
     raise DataError(
         f"{path}: array of shape {arr.shape} is not an image; expected (H, W), (C, H, W), "
         "(H, W, C) with C in 1 or 3, or (D, H, W) slices"
     )
 
 
-def _npy_unit(path: Path, arr: np.ndarray) -> np.ndarray:
+def _npy_unit(label: str, arr: np.ndarray) -> np.ndarray:
     try:
         return to_unit_range(arr)
     except DataError as exc:
-        raise DataError(f"{path}: {exc}") from exc
+        raise DataError(f"{label}: {exc}") from exc

@@ -3,13 +3,12 @@ Batching, auth and metrics wrap an adapter; they never reach into it."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lepton.data.io import read_image, sniff_format
+from lepton.data.io import read_image_bytes
 from lepton.data.transforms import Preprocessing
 from lepton.errors import DataError
 
@@ -32,16 +31,8 @@ class ModelAdapter:
 
     def decode_request(self, payload: bytes, filename: str | None = None) -> np.ndarray:
         """Decode an uploaded file (PNG, JPEG, DICOM, NIfTI, NPY; sniffed by content) to (C, H, W) in [0, 1]."""
-        suffix = ".nii.gz" if (filename or "").lower().endswith(".nii.gz") else Path(filename or "x").suffix[:10]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"upload{suffix}"
-            path.write_bytes(payload)
-            if sniff_format(path) is None:
-                raise DataError("upload: unsupported content; send PNG, JPEG, BMP, TIFF, DICOM, NIfTI or NPY")
-            try:
-                frames = read_image(path, window=self.preprocessing.window, slices="middle")
-            except DataError as exc:  # name the upload, never the server's temporary path
-                raise DataError(str(exc).replace(str(path), "upload")) from None
+        name = "upload" + (".nii.gz" if (filename or "").lower().endswith(".nii.gz") else Path(filename or "").suffix)
+        frames = read_image_bytes(payload, name[:20], window=self.preprocessing.window, slices="middle")
         pixels = frames[0].pixels
         if pixels.shape[1] * pixels.shape[2] > MAX_SERVE_PIXELS:
             raise DataError(f"upload: {pixels.shape[1]}x{pixels.shape[2]} pixels is over the server's limit")
