@@ -27,7 +27,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check src tests benchmarks docs
 
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/pneumoniamnist.py
+	$(BIN)/python benchmarks/pneumonia_mnist.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info .pytest_cache

@@ -43,7 +43,7 @@ def main() -> int:
         data = args.data
         if args.quick:
             sys.path.insert(0, str(Path(__file__).parent))
-            from pneumoniamnist import write_slice
+            from pneumonia_mnist import write_slice
 
             data = write_slice(args.data, Path(tempfile.mkdtemp()) / "slice.npz", 384, 128)
         model = "lepton_cnn" if args.quick else "resnet18"
