@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -66,31 +67,58 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120
     raise RuntimeError(f"{url} did not become ready")
 
 
-async def load(url: str, body: bytes, clients: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
-    import httpx
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    """Send one pre-built request on a keep-alive connection; read the whole response; its status."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    if length:
+        await reader.readexactly(length)
+    return status
 
+
+async def load(url: str, body: bytes, clients: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
+    """``clients`` keep-alive connections, each sending the next request as soon as the last is answered.
+
+    The client is deliberately lean (pre-built request bytes, no HTTP library) so that on a small machine the
+    load generator takes as little CPU from the server under test as possible; every server gets the same one.
+    """
+    parts = urlsplit(url)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = (f"POST {parts.path} HTTP/1.1\r\nhost: {parts.netloc}\r\n{head}"
+               f"content-length: {len(body)}\r\n\r\n").encode() + body
     latencies: list[float] = []
     errors = 0
     stop = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-        async def worker() -> None:
-            nonlocal errors
-            while time.monotonic() < stop:
-                start = time.perf_counter()
-                try:
-                    r = await client.post(url, content=body, headers=headers)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    errors += 1
 
-        begin = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        elapsed = time.perf_counter() - begin
+    async def worker() -> None:
+        nonlocal errors
+        reader = writer = None
+        while time.monotonic() < stop:
+            start = time.perf_counter()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+                ok = await asyncio.wait_for(_exchange(reader, writer, request), 30) == 200
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+                ok = False
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+            if ok:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors += 1
+        if writer is not None:
+            writer.close()
+
+    begin = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    elapsed = time.perf_counter() - begin
     lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return {"requests_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
             "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
@@ -139,7 +167,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     results = {}
     servers = {
-        "a) lepton, batching": ["--max-batch-size", "32", "--max-wait-ms", "5"],
+        "a) lepton, batching": ["--max-batch-size", str(args.clients), "--max-wait-ms", "5"],
         "b) lepton, no batching": ["--max-batch-size", "1"],
         "c) plain FastAPI, one forward per request": None,
     }

@@ -3,6 +3,11 @@
 import asyncio
 import base64
 import io
+import os
+import re
+import shutil
+import socket
+import subprocess
 import threading
 import time
 
@@ -11,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import auth, png_bytes, running
+from conftest import auth, lepton_cmd, png_bytes, running
 from lepton.registry import Registry
-from lepton.serve import ServeConfig
+from lepton.serve import ServeConfig, worker_config
 
 
 def test_health_and_listing(url, served):
@@ -151,6 +156,33 @@ def test_batching_groups_concurrent_requests_and_metrics(served):
     assert 'lepton_input_drift{model="cxr"}' in text and "lepton_queue_depth" in text
 
 
+def test_batcher_idle_gap_closes_batches_and_model_thread_yields_cpu():
+    from lepton.serve.batching import Batcher
+
+    sizes: list[int] = []
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if hasattr(os, "getpriority") else 0
+        return np.full((len(batch), 2), nice, np.float32)
+
+    async def main():
+        batcher = Batcher(np.stack, predict, max_batch_size=64, max_wait_ms=10_000, idle_ms=30)
+        batcher.start()
+        start = time.perf_counter()
+        lone = await batcher.submit(np.zeros(3, np.float32))
+        waited = time.perf_counter() - start
+        burst = await asyncio.gather(*(batcher.submit(np.zeros(3, np.float32)) for _ in range(20)))
+        await batcher.drain_and_stop()
+        return lone, waited, burst
+
+    lone, waited, burst = asyncio.run(main())
+    assert waited < 5  # closed by the 30 ms pause in arrivals, not by the 10 s window
+    assert sizes == [1, 20] and len(burst) == 20
+    if hasattr(os, "getpriority"):
+        assert lone[0] >= 10  # the model thread runs below the event loop's priority
+
+
 def test_rate_limit_answers_429(served):
     config = ServeConfig(models=["shared"], registry=served["registry"], rate_limit=1.0, rate_burst=2)
     with running(config) as base:
@@ -162,6 +194,19 @@ def test_rate_limit_answers_429(served):
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
 
 
+
+
+def test_revoked_key_stops_working_within_the_key_cache_window(served):
+    reg = Registry.open(served["registry"])
+    config = ServeConfig(models=["shared"], registry=served["registry"], rate_limit=0, key_cache_seconds=0.5)
+    key = reg.create_key("temp")
+    with running(config) as base:
+        call = lambda: httpx.get(f"{base}/v1/models", headers=auth(key)).status_code  # noqa: E731
+        assert call() == 200
+        reg.revoke_key(key.split("_")[1])
+        time.sleep(0.6)
+        assert call() == 401
+        assert call() == 401  # refusals are never cached as acceptances
 @pytest.mark.slow
 def test_hot_swap_under_load_and_canary_routing(served):
     reg = Registry.open(served["registry"])
@@ -214,6 +259,56 @@ def test_hot_swap_under_load_and_canary_routing(served):
             time.sleep(0.1)
     reg.set_route("cxr", {})
     reg.promote("cxr", 1, "production")
+
+
+def test_worker_config_splits_rate_limits_and_turns_on_polling():
+    config = ServeConfig(models=["m"], rate_limit=50, rate_burst=101)
+    assert worker_config(config, 1) is config
+    four = worker_config(config, 4)
+    assert four.rate_limit == 12.5 and four.rate_burst == 26 and four.poll_seconds == 2.0
+    assert worker_config(ServeConfig(models=["m"], poll_seconds=7), 2).poll_seconds == 7
+
+
+@pytest.mark.slow
+def test_several_workers_share_a_port_sum_their_metrics_and_all_swap(served, tmp_path):
+    """`lepton serve --workers 2`: two processes on one port; /metrics adds up both; a promotion reaches both."""
+    root = tmp_path / "reg"
+    shutil.copytree(served["registry"], root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base, key = f"http://127.0.0.1:{port}", auth(served["keys"]["clinic"])
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(lepton_cmd("serve", "--model", "cxr@production", "--registry", str(root), "--port",
+                                           str(port), "--workers", "2", "--poll-seconds", "0.5", "--rate-limit", "0"),
+                                stdout=subprocess.DEVNULL, stderr=fh, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while len(set(re.findall(r"cxr@1 loaded \(pytorch\) in process (\d+)", log.read_text()))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        while httpx.get(f"{base}/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        data = png_bytes(5)
+        for _ in range(24):  # a fresh connection each, so the kernel may hand them to either worker
+            r = httpx.post(f"{base}/v1/models/cxr/predict", headers=key, content=data)
+            assert r.status_code == 200 and r.json()["version"] == 1, r.text
+        answered = set(re.findall(r'"worker": (\d+)', log.read_text()))
+        assert len(answered) == 2, answered  # connections are spread over both processes
+        text = httpx.get(f"{base}/metrics").text
+        count = re.search(r'lepton_requests_total\{model="cxr",status="200",version="1"\} (\S+)', text)
+        assert count and float(count.group(1)) == 24, text[:2000]
+        Registry.open(root).promote("cxr", 2, "production")
+        streak, deadline = 0, time.monotonic() + 30
+        while streak < 20:
+            assert time.monotonic() < deadline, "a worker never picked up the promotion"
+            version = httpx.post(f"{base}/v1/models/cxr/predict", headers=key, content=data).json()["version"]
+            streak = streak + 1 if version == 2 else 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_explain_overlay_in_predict(url, served):

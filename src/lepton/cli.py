@@ -318,11 +318,14 @@ def serve(
     registry: RegistryOpt = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    workers: Annotated[int, typer.Option(help="Worker processes (1; scale out with more processes).")] = 1,
+    workers: Annotated[int, typer.Option(help="Worker processes on one port; each loads the models, batches "
+                                               "on its own and polls the registry for swaps.")] = 1,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Disable API keys (loopback only).")] = False,
     backend: Annotated[str, typer.Option(help="auto or onnx.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Largest dynamic batch.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="Longest wait to fill a batch.")] = 5.0,
+    batch_idle_ms: Annotated[float, typer.Option(help="Also close a batch when no request arrived for this "
+                                                      "long (0 = off); lets --max-wait-ms be large.")] = 0.0,
     max_queue: Annotated[int, typer.Option(help="Queued requests per version before 503.")] = 256,
     rate_limit: Annotated[float, typer.Option(help="Requests per second per key (0 = off).")] = 50.0,
     poll_seconds: Annotated[float, typer.Option(help="Re-read the registry every N seconds (0 = admin call).")] = 0,
@@ -336,15 +339,15 @@ def serve(
     from lepton.serve import ServeConfig
     from lepton.serve import serve as serve_fn
 
-    if workers != 1:
-        raise typer.BadParameter("--workers: one process serves; run several `lepton serve` processes behind a "
-                                 "load balancer to scale out (batching and hot swaps are per process)")
+    if workers < 1:
+        raise typer.BadParameter(f"--workers must be at least 1 (got {workers})")
     if no_auth:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise typer.BadParameter("--no-auth is only allowed on loopback (--host 127.0.0.1)")
         err.print("[bold red]WARNING: authentication is OFF; anyone on this machine can call the models.[/]")
     serve_fn(ServeConfig(models=model, registry=registry, auth=not no_auth, backend=backend,
                          max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                         batch_idle_ms=batch_idle_ms,
                          rate_limit=rate_limit, poll_seconds=poll_seconds), host=host, port=port, workers=workers)
 
 

@@ -10,7 +10,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
+import sys
 import threading
 import time
 import uuid
@@ -46,11 +48,13 @@ class ServeConfig:
     backend: str = "auto"
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
+    batch_idle_ms: float = 0.0  # > 0: a batch also closes when no request arrived for this long
     max_queue: int = 256
     max_upload_bytes: int = 32 << 20
     rate_limit: float = 50.0  # requests per second per key; 0 disables
     rate_burst: int = 100
     poll_seconds: float = 0.0  # 0: swaps only through POST /v1/admin/reload
+    key_cache_seconds: float = 2.0  # how long an accepted API key is trusted before it is checked again
 
 
 class ApiError(Exception):
@@ -115,6 +119,7 @@ class Server:
         self.metrics = Metrics()
         self.deployments: dict[str, Deployment] = {}
         self.buckets: dict[str, TokenBucket] = {}
+        self._keys: dict[bytes, tuple[KeyInfo, float]] = {}
         self.ready = False
         self._reload_lock = asyncio.Lock()
         self._explain_lock = threading.Lock()
@@ -171,11 +176,13 @@ class Server:
         def on_batch(size: int, seconds: float) -> None:
             m.batch_size.labels(name, str(version)).observe(size)
             m.model_latency.labels(name, str(version)).observe(seconds)
+            m.queue_depth.labels(name, str(version)).set(batcher.depth)  # kept current for other workers' scrapes
 
         batcher = Batcher(adapter.prepare, adapter.predict, max_batch_size=self.config.max_batch_size,
-                          max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue, on_batch=on_batch)
+                          max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue,
+                          idle_ms=self.config.batch_idle_ms, on_batch=on_batch)
         batcher.start()
-        log.info("%s@%s loaded (%s)", name, version, adapter.platform)
+        log.info("%s@%s loaded (%s) in process %d", name, version, adapter.platform, os.getpid())
         return Handle(adapter, batcher)
 
     # -- access ------------------------------------------------------------------------------------
@@ -187,9 +194,31 @@ class Server:
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
                            {"WWW-Authenticate": "Bearer"})
-        info = self.registry.verify_key(token.strip())
+        info = self._verify(token.strip())
         if info is None:
             raise ApiError(401, "unauthorized", "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+        return info
+
+    def _verify(self, token: str) -> KeyInfo | None:
+        """``Registry.verify_key`` behind a short cache of accepted keys (by digest, never the key itself),
+        so a request does not cost a database query; a revoked key stops working within ``key_cache_seconds``."""
+        ttl = self.config.key_cache_seconds
+        if ttl <= 0:
+            return self.registry.verify_key(token)
+        digest = hashlib.sha256(token.encode()).digest()
+        now = time.monotonic()
+        hit = self._keys.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        info = self.registry.verify_key(token)
+        if info is None:
+            self._keys.pop(digest, None)
+            return None
+        if len(self._keys) >= 10_000:  # bounded: keep only entries still valid, or start afresh
+            self._keys = {k: v for k, v in self._keys.items() if v[1] > now}
+            if len(self._keys) >= 10_000:
+                self._keys.clear()
+        self._keys[digest] = (info, now + ttl)
         return info
 
     def rate_limit(self, key: KeyInfo | None, request: Request) -> None:
@@ -259,6 +288,83 @@ class Server:
             m.drift.labels(dep.name).set(abs(dep.drift_mean - ref["mean"]) / ref["std_of_image_means"])
 
 
+class AccessMiddleware:
+    """Request ids, the upload-size gate, metrics and one JSON access-log line per request.
+
+    Plain ASGI rather than ``@app.middleware``: Starlette's BaseHTTPMiddleware runs every request through
+    an extra task group and response stream, which measurably cost requests/s under load.
+    """
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+        self.worker = os.getpid()  # which worker process answered, when several share the port
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        info: dict[str, Any] = {}
+        state = scope.setdefault("state", {})
+        state["request_id"], state["log"] = request_id, info
+        oip = scope["path"].startswith("/v2")
+        status = 500
+        started = False
+
+        async def send_with_id(message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        limit = self.server.config.max_upload_bytes
+        length = headers.get(b"content-length", b"")
+        try:
+            if length.isdigit() and int(length) > limit:
+                await _error(413, "payload_too_large", f"request body over {limit} bytes", oip)(
+                    scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except Exception:  # a server fault: logged with its request id, answered 500 if nothing was sent yet
+            log.exception("request %s failed", request_id)
+            if not started:
+                await _error(500, "internal_error", f"internal error (request {request_id})", oip)(
+                    scope, receive, send_with_id)
+        latency = time.perf_counter() - start
+        metrics = self.server.metrics
+        if info.get("model"):
+            metrics.requests.labels(info["model"], str(info.get("version", "")), str(status)).inc()
+            metrics.latency.labels(info["model"]).observe(latency)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(json.dumps({"request_id": request_id, "method": scope["method"], "path": scope["path"],
+                                        "status": status, "latency_ms": round(latency * 1000, 2),
+                                        "tenant": info.get("tenant"), "model": info.get("model"),
+                                        "version": info.get("version"), "worker": self.worker}))
+
+
+def _error(status: int, code: str, message: str, oip: bool = False,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": message} if oip else {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+#: Environment variable that carries the ServeConfig (JSON) to worker processes started by uvicorn.
+CONFIG_ENV = "LEPTON_SERVE_CONFIG"
+
+
+def create_app_from_env() -> FastAPI:
+    """The app for a worker process: ``ServeConfig`` from ``$LEPTON_SERVE_CONFIG`` (see ``lepton.serve.serve``)."""
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        raise RuntimeError(f"{CONFIG_ENV} is not set; start workers with `lepton serve --workers N`")
+    # A spawned worker starts with bare logging: the same format as the CLI, to stderr.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return create_app(ServeConfig(**json.loads(raw)))
+
+
 def create_app(config: ServeConfig) -> FastAPI:
     """The FastAPI application for ``config`` (models load at start-up)."""
     server = Server(config)
@@ -288,8 +394,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     def error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
               oip: bool = False) -> JSONResponse:
-        body = {"error": message} if oip else {"error": {"code": code, "message": message}}
-        return JSONResponse(body, status_code=status, headers=headers)
+        return _error(status, code, message, oip, headers)
 
     def is_oip(request: Request) -> bool:
         return request.url.path.startswith("/v2")
@@ -311,33 +416,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError):
         return error(422, "invalid_request", "; ".join(str(e.get("msg")) for e in exc.errors()), oip=is_oip(request))
 
-    @app.middleware("http")
-    async def access(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        request.state.log = {}
-        start = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > config.max_upload_bytes:
-            response = error(413, "payload_too_large", f"request body over {config.max_upload_bytes} bytes",
-                             oip=is_oip(request))
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # a server fault: logged with its request id, answered 500
-                log.exception("request %s failed", request_id)
-                response = error(500, "internal_error", f"internal error (request {request_id})", oip=is_oip(request))
-        latency = time.perf_counter() - start
-        response.headers["X-Request-ID"] = request_id
-        info = request.state.log
-        if info.get("model"):
-            server.metrics.requests.labels(info["model"], str(info.get("version", "")), str(response.status_code)).inc()
-            server.metrics.latency.labels(info["model"]).observe(latency)
-        access_log.info(json.dumps({"request_id": request_id, "method": request.method, "path": request.url.path,
-                                    "status": response.status_code, "latency_ms": round(latency * 1000, 2),
-                                    "tenant": info.get("tenant"), "model": info.get("model"),
-                                    "version": info.get("version")}))
-        return response
+    app.add_middleware(AccessMiddleware, server=server)
 
     async def read_body(request: Request) -> bytes:
         body = await request.body()
@@ -442,8 +521,9 @@ def create_app(config: ServeConfig) -> FastAPI:
             png = await asyncio.to_thread(server.explain, served, pixels, method, served.decide(probs))
             body["explanation"] = {"method": method, "class": body["label"],
                                    "overlay_png_base64": base64.b64encode(png).decode()}
-        return {**body, "model": name, "version": version, "request_id": request.state.request_id,
-                "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
+        # A ready-made response skips FastAPI's generic encoder: the body is plain JSON types already.
+        return JSONResponse({**body, "model": name, "version": version, "request_id": request.state.request_id,
+                             "latency_ms": round((time.perf_counter() - start) * 1000, 2)})
 
     @app.post("/v1/admin/reload")
     async def admin_reload(request: Request):
@@ -544,8 +624,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                             "data": probs.astype(float).ravel().tolist()})
         if "label" in requested:
             outputs.append({"name": "label", "datatype": "BYTES", "shape": [len(labels)], "data": labels})
-        return {"model_name": name, "model_version": str(v), "id": str(payload.get("id") or request.state.request_id),
-                "outputs": outputs}
+        return JSONResponse({"model_name": name, "model_version": str(v),
+                             "id": str(payload.get("id") or request.state.request_id), "outputs": outputs})
 
     @app.post("/v2/models/{name}/infer")
     async def oip_infer_default(name: str, request: Request):

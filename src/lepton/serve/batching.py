@@ -1,5 +1,6 @@
-"""Dynamic batching: requests are grouped up to ``max_batch_size`` or ``max_wait_ms`` and run off the
-event loop in one worker thread per model version; a bounded queue sheds load with QueueFull."""
+"""Dynamic batching: requests are grouped up to ``max_batch_size`` or ``max_wait_ms`` (or, with ``idle_ms``,
+until arrivals pause) and run off the event loop in one worker thread per model version; a bounded queue
+sheds load with QueueFull."""
 
 from __future__ import annotations
 
@@ -10,6 +11,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+def _yield_to_event_loop() -> None:
+    """Lower the model thread's CPU priority (its OpenMP workers inherit it) so the event loop, which feeds
+    the batches, is never starved by a running batch; Linux only, a no-op elsewhere or when refused."""
+    import os
+    import threading
+
+    try:
+        tid, nice = threading.get_native_id(), int(os.environ.get("LEPTON_MODEL_NICE", "10"))
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:  # only ever lower the priority
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 class QueueFull(Exception):
@@ -26,13 +41,17 @@ class _Item:
 class Batcher:
     def __init__(self, prepare: Callable[[list[np.ndarray]], np.ndarray], predict: Callable[[np.ndarray], np.ndarray],
                  *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
-                 on_batch: Callable[[int, float], None] | None = None):
+                 idle_ms: float = 0.0, on_batch: Callable[[int, float], None] | None = None):
         self.prepare, self.predict = prepare, predict
         self.max_batch_size, self.max_wait = max(1, max_batch_size), max_wait_ms / 1000
         self.max_queue = max_queue
+        # With idle_ms > 0 a batch also closes once no request has arrived for that long, so max_wait_ms can
+        # be generous under load (large batches) without making a lone request wait for all of it.
+        self.idle = idle_ms / 1000 if idle_ms > 0 else None
         self.on_batch = on_batch
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lepton-model")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lepton-model",
+                                           initializer=_yield_to_event_loop)
         self.in_flight = 0
         self._task: asyncio.Task | None = None
 
@@ -66,6 +85,8 @@ class Batcher:
                 timeout = deadline - time.perf_counter()
                 if timeout <= 0:
                     break
+                if self.idle is not None:
+                    timeout = min(timeout, self.idle)
                 try:
                     items.append(await asyncio.wait_for(self.queue.get(), timeout))
                     self.in_flight = len(items)
