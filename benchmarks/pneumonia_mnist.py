@@ -119,6 +119,28 @@ def reference_loop(images: np.ndarray, labels: np.ndarray, epochs: int, seed: in
     return seen / (time.perf_counter() - start)
 
 
+def training_gflop_per_image(model: nn.Module, batch: int = 32) -> float:
+    """Floating-point operations of one forward + backward pass per 28 px image (a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 2, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch / 1e9
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """This machine's fp32 matrix-multiply rate on all torch threads: a practical ceiling for conv training."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
 # ---- helpers -------------------------------------------------------------------------------------
 def write_slice(src: Path, out: Path, n_train: int, n_val: int) -> Path:
     """A smaller MedMNIST-format file for --quick (class-balanced slices of train and val)."""
@@ -183,8 +205,21 @@ def main() -> int:
         lep_ips = run.info["images_per_s"]
         print(f"  (b) Lepton training loop    : {lep_ips:8.1f} images/s")
         print(f"  ratio (b)/(a)               : {lep_ips / ref_ips:8.2f}x")
+        from lepton.models import create_model
+
+        ref_gflop = training_gflop_per_image(RefResNet18())
+        lep_gflop = training_gflop_per_image(create_model("resnet18", in_channels=1, num_classes=2, image_size=28))
+        peak = matmul_peak_gflops()
+        print(f"  training work per image     : reference {ref_gflop:.2f} GFLOP, "
+              f"Lepton's resnet18 {lep_gflop:.2f} GFLOP")
+        print(f"  arithmetic rate             : (a) {ref_ips * ref_gflop:.0f} GFLOP/s, (b) {lep_ips * lep_gflop:.0f} "
+              f"GFLOP/s; fp32 matrix-multiply peak here {peak:.0f} GFLOP/s")
+        print(f"  2x the reference would need : {2 * ref_ips * lep_gflop:.0f} GFLOP/s "
+              f"= {2 * ref_ips * lep_gflop / peak:.2f}x that peak")
         results["throughput"] = {"reference_images_per_s": ref_ips, "lepton_images_per_s": lep_ips,
-                                 "ratio": lep_ips / ref_ips, "epochs": args.epochs, "images": len(labels)}
+                                 "ratio": lep_ips / ref_ips, "epochs": args.epochs, "images": len(labels),
+                                 "reference_gflop_per_image": ref_gflop, "lepton_gflop_per_image": lep_gflop,
+                                 "matmul_peak_gflops": peak}
 
     print("\n2. The medmnist preset (lepton train DATA --preset medmnist)")
     name = f"pneumoniamnist-preset-{stamp}"

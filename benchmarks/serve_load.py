@@ -1,5 +1,6 @@
-"""Serving load test on loopback: (a) Lepton with dynamic batching, (b) Lepton without batching, and
-(c) a plain FastAPI endpoint that runs one forward pass per request — same model, same run.
+"""Serving load test on loopback: (a) Lepton with dynamic batching, (a2) the same with one worker process
+per core, (b) Lepton without batching, and (c) a plain FastAPI endpoint that runs one forward pass per
+request — same model, same run, same uvicorn.
 
 Each server runs in its own process on 127.0.0.1; a bounded asyncio load generator keeps N requests in
 flight for a fixed duration and prints requests/s, p50/p95/p99 latency and errors for each server, the
@@ -135,18 +136,38 @@ def mean_batch(metrics: str) -> float:
     return total / count if count else float("nan")
 
 
+def model_latency_ms(model, batch_size: int, threads: int) -> float:
+    """Median time of one forward pass at ``batch_size`` with ``threads`` torch threads (in this process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    x = torch.randn(batch_size, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(30):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    torch.set_num_threads(before)
+    return float(np.median(times) * 1000)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--model", default="resnet18", help="network served by all three servers")
+    parser.add_argument("--model", default="resnet18", help="network served by every server")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="worker processes of the extra row a2 (default: one per core; 1 skips the row)")
     parser.add_argument("--quick", action="store_true", help="8 clients, 4 s each, lepton_cnn")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.seconds, args.model = 8, 4.0, "lepton_cnn"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = args.workers or cores
 
-    import httpx
-    import torch
     from PIL import Image
 
     import lepton
@@ -163,16 +184,18 @@ def main() -> int:
     buf = io.BytesIO()
     Image.fromarray(images[0]).save(buf, format="PNG")
     body = buf.getvalue()
-    # The same OpenMP policy for all three servers (`lepton serve` defaults to passive waiting).
+    # The same OpenMP policy for every server (`lepton serve` defaults to passive waiting).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    results = {}
-    servers = {
-        "a) lepton, batching": ["--max-batch-size", str(args.clients), "--max-wait-ms", "5"],
-        "b) lepton, no batching": ["--max-batch-size", "1"],
-        "c) plain FastAPI, one forward per request": None,
-    }
-    mean_bs = float("nan")
-    for label, extra in servers.items():
+    batching = ["--max-batch-size", str(args.clients), "--max-wait-ms", "5"]
+    # label -> (lepton serve options or None for the plain server, torch threads per process)
+    servers: dict[str, tuple[list[str] | None, int]] = {"a) lepton, batching": (batching, cores)}
+    if workers > 1:
+        servers[f"a2) lepton, batching, {workers} workers"] = ([*batching, "--workers", str(workers)],
+                                                              max(1, cores // workers))
+    servers["b) lepton, no batching"] = (["--max-batch-size", "1"], cores)
+    servers["c) plain FastAPI, one forward per request"] = (None, cores)
+    results: dict[str, dict[str, float]] = {}
+    for label, (extra, _) in servers.items():
         port = free_port()
         if extra is None:
             cmd = [sys.executable, "-c", PLAIN_SERVER, str(tmp / "reg"), "bench@1", str(port)]
@@ -186,42 +209,43 @@ def main() -> int:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_fh, env=env)
         try:
             wait_ready(probe, proc, log)
-            asyncio.run(load(url, body, min(args.clients, 8), 1.0, {"content-type": "image/png"}))  # warm-up
+            if "--workers" in (extra or []):  # every worker has loaded its model before the clock starts
+                deadline = time.monotonic() + 120
+                while log.read_text().count("bench@1 loaded") < workers and time.monotonic() < deadline:
+                    time.sleep(0.2)
+            asyncio.run(load(url, body, min(args.clients, 8), 2.0, {"content-type": "image/png"}))  # warm-up
             results[label] = asyncio.run(load(url, body, args.clients, args.seconds, {"content-type": "image/png"}))
-            if label.startswith("a)"):
-                mean_bs = mean_batch(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+            if extra is not None:
+                import httpx
+
+                results[label]["mean_batch"] = mean_batch(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    # The model's own latency at the mean batch size the batching server formed.
+    # The model's own latency at the mean batch size each batching server formed, with its threads.
     model = reg.load_run("bench@1").model
-    bs = max(1, round(mean_bs)) if np.isfinite(mean_bs) else 1
-    x = torch.randn(bs, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        model(x)
-        times = []
-        for _ in range(30):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    model_ms = float(np.median(times) * 1000)
+    for label, (extra, threads) in servers.items():
+        r = results[label]
+        if extra is not None and extra[:2] != ["--max-batch-size", "1"] and np.isfinite(r["mean_batch"]):
+            r["batch"] = max(1, round(r["mean_batch"]))
+            r["model_ms"] = model_latency_ms(model, r["batch"], threads)
 
     print(f"\nServing {args.model} @28 px, {args.clients} concurrent clients for {args.seconds:.0f} s each, "
-          f"{torch.get_num_threads()} torch threads, loopback")
-    print(f"{'server':<44}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
+          f"{cores} cores, loopback; ratios against (c)")
+    print(f"{'server':<44}{'req/s':>9}{'ratio':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'batch':>7}{'model ms':>10}{'p99/model':>10}")
+    plain = results["c) plain FastAPI, one forward per request"]["requests_per_s"]
     for label, r in results.items():
-        print(f"{label:<44}{r['requests_per_s']:>9.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-              f"{r['errors']:>8d}")
-    a, b, c = (results[k] for k in servers)
-    print(f"\nratio (a)/(c): {a['requests_per_s'] / c['requests_per_s']:.2f}x   "
-          f"(b)/(c): {b['requests_per_s'] / c['requests_per_s']:.2f}x")
-    print(f"mean batch size in (a): {mean_bs:.1f}; model latency at batch {bs}: {model_ms:.1f} ms; "
-          f"(a) p99 / model latency: {a['p99_ms'] / model_ms:.2f}")
+        extra = (f"{r['batch']:>7d}{r['model_ms']:>10.1f}{r['p99_ms'] / r['model_ms']:>10.2f}" if "model_ms" in r
+                 else f"{'':>7}{'':>10}{'':>10}")
+        print(f"{label:<44}{r['requests_per_s']:>9.1f}{r['requests_per_s'] / plain:>6.2f}x{r['p50_ms']:>9.1f}"
+              f"{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8d}{extra}")
+    print("targets: (a) >= 3x (c) requests/s, 0 errors, p99 <= 2x the model's latency at its mean batch size")
     out = Path(__file__).resolve().parents[1] / "runs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"serve-load-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(
-        {"clients": args.clients, "seconds": args.seconds, "model": args.model, "results": results,
-         "mean_batch_size": mean_bs, "model_latency_ms_at_mean_batch": model_ms}, indent=2))
+        {"clients": args.clients, "seconds": args.seconds, "model": args.model, "cores": cores,
+         "results": results}, indent=2))
     return 0
 
 
