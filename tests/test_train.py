@@ -44,6 +44,19 @@ def test_config_validation():
         TrainConfig.from_dict({"data": "x", "learning_rate": 1})
     with pytest.raises(ConfigError, match="data is empty"):
         make_config()
+    with pytest.raises(ConfigError, match="time_budget_s"):
+        make_config(data="x", time_budget_s=-1)
+
+
+def test_time_budget_refits_the_epochs_after_the_first(tmp_path, synthetic_npz):
+    run = train(synthetic_npz, preset="default", name="budget", output_dir=str(tmp_path), epochs=6,
+                model="lepton_cnn", time_budget_s=1e-3, quiet=True)
+    assert run.info["epochs"] == 1 and len((run.path / "history.csv").read_text().splitlines()) == 2
+    saved = TrainConfig.from_yaml(run.path / "config.yaml")
+    assert saved.epochs == 1 and saved.time_budget_s == 1e-3  # a resume keeps the fitted plan
+    roomy = train(synthetic_npz, preset="default", name="roomy", output_dir=str(tmp_path), epochs=2,
+                  model="lepton_cnn", time_budget_s=3600, quiet=True)
+    assert roomy.info["epochs"] == 2
 
 
 @pytest.mark.slow

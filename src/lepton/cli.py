@@ -394,6 +394,8 @@ def train(
     slices: Annotated[str | None, typer.Option(help="Volumes: middle or all slices.")] = None,
     ema_decay: Annotated[float | None, typer.Option(help="EMA of weights (0 = off).")] = None,
     early_stopping: Annotated[int | None, typer.Option(help="Patience in epochs (0 = off).")] = None,
+    time_budget: Annotated[float | None, typer.Option(help="Seconds the training loop may take; the epochs "
+                                                           "are fitted to it after epoch 1 (0 = none).")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation.")] = None,
     adversarial: Annotated[str | None, typer.Option(help="Adversarial training: fgsm or pgd.")] = None,
     adv_epsilon: Annotated[float | None, typer.Option(help="Attack budget on the 0-1 pixel scale.")] = None,
@@ -421,6 +423,7 @@ def train(
             label_smoothing=label_smoothing, imbalance=imbalance, augment=augment,
             augment_options=_parse_aug(aug) or None, image_size=image_size, channels=channels,
             window=window, slices=slices, ema_decay=ema_decay, early_stopping=early_stopping, tta=tta,
+            time_budget_s=time_budget,
             adversarial=adversarial, adv_epsilon=adv_epsilon,
             seed=seed, deterministic=deterministic, device=device, threads=threads, skip_bad=skip_bad,
             val_fraction=val_fraction, test_fraction=test_fraction,

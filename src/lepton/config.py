@@ -49,6 +49,9 @@ class TrainConfig:
     imbalance: str = "weighted"  # none | weighted | balanced
     ema_decay: float = 0.0
     early_stopping: int = 0  # patience in epochs; 0 disables
+    # Wall-clock budget of the training loop in seconds (0 = none): after the first epoch the run is
+    # re-planned to the epochs that fit (the LR schedule is rescaled), and no epoch starts that would end late.
+    time_budget_s: float = 0.0
     tta: bool = False
     adversarial: str | None = None  # fgsm | pgd: train on clean plus adversarial copies of each batch
     adv_epsilon: float = 2 / 255
@@ -85,6 +88,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be in [0, 0.5) (got {getattr(self, key)})")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
+        if not self.time_budget_s >= 0:
+            raise ConfigError(f"time_budget_s must be >= 0 seconds, 0 for none (got {self.time_budget_s})")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.image_size is not None and not 8 <= self.image_size <= 1024:
@@ -151,6 +156,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ema_decay": 0.995,
         "tta": True,
         "imbalance": "weighted",
+        # The 10-minute budget of `lepton train`, less start-up, data loading and the final evaluation.
+        "time_budget_s": 540.0,
     },
 }
 

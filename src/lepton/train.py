@@ -110,10 +110,10 @@ def _native_size(data: ImageSet) -> int:
 
 
 def _lr_lambda(config: TrainConfig, steps_per_epoch: int):
-    total = config.epochs * steps_per_epoch
     warmup = int(config.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
+        total = config.epochs * steps_per_epoch  # read each step: a time budget may shorten the run
         if step < warmup:
             return (step + 1) / warmup
         if config.schedule == "cosine":
@@ -257,6 +257,13 @@ def train(
         for epoch in range(start_epoch, config.epochs + 1):
             if stale and config.early_stopping and stale >= config.early_stopping:
                 break
+            if epoch > config.epochs:  # the time budget shortened the run
+                break
+            elapsed = time.perf_counter() - started
+            if config.time_budget_s and epoch > start_epoch and \
+                    elapsed + elapsed / (epoch - start_epoch) > config.time_budget_s:
+                log.warning("time budget of %.0f s reached after %d epochs; stopping", config.time_budget_s, epoch - 1)
+                break
             gen = _seed_epoch(config.seed, epoch)
             n = len(prepared.y_train)
             order = (torch.multinomial(sample_weight, n, replacement=True, generator=gen)
@@ -321,9 +328,24 @@ def train(
                 "fingerprint": prepared.fingerprint})
             _write_history(run_dir, history)
             reporter.end_epoch(row, best)
+            if config.time_budget_s and epoch == 1 and state is None:
+                _fit_to_budget(config, time.perf_counter() - started, run_dir, reporter)
     if not history:
         raise RunError(f"{run_dir}: no epoch was trained")
     return _finish(run_dir, config, prepared, history, best, time.perf_counter() - started, device)
+
+
+def _fit_to_budget(config: TrainConfig, first_epoch_s: float, run_dir: Path, reporter: _Reporter) -> None:
+    """Re-plan a fresh run after its first epoch to the epochs that fit ``time_budget_s``; the new epoch count
+    is saved in config.yaml (so a resumed run keeps it) and the cosine schedule stretches over it."""
+    fit = max(1, int(config.time_budget_s // first_epoch_s))
+    if fit >= config.epochs:
+        return
+    log.warning("time budget %.0f s: the first epoch took %.1f s, so this run trains %d of %d epochs",
+                config.time_budget_s, first_epoch_s, fit, config.epochs)
+    config.epochs = fit
+    config.to_yaml(run_dir / "config.yaml")
+    reporter.epochs = fit
 
 
 def _ema_update(decay: float):
