@@ -48,15 +48,27 @@ def test_config_validation():
         make_config(data="x", time_budget_s=-1)
 
 
-def test_time_budget_refits_the_epochs_after_the_first(tmp_path, synthetic_npz):
+def test_time_budget_stops_before_overrunning_and_saves_the_plan(tmp_path, synthetic_npz):
     run = train(synthetic_npz, preset="default", name="budget", output_dir=str(tmp_path), epochs=6,
                 model="lepton_cnn", time_budget_s=1e-3, quiet=True)
     assert run.info["epochs"] == 1 and len((run.path / "history.csv").read_text().splitlines()) == 2
     saved = TrainConfig.from_yaml(run.path / "config.yaml")
-    assert saved.epochs == 1 and saved.time_budget_s == 1e-3  # a resume keeps the fitted plan
+    assert saved.epochs == 1 and saved.time_budget_s == 1e-3  # a resume keeps the shortened plan
     roomy = train(synthetic_npz, preset="default", name="roomy", output_dir=str(tmp_path), epochs=2,
                   model="lepton_cnn", time_budget_s=3600, quiet=True)
     assert roomy.info["epochs"] == 2
+
+
+def test_fit_to_budget_rescales_the_schedule(tmp_path):
+    from lepton.train import _fit_to_budget, _lr_lambda, _Reporter
+
+    config = make_config("default", data="x.npz", epochs=40, time_budget_s=100.0, warmup_epochs=1)
+    factor = _lr_lambda(config, steps_per_epoch=10)
+    before = factor(200)  # halfway through 40 epochs: the cosine is at its middle
+    _fit_to_budget(config, elapsed=20.0, epoch_s=10.0, run_dir=tmp_path, reporter=_Reporter(True, 40, 10))
+    assert config.epochs == 10  # 2 done + 8 more fit in the 80 s left
+    assert TrainConfig.from_yaml(tmp_path / "config.yaml").epochs == 10
+    assert factor(200) < before and factor(99) > factor(200)  # step 200 is now past the shortened run's end
 
 
 @pytest.mark.slow

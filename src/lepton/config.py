@@ -49,7 +49,7 @@ class TrainConfig:
     imbalance: str = "weighted"  # none | weighted | balanced
     ema_decay: float = 0.0
     early_stopping: int = 0  # patience in epochs; 0 disables
-    # Wall-clock budget of the training loop in seconds (0 = none): after the first epoch the run is
+    # Wall-clock budget of the training loop in seconds (0 = none): after the second epoch the run is
     # re-planned to the epochs that fit (the LR schedule is rescaled), and no epoch starts that would end late.
     time_budget_s: float = 0.0
     tta: bool = False
@@ -156,8 +156,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ema_decay": 0.995,
         "tta": True,
         "imbalance": "weighted",
-        # The 10-minute budget of `lepton train`, less start-up, data loading and the final evaluation.
-        "time_budget_s": 540.0,
+        # The 10-minute budget of `lepton train`, less start-up, data loading and the final evaluation
+        # (about 10 s on PneumoniaMNIST) and a margin.
+        "time_budget_s": 580.0,
     },
 }
 

@@ -259,10 +259,11 @@ def train(
                 break
             if epoch > config.epochs:  # the time budget shortened the run
                 break
-            elapsed = time.perf_counter() - started
-            if config.time_budget_s and epoch > start_epoch and \
-                    elapsed + elapsed / (epoch - start_epoch) > config.time_budget_s:
-                log.warning("time budget of %.0f s reached after %d epochs; stopping", config.time_budget_s, epoch - 1)
+            if config.time_budget_s and history and \
+                    time.perf_counter() - started + history[-1]["seconds"] > config.time_budget_s:
+                log.warning("time budget of %.0f s: stopping after %d epochs", config.time_budget_s, epoch - 1)
+                config.epochs = epoch - 1
+                config.to_yaml(run_dir / "config.yaml")
                 break
             gen = _seed_epoch(config.seed, epoch)
             n = len(prepared.y_train)
@@ -328,21 +329,21 @@ def train(
                 "fingerprint": prepared.fingerprint})
             _write_history(run_dir, history)
             reporter.end_epoch(row, best)
-            if config.time_budget_s and epoch == 1 and state is None:
-                _fit_to_budget(config, time.perf_counter() - started, run_dir, reporter)
+            if config.time_budget_s and epoch == 2 and state is None:  # epoch 2: past first-epoch warm-up costs
+                _fit_to_budget(config, time.perf_counter() - started, row["seconds"], run_dir, reporter)
     if not history:
         raise RunError(f"{run_dir}: no epoch was trained")
     return _finish(run_dir, config, prepared, history, best, time.perf_counter() - started, device)
 
 
-def _fit_to_budget(config: TrainConfig, first_epoch_s: float, run_dir: Path, reporter: _Reporter) -> None:
-    """Re-plan a fresh run after its first epoch to the epochs that fit ``time_budget_s``; the new epoch count
-    is saved in config.yaml (so a resumed run keeps it) and the cosine schedule stretches over it."""
-    fit = max(1, int(config.time_budget_s // first_epoch_s))
+def _fit_to_budget(config: TrainConfig, elapsed: float, epoch_s: float, run_dir: Path, reporter: _Reporter) -> None:
+    """Re-plan a fresh run after its second epoch to the epochs that fit ``time_budget_s`` at that epoch's pace;
+    the new count is saved in config.yaml (so a resume keeps it) and the cosine schedule stretches over it."""
+    fit = 2 + max(0, int((config.time_budget_s - elapsed) // max(epoch_s, 1e-9)))
     if fit >= config.epochs:
         return
-    log.warning("time budget %.0f s: the first epoch took %.1f s, so this run trains %d of %d epochs",
-                config.time_budget_s, first_epoch_s, fit, config.epochs)
+    log.warning("time budget %.0f s: at %.1f s per epoch this run trains %d of %d epochs",
+                config.time_budget_s, epoch_s, fit, config.epochs)
     config.epochs = fit
     config.to_yaml(run_dir / "config.yaml")
     reporter.epochs = fit
