@@ -126,14 +126,17 @@ async def load(url: str, body: bytes, clients: int, seconds: float, headers: dic
             "ok": len(latencies), "errors": errors}
 
 
-def mean_batch(metrics: str) -> float:
+def batch_totals(url: str) -> tuple[float, float]:
+    """(images, batches) the server has run so far, from its batch-size histogram on ``/metrics``."""
+    import httpx
+
     total = count = 0.0
-    for line in metrics.splitlines():
+    for line in httpx.get(url, timeout=10).text.splitlines():
         if line.startswith("lepton_batch_size_sum{"):
             total += float(line.split()[-1])
         elif line.startswith("lepton_batch_size_count{"):
             count += float(line.split()[-1])
-    return total / count if count else float("nan")
+    return total, count
 
 
 def model_latency_ms(model, batch_size: int, threads: int) -> float:
@@ -161,6 +164,13 @@ def main() -> int:
     parser.add_argument("--model", default="resnet18", help="network served by every server")
     parser.add_argument("--workers", type=int, default=0,
                         help="worker processes of the extra row a2 (default: one per core; 1 skips the row)")
+    parser.add_argument("--max-batch-size", type=int, default=0,
+                        help="batching servers' largest batch (default: clients)")
+    parser.add_argument("--max-wait-ms", type=float, default=100.0,
+                        help="batching servers' longest wait to fill a batch (long enough for every client's next "
+                             "request to join the one batch)")
+    parser.add_argument("--batch-idle-ms", type=float, default=0.0, help="batching servers' idle gap (0: off)")
+    parser.add_argument("--only", default="", help="comma-separated row letters to run, e.g. a,a2,c (default: all)")
     parser.add_argument("--quick", action="store_true", help="8 clients, 4 s each, lepton_cnn")
     args = parser.parse_args()
     if args.quick:
@@ -186,7 +196,8 @@ def main() -> int:
     body = buf.getvalue()
     # The same OpenMP policy for every server (`lepton serve` defaults to passive waiting).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    batching = ["--max-batch-size", str(args.clients), "--max-wait-ms", "5"]
+    batching = ["--max-batch-size", str(args.max_batch_size or args.clients), "--max-wait-ms", str(args.max_wait_ms),
+                "--batch-idle-ms", str(args.batch_idle_ms)]
     # label -> (lepton serve options or None for the plain server, torch threads per process)
     servers: dict[str, tuple[list[str] | None, int]] = {"a) lepton, batching": (batching, cores)}
     if workers > 1:
@@ -194,8 +205,12 @@ def main() -> int:
                                                               max(1, cores // workers))
     servers["b) lepton, no batching"] = (["--max-batch-size", "1"], cores)
     servers["c) plain FastAPI, one forward per request"] = (None, cores)
+    if args.only:
+        wanted = set(args.only.split(",")) | {"c"}  # ratios are against (c)
+        servers = {k: v for k, v in servers.items() if k.split(")")[0] in wanted}
+    model = reg.load_run("bench@1").model
     results: dict[str, dict[str, float]] = {}
-    for label, (extra, _) in servers.items():
+    for label, (extra, threads) in servers.items():
         port = free_port()
         if extra is None:
             cmd = [sys.executable, "-c", PLAIN_SERVER, str(tmp / "reg"), "bench@1", str(port)]
@@ -214,21 +229,23 @@ def main() -> int:
                 while log.read_text().count("bench@1 loaded") < workers and time.monotonic() < deadline:
                     time.sleep(0.2)
             asyncio.run(load(url, body, min(args.clients, 8), 2.0, {"content-type": "image/png"}))  # warm-up
+            metrics = f"http://127.0.0.1:{port}/metrics"
+            before = batch_totals(metrics) if extra is not None else (0.0, 0.0)
             results[label] = asyncio.run(load(url, body, args.clients, args.seconds, {"content-type": "image/png"}))
-            if extra is not None:
-                import httpx
-
-                results[label]["mean_batch"] = mean_batch(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+            if extra is not None:  # batches formed under the measured load only, not during the warm-up
+                images, batches = (a - b for a, b in zip(batch_totals(metrics), before, strict=True))
+                results[label]["mean_batch"] = images / batches if batches else float("nan")
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    # The model's own latency at the mean batch size each batching server formed, with its threads.
-    model = reg.load_run("bench@1").model
-    for label, (extra, threads) in servers.items():
+        # Measured right after each server stopped (this VM's speed drifts over minutes): the model's own
+        # latency at the mean batch size the server formed, with its threads, and the most images per second
+        # the model can give on this machine at all (one batch of `clients` on every core).
         r = results[label]
         if extra is not None and extra[:2] != ["--max-batch-size", "1"] and np.isfinite(r["mean_batch"]):
             r["batch"] = max(1, round(r["mean_batch"]))
             r["model_ms"] = model_latency_ms(model, r["batch"], threads)
+        r["peak_images_per_s"] = args.clients / model_latency_ms(model, args.clients, cores) * 1000
 
     print(f"\nServing {args.model} @28 px, {args.clients} concurrent clients for {args.seconds:.0f} s each, "
           f"{cores} cores, loopback; ratios against (c)")
@@ -241,6 +258,10 @@ def main() -> int:
         print(f"{label:<44}{r['requests_per_s']:>9.1f}{r['requests_per_s'] / plain:>6.2f}x{r['p50_ms']:>9.1f}"
               f"{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8d}{extra}")
     print("targets: (a) >= 3x (c) requests/s, 0 errors, p99 <= 2x the model's latency at its mean batch size")
+    peaks = [r["peak_images_per_s"] for r in results.values()]
+    print(f"the model alone, one batch of {args.clients} on {cores} cores: {np.median(peaks):.1f} images/s "
+          f"(median over the rows, {min(peaks):.1f}-{max(peaks):.1f}) = {np.median(peaks) / plain:.2f}x (c): "
+          "no server can answer more requests/s than that on this machine")
     out = Path(__file__).resolve().parents[1] / "runs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"serve-load-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(

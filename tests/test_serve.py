@@ -89,6 +89,30 @@ def test_oversized_and_bomb_uploads(url, served):
         assert httpx.post(f"{base}/v1/models/shared/predict", headers=auth(key), content=png_bytes()).status_code == 200
 
 
+def test_small_pngs_decode_inline_and_the_rest_in_a_thread(url, served):
+    from lepton.serve.app import INLINE_DECODE_PIXELS, _decodes_inline, _RequestIds
+
+    def png(size: tuple[int, int]) -> bytes:
+        buf = io.BytesIO()
+        Image.new("L", size).save(buf, format="PNG")
+        return buf.getvalue()
+
+    side = int(INLINE_DECODE_PIXELS**0.5)
+    assert _decodes_inline(png_bytes()) and _decodes_inline(png((side, side)))
+    assert not _decodes_inline(png((side + 1, side)))  # judged by the header's pixel count, not the byte count
+    jpeg = io.BytesIO()
+    Image.new("L", (8, 8)).save(jpeg, format="JPEG")
+    assert not any(_decodes_inline(b) for b in (jpeg.getvalue(), b"\x89PNG\r\n\x1a\n", b"", b"x" * 64))
+    # A truncated PNG whose header passes the inline test is still a 422 naming the upload, on either path.
+    for data in (png_bytes()[:60], png((side + 1, side))[:60]):
+        response = httpx.post(f"{url}/v1/models/cxr/predict", headers=auth(served["keys"]["clinic"]), content=data)
+        assert response.status_code == 422 and response.json()["error"]["message"].startswith("upload")
+    assert httpx.get(f"{url}/healthz").status_code == 200
+    ids, other = _RequestIds(), _RequestIds()
+    first = [ids() for _ in range(1000)]
+    assert len(set(first)) == 1000 and first[0][:12] != other()[:12]
+
+
 def test_auth_and_tenant_isolation(url, served):
     data = png_bytes()
     assert httpx.post(f"{url}/v1/models/cxr/predict", content=data).status_code == 401

@@ -15,7 +15,6 @@ import random
 import sys
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,38 @@ from lepton.serve.metrics import Metrics
 
 access_log = logging.getLogger("lepton.serve.access")
 log = logging.getLogger("lepton.serve")
+
+#: PNG uploads up to this many pixels are decoded on the event loop: for a small image a thread hand-off (and
+#: the GIL contention it brings) costs more than the decode itself (measured with benchmarks/serve_load.py).
+#: Larger PNGs, other rasters, DICOM, NIfTI and NPY are decoded in a thread.
+INLINE_DECODE_PIXELS = 256 * 256
+
+
+def _decodes_inline(data: bytes) -> bool:
+    """A small PNG, judged from its IHDR chunk before any decoding."""
+    if len(data) < 24 or not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR":
+        return False
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return width * height <= INLINE_DECODE_PIXELS
+
+
+async def decode_upload(adapter: ModelAdapter, data: bytes, filename: str | None) -> np.ndarray:
+    """Decode an uploaded file with ``adapter``: small PNGs inline, everything else off the event loop."""
+    if _decodes_inline(data):
+        return adapter.decode_request(data, filename)
+    return await asyncio.to_thread(adapter.decode_request, data, filename)
+
+
+class _RequestIds:
+    """Request ids unique across processes without a system call per request: a random per-process prefix
+    and a counter (``uuid4`` reads the OS entropy source, which also releases and re-takes the GIL)."""
+
+    def __init__(self) -> None:
+        self._prefix, self._next = os.urandom(6).hex(), 0
+
+    def __call__(self) -> str:
+        self._next += 1  # only ever called on the event loop thread
+        return f"{self._prefix}{self._next:012x}"
 
 
 @dataclass
@@ -298,6 +329,7 @@ class AccessMiddleware:
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
         self.worker = os.getpid()  # which worker process answered, when several share the port
+        self.new_id = _RequestIds()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -305,7 +337,7 @@ class AccessMiddleware:
             return
         start = time.perf_counter()
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or self.new_id()
         info: dict[str, Any] = {}
         state = scope.setdefault("state", {})
         state["request_id"], state["log"] = request_id, info
@@ -437,7 +469,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             data = await upload.read()
             if not data:
                 raise ApiError(400, "empty_file", "the uploaded file is empty")
-            return await asyncio.to_thread(adapter.decode_request, data, upload.filename)
+            return await decode_upload(adapter, data, upload.filename)
         body = await read_body(request)
         if ctype.startswith("application/json"):
             try:
@@ -451,9 +483,9 @@ def create_app(config: ServeConfig) -> FastAPI:
                     data = base64.b64decode(str(payload["image"]), validate=True)
                 except (binascii.Error, ValueError) as exc:
                     raise ApiError(422, "invalid_base64", f"'image' is not valid base64: {exc}") from exc
-                return await asyncio.to_thread(adapter.decode_request, data, payload.get("filename"))
+                return await decode_upload(adapter, data, payload.get("filename"))
             return adapter.decode_array(payload["array"])
-        return await asyncio.to_thread(adapter.decode_request, body, request.headers.get("x-filename"))
+        return await decode_upload(adapter, body, request.headers.get("x-filename"))
 
     # -- native API ---------------------------------------------------------------------------------
     @app.get("/healthz")
