@@ -285,17 +285,79 @@ def test_hot_swap_under_load_and_canary_routing(served):
     reg.promote("cxr", 1, "production")
 
 
-def test_worker_config_splits_rate_limits_and_turns_on_polling():
+def test_worker_config_shares_or_splits_rate_limits_and_turns_on_polling(tmp_path):
     config = ServeConfig(models=["m"], rate_limit=50, rate_burst=101)
     assert worker_config(config, 1) is config
-    four = worker_config(config, 4)
+    four = worker_config(config, 4)  # nothing shared: each worker gets its part of the limit
     assert four.rate_limit == 12.5 and four.rate_burst == 26 and four.poll_seconds == 2.0
+    shared = worker_config(config, 4, str(tmp_path))
+    assert (shared.rate_limit, shared.rate_burst, shared.shared_dir) == (50, 101, str(tmp_path))
     assert worker_config(ServeConfig(models=["m"], poll_seconds=7), 2).poll_seconds == 7
+
+
+def test_shared_buckets_hold_one_limit_across_processes(tmp_path):
+    import multiprocessing
+
+    from lepton.serve.shared import PROBES, SLOTS, SharedBuckets
+
+    path = tmp_path / "buckets.bin"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:  # three processes race for 40 tokens
+        taken = pool.starmap(_take_tokens, [(str(path), "key-a", 30)] * 3)
+    assert sum(taken) == 40  # never more than the burst in total, however the processes interleave
+    a, b = SharedBuckets(path, 1000.0, 2), SharedBuckets(path, 1000.0, 2)
+    assert a.take("fresh") == 0 and b.take("fresh") == 0 and 0 < a.take("fresh") <= 0.001
+    time.sleep(0.002)
+    assert b.take("fresh") == 0  # refilled at the shared rate
+    slow = SharedBuckets(path, 0.001, 1)
+    for i in range(PROBES + 5):  # more live keys than one neighbourhood holds: the oldest is taken over
+        assert slow.take(f"k{i}") == 0
+    assert os.path.getsize(path) == SLOTS * 24
+    with pytest.raises(ValueError, match="rate must be"):
+        SharedBuckets(path, 0, 1)
+
+
+def _take_tokens(path: str, ident: str, tries: int) -> int:
+    from lepton.serve.shared import SharedBuckets
+
+    buckets = SharedBuckets(path, 1e-6, 40)
+    return sum(buckets.take(ident) == 0 for _ in range(tries))
+
+
+def test_workers_share_admin_reloads_and_rate_limits(served, tmp_path):
+    """Two servers on one shared directory, as `serve --workers` sets them up: an admin reload answered by
+    one reaches the other (no registry polling), and one key's burst is spent once across both."""
+    root = tmp_path / "reg"
+    shutil.copytree(served["registry"], root)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    config = ServeConfig(models=["cxr@production"], registry=str(root), rate_limit=0.001, rate_burst=6,
+                         shared_dir=str(shared))
+    key, data = auth(served["keys"]["clinic"]), png_bytes(2)
+    admin = auth(served["keys"]["admin"])
+    with running(config) as first, running(config) as second:
+        answers = [httpx.post(f"{base}/v1/models/cxr/predict", headers=key, content=data)
+                   for base in (first, second, first, second)]
+        assert [r.json()["version"] for r in answers] == [1, 1, 1, 1]
+        Registry.open(root).promote("cxr", 2, "production")
+        swap = httpx.post(f"{first}/v1/admin/reload", headers=admin, timeout=60)
+        assert swap.json()["changes"]["cxr"]["primary"] == 2
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{second}/readyz").json()["models"]["cxr"] != 2:
+            assert time.monotonic() < deadline, "the other server never followed the admin reload"
+            time.sleep(0.05)
+        assert httpx.post(f"{second}/v1/models/cxr/predict", headers=key, content=data).json()["version"] == 2
+        assert httpx.post(f"{first}/v1/models/cxr/predict", headers=key, content=data).status_code == 200
+        # Six requests spent the key's burst of six: both servers refuse the seventh.
+        limited = httpx.post(f"{first}/v1/models/cxr/predict", headers=key, content=data)
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert httpx.post(f"{second}/v1/models/cxr/predict", headers=key, content=data).status_code == 429
+    Registry.open(root).promote("cxr", 1, "production")
 
 
 @pytest.mark.slow
 def test_several_workers_share_a_port_sum_their_metrics_and_all_swap(served, tmp_path):
-    """`lepton serve --workers 2`: two processes on one port; /metrics adds up both; a promotion reaches both."""
+    """`lepton serve --workers 2`: two processes on one port; /metrics adds up both; a promotion reaches both;
+    one key's rate limit holds across both."""
     root = tmp_path / "reg"
     shutil.copytree(served["registry"], root)
     with socket.socket() as s:
@@ -305,7 +367,8 @@ def test_several_workers_share_a_port_sum_their_metrics_and_all_swap(served, tmp
     log = tmp_path / "serve.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(lepton_cmd("serve", "--model", "cxr@production", "--registry", str(root), "--port",
-                                           str(port), "--workers", "2", "--poll-seconds", "0.5", "--rate-limit", "0"),
+                                           str(port), "--workers", "2", "--poll-seconds", "0.5",
+                                           "--rate-limit", "0.001", "--rate-burst", "200"),
                                 stdout=subprocess.DEVNULL, stderr=fh, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
@@ -325,11 +388,20 @@ def test_several_workers_share_a_port_sum_their_metrics_and_all_swap(served, tmp
         count = re.search(r'lepton_requests_total\{model="cxr",status="200",version="1"\} (\S+)', text)
         assert count and float(count.group(1)) == 24, text[:2000]
         Registry.open(root).promote("cxr", 2, "production")
-        streak, deadline = 0, time.monotonic() + 30
+        streak, deadline, sent = 0, time.monotonic() + 30, 24
         while streak < 20:
             assert time.monotonic() < deadline, "a worker never picked up the promotion"
             version = httpx.post(f"{base}/v1/models/cxr/predict", headers=key, content=data).json()["version"]
             streak = streak + 1 if version == 2 else 0
+            sent += 1
+        # One keep-alive connection reaches one worker, yet the key's whole burst is spent before the 429:
+        # the workers share their token buckets.
+        with httpx.Client(headers=key) as client:
+            for _ in range(250):
+                if client.post(f"{base}/v1/models/cxr/predict", content=data).status_code == 429:
+                    break
+                sent += 1
+        assert sent == 200, sent
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -328,6 +328,7 @@ def serve(
                                                       "long (0 = off); lets --max-wait-ms be large.")] = 0.0,
     max_queue: Annotated[int, typer.Option(help="Queued requests per version before 503.")] = 256,
     rate_limit: Annotated[float, typer.Option(help="Requests per second per key (0 = off).")] = 50.0,
+    rate_burst: Annotated[int, typer.Option(help="Requests a key may send at once before the rate applies.")] = 100,
     poll_seconds: Annotated[float, typer.Option(help="Re-read the registry every N seconds (0 = admin call).")] = 0,
 ) -> None:
     """Serve registered models over HTTP (native API, Open Inference Protocol v2, /metrics)."""
@@ -347,8 +348,8 @@ def serve(
         err.print("[bold red]WARNING: authentication is OFF; anyone on this machine can call the models.[/]")
     serve_fn(ServeConfig(models=model, registry=registry, auth=not no_auth, backend=backend,
                          max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                         batch_idle_ms=batch_idle_ms,
-                         rate_limit=rate_limit, poll_seconds=poll_seconds), host=host, port=port, workers=workers)
+                         batch_idle_ms=batch_idle_ms, rate_limit=rate_limit, rate_burst=rate_burst,
+                         poll_seconds=poll_seconds), host=host, port=port, workers=workers)
 
 
 def _parse_aug(values: list[str] | None) -> dict[str, float]:

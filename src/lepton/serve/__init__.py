@@ -12,18 +12,22 @@ from lepton.serve.app import CONFIG_ENV, ServeConfig, create_app
 
 __all__ = ["ServeConfig", "create_app", "serve", "worker_config"]
 
-#: Registry poll interval used with several workers when none is given: an admin reload reaches one worker.
+#: Registry poll interval used with several workers when none is given (promotions made with the CLI).
 WORKER_POLL_SECONDS = 2.0
 
 
-def worker_config(config: ServeConfig, workers: int) -> ServeConfig:
+def worker_config(config: ServeConfig, workers: int, shared_dir: str | None = None) -> ServeConfig:
     """The configuration each of ``workers`` processes runs with.
 
-    A key's rate limit is split between the workers (a client may land on any of them, so the sum stays at
-    the configured rate), and registry polling is switched on so that promotions reach every worker.
+    Registry polling is switched on so that promotions made with the CLI reach every worker. With
+    ``shared_dir`` (what ``serve`` uses) the workers share their token buckets and admin reloads through files
+    there; without it a key's rate limit is split between the workers, so the sum stays at the configured rate.
     """
     if workers <= 1:
         return config
+    if shared_dir is not None:
+        return dataclasses.replace(config, shared_dir=shared_dir, poll_seconds=config.poll_seconds or
+                                   WORKER_POLL_SECONDS)
     return dataclasses.replace(
         config,
         rate_limit=config.rate_limit / workers,
@@ -44,8 +48,10 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, worker
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # Each worker runs its own model copies: share the cores between them instead of oversubscribing.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
-    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(worker_config(config, workers)))
-    with tempfile.TemporaryDirectory(prefix="lepton-metrics-") as metrics_dir:
+    with tempfile.TemporaryDirectory(prefix="lepton-serve-") as shared_dir:
+        metrics_dir = os.path.join(shared_dir, "metrics")
+        os.mkdir(metrics_dir)
+        os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(worker_config(config, workers, shared_dir)))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # workers add up their metrics through files here
         uvicorn.run("lepton.serve.app:create_app_from_env", factory=True, workers=workers, host=host, port=port,
                     log_level="info", access_log=False)

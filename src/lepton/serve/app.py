@@ -17,6 +17,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from lepton.registry.access import KeyInfo
 from lepton.serve.adapters import ModelAdapter, make_adapter
 from lepton.serve.batching import Batcher, QueueFull
 from lepton.serve.metrics import Metrics
+from lepton.serve.shared import ReloadSignal, SharedBuckets
 
 access_log = logging.getLogger("lepton.serve.access")
 log = logging.getLogger("lepton.serve")
@@ -86,6 +88,7 @@ class ServeConfig:
     rate_burst: int = 100
     poll_seconds: float = 0.0  # 0: swaps only through POST /v1/admin/reload
     key_cache_seconds: float = 2.0  # how long an accepted API key is trusted before it is checked again
+    shared_dir: str | None = None  # set by `serve` for worker processes: rate limits and reloads shared there
 
 
 class ApiError(Exception):
@@ -150,6 +153,12 @@ class Server:
         self.metrics = Metrics()
         self.deployments: dict[str, Deployment] = {}
         self.buckets: dict[str, TokenBucket] = {}
+        # Several workers: token buckets in a shared file (a key's limit holds whichever worker answers) and a
+        # reload generation that carries an admin reload to every worker.
+        shared = Path(config.shared_dir) if config.shared_dir else None
+        self.shared_buckets = (SharedBuckets(shared / "rate-limits.bin", config.rate_limit, config.rate_burst)
+                               if shared and config.rate_limit > 0 else None)
+        self.reload_signal = ReloadSignal(shared / "reload-generation") if shared else None
         self._keys: dict[bytes, tuple[KeyInfo, float]] = {}
         self.ready = False
         self._reload_lock = asyncio.Lock()
@@ -256,8 +265,10 @@ class Server:
         if self.config.rate_limit <= 0:
             return
         ident = key.key_id if key else (request.client.host if request.client else "anonymous")
-        bucket = self.buckets.setdefault(ident, TokenBucket(self.config.rate_limit, self.config.rate_burst))
-        wait = bucket.take()
+        if self.shared_buckets is not None:
+            wait = self.shared_buckets.take(ident)
+        else:
+            wait = self.buckets.setdefault(ident, TokenBucket(self.config.rate_limit, self.config.rate_burst)).take()
         if wait:
             raise ApiError(429, "rate_limited", "rate limit exceeded for this API key",
                            {"Retry-After": str(max(1, math.ceil(wait)))})
@@ -383,6 +394,9 @@ def _error(status: int, code: str, message: str, oip: bool = False,
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+#: How often a worker checks whether another worker was asked to reload (with several workers).
+RELOAD_WATCH_SECONDS = 0.25
+
 #: Environment variable that carries the ServeConfig (JSON) to worker processes started by uvicorn.
 CONFIG_ENV = "LEPTON_SERVE_CONFIG"
 
@@ -414,9 +428,21 @@ def create_app(config: ServeConfig) -> FastAPI:
                     except Exception as exc:  # the next poll tries again; serving continues
                         log.error("registry poll failed: %s", exc)
             poller = asyncio.get_running_loop().create_task(poll())
+        watcher = None
+        if server.reload_signal is not None:
+            async def watch() -> None:  # another worker answered an admin reload: reload here too
+                while True:
+                    await asyncio.sleep(RELOAD_WATCH_SECONDS)
+                    try:
+                        if server.reload_signal.changed():
+                            await server.reload()
+                    except Exception as exc:
+                        log.error("reload requested by another worker failed: %s", exc)
+            watcher = asyncio.get_running_loop().create_task(watch())
         yield
-        if poller:
-            poller.cancel()
+        for task in (poller, watcher):
+            if task:
+                task.cancel()
         for dep in server.deployments.values():
             for handle in dep.handles.values():
                 await handle.batcher.drain_and_stop(timeout=5)
@@ -562,7 +588,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         key = server.authenticate(request)
         if key is not None and key.scope != "admin":
             raise ApiError(403, "forbidden", "this action needs an admin-scope key")
-        return {"changes": await server.reload()}
+        changes = await server.reload()
+        if server.reload_signal is not None:
+            server.reload_signal.bump()  # the other workers follow within RELOAD_WATCH_SECONDS
+        return {"changes": changes}
 
     # -- Open Inference Protocol v2 -----------------------------------------------------------------
     @app.get("/v2")
