@@ -228,7 +228,8 @@ def main() -> int:
                 deadline = time.monotonic() + 120
                 while log.read_text().count("bench@1 loaded") < workers and time.monotonic() < deadline:
                     time.sleep(0.2)
-            asyncio.run(load(url, body, min(args.clients, 8), 2.0, {"content-type": "image/png"}))  # warm-up
+            # Warm-up at the measured concurrency: first calls at a new batch size build the kernels for it.
+            asyncio.run(load(url, body, args.clients, min(3.0, args.seconds), {"content-type": "image/png"}))
             metrics = f"http://127.0.0.1:{port}/metrics"
             before = batch_totals(metrics) if extra is not None else (0.0, 0.0)
             results[label] = asyncio.run(load(url, body, args.clients, args.seconds, {"content-type": "image/png"}))
