@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import gc
 import io
 import os
 import re
@@ -334,13 +335,16 @@ def test_workers_share_admin_reloads_and_rate_limits(served, tmp_path):
                          shared_dir=str(shared))
     key, data = auth(served["keys"]["clinic"]), png_bytes(2)
     admin = auth(served["keys"]["admin"])
+    frozen = gc.get_freeze_count()
     with running(config) as first, running(config) as second:
+        assert gc.get_freeze_count() > frozen  # the heap with the loaded models is out of the collector's sight
+        frozen = gc.get_freeze_count()
         answers = [httpx.post(f"{base}/v1/models/cxr/predict", headers=key, content=data)
                    for base in (first, second, first, second)]
         assert [r.json()["version"] for r in answers] == [1, 1, 1, 1]
         Registry.open(root).promote("cxr", 2, "production")
         swap = httpx.post(f"{first}/v1/admin/reload", headers=admin, timeout=60)
-        assert swap.json()["changes"]["cxr"]["primary"] == 2
+        assert swap.json()["changes"]["cxr"]["primary"] == 2 and gc.get_freeze_count() > frozen  # v2 frozen too
         deadline = time.monotonic() + 20
         while httpx.get(f"{second}/readyz").json()["models"]["cxr"] != 2:
             assert time.monotonic() < deadline, "the other server never followed the admin reload"

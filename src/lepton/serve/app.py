@@ -59,6 +59,20 @@ async def decode_upload(adapter: ModelAdapter, data: bytes, filename: str | None
     return await asyncio.to_thread(adapter.decode_request, data, filename)
 
 
+def _freeze_heap() -> None:
+    """Collect, then move every object alive now (libraries, models) out of the garbage collector's sight.
+
+    A full collection walks every tracked object: with torch, FastAPI and a model loaded that is ~400,000
+    objects and ~200 ms with the event loop stopped, which under load came about every 20 s and made the
+    p99 latency. After ``gc.freeze`` a collection walks only what was allocated since; frozen objects are
+    still freed by reference counting (a retired model goes when its last reference does).
+    """
+    import gc
+
+    gc.collect()  # cheap after the first freeze: only the unfrozen objects are walked
+    gc.freeze()
+
+
 class _RequestIds:
     """Request ids unique across processes without a system call per request: a random per-process prefix
     and a counter (``uuid4`` reads the OS entropy source, which also releases and re-takes the GIL)."""
@@ -89,6 +103,7 @@ class ServeConfig:
     poll_seconds: float = 0.0  # 0: swaps only through POST /v1/admin/reload
     key_cache_seconds: float = 2.0  # how long an accepted API key is trusted before it is checked again
     shared_dir: str | None = None  # set by `serve` for worker processes: rate limits and reloads shared there
+    freeze_heap: bool = True  # gc.freeze() after models load: no full-heap garbage collection pauses under load
 
 
 class ApiError(Exception):
@@ -162,6 +177,7 @@ class Server:
         self._keys: dict[bytes, tuple[KeyInfo, float]] = {}
         self.ready = False
         self._reload_lock = asyncio.Lock()
+        self._heap_grew = False  # a version was loaded since the heap was last frozen
         self._explain_lock = threading.Lock()
 
     async def reload(self) -> dict[str, Any]:
@@ -179,6 +195,9 @@ class Server:
                     log.error("reload of %s failed, keeping version %s: %s", name, dep.primary, exc)
                     changes[name] = {"error": str(exc)}
                 self.deployments[name] = dep
+            if self._heap_grew and self.config.freeze_heap:
+                _freeze_heap()
+                self._heap_grew = False
             self.ready = True
             return changes
 
@@ -222,6 +241,7 @@ class Server:
                           max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue,
                           idle_ms=self.config.batch_idle_ms, on_batch=on_batch)
         batcher.start()
+        self._heap_grew = True
         log.info("%s@%s loaded (%s) in process %d", name, version, adapter.platform, os.getpid())
         return Handle(adapter, batcher)
 
