@@ -2,9 +2,11 @@
 per core, (b) Lepton without batching, and (c) a plain FastAPI endpoint that runs one forward pass per
 request — same model, same run, same uvicorn.
 
-Each server runs in its own process on 127.0.0.1; a bounded asyncio load generator keeps N requests in
-flight for a fixed duration and prints requests/s, p50/p95/p99 latency and errors for each server, the
-ratios, and the model's own latency at the mean batch size (a). Nothing leaves the machine.
+Each server runs in its own process on 127.0.0.1, all started up front; they take turns under a bounded
+asyncio load generator that keeps N requests in flight (four turns each by default, so that a drift in the
+machine's speed falls on every server alike). It prints requests/s, p50/p95/p99 latency and errors for each
+server, the ratios, each batching server's mean batch size with the model's own latency at that size, and
+the model's peak batched throughput — the ceiling no server can pass here. Nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -119,7 +121,11 @@ async def load(url: str, body: bytes, clients: int, seconds: float, headers: dic
 
     begin = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
-    elapsed = time.perf_counter() - begin
+    return {"latencies": latencies, "errors": errors, "elapsed": time.perf_counter() - begin}
+
+
+def summarise(latencies: list[float], errors: int, elapsed: float) -> dict[str, float]:
+    """requests/s and latency percentiles (ms) of one server over all its measured rounds."""
     lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return {"requests_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
             "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
@@ -139,7 +145,7 @@ def batch_totals(url: str) -> tuple[float, float]:
     return total, count
 
 
-def model_latency_ms(model, batch_size: int, threads: int) -> float:
+def model_latency_ms(model, batch_size: int, threads: int, repeats: int = 30) -> float:
     """Median time of one forward pass at ``batch_size`` with ``threads`` torch threads (in this process)."""
     import torch
 
@@ -149,7 +155,7 @@ def model_latency_ms(model, batch_size: int, threads: int) -> float:
     times = []
     with torch.inference_mode():
         model(x)
-        for _ in range(30):
+        for _ in range(repeats):
             start = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - start)
@@ -160,7 +166,10 @@ def model_latency_ms(model, batch_size: int, threads: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per server, in all")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="the servers take turns this many times (seconds / rounds each turn), so that a "
+                             "drift in the machine's speed falls on all of them alike")
     parser.add_argument("--model", default="resnet18", help="network served by every server")
     parser.add_argument("--workers", type=int, default=0,
                         help="worker processes of the extra row a2 (default: one per core; 1 skips the row)")
@@ -209,47 +218,69 @@ def main() -> int:
         wanted = set(args.only.split(",")) | {"c"}  # ratios are against (c)
         servers = {k: v for k, v in servers.items() if k.split(")")[0] in wanted}
     model = reg.load_run("bench@1").model
-    results: dict[str, dict[str, float]] = {}
-    for label, (extra, threads) in servers.items():
-        port = free_port()
-        if extra is None:
-            cmd = [sys.executable, "-c", PLAIN_SERVER, str(tmp / "reg"), "bench@1", str(port)]
-            url, probe = f"http://127.0.0.1:{port}/predict", f"http://127.0.0.1:{port}/docs"
-        else:
-            cmd = [sys.executable, "-m", "lepton.cli", "serve", "--model", "bench", "--registry", str(tmp / "reg"),
-                   "--port", str(port), "--no-auth", "--rate-limit", "0", "--max-queue", "4096", *extra]
-            url, probe = f"http://127.0.0.1:{port}/v1/models/bench/predict", f"http://127.0.0.1:{port}/readyz"
-        log = tmp / f"server-{port}.log"  # a file, not a pipe: access logs must never block the server
-        with open(log, "wb") as log_fh:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_fh, env=env)
-        try:
-            wait_ready(probe, proc, log)
+    headers = {"content-type": "image/png"}
+    procs: list[subprocess.Popen] = []
+    urls: dict[str, tuple[str, str | None]] = {}
+    try:
+        for label, (extra, _) in servers.items():  # all servers up at once; only one is under load at a time
+            port = free_port()
+            if extra is None:
+                cmd = [sys.executable, "-c", PLAIN_SERVER, str(tmp / "reg"), "bench@1", str(port)]
+                url, probe = f"http://127.0.0.1:{port}/predict", f"http://127.0.0.1:{port}/docs"
+            else:
+                cmd = [sys.executable, "-m", "lepton.cli", "serve", "--model", "bench", "--registry",
+                       str(tmp / "reg"), "--port", str(port), "--no-auth", "--rate-limit", "0", "--max-queue",
+                       "4096", *extra]
+                url, probe = f"http://127.0.0.1:{port}/v1/models/bench/predict", f"http://127.0.0.1:{port}/readyz"
+            log = tmp / f"server-{port}.log"  # a file, not a pipe: access logs must never block the server
+            with open(log, "wb") as log_fh:
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_fh, env=env))
+            wait_ready(probe, procs[-1], log)
             if "--workers" in (extra or []):  # every worker has loaded its model before the clock starts
                 deadline = time.monotonic() + 120
                 while log.read_text().count("bench@1 loaded") < workers and time.monotonic() < deadline:
                     time.sleep(0.2)
             # Warm-up at the measured concurrency: first calls at a new batch size build the kernels for it.
-            asyncio.run(load(url, body, args.clients, min(3.0, args.seconds), {"content-type": "image/png"}))
-            metrics = f"http://127.0.0.1:{port}/metrics"
-            before = batch_totals(metrics) if extra is not None else (0.0, 0.0)
-            results[label] = asyncio.run(load(url, body, args.clients, args.seconds, {"content-type": "image/png"}))
-            if extra is not None:  # batches formed under the measured load only, not during the warm-up
-                images, batches = (a - b for a, b in zip(batch_totals(metrics), before, strict=True))
-                results[label]["mean_batch"] = images / batches if batches else float("nan")
-        finally:
+            asyncio.run(load(url, body, args.clients, 3.0, headers))
+            urls[label] = (url, None if extra is None else f"http://127.0.0.1:{port}/metrics")
+        runs: dict[str, dict[str, list]] = {label: {"latencies": [], "errors": [], "elapsed": [], "images": [],
+                                                    "batches": [], "model_ms": [], "peak": []} for label in servers}
+        for _ in range(max(1, args.rounds)):
+            for label, (extra, threads) in servers.items():
+                url, metrics = urls[label]
+                acc = runs[label]
+                before = batch_totals(metrics) if metrics else (0.0, 0.0)
+                got = asyncio.run(load(url, body, args.clients, args.seconds / max(1, args.rounds), headers))
+                acc["latencies"] += got["latencies"]
+                acc["errors"].append(got["errors"])
+                acc["elapsed"].append(got["elapsed"])
+                # Measured right after each turn (this VM's speed drifts over minutes): the model's own latency
+                # at the mean batch size the server formed in that turn, with its threads, and the most images
+                # per second the model gives on this machine at all (one batch of `clients` on every core).
+                if metrics:
+                    images, batches = (a - b for a, b in zip(batch_totals(metrics), before, strict=True))
+                    acc["images"].append(images)
+                    acc["batches"].append(batches)
+                    if extra[:2] != ["--max-batch-size", "1"] and batches:
+                        acc["model_ms"].append(model_latency_ms(model, max(1, round(images / batches)), threads, 10))
+                acc["peak"].append(args.clients / model_latency_ms(model, args.clients, cores, 5) * 1000)
+    finally:
+        for proc in procs:
             proc.terminate()
+        for proc in procs:
             proc.wait(timeout=30)
-        # Measured right after each server stopped (this VM's speed drifts over minutes): the model's own
-        # latency at the mean batch size the server formed, with its threads, and the most images per second
-        # the model can give on this machine at all (one batch of `clients` on every core).
-        r = results[label]
-        if extra is not None and extra[:2] != ["--max-batch-size", "1"] and np.isfinite(r["mean_batch"]):
+    results: dict[str, dict[str, float]] = {}
+    for label, acc in runs.items():
+        r = results[label] = summarise(acc["latencies"], sum(acc["errors"]), sum(acc["elapsed"]))
+        r["peak_images_per_s"] = float(np.median(acc["peak"]))
+        if acc["batches"] and sum(acc["batches"]):
+            r["mean_batch"] = sum(acc["images"]) / sum(acc["batches"])
+        if acc["model_ms"]:
             r["batch"] = max(1, round(r["mean_batch"]))
-            r["model_ms"] = model_latency_ms(model, r["batch"], threads)
-        r["peak_images_per_s"] = args.clients / model_latency_ms(model, args.clients, cores) * 1000
+            r["model_ms"] = float(np.median(acc["model_ms"]))
 
-    print(f"\nServing {args.model} @28 px, {args.clients} concurrent clients for {args.seconds:.0f} s each, "
-          f"{cores} cores, loopback; ratios against (c)")
+    print(f"\nServing {args.model} @28 px, {args.clients} concurrent clients for {args.seconds:.0f} s each in "
+          f"{max(1, args.rounds)} turns, {cores} cores, loopback; ratios against (c)")
     print(f"{'server':<44}{'req/s':>9}{'ratio':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
           f"{'batch':>7}{'model ms':>10}{'p99/model':>10}")
     plain = results["c) plain FastAPI, one forward per request"]["requests_per_s"]
@@ -259,14 +290,14 @@ def main() -> int:
         print(f"{label:<44}{r['requests_per_s']:>9.1f}{r['requests_per_s'] / plain:>6.2f}x{r['p50_ms']:>9.1f}"
               f"{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8d}{extra}")
     print("targets: (a) >= 3x (c) requests/s, 0 errors, p99 <= 2x the model's latency at its mean batch size")
-    peaks = [r["peak_images_per_s"] for r in results.values()]
+    peaks = [p for acc in runs.values() for p in acc["peak"]]
     print(f"the model alone, one batch of {args.clients} on {cores} cores: {np.median(peaks):.1f} images/s "
-          f"(median over the rows, {min(peaks):.1f}-{max(peaks):.1f}) = {np.median(peaks) / plain:.2f}x (c): "
+          f"(median over the turns, {min(peaks):.1f}-{max(peaks):.1f}) = {np.median(peaks) / plain:.2f}x (c): "
           "no server can answer more requests/s than that on this machine")
     out = Path(__file__).resolve().parents[1] / "runs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"serve-load-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(
-        {"clients": args.clients, "seconds": args.seconds, "model": args.model, "cores": cores,
+        {"clients": args.clients, "seconds": args.seconds, "rounds": args.rounds, "model": args.model, "cores": cores,
          "results": results}, indent=2))
     return 0
 
