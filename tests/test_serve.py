@@ -103,7 +103,8 @@ def test_small_pngs_decode_inline_and_the_rest_in_a_thread(url, served):
     assert not _decodes_inline(png((side + 1, side)))  # judged by the header's pixel count, not the byte count
     jpeg = io.BytesIO()
     Image.new("L", (8, 8)).save(jpeg, format="JPEG")
-    assert not any(_decodes_inline(b) for b in (jpeg.getvalue(), b"\x89PNG\r\n\x1a\n", b"", b"x" * 64))
+    padded = png_bytes() + b"\0" * (4 * INLINE_DECODE_PIXELS + 4096)  # a small header, megabytes behind it
+    assert not any(_decodes_inline(b) for b in (jpeg.getvalue(), b"\x89PNG\r\n\x1a\n", b"", b"x" * 64, padded))
     # A truncated PNG whose header passes the inline test is still a 422 naming the upload, on either path.
     for data in (png_bytes()[:60], png((side + 1, side))[:60]):
         response = httpx.post(f"{url}/v1/models/cxr/predict", headers=auth(served["keys"]["clinic"]), content=data)

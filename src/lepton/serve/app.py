@@ -45,8 +45,11 @@ INLINE_DECODE_PIXELS = 256 * 256
 
 
 def _decodes_inline(data: bytes) -> bool:
-    """A small PNG, judged from its IHDR chunk before any decoding."""
-    if len(data) < 24 or not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR":
+    """A small PNG, judged from its IHDR chunk before any decoding, and no bigger on the wire than its
+    pixels would be raw (a small image padded with megabytes of chunks goes to a thread)."""
+    if not 24 <= len(data) <= 4 * INLINE_DECODE_PIXELS + 4096:
+        return False
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR":
         return False
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     return width * height <= INLINE_DECODE_PIXELS
