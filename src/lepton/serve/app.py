@@ -469,6 +469,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         for dep in server.deployments.values():
             for handle in dep.handles.values():
                 await handle.batcher.drain_and_stop(timeout=5)
+        if server.shared_buckets is not None:
+            server.shared_buckets.close()
 
     app = FastAPI(title="Lepton inference server", version=__version__, lifespan=lifespan)
     app.state.server = server
