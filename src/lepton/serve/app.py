@@ -33,7 +33,7 @@ from lepton.registry.access import KeyInfo
 from lepton.serve.adapters import ModelAdapter, make_adapter
 from lepton.serve.batching import Batcher, QueueFull
 from lepton.serve.metrics import Metrics
-from lepton.serve.shared import ReloadSignal, SharedBuckets
+from lepton.serve.shared import ReloadSignal, SharedBuckets, spend_token
 
 access_log = logging.getLogger("lepton.serve.access")
 log = logging.getLogger("lepton.serve")
@@ -154,12 +154,9 @@ class TokenBucket:
     def take(self) -> float:
         """0 when allowed, else the seconds until a token is available."""
         now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.tokens, wait = spend_token(self.tokens, now - self.stamp, self.rate, self.burst)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
+        return wait
 
 
 class Server:

@@ -22,6 +22,15 @@ SLOTS = 16384  # 384 KiB
 PROBES = 32  # slots looked at per key before the least recently used of them is taken over
 
 
+def spend_token(tokens: float, elapsed: float, rate: float, burst: float) -> tuple[float, float]:
+    """One token-bucket step: refill ``tokens`` for ``elapsed`` seconds at ``rate`` up to ``burst``, then take
+    a token. Returns (tokens left, 0) when one was taken, else (tokens, seconds until one is available)."""
+    tokens = min(burst, tokens + elapsed * rate)
+    if tokens >= 1:
+        return tokens - 1, 0.0
+    return tokens, (1 - tokens) / rate
+
+
 class SharedBuckets:
     """Token buckets (``rate`` tokens per second up to ``burst``) keyed by an identity string, in a shared
     memory-mapped file. A slot whose bucket has had time to fill up again is as good as free and is reused,
@@ -50,13 +59,13 @@ class SharedBuckets:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             now = time.monotonic()
-            chosen, tokens = None, float(self.burst)
+            chosen, tokens, elapsed = None, float(self.burst), 0.0
             oldest, oldest_stamp = start, float("inf")
             for i in range(PROBES):
                 offset = ((start + i) % SLOTS) * _SLOT.size
                 owner, have, stamp = _SLOT.unpack_from(self._map, offset)
                 if owner == key:
-                    chosen, tokens = offset, min(self.burst, have + (now - stamp) * self.rate)
+                    chosen, tokens, elapsed = offset, have, now - stamp
                     break
                 if chosen is None and (owner == 0 or now - stamp >= self._refill):
                     chosen = offset  # free, or a bucket that is full again: reusable (keep looking for ours)
@@ -64,11 +73,7 @@ class SharedBuckets:
                     oldest, oldest_stamp = offset, stamp
             if chosen is None:
                 chosen = oldest
-            wait = 0.0
-            if tokens >= 1:
-                tokens -= 1
-            else:
-                wait = (1 - tokens) / self.rate
+            tokens, wait = spend_token(tokens, elapsed, self.rate, self.burst)
             _SLOT.pack_into(self._map, chosen, key, tokens, now)
             return wait
         finally:
