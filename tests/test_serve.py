@@ -359,6 +359,13 @@ def test_workers_share_admin_reloads_and_rate_limits(served, tmp_path):
     Registry.open(root).promote("cxr", 1, "production")
 
 
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @pytest.mark.slow
 def test_several_workers_share_a_port_sum_their_metrics_and_all_swap(served, tmp_path):
     """`lepton serve --workers 2`: two processes on one port; /metrics adds up both; a promotion reaches both;
@@ -373,27 +380,33 @@ def test_several_workers_share_a_port_sum_their_metrics_and_all_swap(served, tmp
     with open(log, "wb") as fh:
         proc = subprocess.Popen(lepton_cmd("serve", "--model", "cxr@production", "--registry", str(root), "--port",
                                            str(port), "--workers", "2", "--poll-seconds", "0.5",
-                                           "--rate-limit", "0.001", "--rate-burst", "200"),
+                                           "--rate-limit", "0.001", "--rate-burst", "400"),
                                 stdout=subprocess.DEVNULL, stderr=fh, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
         while len(set(re.findall(r"cxr@1 loaded \(pytorch\) in process (\d+)", log.read_text()))) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        while httpx.get(f"{base}/readyz").status_code != 200:
-            assert time.monotonic() < deadline
+        # A worker logs "loaded" before it starts listening: until one listens, connections are refused.
+        while not _ready(f"{base}/readyz"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
         data = png_bytes(5)
-        for _ in range(24):  # a fresh connection each, so the kernel may hand them to either worker
+        answered: set[str] = set()
+        sent = 0
+        # A fresh connection each, so the kernel may hand them to either worker; a worker still finishing its
+        # start-up accepts none yet, hence a bounded number of tries instead of a fixed count.
+        while len(answered) < 2 or sent < 24:
+            assert sent < 100 and proc.poll() is None, f"only workers {answered} answered {sent} requests"
             r = httpx.post(f"{base}/v1/models/cxr/predict", headers=key, content=data)
             assert r.status_code == 200 and r.json()["version"] == 1, r.text
-        answered = set(re.findall(r'"worker": (\d+)', log.read_text()))
-        assert len(answered) == 2, answered  # connections are spread over both processes
+            sent += 1
+            answered = set(re.findall(r'"worker": (\d+)', log.read_text()))
         text = httpx.get(f"{base}/metrics").text
         count = re.search(r'lepton_requests_total\{model="cxr",status="200",version="1"\} (\S+)', text)
-        assert count and float(count.group(1)) == 24, text[:2000]
+        assert count and float(count.group(1)) == sent, text[:2000]
         Registry.open(root).promote("cxr", 2, "production")
-        streak, deadline, sent = 0, time.monotonic() + 30, 24
+        streak, deadline = 0, time.monotonic() + 30
         while streak < 20:
             assert time.monotonic() < deadline, "a worker never picked up the promotion"
             version = httpx.post(f"{base}/v1/models/cxr/predict", headers=key, content=data).json()["version"]
@@ -402,11 +415,11 @@ def test_several_workers_share_a_port_sum_their_metrics_and_all_swap(served, tmp
         # One keep-alive connection reaches one worker, yet the key's whole burst is spent before the 429:
         # the workers share their token buckets.
         with httpx.Client(headers=key) as client:
-            for _ in range(250):
+            for _ in range(450):
                 if client.post(f"{base}/v1/models/cxr/predict", content=data).status_code == 429:
                     break
                 sent += 1
-        assert sent == 200, sent
+        assert sent == 400, sent
     finally:
         proc.terminate()
         proc.wait(timeout=30)
