@@ -210,7 +210,7 @@ def test_batcher_idle_gap_closes_batches_and_model_thread_yields_cpu():
 
 
 def test_rate_limit_answers_429(served):
-    config = ServeConfig(models=["shared"], registry=served["registry"], rate_limit=1.0, rate_burst=2)
+    config = ServeConfig(models=["shared"], registry=served["registry"], rate_limit=0.2, rate_burst=2)
     with running(config) as base:
         key = auth(served["keys"]["other"])
         codes = [httpx.post(f"{base}/v1/models/shared/predict", headers=key, content=png_bytes()).status_code
@@ -306,9 +306,10 @@ def test_shared_buckets_hold_one_limit_across_processes(tmp_path):
     with multiprocessing.get_context("spawn").Pool(3) as pool:  # three processes race for 40 tokens
         taken = pool.starmap(_take_tokens, [(str(path), "key-a", 30)] * 3)
     assert sum(taken) == 40  # never more than the burst in total, however the processes interleave
-    a, b = SharedBuckets(path, 1000.0, 2), SharedBuckets(path, 1000.0, 2)
-    assert a.take("fresh") == 0 and b.take("fresh") == 0 and 0 < a.take("fresh") <= 0.001
-    time.sleep(0.002)
+    # A token every 0.1 s: slow enough that a descheduled test process does not see one refill between takes.
+    a, b = SharedBuckets(path, 10.0, 2), SharedBuckets(path, 10.0, 2)
+    assert a.take("fresh") == 0 and b.take("fresh") == 0 and 0 < a.take("fresh") <= 0.1
+    time.sleep(0.11)
     assert b.take("fresh") == 0  # refilled at the shared rate
     slow = SharedBuckets(path, 0.001, 1)
     for i in range(PROBES + 5):  # more live keys than one neighbourhood holds: the oldest is taken over
