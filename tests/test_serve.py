@@ -398,7 +398,7 @@ def test_several_workers_share_a_port_sum_their_metrics_and_all_swap(served, tmp
         # A fresh connection each, so the kernel may hand them to either worker; a worker still finishing its
         # start-up accepts none yet, hence a bounded number of tries instead of a fixed count.
         while len(answered) < 2 or sent < 24:
-            assert sent < 100 and proc.poll() is None, f"only workers {answered} answered {sent} requests"
+            assert sent < 200 and proc.poll() is None, f"only workers {answered} answered {sent} requests"
             r = httpx.post(f"{base}/v1/models/cxr/predict", headers=key, content=data)
             assert r.status_code == 200 and r.json()["version"] == 1, r.text
             sent += 1
