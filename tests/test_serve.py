@@ -91,7 +91,8 @@ def test_oversized_and_bomb_uploads(url, served):
 
 
 def test_small_pngs_decode_inline_and_the_rest_in_a_thread(url, served):
-    from lepton.serve.app import INLINE_DECODE_PIXELS, _decodes_inline, _RequestIds
+    from lepton.serve.inputs import INLINE_DECODE_PIXELS, decodes_inline
+    from lepton.serve.middleware import RequestIds
 
     def png(size: tuple[int, int]) -> bytes:
         buf = io.BytesIO()
@@ -99,18 +100,18 @@ def test_small_pngs_decode_inline_and_the_rest_in_a_thread(url, served):
         return buf.getvalue()
 
     side = int(INLINE_DECODE_PIXELS**0.5)
-    assert _decodes_inline(png_bytes()) and _decodes_inline(png((side, side)))
-    assert not _decodes_inline(png((side + 1, side)))  # judged by the header's pixel count, not the byte count
+    assert decodes_inline(png_bytes()) and decodes_inline(png((side, side)))
+    assert not decodes_inline(png((side + 1, side)))  # judged by the header's pixel count, not the byte count
     jpeg = io.BytesIO()
     Image.new("L", (8, 8)).save(jpeg, format="JPEG")
     padded = png_bytes() + b"\0" * (4 * INLINE_DECODE_PIXELS + 4096)  # a small header, megabytes behind it
-    assert not any(_decodes_inline(b) for b in (jpeg.getvalue(), b"\x89PNG\r\n\x1a\n", b"", b"x" * 64, padded))
+    assert not any(decodes_inline(b) for b in (jpeg.getvalue(), b"\x89PNG\r\n\x1a\n", b"", b"x" * 64, padded))
     # A truncated PNG whose header passes the inline test is still a 422 naming the upload, on either path.
     for data in (png_bytes()[:60], png((side + 1, side))[:60]):
         response = httpx.post(f"{url}/v1/models/cxr/predict", headers=auth(served["keys"]["clinic"]), content=data)
         assert response.status_code == 422 and response.json()["error"]["message"].startswith("upload")
     assert httpx.get(f"{url}/healthz").status_code == 200
-    ids, other = _RequestIds(), _RequestIds()
+    ids, other = RequestIds(), RequestIds()
     first = [ids() for _ in range(1000)]
     assert len(set(first)) == 1000 and first[0][:12] != other()[:12]
 

@@ -60,12 +60,14 @@ def test_time_budget_stops_before_overrunning_and_saves_the_plan(tmp_path, synth
 
 
 def test_fit_to_budget_rescales_the_schedule(tmp_path):
-    from lepton.train import _fit_to_budget, _lr_lambda, _Reporter
+    from lepton.train.budget import fit_to_budget
+    from lepton.train.optim import lr_lambda
+    from lepton.train.progress import Reporter
 
     config = make_config("default", data="x.npz", epochs=40, time_budget_s=100.0, warmup_epochs=1)
-    factor = _lr_lambda(config, steps_per_epoch=10)
+    factor = lr_lambda(config, steps_per_epoch=10)
     before = factor(200)  # halfway through 40 epochs: the cosine is at its middle
-    _fit_to_budget(config, elapsed=20.0, epoch_s=10.0, run_dir=tmp_path, reporter=_Reporter(True, 40, 10))
+    fit_to_budget(config, elapsed=20.0, epoch_s=10.0, run_dir=tmp_path, reporter=Reporter(True, 40, 10))
     assert config.epochs == 10  # 2 done + 8 more fit in the 80 s left
     assert TrainConfig.from_yaml(tmp_path / "config.yaml").epochs == 10
     assert factor(200) < before and factor(99) > factor(200)  # step 200 is now past the shortened run's end
@@ -77,9 +79,9 @@ def test_freeze_backbone_and_balanced_sampling(tmp_path, synthetic_npz):
                 freeze_backbone=True, imbalance="balanced", quiet=True, ema_decay=0.9)
     ckpt = torch.load(run.path / "last.pt", weights_only=False)
     from lepton.models import create_model
-    from lepton.train import _seed_epoch
+    from lepton.train.loop import seed_epoch
 
-    _seed_epoch(0, 0)  # training seeds this way before it builds the network
+    seed_epoch(0, 0)  # training seeds this way before it builds the network
     fresh = create_model("lepton_cnn", 1, 2, image_size=32)
     torch.testing.assert_close(ckpt["model"]["features.0.weight"], fresh.state_dict()["features.0.weight"])
     assert not torch.equal(ckpt["model"]["fc.weight"], fresh.state_dict()["fc.weight"])

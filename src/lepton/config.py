@@ -19,6 +19,7 @@ class TrainConfig:
     data: str = ""
     name: str = ""
     output_dir: str = "runs"
+    task: str = "classification"  # a name registered in lepton.tasks
     # model
     model: str = "lepton_cnn"
     pretrained: str | None = None

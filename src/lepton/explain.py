@@ -18,21 +18,22 @@ def saliency_maps(run, images: list[np.ndarray] | np.ndarray, *, method: str = "
                   class_idx: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps in [0, 1] at the model's input size for decoded images, and the explained class per image.
 
-    ``class_idx`` None explains each image's predicted class (using the run's decision rule).
+    ``class_idx`` None explains the output the run's task picks for each image (for classification the
+    predicted class under the run's decision rule).
     """
     import torch
     from monai.visualize import GradCAM, GradCAMpp
 
-    from lepton.models.registry import model_info
+    from lepton.models import model_info
 
     if method not in METHODS:
         raise ConfigError(f"unknown explanation method {method!r}; use {' or '.join(METHODS)}")
     layer = model_info(run.config.model).cam_layer
     x = run.preprocessing(images).to(run.device)
     if class_idx is None:
-        targets = run.decide(run.predict_proba(images))
+        targets = np.array([run.task.explain_index(row, run.info) for row in run.predict_proba(images)])
     else:
-        if not 0 <= class_idx < len(run.label_names):
+        if not 0 <= class_idx < run.task.num_outputs(run.label_names):
             raise ConfigError(f"class index {class_idx} is out of range for {run.label_names}")
         targets = np.full(len(x), class_idx)
     cam_cls = GradCAM if method == "gradcam" else GradCAMpp
@@ -100,6 +101,13 @@ def explain(run, paths: list[str | Path], *, method: str = "gradcam", output: st
         buf = io.BytesIO()
         np.save(buf, heat)
         atomic_write_bytes(npy, buf.getvalue())
-        results.append({"image": name, "class": run.label_names[int(k)], "method": method,
+        results.append({"image": name, "class": _output_name(run, int(k)), "method": method,
                         "overlay": str(png), "map": str(npy)})
     return results
+
+
+def _output_name(run, index: int) -> str:
+    """The class a map explains, or ``output <index>`` when the task's outputs are not classes."""
+    if run.task.num_outputs(run.label_names) == len(run.label_names):
+        return run.label_names[index]
+    return f"output {index}"

@@ -21,31 +21,42 @@ FORMATS = ("onnx", "torchscript")
 PARITY_ATOL = 1e-4
 
 
-class WithSoftmax(nn.Module):
-    """The network followed by softmax: exported models output class probabilities."""
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits, dim=1)
 
-    def __init__(self, model: nn.Module):
+
+class WithActivation(nn.Module):
+    """The network followed by its task's activation: exported models output what the task predicts
+    (class probabilities for classification)."""
+
+    def __init__(self, model: nn.Module, activate: Callable[[torch.Tensor], torch.Tensor] = _softmax):
         super().__init__()
-        self.model = model
+        self.model, self.activate = model, activate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x), dim=1)
+        return self.activate(self.model(x))
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path, opset: int = 17) -> Path:
-    """Write an ONNX graph with a dynamic batch axis: input ``input`` (N, C, H, W), output ``probabilities``."""
-    wrapped = WithSoftmax(model).eval().float()
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path, opset: int = 17,
+                activate: Activation = _softmax, output_name: str = "probabilities") -> Path:
+    """Write an ONNX graph with a dynamic batch axis: input ``input`` (N, C, H, W), output ``output_name``
+    (the task's activated outputs; class probabilities by default)."""
+    wrapped = WithActivation(model, activate).eval().float()
     example = torch.zeros(1, *input_shape)
     buf = io.BytesIO()
-    torch.onnx.export(wrapped, (example,), buf, input_names=["input"], output_names=["probabilities"],
-                      dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=opset,
+    torch.onnx.export(wrapped, (example,), buf, input_names=["input"], output_names=[output_name],
+                      dynamic_axes={"input": {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset,
                       dynamo=False)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
-def export_torchscript(model: nn.Module, input_shape: tuple[int, int, int], path: Path) -> Path:
-    wrapped = WithSoftmax(model).eval().float()
+def export_torchscript(model: nn.Module, input_shape: tuple[int, int, int], path: Path,
+                       activate: Activation = _softmax) -> Path:
+    wrapped = WithActivation(model, activate).eval().float()
     with torch.no_grad():
         traced = torch.jit.trace(wrapped, torch.zeros(2, *input_shape))
     buf = io.BytesIO()
@@ -133,16 +144,15 @@ def _latency_ms(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, repeats: 
     return float(np.median(times) * 1000)
 
 
-def _measure(name: str, fn, size_bytes: int, x_val: np.ndarray, y_val: np.ndarray, repeats: int) -> dict[str, Any]:
-    from lepton.evaluate import auc_score
-
+def _measure(name: str, fn, size_bytes: int, x_val: np.ndarray, y_val: np.ndarray, repeats: int,
+             task) -> dict[str, Any]:
     probs = np.concatenate([fn(x_val[i:i + 256]) for i in range(0, len(x_val), 256)])
     b1 = _latency_ms(fn, x_val[:1], repeats * 4)
     b32 = _latency_ms(fn, np.ascontiguousarray(np.resize(x_val, (32, *x_val.shape[1:]))), repeats)
     return {"variant": name, "size_mb": size_bytes / 2**20, "latency_b1_ms": b1, "latency_b32_ms": b32,
             "throughput_b1": 1000 / b1, "throughput_b32": 32_000 / b32,
-            "val_acc": float((probs.argmax(1) == y_val).mean()), "val_auc": auc_score(y_val, probs),
-            "_probs": probs}
+            # Scores without a fitted decision (arg-max for classification), as every variant is compared alike.
+            **{f"val_{k}": v for k, v in task.scores(y_val, probs, {}).items()}, "_probs": probs}
 
 
 def export_run(
@@ -176,7 +186,8 @@ def export_run(
         formats = (*formats, "onnx")
     out = Path(output) if output else run.path / "export"
     out.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(run.config, run.preprocessing)
+    task = run.task
+    data = prepare_data(run.config, run.preprocessing, task)
     spec = run.preprocessing
     x_val = spec.normalize(data.x_val).numpy()
     y_val = data.y_val.numpy()
@@ -185,46 +196,49 @@ def export_run(
 
     state = io.BytesIO()
     torch.save(model.state_dict(), state)
-    rows = [_measure("pytorch-fp32", _torch_runner(WithSoftmax(model).eval()), state.tell(), x_val, y_val, repeats)]
+    def measure(name: str, fn, size_bytes: int) -> dict[str, Any]:
+        return _measure(name, fn, size_bytes, x_val, y_val, repeats, task)
+
+    rows = [measure("pytorch-fp32", _torch_runner(WithActivation(model, task.activate).eval()), state.tell())]
     reference = rows[0]["_probs"]
     files: dict[str, str] = {}
     if "onnx" in formats:
-        onnx_path = export_onnx(model, shape, out / "model.onnx")
+        onnx_path = export_onnx(model, shape, out / "model.onnx", activate=task.activate)
         files["onnx"] = str(onnx_path)
-        rows.append(_measure("onnx-fp32", _onnx_runner(onnx_path), onnx_path.stat().st_size, x_val, y_val, repeats))
+        rows.append(measure("onnx-fp32", _onnx_runner(onnx_path), onnx_path.stat().st_size))
         if quantize == "int8":
             x_train = spec.normalize(data.x_train).numpy()
             pick = np.random.default_rng(0).permutation(len(x_train))[:256]
             q_path = quantize_onnx(onnx_path, out / "model.int8.onnx", x_train[pick])
             files["onnx-int8"] = str(q_path)
-            rows.append(_measure("onnx-int8", _onnx_runner(q_path), q_path.stat().st_size, x_val, y_val, repeats))
+            rows.append(measure("onnx-int8", _onnx_runner(q_path), q_path.stat().st_size))
     if "torchscript" in formats:
-        ts_path = export_torchscript(model, shape, out / "model.ts")
+        ts_path = export_torchscript(model, shape, out / "model.ts", activate=task.activate)
         files["torchscript"] = str(ts_path)
         ts = torch.jit.load(str(ts_path))
-        rows.append(_measure("torchscript", _torch_runner(ts), ts_path.stat().st_size, x_val, y_val, repeats))
+        rows.append(measure("torchscript", _torch_runner(ts), ts_path.stat().st_size))
     if prune:
         pruned = prune_model(copy.deepcopy(model), prune)
         if finetune_epochs:
-            _finetune(pruned, data, run.config, finetune_epochs)
+            _finetune(pruned, data, run.config, finetune_epochs, task.loss)
         pruned = finalize_pruning(pruned).eval()
         buf = io.BytesIO()
         torch.save(pruned.state_dict(), buf)
         atomic_write_bytes(out / "model.pruned.pt", buf.getvalue())
         files["pruned"] = str(out / "model.pruned.pt")
-        row = _measure(f"pytorch-pruned-{prune:g}", _torch_runner(WithSoftmax(pruned).eval()), buf.tell(),
-                       x_val, y_val, repeats)
+        row = measure(f"pytorch-pruned-{prune:g}", _torch_runner(WithActivation(pruned, task.activate).eval()),
+                      buf.tell())
         row["sparsity"] = sparsity(pruned)
         rows.append(row)
         if "onnx" in formats:
-            p_onnx = export_onnx(pruned, shape, out / "model.pruned.onnx")
+            p_onnx = export_onnx(pruned, shape, out / "model.pruned.onnx", activate=task.activate)
             files["onnx-pruned"] = str(p_onnx)
     base = rows[0]
     for row in rows:
         probs = row.pop("_probs")
         row["max_abs_prob_diff"] = float(np.abs(probs - reference).max())
-        row["delta_acc"] = row["val_acc"] - base["val_acc"]
-        row["delta_auc"] = row["val_auc"] - base["val_auc"]
+        for key in [k for k in row if k.startswith("val_")]:
+            row[f"delta_{key[4:]}"] = row[key] - base[key]
         row["speedup_b1"] = base["latency_b1_ms"] / row["latency_b1_ms"]
     report = {"run": str(run.path), "model": run.config.model, "val_images": len(y_val),
               "threads": torch.get_num_threads(), "parity_atol": PARITY_ATOL, "files": files, "variants": rows}
@@ -232,10 +246,8 @@ def export_run(
     return report
 
 
-def _finetune(model: nn.Module, data, config, epochs: int) -> None:
+def _finetune(model: nn.Module, data, config, epochs: int, loss_fn) -> None:
     """A short fine-tune of a pruned model (pruning masks stay applied) on the run's train split."""
-    import torch.nn.functional as F
-
     from lepton.data.transforms import augment_batch, augment_options
 
     opts = augment_options(config.augment, config.augment_options)
@@ -250,7 +262,7 @@ def _finetune(model: nn.Module, data, config, epochs: int) -> None:
             if len(idx) < 2:
                 continue
             x = data.spec.normalize(augment_batch(data.x_train[idx], opts, gen))
-            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), data.y_train[idx])
+            loss = loss_fn(model(x.contiguous(memory_format=torch.channels_last)), data.y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -258,12 +270,16 @@ def _finetune(model: nn.Module, data, config, epochs: int) -> None:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The comparison table as fixed-width text."""
+    """The comparison table as fixed-width text (the task's scores as columns, with the last one's delta)."""
+    scores = [k for k in report["variants"][0] if k.startswith("val_")]
+    first = scores[-1][4:] if scores else None
     head = (f"{'variant':<24}{'size MB':>9}{'b1 ms':>9}{'b32 ms':>9}{'img/s b1':>10}{'img/s b32':>11}"
-            f"{'val ACC':>9}{'val AUC':>9}{'dAUC':>9}{'max|dp|':>10}")
+            + "".join(f"{'val ' + k[4:].upper():>9}" for k in scores)
+            + (f"{'d' + first.upper():>9}" if first else "") + f"{'max|dp|':>10}")
     lines = [head, "-" * len(head)]
     for r in report["variants"]:
         lines.append(f"{r['variant']:<24}{r['size_mb']:>9.2f}{r['latency_b1_ms']:>9.2f}{r['latency_b32_ms']:>9.1f}"
-                     f"{r['throughput_b1']:>10.0f}{r['throughput_b32']:>11.0f}{r['val_acc']:>9.4f}"
-                     f"{r['val_auc']:>9.4f}{r['delta_auc']:>+9.4f}{r['max_abs_prob_diff']:>10.2e}")
+                     f"{r['throughput_b1']:>10.0f}{r['throughput_b32']:>11.0f}"
+                     + "".join(f"{r[k]:>9.4f}" for k in scores)
+                     + (f"{r['delta_' + first]:>+9.4f}" if first else "") + f"{r['max_abs_prob_diff']:>10.2e}")
     return "\n".join(lines)

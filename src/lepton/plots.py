@@ -29,15 +29,16 @@ def _save(plt, fig, path: Path) -> None:
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Training/validation loss and validation AUC/accuracy per epoch."""
+    """Training/validation loss, and every other validation figure of the task (AUC, accuracy, …), per epoch."""
     plt, fig, (ax1, ax2) = _figure(1, 2, (10, 4))
     epochs = [h["epoch"] for h in history]
     ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
     ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val loss")
     ax1.set_xlabel("epoch")
     ax1.legend()
-    ax2.plot(epochs, [h["val_auc"] for h in history], "o-", label="val AUC")
-    ax2.plot(epochs, [h["val_acc"] for h in history], "o-", label="val ACC")
+    for key in (k for k in history[0] if k.startswith("val_") and k != "val_loss"):
+        ax2.plot(epochs, [h[key] for h in history], "o-", label=key.replace("_", " ").replace("auc", "AUC")
+                 .replace("acc", "ACC"))
     ax2.set_xlabel("epoch")
     ax2.legend()
     _save(plt, fig, path)

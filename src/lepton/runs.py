@@ -9,6 +9,7 @@ network spec), ``history.csv``, ``curves.png``, ``labels.json``, ``preprocessing
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,15 @@ import numpy as np
 from lepton.config import TrainConfig
 from lepton.data.transforms import Preprocessing
 from lepton.errors import RunError
+from lepton.tasks import Task, get_task
 
 RUN_FILES = ("config.yaml", "best.pt", "labels.json", "preprocessing.json", "run.json")
 
 
-def predict_proba(model, x, *, batch_size: int = 256, tta: bool = False, device: str = "cpu") -> np.ndarray:
-    """Softmax probabilities of ``model`` for a normalised tensor batch (optionally flip-TTA)."""
+def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta: bool = False,
+                    device: str = "cpu") -> np.ndarray:
+    """The task's outputs (``activate`` of the logits: probabilities, values) of ``model`` for a normalised
+    tensor batch, in chunks of ``batch_size``; with ``tta`` averaged with the horizontally flipped input."""
     import torch
 
     model.eval()
@@ -31,10 +35,9 @@ def predict_proba(model, x, *, batch_size: int = 256, tta: bool = False, device:
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
             xb = x[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
-            logits = model(xb).float()
-            probs = torch.softmax(logits, 1)
+            probs = activate(model(xb))
             if tta:
-                probs = (probs + torch.softmax(model(torch.flip(xb, dims=[3])).float(), 1)) / 2
+                probs = (probs + activate(model(torch.flip(xb, dims=[3])))) / 2
             out.append(probs.cpu())
     if not out:
         return np.zeros((0, 0), np.float32)
@@ -52,6 +55,11 @@ class Run:
     info: dict[str, Any]
     model: Any = field(repr=False, default=None)
     device: str = "cpu"
+    task: Task = field(default=None)  # type: ignore[assignment]  # filled from the config when not given
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            self.task = get_task(self.config.task)
 
     @property
     def threshold(self) -> float | None:
@@ -59,18 +67,16 @@ class Run:
         return self.info.get("threshold")
 
     def predict_proba(self, images: list[np.ndarray] | np.ndarray) -> np.ndarray:
-        """Class probabilities (N, K) for decoded images (C, H, W) in [0, 1]."""
-        return predict_proba(self.model, self.preprocessing(images), tta=self.config.tta,
-                             device=self.device)
+        """The task's outputs (N, K) for decoded images (C, H, W) in [0, 1]: class probabilities for classification."""
+        return predict_outputs(self.model, self.preprocessing(images), self.task.activate, tta=self.config.tta,
+                               device=self.device)
 
-    def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Class index per row: the stored threshold for binary tasks, argmax otherwise."""
-        if probs.shape[1] == 2 and self.threshold is not None:
-            return (probs[:, 1] >= self.threshold).astype(np.int64)
-        return probs.argmax(1)
+    def decide(self, outputs: np.ndarray) -> np.ndarray:
+        """The task's decision per row (for classification: the stored threshold for two classes, else arg-max)."""
+        return self.task.decide(outputs, self.info)
 
     def predict(self, paths: list[str | Path]) -> list[dict[str, Any]]:
-        """Predict image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI, NPY); one dict per frame."""
+        """Predict image files (any readable format); one dict per frame: ``path`` and the task's answer."""
         from lepton.data.io import read_image
 
         frames, names = [], []
@@ -80,17 +86,9 @@ class Run:
                 names.append(str(p) if frame.name == Path(p).name else f"{p}{frame.name[len(Path(p).name):]}")
         if not frames:
             return []
-        probs = self.predict_proba(frames)
-        decided = self.decide(probs)
-        return [
-            {
-                "path": name,
-                "label": self.label_names[int(k)],
-                "probabilities": {n: round(float(p), 6) for n, p in zip(self.label_names, row, strict=True)},
-                "threshold": self.threshold,
-            }
-            for name, row, k in zip(names, probs, decided, strict=True)
-        ]
+        outputs = self.predict_proba(frames)
+        return [{"path": name, **self.task.encode(row, self.label_names, self.info)}
+                for name, row in zip(names, outputs, strict=True)]
 
 
 def load_run(path: str | Path, *, device: str = "cpu") -> Run:
@@ -120,4 +118,4 @@ def load_run(path: str | Path, *, device: str = "cpu") -> Run:
     except Exception as exc:
         raise RunError(f"{path}: cannot load run ({type(exc).__name__}: {exc})") from exc
     model = model.to(device).to(memory_format=torch.channels_last).eval()
-    return Run(path, config, spec, labels, info, model, device)
+    return Run(path, config, spec, labels, info, model, device, get_task(config.task))

@@ -9,45 +9,30 @@ from pathlib import Path
 
 import numpy as np
 
-from lepton.data.io import MAX_PIXELS, Frame, pseudonymize, to_unit_range
+from lepton.data.base import (  # noqa: F401  (window names re-exported for callers of this module)
+    MAX_PIXELS,
+    WINDOW_PRESETS,
+    Frame,
+    apply_window,
+    pseudonymize,
+    resolve_window,
+    to_unit_range,
+)
+from lepton.data.readers import MAGIC, NAME, NO, register_reader
 from lepton.errors import DataError
 
-#: CT window presets as (center, width) in Hounsfield units.
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (50.0, 350.0),
-    "bone": (400.0, 1800.0),
-    "brain": (40.0, 80.0),
-    "soft-tissue": (50.0, 400.0),
-}
+
+def _sniff(head: bytes, name: str) -> int:
+    if head[128:132] == b"DICM":  # a DICOM preamble may itself look like a TIFF header: DICOM sniffs first
+        return MAGIC
+    return NAME if name.endswith(".dcm") and len(head) > 8 else NO  # no preamble: pydicom validates it
 
 
-def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Linear window to [0, 1]: ``center - width/2`` maps to 0 and ``center + width/2`` to 1."""
-    if width <= 0:
-        raise DataError(f"window width must be > 0 (got {width})")
-    low = center - width / 2.0
-    return np.clip((values.astype(np.float32) - low) / width, 0.0, 1.0)
-
-
-def resolve_window(window: str | None) -> tuple[float, float] | None:
-    """Turn a preset name or ``"center,width"`` into numbers; None keeps the header's window."""
-    if window is None or window == "header":
-        return None
-    if window in WINDOW_PRESETS:
-        return WINDOW_PRESETS[window]
-    try:
-        center, width = (float(v) for v in window.split(","))
-    except ValueError:
-        raise DataError(
-            f"unknown window {window!r}: use one of {', '.join(WINDOW_PRESETS)}, 'header', "
-            "or 'CENTER,WIDTH' in HU"
-        ) from None
-    return center, width
-
-
-def read_dicom(path: Path, *, window: str | None = None, slices: str = "middle") -> list[Frame]:
+@register_reader("dicom", _sniff, priority=10)
+def read_dicom(path: Path, label: str | None = None, *, window: str | None = None,
+               slices: str = "middle") -> list[Frame]:
     """Read a DICOM file into frames in [0, 1] (see ``lepton.data.io.read_image``)."""
+    label = label or str(path)
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_rescale
@@ -56,23 +41,23 @@ def read_dicom(path: Path, *, window: str | None = None, slices: str = "middle")
     try:
         ds = pydicom.dcmread(path, force=path.name.lower().endswith(".dcm"))
     except InvalidDicomError as exc:
-        raise DataError(f"{path}: not a valid DICOM file ({exc})") from exc
+        raise DataError(f"{label}: not a valid DICOM file ({exc})") from exc
     except Exception as exc:
-        raise DataError(f"{path}: corrupt DICOM file ({exc})") from exc
+        raise DataError(f"{label}: corrupt DICOM file ({exc})") from exc
     if "PixelData" not in ds:
         kind = ds.get("Modality", "unknown")
-        raise DataError(f"{path}: DICOM object has no pixel data (modality {kind}); not an image")
+        raise DataError(f"{label}: DICOM object has no pixel data (modality {kind}); not an image")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if rows * cols * n_frames > MAX_PIXELS:
-        raise DataError(f"{path}: {n_frames} frame(s) of {rows}x{cols} is over the pixel limit")
+        raise DataError(f"{label}: {n_frames} frame(s) of {rows}x{cols} is over the pixel limit")
     try:
         arr = ds.pixel_array
     except Exception as exc:
         syntax = getattr(ds.file_meta, "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)
         raise DataError(
-            f"{path}: cannot decode pixel data (transfer syntax {name}): {exc}. Compressed DICOM "
+            f"{label}: cannot decode pixel data (transfer syntax {name}): {exc}. Compressed DICOM "
             "needs a decoder plugin such as pylibjpeg with pylibjpeg-openjpeg or pylibjpeg-libjpeg"
         ) from exc
 
@@ -100,12 +85,12 @@ def read_dicom(path: Path, *, window: str | None = None, slices: str = "middle")
             try:
                 unit = to_unit_range(values)
             except DataError as exc:
-                raise DataError(f"{path}: {exc}") from exc
+                raise DataError(f"{label}: {exc}") from exc
         if photometric == "MONOCHROME1":
             unit = 1.0 - unit
         unit = unit[:, None]
     idx = range(len(unit)) if slices == "all" else [len(unit) // 2]
-    name = path.name
+    name = Path(label).name
     return [
         Frame(
             np.ascontiguousarray(unit[i], dtype=np.float32),

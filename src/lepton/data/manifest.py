@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from lepton.data.base import pseudonymize
 from lepton.data.dataset import SPLITS, ImageSet, from_files
-from lepton.data.io import pseudonymize
 from lepton.errors import DataError
 
 MAX_ROWS = 2_000_000

@@ -6,17 +6,26 @@ from pathlib import Path
 
 import numpy as np
 
-from lepton.data.dicom import apply_window, resolve_window
-from lepton.data.io import MAX_PIXELS, Frame
+from lepton.data.base import MAX_PIXELS, Frame, apply_window, resolve_window
+from lepton.data.readers import MAGIC, NAME, NO, register_reader
 from lepton.errors import DataError
 
 
-def read_nifti(path: Path, *, window: str | None = None, slices: str = "middle") -> list[Frame]:
+def _sniff(head: bytes, name: str) -> int:
+    if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] == b"n+2\x00":
+        return MAGIC
+    return NAME if head[:2] == b"\x1f\x8b" and name.endswith(".nii.gz") else NO
+
+
+@register_reader("nifti", _sniff, priority=40)
+def read_nifti(path: Path, label: str | None = None, *, window: str | None = None,
+               slices: str = "middle") -> list[Frame]:
     """Read a NIfTI-1/2 file; volumes are reoriented to RAS and cut into axial slices.
 
     Intensities are windowed (``window``, e.g. ``lung`` for CT in HU) or scaled by the volume's
     0.5–99.5th percentiles, so every slice of one volume shares one scale.
     """
+    label = label or str(path)
     import nibabel as nib
 
     try:
@@ -24,22 +33,22 @@ def read_nifti(path: Path, *, window: str | None = None, slices: str = "middle")
         img = nib.as_closest_canonical(img) if len(img.shape) >= 3 else img
         shape = img.shape
         if int(np.prod(shape[:3])) > MAX_PIXELS:
-            raise DataError(f"{path}: volume of shape {shape} is over the pixel limit")
+            raise DataError(f"{label}: volume of shape {shape} is over the pixel limit")
         proxy = img.dataobj
         if len(shape) == 4:
             data = np.asarray(proxy[..., 0], dtype=np.float32)
         elif len(shape) in (2, 3):
             data = np.asarray(proxy, dtype=np.float32)
         else:
-            raise DataError(f"{path}: {len(shape)}-D NIfTI of shape {shape} is not supported")
+            raise DataError(f"{label}: {len(shape)}-D NIfTI of shape {shape} is not supported")
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"{path}: corrupt or unreadable NIfTI file ({exc})") from exc
+        raise DataError(f"{label}: corrupt or unreadable NIfTI file ({exc})") from exc
     if data.size == 0:
-        raise DataError(f"{path}: the NIfTI image has no voxels")
+        raise DataError(f"{label}: the NIfTI image has no voxels")
     if not np.isfinite(data).all():
-        raise DataError(f"{path}: the NIfTI image contains NaN or infinite values")
+        raise DataError(f"{label}: the NIfTI image contains NaN or infinite values")
     if data.ndim == 2:
         data = data[:, :, None]
     preset = resolve_window(window)
@@ -50,7 +59,7 @@ def read_nifti(path: Path, *, window: str | None = None, slices: str = "middle")
         unit = np.clip((data - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(data)
     depth = unit.shape[2]
     idx = range(depth) if slices == "all" else [depth // 2]
-    name = path.name
+    name = Path(label).name
     # Transpose and flip so rows run anterior→posterior and columns right→left (radiological view).
     return [
         Frame(

@@ -85,7 +85,7 @@ def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
         sigma = torch.rand(n, generator=generator).view(shape) * opts["noise"]
         x = x + torch.randn(x.shape, generator=generator) * sigma
     if opts.get("corrupt") and float(torch.rand(1, generator=generator)) < opts["corrupt"]:
-        from lepton.robustness import CORRUPTIONS, corrupt
+        from lepton.data.corruptions import CORRUPTIONS, corrupt
 
         names = sorted(CORRUPTIONS)
         name = names[int(torch.randint(len(names), (1,), generator=generator))]

@@ -35,8 +35,6 @@ def export_bundle(registry, ref: str, path: Path) -> Path:
 
 def import_bundle(registry, path: Path, name: str | None = None):
     """Verify and register a bundle as the next version of ``name`` (default: the bundle's name)."""
-    from lepton.registry.core import _add_fields_from_bundle
-
     files: dict[str, bytes] = {}
     try:
         tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the with-block below
@@ -69,4 +67,9 @@ def import_bundle(registry, path: Path, name: str | None = None):
     artifacts = {member.removeprefix("artifacts/"): registry.store.put(data) for member, data in files.items()}
     if artifacts != meta["artifacts"]:
         raise RegistryError(f"{path}: artifact hashes disagree with the recorded version")
-    return _add_fields_from_bundle(registry, meta, name or meta["name"])
+    fields = {k: meta[k] for k in ("format", "artifacts", "labels", "preprocessing", "config", "metrics",
+                                   "data_fingerprint", "threshold")}
+    fields["source_run"] = f"bundle:{meta['name']}@{meta['version']}"
+    card = meta["artifacts"].get("card")
+    text = registry.store.get(card, "model card").decode("utf-8") if card else None
+    return registry.add_version(name or meta["name"], fields, card=text)

@@ -125,9 +125,10 @@ class Registry(AccessMixin):
                 delay = min(delay * 1.5, 0.5)
         raise AssertionError("unreachable")
 
-    def _add_version(self, name: str, fields: dict[str, Any], description: str = "",
+    def add_version(self, name: str, fields: dict[str, Any], description: str = "",
                      card: str | None = None) -> ModelVersion:
-        """Insert the next version of ``name`` and its model card in one transaction."""
+        """Insert the next version of ``name`` (``fields`` are the version's columns) and its model card in one
+        transaction; the card is generated unless given. ``register_*`` and bundle imports build on it."""
         from lepton.registry.card import render_card
 
         parse_ref(name)
@@ -165,6 +166,10 @@ class Registry(AccessMixin):
         import yaml
 
         artifacts = {key: self.store.put((run_dir / f).read_bytes()) for key, f in _RUN_ARTIFACTS.items()}
+        from lepton.config import TrainConfig
+        from lepton.tasks import get_task
+
+        task = get_task(TrainConfig.from_yaml(run_dir / "config.yaml").task)
         if onnx:
             import tempfile
 
@@ -174,17 +179,11 @@ class Registry(AccessMixin):
             run = load_run(run_dir)
             with tempfile.TemporaryDirectory() as tmp:
                 path = export_onnx(run.model, (run.preprocessing.channels, *run.preprocessing.size),
-                                   Path(tmp) / "model.onnx")
+                                   Path(tmp) / "model.onnx", activate=task.activate)
                 artifacts["onnx"] = self.store.put(path.read_bytes())
         info = json.loads((run_dir / "run.json").read_text())
-        metrics = {"val_auc": info.get("val_auc"), "val_acc": info.get("val_acc"),
-                   "best_epoch": info.get("best_epoch")}
-        for report in sorted(run_dir.glob("eval/*/report.json")):
-            rep = json.loads(report.read_text())
-            metrics[f"eval/{report.parent.name}"] = {
-                "split": rep["split"], "images": rep["images"], "ece": rep.get("ece"),
-                **{k: {"acc": m["acc"], "auc": m["auc"], "ci95": m.get("ci95")}
-                   for k, m in rep["metrics"].items()}}
+        reports = {r.parent.name: json.loads(r.read_text()) for r in sorted(run_dir.glob("eval/*/report.json"))}
+        metrics = task.card_metrics(info, reports)
         fields = dict(
             format="pytorch", source_run=str(run_dir.resolve()), artifacts=artifacts,
             labels=json.loads((run_dir / "labels.json").read_text()),
@@ -192,7 +191,7 @@ class Registry(AccessMixin):
             config=yaml.safe_load((run_dir / "config.yaml").read_text()), metrics=metrics,
             data_fingerprint=json.loads((run_dir / "data.json").read_text()), threshold=info.get("threshold"),
         )
-        return self._add_version(name, fields, description)
+        return self.add_version(name, fields, description)
 
     def register_onnx(
         self, path: str | Path, name: str, *, labels: list[str], image_size: int, channels: int = 1,
@@ -213,7 +212,7 @@ class Registry(AccessMixin):
         fields = dict(format="onnx", source_run=str(path.resolve()), artifacts={"onnx": self.store.put(data)},
                       labels=list(labels), preprocessing=spec, config={}, metrics={}, data_fingerprint={},
                       threshold=threshold)
-        return self._add_version(name, fields, description)
+        return self.add_version(name, fields, description)
 
     def set_card(self, ref: str, markdown: str) -> ModelVersion:
         """Replace a version's model card (Markdown)."""
@@ -374,7 +373,7 @@ class Registry(AccessMixin):
         config = TrainConfig.from_dict(yaml.safe_load(blobs["config"]))
         info = json.loads(blobs["run"])
         return Run(Path(v.source_run or v.ref), config, Preprocessing.from_dict(v.preprocessing), v.labels,
-                   info, model, device)
+                   info, model, device)  # the task comes from the config
 
     def export_bundle(self, ref: str, path: str | Path) -> Path:
         from lepton.registry.bundle import export_bundle
@@ -417,12 +416,3 @@ def _check_onnx(path: Path, data: bytes, num_classes: int, channels: int) -> Non
     out_dims = [d.dim_value or None for d in model.graph.output[0].type.tensor_type.shape.dim]
     if len(out_dims) != 2 or out_dims[1] not in (None, num_classes):
         raise RegistryError(f"{path}: output shape {out_dims} does not match {num_classes} labels")
-
-
-def _add_fields_from_bundle(registry: Registry, meta: dict[str, Any], name: str) -> ModelVersion:
-    fields = {k: meta[k] for k in ("format", "artifacts", "labels", "preprocessing", "config", "metrics",
-                                   "data_fingerprint", "threshold")}
-    fields["source_run"] = f"bundle:{meta['name']}@{meta['version']}"
-    card = meta["artifacts"].get("card")
-    text = registry.store.get(card, "model card").decode("utf-8") if card else None
-    return registry._add_version(name, fields, card=text)

@@ -8,7 +8,8 @@ import math
 import os
 import tempfile
 
-from lepton.serve.app import CONFIG_ENV, ServeConfig, create_app
+from lepton.serve.app import create_app
+from lepton.serve.config import CONFIG_ENV, ServeConfig
 
 __all__ = ["ServeConfig", "create_app", "serve", "worker_config"]
 

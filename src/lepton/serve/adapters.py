@@ -1,5 +1,6 @@
-"""Model adapters: a small class with setup / decode_request / predict / encode_response hooks.
-Batching, auth and metrics wrap an adapter; they never reach into it."""
+"""Model adapters: a small class with setup / decode_request / predict / encode_response hooks for one
+registered version. What the outputs mean is the version's task's business (``lepton.tasks``); batching,
+auth and metrics wrap an adapter and never reach into it."""
 
 from __future__ import annotations
 
@@ -11,20 +12,27 @@ import numpy as np
 from lepton.data.io import read_image_bytes
 from lepton.data.transforms import Preprocessing
 from lepton.errors import DataError
+from lepton.tasks import Task, get_task
 
 #: Largest decoded input accepted by the server, in pixels per image (all frames): 4096 x 4096.
 MAX_SERVE_PIXELS = 4096 * 4096
 
 
 class ModelAdapter:
-    """Turns request payloads into probabilities for one registered model version."""
+    """Turns request payloads into the task's outputs (probabilities for classification) for one version."""
 
     platform = "python"
 
     def __init__(self, name: str, version: int, labels: list[str], preprocessing: Preprocessing,
-                 threshold: float | None):
+                 threshold: float | None, task: Task):
         self.name, self.version, self.labels = name, version, labels
-        self.preprocessing, self.threshold = preprocessing, threshold
+        self.preprocessing, self.threshold, self.task = preprocessing, threshold, task
+        self.info = {"threshold": threshold}  # the decision record the task reads
+
+    @classmethod
+    def _fields(cls, v) -> tuple:
+        return (v.name, v.version, v.labels, Preprocessing.from_dict(v.preprocessing), v.threshold,
+                get_task(v.config.get("task")))
 
     def setup(self) -> None:
         """Load weights and warm up (called once, off the event loop)."""
@@ -59,18 +67,15 @@ class ModelAdapter:
         return self.preprocessing(images).numpy()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, K) for a prepared batch."""
+        """The task's outputs (N, K) for a prepared batch."""
         raise NotImplementedError
 
-    def decide(self, probs: np.ndarray) -> int:
-        if len(self.labels) == 2 and self.threshold is not None:
-            return int(probs[1] >= self.threshold)
-        return int(np.argmax(probs))
+    def label(self, outputs: np.ndarray) -> str | None:
+        """The task's short answer for one image's outputs (metrics and logs), if it has one."""
+        return self.task.label(outputs, self.labels, self.info)
 
-    def encode_response(self, probs: np.ndarray) -> dict[str, Any]:
-        return {"label": self.labels[self.decide(probs)],
-                "probabilities": {n: round(float(p), 6) for n, p in zip(self.labels, probs, strict=True)},
-                "threshold": self.threshold}
+    def encode_response(self, outputs: np.ndarray) -> dict[str, Any]:
+        return self.task.encode(outputs, self.labels, self.info)
 
 
 class TorchAdapter(ModelAdapter):
@@ -80,7 +85,7 @@ class TorchAdapter(ModelAdapter):
 
     def __init__(self, registry, ref: str):
         v = registry.get(ref)
-        super().__init__(v.name, v.version, v.labels, Preprocessing.from_dict(v.preprocessing), v.threshold)
+        super().__init__(*self._fields(v))
         self._registry, self._ref, self.run = registry, f"{v.name}@{v.version}", None
 
     def setup(self) -> None:
@@ -90,9 +95,9 @@ class TorchAdapter(ModelAdapter):
     def predict(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        from lepton.runs import predict_proba
+        from lepton.runs import predict_outputs
 
-        return predict_proba(self.run.model, torch.from_numpy(batch), tta=self.run.config.tta)
+        return predict_outputs(self.run.model, torch.from_numpy(batch), self.task.activate, tta=self.run.config.tta)
 
     def explain(self, pixels: np.ndarray, method: str, class_idx: int) -> bytes:
         """A Grad-CAM overlay PNG for one decoded image (run outside the batcher, in the caller's thread)."""
@@ -113,8 +118,9 @@ class OnnxAdapter(ModelAdapter):
 
     def __init__(self, registry, ref: str, onnx_sha: str | None = None):
         v = registry.get(ref)
-        super().__init__(v.name, v.version, v.labels, Preprocessing.from_dict(v.preprocessing), v.threshold)
+        super().__init__(*self._fields(v))
         self._registry, self._sha, self.session = registry, onnx_sha or v.artifacts["onnx"], None
+        self._foreign = v.format == "onnx"  # trained elsewhere: its output may be logits or probabilities
 
     def setup(self) -> None:
         import onnxruntime as ort
@@ -125,8 +131,10 @@ class OnnxAdapter(ModelAdapter):
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         out = self.session.run(None, {self._input: batch.astype(np.float32)})[0]
-        if out.ndim != 2 or out.shape[1] != len(self.labels):
+        if out.ndim != 2 or out.shape[1] != self.task.num_outputs(self.labels):
             raise RuntimeError(f"{self.name}@{self.version}: ONNX output shape {out.shape} does not fit the labels")
+        if not self._foreign:  # exported by Lepton with the task's activation in the graph
+            return out
         sums = out.sum(1, keepdims=True)
         if np.all(out >= 0) and np.allclose(sums, 1, atol=1e-3):
             return out

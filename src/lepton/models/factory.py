@@ -1,0 +1,55 @@
+"""The factory: ``create_model(name)`` builds any registered network; importing it registers the built-ins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lepton.errors import ModelError
+from lepton.models import networks  # noqa: F401  (registers the built-in networks)
+from lepton.models.pretrained import load_pretrained
+from lepton.models.registry import ModelInfo, registered, registered_names
+
+
+def list_models() -> list[ModelInfo]:
+    """All registered networks, sorted by name."""
+    return [model_info(k) for k in registered_names()]
+
+
+def model_info(name: str) -> ModelInfo:
+    info = registered(name)
+    if info is None:
+        raise ModelError(f"unknown model {name!r}; available: {', '.join(registered_names())}")
+    return info
+
+
+def create_model(
+    name: str,
+    in_channels: int = 1,
+    num_classes: int = 2,
+    pretrained: str | Path | None = None,
+    image_size: int = 224,
+):
+    """Create a registered network by name.
+
+    ResNets use a small-input stem (3×3 convolution, stride 1, no max-pool) when ``image_size``
+    is 64 or less. ``pretrained`` is a local state-dict file (torchvision/timm ImageNet layout for
+    the ResNets); RGB first-layer weights are summed for 1-channel input and the head is replaced.
+
+    >>> model = create_model("resnet18", in_channels=1, num_classes=2, image_size=28)
+    """
+    if in_channels < 1 or num_classes < 1:
+        raise ModelError(f"need in_channels >= 1 and num_classes >= 1 outputs (got {in_channels}, {num_classes})")
+    info = model_info(name)
+    model = info.builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    if pretrained is not None:
+        load_pretrained(model, info, Path(pretrained))
+    return model
+
+
+def head_parameters(model, name: str) -> tuple[list, list]:
+    """Split parameters into (backbone, head) for freezing or a separate backbone learning rate."""
+    prefix = model_info(name).head + "."
+    head, backbone = [], []
+    for pname, param in model.named_parameters():
+        (head if pname.startswith(prefix) else backbone).append(param)
+    return backbone, head

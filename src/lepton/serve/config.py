@@ -1,0 +1,29 @@
+"""How a server runs: ``ServeConfig``, and the environment variable that carries it to worker processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Environment variable that carries the ServeConfig (JSON) to worker processes started by uvicorn.
+CONFIG_ENV = "LEPTON_SERVE_CONFIG"
+
+
+@dataclass
+class ServeConfig:
+    """How the server runs; ``models`` are registry references (``name``, ``name@3``, ``name@production``)."""
+
+    models: list[str]
+    registry: str | None = None
+    auth: bool = True
+    backend: str = "auto"
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    batch_idle_ms: float = 0.0  # > 0: a batch also closes when no request arrived for this long
+    max_queue: int = 256
+    max_upload_bytes: int = 32 << 20
+    rate_limit: float = 50.0  # requests per second per key; 0 disables
+    rate_burst: int = 100
+    poll_seconds: float = 0.0  # 0: swaps only through POST /v1/admin/reload
+    key_cache_seconds: float = 2.0  # how long an accepted API key is trusted before it is checked again
+    shared_dir: str | None = None  # set by `serve` for worker processes: rate limits and reloads shared there
+    freeze_heap: bool = True  # gc.freeze() after models load: no full-heap garbage collection pauses under load

@@ -1,0 +1,54 @@
+"""One place for the server's error answers: the native shape ``{"error": {"code", "message"}}`` and the Open
+Inference Protocol's ``{"error": "message"}`` (any path under ``/v2``), and the handlers that map exceptions
+to them."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lepton.errors import LeptonError, RegistryError
+
+
+class ApiError(Exception):
+    """A client's mistake (or a refusal) with its HTTP status, a stable code, a message and extra headers."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def is_oip(path: str) -> bool:
+    return path.startswith("/v2")
+
+
+def error_response(status: int, code: str, message: str, oip: bool = False,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error body in the shape of the API the request used."""
+    body = {"error": message} if oip else {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer ApiError, LeptonError (bad input: 422; an unknown registry version: 404), HTTP errors and request
+    validation errors in the shape above."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, is_oip(request.url.path), exc.headers)
+
+    @app.exception_handler(LeptonError)
+    async def _lepton_error(request: Request, exc: LeptonError):
+        status = 404 if isinstance(exc, RegistryError) and "no such version" in str(exc) else 422
+        return error_response(status, "invalid_input", str(exc), is_oip(request.url.path))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, "http_error", str(exc.detail), is_oip(request.url.path))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(422, "invalid_request", "; ".join(str(e.get("msg")) for e in exc.errors()),
+                              is_oip(request.url.path))

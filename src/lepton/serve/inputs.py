@@ -1,0 +1,80 @@
+"""Request bodies into decoded images: multipart uploads, raw file bodies, JSON with base64 files or nested
+arrays. Small PNGs are decoded on the event loop, everything else in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+
+import numpy as np
+from fastapi import Request
+
+from lepton.serve.adapters import ModelAdapter
+from lepton.serve.errors import ApiError
+
+#: PNG uploads up to this many pixels are decoded on the event loop: for a small image a thread hand-off (and
+#: the GIL contention it brings) costs more than the decode itself (measured with benchmarks/serve_load.py).
+#: Larger PNGs, other rasters, DICOM, NIfTI and NPY are decoded in a thread.
+INLINE_DECODE_PIXELS = 256 * 256
+
+
+def decodes_inline(data: bytes) -> bool:
+    """A small PNG, judged from its IHDR chunk before any decoding, and no bigger on the wire than its
+    pixels would be raw (a small image padded with megabytes of chunks goes to a thread)."""
+    if not 24 <= len(data) <= 4 * INLINE_DECODE_PIXELS + 4096:
+        return False
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR":
+        return False
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return width * height <= INLINE_DECODE_PIXELS
+
+
+async def decode_upload(adapter: ModelAdapter, data: bytes, filename: str | None) -> np.ndarray:
+    """Decode an uploaded file with ``adapter``: small PNGs inline, everything else off the event loop."""
+    if decodes_inline(data):
+        return adapter.decode_request(data, filename)
+    return await asyncio.to_thread(adapter.decode_request, data, filename)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body; ApiError 413 over ``limit`` bytes, 400 when empty."""
+    body = await request.body()
+    if len(body) > limit:
+        raise ApiError(413, "payload_too_large", f"request body over {limit} bytes")
+    if not body:
+        raise ApiError(400, "empty_body", "the request body is empty")
+    return body
+
+
+async def decode_request(request: Request, adapter: ModelAdapter, limit: int) -> np.ndarray:
+    """One image from a native predict request, by content type: multipart ``file``, JSON ``image``
+    (base64 file) or ``array`` (nested list in [0, 1]), or the raw file as the body."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        await read_body(request, limit)
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "missing_file", "multipart requests need a 'file' field")
+        data = await upload.read()
+        if not data:
+            raise ApiError(400, "empty_file", "the uploaded file is empty")
+        return await decode_upload(adapter, data, upload.filename)
+    body = await read_body(request, limit)
+    if ctype.startswith("application/json"):
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from exc
+        if not isinstance(payload, dict) or not ({"image", "array"} & set(payload)):
+            raise ApiError(422, "invalid_request", "JSON body needs 'image' (base64 file) or 'array' (nested list)")
+        if "image" in payload:
+            try:
+                data = base64.b64decode(str(payload["image"]), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ApiError(422, "invalid_base64", f"'image' is not valid base64: {exc}") from exc
+            return await decode_upload(adapter, data, payload.get("filename"))
+        return adapter.decode_array(payload["array"])
+    return await decode_upload(adapter, body, request.headers.get("x-filename"))

@@ -1,0 +1,19 @@
+"""Admin actions: reload every served model from the registry (and, with several workers, signal the others)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from lepton.registry.access import KeyInfo
+from lepton.serve.deps import admin_key, server
+from lepton.serve.state import Server
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
+@router.post("/reload")
+async def reload(key: KeyInfo | None = Depends(admin_key), srv: Server = Depends(server)):
+    changes = await srv.reload()
+    if srv.reload_signal is not None:
+        srv.reload_signal.bump()  # the other workers follow within RELOAD_WATCH_SECONDS
+    return {"changes": changes}

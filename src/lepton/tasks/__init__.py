@@ -1,0 +1,9 @@
+"""Tasks: what differs between classification, segmentation, … behind one small contract (``Task``).
+
+Importing this package registers the built-in tasks; ``get_task(name)`` returns one.
+"""
+
+from lepton.tasks import classification  # noqa: F401  (registers the built-in tasks)
+from lepton.tasks.base import Task, get_task, list_tasks, register_task
+
+__all__ = ["Task", "get_task", "list_tasks", "register_task"]

@@ -1,0 +1,148 @@
+"""The task contract: everything that differs between tasks, and the table of tasks by name.
+
+A task turns a data set into training targets, network outputs into predictions, and predictions into
+metrics, reports, response payloads, Open Inference Protocol tensors and model-card lines. The training
+loop, evaluation, the run directory, the registry and the server call these hooks and assume nothing
+else about the task. A new task is one module with a ``@register_task`` subclass (see
+``lepton.tasks.classification``); it needs no edit anywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from lepton.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from lepton.data.dataset import ImageSet
+
+Loss = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+
+class Task:
+    """Base class of a task. Subclasses set ``name`` and the selection metric and override the hooks.
+
+    ``outputs`` below are always the task's activated network outputs as float arrays (N, K) — for
+    classification the class probabilities — and ``info`` is the run's decision record (``run.json``:
+    whatever ``fit_decision`` stored, e.g. a threshold).
+    """
+
+    name: ClassVar[str] = ""
+    #: The validation metric (a key of ``val_metrics``) that picks the best epoch, and its direction.
+    selection_metric: ClassVar[str] = "val_loss"
+    higher_is_better: ClassVar[bool] = False
+
+    # -- training -----------------------------------------------------------------------------------------
+    def num_outputs(self, label_names: list[str]) -> int:
+        """How many outputs the network needs."""
+        raise NotImplementedError
+
+    def targets(self, data: ImageSet) -> np.ndarray:
+        """The training target per image of a data set (class index, value, …)."""
+        raise NotImplementedError
+
+    def criterion(self, y_train: torch.Tensor, config: Any) -> Loss:
+        """The training loss ``loss(logits, y)``, set up from the training targets and the config."""
+        return self.loss
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The plain loss on raw network outputs (adversarial attacks and fine-tuning ascend or descend it)."""
+        raise NotImplementedError
+
+    def sample_weights(self, y_train: torch.Tensor, config: Any) -> torch.Tensor | None:
+        """Per-sample drawing weights for the epoch order, or None for a plain shuffle."""
+        return None
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw network outputs → the task's outputs (probabilities, values); averaged under flip TTA."""
+        return logits
+
+    def val_metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+        """Per-epoch validation figures; must hold ``val_loss`` and ``selection_metric``."""
+        raise NotImplementedError
+
+    def fit_decision(self, y_val: np.ndarray, outputs: np.ndarray) -> dict[str, Any]:
+        """Decision parameters chosen on validation after training (stored in ``run.json``)."""
+        return {}
+
+    # -- predictions ----------------------------------------------------------------------------------------
+    def decide(self, outputs: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
+        """One decision per row: a class index, a value, …"""
+        raise NotImplementedError
+
+    def encode(self, row: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> dict[str, Any]:
+        """The JSON answer for one image (``lepton predict``, the native HTTP API, the SDK)."""
+        raise NotImplementedError
+
+    def label(self, row: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> str | None:
+        """A short categorical answer for metrics and logs, or None when the task has none."""
+        return None
+
+    def agrees(self, a: np.ndarray, b: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> bool:
+        """Whether two outputs for one image give the same answer (shadow traffic is scored by it)."""
+        la, lb = self.label(a, labels, info), self.label(b, labels, info)
+        if la is not None:
+            return la == lb
+        return bool(np.allclose(a, b, rtol=0.05, atol=1e-3))
+
+    def explain_index(self, row: np.ndarray, info: Mapping[str, Any]) -> int:
+        """The network output a saliency map explains by default."""
+        return int(np.argmax(row))
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def scores(self, y: np.ndarray, outputs: np.ndarray, info: Mapping[str, Any]) -> dict[str, float]:
+        """Headline figures under the decision rule in ``info`` (robustness and export tables compare them)."""
+        raise NotImplementedError
+
+    def report(self, y: np.ndarray, outputs: np.ndarray, labels: list[str], info: Mapping[str, Any], *,
+               n_bootstrap: int, plots: Path | None) -> tuple[dict[str, Any], list[str]]:
+        """The evaluation report's body (JSON-ready) and its Markdown lines; figures go to ``plots`` if given."""
+        raise NotImplementedError
+
+    # -- protocols and the registry --------------------------------------------------------------------------
+    def oip_outputs(self, labels: list[str]) -> list[dict[str, Any]]:
+        """Open Inference Protocol v2 output metadata: ``name``, ``datatype``, ``shape`` (batch axis -1)."""
+        raise NotImplementedError
+
+    def oip_tensors(self, outputs: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> dict[str, Any]:
+        """The output tensors for a batch by name: ``{name: (datatype, shape, flat data list)}``."""
+        raise NotImplementedError
+
+    def card_metrics(self, info: Mapping[str, Any], reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """What the registry keeps of a run's validation record and its evaluation reports (by folder)."""
+        return {k: v for k, v in info.items() if k.startswith("val_")}
+
+    def card_text(self, labels: list[str], channels: int, threshold: float | None,
+                  metrics: Mapping[str, Any]) -> dict[str, list[str]]:
+        """Model-card lines: ``use`` (intended use), ``decision`` (the rule) and ``metrics``."""
+        return {"use": [f"A {self.name} model on {channels}-channel images."], "decision": [],
+                "metrics": [f"- {k}: {v}" for k, v in metrics.items()]}
+
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a Task subclass available by its ``name`` (``--task NAME``, run configs)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a name")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str | None) -> Task:
+    """A task instance by name (None or empty means classification, the default of older runs)."""
+    key = name or "classification"
+    if key not in _TASKS:
+        raise ConfigError(f"unknown task {key!r}; available: {', '.join(sorted(_TASKS))}")
+    return _TASKS[key]()
+
+
+def list_tasks() -> list[str]:
+    return sorted(_TASKS)

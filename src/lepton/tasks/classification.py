@@ -1,0 +1,194 @@
+"""Classification: one label per image from two or more classes; the first task and the default."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton.tasks.base import Loss, Task, register_task
+from lepton.tasks.metrics import (
+    auc_score,
+    bootstrap_ci,
+    calibration,
+    classification_metrics,
+    fmt,
+    youden_threshold,
+)
+
+
+@register_task
+class Classification(Task):
+    """Softmax over classes with cross-entropy (class-weighted, label smoothing); model selection on val AUC;
+    for two classes a decision threshold on P(class 1) chosen on val by Youden's J."""
+
+    name = "classification"
+    selection_metric = "val_auc"
+    higher_is_better = True
+
+    # -- training -----------------------------------------------------------------------------------------
+    def num_outputs(self, label_names: list[str]) -> int:
+        return len(label_names)
+
+    def targets(self, data) -> np.ndarray:
+        return np.asarray(data.labels, dtype=np.int64)
+
+    def criterion(self, y_train, config) -> Loss:
+        import torch
+        import torch.nn.functional as F
+
+        weight = None
+        if config.imbalance == "weighted":
+            k = int(y_train.max()) + 1 if len(y_train) else 1
+            counts = torch.bincount(y_train, minlength=k).float()
+            weight = counts.sum() / (k * counts.clamp_min(1))
+        smoothing = config.label_smoothing
+        on_device: dict[Any, Any] = {}
+
+        def loss(logits, y):
+            w = None if weight is None else on_device.setdefault(logits.device, weight.to(logits.device))
+            return F.cross_entropy(logits.float(), y, weight=w, label_smoothing=smoothing)
+
+        return loss
+
+    def loss(self, logits, y):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits, y)
+
+    def sample_weights(self, y_train, config):
+        if config.imbalance != "balanced":
+            return None
+        import torch
+
+        counts = torch.bincount(y_train).float()
+        return (1.0 / counts.clamp_min(1))[y_train]
+
+    def activate(self, logits):
+        import torch
+
+        return torch.softmax(logits.float(), 1)
+
+    def val_metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+        p = np.clip(outputs[np.arange(len(y)), y], 1e-7, 1.0)
+        return {"val_loss": float(-np.log(p).mean()), "val_acc": float((outputs.argmax(1) == y).mean()),
+                "val_auc": auc_score(y, outputs)}
+
+    def fit_decision(self, y_val: np.ndarray, outputs: np.ndarray) -> dict[str, Any]:
+        threshold = youden_threshold(y_val, outputs[:, 1]) if outputs.shape[1] == 2 else None
+        return {"threshold": threshold, "threshold_rule": "Youden J on val" if threshold is not None else None}
+
+    # -- predictions ----------------------------------------------------------------------------------------
+    def decide(self, outputs: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
+        """Class index per row: the stored threshold on P(class 1) for two classes, arg-max otherwise."""
+        threshold = info.get("threshold")
+        if outputs.shape[1] == 2 and threshold is not None:
+            return (outputs[:, 1] >= threshold).astype(np.int64)
+        return outputs.argmax(1)
+
+    def label(self, row: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> str:
+        return labels[int(self.decide(row[None], info)[0])]
+
+    def encode(self, row: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> dict[str, Any]:
+        return {"label": self.label(row, labels, info),
+                "probabilities": {n: round(float(p), 6) for n, p in zip(labels, row, strict=True)},
+                "threshold": info.get("threshold")}
+
+    def explain_index(self, row: np.ndarray, info: Mapping[str, Any]) -> int:
+        return int(self.decide(row[None], info)[0])
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def scores(self, y: np.ndarray, outputs: np.ndarray, info: Mapping[str, Any]) -> dict[str, float]:
+        return {"acc": float((self.decide(outputs, info) == y).mean()), "auc": auc_score(y, outputs)}
+
+    def report(self, y, outputs, labels, info, *, n_bootstrap, plots):
+        thresholds: dict[str, float | None] = {"argmax": None} if len(labels) != 2 else {"0.5": 0.5}
+        if len(labels) == 2 and info.get("threshold") is not None:
+            thresholds["val_youden"] = info["threshold"]
+        results = {}
+        for key, thr in thresholds.items():
+            metrics = classification_metrics(y, outputs, labels, thr)
+            pred = metrics.pop("_pred")
+            metrics["ci95"] = bootstrap_ci(y, outputs, pred, n=n_bootstrap) if n_bootstrap else None
+            results[key] = metrics
+        primary = "val_youden" if "val_youden" in results else next(iter(results))
+        body: dict[str, Any] = {"class_counts": {n: int((y == i).sum()) for i, n in enumerate(labels)},
+                                "primary_threshold": primary, "metrics": results,
+                                "calibration": calibration(y, outputs)}
+        body["ece"] = body["calibration"]["ece"]
+        if plots is not None:
+            from lepton.plots import plot_confusion, plot_reliability, plot_roc
+
+            plot_roc(y, outputs, labels, plots / "roc.png")
+            plot_confusion(np.array(results[primary]["confusion_matrix"]), labels, plots / "confusion.png")
+            plot_reliability(body["calibration"], plots / "reliability.png")
+            body["plots"] = [str(plots / f) for f in ("roc.png", "confusion.png", "reliability.png")]
+        return body, self._markdown(body)
+
+    def _markdown(self, body: dict[str, Any]) -> list[str]:
+        lines = [f"- Classes: {', '.join(f'{k}: {v}' for k, v in body['class_counts'].items())}",
+                 f"- Expected calibration error (15 bins): {fmt(body['ece'])}", ""]
+        for key, m in body["metrics"].items():
+            ci = m.get("ci95") or {}
+            thr = "arg-max" if m["threshold"] is None else f"threshold {m['threshold']:.4f} ({key})"
+            lines += [f"## Decision rule: {thr}", "", "| metric | value | 95 % CI |", "|---|---|---|",
+                      f"| accuracy | {fmt(m['acc'])} | {' – '.join(fmt(v) for v in ci.get('acc', [])) or '-'} |",
+                      f"| AUC | {fmt(m['auc'])} | {' – '.join(fmt(v) for v in ci.get('auc', [])) or '-'} |",
+                      f"| balanced accuracy | {fmt(m['balanced_acc'])} | |", "",
+                      "| class | sensitivity | specificity | precision | F1 | support |", "|---|---|---|---|---|---|"]
+            for name, c in m["per_class"].items():
+                lines.append(f"| {name} | {fmt(c['sensitivity'])} | {fmt(c['specificity'])} | "
+                             f"{fmt(c['precision'])} | {fmt(c['f1'])} | {c['support']} |")
+            lines += ["", "Confusion matrix (rows: true, columns: predicted):", "", "```"]
+            lines += ["  ".join(f"{v:6d}" for v in row) for row in m["confusion_matrix"]]
+            lines += ["```", ""]
+        if body.get("plots"):
+            lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in body["plots"]]
+        return lines
+
+    # -- protocols and the registry --------------------------------------------------------------------------
+    def oip_outputs(self, labels: list[str]) -> list[dict[str, Any]]:
+        return [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(labels)]},
+                {"name": "label", "datatype": "BYTES", "shape": [-1]}]
+
+    def oip_tensors(self, outputs, labels, info) -> dict[str, Any]:
+        names = [labels[int(k)] for k in self.decide(outputs, info)]
+        return {"probabilities": ("FP32", list(outputs.shape), outputs.astype(float).ravel().tolist()),
+                "label": ("BYTES", [len(names)], names)}
+
+    def card_metrics(self, info, reports):
+        metrics: dict[str, Any] = {"val_auc": info.get("val_auc"), "val_acc": info.get("val_acc"),
+                                   "best_epoch": info.get("best_epoch")}
+        for folder, rep in reports.items():
+            metrics[f"eval/{folder}"] = {
+                "split": rep["split"], "images": rep["images"], "ece": rep.get("ece"),
+                **{k: {"acc": m["acc"], "auc": m["auc"], "ci95": m.get("ci95")} for k, m in rep["metrics"].items()}}
+        return metrics
+
+    def card_text(self, labels, channels, threshold, metrics):
+        use = [f"Classifies {channels}-channel medical images into {', '.join(labels)}. Decision support for "
+               "trained readers only: not a diagnosis, and not validated for populations, devices or protocols "
+               "unlike the training data."]
+        decision = [f"- Decision threshold on P({labels[-1]}): {_num(threshold)}" if threshold is not None
+                    else "- Decision rule: arg-max over classes"]
+        lines = []
+        if metrics.get("val_auc") is not None:
+            lines.append(f"- Validation (model selection): AUC {_num(metrics.get('val_auc'))}, "
+                         f"ACC {_num(metrics.get('val_acc'))}")
+        for key, rep in metrics.items():
+            if not key.startswith("eval/"):
+                continue
+            lines.append(f"- {rep['split']} split, {rep['images']} images, ECE {_num(rep.get('ece'))}:")
+            for rule, r in rep.items():
+                if isinstance(r, dict) and "acc" in r:
+                    ci = r.get("ci95") or {}
+                    acc_ci = " [{:.4f}, {:.4f}]".format(*ci["acc"]) if ci.get("acc") else ""
+                    auc_ci = " [{:.4f}, {:.4f}]".format(*ci["auc"]) if ci.get("auc") else ""
+                    lines.append(f"  - threshold {rule}: ACC {_num(r['acc'])}{acc_ci}, AUC {_num(r['auc'])}{auc_ci}")
+        return {"use": use, "decision": decision, "metrics": lines}
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else ("n/a" if x is None else str(x))

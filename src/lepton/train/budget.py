@@ -1,0 +1,43 @@
+"""The wall-clock budget of a training run (``time_budget_s``): plan the epochs that fit, never start one late."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from lepton.config import TrainConfig
+
+log = logging.getLogger("lepton.train")
+
+#: The run is re-planned after this epoch: by then first-epoch costs (warm-up, allocation) are behind it.
+PLAN_AFTER_EPOCH = 2
+
+
+class TimeBudget:
+    """Wall-clock time since ``start`` against ``seconds`` (0: no budget)."""
+
+    def __init__(self, seconds: float, start: float | None = None):
+        self.seconds = seconds
+        self.started = time.perf_counter() if start is None else start
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def would_overrun(self, next_epoch_s: float) -> bool:
+        """Whether an epoch as long as ``next_epoch_s`` started now would end past the budget."""
+        return bool(self.seconds) and self.elapsed() + next_epoch_s > self.seconds
+
+
+def fit_to_budget(config: TrainConfig, elapsed: float, epoch_s: float, run_dir: Path, reporter=None) -> None:
+    """Re-plan a fresh run after its second epoch to the epochs that fit ``time_budget_s`` at that epoch's pace;
+    the new count is saved in config.yaml (so a resume keeps it) and the cosine schedule stretches over it."""
+    fit = PLAN_AFTER_EPOCH + max(0, int((config.time_budget_s - elapsed) // max(epoch_s, 1e-9)))
+    if fit >= config.epochs:
+        return
+    log.warning("time budget %.0f s: at %.1f s per epoch this run trains %d of %d epochs",
+                config.time_budget_s, epoch_s, fit, config.epochs)
+    config.epochs = fit
+    config.to_yaml(run_dir / "config.yaml")
+    if reporter is not None:
+        reporter.epochs = fit

@@ -1,0 +1,145 @@
+"""The optimisation state of one model and its steps: an epoch of training, the validation hook and the
+state a checkpoint keeps. ``lepton.train.train`` drives it over a run directory; distributed and federated
+training drive the same parts (wrap ``trainer.model``, call ``train_epoch``/``validate``, exchange weights)."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from lepton.config import TrainConfig
+from lepton.data.transforms import augment_batch, augment_options
+from lepton.errors import RunError
+from lepton.models import create_model
+from lepton.models.adversarial import attack
+from lepton.runs import predict_outputs
+from lepton.tasks import Task
+from lepton.train.data import Prepared
+from lepton.train.optim import ema_update, lr_lambda, make_optimizer, recalibrate_bn
+
+
+def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Every epoch's randomness derives from (seed, epoch) alone, so a resumed run repeats exactly."""
+    torch.manual_seed(seed * 1_000_003 + epoch)
+    random.seed(seed * 1_000_003 + epoch)
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def model_spec(config: TrainConfig, task: Task, prepared: Prepared) -> dict[str, Any]:
+    """The arguments of ``create_model`` that rebuild this run's network (saved in ``best.pt``)."""
+    spec = prepared.spec
+    return {"name": config.model, "in_channels": spec.channels, "num_classes": task.num_outputs(prepared.label_names),
+            "image_size": spec.size[0]}
+
+
+class Trainer:
+    """A network with its optimiser, LR schedule, EMA copy, mixed precision and loss, over prepared data."""
+
+    def __init__(self, config: TrainConfig, task: Task, prepared: Prepared, device: str, *,
+                 pretrained: str | None = None):
+        self.config, self.task, self.data, self.device = config, task, prepared, device
+        self.spec = model_spec(config, task, prepared)
+        model = create_model(**self.spec, pretrained=pretrained)
+        self.model = model.to(device).to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(self.model, config)
+        self.steps_per_epoch = -(-len(prepared.y_train) // config.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.steps_per_epoch))
+        self.ema = None
+        if config.ema_decay > 0:
+            self.ema = torch.optim.swa_utils.AveragedModel(self.model, multi_avg_fn=ema_update(config.ema_decay),
+                                                           use_buffers=True)
+        self.amp_dtype = None
+        if device.startswith("cuda") and config.amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.loss_fn = task.criterion(prepared.y_train, config)
+        self.sample_weight = task.sample_weights(prepared.y_train, config)
+        self.augment = augment_options(config.augment, config.augment_options)
+        norm = prepared.spec.normalize
+        self.x_val = norm(prepared.x_val)
+        # Averaged weights do not match averaged BatchNorm statistics; the EMA model's statistics are
+        # recomputed on a fixed, un-augmented slice of the training set before each evaluation.
+        self.bn_batch = norm(prepared.x_train[torch.randperm(len(prepared.y_train),
+                                                             generator=torch.Generator().manual_seed(config.seed))[:2048]])
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are validated and saved: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
+        """This epoch's sample order (weighted draws when the task asks for them) and its generator."""
+        gen = seed_epoch(self.config.seed, epoch)
+        n = len(self.data.y_train)
+        order = (torch.multinomial(self.sample_weight, n, replacement=True, generator=gen)
+                 if self.sample_weight is not None else torch.randperm(n, generator=gen))
+        return order, gen
+
+    def train_epoch(self, epoch: int, on_step=None) -> dict[str, float]:
+        """One pass over the training set; ``on_step(loss, images_per_s)`` after each step."""
+        config, data, device = self.config, self.data, self.device
+        order, gen = self.epoch_order(epoch)
+        self.model.train()
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for step in range(self.steps_per_epoch):
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            if len(idx) < 2:  # BatchNorm cannot train on a batch of one
+                continue
+            x01 = augment_batch(data.x_train[idx], self.augment, gen).to(device, non_blocking=True)
+            yb = data.y_train[idx].to(device, non_blocking=True)
+            if config.adversarial:
+                adv = attack(self.model, data.spec.normalize, x01, yb, config.adv_epsilon, config.adversarial,
+                             steps=config.adv_steps, seed=epoch * 100_000 + step, loss_fn=self.task.loss)
+                self.model.train()
+                x01, yb = torch.cat([x01, adv]), torch.cat([yb, yb])
+            loss = self.step(data.spec.normalize(x01).contiguous(memory_format=torch.channels_last), yb, epoch)
+            seen += len(idx)
+            loss_sum += loss * len(idx)
+            if on_step is not None:
+                on_step(loss, seen / (time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        return {"lr": self.optimizer.param_groups[-1]["lr"], "train_loss": loss_sum / max(1, seen),
+                "seen": seen, "train_seconds": seconds}
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int) -> float:
+        """One optimiser step on a normalised batch; returns the loss."""
+        with torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss = self.loss_fn(self.model(xb), yb)
+        if not torch.isfinite(loss):
+            raise RunError(f"loss became {loss.item()} at epoch {epoch}; lower --lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss.item()
+
+    def predict_val(self, model: torch.nn.Module | None = None) -> np.ndarray:
+        """The task's outputs on the val split (the EMA model's BatchNorm statistics recomputed first)."""
+        model = model or self.eval_model
+        if self.ema is not None and model is self.ema.module:
+            recalibrate_bn(model, self.bn_batch, self.device)
+        return predict_outputs(model, self.x_val, self.task.activate, tta=self.config.tta, device=self.device)
+
+    def validate(self) -> dict[str, float]:
+        """The task's validation figures for the current weights."""
+        return self.task.val_metrics(self.data.y_val.numpy(), self.predict_val())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
