@@ -374,6 +374,8 @@ def train(
                                              "default, demo, medmnist.")] = "auto",
     name: Annotated[str | None, typer.Option(help="Run name (default: data-model-time).")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Parent folder of run directories.")] = None,
+    task: Annotated[str | None, typer.Option(help="What the model learns: classification (default), or a task "
+                                                  "registered in lepton.tasks.")] = None,
     model: Annotated[str | None, typer.Option(help="Network name (`lepton models available`).")] = None,
     pretrained: Annotated[str | None, typer.Option(help="Local state-dict file for transfer learning.")] = None,
     freeze_backbone: Annotated[bool | None, typer.Option("--freeze-backbone", help="Train the head only.")] = None,
@@ -409,7 +411,7 @@ def train(
     test_fraction: Annotated[float | None, typer.Option(help="Test share when the data has no splits.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Train a classifier; writes a run directory with checkpoints, history and curves."""
+    """Train a model (a classifier by default); writes a run directory with checkpoints, history and curves."""
     from lepton.config import TrainConfig, make_config
     from lepton.train import summary
     from lepton.train import train as train_fn
@@ -418,7 +420,7 @@ def train(
         run = train_fn(resume=resume, quiet=quiet)
     else:
         overrides = dict(
-            name=name, output_dir=output_dir, model=model, pretrained=pretrained,
+            name=name, output_dir=output_dir, task=task, model=model, pretrained=pretrained,
             freeze_backbone=freeze_backbone, backbone_lr=backbone_lr, epochs=epochs, batch_size=batch_size,
             lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
             label_smoothing=label_smoothing, imbalance=imbalance, augment=augment,
@@ -461,15 +463,9 @@ def evaluate(
     if as_json:
         console.print_json(json.dumps(report))
         return
-    for key, m in report["metrics"].items():
-        ci = m.get("ci95") or {}
-        thr = "argmax" if m["threshold"] is None else f"{key} threshold {m['threshold']:.3f}"
-        acc_ci = " [{:.3f}, {:.3f}]".format(*ci["acc"]) if ci else ""
-        auc_ci = " [{:.3f}, {:.3f}]".format(*ci["auc"]) if ci else ""
-        console.print(f"{report['split']} ({report['images']} images), {thr}: "
-                      f"ACC {m['acc']:.4f}{acc_ci}  AUC {m['auc']:.4f}{auc_ci}  "
-                      f"balanced ACC {m['balanced_acc']:.4f}")
-    console.print(f"ECE {report['ece']:.4f}; report: {Path(report['output']) / 'report.md'}")
+    for line in report["summary"]:
+        console.print(f"{report['split']} ({report['images']} images), {line}", highlight=False)
+    console.print(f"report: {Path(report['output']) / 'report.md'}")
 
 
 @app.command()

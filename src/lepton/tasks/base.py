@@ -102,7 +102,8 @@ class Task:
 
     def report(self, y: np.ndarray, outputs: np.ndarray, labels: list[str], info: Mapping[str, Any], *,
                n_bootstrap: int, plots: Path | None) -> tuple[dict[str, Any], list[str]]:
-        """The evaluation report's body (JSON-ready) and its Markdown lines; figures go to ``plots`` if given."""
+        """The evaluation report's body (JSON-ready, with ``summary``: a few headline lines for the terminal) and
+        its Markdown lines; figures go to the folder ``plots`` if given."""
         raise NotImplementedError
 
     # -- protocols and the registry --------------------------------------------------------------------------

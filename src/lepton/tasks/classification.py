@@ -118,6 +118,7 @@ class Classification(Task):
                                 "primary_threshold": primary, "metrics": results,
                                 "calibration": calibration(y, outputs)}
         body["ece"] = body["calibration"]["ece"]
+        body["summary"] = [*(_summary_line(key, m) for key, m in results.items()), f"ECE {body['ece']:.4f}"]
         if plots is not None:
             from lepton.plots import plot_confusion, plot_reliability, plot_roc
 
@@ -188,6 +189,14 @@ class Classification(Task):
                     auc_ci = " [{:.4f}, {:.4f}]".format(*ci["auc"]) if ci.get("auc") else ""
                     lines.append(f"  - threshold {rule}: ACC {_num(r['acc'])}{acc_ci}, AUC {_num(r['auc'])}{auc_ci}")
         return {"use": use, "decision": decision, "metrics": lines}
+
+
+def _summary_line(key: str, m: dict[str, Any]) -> str:
+    ci = m.get("ci95") or {}
+    thr = "argmax" if m["threshold"] is None else f"{key} threshold {m['threshold']:.3f}"
+    acc_ci = " [{:.3f}, {:.3f}]".format(*ci["acc"]) if ci else ""
+    auc_ci = " [{:.3f}, {:.3f}]".format(*ci["auc"]) if ci else ""
+    return f"{thr}: ACC {m['acc']:.4f}{acc_ci}  AUC {m['auc']:.4f}{auc_ci}  balanced ACC {m['balanced_acc']:.4f}"
 
 
 def _num(x: Any) -> str:

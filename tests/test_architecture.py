@@ -1,0 +1,151 @@
+"""The house rules of docs/ARCHITECTURE.md, read from the code's own imports: no import circles, no arrow from
+a lower layer to a higher one, the SDK apart from the server, no oversized server module."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+#: Layers from the ground up (docs/ARCHITECTURE.md): a module may import its own layer or any below it.
+LAYERS: list[tuple[str, ...]] = [
+    ("lepton", "lepton.errors", "lepton.utils", "lepton.plots"),
+    ("lepton.config",),
+    ("lepton.data",),
+    ("lepton.models",),
+    ("lepton.tasks",),
+    ("lepton.runs",),
+    ("lepton.train",),
+    ("lepton.evaluate", "lepton.explain", "lepton.robustness", "lepton.export"),
+    ("lepton.registry",),
+    ("lepton.serve", "lepton.client"),
+    ("lepton.demo",),
+    ("lepton.cli",),
+]
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in (SRC / "lepton").rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every lepton module's lepton imports, deferred ones (inside functions) included."""
+    mods = modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    head = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(head + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in mods and t != name}
+    return graph
+
+
+def layer(module: str) -> int:
+    best, rank = -1, None
+    for i, names in enumerate(LAYERS):
+        for prefix in names:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, rank = len(prefix), i
+    assert rank is not None, f"{module} is in no layer: add it to LAYERS and docs/ARCHITECTURE.md"
+    return rank
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(10_000)
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if layer(b) > layer(a))
+
+
+def test_the_graph_is_read_from_the_code():
+    graph = import_graph()
+    assert len(graph) > 60
+    assert "lepton.tasks" in graph["lepton.runs"] and "lepton.data.base" in graph["lepton.data.dicom"]
+    assert "lepton.registry.bundle" in graph["lepton.registry.core"]  # a deferred import counts too
+
+
+def test_a_planted_circle_and_an_upward_arrow_are_caught():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert layer("lepton.data.io") < layer("lepton.tasks.base") < layer("lepton.serve.routers.oip")
+    assert upward({"lepton.data.io": {"lepton.runs", "lepton.data.base"}}) == ["lepton.data.io -> lepton.runs"]
+
+
+def test_no_import_circles():
+    assert cycles(import_graph()) == []
+
+
+def test_imports_only_point_to_the_same_layer_or_below():
+    assert upward(import_graph()) == []
+
+
+def test_formats_do_not_import_each_other_and_the_sdk_not_the_server():
+    graph = import_graph()
+    formats = {"lepton.data.raster", "lepton.data.npy", "lepton.data.dicom", "lepton.data.nifti"}
+    for name in formats:
+        assert not graph[name] & (formats | {"lepton.data.io"}), name
+    assert not any(t.startswith("lepton.serve") for t in graph["lepton.client"])
+
+
+def test_no_server_module_over_350_lines():
+    big = {p.name: n for p in (SRC / "lepton" / "serve").rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > 350}
+    assert big == {}
+
+
+@pytest.mark.parametrize("module", ["lepton.cli", "lepton.tasks", "lepton.data"])
+def test_light_modules_do_not_load_torch(module):
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
