@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import cpu_summary
 from PIL import Image
 from torch import nn
 
@@ -187,9 +188,10 @@ def main() -> int:
     data = write_slice(args.data, tmp / "slice.npz", 384, 128) if args.quick else args.data
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict = {"data": str(args.data), "quick": args.quick, "threads": torch.get_num_threads(),
-                     "torch": torch.__version__}
+                     "torch": torch.__version__, "cpu": cpu_summary(), "lepton": str(Path(lepton.__file__).parent)}
     print(f"PneumoniaMNIST benchmark ({'quick' if args.quick else 'full'}), {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
+    print(f"CPU: {cpu_summary()}")
 
     if not args.skip_compare:
         with np.load(data) as npz:

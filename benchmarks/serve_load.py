@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+from machine import cpu_summary
 
 PLAIN_SERVER = '''
 import io, sys, numpy as np, torch
@@ -181,6 +182,9 @@ def main() -> int:
     parser.add_argument("--batch-idle-ms", type=float, default=0.0, help="batching servers' idle gap (0: off)")
     parser.add_argument("--only", default="", help="comma-separated row letters to run, e.g. a,a2,c (default: all)")
     parser.add_argument("--quick", action="store_true", help="8 clients, 4 s each, lepton_cnn")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="another Lepton source tree (e.g. `git worktree add /tmp/ref COMMIT`): rows (a) and (b) "
+                             "also run from its src/, in the same turns, and the same-run ratios are printed")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.seconds, args.model = 8, 4.0, "lepton_cnn"
@@ -207,22 +211,28 @@ def main() -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     batching = ["--max-batch-size", str(args.max_batch_size or args.clients), "--max-wait-ms", str(args.max_wait_ms),
                 "--batch-idle-ms", str(args.batch_idle_ms)]
-    # label -> (lepton serve options or None for the plain server, torch threads per process)
-    servers: dict[str, tuple[list[str] | None, int]] = {"a) lepton, batching": (batching, cores)}
+    # label -> (lepton serve options or None for the plain server, torch threads per process, extra environment)
+    servers: dict[str, tuple[list[str] | None, int, dict[str, str]]] = {"a) lepton, batching": (batching, cores, {})}
     if workers > 1:
         servers[f"a2) lepton, batching, {workers} workers"] = ([*batching, "--workers", str(workers)],
-                                                              max(1, cores // workers))
-    servers["b) lepton, no batching"] = (["--max-batch-size", "1"], cores)
-    servers["c) plain FastAPI, one forward per request"] = (None, cores)
+                                                              max(1, cores // workers), {})
+    servers["b) lepton, no batching"] = (["--max-batch-size", "1"], cores, {})
+    servers["c) plain FastAPI, one forward per request"] = (None, cores, {})
+    if args.reference is not None:
+        ref_env = {"PYTHONPATH": str((args.reference / "src").resolve())}
+        servers["a-ref) reference, batching"] = (batching, cores, ref_env)
+        servers["b-ref) reference, no batching"] = (["--max-batch-size", "1"], cores, ref_env)
     if args.only:
         wanted = set(args.only.split(",")) | {"c"}  # ratios are against (c)
+        if args.reference is not None:
+            wanted |= {f"{w}-ref" for w in wanted}
         servers = {k: v for k, v in servers.items() if k.split(")")[0] in wanted}
     model = reg.load_run("bench@1").model
     headers = {"content-type": "image/png"}
     procs: list[subprocess.Popen] = []
     urls: dict[str, tuple[str, str | None]] = {}
     try:
-        for label, (extra, _) in servers.items():  # all servers up at once; only one is under load at a time
+        for label, (extra, _, extra_env) in servers.items():  # all up at once; only one is under load at a time
             port = free_port()
             if extra is None:
                 cmd = [sys.executable, "-c", PLAIN_SERVER, str(tmp / "reg"), "bench@1", str(port)]
@@ -234,7 +244,7 @@ def main() -> int:
                 url, probe = f"http://127.0.0.1:{port}/v1/models/bench/predict", f"http://127.0.0.1:{port}/readyz"
             log = tmp / f"server-{port}.log"  # a file, not a pipe: access logs must never block the server
             with open(log, "wb") as log_fh:
-                procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_fh, env=env))
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_fh, env={**env, **extra_env}))
             wait_ready(probe, procs[-1], log)
             if "--workers" in (extra or []):  # every worker has loaded its model before the clock starts
                 deadline = time.monotonic() + 120
@@ -246,7 +256,7 @@ def main() -> int:
         runs: dict[str, dict[str, list]] = {label: {"latencies": [], "errors": [], "elapsed": [], "images": [],
                                                     "batches": [], "model_ms": [], "peak": []} for label in servers}
         for _ in range(max(1, args.rounds)):
-            for label, (extra, threads) in servers.items():
+            for label, (extra, threads, _) in servers.items():
                 url, metrics = urls[label]
                 acc = runs[label]
                 before = batch_totals(metrics) if metrics else (0.0, 0.0)
@@ -279,7 +289,8 @@ def main() -> int:
             r["batch"] = max(1, round(r["mean_batch"]))
             r["model_ms"] = float(np.median(acc["model_ms"]))
 
-    print(f"\nServing {args.model} @28 px, {args.clients} concurrent clients for {args.seconds:.0f} s each in "
+    print(f"\nCPU: {cpu_summary()}")
+    print(f"Serving {args.model} @28 px, {args.clients} concurrent clients for {args.seconds:.0f} s each in "
           f"{max(1, args.rounds)} turns, {cores} cores, loopback; ratios against (c)")
     print(f"{'server':<44}{'req/s':>9}{'ratio':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
           f"{'batch':>7}{'model ms':>10}{'p99/model':>10}")
@@ -289,6 +300,12 @@ def main() -> int:
                  else f"{'':>7}{'':>10}{'':>10}")
         print(f"{label:<44}{r['requests_per_s']:>9.1f}{r['requests_per_s'] / plain:>6.2f}x{r['p50_ms']:>9.1f}"
               f"{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8d}{extra}")
+    for row in ("a", "b"):
+        mine = next((r for k, r in results.items() if k.startswith(f"{row})")), None)
+        ref = next((r for k, r in results.items() if k.startswith(f"{row}-ref)")), None)
+        if mine and ref:
+            print(f"({row}) against the reference ({args.reference}), same run: requests/s "
+                  f"{mine['requests_per_s'] / ref['requests_per_s']:.3f}x, p99 {mine['p99_ms'] / ref['p99_ms']:.3f}x")
     print("targets: (a) >= 3x (c) requests/s, 0 errors, p99 <= 2x the model's latency at its mean batch size")
     peaks = [p for acc in runs.values() for p in acc["peak"]]
     print(f"the model alone, one batch of {args.clients} on {cores} cores: {np.median(peaks):.1f} images/s "

@@ -29,3 +29,12 @@ def test_bad_yaml(tmp_path):
     (tmp_path / "c.yaml").write_text("- a\n- list\n")
     with pytest.raises(ConfigError, match="mapping"):
         TrainConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_the_default_task_is_left_out_of_saved_configs(tmp_path):
+    """Classification runs stay readable by Lepton versions older than tasks; other tasks are named."""
+    make_config("default", data="x.npz").to_yaml(tmp_path / "a.yaml")
+    assert "task" not in (tmp_path / "a.yaml").read_text()
+    assert TrainConfig.from_yaml(tmp_path / "a.yaml").task == "classification"
+    make_config("default", data="x.npz", task="toy").to_yaml(tmp_path / "b.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "b.yaml").task == "toy"

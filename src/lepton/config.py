@@ -102,7 +102,13 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as plain values. ``task`` is left out when it is the default, classification, so that runs
+        and registry versions of classifiers stay readable by Lepton versions older than tasks (a registry shared
+        by servers of two versions during a rolling upgrade)."""
+        values = dataclasses.asdict(self)
+        if values["task"] == "classification":
+            del values["task"]
+        return values
 
     def to_yaml(self, path: Path) -> None:
         from lepton.utils import atomic_write_text
