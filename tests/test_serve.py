@@ -464,3 +464,33 @@ def test_onnx_backend_and_foreign_onnx_models(served, tmp_path):
 
     with pytest.raises(DataError, match="no ONNX artifact"):
         make_adapter(reg, "cxr@1", backend="onnx")
+
+
+def test_every_route_and_dependency_runs_on_the_event_loop(tmp_path):
+    """A plain ``def`` endpoint or dependency would be run in FastAPI's thread pool: a thread hand-off per
+    request on the hot path."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    from lepton.serve import create_app
+
+    app = create_app(ServeConfig(models=[], registry=str(tmp_path / "reg")))
+
+    def calls(dependant):
+        yield dependant.call
+        for sub in dependant.dependencies:
+            yield from calls(sub)
+
+    def api_routes(routes):
+        for r in routes:
+            if isinstance(r, APIRoute):
+                yield r
+            elif hasattr(r, "original_router"):  # FastAPI's included router
+                yield from api_routes(r.original_router.routes)
+
+    routes = list(api_routes(app.routes))
+    assert len(routes) >= 16
+    blocking = {f"{r.path}: {c.__name__}" for r in routes for c in calls(r.dependant)
+                if not inspect.iscoroutinefunction(c)}
+    assert blocking == set()

@@ -74,6 +74,6 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.state.server = server
     install_error_handlers(app)
     app.add_middleware(AccessMiddleware, server=server)
-    for router in (health.router, native.router, admin.router, oip.router):
+    for router in (native.router, oip.router, health.router, admin.router):  # the inference routes match first
         app.include_router(router)
     return app

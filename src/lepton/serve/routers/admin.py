@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from lepton.registry.access import KeyInfo
-from lepton.serve.deps import admin_key, server
-from lepton.serve.state import Server
+from lepton.serve.deps import admin_key
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
 @router.post("/reload")
-async def reload(key: KeyInfo | None = Depends(admin_key), srv: Server = Depends(server)):
+async def reload(request: Request, key: KeyInfo | None = Depends(admin_key)):
+    srv = request.app.state.server
     changes = await srv.reload()
     if srv.reload_signal is not None:
         srv.reload_signal.bump()  # the other workers follow within RELOAD_WATCH_SECONDS

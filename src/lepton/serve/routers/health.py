@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from lepton.serve.deps import server
 from lepton.serve.errors import error_response
-from lepton.serve.state import Server
 
 router = APIRouter(tags=["health"])
 
@@ -18,14 +16,16 @@ async def healthz():
 
 
 @router.get("/readyz")
-async def readyz(srv: Server = Depends(server)):
+async def readyz(request: Request):
+    srv = request.app.state.server
     if not srv.ready:
         return error_response(503, "not_ready", "models are loading")
     return {"status": "ready", "models": {n: d.primary for n, d in srv.deployments.items()}}
 
 
 @router.get("/metrics")
-async def metrics(srv: Server = Depends(server)):
+async def metrics(request: Request):
+    srv = request.app.state.server
     for dep in srv.deployments.values():
         for v, h in dep.handles.items():
             srv.metrics.queue_depth.labels(dep.name, str(v)).set(h.batcher.depth)

@@ -11,10 +11,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from lepton.registry.access import KeyInfo
-from lepton.serve.deps import api_key, rate_limited_key, served_model, server
+from lepton.serve.deps import Target, api_key, predict_target, served_model
 from lepton.serve.errors import ApiError
 from lepton.serve.inputs import decode_request
-from lepton.serve.state import Deployment, Server
+from lepton.serve.state import Deployment
 
 router = APIRouter(prefix="/v1/models", tags=["v1"])
 
@@ -29,12 +29,13 @@ def describe(dep: Deployment) -> dict[str, Any]:
 
 
 @router.get("")
-async def list_models(key: KeyInfo | None = Depends(api_key), srv: Server = Depends(server)):
-    return {"models": [describe(d) for d in srv.visible(key)]}
+async def list_models(request: Request, key: KeyInfo | None = Depends(api_key)):
+    return {"models": [describe(d) for d in request.app.state.server.visible(key)]}
 
 
 @router.get("/{name}")
-async def model_info(name: str, dep: Deployment = Depends(served_model), srv: Server = Depends(server)):
+async def model_info(name: str, request: Request, dep: Deployment = Depends(served_model)):
+    srv = request.app.state.server
     versions = await asyncio.to_thread(srv.registry.list, name)
     card = await asyncio.to_thread(srv.registry.card, f"{name}@{dep.primary}")
     return {**describe(dep), "versions": [{"version": v.version, "stage": v.stage, "format": v.format,
@@ -45,9 +46,9 @@ async def model_info(name: str, dep: Deployment = Depends(served_model), srv: Se
 
 
 @router.post("/{name}/predict")
-async def predict(name: str, request: Request, key: KeyInfo | None = Depends(rate_limited_key),
-                  dep: Deployment = Depends(served_model), srv: Server = Depends(server)):
+async def predict(name: str, request: Request, target: Target = Depends(predict_target)):
     start = time.perf_counter()
+    srv, dep = target.server, target.deployment
     adapter = dep.handles[dep.primary].adapter
     pixels = await decode_request(request, adapter, srv.config.max_upload_bytes)
     version, outputs = await srv.infer(dep, pixels, request.headers.get("x-lepton-client"))

@@ -12,11 +12,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from lepton import __version__
-from lepton.registry.access import KeyInfo
-from lepton.serve.deps import rate_limited_key, served_version, server
+from lepton.serve.deps import Target, infer_target, served_version
 from lepton.serve.errors import ApiError
 from lepton.serve.inputs import read_body
-from lepton.serve.state import Deployment, Server
+from lepton.serve.state import Deployment
 
 router = APIRouter(prefix="/v2", tags=["oip-v2"])
 
@@ -35,8 +34,8 @@ async def live():
 
 
 @router.get("/health/ready")
-async def ready(srv: Server = Depends(server)):
-    if not srv.ready:
+async def ready(request: Request):
+    if not request.app.state.server.ready:
         return JSONResponse({"ready": False}, status_code=400)
     return {"ready": True}
 
@@ -88,10 +87,8 @@ def _input_batch(payload: Any, channels: int, size: tuple[int, int]) -> np.ndarr
 
 @router.post("/models/{name}/infer")
 @router.post("/models/{name}/versions/{version}/infer")
-async def infer(name: str, request: Request, target: tuple[Deployment, int] = Depends(served_version),
-                key: KeyInfo | None = Depends(rate_limited_key), srv: Server = Depends(server)):
-    dep, v = target
-    request.state.log["version"] = v
+async def infer(name: str, request: Request, target: Target = Depends(infer_target)):
+    srv, dep, v = target.server, target.deployment, target.version
     try:
         payload = json.loads(await read_body(request, srv.config.max_upload_bytes))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
