@@ -7,12 +7,18 @@ import asyncio
 import base64
 import binascii
 import json
+from typing import Any
 
 import numpy as np
 from fastapi import Request
 
 from lepton.serve.adapters import ModelAdapter
 from lepton.serve.errors import ApiError
+
+#: Deepest nesting of arrays and objects a JSON body may have (an image as nested lists needs 4).
+MAX_JSON_DEPTH = 32
+#: Most values a JSON body may hold (commas + 1, counted before parsing): beyond it, send binary data instead.
+MAX_JSON_VALUES = 2_000_000
 
 #: PNG uploads up to this many pixels are decoded on the event loop: for a small image a thread hand-off (and
 #: the GIL contention it brings) costs more than the decode itself (measured with benchmarks/serve_load.py).
@@ -29,6 +35,34 @@ def decodes_inline(data: bytes) -> bool:
         return False
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     return width * height <= INLINE_DECODE_PIXELS
+
+
+def _max_depth(body: bytes, chunk: int = 1 << 20) -> int:
+    """The deepest bracket nesting in ``body`` (brackets inside strings count too: an upper bound), in chunks so a
+    large body needs no large temporary arrays."""
+    deepest = level = 0
+    for start in range(0, len(body), chunk):
+        a = np.frombuffer(body, np.uint8, count=min(chunk, len(body) - start), offset=start)
+        steps = ((a == 91) | (a == 123)).astype(np.int32) - ((a == 93) | (a == 125)).astype(np.int32)
+        running = np.cumsum(steps) + level
+        deepest, level = max(deepest, int(running.max())), int(running[-1])
+    return deepest
+
+
+def parse_json(body: bytes, what: str = "body") -> Any:
+    """``json.loads`` with its cost bounded before it starts: nesting depth and value count; ApiError 400 with
+    the OIP/native error shape otherwise (never a RecursionError)."""
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _max_depth(body) > MAX_JSON_DEPTH:
+        raise ApiError(400, "json_too_deep", f"{what} nests arrays or objects deeper than {MAX_JSON_DEPTH} levels")
+    if body.count(b",") >= MAX_JSON_VALUES:
+        raise ApiError(413, "payload_too_large", f"{what} holds more than {MAX_JSON_VALUES} JSON values; send "
+                                                 "large tensors as binary data")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "json_too_deep", f"{what} nests arrays or objects too deeply") from None
 
 
 async def decode_upload(adapter: ModelAdapter, data: bytes, filename: str | None) -> np.ndarray:
@@ -64,10 +98,7 @@ async def decode_request(request: Request, adapter: ModelAdapter, limit: int) ->
         return await decode_upload(adapter, data, upload.filename)
     body = await read_body(request, limit)
     if ctype.startswith("application/json"):
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from exc
+        payload = parse_json(body)
         if not isinstance(payload, dict) or not ({"image", "array"} & set(payload)):
             raise ApiError(422, "invalid_request", "JSON body needs 'image' (base64 file) or 'array' (nested list)")
         if "image" in payload:

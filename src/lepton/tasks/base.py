@@ -112,7 +112,8 @@ class Task:
         raise NotImplementedError
 
     def oip_tensors(self, outputs: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> dict[str, Any]:
-        """The output tensors for a batch by name: ``{name: (datatype, shape, flat data list)}``."""
+        """The output tensors for a batch by name: ``{name: (OIP datatype, array)}``; BYTES as an object array
+        of ``str``. The server encodes them as JSON or binary tensor data, as the client asks."""
         raise NotImplementedError
 
     def card_metrics(self, info: Mapping[str, Any], reports: dict[str, dict[str, Any]]) -> dict[str, Any]:

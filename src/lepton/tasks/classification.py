@@ -155,9 +155,8 @@ class Classification(Task):
                 {"name": "label", "datatype": "BYTES", "shape": [-1]}]
 
     def oip_tensors(self, outputs, labels, info) -> dict[str, Any]:
-        names = [labels[int(k)] for k in self.decide(outputs, info)]
-        return {"probabilities": ("FP32", list(outputs.shape), outputs.astype(float).ravel().tolist()),
-                "label": ("BYTES", [len(names)], names)}
+        names = np.array([labels[int(k)] for k in self.decide(outputs, info)], dtype=object)
+        return {"probabilities": ("FP32", outputs.astype(np.float32)), "label": ("BYTES", names)}
 
     def card_metrics(self, info, reports):
         metrics: dict[str, Any] = {"val_auc": info.get("val_auc"), "val_acc": info.get("val_acc"),
