@@ -30,7 +30,7 @@ def _sniff(head: bytes, name: str) -> int:
 
 @register_reader("dicom", _sniff, priority=10)
 def read_dicom(path: Path, label: str | None = None, *, window: str | None = None,
-               slices: str = "middle") -> list[Frame]:
+               slices: str = "middle", max_pixels: int = MAX_PIXELS) -> list[Frame]:
     """Read a DICOM file into frames in [0, 1] (see ``lepton.data.io.read_image``)."""
     label = label or str(path)
     import pydicom
@@ -49,8 +49,8 @@ def read_dicom(path: Path, label: str | None = None, *, window: str | None = Non
         raise DataError(f"{label}: DICOM object has no pixel data (modality {kind}); not an image")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if rows * cols * n_frames > MAX_PIXELS:
-        raise DataError(f"{label}: {n_frames} frame(s) of {rows}x{cols} is over the pixel limit")
+    if rows * cols * n_frames > max_pixels:
+        raise DataError(f"{label}: {n_frames} frame(s) of {rows}x{cols} is over the limit of {max_pixels} pixels")
     try:
         arr = ds.pixel_array
     except Exception as exc:

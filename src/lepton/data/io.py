@@ -7,6 +7,7 @@ own modules and register with ``lepton.data.readers``; importing this module reg
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 from pathlib import Path
 
@@ -44,11 +45,12 @@ def _reader_for(head: bytes, name: str, label: str) -> Reader:
     return reader
 
 
-def read_image_bytes(data: bytes, name: str = "upload", *, window: str | None = None,
-                     slices: str = "middle") -> list[Frame]:
+def read_image_bytes(data: bytes, name: str = "upload", *, window: str | None = None, slices: str = "middle",
+                     max_pixels: int = MAX_PIXELS) -> list[Frame]:
     """Decode an in-memory file like ``read_image``; rasters and NPY never touch the disk.
 
-    Errors and frame names use ``name`` (never a temporary path).
+    Errors and frame names use ``name`` (never a temporary path or a stream object). ``max_pixels`` is checked
+    against each format's header before pixels are decoded.
     """
     if not data:
         raise DataError(f"{name}: the file is empty")
@@ -56,12 +58,26 @@ def read_image_bytes(data: bytes, name: str = "upload", *, window: str | None = 
         raise DataError(f"{name}: {len(data)} bytes is over the {MAX_FILE_BYTES} byte limit")
     reader = _reader_for(data[:SNIFF_BYTES], name, name)
     if reader.in_memory:
-        return reader.read(io.BytesIO(data), name, window=window, slices=slices)
+        try:
+            return reader.read(io.BytesIO(data), name, window=window, slices=slices, max_pixels=max_pixels)
+        except DataError as exc:
+            raise DataError(_scrub(str(exc), name)) from None
     suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix[:10]
     with tempfile.TemporaryDirectory() as tmp:  # this reader works from files
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
-        return reader.read(path, name, window=window, slices=slices)
+        try:
+            return reader.read(path, name, window=window, slices=slices, max_pixels=max_pixels)
+        except DataError as exc:
+            raise DataError(_scrub(str(exc).replace(str(path), name).replace(tmp, "."), name)) from None
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _scrub(message: str, name: str) -> str:
+    """An upload's error names the upload: library messages may quote a stream object or a temporary path."""
+    return _OBJECT_REPR.sub(name, message)
 
 
 def read_image(path: str | Path, *, window: str | None = None, slices: str = "middle") -> list[Frame]:

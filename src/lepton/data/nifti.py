@@ -19,7 +19,7 @@ def _sniff(head: bytes, name: str) -> int:
 
 @register_reader("nifti", _sniff, priority=40)
 def read_nifti(path: Path, label: str | None = None, *, window: str | None = None,
-               slices: str = "middle") -> list[Frame]:
+               slices: str = "middle", max_pixels: int = MAX_PIXELS) -> list[Frame]:
     """Read a NIfTI-1/2 file; volumes are reoriented to RAS and cut into axial slices.
 
     Intensities are windowed (``window``, e.g. ``lung`` for CT in HU) or scaled by the volume's
@@ -32,8 +32,8 @@ def read_nifti(path: Path, label: str | None = None, *, window: str | None = Non
         img = nib.load(str(path))
         img = nib.as_closest_canonical(img) if len(img.shape) >= 3 else img
         shape = img.shape
-        if int(np.prod(shape[:3])) > MAX_PIXELS:
-            raise DataError(f"{label}: volume of shape {shape} is over the pixel limit")
+        if int(np.prod(shape[:3], dtype=np.float64)) > max_pixels:
+            raise DataError(f"{label}: volume of shape {shape} is over the limit of {max_pixels} voxels")
         proxy = img.dataobj
         if len(shape) == 4:
             data = np.asarray(proxy[..., 0], dtype=np.float32)

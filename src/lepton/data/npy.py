@@ -16,16 +16,47 @@ def _sniff(head: bytes, name: str) -> int:
 
 
 @register_reader("npy", _sniff, in_memory=True, priority=30)
-def read_npy(source, label: str, *, window: str | None = None, slices: str = "middle") -> list[Frame]:
+def _check_header(source, label: str, max_pixels: int) -> None:
+    """Read the .npy header and refuse, before any array is allocated, what cannot be an image: object or
+    non-real dtypes, empty or oversized shapes, and files shorter than their header says."""
+    from numpy.lib import format as npy_format
+
+    fh = open(source, "rb") if isinstance(source, str | Path) else source  # noqa: SIM115 - closed below
+    try:
+        start = fh.tell()
+        version = npy_format.read_magic(fh)
+        read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, _fortran, dtype = read_header(fh)
+        data_at = fh.tell()
+        fh.seek(0, 2)
+        available = fh.tell() - data_at
+        fh.seek(start)
+    except (ValueError, OSError, SyntaxError, TypeError) as exc:
+        raise DataError(f"{label}: not a readable .npy array ({exc})") from None
+    finally:
+        if fh is not source:
+            fh.close()
+    if dtype.hasobject:
+        raise DataError(f"{label}: object arrays are refused (they would need pickle); save numbers")
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.bool_)):
+        raise DataError(f"{label}: dtype {dtype} is not real numbers or booleans")
+    count = int(np.prod(shape, dtype=np.float64))
+    if count == 0 or count > max_pixels * 3:
+        raise DataError(f"{label}: array of shape {shape} is empty or over the limit of {max_pixels * 3} values")
+    if available < count * dtype.itemsize:
+        raise DataError(f"{label}: the header promises shape {shape} ({count * dtype.itemsize} bytes) but the file "
+                        f"holds {available}: truncated")
+
+
+@register_reader("npy", _sniff, in_memory=True, priority=30)
+def read_npy(source, label: str, *, window: str | None = None, slices: str = "middle",
+             max_pixels: int = MAX_PIXELS) -> list[Frame]:
     """Read an array; 3-D stacks give their middle slice, or every slice with ``slices="all"``."""
+    _check_header(source, label, max_pixels)
     try:
         arr = np.load(source, allow_pickle=False)
     except Exception as exc:
         raise DataError(f"{label}: not a readable .npy array ({exc}); object arrays are refused") from exc
-    if arr.size == 0 or arr.size > MAX_PIXELS * 3:
-        raise DataError(f"{label}: array of shape {arr.shape} is empty or too large")
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise DataError(f"{label}: dtype {arr.dtype} is not numeric")
     name = Path(label).name
     if arr.ndim == 2:
         return [Frame(_unit(label, arr)[None], name, "npy")]

@@ -11,15 +11,16 @@ from lepton.data.readers import MAGIC, NO, register_reader
 from lepton.errors import DataError
 
 
-def decode_raster(source, label: str) -> np.ndarray:
-    """Decode a raster image (path or stream) to float32 (C, H, W) in [0, 1]; errors name ``label``."""
+def decode_raster(source, label: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a raster image (path or stream) to float32 (C, H, W) in [0, 1]; errors name ``label``. The size in
+    the header is checked against ``max_pixels`` before any pixel is decoded."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with Image.open(source) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise DataError(f"{label}: {img.width}x{img.height} pixels is over the limit")
+            if img.width * img.height > max_pixels:
+                raise DataError(f"{label}: {img.width}x{img.height} pixels is over the limit of {max_pixels}")
             img.load()
             mode = img.mode
             if mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -41,8 +42,9 @@ def decode_raster(source, label: str) -> np.ndarray:
 
 
 def _reader(fmt: str):
-    def read(source, label: str, *, window: str | None = None, slices: str = "middle") -> list[Frame]:
-        return [Frame(decode_raster(source, label), Path(label).name, fmt)]
+    def read(source, label: str, *, window: str | None = None, slices: str = "middle",
+             max_pixels: int = MAX_PIXELS) -> list[Frame]:
+        return [Frame(decode_raster(source, label, max_pixels), Path(label).name, fmt)]
 
     return read
 

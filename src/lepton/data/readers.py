@@ -21,7 +21,7 @@ SNIFF_BYTES = 352
 MAGIC, NAME, NO = 2, 1, 0
 
 Sniffer = Callable[[bytes, str], int]
-ReadFn = Callable[..., list[Frame]]  # read(source: Path | BinaryIO, label: str, *, window, slices) -> frames
+ReadFn = Callable[..., list[Frame]]  # read(source: Path | BinaryIO, label, *, window, slices, max_pixels) -> frames
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,9 @@ class Reader:
     """One registered input format.
 
     ``sniff(head, lower_case_name)`` returns MAGIC, NAME or NO; among readers that answer, the highest answer
-    wins and ties go to the lower ``priority``. ``read`` takes a path, or an in-memory stream when
-    ``in_memory`` (other readers are handed a temporary file for uploads).
+    wins and ties go to the lower ``priority``. ``read(source, label, *, window, slices, max_pixels)`` takes a
+    path, or an in-memory stream when ``in_memory`` (other readers are handed a temporary file for uploads);
+    errors name ``label``, and sizes in the header are checked against ``max_pixels`` before decoding.
     """
 
     name: str
@@ -44,7 +45,7 @@ _READERS: dict[str, Reader] = {}
 
 
 def register_reader(name: str, sniff: Sniffer, *, in_memory: bool = False, priority: int = 50):
-    """Decorator: register ``read(source, label, *, window, slices) -> list[Frame]`` for format ``name``."""
+    """Decorator: register ``read(source, label, *, window, slices, max_pixels) -> list[Frame]`` for ``name``."""
 
     def wrap(fn: ReadFn) -> ReadFn:
         _READERS[name] = Reader(name, sniff, fn, in_memory, priority)

@@ -40,7 +40,8 @@ class ModelAdapter:
     def decode_request(self, payload: bytes, filename: str | None = None) -> np.ndarray:
         """Decode an uploaded file (PNG, JPEG, DICOM, NIfTI, NPY; sniffed by content) to (C, H, W) in [0, 1]."""
         name = "upload" + (".nii.gz" if (filename or "").lower().endswith(".nii.gz") else Path(filename or "").suffix)
-        frames = read_image_bytes(payload, name[:20], window=self.preprocessing.window, slices="middle")
+        frames = read_image_bytes(payload, name[:20], window=self.preprocessing.window, slices="middle",
+                                  max_pixels=MAX_SERVE_PIXELS)
         pixels = frames[0].pixels
         if pixels.shape[1] * pixels.shape[2] > MAX_SERVE_PIXELS:
             raise DataError(f"upload: {pixels.shape[1]}x{pixels.shape[2]} pixels is over the server's limit")
