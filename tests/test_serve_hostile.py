@@ -188,6 +188,8 @@ REQUESTS = {
     "json not an object": (b"[1, 2, 3]", {"content-type": "application/json"}),
     "json array of strings": (b'{"array": [["a", "b"]]}', {"content-type": "application/json"}),
     "json image not a string": (b'{"image": {"x": 1}}', {"content-type": "application/json"}),
+    "json filename not a string": (b'{"image": "", "filename": [null, null]}', {"content-type": "application/json"}),
+    "json array of booleans": (b'{"array": [[true, 0.5], [false, 1]]}', {"content-type": "application/json"}),
     "multipart without boundary": (b"--x\r\n\r\n", {"content-type": "multipart/form-data"}),
     "multipart broken": (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\nabc",
                          {"content-type": "multipart/form-data; boundary=b"}),

@@ -70,10 +70,43 @@ def create_app(config: ServeConfig) -> FastAPI:
             task.cancel()
         await server.close()
 
-    app = FastAPI(title="Lepton inference server", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="Lepton inference server", version=__version__, lifespan=lifespan,
+                  generate_unique_id_function=lambda route: route.name,  # operation ids: predict, infer, …
+                  description="Medical-image models served from a Lepton registry: a native API and the Open "
+                              "Inference Protocol v2 (with binary tensor data).")
     app.state.server = server
     install_error_handlers(app)
     app.add_middleware(AccessMiddleware, server=server)
     for router in (native.router, oip.router, health.router, admin.router):  # the inference routes match first
         app.include_router(router)
+    app.openapi = lambda: _openapi(app, config.auth)
     return app
+
+
+#: Operations open without a key: probes, metrics and the OIP server-level endpoints.
+_OPEN = ("/healthz", "/readyz", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready")
+
+
+def _openapi(app: FastAPI, auth: bool) -> dict:
+    """FastAPI's document from the routes, with the bearer-key scheme on every operation that needs a key."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        # FastAPI lists its request-validation 422 for every route with parameters; Lepton's only ones are string
+        # path segments that cannot fail it, and its validation errors use Lepton's own error body.
+        for operations in doc["paths"].values():
+            for operation in operations.values():
+                if "HTTPValidationError" in json.dumps(operation["responses"].get("422", {})):
+                    del operation["responses"]["422"]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(unused, None)
+        if auth:
+            doc.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "`lepton keys create TENANT`"}}
+            for path, operations in doc["paths"].items():
+                if path not in _OPEN:
+                    for operation in operations.values():
+                        operation["security"] = [{"apiKey": []}]
+        app.openapi_schema = doc
+    return app.openapi_schema

@@ -45,8 +45,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(status, "invalid_input", str(exc), is_oip(request.url.path))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, "http_error", str(exc.detail), is_oip(request.url.path))
+    async def _http_error(request: Request, exc: StarletteHTTPException):  # e.g. 404 no route, 405 with its Allow
+        return error_response(exc.status_code, "http_error", str(exc.detail), is_oip(request.url.path),
+                              getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

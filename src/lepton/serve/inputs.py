@@ -72,6 +72,18 @@ async def decode_upload(adapter: ModelAdapter, data: bytes, filename: str | None
     return await asyncio.to_thread(adapter.decode_request, data, filename)
 
 
+def _holds_booleans(value: Any) -> bool:
+    """Whether nested lists hold a JSON true/false (NumPy would silently take them as 1.0 and 0.0)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            return True
+        if isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body; ApiError 413 over ``limit`` bytes, 400 when empty."""
     body = await request.body()
@@ -94,7 +106,7 @@ async def decode_request(request: Request, adapter: ModelAdapter, limit: int) ->
             raise ApiError(400, "missing_file", "multipart requests need a 'file' field")
         data = await upload.read()
         if not data:
-            raise ApiError(400, "empty_file", "the uploaded file is empty")
+            raise ApiError(422, "empty_file", "the uploaded file is empty")
         return await decode_upload(adapter, data, upload.filename)
     body = await read_body(request, limit)
     if ctype.startswith("application/json"):
@@ -102,10 +114,15 @@ async def decode_request(request: Request, adapter: ModelAdapter, limit: int) ->
         if not isinstance(payload, dict) or not ({"image", "array"} & set(payload)):
             raise ApiError(422, "invalid_request", "JSON body needs 'image' (base64 file) or 'array' (nested list)")
         if "image" in payload:
+            filename = payload.get("filename")
+            if not isinstance(payload["image"], str) or not isinstance(filename, str | None):
+                raise ApiError(422, "invalid_request", "'image' must be a base64 string and 'filename' a string")
             try:
-                data = base64.b64decode(str(payload["image"]), validate=True)
+                data = base64.b64decode(payload["image"], validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise ApiError(422, "invalid_base64", f"'image' is not valid base64: {exc}") from exc
-            return await decode_upload(adapter, data, payload.get("filename"))
+            return await decode_upload(adapter, data, filename)
+        if (b"true" in body or b"false" in body) and _holds_booleans(payload["array"]):
+            raise ApiError(422, "invalid_input", "array: values must be numbers in [0, 1], not true/false")
         return adapter.decode_array(payload["array"])
     return await decode_upload(adapter, body, request.headers.get("x-filename"))

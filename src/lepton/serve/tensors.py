@@ -50,13 +50,11 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-def _shape(tensor: dict[str, Any], where: str, max_elements: int) -> list[int]:
+def _shape(tensor: dict[str, Any], where: str) -> list[int]:
     shape = tensor.get("shape")
     if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                       for d in shape)):
         raise _bad(f"{where}: 'shape' must be a non-empty list of non-negative integers (got {shape!r})")
-    if math.prod(shape) > max_elements:
-        raise ApiError(413, "payload_too_large", f"{where}: shape {shape} has more than {max_elements} elements")
     return shape
 
 
@@ -87,12 +85,16 @@ def _tensor(tensor: Any, index: int, binary: memoryview, offset: int,
     where = f"input {name!r}"
     if datatype not in DATATYPES:
         raise _bad(f"{where}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
-    shape = _shape(tensor, where, max_elements)
-    count = math.prod(shape)
+    shape = _shape(tensor, where)
     size = _parameters(tensor, where).get("binary_data_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise _bad(f"{where}: binary_data_size must be a non-negative integer (got {size!r})")
+    if size is None and not isinstance(tensor.get("data"), list):
+        raise _bad(f"{where}: needs 'data' (a list of values) or a binary_data_size parameter")
+    count = math.prod(shape)  # structure first (400), then limits (413)
+    if count > max_elements:
+        raise ApiError(413, "payload_too_large", f"{where}: shape {shape} has more than {max_elements} elements")
     if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise _bad(f"{where}: binary_data_size must be a non-negative integer (got {size!r})")
         if "data" in tensor:
             raise _bad(f"{where}: has both 'data' and binary_data_size; send one")
         if offset + size > len(binary):
@@ -107,8 +109,6 @@ def _tensor(tensor: Any, index: int, binary: memoryview, offset: int,
                        f"({count * dtype.itemsize} bytes)")
         return name, datatype, np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(
             shape), offset + size
-    if "data" not in tensor:
-        raise _bad(f"{where}: no 'data' and no binary_data_size parameter")
     data = tensor["data"]
     try:
         arr = np.array(data, dtype=object if datatype == "BYTES" else NUMPY_TYPES[datatype])

@@ -3,30 +3,40 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
+from lepton.serve import schemas
 from lepton.serve.errors import error_response
 
 router = APIRouter(tags=["health"])
 
+#: The Prometheus text exposition format.
+PROMETHEUS = "text/plain; version=0.0.4"
 
-@router.get("/healthz")
+
+@router.get("/healthz", response_model=schemas.Health)
 async def healthz():
-    return {"status": "ok"}
+    """The process is up."""
+    return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=schemas.Ready,
+            responses=schemas.errors(503, retry_after_503=False))
 async def readyz(request: Request):
+    """Every served model is loaded; 503 while they load."""
     srv = request.app.state.server
     if not srv.ready:
         return error_response(503, "not_ready", "models are loading")
-    return {"status": "ready", "models": {n: d.primary for n, d in srv.deployments.items()}}
+    return JSONResponse({"status": "ready", "models": {n: d.primary for n, d in srv.deployments.items()}})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus metrics (text exposition format 0.0.4).",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
+    """Request counts and latency, batch sizes, queue depth, predictions per label, input drift."""
     srv = request.app.state.server
     for dep in srv.deployments.values():
         for v, h in dep.handles.items():
             srv.metrics.queue_depth.labels(dep.name, str(v)).set(h.batcher.depth)
-    return Response(srv.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(srv.metrics.render(), media_type=PROMETHEUS)

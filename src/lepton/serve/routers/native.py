@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from lepton.registry.access import KeyInfo
+from lepton.serve import schemas
 from lepton.serve.deps import Target, api_key, predict_target, served_model
 from lepton.serve.errors import ApiError
 from lepton.serve.inputs import decode_request
@@ -18,35 +19,61 @@ from lepton.serve.state import Deployment
 
 router = APIRouter(prefix="/v1/models", tags=["v1"])
 
+_BINARY = {"schema": {"type": "string", "format": "binary", "minLength": 1}}
+_UNIT = {"type": "number", "minimum": 0, "maximum": 1}
+#: The request bodies predict accepts, by content type (FastAPI cannot infer them: the route reads the raw body).
+PREDICT_BODY = {"requestBody": {"required": True, "description": (
+    "One image: a file (PNG, JPEG, BMP, TIFF, DICOM, NIfTI or NPY, recognised by its content) as the raw body or "
+    "the multipart field `file`, or JSON with the file in base64 (`image`) or the pixels as nested lists in "
+    "[0, 1] (`array`, (H, W) or (C, H, W) with C 1 or 3). Well-formed content that is not a readable image is "
+    "answered 422."), "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                           "properties": {"file": {"type": "string", "format": "binary",
+                                                                   "minLength": 1}}}},
+        "application/json": {"schema": {"oneOf": [
+            {"type": "object", "required": ["image"], "properties": {
+                "image": {"type": "string", "contentEncoding": "base64"}, "filename": {"type": "string"}}},
+            {"type": "object", "required": ["array"], "properties": {"array": {"anyOf": [
+                {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": _UNIT}},
+                {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+                    "type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": _UNIT}}}]}}}]}},
+        "application/octet-stream": _BINARY, "image/png": _BINARY, "image/jpeg": _BINARY,
+        "application/dicom": _BINARY}}}
+
 
 def describe(dep: Deployment) -> dict[str, Any]:
     adapter = dep.handles[dep.primary].adapter
     spec = adapter.preprocessing
     return {"name": dep.name, "version": dep.primary, "task": adapter.task.name, "platform": adapter.platform,
             "labels": adapter.labels, "threshold": adapter.threshold, "served_versions": sorted(dep.handles),
-            "route": dep.weights or None, "shadow": dep.shadow,
+            "route": {str(v): w for v, w in dep.weights.items()} or None, "shadow": dep.shadow,
             "input": {"size": list(spec.size), "channels": spec.channels, "window": spec.window}}
 
 
-@router.get("")
+@router.get("", response_model=schemas.ModelList, responses=schemas.errors(401))
 async def list_models(request: Request, key: KeyInfo | None = Depends(api_key)):
-    return {"models": [describe(d) for d in request.app.state.server.visible(key)]}
+    """The served models this key may see."""
+    return JSONResponse({"models": [describe(d) for d in request.app.state.server.visible(key)]})
 
 
-@router.get("/{name}")
+@router.get("/{name}", response_model=schemas.ModelInfo, responses=schemas.errors(401, 404))
 async def model_info(name: str, request: Request, dep: Deployment = Depends(served_model)):
+    """A served model: its primary version, its versions in the registry and the head of its model card."""
     srv = request.app.state.server
     versions = await asyncio.to_thread(srv.registry.list, name)
     card = await asyncio.to_thread(srv.registry.card, f"{name}@{dep.primary}")
-    return {**describe(dep), "versions": [{"version": v.version, "stage": v.stage, "format": v.format,
-                                           "created_at": v.created_at,
-                                           "metrics": {k: m for k, m in v.metrics.items() if k.startswith("val_")}}
-                                          for v in versions],
-            "card_summary": "\n".join(card.splitlines()[:12])}
+    return JSONResponse({**describe(dep), "versions": [
+        {"version": v.version, "stage": v.stage, "format": v.format, "created_at": v.created_at,
+         "metrics": {k: m for k, m in v.metrics.items() if k.startswith("val_")}} for v in versions],
+        "card_summary": "\n".join(card.splitlines()[:12])})
 
 
-@router.post("/{name}/predict")
-async def predict(name: str, request: Request, target: Target = Depends(predict_target)):
+@router.post("/{name}/predict", response_model=schemas.Prediction, openapi_extra=PREDICT_BODY,
+             responses=schemas.errors(400, 401, 404, 413, 422, 429, 503))
+async def predict(name: str, request: Request, explain: Literal["gradcam", "gradcam++"] | None = Query(
+        None, description="Add a Grad-CAM overlay (PNG, base64) of the explained class."),
+        target: Target = Depends(predict_target)):
+    """Predict one image with the model's routed version (A/B and canary weights; sticky per `X-Lepton-Client`)."""
     start = time.perf_counter()
     srv, dep = target.server, target.deployment
     adapter = dep.handles[dep.primary].adapter
@@ -55,16 +82,13 @@ async def predict(name: str, request: Request, target: Target = Depends(predict_
     request.state.log["version"] = version
     served = (dep.handles.get(version) or dep.handles[dep.primary]).adapter
     body = served.encode_response(outputs)
-    method = request.query_params.get("explain")
-    if method is not None:
-        if method not in ("gradcam", "gradcam++"):
-            raise ApiError(422, "invalid_request", "explain must be gradcam or gradcam++")
+    if explain is not None:
         if not hasattr(served, "explain"):
             raise ApiError(422, "invalid_request", f"{name}@{version} is served with ONNX Runtime; "
                                                    "explanations need the PyTorch backend")
         index = served.task.explain_index(outputs, served.info)
-        png = await asyncio.to_thread(srv.explain, served, pixels, method, index)
-        body["explanation"] = {"method": method, "class": served.label(outputs) or f"output {index}",
+        png = await asyncio.to_thread(srv.explain, served, pixels, explain, index)
+        body["explanation"] = {"method": explain, "class": served.label(outputs) or f"output {index}",
                                "overlay_png_base64": base64.b64encode(png).decode()}
     # A ready-made response skips FastAPI's generic encoder: the body is plain JSON types already.
     return JSONResponse({**body, "model": name, "version": version, "request_id": request.state.request_id,

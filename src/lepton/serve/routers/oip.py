@@ -11,11 +11,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from lepton import __version__
+from lepton.serve import schemas
 from lepton.serve.deps import Target, infer_target, served_version
 from lepton.serve.errors import ApiError
 from lepton.serve.inputs import read_body
 from lepton.serve.state import Deployment
-from lepton.serve.tensors import HEADER_LENGTH, InferRequest, encode_infer_response, parse_infer_request
+from lepton.serve.tensors import DATATYPES, HEADER_LENGTH, InferRequest, encode_infer_response, parse_infer_request
 
 router = APIRouter(prefix="/v2", tags=["oip-v2"])
 
@@ -25,21 +26,54 @@ MAX_BATCH = 1024
 INPUT = "input"
 
 
-@router.get("")
+_NOT_FOUND = schemas.errors(401, 404, oip=True)
+_TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+    "name": {"type": "string"}, "datatype": {"type": "string", "enum": list(DATATYPES)},
+    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
+    "data": {"type": "array", "items": {}, "description": "Row-major values, flat or nested (absent with "
+                                                         "binary_data_size)."}}}
+_INFER_REQUEST = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string"},
+    "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+    "inputs": {"type": "array", "minItems": 1, "items": _TENSOR},
+    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"},
+        "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}}}}
+#: The infer request: JSON tensors, or (binary tensor data extension) the JSON header followed by the binary
+#: tensors, its length in ``Inference-Header-Content-Length``.
+INFER_BODY = {
+    "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                    "schema": {"type": "integer", "minimum": 1},
+                    "description": "Length of the JSON header when binary tensor data follows it."}],
+    "requestBody": {"required": True, "description": (
+        "The model's one input, `input`: FP32 [N, C, H, W] in [0, 1] at the size the metadata gives (N <= 1024). "
+        "Malformed requests and tensors that do not fit the metadata are answered 400."), "content": {
+            "application/json": {"schema": _INFER_REQUEST},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+_INFER_RESPONSES = {
+    200: {"description": "JSON outputs, or the JSON header and binary outputs (`Inference-Header-Content-Length`) "
+                         "when any binary output was asked for.",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    **schemas.errors(400, 401, 404, 413, 429, 503, oip=True)}
+
+
+@router.get("", response_model=schemas.ServerMetadata)
 async def server_metadata():
-    return {"name": "lepton", "version": __version__, "extensions": ["binary_tensor_data"]}
+    return JSONResponse({"name": "lepton", "version": __version__, "extensions": ["binary_tensor_data"]})
 
 
-@router.get("/health/live")
+@router.get("/health/live", response_model=schemas.Live)
 async def live():
-    return {"live": True}
+    return JSONResponse({"live": True})
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", response_model=schemas.ServerReady,
+            responses={400: {"model": schemas.ServerReady, "description": "Models are still loading."}})
 async def ready(request: Request):
     if not request.app.state.server.ready:
         return JSONResponse({"ready": False}, status_code=400)
-    return {"ready": True}
+    return JSONResponse({"ready": True})
 
 
 def metadata(dep: Deployment, version: int) -> dict[str, Any]:
@@ -52,16 +86,24 @@ def metadata(dep: Deployment, version: int) -> dict[str, Any]:
                            "input_range": "[0, 1] before the model's normalisation"}}
 
 
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
-async def model_metadata(target: tuple[Deployment, int] = Depends(served_version)):
-    return metadata(*target)
+@router.get("/models/{name}", response_model=schemas.ModelMetadata, responses=_NOT_FOUND)
+async def model_metadata(name: str, target: tuple[Deployment, int] = Depends(served_version)):
+    return JSONResponse(metadata(*target))
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/versions/{version}", response_model=schemas.ModelMetadata, responses=_NOT_FOUND)
+async def model_version_metadata(name: str, version: str, target: tuple[Deployment, int] = Depends(served_version)):
+    return JSONResponse(metadata(*target))
+
+
+@router.get("/models/{name}/ready", response_model=schemas.ModelReady, responses=_NOT_FOUND)
 async def model_ready(name: str, target: tuple[Deployment, int] = Depends(served_version)):
-    return {"name": name, "ready": True}
+    return JSONResponse({"name": name, "ready": True})
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=schemas.ModelReady, responses=_NOT_FOUND)
+async def model_version_ready(name: str, version: str, target: tuple[Deployment, int] = Depends(served_version)):
+    return JSONResponse({"name": name, "ready": True})
 
 
 def _input_batch(request: InferRequest, channels: int, size: tuple[int, int]) -> np.ndarray:
@@ -84,9 +126,21 @@ def _input_batch(request: InferRequest, channels: int, size: tuple[int, int]) ->
     return data
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
+@router.post("/models/{name}/infer", openapi_extra=INFER_BODY, response_model=schemas.InferResponse,
+             responses=_INFER_RESPONSES)
 async def infer(name: str, request: Request, target: Target = Depends(infer_target)):
+    """Run the model's primary version on a batch of images."""
+    return await _infer(name, request, target)
+
+
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY, response_model=schemas.InferResponse,
+             responses=_INFER_RESPONSES)
+async def infer_version(name: str, version: str, request: Request, target: Target = Depends(infer_target)):
+    """Run one served version on a batch of images."""
+    return await _infer(name, request, target)
+
+
+async def _infer(name: str, request: Request, target: Target) -> Response:
     srv, dep, v = target.server, target.deployment, target.version
     body = await read_body(request, srv.config.max_upload_bytes)
     adapter = dep.handles[v].adapter

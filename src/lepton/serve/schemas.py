@@ -1,0 +1,168 @@
+"""The shapes of the server's answers, for its OpenAPI document (``/openapi.json``): pydantic models and the
+per-route ``responses`` tables. Routes return ready-made JSON responses (no per-request validation cost); the
+schemathesis run in the tests checks that every answer matches what is documented here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="A stable machine-readable code, e.g. `model_not_found`, `invalid_input`.")
+    message: str = Field(description="What is wrong, naming the field or upload, and how to fix it.")
+
+
+class Error(BaseModel):
+    """The native API's error body."""
+
+    error: ErrorDetail
+
+
+class OipError(BaseModel):
+    """The Open Inference Protocol's error body."""
+
+    error: str
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    models: dict[str, int] = Field(description="Served model name -> primary version.")
+
+
+class ModelInput(BaseModel):
+    size: list[int]
+    channels: int
+    window: str | None
+
+
+class ModelDescription(BaseModel):
+    name: str
+    version: int
+    task: str
+    platform: str
+    labels: list[str]
+    threshold: float | None
+    served_versions: list[int]
+    route: dict[str, float] | None = Field(description="Version -> traffic share in percent, when routed.")
+    shadow: int | None
+    input: ModelInput
+
+
+class ModelList(BaseModel):
+    models: list[ModelDescription]
+
+
+class VersionSummary(BaseModel):
+    version: int
+    stage: str
+    format: str
+    created_at: str
+    metrics: dict[str, Any]
+
+
+class ModelInfo(ModelDescription):
+    versions: list[VersionSummary]
+    card_summary: str
+
+
+class Explanation(BaseModel):
+    method: str
+    model_config = ConfigDict(extra="allow")
+    overlay_png_base64: str
+
+
+class Prediction(BaseModel):
+    """The task's answer (classification: ``label``, ``probabilities``, ``threshold``) and the request's facts."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    version: int
+    request_id: str
+    latency_ms: float
+    explanation: Explanation | None = None
+
+
+class Reload(BaseModel):
+    changes: dict[str, Any]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any]
+
+
+class OutputTensor(TensorMetadata):
+    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[OutputTensor]
+
+
+_WHY = {
+    400: "The request is malformed (body, JSON, tensor or multipart field).",
+    401: "No valid API key: send `Authorization: Bearer <key>`.",
+    403: "The key's scope does not allow this action.",
+    404: "No such served model or version (or not visible to this key's tenant).",
+    413: "The body, or a tensor in it, is over the server's limits.",
+    422: "The request is well formed but its content cannot be used (not a decodable image, values out of range).",
+    429: "Over this key's rate limit; retry after `Retry-After` seconds.",
+    503: "Not ready, or the model's queue is full; retry shortly.",
+}
+_HEADERS = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "`Bearer`"}},
+    429: {"Retry-After": {"schema": {"type": "string"}, "description": "Seconds until a request is allowed."}},
+}
+
+
+def errors(*codes: int, oip: bool = False, retry_after_503: bool = True) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` entries for the error statuses a route can answer, in the shape of its API."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entry: dict[str, Any] = {"model": OipError if oip else Error, "description": _WHY[code]}
+        headers = dict(_HEADERS.get(code, {}))
+        if code == 503 and retry_after_503:
+            headers["Retry-After"] = {"schema": {"type": "string"}, "description": "Seconds to wait."}
+        if headers:
+            entry["headers"] = headers
+        out[code] = entry
+    return out
