@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,3 +91,44 @@ def test_public_api_functions_survive_submodule_imports():
             "    value = getattr(lepton, name)\n"
             "    assert callable(value) and not isinstance(value, type(lepton)), name\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_registry_commands_print_no_third_party_info_logs(tmp_path):
+    quiet = subprocess.run(lepton_cmd("models", "list", "--registry", str(tmp_path / "reg")), capture_output=True,
+                           text=True, timeout=120)
+    assert quiet.returncode == 0 and "alembic" not in quiet.stderr and "INFO" not in quiet.stderr, quiet.stderr
+    loud = subprocess.run(lepton_cmd("--debug", "models", "list", "--registry", str(tmp_path / "reg2")),
+                          capture_output=True, text=True, timeout=120)
+    assert loud.returncode == 0 and "alembic" in loud.stderr
+
+
+def test_predict_takes_a_registry_reference_and_folders(tmp_path, tiny_run):
+    from lepton.data.synthetic import make_synthetic
+    from lepton.registry import Registry
+
+    reg = Registry.open(tmp_path / "reg")
+    reg.register_run(tiny_run.path, "pneu")
+    reg.promote("pneu", 1, "production")
+    images, _, _ = make_synthetic(3, 32, seed=4)
+    folder = tmp_path / "imgs" / "day1"
+    folder.mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"x{i}.png")
+    (folder / ".hidden.png").write_bytes(b"not an image")
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG broken")
+    for ref in ("pneu@production", "pneu@1", "pneu"):
+        out = subprocess.run(lepton_cmd("predict", ref, str(folder), "--registry", str(tmp_path / "reg")),
+                             capture_output=True, text=True, timeout=120)
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        assert out.returncode == 0, out.stderr
+        assert [Path(r["path"]).name for r in rows] == ["x0.png", "x1.png", "x2.png"]
+        for row in rows:
+            expected = tiny_run.predict([row["path"]])[0]
+            assert row["label"] == expected["label"] and row["threshold"] == expected["threshold"]
+            assert row["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
+    bad = subprocess.run(lepton_cmd("predict", "pneu@production", str(tmp_path / "imgs"), "--registry",
+                                    str(tmp_path / "reg")), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "broken.png" in bad.stderr and len(bad.stdout.splitlines()) == 3
+    missing = subprocess.run(lepton_cmd("predict", "nope@production", str(folder), "--registry", str(tmp_path / "reg")),
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "nope" in missing.stderr

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import gc
 import io
+import json
 import os
 import re
 import shutil
@@ -422,6 +423,10 @@ def test_several_workers_share_a_port_sum_their_metrics_and_all_swap(served, tmp
                     break
                 sent += 1
         assert sent == 400, sent
+        # The access log is bare JSON lines, one object per request, apart from the other log lines.
+        access = [line for line in log.read_text().splitlines() if '"request_id"' in line]
+        assert len(access) >= sent and all(json.loads(line)["request_id"] for line in access), access[:3]
+        assert "alembic" not in log.read_text()
     finally:
         proc.terminate()
         proc.wait(timeout=30)

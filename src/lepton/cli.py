@@ -28,6 +28,8 @@ if not console.is_terminal:  # pipes and files get whole tables, not an 80-colum
     console = Console(soft_wrap=True, width=200)
 err = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
+#: Libraries whose INFO logs are noise for a user: shown with --debug only.
+QUIET_LOGGERS = ("alembic", "httpx", "httpcore", "matplotlib", "PIL", "urllib3", "filelock")
 
 
 def _version(value: bool) -> None:
@@ -47,6 +49,8 @@ def _main(
     _state["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for name in QUIET_LOGGERS:  # third-party INFO lines only with --debug
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 @data_app.command("inspect")
@@ -470,15 +474,21 @@ def evaluate(
 
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run directory.")],
-    images: Annotated[list[Path], typer.Argument(help="PNG, JPEG, BMP, TIFF, DICOM, NIfTI or NPY files.")],
+    model: Annotated[str, typer.Argument(help="A run directory, or a registry reference: NAME, NAME@VERSION or "
+                                              "NAME@STAGE (e.g. pneu@production).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI, NPY) or "
+                                                      "folders of them.")],
+    registry: RegistryOpt = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
-    """Print one JSON line per image: label, class probabilities and the decision threshold."""
+    """Print one JSON line per image: the model's answer (for classifiers: label, probabilities, threshold)."""
     from lepton.runs import load_run
 
-    loaded = load_run(run, device=device)
-    for image in images:  # one file at a time, so a bad file names itself and the rest still run
+    if Path(model).is_dir():  # a run directory wins over a registry name that happens to match
+        loaded = load_run(model, device=device)
+    else:
+        loaded = _registry(registry).load_run(model, device=device)
+    for image in _expand(images):  # one file at a time, so a bad file names itself and the rest still run
         try:
             rows = loaded.predict([image])
         except LeptonError as exc:
@@ -489,6 +499,18 @@ def predict(
             print(json.dumps(row))
     if _state.get("failed"):
         raise typer.Exit(2)
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    """Files as given, folders as their visible files (recursively, sorted); a missing path stays, to be reported."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file()
+                          and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        else:
+            out.append(path)
+    return out
 
 
 @app.command()

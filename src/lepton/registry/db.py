@@ -120,10 +120,11 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision with Alembic (creates it on an empty database)."""
     import logging
 
+    alembic_log = logging.getLogger("alembic")
+    if alembic_log.level == logging.NOTSET:  # quiet unless someone (``lepton --debug``) chose a level
+        alembic_log.setLevel(logging.WARNING)  # before the import: alembic logs its plugin set-up on import
     from alembic import command
     from alembic.config import Config
-
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))

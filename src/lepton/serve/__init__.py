@@ -10,6 +10,7 @@ import tempfile
 
 from lepton.serve.app import create_app
 from lepton.serve.config import CONFIG_ENV, ServeConfig
+from lepton.serve.middleware import json_access_log
 
 __all__ = ["ServeConfig", "create_app", "serve", "worker_config"]
 
@@ -43,6 +44,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, worker
 
     if workers < 1:
         raise ValueError(f"workers must be at least 1 (got {workers})")
+    json_access_log()
     if workers == 1:
         uvicorn.run(create_app(config), host=host, port=port, log_level="info", access_log=False)
         return

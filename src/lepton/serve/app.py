@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from lepton import __version__
 from lepton.serve.config import CONFIG_ENV, ServeConfig
 from lepton.serve.errors import install_error_handlers
-from lepton.serve.middleware import AccessMiddleware
+from lepton.serve.middleware import AccessMiddleware, json_access_log
 from lepton.serve.routers import admin, health, native, oip
 from lepton.serve.state import Server
 
@@ -44,6 +44,7 @@ def create_app_from_env() -> FastAPI:
         raise RuntimeError(f"{CONFIG_ENV} is not set; start workers with `lepton serve --workers N`")
     # A spawned worker starts with bare logging: the same format as the CLI, to stderr.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    json_access_log()
     return create_app(ServeConfig(**json.loads(raw)))
 
 

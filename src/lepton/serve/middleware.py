@@ -16,6 +16,21 @@ access_log = logging.getLogger("lepton.serve.access")
 log = logging.getLogger("lepton.serve")
 
 
+def json_access_log(stream=None) -> None:
+    """Write the access log as bare JSON lines (one object per request, no level or logger prefix) to ``stream``
+    (stderr by default), apart from the other logs; idempotent."""
+    import sys
+
+    if any(getattr(h, "_lepton_access", False) for h in access_log.handlers):
+        return
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._lepton_access = True  # type: ignore[attr-defined]
+    access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+
+
 class RequestIds:
     """Request ids unique across processes without a system call per request: a random per-process prefix
     and a counter (``uuid4`` reads the OS entropy source, which also releases and re-takes the GIL)."""
