@@ -138,3 +138,27 @@ def test_codec_round_trips_every_datatype():
     assert all((back.inputs[k][1] == parsed.inputs[k][1]).all() for k in parsed.inputs)
     body, headers = encode_infer_response({}, {"t0": ("FP32", arrays["FP32"])}, InferRequest(None))
     assert headers == {"content-type": "application/json"} and json.loads(body)["outputs"][0]["shape"] == [2, 3]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_kserve_rest_client(url, served, binary):
+    """KServe's own Python client (InferenceRESTClient, protocol v2) against the server."""
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    x = images(2, seed=9)
+
+    async def call():
+        client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=60))
+        try:
+            inp = InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            request = InferRequest(model_name="cxr", infer_inputs=[inp], request_id="ks-1")
+            response = await client.infer(url, request, model_name="cxr", headers=auth(served["keys"]["clinic"]))
+            return await client.is_server_ready(url), response
+        finally:
+            await client.close()
+
+    ready, response = asyncio.run(call())
+    outputs = {o.name: o.as_numpy() for o in response.outputs}
+    assert ready and response.id == "ks-1" and set(outputs) == {"probabilities", "label"}
+    np.testing.assert_allclose(outputs["probabilities"], served["run"].predict_proba(list(x)), atol=1e-5)
