@@ -103,3 +103,17 @@ def test_dicom_folder_groups_patients_across_splits(tmp_path):
         assert len(set(splits[data.groups == group].tolist())) == 1
     assert {"train", "val", "test"} <= set(splits.tolist())
     assert not any("PAT" in g for g in data.groups.tolist())
+
+
+@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm"])
+def test_compressed_transfer_syntaxes_decode_like_the_uncompressed_file(name):
+    """JPEG 2000, JPEG-LS and RLE lossless through the pylibjpeg plugins: the same pixels as the plain file."""
+    plain = read_image(pydicom_file("MR_small.dcm"))[0].pixels
+    np.testing.assert_allclose(read_image(pydicom_file(name))[0].pixels, plain, atol=1e-6)
+
+
+def test_baseline_jpeg_decodes_and_a_damaged_stream_is_named():
+    frame = read_image(pydicom_file("SC_rgb_jpeg_dcmtk.dcm"))[0]
+    assert frame.pixels.shape[0] == 3 and frame.pixels.min() >= 0 and frame.pixels.max() <= 1
+    with pytest.raises(DataError, match=r"JPEG-lossy.dcm: cannot decode pixel data \(transfer syntax JPEG Extended"):
+        read_image(pydicom_file("JPEG-lossy.dcm"))  # its scan header is malformed: every decoder refuses it

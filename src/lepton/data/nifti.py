@@ -70,3 +70,32 @@ def read_nifti(path: Path, label: str | None = None, *, window: str | None = Non
         )
         for k in idx
     ]
+
+
+def read_nifti_volume(path: str | Path, *, volume_index: int = 0, max_voxels: int | None = None):
+    """A NIfTI-1/2 file as a ``Volume`` (RAS orientation, the file's affine and units); ``volume_index`` picks the
+    volume of a 4-D file. Values stay as stored (after scl_slope/inter), e.g. Hounsfield units for CT."""
+    import nibabel as nib
+
+    from lepton.data.volume import MAX_VOXELS, Volume, canonical, check_voxels
+
+    path = Path(path)
+    label = str(path)
+    try:
+        img = nib.load(label)
+        shape = img.shape
+        if len(shape) not in (3, 4):
+            raise DataError(f"{label}: a {len(shape)}-D NIfTI of shape {shape} is not a volume")
+        check_voxels(shape[:3], label, max_voxels or MAX_VOXELS)
+        if len(shape) == 4 and not 0 <= volume_index < shape[3]:
+            raise DataError(f"{label}: volume index {volume_index} is out of range 0..{shape[3] - 1}")
+        data = np.asarray(img.dataobj[..., volume_index] if len(shape) == 4 else img.dataobj, dtype=np.float32)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{label}: corrupt or unreadable NIfTI file ({exc})") from exc
+    if data.size == 0 or not np.isfinite(data).all():
+        raise DataError(f"{label}: the volume is empty or holds NaN or infinite values")
+    data, affine = canonical(data, img.affine)
+    return Volume(np.ascontiguousarray(data, dtype=np.float32), affine, path.name, "nifti",  # NIfTI has no modality
+                  meta={"source_shape": list(shape), "volume_index": volume_index})

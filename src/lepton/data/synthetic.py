@@ -100,3 +100,54 @@ def write_synthetic_npz(
     path = Path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def write_dicom_series(folder: str | Path, slices: np.ndarray, *, spacing: tuple[float, float, float] = (1.0, 1.0, 2.0),
+                       origin: tuple[float, float, float] = (-100.0, -100.0, 0.0),
+                       orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0), series_uid: str | None = "auto",
+                       patient_id: str = "SYNTH-0001", modality: str = "CT", positions: np.ndarray | None = None,
+                       instance_numbers: list[int] | None = None, file_names: list[str] | None = None,
+                       compress: bool = False) -> list[Path]:
+    """Write ``slices`` (K, rows, cols) in Hounsfield units as a DICOM CT series, one file per slice.
+
+    Slice k sits at ``origin + k * spacing[2]`` along the normal of ``orientation`` (LPS, DICOM's patient
+    coordinates) unless ``positions`` (K, 3) are given; ``spacing`` is (column, row, slice) in mm. Values are
+    stored as uint16 with RescaleIntercept -1024. ``series_uid=None`` leaves the UIDs blank (as some
+    de-identification tools do); ``compress`` stores JPEG 2000 lossless. For tests and the volume demo.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    iop = np.asarray(orientation, float)
+    normal = np.cross(iop[:3], iop[3:])
+    study = generate_uid()
+    series = generate_uid() if series_uid == "auto" else (series_uid or "")
+    written = []
+    for k, plane in enumerate(np.asarray(slices)):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID if series else ""
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = (study, series) if series else ("", "")
+        ds.Modality, ds.PatientID, ds.PatientName = modality, patient_id, "Synthetic^Phantom"
+        ds.InstanceNumber = instance_numbers[k] if instance_numbers else k + 1
+        ds.ImageOrientationPatient = [float(v) for v in iop]
+        pos = positions[k] if positions is not None else np.asarray(origin, float) + k * spacing[2] * normal
+        ds.ImagePositionPatient = [round(float(v), 4) for v in pos]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
+        ds.SliceThickness = float(spacing[2])
+        ds.Rows, ds.Columns = int(plane.shape[0]), int(plane.shape[1])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1024, "HU"
+        ds.PixelData = np.clip(np.round(plane + 1024), 0, 65535).astype(np.uint16).tobytes()
+        if compress:
+            ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+        path = folder / (file_names[k] if file_names else f"slice_{k:04d}.dcm")
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written
