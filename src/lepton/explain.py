@@ -25,6 +25,7 @@ def saliency_maps(run, images: list[np.ndarray] | np.ndarray, *, method: str = "
     from monai.visualize import GradCAM, GradCAMpp
 
     from lepton.models import model_info
+    from lepton.models.layout import model_layout
 
     if method not in METHODS:
         raise ConfigError(f"unknown explanation method {method!r}; use {' or '.join(METHODS)}")
@@ -43,7 +44,7 @@ def saliency_maps(run, images: list[np.ndarray] | np.ndarray, *, method: str = "
     maps = np.concatenate([
         cam(x[i:i + 1].contiguous(), class_idx=int(targets[i])).detach().cpu().numpy() for i in range(len(x))
     ])[:, 0]
-    run.model.to(memory_format=torch.channels_last)
+    model_layout(run.model)
     return maps.astype(np.float32), np.asarray(targets)
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lepton.errors import ConfigError
+from lepton.models.layout import fast_layout
 from lepton.utils import atomic_write_bytes, atomic_write_json
 
 FORMATS = ("onnx", "torchscript")
@@ -129,7 +130,7 @@ def _onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 def _torch_runner(module: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
+            return module(fast_layout(torch.from_numpy(x))).numpy()
 
     return run
 
@@ -262,7 +263,7 @@ def _finetune(model: nn.Module, data, config, epochs: int, loss_fn) -> None:
             if len(idx) < 2:
                 continue
             x = data.spec.normalize(augment_batch(data.x_train[idx], opts, gen))
-            loss = loss_fn(model(x.contiguous(memory_format=torch.channels_last)), data.y_train[idx])
+            loss = loss_fn(model(fast_layout(x)), data.y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

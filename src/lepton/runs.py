@@ -19,6 +19,7 @@ import numpy as np
 from lepton.config import TrainConfig
 from lepton.data.transforms import Preprocessing
 from lepton.errors import RunError
+from lepton.models.layout import fast_layout, model_layout
 from lepton.tasks import Task, get_task
 
 RUN_FILES = ("config.yaml", "best.pt", "labels.json", "preprocessing.json", "run.json")
@@ -34,10 +35,10 @@ def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta:
     out = []
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+            xb = fast_layout(x[start:start + batch_size].to(device))
             probs = activate(model(xb))
             if tta:
-                probs = (probs + activate(model(torch.flip(xb, dims=[3])))) / 2
+                probs = (probs + activate(model(torch.flip(xb, dims=[-1])))) / 2
             out.append(probs.cpu())
     if not out:
         return np.zeros((0, 0), np.float32)
@@ -117,5 +118,5 @@ def load_run(path: str | Path, *, device: str = "cpu") -> Run:
         raise
     except Exception as exc:
         raise RunError(f"{path}: cannot load run ({type(exc).__name__}: {exc})") from exc
-    model = model.to(device).to(memory_format=torch.channels_last).eval()
+    model = model_layout(model.to(device)).eval()
     return Run(path, config, spec, labels, info, model, device, get_task(config.task))

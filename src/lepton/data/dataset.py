@@ -22,8 +22,9 @@ SPLITS = ("train", "val", "test")
 class ImageSet:
     """Labelled images in memory.
 
-    ``images`` holds float32 arrays (C, H, W) in [0, 1], either a list (mixed sizes) or one stacked
-    array (N, C, H, W). ``splits`` holds "train"/"val"/"test" or "" when the source has none.
+    ``images`` holds float32 arrays (C, H, W) in [0, 1] — volumes (C, D, H, W) — either a list (mixed sizes) or
+    one stacked array (N, C, H, W) / (N, C, D, H, W). ``splits`` holds "train"/"val"/"test" or "" when the source
+    has none.
     ``groups`` holds a patient pseudonym (or the source file) so that one patient or volume never
     spans two splits.
     """
@@ -45,6 +46,12 @@ class ImageSet:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images (C, H, W), 3 for volumes (C, D, H, W)."""
+        first = self.images[0] if len(self.images) else np.zeros((1, 1, 1))
+        return int(np.ndim(first)) - 1
 
     def image(self, i: int) -> np.ndarray:
         return self.images[i]

@@ -85,6 +85,8 @@ def read_npz(path: Path, *, source: str | None = None) -> ImageSet:
         images.append(_to_nchw(path, split, imgs))
         labels.append(labs.astype(np.int64))
         splits.extend([split] * len(labs))
+    if len({im.ndim for im in images}) > 1:
+        raise DataError(f"{path}: splits mix images and volumes")
     stacked = np.concatenate(images)
     labels_all = np.concatenate(labels)
     if "label_names" in keys:
@@ -107,13 +109,19 @@ def read_npz(path: Path, *, source: str | None = None) -> ImageSet:
 
 
 def _to_nchw(path: Path, split: str, imgs: np.ndarray) -> np.ndarray:
+    """Images as (N, C, H, W) or volumes as (N, C, D, H, W), in [0, 1]."""
     if imgs.ndim == 3:
         imgs = imgs[:, None]
     elif imgs.ndim == 4 and imgs.shape[-1] in (1, 3):
         imgs = imgs.transpose(0, 3, 1, 2)
+    elif imgs.ndim == 4:  # MedMNIST-3D: (N, D, H, W) grey volumes
+        imgs = imgs[:, None]
+    elif imgs.ndim == 5 and imgs.shape[-1] in (1, 3):
+        imgs = imgs.transpose(0, 4, 1, 2, 3)
     else:
         raise DataError(
-            f"{path}: {split}_images has shape {imgs.shape}; expected (N, H, W) or (N, H, W, 1|3)"
+            f"{path}: {split}_images has shape {imgs.shape}; expected (N, H, W), (N, H, W, 1|3) images or "
+            "(N, D, H, W), (N, D, H, W, 1|3) volumes"
         )
     if imgs.dtype == np.uint8:
         return imgs.astype(np.float32) / 255.0

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lepton.errors import ConfigError
+from lepton.errors import ConfigError, DataError
 
 #: Named augmentation presets. Values: probability (hflip) or maximum magnitude.
 AUGMENT_PRESETS: dict[str, dict[str, float]] = {
@@ -47,9 +47,11 @@ def augment_options(preset: str, overrides: dict[str, float] | None = None) -> d
 
 
 def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Generator) -> torch.Tensor:
-    """Randomly flip, rotate, shear, scale, shift and re-expose a batch in [0, 1]."""
+    """Randomly flip, rotate, shear, scale, shift and re-expose a batch in [0, 1] (images or volumes)."""
     if not opts:
         return x
+    if x.ndim == 5:
+        return _augment_volumes(x, opts, generator)
     n = x.shape[0]
 
     def uniform(mag: float) -> torch.Tensor:
@@ -72,19 +74,30 @@ def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
     if any(opts.get(k, 0.0) for k in ("rotate", "shear", "scale", "translate", "hflip", "vflip")):
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    shape = (n, 1, 1, 1)
+    return _intensity(x, opts, generator)
+
+
+def _intensity(x: torch.Tensor, opts: dict[str, float], generator: torch.Generator) -> torch.Tensor:
+    """Gamma, contrast, brightness, sensor noise and corruptions: per sample, for images and volumes alike."""
+    n = x.shape[0]
+
+    def uniform(mag: float) -> torch.Tensor:
+        return (torch.rand(n, generator=generator) * 2 - 1) * mag
+
+    shape = (n, *[1] * (x.ndim - 1))
+    reduce = tuple(range(1, x.ndim))
     if opts.get("gamma"):
         gamma = torch.exp(uniform(opts["gamma"])).view(shape)
         x = x.clamp(1e-6, 1.0) ** gamma
     if opts.get("contrast"):
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        mean = x.mean(dim=reduce, keepdim=True)
         x = (x - mean) * (1.0 + uniform(opts["contrast"]).view(shape)) + mean
     if opts.get("brightness"):
         x = x + uniform(opts["brightness"]).view(shape)
     if opts.get("noise"):
         sigma = torch.rand(n, generator=generator).view(shape) * opts["noise"]
         x = x + torch.randn(x.shape, generator=generator) * sigma
-    if opts.get("corrupt") and float(torch.rand(1, generator=generator)) < opts["corrupt"]:
+    if opts.get("corrupt") and x.ndim == 4 and float(torch.rand(1, generator=generator)) < opts["corrupt"]:
         from lepton.data.corruptions import CORRUPTIONS, corrupt
 
         names = sorted(CORRUPTIONS)
@@ -94,11 +107,38 @@ def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
     return x.clamp(0.0, 1.0)
 
 
+def _augment_volumes(x: torch.Tensor, opts: dict[str, float], generator: torch.Generator) -> torch.Tensor:
+    """Volumes (N, C, D, H, W): flips (``hflip`` left-right, ``vflip`` the other two axes), a rotation about the
+    depth axis (``rotate``), scale and shift in one ``affine_grid`` call, then the intensity changes."""
+    n = x.shape[0]
+
+    def uniform(mag: float) -> torch.Tensor:
+        return (torch.rand(n, generator=generator) * 2 - 1) * mag
+
+    def sign(p: float) -> torch.Tensor:
+        return torch.where(torch.rand(n, generator=generator) < p, -1.0, 1.0)
+
+    angle = torch.deg2rad(uniform(opts.get("rotate", 0.0)))
+    scale = 1.0 + uniform(opts.get("scale", 0.0))
+    flips = (sign(opts.get("hflip", 0.0)), sign(opts.get("vflip", 0.0)), sign(opts.get("vflip", 0.0)))
+    shift = torch.stack([uniform(opts.get("translate", 0.0)) * 2 for _ in range(3)], 1)
+    cos, sin, zero, one = torch.cos(angle), torch.sin(angle), torch.zeros(n), torch.ones(n)
+    # affine_grid's 3-D coordinates are (x: W, y: H, z: D); the rotation turns x and y about z.
+    rot = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1),
+                       torch.stack([zero, zero, one], 1)], 1)
+    scl = torch.diag_embed(torch.stack([f / scale for f in flips], 1))
+    theta = torch.cat([rot @ scl, shift[:, :, None]], 2).to(x.dtype)
+    if any(opts.get(k, 0.0) for k in ("rotate", "scale", "translate", "hflip", "vflip")):
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return _intensity(x, opts, generator).clamp(0.0, 1.0)
+
+
 @dataclass
 class Preprocessing:
     """Everything needed to turn a decoded image into a network input; saved with every run."""
 
-    size: tuple[int, int]
+    size: tuple[int, ...]  # (H, W) for images, (D, H, W) for volumes
     channels: int
     mean: list[float]
     std: list[float]
@@ -112,9 +152,13 @@ class Preprocessing:
     def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
         return cls(**(values | {"size": tuple(values["size"])}))
 
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.size)
+
     def resize(self, images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
-        """Stack images as float32 (N, C, H, W) in [0, 1] at ``size`` with ``channels``."""
-        if isinstance(images, np.ndarray) and images.ndim == 4:
+        """Stack images as float32 (N, C, H, W) — volumes (N, C, D, H, W) — in [0, 1] at ``size`` with ``channels``."""
+        if isinstance(images, np.ndarray) and images.ndim == 2 + self.spatial_dims:
             return self._fit(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
         out = torch.empty((len(images), self.channels, *self.size), dtype=torch.float32)
         by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -126,24 +170,34 @@ class Preprocessing:
         return out
 
     def _fit(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
+        c, dims = x.shape[1], self.spatial_dims
+        if x.ndim != 2 + dims:
+            raise DataError(f"expected {'volumes' if dims == 3 else 'images'} of {dims} spatial dimensions, got an "
+                            f"array of shape {tuple(x.shape[1:])}; this model takes {'x'.join(map(str, self.size))} "
+                            "inputs")
         if c != self.channels:
+            spatial = [1] * dims
             if c == 3 and self.channels == 1:
-                weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, *spatial)
                 x = (x * weights).sum(1, keepdim=True)
             elif c == 1 and self.channels == 3:
-                x = x.expand(-1, 3, -1, -1)
-        if tuple(x.shape[-2:]) != tuple(self.size):
-            chunks = [
-                F.interpolate(part, size=self.size, mode="bilinear", antialias=True, align_corners=False)
-                for part in torch.split(x, 256)
-            ]
+                x = x.expand(-1, 3, *[-1] * dims)
+        if tuple(x.shape[2:]) != tuple(self.size):
+            if dims == 2:
+                chunks = [F.interpolate(part, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+                          for part in torch.split(x, 256)]
+            else:  # no antialiased trilinear in PyTorch: area averages when shrinking, trilinear when growing
+                mode = "area" if all(a >= b for a, b in zip(x.shape[2:], self.size, strict=True)) else "trilinear"
+                chunks = [F.interpolate(part, size=self.size, mode=mode, **({} if mode == "area" else
+                                                                            {"align_corners": False}))
+                          for part in torch.split(x, 32)]
             x = torch.cat(chunks).clamp(0.0, 1.0)
         return x.contiguous()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        shape = (1, -1, *[1] * (x.ndim - 2))
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
         return (x - mean) / std
 
     def __call__(self, images: list[np.ndarray] | np.ndarray) -> torch.Tensor:

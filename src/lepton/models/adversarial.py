@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lepton.errors import ConfigError
+from lepton.models.layout import fast_layout
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -31,7 +32,7 @@ def attack(model, normalize, x: torch.Tensor, y: torch.Tensor, eps: float, metho
         step = eps / 4
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        loss = (loss_fn or F.cross_entropy)(model(normalize(x_adv).contiguous(memory_format=torch.channels_last)), y)
+        loss = (loss_fn or F.cross_entropy)(model(fast_layout(normalize(x_adv))), y)
         (grad,) = torch.autograd.grad(loss, x_adv)
         x_adv = (x_adv.detach() + step * grad.sign()).clamp(x0 - eps, x0 + eps).clamp(0, 1)
     model.train(was_training)

@@ -28,6 +28,7 @@ def create_model(
     num_classes: int = 2,
     pretrained: str | Path | None = None,
     image_size: int = 224,
+    spatial_dims: int = 2,
 ):
     """Create a registered network by name.
 
@@ -35,12 +36,21 @@ def create_model(
     is 64 or less. ``pretrained`` is a local state-dict file (torchvision/timm ImageNet layout for
     the ResNets); RGB first-layer weights are summed for 1-channel input and the head is replaced.
 
+    ``spatial_dims=3`` builds the volume version (inputs (N, C, D, H, W)) of networks that have one.
+
     >>> model = create_model("resnet18", in_channels=1, num_classes=2, image_size=28)
     """
     if in_channels < 1 or num_classes < 1:
         raise ModelError(f"need in_channels >= 1 and num_classes >= 1 outputs (got {in_channels}, {num_classes})")
     info = model_info(name)
-    model = info.builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    if spatial_dims not in info.spatial_dims:
+        volume = [m.name for m in list_models() if spatial_dims in m.spatial_dims]
+        raise ModelError(f"{name} has no {spatial_dims}-D version; networks for {spatial_dims}-D inputs: "
+                         f"{', '.join(volume)}")
+    if pretrained is not None and spatial_dims != 2:
+        raise ModelError("pretrained weights are 2-D ImageNet layouts; train volume networks from scratch")
+    model = info.builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+                         spatial_dims=spatial_dims)
     if pretrained is not None:
         load_pretrained(model, info, Path(pretrained))
     return model

@@ -11,25 +11,30 @@ SMALL_INPUT = 64  # at or below this size, networks keep full resolution in thei
 
 
 class LeptonCNN(nn.Module):
-    """A compact VGG-style baseline: four conv blocks, global average pooling, dropout, linear."""
+    """A compact VGG-style baseline: four conv blocks, global average pooling, dropout, linear; 2-D or 3-D."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.2):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.2,
+                 spatial_dims: int = 2):
         super().__init__()
+        conv, norm, pool, gap = ((nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d) if spatial_dims == 2
+                                 else (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.AdaptiveAvgPool3d))
+        if spatial_dims == 3:
+            width = width // 2  # a volume has ~30x the voxels of a slice: half the width keeps CPU training fast
         chans = [in_channels, width, width * 2, width * 4, width * 8]
         blocks = []
         for i in range(4):
             blocks += [
-                nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False),
-                nn.BatchNorm2d(chans[i + 1]),
+                conv(chans[i], chans[i + 1], 3, padding=1, bias=False),
+                norm(chans[i + 1]),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1, bias=False),
-                nn.BatchNorm2d(chans[i + 1]),
+                conv(chans[i + 1], chans[i + 1], 3, padding=1, bias=False),
+                norm(chans[i + 1]),
                 nn.ReLU(inplace=True),
             ]
             if i < 3:
-                blocks.append(nn.MaxPool2d(2))
+                blocks.append(pool(2))
         self.features = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = gap(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(chans[-1], num_classes)
 
@@ -37,49 +42,51 @@ class LeptonCNN(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
 
 
-@register_model("lepton_cnn", "compact 8-layer CNN baseline (fast on CPU)", head="fc", cam_layer="features")
-def lepton_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    return LeptonCNN(in_channels, num_classes)
+@register_model("lepton_cnn", "compact 8-layer CNN baseline (fast on CPU; 2-D or 3-D)", head="fc",
+                cam_layer="features", spatial_dims=(2, 3))
+def lepton_cnn(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
+    return LeptonCNN(in_channels, num_classes, spatial_dims=spatial_dims)
 
 
-def _resnet(block: str, layers: list[int], in_channels: int, num_classes: int, image_size: int):
+def _resnet(block: str, layers: list[int], in_channels: int, num_classes: int, image_size: int, spatial_dims: int):
     from monai.networks.nets import ResNet
 
     small = image_size <= SMALL_INPUT
     return ResNet(
-        block, layers, [64, 128, 256, 512], spatial_dims=2, n_input_channels=in_channels,
+        block, layers, [64, 128, 256, 512], spatial_dims=spatial_dims, n_input_channels=in_channels,
         conv1_t_size=3 if small else 7, conv1_t_stride=1 if small else 2, no_max_pool=small,
         num_classes=num_classes,
     )
 
 
 @register_model("resnet18", "ResNet-18 (small-input stem at <= 64 px)", head="fc",
-                pretrained_layout="torchvision/timm resnet18", cam_layer="layer4")
-def resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    return _resnet("basic", [2, 2, 2, 2], in_channels, num_classes, image_size)
+                pretrained_layout="torchvision/timm resnet18", cam_layer="layer4", spatial_dims=(2, 3))
+def resnet18(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
+    return _resnet("basic", [2, 2, 2, 2], in_channels, num_classes, image_size, spatial_dims)
 
 
 @register_model("resnet34", "ResNet-34 (small-input stem at <= 64 px)", head="fc",
-                pretrained_layout="torchvision/timm resnet34", cam_layer="layer4")
-def resnet34(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    return _resnet("basic", [3, 4, 6, 3], in_channels, num_classes, image_size)
+                pretrained_layout="torchvision/timm resnet34", cam_layer="layer4", spatial_dims=(2, 3))
+def resnet34(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
+    return _resnet("basic", [3, 4, 6, 3], in_channels, num_classes, image_size, spatial_dims)
 
 
 @register_model("resnet50", "ResNet-50 (small-input stem at <= 64 px)", head="fc",
-                pretrained_layout="torchvision/timm resnet50", cam_layer="layer4")
-def resnet50(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    return _resnet("bottleneck", [3, 4, 6, 3], in_channels, num_classes, image_size)
+                pretrained_layout="torchvision/timm resnet50", cam_layer="layer4", spatial_dims=(2, 3))
+def resnet50(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
+    return _resnet("bottleneck", [3, 4, 6, 3], in_channels, num_classes, image_size, spatial_dims)
 
 
-@register_model("densenet121", "DenseNet-121 (small-input stem at <= 64 px)", head="class_layers.out",
-                cam_layer="class_layers.relu")
-def densenet121(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+@register_model("densenet121", "DenseNet-121 (small-input stem at <= 64 px; 2-D or 3-D)", head="class_layers.out",
+                cam_layer="class_layers.relu", spatial_dims=(2, 3))
+def densenet121(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
     from monai.networks.nets import DenseNet121
 
-    model = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
+    model = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes)
     if image_size <= SMALL_INPUT:
         # The stock stem divides resolution by 4; three transitions more would leave < 1 pixel.
-        model.features.conv0 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        model.features.conv0 = conv(in_channels, 64, 3, stride=1, padding=1, bias=False)
         model.features.pool0 = nn.Identity()
     return model
 
@@ -92,7 +99,7 @@ _B0_BLOCKS = ["r1_k3_s11_e1_i32_o16_se0.25", "r2_k3_s22_e6_i16_o24_se0.25", "r2_
 
 @register_model("efficientnet_b0", "EfficientNet-B0 (efficient small network, 4.0 M parameters)",
                 head="_fc", cam_layer="_bn1")
-def efficientnet_b0(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+def efficientnet_b0(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
     from monai.networks.nets import EfficientNet
 
     # MONAI's EfficientNetBN fixes "same" padding for 224 px; the base class takes the real size.

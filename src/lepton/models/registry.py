@@ -16,17 +16,18 @@ class ModelInfo:
     builder: Callable[..., object]
     pretrained_layout: str | None = None  # which public weight layout `pretrained=` accepts
     cam_layer: str = ""  # last spatial feature layer, the default Grad-CAM target
+    spatial_dims: tuple[int, ...] = (2,)  # 2: images (N, C, H, W); 3: volumes (N, C, D, H, W)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
 def register_model(name: str, description: str, head: str, pretrained_layout: str | None = None,
-                   cam_layer: str = ""):
-    """Decorator: register ``fn(in_channels, num_classes, image_size) -> nn.Module`` as ``name``."""
+                   cam_layer: str = "", spatial_dims: tuple[int, ...] = (2,)):
+    """Decorator: register ``fn(in_channels, num_classes, image_size, spatial_dims) -> nn.Module`` as ``name``."""
 
     def wrap(fn: Callable[..., object]) -> Callable[..., object]:
-        _REGISTRY[name] = ModelInfo(name, description, head, fn, pretrained_layout, cam_layer)
+        _REGISTRY[name] = ModelInfo(name, description, head, fn, pretrained_layout, cam_layer, spatial_dims)
         return fn
 
     return wrap

@@ -361,6 +361,7 @@ class Registry(AccessMixin):
         from lepton.config import TrainConfig
         from lepton.data.transforms import Preprocessing
         from lepton.models import create_model
+        from lepton.models.layout import model_layout
         from lepton.runs import Run
 
         v = self.get(ref)
@@ -370,7 +371,7 @@ class Registry(AccessMixin):
         ckpt = torch.load(io.BytesIO(blobs["weights"]), map_location="cpu", weights_only=True)
         model = create_model(**ckpt["spec"])
         model.load_state_dict(ckpt["model"])
-        model = model.to(device).to(memory_format=torch.channels_last).eval()
+        model = model_layout(model.to(device)).eval()
         config = TrainConfig.from_dict(yaml.safe_load(blobs["config"]))
         info = json.loads(blobs["run"])
         return Run(Path(v.source_run or v.ref), config, Preprocessing.from_dict(v.preprocessing), v.labels,

@@ -22,6 +22,7 @@ from lepton.config import TrainConfig, make_config
 from lepton.data.transforms import Preprocessing
 from lepton.errors import ConfigError, RunError
 from lepton.models import create_model
+from lepton.models.layout import model_layout
 from lepton.runs import Run, load_run, predict_outputs
 from lepton.tasks import Task, get_task
 from lepton.train.budget import PLAN_AFTER_EPOCH, TimeBudget, fit_to_budget
@@ -167,7 +168,7 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
     ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     model = create_model(**ckpt["spec"])
     model.load_state_dict(ckpt["model"])
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = model_layout(model.to(device))
     outputs = predict_outputs(model, prepared.spec.normalize(prepared.x_val), task.activate, tta=config.tta,
                               device=device)
     best_row = next(h for h in history if h["epoch"] == best["epoch"])

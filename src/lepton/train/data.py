@@ -45,7 +45,7 @@ def data_fingerprint(data: ImageSet, splits: np.ndarray) -> dict[str, Any]:
 
 def intensity_stats(x: torch.Tensor) -> dict[str, float]:
     """Mean intensity of preprocessed training images and the spread of per-image means (drift reference)."""
-    means = x.mean(dim=(1, 2, 3))
+    means = x.mean(dim=tuple(range(1, x.ndim)))
     return {"mean": float(means.mean()), "std_of_image_means": float(means.std().clamp_min(1e-6))}
 
 
@@ -60,14 +60,15 @@ def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: T
     if len(val) == 0:
         raise DataError(f"{config.data}: the val split is empty; set val_fraction > 0 or add val data")
     if spec is None:
-        size = config.image_size or _native_size(train)
+        dims = train.spatial_dims
+        size = (config.image_size,) * dims if config.image_size else _native_size(train)
         channels = config.channels or (3 if all(np.shape(im)[0] == 3 for im in train.images) else 1)
-        spec = Preprocessing((size, size), channels, [0.5] * channels, [0.5] * channels,
-                             config.window, config.slices)
+        spec = Preprocessing(size, channels, [0.5] * channels, [0.5] * channels, config.window, config.slices)
         x = spec.resize(train.images)
         if config.normalize == "dataset":
-            spec.mean = x.mean(dim=(0, 2, 3)).tolist()
-            spec.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+            axes = (0, *range(2, x.ndim))
+            spec.mean = x.mean(dim=axes).tolist()
+            spec.std = x.std(dim=axes).clamp_min(1e-3).tolist()
     else:
         x = spec.resize(train.images)
     fingerprint = data_fingerprint(data, splits) | {"intensity": intensity_stats(x)}
@@ -78,7 +79,10 @@ def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: T
     )
 
 
-def _native_size(data: ImageSet) -> int:
-    sides = [max(np.shape(im)[1:]) for im in data.images] if isinstance(data.images, list) \
-        else [max(data.images.shape[2:])]
-    return int(min(224, np.median(sides)))
+def _native_size(data: ImageSet) -> tuple[int, ...]:
+    """Images: a square of the median longest side (at most 224); volumes: the median size per axis (at most 128)."""
+    shapes = [np.shape(im)[1:] for im in data.images] if isinstance(data.images, list) else [data.images.shape[2:]]
+    if data.spatial_dims == 2:
+        side = int(min(224, np.median([max(s) for s in shapes])))
+        return side, side
+    return tuple(int(min(128, np.median([s[i] for s in shapes]))) for i in range(3))

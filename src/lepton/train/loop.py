@@ -16,6 +16,7 @@ from lepton.data.transforms import augment_batch, augment_options
 from lepton.errors import RunError
 from lepton.models import create_model
 from lepton.models.adversarial import attack
+from lepton.models.layout import fast_layout, model_layout
 from lepton.runs import predict_outputs
 from lepton.tasks import Task
 from lepton.train.data import Prepared
@@ -32,8 +33,11 @@ def seed_epoch(seed: int, epoch: int) -> torch.Generator:
 def model_spec(config: TrainConfig, task: Task, prepared: Prepared) -> dict[str, Any]:
     """The arguments of ``create_model`` that rebuild this run's network (saved in ``best.pt``)."""
     spec = prepared.spec
-    return {"name": config.model, "in_channels": spec.channels, "num_classes": task.num_outputs(prepared.label_names),
-            "image_size": spec.size[0]}
+    out = {"name": config.model, "in_channels": spec.channels, "num_classes": task.num_outputs(prepared.label_names),
+           "image_size": spec.size[-1]}
+    if spec.spatial_dims != 2:
+        out["spatial_dims"] = spec.spatial_dims
+    return out
 
 
 class Trainer:
@@ -44,7 +48,7 @@ class Trainer:
         self.config, self.task, self.data, self.device = config, task, prepared, device
         self.spec = model_spec(config, task, prepared)
         model = create_model(**self.spec, pretrained=pretrained)
-        self.model = model.to(device).to(memory_format=torch.channels_last)
+        self.model = model_layout(model.to(device))
         self.optimizer = make_optimizer(self.model, config)
         self.steps_per_epoch = -(-len(prepared.y_train) // config.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.steps_per_epoch))
@@ -96,7 +100,7 @@ class Trainer:
                              steps=config.adv_steps, seed=epoch * 100_000 + step, loss_fn=self.task.loss)
                 self.model.train()
                 x01, yb = torch.cat([x01, adv]), torch.cat([yb, yb])
-            loss = self.step(data.spec.normalize(x01).contiguous(memory_format=torch.channels_last), yb, epoch)
+            loss = self.step(fast_layout(data.spec.normalize(x01)), yb, epoch)
             seen += len(idx)
             loss_sum += loss * len(idx)
             if on_step is not None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from lepton.config import TrainConfig
 from lepton.models import head_parameters
+from lepton.models.layout import fast_layout
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -72,7 +73,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, device: str, batch_size: i
     model.train()
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            model(x[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last))
+            model(fast_layout(x[start:start + batch_size].to(device)))
     for m, momentum in momenta.items():
         m.momentum = momentum
     model.eval()
