@@ -132,3 +132,19 @@ def test_predict_takes_a_registry_reference_and_folders(tmp_path, tiny_run):
     missing = subprocess.run(lepton_cmd("predict", "nope@production", str(folder), "--registry", str(tmp_path / "reg")),
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "nope" in missing.stderr
+
+
+def test_data_inspect_reports_dicom_series_geometry(tmp_path):
+    from lepton.data.synthetic import write_dicom_series
+
+    slices = np.zeros((5, 8, 8), np.float32)
+    write_dicom_series(tmp_path / "good", slices, spacing=(0.5, 0.5, 3.0), series_uid="1.2.3")
+    out = subprocess.run(lepton_cmd("data", "inspect", str(tmp_path / "good"), "--json"), capture_output=True,
+                         text=True, timeout=120)
+    (row,) = json.loads(out.stdout)["series"]
+    assert out.returncode == 0 and row["slices"] == 5 and row["spacing_mm"] == [0.5, 0.5, 3.0]
+    paths = write_dicom_series(tmp_path / "gap", slices, series_uid="1.2.4")
+    paths[2].unlink()
+    bad = subprocess.run(lepton_cmd("data", "inspect", str(tmp_path / "gap")), capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and "slices missing" in bad.stdout

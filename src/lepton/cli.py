@@ -58,18 +58,42 @@ def data_inspect(
     source: Annotated[str, typer.Argument(help="A .npz, medmnist:<name>, CSV manifest or class folder.")],
     window: Annotated[str | None, typer.Option(help="CT window preset or CENTER,WIDTH for DICOM/NIfTI.")] = None,
     slices: Annotated[str, typer.Option(help="'middle' or 'all' slices of volumes/multi-frame.")] = "middle",
+    series: Annotated[bool, typer.Option("--series", help="Report a folder of DICOM series per series "
+                                                          "(automatic for a folder without sub-folders).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Counts per class and split, sizes, modalities, intensities, duplicates and unreadable files."""
+    """Counts per class and split, sizes, modalities, intensities, duplicates and unreadable files; for DICOM
+    series, each series' geometry (slices, spacing, orientation, gaps, tilt)."""
     from lepton.data.inspection import inspect_source
 
-    result = inspect_source(source, window=window, slices=slices)
+    result = inspect_source(source, window=window, slices=slices, series=series or None)
     if as_json:
         console.print_json(json.dumps(result))
+    elif "series" in result:
+        _print_series(result)
     else:
         _print_inspection(result)
     if result["problems"]:
         raise typer.Exit(1)
+
+
+def _print_series(r: dict) -> None:
+    from rich.table import Table
+
+    table = Table("series", "files", "slices", "shape", "spacing mm", "voxel axes", "tilt", "left out")
+    for row in r["series"]:
+        if row["ok"]:
+            table.add_row(row["series"], str(row["files"]), str(row["slices"]), "x".join(map(str, row["shape"])),
+                          " x ".join(f"{v:g}" for v in row["spacing_mm"]), row["orientation"],
+                          f"{row['tilt_degrees']:g}", str(row["left_out"]))
+        else:
+            table.add_row(row["series"], str(row["files"]), "-", "-", "-", "-", "-", "-")
+    console.print(f"[bold]{r['source']}[/]: {len(r['series'])} series")
+    console.print(table)
+    for row in r["series"]:
+        for p in row["problems"]:
+            console.print(f"[{'yellow' if row['ok'] else 'red'}]{'warning' if row['ok'] else 'problem'}[/] {p}",
+                          highlight=False, soft_wrap=True)
 
 
 def _print_inspection(r: dict) -> None:

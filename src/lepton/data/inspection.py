@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,13 +11,24 @@ import numpy as np
 from lepton.errors import DataError
 
 
-def inspect_source(source: str, *, window: str | None = None, slices: str = "middle") -> dict[str, Any]:
+def inspect_source(source: str, *, window: str | None = None, slices: str = "middle",
+                   series: bool | None = None) -> dict[str, Any]:
     """Summarise a data source: counts per split and class, sizes, modalities, intensities,
     exact duplicates (within and across splits, by content hash) and unreadable files.
 
+    A folder of DICOM series (``series=True``, or a folder of files without sub-folders) is reported per
+    series instead: slice count, size, spacing, orientation, tilt and what is wrong with each.
     Problems are reported in the result rather than raised, except when nothing can be read.
     """
     from lepton.data import load_dataset
+
+    path = Path(source)
+    if series or (series is None and path.is_dir() and not any(p.is_dir() for p in path.iterdir())):
+        from lepton.data.series import inspect_series
+
+        found = inspect_series(path)
+        return {"source": source, "series": found,
+                "problems": [p for row in found for p in row["problems"] if not row["ok"]]}
 
     data = load_dataset(source, window=window, slices=slices, skip_bad=True, validate=False)
     problems: list[str] = []
