@@ -422,7 +422,8 @@ def train(
     channels: Annotated[int | None, typer.Option(help="Input channels, 1 or 3.")] = None,
     window: Annotated[str | None, typer.Option(help="CT window for DICOM/NIfTI: lung, mediastinum, "
                                                     "bone, brain, soft-tissue or C,W.")] = None,
-    slices: Annotated[str | None, typer.Option(help="Volumes: middle or all slices.")] = None,
+    slices: Annotated[str | None, typer.Option(help="Volumes: the middle slice, all slices, or volume "
+                                                    "(whole volumes for 3-D networks).")] = None,
     ema_decay: Annotated[float | None, typer.Option(help="EMA of weights (0 = off).")] = None,
     early_stopping: Annotated[int | None, typer.Option(help="Patience in epochs (0 = off).")] = None,
     time_budget: Annotated[float | None, typer.Option(help="Seconds the training loop may take; the epochs "

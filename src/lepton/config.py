@@ -30,7 +30,7 @@ class TrainConfig:
     channels: int | None = None
     normalize: str = "dataset"  # "dataset" (train mean/std) or "half" (mean 0.5, std 0.5)
     window: str | None = None
-    slices: str = "middle"
+    slices: str = "middle"  # volumes and multi-frame files: the middle slice, all slices, or "volume" (3-D)
     augment: str = "light"
     augment_options: dict[str, float] = field(default_factory=dict)
     # splits
@@ -71,7 +71,7 @@ class TrainConfig:
             "schedule": ("cosine", "step", "none"),
             "imbalance": ("none", "weighted", "balanced"),
             "normalize": ("dataset", "half"),
-            "slices": ("middle", "all"),
+            "slices": ("middle", "all", "volume"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

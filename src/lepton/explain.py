@@ -69,11 +69,30 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> 
     return buf.getvalue()
 
 
+def montage_png(volume: np.ndarray, heatmap: np.ndarray, slices: int = 8, alpha: float = 0.45) -> bytes:
+    """A PNG grid of ``slices`` evenly spaced axial slices of a (D, H, W) volume with the heatmap over each."""
+    from PIL import Image
+
+    picks = np.unique(np.linspace(0, len(volume) - 1, min(slices, len(volume))).round().astype(int))
+    tiles = [np.asarray(Image.open(io.BytesIO(overlay_png(volume[d], heatmap[d], alpha)))) for d in picks]
+    cols = min(4, len(tiles))
+    rows = -(-len(tiles) // cols)
+    h, w = tiles[0].shape[:2]
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i, tile in enumerate(tiles):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = tile[..., :3]
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def explain(run, paths: list[str | Path], *, method: str = "gradcam", output: str | Path = "explanations",
             target: str | None = None) -> list[dict[str, Any]]:
     """Write ``<name>_<method>.png`` overlays and ``<name>_<method>.npy`` raw maps for image files.
 
-    ``target`` names the class to explain (default: each image's predicted class).
+    For volumes the overlay is a montage of axial slices and the map is also written as ``<name>_<method>.nii.gz``
+    on the input's own grid and affine, so a viewer shows it over the scan. ``target`` names the class to explain
+    (default: each image's predicted class).
     """
     from lepton.data.io import read_image
     from lepton.runs import Run, load_run
@@ -84,27 +103,50 @@ def explain(run, paths: list[str | Path], *, method: str = "gradcam", output: st
         if target not in run.label_names:
             raise ConfigError(f"unknown class {target!r}; the run's classes are {run.label_names}")
         class_idx = run.label_names.index(target)
-    frames, names = [], []
+    frames, names, affines = [], [], []
     for p in paths:
         for frame in read_image(p, window=run.preprocessing.window, slices=run.preprocessing.slices):
             frames.append(frame.pixels)
             names.append(frame.name.replace("#", "_").replace("=", ""))
+            affines.append(frame.affine)
     maps, targets = saliency_maps(run, frames, method=method, class_idx=class_idx)
     shown = run.preprocessing.resize(frames).mean(1).numpy()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     tag = method.replace("++", "pp")
-    for name, image, heat, k in zip(names, shown, maps, targets, strict=True):
-        stem = Path(name).stem if "." in name else name
+    for name, image, heat, k, pixels, affine in zip(names, shown, maps, targets, frames, affines, strict=True):
+        stem = name.removesuffix(".gz").rsplit(".", 1)[0] if "." in name else name
         png, npy = out / f"{stem}_{tag}.png", out / f"{stem}_{tag}.npy"
-        atomic_write_bytes(png, overlay_png(image, heat))
+        atomic_write_bytes(png, overlay_png(image, heat) if heat.ndim == 2 else montage_png(image, heat))
         buf = io.BytesIO()
         np.save(buf, heat)
         atomic_write_bytes(npy, buf.getvalue())
-        results.append({"image": name, "class": _output_name(run, int(k)), "method": method,
-                        "overlay": str(png), "map": str(npy)})
+        row = {"image": name, "class": _output_name(run, int(k)), "method": method, "overlay": str(png),
+               "map": str(npy)}
+        if heat.ndim == 3:
+            row["nifti"] = str(_save_volume_map(heat, np.shape(pixels)[1:], affine, out / f"{stem}_{tag}.nii.gz"))
+        results.append(row)
     return results
+
+
+def _save_volume_map(heat: np.ndarray, shape: tuple[int, ...], affine: np.ndarray | None, path: Path) -> Path:
+    """The (D, H, W) map resampled to the input volume's grid and saved as NIfTI with the input's affine (1 mm
+    voxels at the origin when the input had none, as a MedMNIST array)."""
+    import nibabel as nib
+    import torch
+    import torch.nn.functional as F
+
+    full = F.interpolate(torch.from_numpy(heat)[None, None], size=tuple(shape), mode="trilinear",
+                         align_corners=False)[0, 0].numpy()
+    img = nib.Nifti1Image(full.astype(np.float32), affine if affine is not None else np.eye(4))
+    buf = io.BytesIO()
+    file_map = nib.Nifti1Image.make_file_map({"image": buf, "header": buf})
+    img.to_file_map(file_map)
+    import gzip
+
+    atomic_write_bytes(path, gzip.compress(buf.getvalue()))
+    return path
 
 
 def _output_name(run, index: int) -> str:

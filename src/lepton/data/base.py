@@ -27,12 +27,13 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 
 @dataclass
 class Frame:
-    """One 2-D image: ``pixels`` is float32 (C, H, W) in [0, 1]."""
+    """One image: ``pixels`` is float32 (C, H, W) in [0, 1] — or a volume (C, D, H, W) when read whole."""
 
     pixels: np.ndarray
     name: str
     modality: str
     patient: str | None = None
+    affine: np.ndarray | None = None  # volumes: voxel (d, h, w) of ``pixels`` -> RAS mm
 
 
 def pseudonymize(patient_id: str) -> str:

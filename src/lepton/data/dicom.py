@@ -33,6 +33,8 @@ def read_dicom(path: Path, label: str | None = None, *, window: str | None = Non
                slices: str = "middle", max_pixels: int = MAX_PIXELS) -> list[Frame]:
     """Read a DICOM file into frames in [0, 1] (see ``lepton.data.io.read_image``)."""
     label = label or str(path)
+    if slices == "volume":
+        raise DataError(f"{label}: one DICOM file is not a volume; pass the series folder (or a zip of it)")
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_rescale

@@ -11,7 +11,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from lepton.data import dicom, nifti, npy, raster  # noqa: F401  (register the built-in readers)
+from lepton.data import archive, dicom, nifti, npy, raster  # noqa: F401  (register the built-in readers)
 from lepton.data.base import MAX_FILE_BYTES, MAX_PIXELS, Frame, pseudonymize, to_unit_range
 from lepton.data.readers import SNIFF_BYTES, Reader, match, readers
 from lepton.errors import DataError
@@ -81,13 +81,24 @@ def _scrub(message: str, name: str) -> str:
 
 
 def read_image(path: str | Path, *, window: str | None = None, slices: str = "middle") -> list[Frame]:
-    """Read ``path`` (any registered format: PNG, JPEG, BMP, TIFF, DICOM, NIfTI, NPY) into a list of frames.
+    """Read ``path`` (any registered format: PNG, JPEG, BMP, TIFF, DICOM, NIfTI, NPY; or a folder holding one
+    DICOM series) into a list of frames.
 
-    Multi-frame DICOM, NIfTI volumes and 3-D NPY arrays give their middle slice, or every slice
-    with ``slices="all"``. ``window`` names a CT window preset (see ``WINDOW_PRESETS``).
+    Multi-frame DICOM, NIfTI volumes, DICOM series and 3-D NPY arrays give their middle slice, every slice
+    with ``slices="all"``, or (not multi-frame DICOM) the whole volume as one (C, D, H, W) frame with
+    ``slices="volume"``. ``window`` names a CT window preset (see ``WINDOW_PRESETS``).
     Raises DataError naming the file and the reason when it cannot be read.
     """
     path = Path(path)
+    if path.is_dir():  # a folder of DICOM files: one series, as a volume or its slices
+        from lepton.data.series import read_series
+        from lepton.data.volume import volume_frames
+
+        volumes = read_series(path)
+        if len(volumes) != 1:
+            raise DataError(f"{path}: holds {len(volumes)} DICOM series; give each series its own folder")
+        volumes[0].name = path.name
+        return volume_frames(volumes[0], window, slices)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     size = path.stat().st_size

@@ -20,13 +20,20 @@ def _sniff(head: bytes, name: str) -> int:
 @register_reader("nifti", _sniff, priority=40)
 def read_nifti(path: Path, label: str | None = None, *, window: str | None = None,
                slices: str = "middle", max_pixels: int = MAX_PIXELS) -> list[Frame]:
-    """Read a NIfTI-1/2 file; volumes are reoriented to RAS and cut into axial slices.
+    """Read a NIfTI-1/2 file; volumes are reoriented to RAS and cut into axial slices, or kept whole as one
+    (1, D, H, W) frame with ``slices="volume"``.
 
     Intensities are windowed (``window``, e.g. ``lung`` for CT in HU) or scaled by the volume's
     0.5–99.5th percentiles, so every slice of one volume shares one scale.
     """
     label = label or str(path)
     import nibabel as nib
+
+    if slices == "volume":
+        from lepton.data.volume import volume_frames
+
+        volume = read_nifti_volume(path, max_voxels=max_pixels, label=label)
+        return volume_frames(volume, window, "volume")
 
     try:
         img = nib.load(str(path))
@@ -72,7 +79,8 @@ def read_nifti(path: Path, label: str | None = None, *, window: str | None = Non
     ]
 
 
-def read_nifti_volume(path: str | Path, *, volume_index: int = 0, max_voxels: int | None = None):
+def read_nifti_volume(path: str | Path, *, volume_index: int = 0, max_voxels: int | None = None,
+                      label: str | None = None):
     """A NIfTI-1/2 file as a ``Volume`` (RAS orientation, the file's affine and units); ``volume_index`` picks the
     volume of a 4-D file. Values stay as stored (after scl_slope/inter), e.g. Hounsfield units for CT."""
     import nibabel as nib
@@ -80,9 +88,9 @@ def read_nifti_volume(path: str | Path, *, volume_index: int = 0, max_voxels: in
     from lepton.data.volume import MAX_VOXELS, Volume, canonical, check_voxels
 
     path = Path(path)
-    label = str(path)
+    label = label or str(path)
     try:
-        img = nib.load(label)
+        img = nib.load(str(path))
         shape = img.shape
         if len(shape) not in (3, 4):
             raise DataError(f"{label}: a {len(shape)}-D NIfTI of shape {shape} is not a volume")
@@ -97,5 +105,6 @@ def read_nifti_volume(path: str | Path, *, volume_index: int = 0, max_voxels: in
     if data.size == 0 or not np.isfinite(data).all():
         raise DataError(f"{label}: the volume is empty or holds NaN or infinite values")
     data, affine = canonical(data, img.affine)
-    return Volume(np.ascontiguousarray(data, dtype=np.float32), affine, path.name, "nifti",  # NIfTI has no modality
+    # NIfTI records no modality: the volume is marked as coming from a NIfTI file.
+    return Volume(np.ascontiguousarray(data, dtype=np.float32), affine, Path(label).name, "nifti",
                   meta={"source_shape": list(shape), "volume_index": volume_index})

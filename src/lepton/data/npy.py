@@ -58,6 +58,13 @@ def read_npy(source, label: str, *, window: str | None = None, slices: str = "mi
     except Exception as exc:
         raise DataError(f"{label}: not a readable .npy array ({exc}); object arrays are refused") from exc
     name = Path(label).name
+    if slices == "volume":
+        if arr.ndim == 3:
+            return [Frame(_unit(label, arr)[None], name, "npy")]
+        if arr.ndim == 4 and arr.shape[0] in (1, 3):
+            return [Frame(_unit(label, arr), name, "npy")]
+        raise DataError(f"{label}: array of shape {arr.shape} is not a volume; expected (D, H, W) or (C, D, H, W) "
+                        "with C in 1 or 3")
     if arr.ndim == 2:
         return [Frame(_unit(label, arr)[None], name, "npy")]
     if arr.ndim == 3 and arr.shape[0] in (1, 3):

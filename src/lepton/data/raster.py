@@ -44,6 +44,9 @@ def decode_raster(source, label: str, max_pixels: int = MAX_PIXELS) -> np.ndarra
 def _reader(fmt: str):
     def read(source, label: str, *, window: str | None = None, slices: str = "middle",
              max_pixels: int = MAX_PIXELS) -> list[Frame]:
+        if slices == "volume":
+            raise DataError(f"{label}: a {fmt.upper()} image is not a volume; this model takes volumes (NIfTI, a "
+                            "DICOM series, or .npy)")
         return [Frame(decode_raster(source, label, max_pixels), Path(label).name, fmt)]
 
     return read

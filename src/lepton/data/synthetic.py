@@ -151,3 +151,67 @@ def write_dicom_series(folder: str | Path, slices: np.ndarray, *, spacing: tuple
         ds.save_as(path, enforce_file_format=True)
         written.append(path)
     return written
+
+
+def ct_phantom(rng: np.random.Generator, shape: tuple[int, int, int] = (16, 32, 32),
+               nodule: bool = False) -> np.ndarray:
+    """A chest-CT-like phantom (K slices, rows, cols) in Hounsfield units: air outside an elliptic body of soft
+    tissue, two lungs, a spine, noise; ``nodule`` adds a soft-tissue ball (radius 2-3.5 voxels) inside a lung."""
+    k, rows, cols = shape
+    z, y, x = np.mgrid[:k, :rows, :cols].astype(np.float32)
+    cy, cx = rows / 2 + rng.normal(0, 0.8), cols / 2 + rng.normal(0, 0.8)
+    vol = np.full(shape, -1000.0, np.float32)
+    body = ((y - cy) / (rows * 0.42)) ** 2 + ((x - cx) / (cols * 0.46)) ** 2 <= 1
+    vol[body] = 40.0
+    lung_r = rows * rng.uniform(0.20, 0.24), cols * rng.uniform(0.13, 0.16)
+    centres = []
+    for side in (-1, 1):
+        ly, lx = cy - rows * 0.02, cx + side * cols * 0.2
+        lung = ((y - ly) / lung_r[0]) ** 2 + ((x - lx) / lung_r[1]) ** 2 <= 1
+        vol[lung & body] = -850.0
+        centres.append((ly, lx))
+    vol[((y - (cy + rows * 0.3)) / 2.5) ** 2 + ((x - cx) / 2.5) ** 2 <= 1] = 700.0  # spine
+    if nodule:
+        ly, lx = centres[int(rng.integers(2))]
+        cz = rng.uniform(k * 0.3, k * 0.7)
+        r = rng.uniform(2.0, 3.5)
+        ball = (z - cz) ** 2 + (y - ly - rng.normal(0, 1)) ** 2 + (x - lx - rng.normal(0, 1)) ** 2 <= r * r
+        vol[ball] = 30.0
+    return vol + rng.normal(0, 15, shape).astype(np.float32)
+
+
+def write_ct_cases(root: str | Path, n: int = 40, *, shape: tuple[int, int, int] = (16, 32, 32), seed: int = 0,
+                   spacing: tuple[float, float, float] = (1.0, 1.0, 2.0)) -> Path:
+    """``n`` CT phantoms (half with a nodule), alternately as DICOM series folders and NIfTI files, and a CSV
+    manifest ``path,label,patient_id,split`` (70/15/15) beside them. Returns the manifest."""
+    import csv
+
+    import nibabel as nib
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    rows = []
+    labels = np.array([i % 2 for i in range(n)])
+    split_of: dict[int, str] = {}
+    for label in (0, 1):  # stratified: each class 70/15/15
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_train, n_val = round(len(members) * 0.7), round(len(members) * 0.15)
+        for j, i in enumerate(members):
+            split_of[int(i)] = "train" if j < n_train else "val" if j < n_train + n_val else "test"
+    for i in range(n):
+        case, nodule = f"case{i:03d}", bool(labels[i])
+        hu = ct_phantom(rng, shape, nodule)
+        if i % 2 == 0:
+            write_dicom_series(root / case, hu, spacing=spacing, patient_id=f"PAT-{i:03d}")
+            path = case
+        else:
+            affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # (col, row, slice) like the series
+            nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0).copy(), affine), root / f"{case}.nii.gz")
+            path = f"{case}.nii.gz"
+        rows.append({"path": path, "label": "nodule" if nodule else "clear", "patient_id": f"PAT-{i:03d}",
+                     "split": split_of[i]})
+    with open(root / "cases.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "patient_id", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "cases.csv"

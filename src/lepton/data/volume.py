@@ -63,3 +63,49 @@ def canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndar
 def check_voxels(shape: tuple[int, ...], label: str, limit: int = MAX_VOXELS) -> None:
     if int(np.prod(shape, dtype=np.float64)) > limit:
         raise DataError(f"{label}: a volume of {'x'.join(map(str, shape))} voxels is over the limit of {limit}")
+
+
+def unit_scale(data: np.ndarray, window: str | None = None) -> np.ndarray:
+    """Values to [0, 1]: a CT window (preset or ``C,W`` in HU), else the volume's 0.5-99.5th percentiles."""
+    from lepton.data.base import apply_window, resolve_window
+
+    preset = resolve_window(window)
+    if preset is not None:
+        return apply_window(data, *preset)
+    lo, hi = np.percentile(data, [0.5, 99.5])
+    return np.clip((data - lo) / (hi - lo), 0, 1).astype(np.float32) if hi > lo else np.zeros_like(data)
+
+
+def network_order(data: np.ndarray) -> np.ndarray:
+    """RAS (x, y, z) to the (D, H, W) order networks see: axial slices from inferior to superior, each shown as
+    in the 2-D readers (rows anterior to posterior)."""
+    return np.ascontiguousarray(np.flip(data.transpose(2, 1, 0), axis=1))
+
+
+def network_affine(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """The affine of ``network_order``'s (d, h, w) array: index (d, h, w) is RAS index (w, Y - 1 - h, d)."""
+    perm = np.array([[0, 0, 1, 0], [0, -1, 0, shape[1] - 1], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+    return affine @ perm
+
+
+def resized_affine(affine: np.ndarray, before: tuple[int, ...], after: tuple[int, ...]) -> np.ndarray:
+    """The affine of an array resampled from shape ``before`` to ``after`` over the same extent (voxel centres
+    aligned as ``align_corners=False`` interpolation aligns them)."""
+    scale = np.array(before, float) / np.array(after, float)
+    step = np.eye(4)
+    step[:3, :3] = np.diag(scale)
+    step[:3, 3] = 0.5 * scale - 0.5
+    return affine @ step
+
+
+def volume_frames(volume: Volume, window: str | None, slices: str):
+    """A volume as reader frames: one (1, D, H, W) frame (``slices="volume"``), or its middle or every axial slice
+    (1, H, W)."""
+    from lepton.data.base import Frame
+
+    unit = network_order(unit_scale(volume.data, window))
+    if slices == "volume":
+        return [Frame(unit[None].astype(np.float32), volume.name, volume.modality, volume.patient,
+                      network_affine(volume.affine, volume.shape))]
+    idx = range(len(unit)) if slices == "all" else [len(unit) // 2]
+    return [Frame(unit[k][None].copy(), f"{volume.name}#slice={k}", volume.modality, volume.patient) for k in idx]

@@ -37,27 +37,36 @@ class ModelAdapter:
     def setup(self) -> None:
         """Load weights and warm up (called once, off the event loop)."""
 
+    @property
+    def volumes(self) -> bool:
+        """Whether this model takes volumes (C, D, H, W) rather than images (C, H, W)."""
+        return self.preprocessing.spatial_dims == 3
+
     def decode_request(self, payload: bytes, filename: str | None = None) -> np.ndarray:
-        """Decode an uploaded file (PNG, JPEG, DICOM, NIfTI, NPY; sniffed by content) to (C, H, W) in [0, 1]."""
+        """Decode an uploaded file (sniffed by content) to (C, H, W) in [0, 1]: PNG, JPEG, DICOM, NIfTI, NPY; for a
+        volume model (C, D, H, W) from NIfTI, a zip of one DICOM series, or NPY."""
         name = "upload" + (".nii.gz" if (filename or "").lower().endswith(".nii.gz") else Path(filename or "").suffix)
-        frames = read_image_bytes(payload, name[:20], window=self.preprocessing.window, slices="middle",
-                                  max_pixels=MAX_SERVE_PIXELS)
+        frames = read_image_bytes(payload, name[:20], window=self.preprocessing.window,
+                                  slices="volume" if self.volumes else "middle", max_pixels=MAX_SERVE_PIXELS)
         pixels = frames[0].pixels
-        if pixels.shape[1] * pixels.shape[2] > MAX_SERVE_PIXELS:
-            raise DataError(f"upload: {pixels.shape[1]}x{pixels.shape[2]} pixels is over the server's limit")
+        if int(np.prod(pixels.shape[1:])) > MAX_SERVE_PIXELS:
+            raise DataError(f"upload: {'x'.join(map(str, pixels.shape[1:]))} is over the server's limit of "
+                            f"{MAX_SERVE_PIXELS} pixels")
         return pixels
 
     def decode_array(self, array: Any) -> np.ndarray:
-        """A nested list or array in [0, 1]: (H, W) or (C, H, W)."""
+        """A nested list or array in [0, 1]: (H, W) or (C, H, W); for a volume model (D, H, W) or (C, D, H, W)."""
         try:
             arr = np.asarray(array, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise DataError(f"array: not a numeric nested list ({exc})") from exc
-        if arr.ndim == 2:
+        dims = self.preprocessing.spatial_dims
+        if arr.ndim == dims:
             arr = arr[None]
-        if arr.ndim != 3 or arr.shape[0] not in (1, 3) or min(arr.shape[1:]) < 1:
-            raise DataError(f"array: shape {list(arr.shape)} is not (H, W) or (C, H, W) with C in 1 or 3")
-        if arr.shape[1] * arr.shape[2] > MAX_SERVE_PIXELS:
+        if arr.ndim != dims + 1 or arr.shape[0] not in (1, 3) or min(arr.shape[1:]) < 1:
+            wanted = "(D, H, W) or (C, D, H, W)" if dims == 3 else "(H, W) or (C, H, W)"
+            raise DataError(f"array: shape {list(arr.shape)} is not {wanted} with C in 1 or 3")
+        if int(np.prod(arr.shape[1:])) > MAX_SERVE_PIXELS:
             raise DataError("array: too many pixels")
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
             raise DataError("array: values must be finite and within [0, 1]")
@@ -101,15 +110,16 @@ class TorchAdapter(ModelAdapter):
         return predict_outputs(self.run.model, torch.from_numpy(batch), self.task.activate, tta=self.run.config.tta)
 
     def explain(self, pixels: np.ndarray, method: str, class_idx: int) -> bytes:
-        """A Grad-CAM overlay PNG for one decoded image (run outside the batcher, in the caller's thread)."""
+        """A Grad-CAM overlay PNG for one decoded image — a montage of slices for a volume — (run outside the
+        batcher, in the caller's thread)."""
         import torch
 
-        from lepton.explain import overlay_png, saliency_maps
+        from lepton.explain import montage_png, overlay_png, saliency_maps
 
         with torch.enable_grad():  # executor threads may have autograd off
             maps, _ = saliency_maps(self.run, [pixels], method=method, class_idx=class_idx)
         shown = self.preprocessing.resize([pixels]).mean(1).numpy()[0]
-        return overlay_png(shown, maps[0])
+        return overlay_png(shown, maps[0]) if maps[0].ndim == 2 else montage_png(shown, maps[0])
 
 
 class OnnxAdapter(ModelAdapter):

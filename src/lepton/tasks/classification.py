@@ -88,8 +88,15 @@ class Classification(Task):
             return (outputs[:, 1] >= threshold).astype(np.int64)
         return outputs.argmax(1)
 
+    def _index(self, row: np.ndarray, info: Mapping[str, Any]) -> int:
+        """``decide`` for one row, with scalars (called per request on the serving hot path)."""
+        threshold = info.get("threshold")
+        if len(row) == 2 and threshold is not None:
+            return int(row[1] >= threshold)
+        return int(row.argmax())
+
     def label(self, row: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> str:
-        return labels[int(self.decide(row[None], info)[0])]
+        return labels[self._index(row, info)]
 
     def encode(self, row: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> dict[str, Any]:
         return {"label": self.label(row, labels, info),
@@ -97,7 +104,7 @@ class Classification(Task):
                 "threshold": info.get("threshold")}
 
     def explain_index(self, row: np.ndarray, info: Mapping[str, Any]) -> int:
-        return int(self.decide(row[None], info)[0])
+        return self._index(row, info)
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def scores(self, y: np.ndarray, outputs: np.ndarray, info: Mapping[str, Any]) -> dict[str, float]:

@@ -78,9 +78,9 @@ async def ready(request: Request):
 
 def metadata(dep: Deployment, version: int) -> dict[str, Any]:
     adapter = dep.handles[version].adapter
-    c, (h, w) = adapter.preprocessing.channels, adapter.preprocessing.size
+    c, size = adapter.preprocessing.channels, list(adapter.preprocessing.size)
     return {"name": dep.name, "versions": [str(v) for v in sorted(dep.handles)], "platform": adapter.platform,
-            "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, h, w]}],
+            "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, *size]}],
             "outputs": adapter.task.oip_outputs(adapter.labels),
             "parameters": {"task": adapter.task.name, "labels": adapter.labels, "threshold": adapter.threshold,
                            "input_range": "[0, 1] before the model's normalisation"}}
@@ -106,20 +106,20 @@ async def model_version_ready(name: str, version: str, target: tuple[Deployment,
     return JSONResponse({"name": name, "ready": True})
 
 
-def _input_batch(request: InferRequest, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """The model's one input as float32 (N, C, H, W) in [0, 1], checked against the metadata: name, datatype and
-    shape; ApiError 400 naming the field otherwise."""
-    (h, w), c = size, channels
+def _input_batch(request: InferRequest, channels: int, size: tuple[int, ...]) -> np.ndarray:
+    """The model's one input as float32 (N, C, H, W) — volumes (N, C, D, H, W) — in [0, 1], checked against the
+    metadata: name, datatype and shape; ApiError 400 naming the field otherwise."""
+    expected = f"[N, {channels}, {', '.join(map(str, size))}]"
     unknown = [n for n in request.inputs if n != INPUT]
     if unknown or INPUT not in request.inputs:
-        raise ApiError(400, "invalid_request", f"this model has one input, {INPUT!r} (FP32 [N, {c}, {h}, {w}]); "
+        raise ApiError(400, "invalid_request", f"this model has one input, {INPUT!r} (FP32 {expected}); "
                                                f"got {', '.join(map(repr, request.inputs))}")
     datatype, data = request.inputs[INPUT]
     if datatype != "FP32":
         raise ApiError(400, "invalid_request", f"input {INPUT!r}: datatype must be FP32 (got {datatype})")
     shape = list(data.shape)
-    if not (len(shape) == 4 and shape[1:] == [c, h, w] and 1 <= shape[0] <= MAX_BATCH):
-        raise ApiError(400, "invalid_request", f"input {INPUT!r}: shape must be [N, {c}, {h}, {w}] with "
+    if not (shape[1:] == [channels, *size] and 1 <= shape[0] <= MAX_BATCH):
+        raise ApiError(400, "invalid_request", f"input {INPUT!r}: shape must be {expected} with "
                                                f"1 <= N <= {MAX_BATCH} (got {shape})")
     if not np.isfinite(data).all() or data.min() < 0 or data.max() > 1:
         raise ApiError(400, "invalid_request", f"input {INPUT!r}: values must be finite and within [0, 1]")
@@ -146,7 +146,7 @@ async def _infer(name: str, request: Request, target: Target) -> Response:
     adapter = dep.handles[v].adapter
     spec = adapter.preprocessing
     parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH),
-                                 max_elements=MAX_BATCH * spec.channels * spec.size[0] * spec.size[1])
+                                 max_elements=MAX_BATCH * spec.channels * int(np.prod(spec.size)))
     data = _input_batch(parsed, spec.channels, spec.size)
     results = await asyncio.gather(*(srv.infer(dep, img, None, version=v) for img in data))
     outputs = np.stack([o for _, o in results])
