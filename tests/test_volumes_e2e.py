@@ -125,3 +125,17 @@ def test_export_register_and_serve(volume_run, cases, tmp_path):
                 zf.writestr("a.dcm", b"\0" * (300 << 20))
             boom = httpx.post(f"{url}/v1/models/ct/predict", content=bomb.getvalue(), headers=auth(key), timeout=60)
             assert boom.status_code == 422 and "zip bomb" in boom.json()["error"]["message"]
+
+
+def test_volume_demo(tmp_path):
+    import json
+    import subprocess
+
+    from conftest import lepton_cmd
+
+    out = subprocess.run(lepton_cmd("demo", "--volumes", "--quick", "--output-dir", str(tmp_path)),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout[:out.stdout.rindex("}") + 1])
+    assert result["test_auc"] >= 0.8 and len(result["predictions"]) == 2
+    assert Path(result["explanation"]["nifti"]).is_file() and Path(result["report"]).is_file()

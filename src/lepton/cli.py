@@ -595,18 +595,20 @@ def export_cmd(
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the data and run go.")] = Path("runs"),
     quick: Annotated[bool, typer.Option("--quick", help="A smaller, faster demo.")] = False,
+    volumes: Annotated[bool, typer.Option("--volumes", help="CT volumes as DICOM series and NIfTI files, a 3-D "
+                                                            "network.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Synthetic chest X-rays → train → evaluate → predict, end to end on CPU."""
-    from lepton.demo import run_demo
+    """Synthetic chest X-rays (or CT volumes) → train → evaluate → predict, end to end on CPU."""
+    from lepton.demo import run_demo, run_volume_demo
 
-    result = run_demo(output_dir, quick=quick, seed=seed)
+    result = (run_volume_demo if volumes else run_demo)(output_dir, quick=quick, seed=seed)
     console.print_json(json.dumps(result))
     console.print(
         f"[bold green]Demo done[/] in {result['wall_seconds']:.0f} s: test ACC {result['test_acc']:.3f}, "
         f"AUC {result['test_auc']:.3f} on {result['test_images']} images.\n"
         f"  run directory: {result['run']}\n  report: {result['report']}\n"
-        f"  next: lepton predict {result['run']} IMAGE.png")
+        f"  next: lepton predict {result['run']} {'SERIES_FOLDER' if volumes else 'IMAGE.png'}")
 
 
 def main() -> None:
