@@ -38,3 +38,16 @@ def test_the_default_task_is_left_out_of_saved_configs(tmp_path):
     assert TrainConfig.from_yaml(tmp_path / "a.yaml").task == "classification"
     make_config("default", data="x.npz", task="toy").to_yaml(tmp_path / "b.yaml")
     assert TrainConfig.from_yaml(tmp_path / "b.yaml").task == "toy"
+
+
+def test_auto_preset_reads_whether_an_npz_holds_volumes(tmp_path):
+    import numpy as np
+
+    from lepton.config import auto_preset
+
+    np.savez(tmp_path / "vol.npz", train_images=np.zeros((2, 8, 8, 8), np.uint8), train_labels=np.zeros((2, 1)))
+    np.savez(tmp_path / "img.npz", train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.zeros((2, 1)))
+    np.savez(tmp_path / "rgb.npz", train_images=np.zeros((2, 8, 8, 3), np.uint8), train_labels=np.zeros((2, 1)))
+    assert auto_preset(str(tmp_path / "vol.npz")) == "medmnist3d"
+    assert auto_preset(str(tmp_path / "img.npz")) == auto_preset(str(tmp_path / "rgb.npz")) == "medmnist"
+    assert make_config("auto", data=str(tmp_path / "vol.npz")).preset == "medmnist3d"
