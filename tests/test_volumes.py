@@ -106,3 +106,16 @@ def test_shared_adrenalmnist3d_learns(tmp_path):
     run = lepton.train(tmp_path / "adrenal.npz", preset="default", model="lepton_cnn", epochs=4, batch_size=32,
                        output_dir=str(tmp_path), name="adrenal", quiet=True, augment="light")
     assert run.preprocessing.size == (28, 28, 28) and run.info["val_auc"] > 0.65
+
+
+def test_corruptions_act_on_volumes_slice_by_slice():
+    from lepton.data.corruptions import CORRUPTIONS, corrupt
+
+    vol = torch.rand(2, 1, 4, 16, 16)
+    for name in CORRUPTIONS:
+        out = corrupt(vol, name, 3, seed=1)
+        assert out.shape == vol.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    layered = torch.zeros(1, 1, 2, 16, 16)
+    layered[:, :, 1] = 1.0  # a dark slice above a bright one
+    blurred = corrupt(layered, "gaussian_blur", 5)
+    assert float(blurred[:, :, 0].max()) == 0.0 and float(blurred[:, :, 1].min()) > 0.9999  # in-plane only

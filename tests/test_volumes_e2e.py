@@ -139,3 +139,12 @@ def test_volume_demo(tmp_path):
     result = json.loads(out.stdout[:out.stdout.rindex("}") + 1])
     assert result["test_auc"] >= 0.8 and len(result["predictions"]) == 2
     assert Path(result["explanation"]["nifti"]).is_file() and Path(result["report"]).is_file()
+
+
+def test_robustness_report_on_volumes(volume_run, tmp_path):
+    from lepton.robustness import robustness
+
+    report = robustness(volume_run, split="val", corruptions=("gaussian_noise", "gaussian_blur", "contrast"),
+                        severities=(1, 5), epsilons=(2 / 255,), attacks=("fgsm",), output=tmp_path)
+    assert set(report["clean"]) == {"acc", "auc"} and len(report["corruptions"]["gaussian_blur"]) == 2
+    assert (tmp_path / "robustness.md").is_file() and (tmp_path / "robustness.png").is_file()

@@ -87,9 +87,14 @@ CORRUPTIONS: dict[str, Corruption] = {
 
 
 def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
-    """Apply corruption ``name`` at ``severity`` (1–5) to a batch in [0, 1]."""
+    """Apply corruption ``name`` at ``severity`` (1–5) to a batch in [0, 1]: images (N, C, H, W), or volumes
+    (N, C, D, H, W) slice by slice (blur, pixelation and JPEG act in-plane, as a scanner's would)."""
     if name not in CORRUPTIONS:
         raise ConfigError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
     if not 1 <= severity <= 5:
         raise ConfigError(f"severity must be 1-5 (got {severity})")
+    if x.ndim == 5:
+        n, c, d, h, w = x.shape
+        flat = corrupt(x.permute(0, 2, 1, 3, 4).reshape(n * d, c, h, w), name, severity, seed)
+        return flat.reshape(n, d, c, h, w).permute(0, 2, 1, 3, 4).contiguous()
     return CORRUPTIONS[name](x, severity, torch.Generator().manual_seed(seed)).clamp(0, 1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import numpy as np
 
@@ -47,7 +47,7 @@ def _reader(fmt: str):
         if slices == "volume":
             raise DataError(f"{label}: a {fmt.upper()} image is not a volume; this model takes volumes (NIfTI, a "
                             "DICOM series, or .npy)")
-        return [Frame(decode_raster(source, label, max_pixels), Path(label).name, fmt)]
+        return [Frame(decode_raster(source, label, max_pixels), os.path.basename(label), fmt)]
 
     return read
 

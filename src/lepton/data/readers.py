@@ -42,6 +42,7 @@ class Reader:
 
 
 _READERS: dict[str, Reader] = {}
+_ORDER: list[Reader] = []  # _READERS in sniffing order, rebuilt on registration (match runs per upload)
 
 
 def register_reader(name: str, sniff: Sniffer, *, in_memory: bool = False, priority: int = 50):
@@ -49,6 +50,7 @@ def register_reader(name: str, sniff: Sniffer, *, in_memory: bool = False, prior
 
     def wrap(fn: ReadFn) -> ReadFn:
         _READERS[name] = Reader(name, sniff, fn, in_memory, priority)
+        _ORDER[:] = sorted(_READERS.values(), key=lambda r: (r.priority, r.name))
         return fn
 
     return wrap
@@ -56,14 +58,14 @@ def register_reader(name: str, sniff: Sniffer, *, in_memory: bool = False, prior
 
 def readers() -> list[Reader]:
     """The registered readers in sniffing order."""
-    return sorted(_READERS.values(), key=lambda r: (r.priority, r.name))
+    return list(_ORDER)
 
 
 def match(head: bytes, name: str = "") -> Reader | None:
     """The reader for content starting with ``head`` (``name`` only breaks ties, e.g. ``.nii.gz``, bare ``.dcm``)."""
     best, best_score = None, NO
     lower = name.lower()
-    for reader in readers():
+    for reader in _ORDER:
         score = reader.sniff(head, lower)
         if score > best_score:
             best, best_score = reader, score

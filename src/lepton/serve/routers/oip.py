@@ -128,19 +128,20 @@ def _input_batch(request: InferRequest, channels: int, size: tuple[int, ...]) ->
 
 @router.post("/models/{name}/infer", openapi_extra=INFER_BODY, response_model=schemas.InferResponse,
              responses=_INFER_RESPONSES)
-async def infer(name: str, request: Request, target: Target = Depends(infer_target)):
+async def infer(name: str, request: Request):
     """Run the model's primary version on a batch of images."""
-    return await _infer(name, request, target)
+    return await _infer(name, request, await infer_target(request))
 
 
 @router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY, response_model=schemas.InferResponse,
              responses=_INFER_RESPONSES)
-async def infer_version(name: str, version: str, request: Request, target: Target = Depends(infer_target)):
+async def infer_version(name: str, version: str, request: Request):
     """Run one served version on a batch of images."""
-    return await _infer(name, request, target)
+    return await _infer(name, request, await infer_target(request))
 
 
 async def _infer(name: str, request: Request, target: Target) -> Response:
+    """The infer route's work; its checks (``deps.infer_target``) are called, not injected, as for predict."""
     srv, dep, v = target.server, target.deployment, target.version
     body = await read_body(request, srv.config.max_upload_bytes)
     adapter = dep.handles[v].adapter
