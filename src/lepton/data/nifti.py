@@ -29,54 +29,34 @@ def read_nifti(path: Path, label: str | None = None, *, window: str | None = Non
     label = label or str(path)
     import nibabel as nib
 
-    if slices == "volume":
-        from lepton.data.volume import volume_frames
-
-        volume = read_nifti_volume(path, max_voxels=max_pixels, label=label)
-        return volume_frames(volume, window, "volume")
-
     try:
         img = nib.load(str(path))
-        img = nib.as_closest_canonical(img) if len(img.shape) >= 3 else img
-        shape = img.shape
-        if int(np.prod(shape[:3], dtype=np.float64)) > max_pixels:
-            raise DataError(f"{label}: volume of shape {shape} is over the limit of {max_pixels} voxels")
-        proxy = img.dataobj
-        if len(shape) == 4:
-            data = np.asarray(proxy[..., 0], dtype=np.float32)
-        elif len(shape) in (2, 3):
-            data = np.asarray(proxy, dtype=np.float32)
-        else:
-            raise DataError(f"{label}: {len(shape)}-D NIfTI of shape {shape} is not supported")
-    except DataError:
-        raise
     except Exception as exc:
         raise DataError(f"{label}: corrupt or unreadable NIfTI file ({exc})") from exc
-    if data.size == 0:
-        raise DataError(f"{label}: the NIfTI image has no voxels")
-    if not np.isfinite(data).all():
-        raise DataError(f"{label}: the NIfTI image contains NaN or infinite values")
-    if data.ndim == 2:
-        data = data[:, :, None]
+    if len(img.shape) >= 3:  # volumes (and the first of 4-D series) go through the volume reader
+        from lepton.data.volume import volume_frames
+
+        return volume_frames(read_nifti_volume(path, max_voxels=max_pixels, label=label), window, slices)
+    if len(img.shape) != 2:
+        raise DataError(f"{label}: {len(img.shape)}-D NIfTI of shape {img.shape} is not supported")
+    if slices == "volume":
+        raise DataError(f"{label}: a 2-D NIfTI image is not a volume")
+    if int(np.prod(img.shape, dtype=np.float64)) > max_pixels:
+        raise DataError(f"{label}: image of shape {img.shape} is over the limit of {max_pixels} pixels")
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:
+        raise DataError(f"{label}: corrupt or unreadable NIfTI file ({exc})") from exc
+    if data.size == 0 or not np.isfinite(data).all():
+        raise DataError(f"{label}: the NIfTI image is empty or contains NaN or infinite values")
     preset = resolve_window(window)
     if preset is not None:
         unit = apply_window(data, *preset)
     else:
         lo, hi = np.percentile(data, [0.5, 99.5])
         unit = np.clip((data - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(data)
-    depth = unit.shape[2]
-    idx = range(depth) if slices == "all" else [depth // 2]
-    name = Path(label).name
-    # Transpose and flip so rows run anterior→posterior and columns right→left (radiological view).
-    return [
-        Frame(
-            np.ascontiguousarray(np.flipud(unit[:, :, k].T), dtype=np.float32)[None],
-            f"{name}#slice={k}" if depth > 1 else name,
-            "nifti",
-            None,
-        )
-        for k in idx
-    ]
+    # Transpose and flip so rows run anterior→posterior (radiological view), as volume slices are shown.
+    return [Frame(np.ascontiguousarray(np.flipud(unit.T), dtype=np.float32)[None], Path(label).name, "nifti")]
 
 
 def read_nifti_volume(path: str | Path, *, volume_index: int = 0, max_voxels: int | None = None,

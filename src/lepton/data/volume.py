@@ -108,4 +108,5 @@ def volume_frames(volume: Volume, window: str | None, slices: str):
         return [Frame(unit[None].astype(np.float32), volume.name, volume.modality, volume.patient,
                       network_affine(volume.affine, volume.shape))]
     idx = range(len(unit)) if slices == "all" else [len(unit) // 2]
-    return [Frame(unit[k][None].copy(), f"{volume.name}#slice={k}", volume.modality, volume.patient) for k in idx]
+    return [Frame(unit[k][None].copy(), f"{volume.name}#slice={k}" if len(unit) > 1 else volume.name,
+                  volume.modality, volume.patient) for k in idx]
