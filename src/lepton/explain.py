@@ -133,6 +133,8 @@ def explain(run, paths: list[str | Path], *, method: str = "gradcam", output: st
 def _save_volume_map(heat: np.ndarray, shape: tuple[int, ...], affine: np.ndarray | None, path: Path) -> Path:
     """The (D, H, W) map resampled to the input volume's grid and saved as NIfTI with the input's affine (1 mm
     voxels at the origin when the input had none, as a MedMNIST array)."""
+    import gzip
+
     import nibabel as nib
     import torch
     import torch.nn.functional as F
@@ -140,12 +142,7 @@ def _save_volume_map(heat: np.ndarray, shape: tuple[int, ...], affine: np.ndarra
     full = F.interpolate(torch.from_numpy(heat)[None, None], size=tuple(shape), mode="trilinear",
                          align_corners=False)[0, 0].numpy()
     img = nib.Nifti1Image(full.astype(np.float32), affine if affine is not None else np.eye(4))
-    buf = io.BytesIO()
-    file_map = nib.Nifti1Image.make_file_map({"image": buf, "header": buf})
-    img.to_file_map(file_map)
-    import gzip
-
-    atomic_write_bytes(path, gzip.compress(buf.getvalue()))
+    atomic_write_bytes(path, gzip.compress(img.to_bytes()))
     return path
 
 
