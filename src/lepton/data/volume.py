@@ -88,16 +88,6 @@ def network_affine(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarra
     return affine @ perm
 
 
-def resized_affine(affine: np.ndarray, before: tuple[int, ...], after: tuple[int, ...]) -> np.ndarray:
-    """The affine of an array resampled from shape ``before`` to ``after`` over the same extent (voxel centres
-    aligned as ``align_corners=False`` interpolation aligns them)."""
-    scale = np.array(before, float) / np.array(after, float)
-    step = np.eye(4)
-    step[:3, :3] = np.diag(scale)
-    step[:3, 3] = 0.5 * scale - 0.5
-    return affine @ step
-
-
 def volume_frames(volume: Volume, window: str | None, slices: str):
     """A volume as reader frames: one (1, D, H, W) frame (``slices="volume"``), or its middle or every axial slice
     (1, H, W)."""
