@@ -55,9 +55,11 @@ def main() -> int:
     parser.add_argument("--test-file", action="append", default=[], help="NAME=PATH of a file with test_* arrays")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench-volumes")
     parser.add_argument("--quick", action="store_true", help="2 epochs on slices of each file")
+    parser.add_argument("--slab", action="store_true", help="also train the 2.5-D variant (--slab) of the preset "
+                                                            "and print its figures beside the 3-D run's")
+    parser.add_argument("--time-budget", type=float, help="seconds of training per run (default: the preset's)")
     args = parser.parse_args()
     tests = dict(item.split("=", 1) for item in args.test_file)
-    from lepton.evaluate import evaluate
 
     print(f"MedMNIST-3D benchmark ({'quick' if args.quick else 'full'}); CPU: {cpu_summary()}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -69,37 +71,51 @@ def main() -> int:
             print(f"SKIP {name}: {source} not found (the benchmark reads ../shared/data)")
             continue
         data = slice_file(source, tmp / f"{name}.npz", 256, 64) if args.quick else source
-        run_name = f"{name}-medmnist3d-{stamp}"
-        cmd = [sys.executable, "-m", "lepton.cli", "train", str(data), "--preset", "medmnist3d", "--name", run_name,
-               "--output-dir", str(args.output), "--quiet"] + (["--epochs", "2"] if args.quick else [])
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:])
-            return 1
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        run_dir = args.output / run_name
-        info = json.loads((run_dir / "run.json").read_text())
-        val = evaluate(run_dir, split="val", n_bootstrap=1000, plots=False)
-        m = val["metrics"][val["primary_threshold"]]
-        print(f"\n{name}: {info['epochs']} epochs (best {info['best_epoch']}), {wall:.0f} s wall, peak {peak:.0f} MiB")
-        print(f"  val ({val['images']} images): {fmt(m)}")
-        row = {"run": str(run_dir), "wall_seconds": wall, "peak_memory_mib": peak, "epochs": info["epochs"],
-               "val": {"auc": m["auc"], "acc": m["acc"], "ci95": m["ci95"]}}
-        if name in tests:
-            test = evaluate(run_dir, tests[name], split="test", n_bootstrap=1000, plots=False)
-            t = test["metrics"][test["primary_threshold"]]
-            print(f"  test ({test['images']} images): {fmt(t)}")
-            row["test"] = {"auc": t["auc"], "acc": t["acc"], "ci95": t["ci95"]}
+        for variant in (["3d", "2.5d"] if args.slab else ["3d"]):
+            row = run_one(args, name, data, variant, stamp, tests)
+            if row is None:
+                return 1
+            results["sets"][f"{name}/{variant}" if args.slab else name] = row
         for label, (auc, acc) in PUBLISHED[name].items():
             print(f"  published (test) {label:<38} AUC {auc:.3f}  ACC {acc:.3f}")
-        results["sets"][name] = row
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / f"volumes-{stamp}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nfigures written to {out}")
     return 0
+
+
+def run_one(args, name: str, data: Path, variant: str, stamp: str, tests: dict[str, str]) -> dict | None:
+    """Train one variant in a child process and evaluate it on val (and test when given)."""
+    from lepton.evaluate import evaluate
+
+    run_name = f"{name}-medmnist3d-{variant}-{stamp}"
+    cmd = [sys.executable, "-m", "lepton.cli", "train", str(data), "--preset", "medmnist3d", "--name", run_name,
+           "--output-dir", str(args.output), "--quiet"] + (["--epochs", "2"] if args.quick else [])
+    cmd += (["--slab"] if variant == "2.5d" else []) + \
+        (["--time-budget", str(args.time_budget)] if args.time_budget else [])
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:])
+        return None
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far
+    run_dir = args.output / run_name
+    info = json.loads((run_dir / "run.json").read_text())
+    val = evaluate(run_dir, split="val", n_bootstrap=1000, plots=False)
+    m = val["metrics"][val["primary_threshold"]]
+    print(f"\n{name} ({variant}): {info['epochs']} epochs (best {info['best_epoch']}), {wall:.0f} s wall, "
+          f"peak {peak:.0f} MiB")
+    print(f"  val ({val['images']} images): {fmt(m)}")
+    row = {"run": str(run_dir), "wall_seconds": wall, "peak_memory_mib": peak, "epochs": info["epochs"],
+           "val": {"auc": m["auc"], "acc": m["acc"], "ci95": m["ci95"]}}
+    if name in tests:
+        test = evaluate(run_dir, tests[name], split="test", n_bootstrap=1000, plots=False)
+        t = test["metrics"][test["primary_threshold"]]
+        print(f"  test ({test['images']} images): {fmt(t)}")
+        row["test"] = {"auc": t["auc"], "acc": t["acc"], "ci95": t["ci95"]}
+    return row
 
 
 if __name__ == "__main__":

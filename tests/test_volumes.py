@@ -119,3 +119,23 @@ def test_corruptions_act_on_volumes_slice_by_slice():
     layered[:, :, 1] = 1.0  # a dark slice above a bright one
     blurred = corrupt(layered, "gaussian_blur", 5)
     assert float(blurred[:, :, 0].max()) == 0.0 and float(blurred[:, :, 1].min()) > 0.9999  # in-plane only
+
+
+@pytest.mark.slow
+def test_a_2_5d_run_trains_explains_and_exports(volume_npz, tmp_path):
+    """``slab=True``: a 2-D network over the volumes' slices as channels, still a volume model everywhere."""
+    import lepton
+    from lepton.explain import saliency_maps
+    from lepton.export import export_run
+
+    run = lepton.train(volume_npz, preset="default", model="lepton_cnn", slab=True, epochs=4, batch_size=16,
+                       output_dir=str(tmp_path), name="slab", quiet=True, augment="light")
+    assert run.model.depth == 16 and run.info["val_auc"] > 0.9
+    reloaded = lepton.load_run(run.path)
+    x, _ = spheres(2, seed=9)
+    volumes = x[:, None].astype(np.float32) / 255
+    np.testing.assert_allclose(reloaded.predict_proba(volumes), run.predict_proba(volumes), atol=1e-5)
+    maps, _ = saliency_maps(run, volumes)
+    assert maps.shape == (2, 16, 16, 16) and np.allclose(maps[:, 0], maps[:, 7])  # one in-plane map per slice
+    report = export_run(run, output=tmp_path / "export", repeats=1)
+    assert next(r for r in report["variants"] if r["variant"] == "onnx-fp32")["max_abs_prob_diff"] < 1e-4

@@ -27,9 +27,11 @@ def cases(tmp_path_factory) -> Path:
 def volume_run(cases, tmp_path_factory):
     from lepton.train import train
 
+    # 1.5 mm in-plane voxels (from 1 mm) and a centre crop: steps saved with the run, applied by predict and serve
     return train(cases, preset="default", slices="volume", window="-300,1400", model="lepton_cnn", epochs=8,
                  batch_size=8, lr=2e-3, augment="light", output_dir=str(tmp_path_factory.mktemp("runs")),
-                 name="ct3d", quiet=True)
+                 name="ct3d", quiet=True, preprocess=[{"name": "spacing", "mm": [1.5, 1.5, 2.0]},
+                                                      {"name": "crop_or_pad", "size": [16, 20, 20]}])
 
 
 def series_zip(folder: Path, members: dict[str, bytes] | None = None) -> bytes:
@@ -57,7 +59,8 @@ def test_train_evaluate_explain(volume_run, cases, tmp_path):
     from lepton.evaluate import evaluate
     from lepton.explain import explain
 
-    assert volume_run.preprocessing.size == (16, 32, 32) and volume_run.info["val_auc"] >= 0.8
+    assert volume_run.preprocessing.size == (16, 20, 20) and volume_run.info["val_auc"] >= 0.8
+    assert [s["name"] for s in volume_run.preprocessing.steps] == ["spacing", "crop_or_pad"]
     report = evaluate(volume_run, split="test", n_bootstrap=100)
     assert report["images"] == 6 and report["metrics"]["val_youden"]["auc"] >= 0.8  # 3 cases per class
     series = cases.parent / "case000"
@@ -66,8 +69,11 @@ def test_train_evaluate_explain(volume_run, cases, tmp_path):
 
     heat = nib.load(row["nifti"])
     (volume,) = read_series(series)
-    assert heat.shape == (16, 32, 32)  # the input's own grid
-    np.testing.assert_allclose(heat.affine, network_affine(volume.affine, volume.shape), atol=1e-4)
+    assert heat.shape == (16, 20, 20)  # the preprocessed input's grid, placed in the scan's millimetres
+    source = network_affine(volume.affine, volume.shape)
+    np.testing.assert_allclose(heat.affine[:3, :3], source[:3, :3] * [2.0 / 2.0, 1.5, 1.5], atol=1e-4)
+    centre = lambda aff, shape: (aff @ [*(np.array(shape) - 1) / 2, 1])[:3]  # noqa: E731
+    np.testing.assert_allclose(centre(heat.affine, heat.shape), centre(source, (16, 32, 32)), atol=1.6)
     assert heat.get_fdata().min() >= 0 and heat.get_fdata().max() <= 1.0 + 1e-6
     assert Path(row["overlay"]).read_bytes().startswith(b"\x89PNG")
 
@@ -100,16 +106,17 @@ def test_export_register_and_serve(volume_run, cases, tmp_path):
                            headers=auth(key), timeout=60)
             assert z.status_code == 200 and z.json()["label"] == expected["case000"]["label"], z.text
             meta = httpx.get(f"{url}/v2/models/ct", headers=auth(key)).json()
-            assert meta["inputs"][0]["shape"] == [-1, 1, 16, 32, 32]
-            x = np.full((1, 1, 16, 32, 32), 0.5, np.float32)
-            body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 16, 32, 32],
+            assert meta["inputs"][0]["shape"] == [-1, 1, 16, 20, 20]
+            x = np.full((1, 1, 16, 20, 20), 0.5, np.float32)
+            body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 16, 20, 20],
                                 "data": x.ravel().tolist()}]}
             out = httpx.post(f"{url}/v2/models/ct/infer", json=body, headers=auth(key), timeout=60)
             assert out.status_code == 200 and out.json()["outputs"][0]["shape"] == [1, 2], out.text
             buf = io.BytesIO()
             np.save(buf, np.zeros((16, 32, 32), np.float32))
             npy = httpx.post(f"{url}/v1/models/ct/predict", content=buf.getvalue(), headers=auth(key))
-            assert npy.status_code == 200, npy.text
+            # a bare array has no millimetres for the run's spacing step: a clear 422, not a guess
+            assert npy.status_code == 422 and "no voxel geometry" in npy.json()["error"]["message"], npy.text
             flat = io.BytesIO()
             from PIL import Image
 

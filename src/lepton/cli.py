@@ -380,6 +380,14 @@ def serve(
                          poll_seconds=poll_seconds), host=host, port=port, workers=workers)
 
 
+def _parse_steps(items: list[str] | None) -> list[dict] | None:
+    if not items:
+        return None
+    from lepton.data.pipeline import parse_step
+
+    return [parse_step(text) for text in items]
+
+
 def _parse_aug(values: list[str] | None) -> dict[str, float]:
     out = {}
     for item in values or []:
@@ -424,6 +432,11 @@ def train(
                                                     "bone, brain, soft-tissue or C,W.")] = None,
     slices: Annotated[str | None, typer.Option(help="Volumes: the middle slice, all slices, or volume "
                                                     "(whole volumes for 3-D networks).")] = None,
+    preprocess: Annotated[list[str] | None, typer.Option(
+        help="A volume preprocessing step, in order (repeat): spacing=X,Y,Z (mm), crop_foreground[=MARGIN], "
+             "pad=D,H,W, crop_or_pad=D,H,W, resize=D,H,W. Saved with the run; predict and serve apply it.")] = None,
+    slab: Annotated[bool | None, typer.Option("--slab", help="2.5-D: a 2-D network reads a volume's slices as "
+                                                             "channels (cheaper than 3-D).")] = None,
     ema_decay: Annotated[float | None, typer.Option(help="EMA of weights (0 = off).")] = None,
     early_stopping: Annotated[int | None, typer.Option(help="Patience in epochs (0 = off).")] = None,
     time_budget: Annotated[float | None, typer.Option(help="Seconds the training loop may take; the epochs "
@@ -454,7 +467,8 @@ def train(
             lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
             label_smoothing=label_smoothing, imbalance=imbalance, augment=augment,
             augment_options=_parse_aug(aug) or None, image_size=image_size, channels=channels,
-            window=window, slices=slices, ema_decay=ema_decay, early_stopping=early_stopping, tta=tta,
+            window=window, slices=slices, preprocess=_parse_steps(preprocess), slab=slab,
+            ema_decay=ema_decay, early_stopping=early_stopping, tta=tta,
             time_budget_s=time_budget,
             adversarial=adversarial, adv_epsilon=adv_epsilon,
             seed=seed, deterministic=deterministic, device=device, threads=threads, skip_bad=skip_bad,

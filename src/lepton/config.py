@@ -31,6 +31,10 @@ class TrainConfig:
     normalize: str = "dataset"  # "dataset" (train mean/std) or "half" (mean 0.5, std 0.5)
     window: str | None = None
     slices: str = "middle"  # volumes and multi-frame files: the middle slice, all slices, or "volume" (3-D)
+    # Volume preprocessing steps (MONAI dictionary transforms, see lepton.data.pipeline), e.g.
+    # [{"name": "spacing", "mm": [1.5, 1.5, 3.0]}, {"name": "crop_foreground", "margin": 4}].
+    preprocess: list[dict[str, Any]] = field(default_factory=list)
+    slab: bool = False  # 2.5-D: a 2-D network reads a volume's slices as input channels
     augment: str = "light"
     augment_options: dict[str, float] = field(default_factory=dict)
     # splits
@@ -97,6 +101,10 @@ class TrainConfig:
             raise ConfigError(f"image_size must be between 8 and 1024 (got {self.image_size})")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"channels must be 1 or 3 (got {self.channels})")
+        if self.slab and self.slices != "volume" and not str(self.data).lower().endswith(".npz"):
+            raise ConfigError("slab (2.5-D) reads volumes: set slices='volume' (or use a .npz of volumes)")
+        if not isinstance(self.preprocess, list):
+            raise ConfigError("preprocess must be a list of steps, e.g. [{name: spacing, mm: [1.5, 1.5, 3.0]}]")
         if not self.data:
             raise ConfigError("data is empty: pass a dataset path, e.g. `lepton train DATA`")
         return self
@@ -104,10 +112,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain values. ``task`` is left out when it is the default, classification, so that runs
         and registry versions of classifiers stay readable by Lepton versions older than tasks (a registry shared
-        by servers of two versions during a rolling upgrade)."""
+        by servers of two versions during a rolling upgrade); ``preprocess`` and ``slab`` too when unused."""
         values = dataclasses.asdict(self)
         if values["task"] == "classification":
             del values["task"]
+        for key in ("preprocess", "slab"):  # likewise, left out unless used
+            if not values[key]:
+                del values[key]
         return values
 
     def to_yaml(self, path: Path) -> None:

@@ -52,7 +52,8 @@ def run_demo(output_dir: str | Path = "runs", *, quick: bool = False, seed: int 
 def run_volume_demo(output_dir: str | Path = "runs", *, quick: bool = False, seed: int = 0,
                     quiet: bool = False) -> dict[str, Any]:
     """CT phantoms (body, lungs, spine; half with a lung nodule) written as DICOM series folders and NIfTI files
-    with a CSV manifest, a 3-D ``lepton_cnn`` trained on whole volumes, evaluated on the test cases, a Grad-CAM
+    with a CSV manifest, resampled and cropped by MONAI transforms, a 3-D ``lepton_cnn`` trained on whole
+    volumes, evaluated on the test cases, a Grad-CAM
     map written as NIfTI beside a slice montage, and a series folder and a NIfTI file predicted."""
     from lepton.data.synthetic import write_ct_cases
     from lepton.evaluate import evaluate
@@ -62,10 +63,14 @@ def run_volume_demo(output_dir: str | Path = "runs", *, quick: bool = False, see
     started = time.perf_counter()
     out = Path(output_dir)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    n = 40 if quick else 80
+    n = 48 if quick else 80
     manifest = write_ct_cases(out / "demo-volumes" / f"ct_{n}", n=n, seed=seed)
-    run = train(manifest, preset="default", slices="volume", window="-300,1400", model="lepton_cnn",
-                epochs=5 if quick else 12, batch_size=8, lr=2e-3, augment="light", name=f"demo-volumes-{stamp}",
+    # Resampled to 2 mm voxels, cropped to the body and padded to a common size: the steps are saved with the run,
+    # and predict, explain and the server apply them too.
+    steps = [{"name": "spacing", "mm": [1.5, 1.5, 2.0]}, {"name": "crop_foreground", "threshold": 0.05, "margin": 1},
+             {"name": "pad", "size": [16, 24, 24]}]
+    run = train(manifest, preset="default", slices="volume", window="-300,1400", model="lepton_cnn", preprocess=steps,
+                epochs=10 if quick else 12, batch_size=8, lr=2e-3, augment="light", name=f"demo-volumes-{stamp}",
                 output_dir=str(out), seed=seed, quiet=quiet)
     train_seconds = time.perf_counter() - started
     report = evaluate(run, split="test", n_bootstrap=200 if quick else 1000)

@@ -72,7 +72,7 @@ def select_split(run, data: str | Path | None, split: str, *, skip_bad: bool = F
     cfg, spec = run.config, run.preprocessing
     source = str(data) if data is not None else cfg.data
     same_source = source == cfg.data
-    dataset = load_dataset(source, window=spec.window, slices=spec.slices,
+    dataset = load_dataset(source, window=spec.window, slices=spec.slices, steps=spec.steps,
                            skip_bad=skip_bad or (same_source and cfg.skip_bad))
     _check_labels(dataset.label_names, run.label_names, source)
     if same_source:

@@ -39,13 +39,29 @@ def saliency_maps(run, images: list[np.ndarray] | np.ndarray, *, method: str = "
         targets = np.full(len(x), class_idx)
     cam_cls = GradCAM if method == "gradcam" else GradCAMpp
     model = run.model.float().to(memory_format=torch.contiguous_format)
+    extra = {}
+    if getattr(model, "depth", None) and hasattr(model, "net"):  # 2.5-D: a slice map, shown on every slice
+        layer, extra = f"net.{layer}", {"upsampler": _slab_upsampler}
     # MONAI's default post-processing maps (min, max) to (1, 0), inverting the map; scale to (0, 1).
-    cam = cam_cls(nn_module=model, target_layers=layer, postprocessing=_unit_scale)
+    cam = cam_cls(nn_module=model, target_layers=layer, postprocessing=_unit_scale, **extra)
     maps = np.concatenate([
         cam(x[i:i + 1].contiguous(), class_idx=int(targets[i])).detach().cpu().numpy() for i in range(len(x))
     ])[:, 0]
     model_layout(run.model)
     return maps.astype(np.float32), np.asarray(targets)
+
+
+def _slab_upsampler(spatial_size):
+    """A 2-D map (N, 1, h, w) of a 2.5-D network to (N, 1, D, H, W): the same in-plane map on every slice."""
+    import torch.nn.functional as F
+
+    depth, size = spatial_size[0], spatial_size[1:]
+
+    def up(maps):
+        flat = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        return flat[:, :, None].expand(-1, -1, depth, -1, -1)
+
+    return up
 
 
 def _unit_scale(maps):
@@ -105,7 +121,8 @@ def explain(run, paths: list[str | Path], *, method: str = "gradcam", output: st
         class_idx = run.label_names.index(target)
     frames, names, affines = [], [], []
     for p in paths:
-        for frame in read_image(p, window=run.preprocessing.window, slices=run.preprocessing.slices):
+        for frame in read_image(p, window=run.preprocessing.window, slices=run.preprocessing.slices,
+                                    steps=run.preprocessing.steps):
             frames.append(frame.pixels)
             names.append(frame.name.replace("#", "_").replace("=", ""))
             affines.append(frame.affine)

@@ -82,7 +82,8 @@ class Run:
 
         frames, names = [], []
         for p in paths:
-            for frame in read_image(p, window=self.preprocessing.window, slices=self.preprocessing.slices):
+            for frame in read_image(p, window=self.preprocessing.window, slices=self.preprocessing.slices,
+                                    steps=self.preprocessing.steps):
                 frames.append(frame.pixels)
                 names.append(str(p) if frame.name == Path(p).name else f"{p}{frame.name[len(Path(p).name):]}")
         if not frames:

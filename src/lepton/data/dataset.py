@@ -71,6 +71,11 @@ class ImageSet:
             has_patient_ids=self.has_patient_ids,
         )
 
+    def missing_classes(self, chosen: np.ndarray) -> list[str]:
+        """Classes that no chosen image has."""
+        counts = np.bincount(self.labels[chosen], minlength=self.num_classes)
+        return [self.label_names[i] for i in np.flatnonzero(counts == 0)]
+
     def content_hashes(self) -> list[str]:
         """SHA-256 of each image's decoded pixels (exact-duplicate and fingerprint key)."""
         return [
@@ -122,20 +127,22 @@ def report_bad(source: str, bad: list[tuple[str, str]], skip_bad: bool) -> None:
 
 def from_files(
     source: str,
-    records: Iterable[tuple[Path, int, str, str | None]],
+    records: Iterable[tuple[Path, int, str, str | None] | tuple[Path, int, str, str | None, str | None]],
     label_names: list[str],
     *,
     window: str | None,
     slices: str,
     skip_bad: bool,
+    steps: list[dict] | None = None,
 ) -> ImageSet:
-    """Read (path, label, split, patient) records into an ImageSet, collecting bad files."""
+    """Read (path, label, split, patient[, series]) records into an ImageSet, collecting bad files; ``series``
+    picks one DICOM series of a folder by UID, or ``*`` every one as its own case."""
     images, labels, splits, groups, names, modalities = [], [], [], [], [], []
     bad: list[tuple[str, str]] = []
     has_patient = False
-    for path, label, split, patient in records:
+    for path, label, split, patient, *rest in records:
         try:
-            frames = read_image(path, window=window, slices=slices)
+            frames = read_image(path, window=window, slices=slices, steps=steps, series=rest[0] if rest else None)
         except DataError as exc:
             bad.append((str(path), str(exc).removeprefix(f"{path}: ")))
             continue

@@ -18,7 +18,8 @@ def _files(folder: Path) -> list[Path]:
 
 
 def read_folder(
-    root: Path, *, window: str | None = None, slices: str = "middle", skip_bad: bool = False
+    root: Path, *, window: str | None = None, slices: str = "middle", skip_bad: bool = False,
+    steps: list[dict] | None = None,
 ) -> ImageSet:
     """Read ``root/<class>/*`` or ``root/<split>/<class>/*`` (PNG, JPEG, BMP, TIFF, DICOM, NIfTI, NPY)."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
@@ -43,4 +44,5 @@ def read_folder(
             if not files and split in ("", "train"):
                 raise DataError(f"{folder}: class folder '{name}' has no files")
             records.extend((f, label, split, None) for f in files)
-    return from_files(str(root), records, label_names, window=window, slices=slices, skip_bad=skip_bad)
+    return from_files(str(root), records, label_names, window=window, slices=slices, skip_bad=skip_bad,
+                      steps=steps)

@@ -46,7 +46,7 @@ def _reader_for(head: bytes, name: str, label: str) -> Reader:
 
 
 def read_image_bytes(data: bytes, name: str = "upload", *, window: str | None = None, slices: str = "middle",
-                     max_pixels: int = MAX_PIXELS) -> list[Frame]:
+                     max_pixels: int = MAX_PIXELS, steps: list[dict] | None = None) -> list[Frame]:
     """Decode an in-memory file like ``read_image``; rasters and NPY never touch the disk.
 
     Errors and frame names use ``name`` (never a temporary path or a stream object). ``max_pixels`` is checked
@@ -59,17 +59,19 @@ def read_image_bytes(data: bytes, name: str = "upload", *, window: str | None = 
     reader = _reader_for(data[:SNIFF_BYTES], name, name)
     if reader.in_memory:
         try:
-            return reader.read(io.BytesIO(data), name, window=window, slices=slices, max_pixels=max_pixels)
+            frames = reader.read(io.BytesIO(data), name, window=window, slices=slices, max_pixels=max_pixels)
         except DataError as exc:
             raise DataError(_scrub(str(exc), name)) from None
+        return with_steps(frames, steps, name)
     suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix[:10]
     with tempfile.TemporaryDirectory() as tmp:  # this reader works from files
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
         try:
-            return reader.read(path, name, window=window, slices=slices, max_pixels=max_pixels)
+            frames = reader.read(path, name, window=window, slices=slices, max_pixels=max_pixels)
         except DataError as exc:
             raise DataError(_scrub(str(exc).replace(str(path), name).replace(tmp, "."), name)) from None
+    return with_steps(frames, steps, name)
 
 
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
@@ -80,13 +82,28 @@ def _scrub(message: str, name: str) -> str:
     return _OBJECT_REPR.sub(name, message)
 
 
-def read_image(path: str | Path, *, window: str | None = None, slices: str = "middle") -> list[Frame]:
+def with_steps(frames: list[Frame], steps: list[dict] | None, label: str) -> list[Frame]:
+    """Frames with a run's volume preprocessing steps applied (``lepton.data.pipeline``); 2-D frames pass as is."""
+    if not steps:
+        return frames
+    from lepton.data.pipeline import apply_steps
+
+    for frame in frames:
+        if frame.pixels.ndim == 4:
+            frame.pixels, frame.affine, _ = apply_steps(frame.pixels, frame.affine, steps, label)
+    return frames
+
+
+def read_image(path: str | Path, *, window: str | None = None, slices: str = "middle",
+               steps: list[dict] | None = None, series: str | None = None) -> list[Frame]:
     """Read ``path`` (any registered format: PNG, JPEG, BMP, TIFF, DICOM, NIfTI, NPY; or a folder holding one
     DICOM series) into a list of frames.
 
     Multi-frame DICOM, NIfTI volumes, DICOM series and 3-D NPY arrays give their middle slice, every slice
     with ``slices="all"``, or (not multi-frame DICOM) the whole volume as one (C, D, H, W) frame with
-    ``slices="volume"``. ``window`` names a CT window preset (see ``WINDOW_PRESETS``).
+    ``slices="volume"``. ``window`` names a CT window preset (see ``WINDOW_PRESETS``); ``steps`` are a run's
+    volume preprocessing steps (``lepton.data.pipeline``). For a folder of several DICOM series, ``series``
+    picks one by SeriesInstanceUID, or ``"*"`` takes every series as its own frame.
     Raises DataError naming the file and the reason when it cannot be read.
     """
     path = Path(path)
@@ -94,11 +111,17 @@ def read_image(path: str | Path, *, window: str | None = None, slices: str = "mi
         from lepton.data.series import read_series
         from lepton.data.volume import volume_frames
 
-        volumes = read_series(path)
-        if len(volumes) != 1:
-            raise DataError(f"{path}: holds {len(volumes)} DICOM series; give each series its own folder")
-        volumes[0].name = path.name
-        return volume_frames(volumes[0], window, slices)
+        volumes = read_series(path, None if series in (None, "*") else series)
+        if len(volumes) == 1 and series != "*":
+            volumes[0].name = path.name
+        elif series != "*":
+            raise DataError(f"{path}: holds {len(volumes)} DICOM series; choose one by its SeriesInstanceUID "
+                            "(a manifest's series_uid column), take each as its own case (series_uid *), or give "
+                            "each series its own folder")
+        else:
+            for volume in volumes:
+                volume.name = f"{path.name}#{volume.meta['series']}"
+        return [f for volume in volumes for f in with_steps(volume_frames(volume, window, slices), steps, str(path))]
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     size = path.stat().st_size
@@ -108,4 +131,5 @@ def read_image(path: str | Path, *, window: str | None = None, slices: str = "mi
         raise DataError(f"{path}: {size} bytes is over the {MAX_FILE_BYTES} byte limit")
     with open(path, "rb") as fh:
         head = fh.read(SNIFF_BYTES)
-    return _reader_for(head, path.name, str(path)).read(path, str(path), window=window, slices=slices)
+    frames = _reader_for(head, path.name, str(path)).read(path, str(path), window=window, slices=slices)
+    return with_steps(frames, steps, str(path))

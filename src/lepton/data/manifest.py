@@ -1,4 +1,4 @@
-"""CSV manifests: ``path,label[,patient_id][,split]`` with a header row."""
+"""CSV manifests: ``path,label[,patient_id][,split][,series_uid]`` with a header row."""
 
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ MAX_ROWS = 2_000_000
 
 
 def read_manifest(
-    path: Path, *, window: str | None = None, slices: str = "middle", skip_bad: bool = False
+    path: Path, *, window: str | None = None, slices: str = "middle", skip_bad: bool = False,
+    steps: list[dict] | None = None,
 ) -> ImageSet:
     """Read the images a CSV manifest lists; relative paths are taken from the CSV's folder.
+
+    ``path`` may name a folder of DICOM files; when it holds several series, ``series_uid`` picks one by its
+    SeriesInstanceUID, or ``*`` takes each series as its own case (same label, split and patient).
 
     Patient ids are pseudonymised on read and used only to keep each patient in one split.
     """
@@ -66,7 +70,9 @@ def read_manifest(
             index[r["label"]],
             r.get("split", ""),
             pseudonymize(r["patient_id"]) if r.get("patient_id") else None,
+            r.get("series_uid") or None,
         )
         for r in rows
     ]
-    return from_files(str(path), records, raw_labels, window=window, slices=slices, skip_bad=skip_bad)
+    return from_files(str(path), records, raw_labels, window=window, slices=slices, skip_bad=skip_bad,
+                      steps=steps)

@@ -172,7 +172,8 @@ def assemble(items: list[tuple[Path, Any]], key: str, folder: Path, *, max_voxel
     patient = str(first.get("PatientID", "") or "")
     return Volume(np.ascontiguousarray(data, dtype=np.float32), affine, label, str(first.get("Modality", "OT") or "OT"),
                   pseudonymize(patient) if patient else None,
-                  {"slices": len(geo["files"]), "slice_spacing": geo["spacing"], "left_out": geo["left_out"],
+                  {"series": uid_tag("" if key.startswith("folder:") else key), "slices": len(geo["files"]),
+                   "slice_spacing": geo["spacing"], "left_out": geo["left_out"],
                    "tilt_degrees": geo["tilt_degrees"], "warnings": geo["warnings"]})
 
 

@@ -72,8 +72,7 @@ def _draw(labels: np.ndarray, groups: np.ndarray, pool: np.ndarray, fraction: fl
 def check_splits(data: ImageSet, splits: np.ndarray) -> None:
     """Every class must be in train, and no patient group may span two splits."""
     train = splits == "train"
-    counts = np.bincount(data.labels[train], minlength=data.num_classes)
-    missing = [data.label_names[i] for i in np.flatnonzero(counts == 0)]
+    missing = data.missing_classes(train)
     if missing:
         raise DataError(f"{data.source}: the train split has no images of class(es) {', '.join(missing)}")
     if data.has_patient_ids:

@@ -122,7 +122,7 @@ def write_dicom_series(folder: str | Path, slices: np.ndarray, *, spacing: tuple
     folder.mkdir(parents=True, exist_ok=True)
     iop = np.asarray(orientation, float)
     normal = np.cross(iop[:3], iop[3:])
-    study = generate_uid()
+    study, frame_of_reference = generate_uid(), generate_uid()
     series = generate_uid() if series_uid == "auto" else (series_uid or "")
     written = []
     for k, plane in enumerate(np.asarray(slices)):
@@ -134,6 +134,9 @@ def write_dicom_series(folder: str | Path, slices: np.ndarray, *, spacing: tuple
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID if series else ""
         ds.StudyInstanceUID, ds.SeriesInstanceUID = (study, series) if series else ("", "")
         ds.Modality, ds.PatientID, ds.PatientName = modality, patient_id, "Synthetic^Phantom"
+        ds.FrameOfReferenceUID = frame_of_reference if series else ""
+        ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "", "O", "20260101", "120000"
+        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName, ds.SeriesNumber = "1", "", "", 1
         ds.InstanceNumber = instance_numbers[k] if instance_numbers else k + 1
         ds.ImageOrientationPatient = [float(v) for v in iop]
         pos = positions[k] if positions is not None else np.asarray(origin, float) + k * spacing[2] * normal

@@ -6,7 +6,7 @@ rather than per-sample transforms, so data preparation stays a small fraction of
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -144,9 +144,13 @@ class Preprocessing:
     std: list[float]
     window: str | None = None
     slices: str = "middle"
+    steps: list[dict[str, Any]] = field(default_factory=list)  # volume steps, lepton.data.pipeline
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"size": list(self.size)}
+        out = asdict(self) | {"size": list(self.size)}
+        if not self.steps:  # readable by versions without steps
+            del out["steps"]
+        return out
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Preprocessing:

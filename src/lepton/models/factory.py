@@ -29,6 +29,7 @@ def create_model(
     pretrained: str | Path | None = None,
     image_size: int = 224,
     spatial_dims: int = 2,
+    slab_depth: int | None = None,
 ):
     """Create a registered network by name.
 
@@ -37,12 +38,25 @@ def create_model(
     the ResNets); RGB first-layer weights are summed for 1-channel input and the head is replaced.
 
     ``spatial_dims=3`` builds the volume version (inputs (N, C, D, H, W)) of networks that have one.
+    ``slab_depth=D`` builds the 2.5-D version instead: the 2-D network over volumes of D slices, read as
+    ``in_channels * D`` channels (``SliceChannels``).
 
     >>> model = create_model("resnet18", in_channels=1, num_classes=2, image_size=28)
     """
     if in_channels < 1 or num_classes < 1:
         raise ModelError(f"need in_channels >= 1 and num_classes >= 1 outputs (got {in_channels}, {num_classes})")
     info = model_info(name)
+    if slab_depth is not None:
+        if spatial_dims != 3 or not 1 <= slab_depth <= 512:
+            raise ModelError(f"slab_depth={slab_depth}: a 2.5-D network takes volumes (spatial_dims=3) of 1-512 "
+                             "slices")
+        if pretrained is not None:
+            raise ModelError("pretrained weights are 2-D ImageNet layouts with 1 or 3 input channels; a 2.5-D "
+                             f"network reads {in_channels * slab_depth} channels: train it from scratch")
+        from lepton.models.networks import SliceChannels
+
+        return SliceChannels(create_model(name, in_channels * slab_depth, num_classes, image_size=image_size),
+                             slab_depth)
     if spatial_dims not in info.spatial_dims:
         volume = [m.name for m in list_models() if spatial_dims in m.spatial_dims]
         raise ModelError(f"{name} has no {spatial_dims}-D version; networks for {spatial_dims}-D inputs: "
@@ -58,7 +72,7 @@ def create_model(
 
 def head_parameters(model, name: str) -> tuple[list, list]:
     """Split parameters into (backbone, head) for freezing or a separate backbone learning rate."""
-    prefix = model_info(name).head + "."
+    prefix = ("net." if hasattr(model, "depth") and hasattr(model, "net") else "") + model_info(name).head + "."
     head, backbone = [], []
     for pname, param in model.named_parameters():
         (head if pname.startswith(prefix) else backbone).append(param)

@@ -10,6 +10,21 @@ from lepton.models.registry import register_model
 SMALL_INPUT = 64  # at or below this size, networks keep full resolution in their stem
 
 
+class SliceChannels(nn.Module):
+    """2.5-D: a 2-D network over volumes (N, C, D, H, W), reading the D slices as C x D input channels.
+
+    Much cheaper than a 3-D network (2-D convolutions only), at the cost of depth-wise weight sharing; the module
+    takes and returns what a 3-D network would, so training, export and serving see a volume model.
+    """
+
+    def __init__(self, net: nn.Module, depth: int):
+        super().__init__()
+        self.net, self.depth = net, depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1, 2))
+
+
 class LeptonCNN(nn.Module):
     """A compact VGG-style baseline: four conv blocks, global average pooling, dropout, linear; 2-D or 3-D."""
 

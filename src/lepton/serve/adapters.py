@@ -47,7 +47,8 @@ class ModelAdapter:
         volume model (C, D, H, W) from NIfTI, a zip of one DICOM series, or NPY."""
         name = "upload" + (".nii.gz" if (filename or "").lower().endswith(".nii.gz") else Path(filename or "").suffix)
         frames = read_image_bytes(payload, name[:20], window=self.preprocessing.window,
-                                  slices="volume" if self.volumes else "middle", max_pixels=MAX_SERVE_PIXELS)
+                                  slices="volume" if self.volumes else "middle", max_pixels=MAX_SERVE_PIXELS,
+                                  steps=self.preprocessing.steps)
         pixels = frames[0].pixels
         if int(np.prod(pixels.shape[1:])) > MAX_SERVE_PIXELS:
             raise DataError(f"upload: {'x'.join(map(str, pixels.shape[1:]))} is over the server's limit of "

@@ -52,8 +52,12 @@ def intensity_stats(x: torch.Tensor) -> dict[str, float]:
 def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: Task | None = None) -> Prepared:
     """Load, split and preprocess the data a config names (``spec`` fixed when resuming); targets from ``task``
     (the config's task when not given)."""
+    from lepton.data.pipeline import check_steps
+
     task = task or get_task(config.task)
-    data = load_dataset(config.data, window=config.window, slices=config.slices, skip_bad=config.skip_bad)
+    steps = spec.steps if spec is not None else check_steps(config.preprocess)
+    data = load_dataset(config.data, window=config.window, slices=config.slices, skip_bad=config.skip_bad,
+                        steps=steps)
     splits = assign_splits(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
                            seed=config.seed)
     train, val = data.subset(splits == "train"), data.subset(splits == "val")
@@ -63,7 +67,8 @@ def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: T
         dims = train.spatial_dims
         size = (config.image_size,) * dims if config.image_size else _native_size(train)
         channels = config.channels or (3 if all(np.shape(im)[0] == 3 for im in train.images) else 1)
-        spec = Preprocessing(size, channels, [0.5] * channels, [0.5] * channels, config.window, config.slices)
+        spec = Preprocessing(size, channels, [0.5] * channels, [0.5] * channels, config.window, config.slices,
+                             steps)
         x = spec.resize(train.images)
         if config.normalize == "dataset":
             axes = (0, *range(2, x.ndim))

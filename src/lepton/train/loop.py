@@ -13,7 +13,7 @@ import torch
 
 from lepton.config import TrainConfig
 from lepton.data.transforms import augment_batch, augment_options
-from lepton.errors import RunError
+from lepton.errors import ConfigError, RunError
 from lepton.models import create_model
 from lepton.models.adversarial import attack
 from lepton.models.layout import fast_layout, model_layout
@@ -37,6 +37,10 @@ def model_spec(config: TrainConfig, task: Task, prepared: Prepared) -> dict[str,
            "image_size": spec.size[-1]}
     if spec.spatial_dims != 2:
         out["spatial_dims"] = spec.spatial_dims
+    if config.slab:
+        if spec.spatial_dims != 3:
+            raise ConfigError("slab (2.5-D) needs volumes; these data are 2-D images")
+        out["slab_depth"] = spec.size[0]
     return out
 
 
