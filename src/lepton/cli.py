@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lepton.errors import LeptonError
+from lepton.errors import ConfigError, LeptonError
 
 app = typer.Typer(help="Lepton: medical-image classification, from images to evaluated models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -519,17 +519,26 @@ def predict(
                                                       "folders of them.")],
     registry: RegistryOpt = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    output: Annotated[Path | None, typer.Option(help="Segmentation: write each label map here (NIfTI for volumes, "
+                                                     "PNG for images).")] = None,
+    dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Segmentation of DICOM series folders: also write a "
+                                                                 "DICOM SEG referencing the series (needs --output).")
+                         ] = False,
 ) -> None:
-    """Print one JSON line per image: the model's answer (for classifiers: label, probabilities, threshold)."""
+    """Print one JSON line per image: the model's answer (classifiers: label, probabilities, threshold;
+    segmentation: sizes per class and the lesion list)."""
     from lepton.runs import load_run
 
+    if dicom_seg and output is None:
+        raise ConfigError("--dicom-seg writes files: give --output DIR")
     if Path(model).is_dir():  # a run directory wins over a registry name that happens to match
         loaded = load_run(model, device=device)
     else:
         loaded = _registry(registry).load_run(model, device=device)
-    for image in _expand(images):  # one file at a time, so a bad file names itself and the rest still run
-        try:
-            rows = loaded.predict([image])
+    extra = {"output": output, "dicom_seg": dicom_seg} if loaded.task.dense else {}
+    for image in _expand(images, series=loaded.preprocessing.spatial_dims == 3):
+        try:  # one file at a time, so a bad file names itself and the rest still run
+            rows = loaded.predict([image], **extra)
         except LeptonError as exc:
             err.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
             _state["failed"] = True
@@ -540,11 +549,17 @@ def predict(
         raise typer.Exit(2)
 
 
-def _expand(paths: list[Path]) -> list[Path]:
-    """Files as given, folders as their visible files (recursively, sorted); a missing path stays, to be reported."""
+def _expand(paths: list[Path], series: bool = False) -> list[Path]:
+    """Files as given, folders as their visible files (recursively, sorted); a missing path stays, to be reported.
+    With ``series`` (a volume model) a folder that directly holds DICOM files is one input: a series."""
+    from lepton.data.io import sniff_format
+
     out: list[Path] = []
     for path in paths:
-        if path.is_dir():
+        if series and path.is_dir() and any(p.is_file() and not p.name.startswith(".") and sniff_format(p) == "dicom"
+                                            for p in path.iterdir()):
+            out.append(path)
+        elif path.is_dir():
             out += sorted(p for p in path.rglob("*") if p.is_file()
                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
         else:
@@ -611,11 +626,22 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller, faster demo.")] = False,
     volumes: Annotated[bool, typer.Option("--volumes", help="CT volumes as DICOM series and NIfTI files, a 3-D "
                                                             "network.")] = False,
+    task: Annotated[str, typer.Option(help="classification, or segmentation (CT nodules: a 3-D U-Net, a DICOM SEG "
+                                           "written and read back).")] = "classification",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Synthetic chest X-rays (or CT volumes) → train → evaluate → predict, end to end on CPU."""
-    from lepton.demo import run_demo, run_volume_demo
+    from lepton.demo import run_demo, run_segmentation_demo, run_volume_demo
 
+    if task == "segmentation":
+        result = run_segmentation_demo(output_dir, quick=quick, seed=seed)
+        console.print_json(json.dumps(result))
+        console.print(f"[bold green]Segmentation demo done[/] in {result['wall_seconds']:.0f} s: test Dice "
+                      f"{result['test_dice']:.3f} on {result['test_cases']} cases; DICOM SEG: "
+                      f"{result['new_case']['prediction']['dicom_seg']}")
+        return
+    if task != "classification":
+        raise ConfigError(f"demo --task is classification or segmentation (got {task!r})")
     result = (run_volume_demo if volumes else run_demo)(output_dir, quick=quick, seed=seed)
     console.print_json(json.dumps(result))
     console.print(

@@ -44,13 +44,22 @@ def evaluate(
     subset, used = select_split(run, data, split, skip_bad=skip_bad)
     same_source = source == cfg.data
     y = run.task.targets(subset)
-    outputs = run.predict_proba(subset.images)
+    extra: dict[str, Any] = {}
+    if run.task.dense:  # each case at its own size, with its spacing for distances in mm
+        import numpy as np
+
+        outputs = [run.segment(im, stepped=True) for im in subset.images]
+        spacings = [tuple(np.linalg.norm(a[:3, :3], axis=0)) if a is not None else (1.0,) * (np.ndim(im) - 1)
+                    for im, a in zip(subset.images, subset.affines, strict=True)]
+        extra["meta"] = {"names": subset.names, "spacings": spacings, "images": subset.images}
+    else:
+        outputs = run.predict_proba(subset.images)
     report: dict[str, Any] = {"run": str(run.path), "task": run.task.name, "model": cfg.model, "data": source,
                               "split": used, "images": len(y)}
     out = Path(output) if output else run.path / "eval" / (used if same_source else f"{Path(source).stem}-{used}")
     out.mkdir(parents=True, exist_ok=True)
     body, lines = run.task.report(y, outputs, run.label_names, run.info, n_bootstrap=n_bootstrap,
-                                  plots=out if plots else None)
+                                  plots=out if plots else None, **extra)
     report.update(body)
     report["output"] = str(out)
     markdown = [f"# Evaluation: {run.path.name}", "", f"- Model: `{cfg.model}` ({run.task.name})",
@@ -66,14 +75,13 @@ def select_split(run, data: str | Path | None, split: str, *, skip_bad: bool = F
     Without ``data`` the run's own source is re-split exactly as in training; another source is used
     at its ``split`` if it defines splits, else whole (split name ``all``).
     """
-    from lepton.data import load_dataset
     from lepton.data.splits import assign_splits
 
     cfg, spec = run.config, run.preprocessing
     source = str(data) if data is not None else cfg.data
     same_source = source == cfg.data
-    dataset = load_dataset(source, window=spec.window, slices=spec.slices, steps=spec.steps,
-                           skip_bad=skip_bad or (same_source and cfg.skip_bad))
+    dataset = run.task.load(source, window=spec.window, slices=spec.slices, steps=spec.steps,
+                            skip_bad=skip_bad or (same_source and cfg.skip_bad))
     _check_labels(dataset.label_names, run.label_names, source)
     if same_source:
         splits = assign_splits(dataset, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,

@@ -85,3 +85,45 @@ def plot_reliability(calib: dict[str, Any], path: Path) -> None:
     ax.set_title(f"ECE {calib['ece']:.4f}")
     ax.legend(loc="upper left")
     _save(plt, fig, path)
+
+
+def plot_froc(curve: list[dict[str, float]], path: Path) -> Path:
+    """Lesion-level FROC: sensitivity against false positives per case."""
+    plt, fig, ax = _figure()
+    pts = sorted((c["fp_per_case"], c["sensitivity"]) for c in curve)
+    if pts:
+        ax.step([p[0] for p in pts], [p[1] for p in pts], where="post")
+    ax.set_xscale("symlog", linthresh=0.125)
+    ax.set_xlabel("false positives per case")
+    ax.set_ylabel("lesion sensitivity")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("FROC")
+    _save(plt, fig, path)
+    return path
+
+
+def plot_segmentation_cases(cases: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]], labels: list[str],
+                            path: Path) -> Path:
+    """Rows of (title, image, truth, prediction, Dice): the image, the truth and the prediction over it; volumes show
+    the axial slice with the most true foreground."""
+    from matplotlib import colormaps
+
+    plt, fig, axes = _figure(len(cases), 3, (9, 3 * len(cases)))
+    axes = np.atleast_2d(axes)
+    colours = colormaps["tab10"]
+    for row, (title, image, truth, pred, dice) in zip(axes, cases, strict=True):
+        if image.ndim == 3:
+            k = int(np.argmax((truth > 0).reshape(len(truth), -1).sum(1)))
+            image, truth, pred = image[k], truth[k], pred[k]
+        for ax, (name, mask) in zip(row, (("image", None), ("truth", truth), (f"prediction (Dice {dice:.3f})", pred)),
+                                    strict=True):
+            ax.imshow(image, cmap="gray")
+            if mask is not None:
+                rgba = np.zeros((*mask.shape, 4))
+                for c in range(1, len(labels)):
+                    rgba[mask == c] = (*colours((c - 1) % 10)[:3], 0.5)
+                ax.imshow(rgba)
+            ax.set_title(f"{title}: {name}" if mask is None else name, fontsize=9)
+            ax.axis("off")
+    _save(plt, fig, path)
+    return path

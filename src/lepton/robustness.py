@@ -41,9 +41,8 @@ def robustness(
     run = run if isinstance(run, Run) else load_run(run)
     subset, used = select_split(run, data, split)
     spec = run.preprocessing
-    x = spec.resize(subset.images)
     task = run.task
-    y = torch.from_numpy(task.targets(subset))
+    x, y = task.tensors(subset, spec)
     if max_images is not None and len(y) > max_images:
         pick = torch.from_numpy(np.random.default_rng(0).permutation(len(y))[:max_images])
         x, y = x[pick], y[pick]

@@ -28,21 +28,70 @@ RUN_FILES = ("config.yaml", "best.pt", "labels.json", "preprocessing.json", "run
 def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta: bool = False,
                     device: str = "cpu") -> np.ndarray:
     """The task's outputs (``activate`` of the logits: probabilities, values) of ``model`` for a normalised
-    tensor batch, in chunks of ``batch_size``; with ``tta`` averaged with the horizontally flipped input."""
+    tensor batch, in chunks of ``batch_size``; with ``tta`` averaged with the horizontally flipped input (a dense
+    task's outputs, on the input's grid, flipped back first)."""
     import torch
 
     model.eval()
     out = []
+    # about 4 M input voxels a chunk: large volumes go a few at a time
+    batch_size = max(1, min(batch_size, (1 << 22) // max(1, int(np.prod(x.shape[1:])))))
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
             xb = fast_layout(x[start:start + batch_size].to(device))
             probs = activate(model(xb))
             if tta:
-                probs = (probs + activate(model(torch.flip(xb, dims=[-1])))) / 2
+                flipped = activate(model(torch.flip(xb, dims=[-1])))
+                probs = (probs + (torch.flip(flipped, dims=[-1]) if flipped.ndim > 2 else flipped)) / 2
             out.append(probs.cpu())
     if not out:
         return np.zeros((0, 0), np.float32)
     return torch.cat(out).numpy()
+
+
+def segment_probs(model, spec: Preprocessing, pixels: np.ndarray, activate: Callable, *, tta: bool = False,
+                  device: str = "cpu", overlap: float = 0.25) -> np.ndarray:
+    """A dense task's outputs (K, …) for one decoded image (C, …) in [0, 1] at its own size: MONAI's sliding-window
+    inference with windows of the network's input size (Gaussian-weighted, ``overlap``), smaller inputs padded as
+    in training, flip TTA flipped back."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    x = spec.normalize(spec.convert_channels(torch.from_numpy(np.ascontiguousarray(pixels, np.float32)[None])))
+    pad_value = float(-spec.mean[0] / spec.std[0])  # zero intensity, as training padded
+
+    def predictor(xb):
+        xb = fast_layout(xb)
+        p = activate(model(xb))
+        if tta:
+            p = (p + torch.flip(activate(model(torch.flip(xb, dims=[-1]))), dims=[-1])) / 2
+        return p
+
+    model.eval()
+    with torch.inference_mode():
+        probs = sliding_window_inference(x.to(device), roi_size=spec.size, sw_batch_size=2, predictor=predictor,
+                                         overlap=overlap, mode="gaussian", cval=pad_value)
+    return probs[0].float().cpu().numpy()
+
+
+def resample_probs(probs: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                   dst_shape: tuple[int, ...]) -> np.ndarray:
+    """Probabilities (K, …) on one voxel grid resampled (trilinear, through world coordinates) onto another: a
+    segmentation made after spacing/crop steps, returned on the input's own grid."""
+    import torch
+    import torch.nn.functional as F
+
+    to_src = np.linalg.inv(src_affine) @ dst_affine  # dst index -> src index
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in dst_shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    src = idx @ to_src[:3, :3].T + to_src[:3, 3]
+    size = np.array(probs.shape[1:], dtype=np.float64)
+    norm = 2.0 * src / np.maximum(size - 1, 1) - 1.0  # align_corners=True coordinates, (d, h, w)
+    grid = torch.from_numpy(norm[:, ::-1].copy()).float().view(1, *dst_shape, 3)  # grid_sample wants (w, h, d)
+    out = F.grid_sample(torch.from_numpy(probs)[None].float(), grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=True)[0]
+    outside = out.sum(0) < 1e-6  # beyond the processed region: background
+    out[0][outside] = 1.0
+    return out.numpy()
 
 
 @dataclass
@@ -76,9 +125,33 @@ class Run:
         """The task's decision per row (for classification: the stored threshold for two classes, else arg-max)."""
         return self.task.decide(outputs, self.info)
 
-    def predict(self, paths: list[str | Path]) -> list[dict[str, Any]]:
-        """Predict image files (any readable format); one dict per frame: ``path`` and the task's answer."""
+    def segment(self, pixels: np.ndarray, affine: np.ndarray | None = None, *, stepped: bool = False) -> np.ndarray:
+        """A dense task's outputs (K, …) for one decoded image (C, …) as read (before the run's steps), on the
+        image's own grid: the steps are applied, the network slides over the result, and the probabilities are
+        resampled back when the steps moved the grid. ``stepped``: the image went through the steps already (data
+        sets loaded for the run), and the outputs stay on that grid."""
+        from lepton.data.pipeline import apply_steps
+
+        spec = self.preprocessing
+        if spec.steps and pixels.ndim == 4 and not stepped:
+            moved, moved_affine, _ = apply_steps(pixels, affine, spec.steps, "input")
+            probs = segment_probs(self.model, spec, moved, self.task.activate, tta=self.config.tta, device=self.device)
+            if affine is None or moved_affine is None:
+                raise RunError("a volume without geometry cannot be put back on its grid after spacing steps")
+            return resample_probs(probs, moved_affine, affine, tuple(pixels.shape[1:]))
+        return segment_probs(self.model, spec, pixels, self.task.activate, tta=self.config.tta, device=self.device)
+
+    def predict(self, paths: list[str | Path], output: str | Path | None = None,
+                dicom_seg: bool = False) -> list[dict[str, Any]]:
+        """Predict image files (any readable format); one dict per frame: ``path`` and the task's answer.
+
+        Dense tasks answer per file with sizes and lesions, and with ``output`` also write the label map there —
+        NIfTI for volumes (the input's grid and affine), PNG for images — and with ``dicom_seg`` a DICOM SEG for
+        inputs that are DICOM series folders."""
         from lepton.data.io import read_image
+
+        if self.task.dense:
+            return [self._segment_file(Path(p), output, dicom_seg) for p in paths]
 
         frames, names = [], []
         for p in paths:
@@ -91,6 +164,54 @@ class Run:
         outputs = self.predict_proba(frames)
         return [{"path": name, **self.task.encode(row, self.label_names, self.info)}
                 for name, row in zip(names, outputs, strict=True)]
+
+    def _segment_file(self, path: Path, output: str | Path | None, dicom_seg: bool) -> dict[str, Any]:
+        from lepton.data.io import read_image
+        from lepton.data.masks import is_volume
+
+        volume = is_volume(path)
+        frames = read_image(path, window=self.preprocessing.window, slices="volume" if volume else "middle")
+        if len(frames) != 1:
+            raise RunError(f"{path}: holds {len(frames)} frames; a segmentation model takes one image or volume")
+        frame = frames[0]
+        probs = self.segment(frame.pixels, frame.affine)
+        spacing = tuple(np.linalg.norm(frame.affine[:3, :3], axis=0)) if frame.affine is not None else None
+        answer = {"path": str(path), **self.task.describe(probs, self.label_names, spacing, frame.affine)}
+        if output is not None:
+            out = Path(output)
+            out.mkdir(parents=True, exist_ok=True)
+            stem = path.name.removesuffix(".gz").rsplit(".", 1)[0] if "." in path.name else path.name
+            labels = probs.argmax(0).astype(np.uint8)
+            answer["label_map"] = str(_write_label_map(labels, frame.affine, out / (
+                f"{stem}_seg.nii.gz" if labels.ndim == 3 else f"{stem}_seg.png")))
+            if dicom_seg and path.is_dir():
+                from lepton.data.dicomseg import write_seg
+
+                answer["dicom_seg"] = str(write_seg(labels, frame.affine, path, self.label_names,
+                                                    out / f"{stem}_seg.dcm", algorithm=self.path.name[:64]))
+        return answer
+
+
+def _write_label_map(labels: np.ndarray, affine: np.ndarray | None, path: Path) -> Path:
+    """A label map as NIfTI (volumes, with their affine) or an 8-bit PNG of class indices (images)."""
+    import gzip
+    import io
+
+    from lepton.utils import atomic_write_bytes
+
+    if labels.ndim == 3:
+        import nibabel as nib
+
+        img = nib.Nifti1Image(labels.astype(np.uint8), affine if affine is not None else np.eye(4))
+        img.header.set_xyzt_units("mm")
+        atomic_write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
+    else:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(labels.astype(np.uint8), mode="L").save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def load_run(path: str | Path, *, device: str = "cpu") -> Run:

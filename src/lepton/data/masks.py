@@ -212,7 +212,7 @@ def read_pair(image_path: Path, mask_path: Path, *, window: str | None, steps: l
     from lepton.data.pipeline import apply_steps
 
     case = case or str(image_path)
-    frames = read_image(image_path, window=window, slices="volume" if _is_volume(image_path) else "middle")
+    frames = read_image(image_path, window=window, slices="volume" if is_volume(image_path) else "middle")
     if len(frames) != 1:
         raise DataError(f"{case}: the image holds {len(frames)} frames; give one image per mask")
     frame = frames[0]
@@ -224,7 +224,7 @@ def read_pair(image_path: Path, mask_path: Path, *, window: str | None, steps: l
     return pixels, mask, affine, frame.modality, frame.patient
 
 
-def _is_volume(path: Path) -> bool:
+def is_volume(path: Path) -> bool:
     """Whether an image path holds a volume (a NIfTI of 3+ dimensions, a series folder, a 3-D array)."""
     if path.is_dir():
         return True

@@ -218,3 +218,64 @@ def write_ct_cases(root: str | Path, n: int = 40, *, shape: tuple[int, int, int]
         writer.writeheader()
         writer.writerows(rows)
     return root / "cases.csv"
+
+
+def nodule_phantom(rng: np.random.Generator, shape: tuple[int, int, int] = (16, 32, 32),
+                   count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A chest-CT phantom (``ct_phantom``) with ``count`` soft-tissue nodules in the lungs, and their mask (uint8,
+    1 inside a nodule)."""
+    vol = ct_phantom(rng, shape, nodule=False)
+    k, rows, cols = shape
+    z, y, x = np.mgrid[:k, :rows, :cols].astype(np.float32)
+    lungs = vol < -600
+    mask = np.zeros(shape, np.uint8)
+    for _ in range(count):
+        inside = np.argwhere(lungs & (z >= 2) & (z < k - 2))
+        cz, cy, cx = inside[rng.integers(len(inside))]
+        r = rng.uniform(1.8, 3.0)
+        ball = (z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= r * r
+        vol[ball] = 30.0 + rng.normal(0, 15, int(ball.sum()))
+        mask[ball] = 1
+    return vol, mask
+
+
+def write_segmentation_cases(root: str | Path, n: int = 24, *, dims: int = 3, seed: int = 0,
+                             shape: tuple[int, ...] | None = None) -> Path:
+    """Synthetic segmentation data; returns the folder.
+
+    ``dims=3``: a Decathlon folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``) of CT phantoms as NIfTI with 0-2
+    lung nodules each (label 1, ``nodule``), 1 x 1 x 2 mm voxels. ``dims=2``: ``images/`` and ``masks/`` PNGs of chest
+    X-ray-like images with their opacity masks (label 1, ``opacity``; about a fifth without one) and ``labels.json``.
+    """
+    import json
+
+    import nibabel as nib
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    if dims == 3:
+        shape = shape or (16, 32, 32)
+        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+        entries = []
+        affine = np.diag([-1.0, -1.0, 2.0, 1.0])  # (col, row, slice) like a DICOM series' voxels, in RAS
+        for i in range(n):
+            vol, mask = nodule_phantom(rng, shape, count=int(rng.integers(0, 3)) if i >= 2 else 1)
+            name = f"case{i:03d}.nii.gz"
+            nib.save(nib.Nifti1Image(vol.transpose(2, 1, 0).copy(), affine), root / "imagesTr" / name)
+            nib.save(nib.Nifti1Image(mask.transpose(2, 1, 0).copy(), affine), root / "labelsTr" / name)
+            entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        (root / "dataset.json").write_text(json.dumps({"name": "lepton-nodules", "modality": {"0": "CT"},
+                                                      "labels": {"0": "background", "1": "nodule"},
+                                                      "numTraining": n, "training": entries}, indent=1))
+        return root
+    size = (shape or (64,))[0]
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img, mask = synth_chest_xray(rng, size, opacity=i % 5 != 4)
+        Image.fromarray((img * 255).astype(np.uint8)).save(root / "images" / f"case{i:03d}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"case{i:03d}.png")
+    (root / "labels.json").write_text(json.dumps(["background", "opacity"]))
+    return root

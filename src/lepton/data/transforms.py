@@ -46,12 +46,17 @@ def augment_options(preset: str, overrides: dict[str, float] | None = None) -> d
     return opts
 
 
-def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Generator) -> torch.Tensor:
-    """Randomly flip, rotate, shear, scale, shift and re-expose a batch in [0, 1] (images or volumes)."""
+def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Generator,
+                  masks: torch.Tensor | None = None):
+    """Randomly flip, rotate, shear, scale, shift and re-expose a batch in [0, 1] (images or volumes).
+
+    With ``masks`` (N, 1, …) of class indices, the same geometric change moves each mask (nearest neighbour, zero
+    outside) and ``(images, masks)`` is returned; intensity changes touch the images only.
+    """
     if not opts:
-        return x
+        return x if masks is None else (x, masks)
     if x.ndim == 5:
-        return _augment_volumes(x, opts, generator)
+        return _augment_volumes(x, opts, generator, masks)
     n = x.shape[0]
 
     def uniform(mag: float) -> torch.Tensor:
@@ -74,7 +79,16 @@ def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
     if any(opts.get(k, 0.0) for k in ("rotate", "shear", "scale", "translate", "hflip", "vflip")):
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return _intensity(x, opts, generator)
+        masks = _move_masks(masks, grid)
+    x = _intensity(x, opts, generator)
+    return x if masks is None else (x, masks)
+
+
+def _move_masks(masks: torch.Tensor | None, grid: torch.Tensor) -> torch.Tensor | None:
+    if masks is None:
+        return None
+    moved = F.grid_sample(masks.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return moved.to(masks.dtype)
 
 
 def _intensity(x: torch.Tensor, opts: dict[str, float], generator: torch.Generator) -> torch.Tensor:
@@ -107,7 +121,8 @@ def _intensity(x: torch.Tensor, opts: dict[str, float], generator: torch.Generat
     return x.clamp(0.0, 1.0)
 
 
-def _augment_volumes(x: torch.Tensor, opts: dict[str, float], generator: torch.Generator) -> torch.Tensor:
+def _augment_volumes(x: torch.Tensor, opts: dict[str, float], generator: torch.Generator,
+                     masks: torch.Tensor | None = None):
     """Volumes (N, C, D, H, W): flips (``hflip`` left-right, ``vflip`` the other two axes), a rotation about the
     depth axis (``rotate``), scale and shift in one ``affine_grid`` call, then the intensity changes."""
     n = x.shape[0]
@@ -131,7 +146,30 @@ def _augment_volumes(x: torch.Tensor, opts: dict[str, float], generator: torch.G
     if any(opts.get(k, 0.0) for k in ("rotate", "scale", "translate", "hflip", "vflip")):
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return _intensity(x, opts, generator).clamp(0.0, 1.0)
+        masks = _move_masks(masks, grid)
+    x = _intensity(x, opts, generator).clamp(0.0, 1.0)
+    return x if masks is None else (x, masks)
+
+
+def pad_or_crop(x: torch.Tensor, size: tuple[int, ...], value: float = 0.0) -> torch.Tensor:
+    """Centre-pad (with ``value``) or centre-crop the trailing spatial axes of ``x`` to ``size``; no interpolation."""
+    spatial = x.shape[-len(size):]
+    pads: list[int] = []
+    for have, want in zip(reversed(spatial), reversed(size), strict=True):
+        extra = want - have
+        before = int(extra / 2)  # towards zero, so that padding and cropping by the same amount undo each other
+        pads += [before, extra - before]  # negative: F.pad crops
+    return F.pad(x, pads, value=value) if any(pads) else x
+
+
+def crop_offsets(have: tuple[int, ...], want: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Per axis, (where the original starts in the padded array, where the padded starts in the original): the
+    inverse of ``pad_or_crop`` (exactly one of each pair is non-zero)."""
+    out = []
+    for h, w in zip(have, want, strict=True):
+        before = int((w - h) / 2)
+        out.append((max(before, 0), max(-before, 0)))
+    return out
 
 
 @dataclass
@@ -145,11 +183,15 @@ class Preprocessing:
     window: str | None = None
     slices: str = "middle"
     steps: list[dict[str, Any]] = field(default_factory=list)  # volume steps, lepton.data.pipeline
+    # How an input reaches ``size``: "resize" (interpolate: classification) or "pad" (centre pad or crop, never
+    # interpolate: segmentation keeps every voxel on its grid)
+    fit: str = "resize"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self) | {"size": list(self.size)}
-        if not self.steps:  # readable by versions without steps
-            del out["steps"]
+        for key, default in (("steps", []), ("fit", "resize")):  # readable by versions without them
+            if out[key] == default:
+                del out[key]
         return out
 
     @classmethod
@@ -174,6 +216,11 @@ class Preprocessing:
         return out
 
     def _fit(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.convert_channels(x)
+        return self._fit_size(x)
+
+    def convert_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch (N, C, …) checked for its dimensions and converted to ``channels`` (RGB to grey, grey to RGB)."""
         c, dims = x.shape[1], self.spatial_dims
         if x.ndim != 2 + dims:
             raise DataError(f"expected {'volumes' if dims == 3 else 'images'} of {dims} spatial dimensions, got an "
@@ -186,7 +233,15 @@ class Preprocessing:
                 x = (x * weights).sum(1, keepdim=True)
             elif c == 1 and self.channels == 3:
                 x = x.expand(-1, 3, *[-1] * dims)
-        if tuple(x.shape[2:]) != tuple(self.size):
+            else:
+                raise DataError(f"an input of {c} channels cannot be turned into the model's {self.channels}")
+        return x
+
+    def _fit_size(self, x: torch.Tensor) -> torch.Tensor:
+        dims = self.spatial_dims
+        if tuple(x.shape[2:]) != tuple(self.size) and self.fit == "pad":
+            x = pad_or_crop(x, self.size)
+        elif tuple(x.shape[2:]) != tuple(self.size):
             if dims == 2:
                 chunks = [F.interpolate(part, size=self.size, mode="bilinear", antialias=True, align_corners=False)
                           for part in torch.split(x, 256)]

@@ -121,3 +121,31 @@ def efficientnet_b0(in_channels: int, num_classes: int, image_size: int, spatial
     return EfficientNet(_B0_BLOCKS, spatial_dims=2, in_channels=in_channels, num_classes=num_classes,
                         width_coefficient=1.0, depth_coefficient=1.0, dropout_rate=0.2,
                         image_size=image_size, drop_connect_rate=0.2)
+
+
+# -- segmentation: encoder-decoders with one output channel per class (background included) ---------------------
+
+@register_model("unet", "U-Net with residual units (MONAI; 2-D or 3-D segmentation)", head="model.2",
+                spatial_dims=(2, 3), task="segmentation", divisor=16)
+def unet(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm="INSTANCE")
+
+
+@register_model("segresnet", "SegResNet (MONAI; 2-D or 3-D segmentation, residual encoder)", head="conv_final",
+                spatial_dims=(2, 3), task="segmentation", divisor=8)
+def segresnet(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
+    from monai.networks.nets import SegResNet
+
+    return SegResNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, init_filters=16)
+
+
+@register_model("attention_unet", "Attention U-Net (MONAI; 2-D or 3-D segmentation)", head="model.2",
+                spatial_dims=(2, 3), task="segmentation", divisor=16)
+def attention_unet(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
+    from monai.networks.nets import AttentionUnet
+
+    return AttentionUnet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                         channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2))

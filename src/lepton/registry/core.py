@@ -179,7 +179,7 @@ class Registry(AccessMixin):
             run = load_run(run_dir)
             with tempfile.TemporaryDirectory() as tmp:
                 path = export_onnx(run.model, (run.preprocessing.channels, *run.preprocessing.size),
-                                   Path(tmp) / "model.onnx", activate=task.activate,
+                                   Path(tmp) / "model.onnx", activate=task.activate, dense=task.dense,
                                    output_name=task.oip_outputs(run.label_names)[0]["name"])
                 artifacts["onnx"] = self.store.put(path.read_bytes())
         info = json.loads((run_dir / "run.json").read_text())

@@ -3,7 +3,7 @@
 Importing this package registers the built-in tasks; ``get_task(name)`` returns one.
 """
 
-from lepton.tasks import classification  # noqa: F401  (registers the built-in tasks)
+from lepton.tasks import classification, segmentation  # noqa: F401  (registers the built-in tasks)
 from lepton.tasks.base import Task, get_task, list_tasks, register_task
 
 __all__ = ["Task", "get_task", "list_tasks", "register_task"]

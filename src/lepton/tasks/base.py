@@ -37,6 +37,29 @@ class Task:
     #: The validation metric (a key of ``val_metrics``) that picks the best epoch, and its direction.
     selection_metric: ClassVar[str] = "val_loss"
     higher_is_better: ClassVar[bool] = False
+    #: Dense tasks answer per pixel: outputs (N, K, …) on the input's grid, inputs padded (never resized) to the
+    #: network's size, predictions at each input's own size (sliding windows), flip TTA flipped back.
+    dense: ClassVar[bool] = False
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def load(self, source: str | Path, *, window: str | None, slices: str, steps: list[dict] | None,
+             skip_bad: bool, validate: bool = True):
+        """The task's data set from a source (for classification a labelled ``ImageSet``)."""
+        from lepton.data import load_dataset
+
+        return load_dataset(source, window=window, slices=slices, steps=steps, skip_bad=skip_bad,
+                            validate=validate)
+
+    def input_size(self, train, config: Any) -> tuple[int, ...] | None:
+        """The network's input size for these training data, or None for the default (the config's image size, or
+        the data's median size)."""
+        return None
+
+    def tensors(self, data, spec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs in [0, 1] at ``spec``'s size and the training targets, as tensors."""
+        import torch
+
+        return spec.resize(data.images), torch.from_numpy(self.targets(data))
 
     # -- training -----------------------------------------------------------------------------------------
     def num_outputs(self, label_names: list[str]) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lepton.config import TrainConfig
-from lepton.data import ImageSet, load_dataset
+from lepton.data import ImageSet
 from lepton.data.splits import assign_splits
 from lepton.data.transforms import Preprocessing
 from lepton.errors import DataError
@@ -34,9 +34,10 @@ def data_fingerprint(data: ImageSet, splits: np.ndarray) -> dict[str, Any]:
     """A content hash of every image, label and split assignment, plus counts (no paths, no ids)."""
     rows = sorted(f"{h}:{int(y)}:{s}" for h, y, s in
                   zip(data.content_hashes(), data.labels, splits, strict=True))
+    per_case = hasattr(data, "masks")  # segmentation: every case holds several classes
     counts = {
-        split: {name: int(((splits == split) & (data.labels == k)).sum())
-                for k, name in enumerate(data.label_names)}
+        split: {"cases": int((splits == split).sum())} if per_case else
+        {name: int(((splits == split) & (data.labels == k)).sum()) for k, name in enumerate(data.label_names)}
         for split in ("train", "val", "test") if (splits == split).any()
     }
     return {"source": data.source, "sha256": sha256_bytes("\n".join(rows).encode()),
@@ -50,38 +51,36 @@ def intensity_stats(x: torch.Tensor) -> dict[str, float]:
 
 
 def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: Task | None = None) -> Prepared:
-    """Load, split and preprocess the data a config names (``spec`` fixed when resuming); targets from ``task``
-    (the config's task when not given)."""
+    """Load, split and preprocess the data a config names (``spec`` fixed when resuming); data, input size and
+    targets from ``task`` (the config's task when not given)."""
     from lepton.data.pipeline import check_steps
 
     task = task or get_task(config.task)
     steps = spec.steps if spec is not None else check_steps(config.preprocess)
-    data = load_dataset(config.data, window=config.window, slices=config.slices, skip_bad=config.skip_bad,
-                        steps=steps)
+    data = task.load(config.data, window=config.window, slices=config.slices, steps=steps,
+                     skip_bad=config.skip_bad)
     splits = assign_splits(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
                            seed=config.seed)
     train, val = data.subset(splits == "train"), data.subset(splits == "val")
     if len(val) == 0:
         raise DataError(f"{config.data}: the val split is empty; set val_fraction > 0 or add val data")
+    fresh = spec is None
     if spec is None:
         dims = train.spatial_dims
-        size = (config.image_size,) * dims if config.image_size else _native_size(train)
+        size = task.input_size(train, config) or \
+            ((config.image_size,) * dims if config.image_size else _native_size(train))
         channels = config.channels or (3 if all(np.shape(im)[0] == 3 for im in train.images) else 1)
         spec = Preprocessing(size, channels, [0.5] * channels, [0.5] * channels, config.window, config.slices,
-                             steps)
-        x = spec.resize(train.images)
-        if config.normalize == "dataset":
-            axes = (0, *range(2, x.ndim))
-            spec.mean = x.mean(dim=axes).tolist()
-            spec.std = x.std(dim=axes).clamp_min(1e-3).tolist()
-    else:
-        x = spec.resize(train.images)
+                             steps, "pad" if task.dense else "resize")
+    x, y = task.tensors(train, spec)
+    if fresh and config.normalize == "dataset":
+        axes = (0, *range(2, x.ndim))
+        spec.mean = x.mean(dim=axes).tolist()
+        spec.std = x.std(dim=axes).clamp_min(1e-3).tolist()
     fingerprint = data_fingerprint(data, splits) | {"intensity": intensity_stats(x)}
-    return Prepared(
-        spec=spec, x_train=x, y_train=torch.from_numpy(task.targets(train)),
-        x_val=spec.resize(val.images), y_val=torch.from_numpy(task.targets(val)),
-        label_names=data.label_names, fingerprint=fingerprint,
-    )
+    x_val, y_val = task.tensors(val, spec)
+    return Prepared(spec=spec, x_train=x, y_train=y, x_val=x_val, y_val=y_val, label_names=data.label_names,
+                    fingerprint=fingerprint)
 
 
 def _native_size(data: ImageSet) -> tuple[int, ...]:

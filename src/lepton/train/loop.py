@@ -32,7 +32,16 @@ def seed_epoch(seed: int, epoch: int) -> torch.Generator:
 
 def model_spec(config: TrainConfig, task: Task, prepared: Prepared) -> dict[str, Any]:
     """The arguments of ``create_model`` that rebuild this run's network (saved in ``best.pt``)."""
+    from lepton.models import model_info
+
     spec = prepared.spec
+    kind = model_info(config.model).task
+    if task.dense != (kind == "segmentation"):
+        from lepton.models import list_models
+
+        fitting = [m.name for m in list_models() if (m.task == "segmentation") == task.dense]
+        raise ConfigError(f"{config.model} is a {kind} network; the {task.name} task needs one of "
+                          f"{', '.join(fitting)}")
     out = {"name": config.model, "in_channels": spec.channels, "num_classes": task.num_outputs(prepared.label_names),
            "image_size": spec.size[-1]}
     if spec.spatial_dims != 2:
@@ -97,8 +106,12 @@ class Trainer:
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on a batch of one
                 continue
-            x01 = augment_batch(data.x_train[idx], self.augment, gen).to(device, non_blocking=True)
-            yb = data.y_train[idx].to(device, non_blocking=True)
+            if self.task.dense:  # masks move with their images
+                x01, yb = augment_batch(data.x_train[idx], self.augment, gen, masks=data.y_train[idx])
+                x01, yb = x01.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            else:
+                x01 = augment_batch(data.x_train[idx], self.augment, gen).to(device, non_blocking=True)
+                yb = data.y_train[idx].to(device, non_blocking=True)
             if config.adversarial:
                 adv = attack(self.model, data.spec.normalize, x01, yb, config.adv_epsilon, config.adversarial,
                              steps=config.adv_steps, seed=epoch * 100_000 + step, loss_fn=self.task.loss)

@@ -1,0 +1,292 @@
+"""Segmentation: a class per pixel or voxel (0 = background), 2-D or 3-D, with MONAI's Dice + cross-entropy loss,
+Dice/IoU/HD95/ASD per class with bootstrap CIs, lesions as connected components and lesion-level detection."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton.errors import ConfigError
+from lepton.tasks.base import Loss, Task, register_task
+from lepton.tasks.metrics import calibration, fmt
+from lepton.tasks.seg_metrics import case_metrics, detection, lesions, mean_ci, voxel_volume
+
+#: Largest network input per axis chosen from the data (larger cases are cut to it; predictions slide over them).
+MAX_SIDE = {2: 512, 3: 128}
+
+
+def _dice_per_class(pred: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """Dice of class ``k`` per case for batches (N, …); cases where both are empty count 1."""
+    axes = tuple(range(1, pred.ndim))
+    p, t = pred == k, truth == k
+    inter = np.logical_and(p, t).sum(axes)
+    total = p.sum(axes) + t.sum(axes)
+    return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
+
+
+@register_task
+class Segmentation(Task):
+    """Per-pixel classes. Model selection on mean foreground Dice on val; decisions by arg-max."""
+
+    name = "segmentation"
+    selection_metric = "val_dice"
+    higher_is_better = True
+    dense = True
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def load(self, source, *, window, slices, steps, skip_bad, validate=True):
+        from lepton.data.masks import load_segmentation
+
+        return load_segmentation(source, window=window, steps=steps, skip_bad=skip_bad, validate=validate)
+
+    def input_size(self, train, config) -> tuple[int, ...]:
+        """Every training case fits whole: the largest size per axis, rounded up to the network's divisor (capped at
+        ``image_size`` when set, else 512 px / 128 voxels)."""
+        from lepton.models import model_info
+
+        div = model_info(config.model).divisor
+        dims = train.spatial_dims
+        cap = config.image_size or MAX_SIDE[dims]
+        cap = max(div, cap // div * div)
+        largest = np.max([np.shape(im)[1:] for im in train.images], axis=0)
+        return tuple(int(min(cap, -(-int(s) // div) * div)) for s in largest)
+
+    def tensors(self, data, spec):
+        import torch
+
+        from lepton.data.transforms import pad_or_crop
+
+        x = spec.resize(data.images)  # the spec pads or crops (fit="pad"), never interpolates
+        y = torch.stack([pad_or_crop(torch.from_numpy(m.astype(np.int64)), spec.size) for m in data.masks])
+        return x, y
+
+    # -- training -----------------------------------------------------------------------------------------
+    def num_outputs(self, label_names: list[str]) -> int:
+        return len(label_names)
+
+    def targets(self, data) -> list[np.ndarray]:
+        """The label maps (1, …) of a data set, each at its own size."""
+        return list(data.masks)
+
+    def criterion(self, y_train, config) -> Loss:
+        """MONAI's Dice + cross-entropy (Dice over the foreground classes, batch-wise); with ``imbalance=weighted``
+        the cross-entropy weighs classes by the square root of their inverse voxel frequency."""
+        import torch
+        from monai.losses import DiceCELoss
+
+        counts = torch.bincount(y_train.flatten()).float() if config.imbalance == "weighted" else None
+        smoothing = config.label_smoothing
+        built: dict[Any, Any] = {}
+
+        def loss(logits, y):
+            key = (logits.device, logits.shape[1])
+            if key not in built:
+                weight = None
+                if counts is not None:
+                    c = torch.nn.functional.pad(counts, (0, max(0, logits.shape[1] - len(counts))))
+                    weight = (c.sum() / (len(c) * c.clamp_min(1))).sqrt()
+                    weight = (weight / weight.mean()).to(logits.device)
+                built[key] = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
+                                        weight=weight, label_smoothing=smoothing)
+            return built[key](logits.float(), y)
+
+        return loss
+
+    def loss(self, logits, y):
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)(logits.float(), y)
+
+    def activate(self, logits):
+        import torch
+
+        return torch.softmax(logits.float(), 1)
+
+    def val_metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+        truth = y[:, 0]
+        pred = outputs.argmax(1)
+        k = outputs.shape[1]
+        dices = [float(_dice_per_class(pred, truth, c).mean()) for c in range(1, k)]
+        p_true = np.take_along_axis(outputs, y.astype(np.int64), axis=1)
+        out = {"val_loss": float(-np.log(np.clip(p_true, 1e-7, 1.0)).mean()), "val_dice": float(np.mean(dices))}
+        out.update({f"val_dice_{c}": d for c, d in enumerate(dices, start=1)})
+        return out
+
+    # -- predictions ----------------------------------------------------------------------------------------
+    def decide(self, outputs: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
+        return outputs.argmax(1).astype(np.uint8)
+
+    def describe(self, probs: np.ndarray, labels: list[str], spacing: tuple[float, ...] | None = None,
+                 affine: np.ndarray | None = None) -> dict[str, Any]:
+        """The answer for one image's probabilities (K, …): size per class (mL for volumes with geometry, mm² for
+        images with a pixel spacing, else voxels) and the lesion list."""
+        dims = probs.ndim - 1
+        known = spacing is not None
+        spacing = tuple(spacing) if known else (1.0,) * dims
+        label_map = probs.argmax(0).astype(np.uint8)
+        unit = voxel_volume(spacing)
+        key = ("volume_ml" if dims == 3 else "area_mm2") if known else "voxels"
+        sizes = {labels[k]: round(float((label_map == k).sum() * (unit if known else 1)), 4)
+                 for k in range(1, len(labels))}
+        found = lesions(label_map, probs, labels, spacing, affine)
+        if not known:
+            for item in found:
+                item.pop("volume_ml", None)
+                item.pop("area", None)
+        elif dims == 2:
+            for item in found:
+                item["area_mm2"] = item.pop("area")
+        return {"shape": list(label_map.shape), "spacing_mm": list(spacing) if known else None, key: sizes,
+                "lesions": found}
+
+    def encode(self, row: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> dict[str, Any]:
+        return self.describe(row, labels)
+
+    def agrees(self, a, b, labels, info) -> bool:
+        return bool((a.argmax(0) == b.argmax(0)).mean() >= 0.99)
+
+    def explain_index(self, row, info) -> int:
+        raise ConfigError("a segmentation model's answer is its map; Grad-CAM explains classifiers")
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def scores(self, y, outputs, info) -> dict[str, float]:
+        """Mean foreground Dice over cases (lists of per-case arrays, or batches)."""
+        pairs = zip(y, outputs, strict=True)
+        dices = []
+        for truth, probs in pairs:
+            pred = np.asarray(probs).argmax(0)
+            dices.append(np.mean([_dice_per_class(pred[None], np.asarray(truth)[0][None], c)[0]
+                                  for c in range(1, np.shape(probs)[0])]))
+        return {"dice": float(np.mean(dices)) if dices else float("nan")}
+
+    def report(self, y, outputs, labels, info, *, n_bootstrap, plots, meta=None):
+        meta = meta or {}
+        n = len(y)
+        spacings = meta.get("spacings") or [(1.0,) * (np.ndim(y[0]) - 1)] * n
+        names = meta.get("names") or [f"case {i}" for i in range(n)]
+        rows, cases = [], []
+        for i in range(n):
+            truth, probs = np.asarray(y[i])[0], np.asarray(outputs[i])
+            pred = probs.argmax(0)
+            metrics = case_metrics(pred, truth, labels, tuple(spacings[i]))
+            rows.append({"case": Path(str(names[i])).name, **{f"{c}/{k}": round(v, 4) if math.isfinite(v) else None
+                                                              for c, m in metrics.items() for k, v in m.items()}})
+            cases.append((pred, truth, probs))
+        per_class = {}
+        for c in labels[1:]:
+            entry = {}
+            for key in ("dice", "iou", "hd95", "asd"):
+                values = [r[f"{c}/{key}"] for r in rows]
+                mean, ci = mean_ci([v if v is not None else float("nan") for v in values], n_bootstrap)
+                entry[key], entry[f"{key}_ci95"] = mean, ci
+                entry[f"{key}_undefined"] = sum(v is None for v in values) if key in ("hd95", "asd") else 0
+            per_class[c] = entry
+        case_dice = [float(np.mean([r[f"{c}/dice"] for c in labels[1:]])) for r in rows]
+        mean_dice, dice_ci = mean_ci(case_dice, n_bootstrap)
+        empty_truth = [not t.any() for _, t, _ in cases]
+        empty_pred = [not p.any() for p, _, _ in cases]
+        body: dict[str, Any] = {
+            "classes": labels, "cases": rows, "per_class": per_class, "mean_dice": mean_dice, "mean_dice_ci95": dice_ci,
+            "empty_masks": {"true": int(sum(empty_truth)), "predicted": int(sum(empty_pred)),
+                            "both": int(sum(a and b for a, b in zip(empty_truth, empty_pred, strict=True)))},
+            "detection": detection(cases, labels),
+            "calibration": _voxel_calibration(cases),
+        }
+        body["ece"] = body["calibration"]["ece"]
+        ci_text = " [{:.3f}, {:.3f}]".format(*dice_ci) if dice_ci else ""
+        body["summary"] = [f"mean Dice {mean_dice:.4f}{ci_text} over {n} cases"] + [
+            f"{c}: Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  HD95 {m['hd95']:.2f} mm  ASD {m['asd']:.2f} mm"
+            for c, m in per_class.items()] + [f"voxel ECE {body['ece']:.4f}"]
+        if plots is not None:
+            body["plots"] = _plots(body, cases, case_dice, meta, labels, plots)
+        body["detection"].pop("curve")  # plotted; the FROC points at fixed rates stay
+        return body, self._markdown(body)
+
+    def _markdown(self, body: dict[str, Any]) -> list[str]:
+        def ci(values):
+            return " – ".join(fmt(v) for v in values) if values else "-"
+
+        det = body["detection"]
+        lines = ["", "| class | Dice [95 % CI] | IoU | HD95 mm [95 % CI] | ASD mm |", "|---|---|---|---|---|"]
+        for c, m in body["per_class"].items():
+            lines.append(f"| {c} | {fmt(m['dice'])} [{ci(m['dice_ci95'])}] | {fmt(m['iou'])} | "
+                         f"{fmt(m['hd95'], 2)} [{ci(m['hd95_ci95'])}] | {fmt(m['asd'], 2)} |")
+        lines += ["", f"- Mean Dice over cases: {fmt(body['mean_dice'])} [{ci(body['mean_dice_ci95'])}]",
+                  f"- Empty masks: {body['empty_masks']['true']} true, {body['empty_masks']['predicted']} predicted",
+                  f"- Lesion detection: {det['found']} of {det['true_lesions']} true lesions found (sensitivity "
+                  f"{fmt(det['sensitivity'])}), {fmt(det['fp_per_case'], 2)} false positives per case, mean FROC "
+                  f"sensitivity {fmt(det['froc_mean'])}",
+                  f"- Voxel calibration error (ECE, 15 bins): {fmt(body['ece'])}", "",
+                  "Per case: `report.json` (`cases`).", ""]
+        if body.get("plots"):
+            lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in body["plots"]]
+        return lines
+
+    # -- protocols and the registry --------------------------------------------------------------------------
+    def oip_outputs(self, labels: list[str], spatial_dims: int = 2) -> list[dict[str, Any]]:
+        spatial = [-1] * spatial_dims
+        return [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(labels), *spatial]},
+                {"name": "label_map", "datatype": "UINT8", "shape": [-1, *spatial]}]
+
+    def oip_tensors(self, outputs, labels, info) -> dict[str, Any]:
+        return {"probabilities": ("FP32", outputs.astype(np.float32)), "label_map": ("UINT8", self.decide(outputs, info))}
+
+    def card_metrics(self, info, reports):
+        metrics: dict[str, Any] = {"val_dice": info.get("val_dice"), "best_epoch": info.get("best_epoch")}
+        for folder, rep in reports.items():
+            metrics[f"eval/{folder}"] = {"split": rep["split"], "images": rep["images"],
+                                         "mean_dice": rep.get("mean_dice"), "mean_dice_ci95": rep.get("mean_dice_ci95"),
+                                         "per_class": {c: {k: m[k] for k in ("dice", "dice_ci95", "hd95")}
+                                                       for c, m in rep.get("per_class", {}).items()}}
+        return metrics
+
+    def card_text(self, labels, channels, threshold, metrics):
+        use = [f"Segments {', '.join(labels[1:])} in {channels}-channel medical images (class 0: {labels[0]}). "
+               "Decision support for trained readers only: every contour needs review, and the model is not "
+               "validated for populations, devices or protocols unlike the training data."]
+        lines = []
+        if metrics.get("val_dice") is not None:
+            lines.append(f"- Validation (model selection): mean Dice {fmt(metrics['val_dice'])}")
+        for key, rep in metrics.items():
+            if key.startswith("eval/"):
+                ci = rep.get("mean_dice_ci95")
+                lines.append(f"- {rep['split']} split, {rep['images']} cases: mean Dice {fmt(rep.get('mean_dice'))}"
+                             + (" [{:.4f}, {:.4f}]".format(*ci) if ci else ""))
+                for c, m in rep.get("per_class", {}).items():
+                    cci = m.get("dice_ci95")
+                    lines.append(f"  - {c}: Dice {fmt(m['dice'])}" + (" [{:.4f}, {:.4f}]".format(*cci) if cci else "")
+                                 + f", HD95 {fmt(m['hd95'], 2)} mm")
+        return {"use": use, "decision": ["- Decision rule: arg-max class per voxel"], "metrics": lines}
+
+
+def _voxel_calibration(cases, limit: int = 200_000, seed: int = 0) -> dict[str, Any]:
+    """Reliability of voxel probabilities on a seeded sample of voxels from every case."""
+    rng = np.random.default_rng(seed)
+    ys, ps = [], []
+    per_case = max(1, limit // max(1, len(cases)))
+    for _, truth, probs in cases:
+        flat_t, flat_p = truth.reshape(-1), probs.reshape(probs.shape[0], -1)
+        pick = rng.choice(flat_t.size, size=min(per_case, flat_t.size), replace=False)
+        ys.append(flat_t[pick])
+        ps.append(flat_p[:, pick].T)
+    return calibration(np.concatenate(ys).astype(np.int64), np.concatenate(ps))
+
+
+def _plots(body, cases, case_dice, meta, labels, folder: Path) -> list[str]:
+    """Overlay montages of the best, median and worst cases, the reliability diagram and the FROC curve."""
+    from lepton.plots import plot_froc, plot_reliability, plot_segmentation_cases
+
+    order = np.argsort(case_dice)
+    picks = {"worst": int(order[0]), "median": int(order[len(order) // 2]), "best": int(order[-1])}
+    images = meta.get("images")
+    out = []
+    if images is not None:
+        shown = [(name, np.asarray(images[i])[0], cases[i][1], cases[i][0], case_dice[i]) for name, i in picks.items()]
+        out.append(str(plot_segmentation_cases(shown, labels, folder / "cases.png")))
+    plot_reliability(body["calibration"], folder / "reliability.png")
+    out += [str(folder / "reliability.png"), str(plot_froc(body["detection"]["curve"], folder / "froc.png"))]
+    return out
