@@ -40,6 +40,24 @@ def lepton_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "lepton.cli", *args]
 
 
+def kill_after_epochs(cmd: list[str], run_dir: Path, epochs: int = 2, timeout: float = 240) -> None:
+    """Start a training command, SIGKILL it once ``epochs`` epochs are in its history (bounded wait)."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    history = run_dir / "history.csv"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) >= epochs + 1:  # header + epochs
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.fixture(scope="session")
 def synthetic_npz(tmp_path_factory) -> Path:
     from lepton.data.synthetic import write_synthetic_npz

@@ -1,13 +1,11 @@
 import csv
 import json
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
-from conftest import lepton_cmd
+from conftest import kill_after_epochs, lepton_cmd
 from lepton.config import TrainConfig, make_config
 from lepton.errors import ConfigError, RunError
 from lepton.train import train
@@ -95,18 +93,8 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     data = write_synthetic_npz(tmp_path / "d.npz", n=500, size=40, seed=3)
     args = ["train", str(data), "--epochs", "5", "--batch-size", "32", "--output-dir", str(tmp_path),
             "--seed", "5", "--quiet", "--augment", "xray"]
-    proc = subprocess.Popen(lepton_cmd(*args, "--name", "killed"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    kill_after_epochs(lepton_cmd(*args, "--name", "killed"), tmp_path / "killed")
     history = tmp_path / "killed" / "history.csv"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if history.exists() and len(history.read_text().splitlines()) >= 3:  # header + 2 epochs
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
     done = len(history.read_text().splitlines()) - 1
     assert 2 <= done < 5
     assert not (tmp_path / "killed" / "run.json").exists()

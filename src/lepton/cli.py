@@ -125,9 +125,10 @@ def models_available() -> None:
 
     from lepton.models import list_models
 
-    table = Table("name", "description", "pretrained weights")
+    table = Table("name", "task", "dims", "description", "pretrained weights")
     for info in list_models():
-        table.add_row(info.name, info.description, info.pretrained_layout or "-")
+        table.add_row(info.name, info.task, "/".join(f"{d}-D" for d in info.spatial_dims), info.description,
+                      info.pretrained_layout or "-")
     console.print(table)
 
 

@@ -67,7 +67,8 @@ def segment_probs(model, spec: Preprocessing, pixels: np.ndarray, activate: Call
             p = (p + torch.flip(activate(model(torch.flip(xb, dims=[-1]))), dims=[-1])) / 2
         return p
 
-    model.eval()
+    if hasattr(model, "eval"):
+        model.eval()
     with torch.inference_mode():
         probs = sliding_window_inference(x.to(device), roi_size=spec.size, sw_batch_size=2, predictor=predictor,
                                          overlap=overlap, mode="gaussian", cval=pad_value)
@@ -92,6 +93,23 @@ def resample_probs(probs: np.ndarray, src_affine: np.ndarray, dst_affine: np.nda
     outside = out.sum(0) < 1e-6  # beyond the processed region: background
     out[0][outside] = 1.0
     return out.numpy()
+
+
+def segment_image(model, spec: Preprocessing, pixels: np.ndarray, affine: np.ndarray | None, activate: Callable, *,
+                  tta: bool = False, device: str = "cpu", stepped: bool = False) -> np.ndarray:
+    """A dense task's outputs (K, …) for one decoded image (C, …) as read, on the image's own grid: the run's steps
+    are applied, the network slides over the result (``segment_probs``), and the probabilities are resampled back
+    when the steps moved the grid. ``stepped``: the image went through the steps already; outputs stay on its grid.
+    ``model`` is a module or any callable from a batch tensor to outputs."""
+    from lepton.data.pipeline import apply_steps
+
+    if spec.steps and pixels.ndim == 4 and not stepped:
+        moved, moved_affine, _ = apply_steps(pixels, affine, spec.steps, "input")
+        probs = segment_probs(model, spec, moved, activate, tta=tta, device=device)
+        if affine is None or moved_affine is None:
+            raise RunError("a volume without geometry cannot be put back on its grid after spacing steps")
+        return resample_probs(probs, moved_affine, affine, tuple(pixels.shape[1:]))
+    return segment_probs(model, spec, pixels, activate, tta=tta, device=device)
 
 
 @dataclass
@@ -130,16 +148,8 @@ class Run:
         image's own grid: the steps are applied, the network slides over the result, and the probabilities are
         resampled back when the steps moved the grid. ``stepped``: the image went through the steps already (data
         sets loaded for the run), and the outputs stay on that grid."""
-        from lepton.data.pipeline import apply_steps
-
-        spec = self.preprocessing
-        if spec.steps and pixels.ndim == 4 and not stepped:
-            moved, moved_affine, _ = apply_steps(pixels, affine, spec.steps, "input")
-            probs = segment_probs(self.model, spec, moved, self.task.activate, tta=self.config.tta, device=self.device)
-            if affine is None or moved_affine is None:
-                raise RunError("a volume without geometry cannot be put back on its grid after spacing steps")
-            return resample_probs(probs, moved_affine, affine, tuple(pixels.shape[1:]))
-        return segment_probs(self.model, spec, pixels, self.task.activate, tta=self.config.tta, device=self.device)
+        return segment_image(self.model, self.preprocessing, pixels, affine, self.task.activate, tta=self.config.tta,
+                             device=self.device, stepped=stepped)
 
     def predict(self, paths: list[str | Path], output: str | Path | None = None,
                 dicom_seg: bool = False) -> list[dict[str, Any]]:

@@ -328,8 +328,11 @@ def _decathlon(root: Path):
 
 
 def _inside(root: Path, relative: str, where: str) -> Path:
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()):
+    """``relative`` under ``root``, refusing ``..`` and absolute paths that leave it (links inside are followed)."""
+    import os
+
+    path = Path(os.path.normpath(root.absolute() / relative))
+    if Path(relative).is_absolute() or not path.is_relative_to(Path(os.path.normpath(root.absolute()))):
         raise DataError(f"{where}: {relative!r} points outside the data folder")
     return path
 

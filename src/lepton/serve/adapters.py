@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from lepton.data.io import read_image_bytes
+from lepton.data.io import Frame, read_image_bytes
 from lepton.data.transforms import Preprocessing
 from lepton.errors import DataError
 from lepton.tasks import Task, get_task
@@ -42,18 +42,19 @@ class ModelAdapter:
         """Whether this model takes volumes (C, D, H, W) rather than images (C, H, W)."""
         return self.preprocessing.spatial_dims == 3
 
-    def decode_request(self, payload: bytes, filename: str | None = None) -> np.ndarray:
+    def decode_request(self, payload: bytes, filename: str | None = None) -> np.ndarray | Frame:
         """Decode an uploaded file (sniffed by content) to (C, H, W) in [0, 1]: PNG, JPEG, DICOM, NIfTI, NPY; for a
-        volume model (C, D, H, W) from NIfTI, a zip of one DICOM series, or NPY."""
+        volume model (C, D, H, W) from NIfTI, a zip of one DICOM series, or NPY. A dense task's model gets the
+        ``Frame`` as read (its geometry kept, the run's steps not yet applied): its answer goes back on that grid."""
         name = "upload" + (".nii.gz" if (filename or "").lower().endswith(".nii.gz") else Path(filename or "").suffix)
         frames = read_image_bytes(payload, name[:20], window=self.preprocessing.window,
                                   slices="volume" if self.volumes else "middle", max_pixels=MAX_SERVE_PIXELS,
-                                  steps=self.preprocessing.steps)
+                                  steps=None if self.task.dense else self.preprocessing.steps)
         pixels = frames[0].pixels
         if int(np.prod(pixels.shape[1:])) > MAX_SERVE_PIXELS:
             raise DataError(f"upload: {'x'.join(map(str, pixels.shape[1:]))} is over the server's limit of "
                             f"{MAX_SERVE_PIXELS} pixels")
-        return pixels
+        return frames[0] if self.task.dense else pixels
 
     def decode_array(self, array: Any) -> np.ndarray:
         """A nested list or array in [0, 1]: (H, W) or (C, H, W); for a volume model (D, H, W) or (C, D, H, W)."""
@@ -71,6 +72,11 @@ class ModelAdapter:
             raise DataError("array: too many pixels")
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
             raise DataError("array: values must be finite and within [0, 1]")
+        if self.task.dense:
+            if self.preprocessing.steps and self.volumes:
+                raise DataError("array: has no voxel geometry for this model's preprocessing steps; send a NIfTI "
+                                "file or a zipped DICOM series")
+            return Frame(arr, "array", "array")
         return arr
 
     def prepare(self, images: list[np.ndarray]) -> np.ndarray:
@@ -87,6 +93,47 @@ class ModelAdapter:
 
     def encode_response(self, outputs: np.ndarray) -> dict[str, Any]:
         return self.task.encode(outputs, self.labels, self.info)
+
+    def segment(self, frame: Frame) -> np.ndarray:
+        """A dense task's outputs (K, …) for one decoded frame, on its own grid (sliding windows, the run's steps
+        applied and undone)."""
+        from lepton.runs import segment_image
+
+        return segment_image(self._segment_model(), self.preprocessing, frame.pixels, frame.affine,
+                             self._segment_activation(), tta=self._tta)
+
+    def segment_response(self, frame: Frame, probs: np.ndarray) -> dict[str, Any]:
+        """The answer for a dense task: sizes and lesions (``describe``) and the label map as a base64 file — NIfTI
+        with the input's affine for volumes, a PNG of class indices for images."""
+        import base64
+        import gzip
+        import io
+
+        affine = frame.affine
+        spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)) if affine is not None else None
+        body = self.task.describe(probs, self.labels, spacing, affine)
+        labels = probs.argmax(0).astype(np.uint8)
+        if labels.ndim == 3:
+            import nibabel as nib
+
+            img = nib.Nifti1Image(labels, affine if affine is not None else np.eye(4))
+            data, fmt = gzip.compress(img.to_bytes(), mtime=0), "nifti"
+        else:
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.fromarray(labels, mode="L").save(buf, format="PNG")
+            data, fmt = buf.getvalue(), "png"
+        body["label_map"] = {"format": fmt, "encoding": "base64", "data": base64.b64encode(data).decode()}
+        return body
+
+    _tta = False
+
+    def _segment_model(self):
+        raise NotImplementedError
+
+    def _segment_activation(self):
+        return self.task.activate
 
 
 class TorchAdapter(ModelAdapter):
@@ -109,6 +156,10 @@ class TorchAdapter(ModelAdapter):
         from lepton.runs import predict_outputs
 
         return predict_outputs(self.run.model, torch.from_numpy(batch), self.task.activate, tta=self.run.config.tta)
+
+    def _segment_model(self):
+        self._tta = self.run.config.tta
+        return self.run.model
 
     def explain(self, pixels: np.ndarray, method: str, class_idx: int) -> bytes:
         """A Grad-CAM overlay PNG for one decoded image — a montage of slices for a volume — (run outside the
@@ -133,6 +184,7 @@ class OnnxAdapter(ModelAdapter):
         super().__init__(*self._fields(v))
         self._registry, self._sha, self.session = registry, onnx_sha or v.artifacts["onnx"], None
         self._foreign = v.format == "onnx"  # trained elsewhere: its output may be logits or probabilities
+        self._tta = bool((v.config or {}).get("tta"))  # dense answers flip as the run did
 
     def setup(self) -> None:
         import onnxruntime as ort
@@ -141,9 +193,18 @@ class OnnxAdapter(ModelAdapter):
         self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         self._input = self.session.get_inputs()[0].name
 
+    def _segment_model(self):
+        import torch
+
+        return lambda x: torch.from_numpy(self.session.run(None, {self._input: np.ascontiguousarray(x.numpy())})[0])
+
+    def _segment_activation(self):
+        return lambda outputs: outputs  # exported with the task's activation in the graph
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         out = self.session.run(None, {self._input: batch.astype(np.float32)})[0]
-        if out.ndim != 2 or out.shape[1] != self.task.num_outputs(self.labels):
+        dense = self.task.dense and out.ndim == batch.ndim
+        if (out.ndim != 2 and not dense) or out.shape[1] != self.task.num_outputs(self.labels):
             raise RuntimeError(f"{self.name}@{self.version}: ONNX output shape {out.shape} does not fit the labels")
         if not self._foreign:  # exported by Lepton with the task's activation in the graph
             return out

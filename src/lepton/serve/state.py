@@ -104,6 +104,7 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self._heap_grew = False  # a version was loaded since the heap was last frozen
         self._explain_lock = threading.Lock()
+        self._segment_lock = threading.Lock()
 
     # -- models -------------------------------------------------------------------------------------------
     async def reload(self) -> dict[str, Any]:
@@ -230,6 +231,24 @@ class Server:
         adapter = handle.adapter
         agree = adapter.task.agrees(outputs, served, adapter.labels, adapter.info)
         self.metrics.shadow.labels(dep.name, str(dep.shadow), "agree" if agree else "disagree").inc()
+
+    async def segment(self, dep: Deployment, frame, client: str | None) -> tuple[int, dict]:
+        """A dense task's answer for one decoded frame with the routed version (one segmentation at a time: the
+        sliding windows use every core); returns (version, response body)."""
+        chosen = dep.choose(client)
+        handle = dep.handles.get(chosen)
+        if handle is None:
+            raise ApiError(404, "version_not_served", f"{dep.name} version {chosen} is not being served")
+
+        def work() -> dict:
+            with self._segment_lock:
+                probs = handle.adapter.segment(frame)
+            return handle.adapter.segment_response(frame, probs)
+
+        body = await asyncio.to_thread(work)
+        mean = float(frame.pixels.mean())
+        dep.drift_mean = mean if dep.drift_mean is None else 0.98 * dep.drift_mean + 0.02 * mean
+        return chosen, body
 
     def explain(self, adapter, pixels: np.ndarray, method: str, index: int) -> bytes:
         with self._explain_lock:  # Grad-CAM hooks the shared model: one explanation at a time

@@ -61,6 +61,10 @@ class Task:
 
         return spec.resize(data.images), torch.from_numpy(self.targets(data))
 
+    def batch(self, x: torch.Tensor, y: torch.Tensor, spec, generator: torch.Generator):
+        """A training batch as the network sees it (dense tasks cut patches of ``spec.size`` from larger cases)."""
+        return x, y
+
     # -- training -----------------------------------------------------------------------------------------
     def num_outputs(self, label_names: list[str]) -> int:
         """How many outputs the network needs."""
@@ -131,7 +135,8 @@ class Task:
 
     # -- protocols and the registry --------------------------------------------------------------------------
     def oip_outputs(self, labels: list[str]) -> list[dict[str, Any]]:
-        """Open Inference Protocol v2 output metadata: ``name``, ``datatype``, ``shape`` (batch axis -1)."""
+        """Open Inference Protocol v2 output metadata: ``name``, ``datatype``, ``shape`` (batch axis -1). Dense tasks
+        also take ``size``, the input's spatial size, which their outputs share."""
         raise NotImplementedError
 
     def oip_tensors(self, outputs: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,8 +29,13 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, k: int, spacing: tupl
         return float("nan"), float("nan")
     yp = torch.from_numpy(p[None, None].astype(np.float32))
     yt = torch.from_numpy(t[None, None].astype(np.float32))
-    hd = compute_hausdorff_distance(yp, yt, include_background=True, percentile=95, spacing=list(spacing))
-    asd = compute_average_surface_distance(yp, yt, include_background=True, symmetric=True, spacing=list(spacing))
+    import warnings
+
+    with warnings.catch_warnings():  # MONAI 1.5+ warns about an argument its own code passes
+        warnings.simplefilter("ignore", FutureWarning)
+        hd = compute_hausdorff_distance(yp, yt, include_background=True, percentile=95, spacing=list(spacing))
+        asd = compute_average_surface_distance(yp, yt, include_background=True, symmetric=True,
+                                               spacing=list(spacing))
     return float(hd.item()), float(asd.item())
 
 

@@ -56,13 +56,40 @@ class Segmentation(Task):
         return tuple(int(min(cap, -(-int(s) // div) * div)) for s in largest)
 
     def tensors(self, data, spec):
+        """Cases padded to one size: the network's input size, or — when some case is larger — the largest case
+        (rounded up to a multiple of 16), from which ``batch`` cuts patches."""
         import torch
 
-        from lepton.data.transforms import pad_or_crop
+        from lepton.data.transforms import Preprocessing, pad_or_crop
 
-        x = spec.resize(data.images)  # the spec pads or crops (fit="pad"), never interpolates
-        y = torch.stack([pad_or_crop(torch.from_numpy(m.astype(np.int64)), spec.size) for m in data.masks])
+        largest = np.max([np.shape(im)[1:] for im in data.images], axis=0)
+        full = tuple(max(int(s), -(-int(n) // 16) * 16) for s, n in zip(spec.size, largest, strict=True))
+        fit = spec if full == tuple(spec.size) else Preprocessing(full, spec.channels, spec.mean, spec.std, fit="pad")
+        x = fit.resize(data.images)  # padded or cropped (fit="pad"), never interpolated
+        y = torch.stack([pad_or_crop(torch.from_numpy(m.astype(np.int64)), full) for m in data.masks])
         return x, y
+
+    def batch(self, x, y, spec, generator):
+        """Patches of the network's size from cases larger than it: centred on a foreground voxel for a third of the
+        patches (as nnU-Net oversamples foreground), anywhere for the rest."""
+        import torch
+
+        size = tuple(spec.size)
+        if tuple(x.shape[2:]) == size:
+            return x, y
+        xs, ys = [], []
+        for i in range(len(x)):
+            limit = [n - s for n, s in zip(x.shape[2:], size, strict=True)]
+            fg = torch.nonzero(y[i, 0] > 0) if float(torch.rand(1, generator=generator)) < 1 / 3 else None
+            if fg is not None and len(fg):
+                centre = fg[int(torch.randint(len(fg), (1,), generator=generator))]
+                start = [int(min(max(int(c) - s // 2, 0), m)) for c, s, m in zip(centre, size, limit, strict=True)]
+            else:
+                start = [int(torch.randint(m + 1, (1,), generator=generator)) for m in limit]
+            window = tuple(slice(a, a + s) for a, s in zip(start, size, strict=True))
+            xs.append(x[(i, slice(None), *window)])
+            ys.append(y[(i, slice(None), *window)])
+        return torch.stack(xs), torch.stack(ys)
 
     # -- training -----------------------------------------------------------------------------------------
     def num_outputs(self, label_names: list[str]) -> int:
@@ -227,13 +254,14 @@ class Segmentation(Task):
         return lines
 
     # -- protocols and the registry --------------------------------------------------------------------------
-    def oip_outputs(self, labels: list[str], spatial_dims: int = 2) -> list[dict[str, Any]]:
-        spatial = [-1] * spatial_dims
+    def oip_outputs(self, labels: list[str], size: list[int] | None = None) -> list[dict[str, Any]]:
+        spatial = list(size) if size else [-1, -1]
         return [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(labels), *spatial]},
                 {"name": "label_map", "datatype": "UINT8", "shape": [-1, *spatial]}]
 
     def oip_tensors(self, outputs, labels, info) -> dict[str, Any]:
-        return {"probabilities": ("FP32", outputs.astype(np.float32)), "label_map": ("UINT8", self.decide(outputs, info))}
+        return {"probabilities": ("FP32", outputs.astype(np.float32)),
+                "label_map": ("UINT8", self.decide(outputs, info))}
 
     def card_metrics(self, info, reports):
         metrics: dict[str, Any] = {"val_dice": info.get("val_dice"), "best_epoch": info.get("best_epoch")}

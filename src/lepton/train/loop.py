@@ -106,8 +106,9 @@ class Trainer:
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on a batch of one
                 continue
-            if self.task.dense:  # masks move with their images
-                x01, yb = augment_batch(data.x_train[idx], self.augment, gen, masks=data.y_train[idx])
+            if self.task.dense:  # patches from large cases; masks move with their images
+                xb, yb = self.task.batch(data.x_train[idx], data.y_train[idx], data.spec, gen)
+                x01, yb = augment_batch(xb, self.augment, gen, masks=yb)
                 x01, yb = x01.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             else:
                 x01 = augment_batch(data.x_train[idx], self.augment, gen).to(device, non_blocking=True)

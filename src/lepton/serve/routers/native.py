@@ -89,8 +89,15 @@ async def predict(name: str, request: Request):
     srv, dep = target.server, target.deployment
     adapter = dep.handles[dep.primary].adapter
     pixels = await decode_request(request, adapter, srv.config.max_upload_bytes)
-    version, outputs = await srv.infer(dep, pixels, request.headers.get("x-lepton-client"))
     state = request.scope["state"]  # the access middleware's; no State wrapper needed on the hot path
+    if adapter.task.dense:  # a map on the input's own grid, outside the fixed-size batcher
+        if explain is not None:
+            raise ApiError(422, "invalid_request", "explain is for classifiers; a segmentation's answer is its map")
+        version, body = await srv.segment(dep, pixels, request.headers.get("x-lepton-client"))
+        state["log"]["version"] = version
+        return JSONResponse({**body, "model": name, "version": version, "request_id": state["request_id"],
+                             "latency_ms": round((time.perf_counter() - start) * 1000, 2)})
+    version, outputs = await srv.infer(dep, pixels, request.headers.get("x-lepton-client"))
     state["log"]["version"] = version
     served = (dep.handles.get(version) or dep.handles[dep.primary]).adapter
     body = served.encode_response(outputs)

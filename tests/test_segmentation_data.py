@@ -1,0 +1,164 @@
+"""Segmentation data: image + mask pairs from Decathlon folders, paired folders and manifests; masks as PNG, NIfTI
+and DICOM SEG; every way a pair can be wrong, refused naming the case; the metrics on known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from lepton.data.dicomseg import read_seg, write_seg
+from lepton.data.masks import load_segmentation, read_mask
+from lepton.data.series import read_series
+from lepton.data.synthetic import nodule_phantom, write_dicom_series, write_segmentation_cases
+from lepton.data.volume import network_affine, network_order
+from lepton.errors import DataError
+from lepton.tasks.seg_metrics import case_metrics, detection, lesions, mean_ci
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
+
+
+def test_decathlon_and_paired_folders_load_with_geometry(tmp_path):
+    root = write_segmentation_cases(tmp_path / "d3", n=6, dims=3)
+    data = load_segmentation(root)
+    assert len(data) == 6 and data.label_names == ["background", "nodule"] and data.spatial_dims == 3
+    assert data.images[0].shape == data.masks[0].shape == (1, 16, 32, 32) and data.masks[0].dtype == np.uint8
+    np.testing.assert_allclose(np.linalg.norm(data.affines[0][:3, :3], axis=0), [2.0, 1.0, 1.0])
+    flat = load_segmentation(write_segmentation_cases(tmp_path / "d2", n=5, dims=2))
+    assert flat.label_names == ["background", "opacity"] and flat.masks[0].shape == (1, 64, 64)
+    assert set(np.unique(np.concatenate([m.ravel() for m in flat.masks]))) == {0, 1}  # 0/255 PNG read as 0/1
+    assert flat.affines[0] is None
+
+
+def test_a_manifest_and_a_palette_mask(tmp_path):
+    img = (np.random.default_rng(0).random((20, 24)) * 255).astype(np.uint8)
+    mask = np.zeros((20, 24), np.uint8)
+    mask[2:6, 3:9], mask[10:15, 12:20] = 1, 2
+    Image.fromarray(img).save(tmp_path / "a.png")
+    pal = Image.fromarray(mask, mode="P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    pal.save(tmp_path / "a_mask.png")
+    (tmp_path / "m.csv").write_text("path,mask,patient_id\na.png,a_mask.png,P1\n")
+    data = load_segmentation(tmp_path / "m.csv")
+    assert data.label_names == ["background", "class 1", "class 2"] and data.has_patient_ids
+    np.testing.assert_array_equal(data.masks[0][0], mask)  # palette indices are the classes
+
+
+def write_pair(root: Path, image: np.ndarray, mask: np.ndarray, affine: np.ndarray, mask_affine=None):
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / "c.nii.gz")
+    nib.save(nib.Nifti1Image(mask, affine if mask_affine is None else mask_affine), root / "labelsTr" / "c.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "x"},
+                                                   "training": [{"image": "./imagesTr/c.nii.gz",
+                                                                 "label": "./labelsTr/c.nii.gz"}]}))
+    return root
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("shape", "image and mask shapes differ"),
+    ("spacing", "spacing"),
+    ("orientation", "orientation"),
+    ("origin", "origins .* apart"),
+    ("fraction", "whole class indices"),
+    ("labels", "masks hold class 3 but only 2 label names"),
+])
+def test_bad_pairs_are_refused_naming_the_case(tmp_path, fault, message):
+    image = np.random.default_rng(0).random((10, 12, 8)).astype(np.float32)
+    mask = np.zeros((10, 12, 8), np.float32)
+    mask[3:6, 4:8, 2:5] = 1
+    affine, mask_affine = np.diag([1.0, 1.0, 2.0, 1.0]), None
+    if fault == "shape":
+        mask = mask[:, :, :7]
+    elif fault == "spacing":
+        mask_affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    elif fault == "orientation":
+        mask_affine = np.diag([-1.0, 1.0, 2.0, 1.0])
+    elif fault == "origin":
+        mask_affine = affine.copy()
+        mask_affine[:3, 3] = [5.0, 0, 0]
+    elif fault == "fraction":
+        mask[0, 0, 0] = 0.5
+    elif fault == "labels":
+        mask[0, 0, 0] = 3
+    root = write_pair(tmp_path / fault, image, mask, affine, mask_affine)
+    with pytest.raises(DataError, match=message) as err:
+        load_segmentation(root)
+    assert "c.nii.gz" in str(err.value) or fault == "labels"
+
+
+def test_layouts_that_cannot_be_paired(tmp_path):
+    (tmp_path / "p" / "images").mkdir(parents=True)
+    (tmp_path / "p" / "masks").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "p" / "images" / "a.png")
+    with pytest.raises(DataError, match="without a partner.*every image needs a mask"):
+        load_segmentation(tmp_path / "p")
+    root = tmp_path / "escape"
+    root.mkdir()
+    (root / "dataset.json").write_text(json.dumps({"labels": ["background", "x"],
+                                                   "training": [{"image": "../../etc/passwd", "label": "x.nii.gz"}]}))
+    with pytest.raises(DataError, match="points outside the data folder"):
+        load_segmentation(root)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "colour.png")
+    with pytest.raises(DataError, match="colour mask is ambiguous"):
+        read_mask(tmp_path / "colour.png")
+    Image.new("L", (8, 8)).save(tmp_path / "lossy.jpg")
+    with pytest.raises(DataError, match="JPEG is lossy"):
+        read_mask(tmp_path / "lossy.jpg")
+
+
+def test_dicom_seg_round_trip_against_its_series(tmp_path):
+    hu, truth = nodule_phantom(np.random.default_rng(3), (10, 24, 20), count=2)
+    write_dicom_series(tmp_path / "s", hu, spacing=(0.7, 0.8, 2.5), origin=(-50, -60, 100))
+    (volume,) = read_series(tmp_path / "s")
+    labels = network_order(truth.transpose(2, 1, 0)[::-1, ::-1, :])  # where the series reader puts the voxels
+    affine = network_affine(volume.affine, volume.shape)
+    labels = labels.astype(np.uint8)
+    labels[labels > 0] = np.where(np.arange(labels.size)[labels.ravel() > 0] % 2 == 0, 1, 2)  # two classes
+    out = write_seg(labels, affine, tmp_path / "s", ["background", "a", "b"], tmp_path / "seg.dcm")
+    back, back_affine = read_seg(out)
+    np.testing.assert_array_equal(back[0], labels)
+    np.testing.assert_allclose(back_affine, affine, atol=1e-4)
+    import highdicom as hd
+
+    seg = hd.seg.segread(str(out))
+    assert [d.segment_label for d in seg.SegmentSequence] == ["a", "b"]
+    assert {str(r.ReferencedSOPInstanceUID) for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == \
+        {str(ds.SOPInstanceUID) for ds in (__import__("pydicom").dcmread(p) for p in (tmp_path / "s").iterdir())}
+    assert read_mask(out)[0].shape == back.shape  # a SEG is also a mask source for training
+    with pytest.raises(DataError, match="label map is empty"):
+        write_seg(np.zeros_like(labels), affine, tmp_path / "s", ["background", "a"], tmp_path / "empty.dcm")
+
+
+def test_metrics_on_known_answers():
+    truth = np.zeros((20, 20, 20), np.uint8)
+    truth[5:10, 5:10, 5:10] = 1
+    pred = truth.copy()
+    m = case_metrics(pred, truth, ["bg", "x"], (1.0, 1.0, 2.0))["x"]
+    assert m["dice"] == 1.0 and m["iou"] == 1.0 and m["hd95"] == 0.0 and m["asd"] == 0.0
+    assert m["true_size"] == pytest.approx(125 * 2 / 1000)  # 125 voxels of 2 mm³, in mL
+    shifted = np.zeros_like(truth)
+    shifted[5:10, 5:10, 6:11] = 1  # one voxel along the 2 mm axis
+    m = case_metrics(shifted, truth, ["bg", "x"], (1.0, 1.0, 2.0))["x"]
+    assert m["dice"] == pytest.approx(0.8) and m["hd95"] == pytest.approx(2.0)
+    found = lesions(np.pad(truth, 1)[1:-1, 1:-1, 1:-1], None, ["bg", "x"], (1.0, 1.0, 2.0), np.diag([2, 1, 1, 1.0]))
+    assert len(found) == 1 and found[0]["voxels"] == 125 and found[0]["centroid_mm"] == [14.0, 7.0, 7.0]
+    probs = np.stack([1.0 - truth, truth]).astype(np.float32)
+    extra = truth.copy()
+    extra[15:17, 15:17, 15:17] = 1  # a false positive
+    det = detection([(extra, truth, np.stack([1.0 - extra, extra * 0.6]))], ["bg", "x"])
+    assert det["sensitivity"] == 1.0 and det["fp_per_case"] == 1.0 and det["froc"]["1"] == 1.0
+    assert detection([(truth, truth, probs)], ["bg", "x"])["froc"]["0.125"] == 1.0
+    mean, ci = mean_ci([0.5, 0.7, 0.9, float("nan")], n=500)
+    assert mean == pytest.approx(0.7) and 0.5 <= ci[0] < 0.7 < ci[1] <= 0.9
+
+
+@pytest.mark.skipif(not (SHARED / "dataset.json").is_file(), reason="the shared hippocampus data is not here")
+def test_the_shared_hippocampus_folder_loads():
+    data = load_segmentation(SHARED)
+    assert len(data) >= 200 and data.label_names == ["background", "anterior", "posterior"]
+    assert all(m.max() == 2 for m in data.masks[:10]) and data.spatial_dims == 3
