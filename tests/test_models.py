@@ -8,7 +8,8 @@ NAMES = ["lepton_cnn", "resnet18", "resnet34", "resnet50", "densenet121", "effic
 
 
 def test_registry_lists_every_network():
-    assert [m.name for m in list_models()] == sorted(NAMES)
+    assert [m.name for m in list_models() if m.task == "classification"] == sorted(NAMES)
+    assert [m.name for m in list_models() if m.task == "segmentation"] == ["attention_unet", "segresnet", "unet"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -156,6 +156,23 @@ def test_export_register_and_serve_both_kinds(flat_run, volume_run, tmp_path):
             refused = httpx.post(f"{url}/v1/models/nodules/predict?explain=gradcam", content=nifti, timeout=60,
                                  headers={**auth(key), "x-filename": "case.nii.gz"})
             assert refused.status_code == 422 and "explain is for classifiers" in refused.text
+            series = tmp_path / f"series-{backend}"
+            from lepton.data.synthetic import nodule_phantom, write_dicom_series
+
+            write_dicom_series(series, nodule_phantom(np.random.default_rng(5), (16, 32, 32), count=1)[0],
+                               spacing=(1.0, 1.0, 2.0))
+            z = httpx.post(f"{url}/v1/models/nodules/predict?dicom_seg=true", headers=auth(key), timeout=60,
+                           files={"file": ("s.zip", series_zip(series))})
+            assert z.status_code == 200, z.text
+            (tmp_path / "seg.dcm").write_bytes(base64.b64decode(z.json()["dicom_seg"]["data"]))
+            from lepton.data.dicomseg import read_seg
+
+            seg, _ = read_seg(tmp_path / "seg.dcm")
+            sent = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(z.json()["label_map"]["data"])))
+            np.testing.assert_array_equal(seg[0], np.asarray(sent.dataobj))  # the SEG says what the NIfTI says
+            no_series = httpx.post(f"{url}/v1/models/nodules/predict?dicom_seg=true", content=nifti, timeout=60,
+                                   headers={**auth(key), "x-filename": "case.nii.gz"})
+            assert no_series.status_code == 422 and "upload the series as a zip" in no_series.text
             flat = httpx.post(f"{url}/v1/models/nodules/predict", content=png, headers=auth(key), timeout=60)
             assert flat.status_code == 422  # an image sent to a volume model
             meta = httpx.get(f"{url}/v2/models/opacity", headers=auth(key)).json()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from lepton.data.base import MAX_FILE_BYTES, MAX_PIXELS, Frame
@@ -47,16 +49,12 @@ def _check(zf: zipfile.ZipFile, label: str) -> list[zipfile.ZipInfo]:
     return members
 
 
-@register_reader("zip", _sniff, priority=50)
-def read_zip(path: Path, label: str | None = None, *, window: str | None = None, slices: str = "middle",
-             max_pixels: int = MAX_PIXELS) -> list[Frame]:
-    """The one DICOM series in a zip archive: as a volume (``slices="volume"``) or its middle or every slice."""
-    from lepton.data.series import read_series
-    from lepton.data.volume import volume_frames
-
-    label = label or str(path)
+@contextmanager
+def unpacked(source, label: str) -> Iterator[Path]:
+    """A zip archive (a path or a binary stream) checked member by member and written, under names of our own, into
+    a temporary folder that is removed afterwards."""
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError) as exc:
         raise DataError(f"{label}: not a readable zip archive ({exc})") from None
     with zf, tempfile.TemporaryDirectory() as tmp:
@@ -69,10 +67,22 @@ def read_zip(path: Path, label: str | None = None, *, window: str | None = None,
                     if written > MAX_FILE_BYTES:
                         raise DataError(f"{label}: the archive expands past {MAX_FILE_BYTES} bytes")
                     dst.write(chunk)
+        yield Path(tmp)
+
+
+@register_reader("zip", _sniff, priority=50)
+def read_zip(path: Path, label: str | None = None, *, window: str | None = None, slices: str = "middle",
+             max_pixels: int = MAX_PIXELS) -> list[Frame]:
+    """The one DICOM series in a zip archive: as a volume (``slices="volume"``) or its middle or every slice."""
+    from lepton.data.series import read_series
+    from lepton.data.volume import volume_frames
+
+    label = label or str(path)
+    with unpacked(path, label) as tmp:
         try:
-            volumes = read_series(Path(tmp), max_voxels=max_pixels)
+            volumes = read_series(tmp, max_voxels=max_pixels)
         except DataError as exc:
-            raise DataError(str(exc).replace(tmp, label)) from None
+            raise DataError(str(exc).replace(str(tmp), label)) from None
     if len(volumes) != 1:
         raise DataError(f"{label}: holds {len(volumes)} DICOM series; send one series per archive")
     volumes[0].name = Path(label).name

@@ -78,9 +78,8 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, series: str | Path, label_
         idx = np.rint(np.tensordot(inverse, ras, axes=1)[:3]).astype(int)
         inside = np.all((idx >= 0) & (idx < np.array(labels.shape)[:, None, None]), axis=0)
         frames[n][inside] = labels[idx[0][inside], idx[1][inside], idx[2][inside]]
-    if not frames.any():
-        raise DataError("the label map is empty: a DICOM SEG needs at least one segmented voxel")
-    # One segment per foreground class, numbered as the classes, so a SEG read back gives the same label map.
+    # An empty label map is written too: "nothing found" is a result a viewer should show. One segment per
+    # foreground class, numbered as the classes, so a SEG read back gives the same label map.
     algo = hd.AlgorithmIdentificationSequence(name=algorithm, version=version,
                                               family=codes.cid7162.ArtificialIntelligence)
     descriptions = [hd.seg.SegmentDescription(segment_number=k, segment_label=label_names[k][:64],

@@ -4,6 +4,7 @@ auth and metrics wrap an adapter and never reach into it."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,6 @@ class ModelAdapter:
         with the input's affine for volumes, a PNG of class indices for images."""
         import base64
         import gzip
-        import io
 
         affine = frame.affine
         spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)) if affine is not None else None
@@ -126,6 +126,22 @@ class ModelAdapter:
             data, fmt = buf.getvalue(), "png"
         body["label_map"] = {"format": fmt, "encoding": "base64", "data": base64.b64encode(data).decode()}
         return body
+
+    def dicom_seg(self, upload: bytes, frame: Frame, probs: np.ndarray) -> bytes:
+        """A DICOM SEG of the label map that references the uploaded series (a zip of one DICOM series)."""
+        import tempfile
+
+        from lepton.data.archive import unpacked
+        from lepton.data.dicomseg import write_seg
+        from lepton.data.io import sniff_bytes
+
+        if sniff_bytes(upload[:352], "upload.zip") != "zip" or frame.affine is None:
+            raise DataError("dicom_seg: a DICOM SEG references its source images; upload the series as a zip")
+        labels = probs.argmax(0).astype(np.uint8)
+        with unpacked(io.BytesIO(upload), "upload") as folder, tempfile.TemporaryDirectory() as out:
+            path = write_seg(labels, frame.affine, folder, self.labels, Path(out) / "seg.dcm",
+                             algorithm=self.name[:64], version=str(self.version))
+            return path.read_bytes()
 
     _tta = False
 

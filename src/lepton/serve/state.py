@@ -232,9 +232,11 @@ class Server:
         agree = adapter.task.agrees(outputs, served, adapter.labels, adapter.info)
         self.metrics.shadow.labels(dep.name, str(dep.shadow), "agree" if agree else "disagree").inc()
 
-    async def segment(self, dep: Deployment, frame, client: str | None) -> tuple[int, dict]:
+    async def segment(self, dep: Deployment, frame, client: str | None,
+                      upload: bytes | None = None) -> tuple[int, dict]:
         """A dense task's answer for one decoded frame with the routed version (one segmentation at a time: the
-        sliding windows use every core); returns (version, response body)."""
+        sliding windows use every core), with a base64 DICOM SEG when given the ``upload`` (a zipped series) it
+        references; returns (version, response body)."""
         chosen = dep.choose(client)
         handle = dep.handles.get(chosen)
         if handle is None:
@@ -243,7 +245,13 @@ class Server:
         def work() -> dict:
             with self._segment_lock:
                 probs = handle.adapter.segment(frame)
-            return handle.adapter.segment_response(frame, probs)
+            body = handle.adapter.segment_response(frame, probs)
+            if upload is not None:
+                import base64
+
+                seg = handle.adapter.dicom_seg(upload, frame, probs)
+                body["dicom_seg"] = {"encoding": "base64", "data": base64.b64encode(seg).decode()}
+            return body
 
         body = await asyncio.to_thread(work)
         mean = float(frame.pixels.mean())

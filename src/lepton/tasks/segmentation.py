@@ -53,7 +53,10 @@ class Segmentation(Task):
         cap = config.image_size or MAX_SIDE[dims]
         cap = max(div, cap // div * div)
         largest = np.max([np.shape(im)[1:] for im in train.images], axis=0)
-        return tuple(int(min(cap, -(-int(s) // div) * div)) for s in largest)
+        size = [int(min(cap, -(-int(s) // div) * div)) for s in largest]
+        if all(s <= div for s in size):  # the deepest level must keep more than one voxel for its normalisation
+            size[-1] = 2 * div
+        return tuple(size)
 
     def tensors(self, data, spec):
         """Cases padded to one size: the network's input size, or — when some case is larger — the largest case

@@ -45,7 +45,10 @@ PREDICT_BODY = {"requestBody": {"required": True, "description": (
 EXPLAIN = ("gradcam", "gradcam++")
 PREDICT_BODY["parameters"] = [{"name": "explain", "in": "query", "required": False,
                                "schema": {"type": "string", "enum": list(EXPLAIN)},
-                               "description": "Add a Grad-CAM overlay (PNG, base64) of the explained class."}]
+                               "description": "Add a Grad-CAM overlay (PNG, base64) of the explained class."},
+                              {"name": "dicom_seg", "in": "query", "required": False, "schema": {"type": "boolean"},
+                               "description": "Segmentation models, a zipped DICOM series uploaded: add a DICOM SEG "
+                                              "(base64) that references it."}]
 
 
 def describe(dep: Deployment) -> dict[str, Any]:
@@ -86,14 +89,21 @@ async def predict(name: str, request: Request):
     explain = request.query_params.get("explain")
     if explain is not None and explain not in EXPLAIN:
         raise ApiError(422, "invalid_request", f"explain must be one of {', '.join(EXPLAIN)} (got {explain!r})")
+    dicom_seg = request.query_params.get("dicom_seg")
+    if dicom_seg is not None and dicom_seg not in ("true", "false", "1", "0"):
+        raise ApiError(422, "invalid_request", f"dicom_seg must be true or false (got {dicom_seg!r})")
     srv, dep = target.server, target.deployment
     adapter = dep.handles[dep.primary].adapter
+    if dicom_seg in ("true", "1") and not adapter.task.dense:
+        raise ApiError(422, "invalid_request", f"dicom_seg is for segmentation models; {name} is a "
+                                               f"{adapter.task.name} model")
     pixels = await decode_request(request, adapter, srv.config.max_upload_bytes)
     state = request.scope["state"]  # the access middleware's; no State wrapper needed on the hot path
     if adapter.task.dense:  # a map on the input's own grid, outside the fixed-size batcher
         if explain is not None:
             raise ApiError(422, "invalid_request", "explain is for classifiers; a segmentation's answer is its map")
-        version, body = await srv.segment(dep, pixels, request.headers.get("x-lepton-client"))
+        upload = await _upload(request) if dicom_seg in ("1", "true") else None
+        version, body = await srv.segment(dep, pixels, request.headers.get("x-lepton-client"), upload)
         state["log"]["version"] = version
         return JSONResponse({**body, "model": name, "version": version, "request_id": state["request_id"],
                              "latency_ms": round((time.perf_counter() - start) * 1000, 2)})
@@ -112,3 +122,16 @@ async def predict(name: str, request: Request):
     # A ready-made response skips FastAPI's generic encoder: the body is plain JSON types already.
     return JSONResponse({**body, "model": name, "version": version, "request_id": state["request_id"],
                          "latency_ms": round((time.perf_counter() - start) * 1000, 2)})
+
+
+async def _upload(request: Request) -> bytes:
+    """The uploaded file's bytes again (Starlette keeps the body and the parsed form): a raw body or a multipart
+    ``file``; a base64 JSON image or an array cannot carry a series."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        upload = (await request.form()).get("file")
+        await upload.seek(0)
+        return await upload.read()
+    if ctype.startswith("application/json"):
+        raise ApiError(422, "invalid_request", "dicom_seg needs the series as a zip upload (raw body or multipart)")
+    return await request.body()
