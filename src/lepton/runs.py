@@ -34,8 +34,8 @@ def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta:
 
     model.eval()
     out = []
-    # about 4 M input voxels a chunk: large volumes go a few at a time
-    batch_size = max(1, min(batch_size, (1 << 22) // max(1, int(np.prod(x.shape[1:])))))
+    # about 4 M pixels a chunk: large volumes go a few at a time (224 px images still 83 at a time)
+    batch_size = max(1, min(batch_size, (1 << 22) // max(1, int(np.prod(x.shape[2:])))))
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
             xb = fast_layout(x[start:start + batch_size].to(device))
