@@ -58,6 +58,19 @@ def kill_after_epochs(cmd: list[str], run_dir: Path, epochs: int = 2, timeout: f
     assert proc.returncode == -signal.SIGKILL
 
 
+def resume_and_rerun(args: list[str], root: Path) -> tuple[list[dict], list[dict]]:
+    """Resume ``root/killed`` and train ``args`` afresh as ``root/clean``: both histories, as CSV rows."""
+    import csv
+    import subprocess
+
+    resumed = subprocess.run(lepton_cmd("train", "--resume", str(root / "killed"), "--quiet"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    clean = subprocess.run(lepton_cmd(*args, "--name", "clean"), capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    return tuple(list(csv.DictReader((root / name / "history.csv").open())) for name in ("killed", "clean"))
+
+
 @pytest.fixture(scope="session")
 def synthetic_npz(tmp_path_factory) -> Path:
     from lepton.data.synthetic import write_synthetic_npz

@@ -217,25 +217,15 @@ def test_cli_train_predict_and_demo(flat_run, tmp_path):
 def test_patches_and_kill_and_resume_match_an_uninterrupted_run(flat_run, tmp_path):
     """Patches of 32 px from 64 px cases (a third centred on foreground), SIGKILL mid-run, resume: the history
     matches a run that was never interrupted."""
-    import csv
-
-    from conftest import kill_after_epochs
+    from conftest import kill_after_epochs, resume_and_rerun
 
     _, root = flat_run
     args = ["train", str(root), "--task", "segmentation", "--image-size", "32", "--epochs", "5", "--batch-size", "8",
             "--time-budget", "0", "--output-dir", str(tmp_path), "--seed", "3", "--quiet"]
     kill_after_epochs(lepton_cmd(*args, "--name", "killed"), tmp_path / "killed")
-    resumed = subprocess.run(lepton_cmd("train", "--resume", str(tmp_path / "killed"), "--quiet"),
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    clean = subprocess.run(lepton_cmd(*args, "--name", "clean"), capture_output=True, text=True, timeout=300)
-    assert clean.returncode == 0, clean.stderr
-
-    def rows(name):
-        return list(csv.DictReader((tmp_path / name / "history.csv").open()))
-
-    assert [int(r["epoch"]) for r in rows("killed")] == [1, 2, 3, 4, 5]
-    for a, b in zip(rows("killed"), rows("clean"), strict=True):
+    killed_rows, clean_rows = resume_and_rerun(args, tmp_path)
+    assert [int(r["epoch"]) for r in killed_rows] == [1, 2, 3, 4, 5]
+    for a, b in zip(killed_rows, clean_rows, strict=True):
         for key in ("train_loss", "val_loss", "val_dice"):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-3), (a["epoch"], key)
     spec = json.loads((tmp_path / "clean" / "preprocessing.json").read_text())

@@ -1,11 +1,10 @@
 import csv
 import json
-import subprocess
 
 import pytest
 import torch
 
-from conftest import kill_after_epochs, lepton_cmd
+from conftest import kill_after_epochs, lepton_cmd, resume_and_rerun
 from lepton.config import TrainConfig, make_config
 from lepton.errors import ConfigError, RunError
 from lepton.train import train
@@ -99,16 +98,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert 2 <= done < 5
     assert not (tmp_path / "killed" / "run.json").exists()
 
-    resumed = subprocess.run(lepton_cmd("train", "--resume", str(tmp_path / "killed"), "--quiet"),
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    clean = subprocess.run(lepton_cmd(*args, "--name", "clean"), capture_output=True, text=True, timeout=300)
-    assert clean.returncode == 0, clean.stderr
-
-    def rows(name):
-        return list(csv.DictReader((tmp_path / name / "history.csv").open()))
-
-    killed_rows, clean_rows = rows("killed"), rows("clean")
+    killed_rows, clean_rows = resume_and_rerun(args, tmp_path)
     assert [int(r["epoch"]) for r in killed_rows] == [1, 2, 3, 4, 5]
     for a, b in zip(killed_rows, clean_rows, strict=True):
         for key in ("train_loss", "val_loss", "val_auc", "val_acc"):

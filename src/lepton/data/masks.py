@@ -357,13 +357,7 @@ def _paired(root: Path):
     if unmatched:
         raise DataError(f"{root}: {len(unmatched)} file(s) without a partner in {image_dir.name}/ and "
                         f"{mask_dir.name}/ (e.g. {unmatched[0]}); every image needs a mask of the same name")
-    names = None
-    if (root / "labels.json").is_file():
-        try:
-            names = _label_names(json.loads((root / "labels.json").read_text()), str(root / "labels.json"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"{root / 'labels.json'}: unreadable ({exc})") from exc
-    return [(images[k], masks[k], "", None) for k in sorted(images)], names
+    return [(images[k], masks[k], "", None) for k in sorted(images)], _labels_json(root)
 
 
 def _manifest(path: Path):
@@ -384,7 +378,15 @@ def _manifest(path: Path):
             raise DataError(f"{path}: line {line}: split {split!r} is not one of {', '.join(SPLITS)}")
         records.append((base / row["path"], base / row["mask"], split,
                         pseudonymize(row["patient_id"]) if row.get("patient_id") else None))
-    names = None
-    if (base / "labels.json").is_file():
-        names = _label_names(json.loads((base / "labels.json").read_text()), str(base / "labels.json"))
-    return records, names
+    return records, _labels_json(base)
+
+
+def _labels_json(folder: Path) -> list[str] | None:
+    """Label names from ``folder/labels.json`` when there is one."""
+    path = folder / "labels.json"
+    if not path.is_file():
+        return None
+    try:
+        return _label_names(json.loads(path.read_text()), str(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from exc
