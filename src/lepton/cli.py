@@ -154,6 +154,8 @@ def models_register(
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys may see and call the model.")] = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Also store an ONNX export (for serve --backend onnx).")]
     = False,
+    precision: Annotated[list[str] | None, typer.Option(
+        help="Check a serving precision (bf16, int8) on the run's val set and record it (repeatable).")] = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Register a run as the next version of NAME (weights, spec, labels, metrics, card)."""
@@ -162,6 +164,36 @@ def models_register(
     if tenant is not None:
         reg.set_tenant(name, tenant)
     console.print(f"registered [bold]{v.ref}[/] ({v.format}); card: lepton models card {v.ref}")
+    if precision:
+        _check_precisions(reg, v.ref, precision)
+
+
+def _check_precisions(reg, ref: str, precisions: list[str]) -> None:
+    from lepton.precision import PrecisionError, check_precision, refusal
+
+    refused = []
+    for p in precisions:
+        record = check_precision(reg, ref, p)
+        line = (f"{ref} {p}: val AUC {record['val_auc']:.4f} (fp32 {record['fp32_val_auc']:.4f}, "
+                f"delta {record['auc_delta']:+.4f}), threshold {record['threshold']}")
+        if record["accepted"]:
+            console.print(f"{line}: accepted")
+        else:
+            refused.append(refusal(ref, p, record))
+    if refused:
+        raise PrecisionError("; ".join(refused))
+
+
+@models_app.command("precision")
+def models_precision(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION (or NAME@production, NAME).")],
+    precision: Annotated[list[str], typer.Option(help="bf16, int8 or fp32 (repeatable).")],
+    registry: RegistryOpt = None,
+) -> None:
+    """Check serving precisions of a version on its stored val set (AUC at most 0.005 below fp32) and record each
+    with its own val-selected threshold; exits non-zero naming both AUCs when one is refused."""
+    reg = _registry(registry)
+    _check_precisions(reg, reg.get(ref).ref, precision)
 
 
 @models_app.command("register-onnx")
@@ -351,6 +383,9 @@ def serve(
                                                "on its own and polls the registry for swaps.")] = 1,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Disable API keys (loopback only).")] = False,
     backend: Annotated[str, typer.Option(help="auto or onnx.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="fp32 (answers identical to the run's), bf16, int8, or auto (the fastest on this CPU that passes its "
+             "check on the version's val set: AUC at most 0.005 below fp32).")] = "fp32",
     max_batch_size: Annotated[int, typer.Option(help="Largest dynamic batch.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="Longest wait to fill a batch.")] = 5.0,
     batch_idle_ms: Annotated[float, typer.Option(help="Also close a batch when no request arrived for this "
@@ -376,7 +411,7 @@ def serve(
             raise typer.BadParameter("--no-auth is only allowed on loopback (--host 127.0.0.1)")
         err.print("[bold red]WARNING: authentication is OFF; anyone on this machine can call the models.[/]")
     serve_fn(ServeConfig(models=model, registry=registry, auth=not no_auth, backend=backend,
-                         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                         precision=precision, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                          batch_idle_ms=batch_idle_ms, rate_limit=rate_limit, rate_burst=rate_burst,
                          poll_seconds=poll_seconds), host=host, port=port, workers=workers)
 
@@ -448,6 +483,8 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     deterministic: Annotated[bool | None, typer.Option("--deterministic", help="Deterministic kernels.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="auto (bf16 on CPUs with AMX/AVX512-BF16 and bf16 GPUs, else fp32), fp32, bf16, fp16 (CUDA).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     skip_bad: Annotated[bool | None, typer.Option("--skip-bad", help="Skip unreadable files.")] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Val share when the data has no val split.")] = None,
@@ -472,8 +509,8 @@ def train(
             ema_decay=ema_decay, early_stopping=early_stopping, tta=tta,
             time_budget_s=time_budget,
             adversarial=adversarial, adv_epsilon=adv_epsilon,
-            seed=seed, deterministic=deterministic, device=device, threads=threads, skip_bad=skip_bad,
-            val_fraction=val_fraction, test_fraction=test_fraction,
+            seed=seed, deterministic=deterministic, device=device, precision=precision, threads=threads,
+            skip_bad=skip_bad, val_fraction=val_fraction, test_fraction=test_fraction,
         )
         if config is not None:
             base = TrainConfig.from_yaml(config).to_dict()

@@ -65,7 +65,10 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
-    amp: bool = True
+    amp: bool = True  # False: train in fp32 whatever ``precision`` says (configs written before precision)
+    # Training precision: auto (bf16 autocast on CPUs with AMX/AVX512-BF16 and on bf16 GPUs, fp16 on older
+    # CUDA GPUs, fp32 elsewhere), fp32, bf16 or fp16 (CUDA only, with loss scaling).
+    precision: str = "auto"
     threads: int | None = None
     preset: str = "default"
 
@@ -76,6 +79,7 @@ class TrainConfig:
             "imbalance": ("none", "weighted", "balanced"),
             "normalize": ("dataset", "half"),
             "slices": ("middle", "all", "volume"),
+            "precision": ("auto", "fp32", "bf16", "fp16"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

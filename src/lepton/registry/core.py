@@ -166,6 +166,8 @@ class Registry(AccessMixin):
         import yaml
 
         artifacts = {key: self.store.put((run_dir / f).read_bytes()) for key, f in _RUN_ARTIFACTS.items()}
+        if (run_dir / "val_set.npz").is_file():  # for checking lower serving precisions (lepton.precision)
+            artifacts["val_set"] = self.store.put((run_dir / "val_set.npz").read_bytes())
         from lepton.config import TrainConfig
         from lepton.tasks import get_task
 
@@ -222,6 +224,22 @@ class Registry(AccessMixin):
         def write(session: Session) -> ModelVersion:
             row = self._row(session, ref)
             row.artifacts = {**row.artifacts, "card": sha}
+            return _as_version(row)
+
+        return self._retrying(write)
+
+    def set_precision(self, ref: str, precision: str, record: dict[str, Any],
+                      artifacts: dict[str, str] | None = None) -> ModelVersion:
+        """Record the check of a serving precision (``lepton.precision``) in the version's metrics, with the
+        artifacts it made (an int8 graph)."""
+        def write(session: Session) -> ModelVersion:
+            row = self._row(session, ref, lock=True)
+            metrics = dict(row.metrics or {})
+            metrics["precisions"] = {**metrics.get("precisions", {}), precision: record}
+            row.metrics = metrics
+            if artifacts:
+                row.artifacts = {**row.artifacts, **artifacts}
+            session.flush()
             return _as_version(row)
 
         return self._retrying(write)

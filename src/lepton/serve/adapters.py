@@ -24,11 +24,22 @@ class ModelAdapter:
 
     platform = "python"
 
+    #: The numeric precision this version runs in (``lepton.precision``); its checked record, if any.
+    precision = "fp32"
+    precision_record: dict[str, Any] | None = None
+
     def __init__(self, name: str, version: int, labels: list[str], preprocessing: Preprocessing,
                  threshold: float | None, task: Task):
         self.name, self.version, self.labels = name, version, labels
         self.preprocessing, self.threshold, self.task = preprocessing, threshold, task
         self.info = {"threshold": threshold}  # the decision record the task reads
+
+    def use_precision(self, precision: str, record: dict[str, Any] | None) -> None:
+        """Run in ``precision`` with the decision threshold selected on val for it."""
+        self.precision, self.precision_record = precision, record
+        if record is not None and record.get("threshold") is not None:
+            self.threshold = record["threshold"]
+            self.info = {"threshold": self.threshold}
 
     @classmethod
     def _fields(cls, v) -> tuple:
@@ -167,11 +178,9 @@ class TorchAdapter(ModelAdapter):
         self.predict(self.prepare([np.zeros((self.preprocessing.channels, *self.preprocessing.size), np.float32)]))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        import torch
+        from lepton.precision import torch_outputs
 
-        from lepton.runs import predict_outputs
-
-        return predict_outputs(self.run.model, torch.from_numpy(batch), self.task.activate, tta=self.run.config.tta)
+        return torch_outputs(self.run.model, batch, self.task.activate, self.run.config.tta, self.precision)
 
     def _segment_model(self):
         self._tta = self.run.config.tta
@@ -218,6 +227,13 @@ class OnnxAdapter(ModelAdapter):
         return lambda outputs: outputs  # exported with the task's activation in the graph
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        if not self._foreign and not self.task.dense:  # Lepton's export: probabilities, the run's flip TTA
+            from lepton.precision import onnx_outputs
+
+            out = onnx_outputs(self.session, batch, self._tta, chunk=len(batch) or 1)
+            if out.ndim != 2 or out.shape[1] != self.task.num_outputs(self.labels):
+                raise RuntimeError(f"{self.name}@{self.version}: ONNX output shape {out.shape} does not fit the labels")
+            return out
         out = self.session.run(None, {self._input: batch.astype(np.float32)})[0]
         dense = self.task.dense and out.ndim == batch.ndim
         if (out.ndim != 2 and not dense) or out.shape[1] != self.task.num_outputs(self.labels):
@@ -231,14 +247,28 @@ class OnnxAdapter(ModelAdapter):
         return e / e.sum(1, keepdims=True)
 
 
-def make_adapter(registry, ref: str, backend: str = "auto") -> ModelAdapter:
-    """The adapter for a version: PyTorch weights, or ONNX (foreign models, or ``backend='onnx'``)."""
+def make_adapter(registry, ref: str, backend: str = "auto", precision: str = "fp32") -> ModelAdapter:
+    """The adapter for a version: PyTorch weights, or ONNX (foreign models, or ``backend='onnx'``), in ``precision``
+    (fp32, bf16, int8 or auto; a lower one only once checked on the version's val set, see ``lepton.precision``)."""
     v = registry.get(ref)
     if v.format == "onnx":
+        if precision not in ("fp32", "auto"):
+            raise DataError(f"{v.ref} is a foreign ONNX model: it is served as registered (fp32); drop --precision")
         return OnnxAdapter(registry, ref)
-    if backend == "onnx":
+    chosen, record = "fp32", None
+    if precision != "fp32":
+        from lepton.precision import choose_precision
+
+        chosen, record = choose_precision(registry, ref, precision, backend)
+        v = registry.get(ref)  # a first check stored its record (and an int8 graph)
+    if chosen == "int8":
+        adapter: ModelAdapter = OnnxAdapter(registry, ref, v.artifacts["onnx_int8"])
+    elif backend == "onnx":
         if "onnx" not in v.artifacts:
             raise DataError(f"{v.name}@{v.version} has no ONNX artifact; register it with "
                             "`lepton models register RUN --name NAME --onnx` to serve it with --backend onnx")
-        return OnnxAdapter(registry, ref, v.artifacts["onnx"])
-    return TorchAdapter(registry, ref)
+        adapter = OnnxAdapter(registry, ref, v.artifacts["onnx"])
+    else:
+        adapter = TorchAdapter(registry, ref)
+    adapter.use_precision(chosen, record)
+    return adapter

@@ -16,6 +16,9 @@ class ServeConfig:
     registry: str | None = None
     auth: bool = True
     backend: str = "auto"
+    # Numeric precision of every served version: fp32 (answers identical to the run's), bf16, int8 or auto (the
+    # fastest on this CPU that passes its check on the version's val set; see lepton.precision).
+    precision: str = "fp32"
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     batch_idle_ms: float = 0.0  # > 0: a batch also closes when no request arrived for this long

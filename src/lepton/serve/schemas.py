@@ -46,8 +46,9 @@ class ModelDescription(BaseModel):
     version: int
     task: str
     platform: str
+    precision: str = Field(description="fp32, bf16 or int8: the numeric precision the primary version runs in.")
     labels: list[str]
-    threshold: float | None
+    threshold: float | None = Field(description="The decision threshold selected on val for this precision.")
     served_versions: list[int]
     route: dict[str, float] | None = Field(description="Version -> traffic share in percent, when routed.")
     shadow: int | None

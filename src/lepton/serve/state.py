@@ -155,7 +155,8 @@ class Server:
                 "loaded": sorted(dep.handles)}
 
     async def _load(self, name: str, version: int) -> Handle:
-        adapter = make_adapter(self.registry, f"{name}@{version}", self.config.backend)
+        adapter = await asyncio.to_thread(make_adapter, self.registry, f"{name}@{version}", self.config.backend,
+                                          self.config.precision)
         await asyncio.to_thread(adapter.setup)
         m = self.metrics
 
@@ -169,7 +170,8 @@ class Server:
                           idle_ms=self.config.batch_idle_ms, on_batch=on_batch)
         batcher.start()
         self._heap_grew = True
-        log.info("%s@%s loaded (%s) in process %d", name, version, adapter.platform, os.getpid())
+        log.info("%s@%s loaded (%s, %s) in process %d", name, version, adapter.platform, adapter.precision,
+                 os.getpid())
         return Handle(adapter, batcher)
 
     async def close(self) -> None:

@@ -23,6 +23,8 @@ from lepton.data.transforms import Preprocessing
 from lepton.errors import ConfigError, RunError
 from lepton.models import create_model
 from lepton.models.layout import model_layout
+from lepton.models.precision import cpu_model, matrix_flags
+from lepton.precision import VAL_SET_FILE, save_val_set
 from lepton.runs import Run, load_run, predict_outputs
 from lepton.tasks import Task, get_task
 from lepton.train.budget import PLAN_AFTER_EPOCH, TimeBudget, fit_to_budget
@@ -156,11 +158,11 @@ def train(
                 fit_to_budget(config, budget.elapsed(), row["seconds"], run_dir, reporter)
     if not history:
         raise RunError(f"{run_dir}: no epoch was trained")
-    return _finish(run_dir, config, task, prepared, history, best, budget.elapsed(), device)
+    return _finish(run_dir, config, task, prepared, history, best, budget.elapsed(), device, trainer.precision)
 
 
 def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, history, best, seconds,
-            device) -> Run:
+            device, precision: str) -> Run:
     """Curves, the task's decision fitted on val with the best weights, and ``run.json``: the run is complete."""
     from lepton.plots import plot_curves
 
@@ -171,6 +173,8 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
     model = model_layout(model.to(device))
     outputs = predict_outputs(model, prepared.spec.normalize(prepared.x_val), task.activate, tta=config.tta,
                               device=device)
+    if not task.dense:  # for checking lower serving precisions of this run once registered
+        save_val_set(run_dir / VAL_SET_FILE, prepared.x_val, prepared.y_val, prepared.x_train, seed=config.seed)
     best_row = next(h for h in history if h["epoch"] == best["epoch"])
     info = {
         "status": "complete", "name": config.name, "task": task.name, "model": config.model, "epochs": len(history),
@@ -178,7 +182,8 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
         **task.fit_decision(prepared.y_val.numpy(), outputs),
         "train_images": len(prepared.y_train), "val_images": len(prepared.y_val),
         "images_per_s": float(np.mean([h["images_per_s"] for h in history])),
-        "wall_seconds_this_call": round(seconds, 2), "device": device, "torch": torch.__version__,
+        "wall_seconds_this_call": round(seconds, 2), "device": device, "precision": precision,
+        "cpu": {"model": cpu_model(), "flags": matrix_flags()}, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "pid": os.getpid(),
     }

@@ -17,6 +17,7 @@ from lepton.errors import ConfigError, RunError
 from lepton.models import create_model
 from lepton.models.adversarial import attack
 from lepton.models.layout import fast_layout, model_layout
+from lepton.models.precision import resolve_precision, torch_dtype
 from lepton.runs import predict_outputs
 from lepton.tasks import Task
 from lepton.train.data import Prepared
@@ -69,9 +70,8 @@ class Trainer:
         if config.ema_decay > 0:
             self.ema = torch.optim.swa_utils.AveragedModel(self.model, multi_avg_fn=ema_update(config.ema_decay),
                                                            use_buffers=True)
-        self.amp_dtype = None
-        if device.startswith("cuda") and config.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.precision = resolve_precision(config.precision if config.amp else "fp32", device)
+        self.amp_dtype = torch_dtype(self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn = task.criterion(prepared.y_train, config)
         self.sample_weight = task.sample_weights(prepared.y_train, config)
