@@ -18,6 +18,7 @@ message when it is absent. `--quick` runs everything on a small slice in under a
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import resource
 import subprocess
@@ -120,6 +121,62 @@ def reference_loop(images: np.ndarray, labels: np.ndarray, epochs: int, seed: in
     return seen / (time.perf_counter() - start)
 
 
+def _val_auc(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    model.eval()
+    x = (torch.from_numpy(images.astype(np.float32) / 255.0)[:, None] - 0.5) / 0.5
+    with torch.inference_mode():
+        probs = torch.cat([torch.softmax(model(x[i:i + 512]), 1)[:, 1] for i in range(0, len(x), 512)])
+    return float(roc_auc_score(labels, probs.numpy()))
+
+
+def reference_to_budget(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+                        budget_s: float, test: tuple[np.ndarray, np.ndarray] | None = None,
+                        seed: int = 0) -> dict:
+    """The reference loop under a wall-clock budget, as its own recipe would be fitted to one: the epochs that fit
+    (planned from the first epoch's time), MultiStepLR at 50 % and 75 % of them, val AUC after every epoch (counted
+    in the time, as in its own script) and the best-val model kept. Returns the curve and the best figures."""
+    import copy
+
+    torch.manual_seed(seed)
+    model = RefResNet18()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(RefDataset(train[0], train[1].astype(np.int64)), batch_size=128,
+                                         shuffle=True)
+    criterion = nn.CrossEntropyLoss()
+    start, planned, curve, best = time.perf_counter(), None, [], (-1.0, None)
+    epoch = 0
+    while True:
+        epoch += 1
+        if planned:
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3 * 0.1 ** ((epoch > 0.5 * planned) + (epoch > 0.75 * planned))
+        model.train()
+        for x, y in loader:
+            optimizer.zero_grad()
+            criterion(model(x), y).backward()
+            optimizer.step()
+        auc = _val_auc(model, *val)
+        elapsed = time.perf_counter() - start
+        curve.append((elapsed, auc))
+        if auc > best[0]:
+            best = (auc, copy.deepcopy(model.state_dict()))
+        planned = planned or max(1, int(budget_s // elapsed))
+        if epoch >= planned or elapsed + elapsed / epoch > budget_s:
+            break
+    out = {"epochs": epoch, "seconds": curve[-1][0], "val_auc": best[0], "curve": curve}
+    if test is not None:
+        model.load_state_dict(best[1])
+        out["test_auc"] = _val_auc(model, *test)
+    return out
+
+
+def first_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Seconds until the val AUC first reached ``target`` (None: never)."""
+    return next((t for t, auc in curve if auc >= target), None)
+
+
 def training_gflop_per_image(model: nn.Module, batch: int = 32) -> float:
     """Floating-point operations of one forward + backward pass per 28 px image (a multiply-add counts 2)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -165,6 +222,55 @@ def fmt_metrics(report: dict) -> list[str]:
     return lines
 
 
+def time_to_accuracy(data: Path, args, stamp: str, tmp: Path) -> list[dict]:
+    """Section 3: the reference loop and the Lepton preset (per precision) under the same wall-clock budget, one
+    after another: best val AUC/ACC, test AUC with --test-file, and the seconds to first reach the target val AUC."""
+    import lepton
+    from lepton.evaluate import evaluate
+    from lepton.models.precision import resolve_precision
+
+    with np.load(data) as npz:
+        train = npz["train_images"], npz["train_labels"].ravel()
+        val = npz["val_images"], npz["val_labels"].ravel()
+    test = None
+    if args.test_file:
+        with np.load(args.test_file) as npz:
+            test = npz["test_images"], npz["test_labels"].ravel()
+    print(f"\n3. Time to accuracy: {args.budget:.0f} s each, val AUC {args.target_auc} timed (CPU: {cpu_summary()})")
+    rows = []
+    ref = reference_to_budget(train, val, args.budget, test)
+    rows.append({"row": "reference loop, ResNet-18, fp32", "epochs": ref["epochs"], "seconds": ref["seconds"],
+                 "val_auc": ref["val_auc"], "test_auc": ref.get("test_auc"),
+                 "reached_s": first_reach(ref["curve"], args.target_auc)})
+    precisions = dict.fromkeys(["fp32", resolve_precision("auto", "cpu")])
+    for precision in precisions:
+        run = lepton.train(data, preset="medmnist", name=f"tta-{precision}-{stamp}", output_dir=str(args.output),
+                           time_budget_s=args.budget, precision=precision, quiet=True)
+        history = list(csv.DictReader((run.path / "history.csv").open()))
+        curve, t = [], 0.0
+        for h in history:
+            t += float(h["seconds"])
+            curve.append((t, float(h["val_auc"])))
+        row = {"row": f"Lepton medmnist preset, {run.config.model}, {precision}", "epochs": len(history),
+               "seconds": t, "val_auc": run.info["val_auc"], "val_acc": run.info["val_acc"],
+               "reached_s": first_reach(curve, args.target_auc)}
+        if test is not None:
+            report = evaluate(run, args.test_file, split="test", n_bootstrap=0, plots=False)
+            row["test_auc"] = report["metrics"][report["primary_threshold"]]["auc"]
+        rows.append(row)
+    base = rows[0]
+    print(f"  {'':<44}{'epochs':>7}{'seconds':>9}{'val AUC':>9}{'test AUC':>10}{'to AUC ' + str(args.target_auc):>14}"
+          f"{'sooner':>8}")
+    for r in rows:
+        reached = f"{r['reached_s']:.0f} s" if r["reached_s"] is not None else "not reached"
+        sooner = (f"{base['reached_s'] / r['reached_s']:.1f}x" if r["reached_s"] and base["reached_s"]
+                  else ("-" if r is base else "ref never"))
+        test_auc = f"{r['test_auc']:.4f}" if r.get("test_auc") is not None else "-"
+        print(f"  {r['row']:<44}{r['epochs']:>7}{r['seconds']:>9.0f}{r['val_auc']:>9.4f}{test_auc:>10}"
+              f"{reached:>14}{sooner:>8}")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -173,6 +279,9 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--quick", action="store_true", help="a small slice, under a minute")
     parser.add_argument("--skip-compare", action="store_true", help="only train and score the preset")
+    parser.add_argument("--budget", type=float, default=600.0,
+                        help="seconds of each time-to-accuracy run (section 3; 0 skips the section)")
+    parser.add_argument("--target-auc", type=float, default=0.98, help="the val AUC whose first arrival is timed")
     args = parser.parse_args()
 
     if not args.data.is_file():
@@ -205,8 +314,16 @@ def main() -> int:
         run = lepton.train(data, name=f"throughput-{stamp}", output_dir=str(tmp), model="resnet18",
                            epochs=args.epochs, batch_size=128, preset="medmnist", ema_decay=0.0, quiet=True)
         lep_ips = run.info["images_per_s"]
-        print(f"  (b) Lepton training loop    : {lep_ips:8.1f} images/s")
+        print(f"  (b) Lepton training loop    : {lep_ips:8.1f} images/s ({run.info['precision']}, "
+              f"--precision auto on this CPU)")
         print(f"  ratio (b)/(a)               : {lep_ips / ref_ips:8.2f}x")
+        if run.info["precision"] != "fp32":
+            run32 = lepton.train(data, name=f"throughput-fp32-{stamp}", output_dir=str(tmp), model="resnet18",
+                                 epochs=args.epochs, batch_size=128, preset="medmnist", ema_decay=0.0, quiet=True,
+                                 precision="fp32")
+            ips32 = run32.info["images_per_s"]
+            print(f"  (b32) Lepton loop in fp32   : {ips32:8.1f} images/s, ratio to (a) {ips32 / ref_ips:.2f}x; "
+                  f"{run.info['precision']} is {lep_ips / ips32:.2f}x fp32")
         from lepton.models import create_model
 
         ref_gflop = training_gflop_per_image(RefResNet18())
@@ -219,6 +336,7 @@ def main() -> int:
         print(f"  2x the reference would need : {2 * ref_ips * lep_gflop:.0f} GFLOP/s "
               f"= {2 * ref_ips * lep_gflop / peak:.2f}x that peak")
         results["throughput"] = {"reference_images_per_s": ref_ips, "lepton_images_per_s": lep_ips,
+                                 "lepton_precision": run.info["precision"],
                                  "ratio": lep_ips / ref_ips, "epochs": args.epochs, "images": len(labels),
                                  "reference_gflop_per_image": ref_gflop, "lepton_gflop_per_image": lep_gflop,
                                  "matmul_peak_gflops": peak}
@@ -256,6 +374,8 @@ def main() -> int:
         results["preset"]["test"] = {k: {"acc": m["acc"], "auc": m["auc"], "ci95": m["ci95"]}
                                      for k, m in test["metrics"].items()}
     print(f"  run directory               : {run_dir}")
+    if args.budget and not args.quick:
+        results["time_to_accuracy"] = time_to_accuracy(data, args, stamp, tmp)
     (args.output / f"benchmark-{stamp}.json").write_text(json.dumps(results, indent=2))
     print(f"\nfigures written to {args.output / f'benchmark-{stamp}.json'}")
     return 0

@@ -33,13 +33,13 @@ def _split(rng, labels: np.ndarray, n_train: int | None, n_val: int | None, val_
     """Stratified train/val indices of ``labels`` (fixed sizes, or ``val_share`` of everything)."""
     idx = rng.permutation(len(labels))
     if n_train is None:
-        n_val = int(round(len(idx) * val_share))
+        n_val = round(len(idx) * val_share)
         n_train = len(idx) - n_val
     train, val = [], []
     for c in np.unique(labels):
         members = idx[labels[idx] == c]
         share = len(members) / len(idx)
-        k_val, k_train = int(round(n_val * share)), int(round(n_train * share))
+        k_val, k_train = round(n_val * share), round(n_train * share)
         val += list(members[:k_val])
         train += list(members[k_val:k_val + k_train])
     return np.array(sorted(train)), np.array(sorted(val))
@@ -101,7 +101,7 @@ def main() -> int:
         print(f"skipped: none of {', '.join(wanted)} can be made from {args.data}")
         return 0
     print(f"overrides: {overrides or 'none'}")
-    print(f"| set | train | epochs | seconds | best epoch | val AUC | test AUC [95% CI] | test ACC |")
+    print("| set | train | epochs | seconds | best epoch | val AUC | test AUC [95% CI] | test ACC |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for name in wanted:

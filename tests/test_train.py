@@ -70,10 +70,92 @@ def test_fit_to_budget_rescales_the_schedule(tmp_path):
     assert factor(200) < before and factor(99) > factor(200)  # step 200 is now past the shortened run's end
 
 
+def test_spare_budget_goes_to_ensemble_members(tmp_path):
+    from lepton.train.budget import fit_to_budget
+
+    config = make_config("default", data="x.npz", epochs=10, time_budget_s=100.0, ensemble=5)
+    fit_to_budget(config, elapsed=2.0, epoch_s=1.0, run_dir=tmp_path)  # 100 epochs fit: 5 members of 10
+    assert (config.epochs, config.ensemble) == (10, 5)
+    config = make_config("default", data="x.npz", epochs=10, time_budget_s=100.0, ensemble=5)
+    fit_to_budget(config, elapsed=8.0, epoch_s=4.0, run_dir=tmp_path)  # 25 epochs fit: 2 members
+    assert (config.epochs, config.ensemble) == (10, 2)
+    assert TrainConfig.from_yaml(tmp_path / "config.yaml").ensemble == 2  # a resume keeps the plan
+    config = make_config("default", data="x.npz", epochs=10, time_budget_s=30.0, ensemble=5)
+    fit_to_budget(config, elapsed=8.0, epoch_s=4.0, run_dir=tmp_path)  # not even one: shortened, one member
+    assert (config.epochs, config.ensemble) == (7, 1)
+    with pytest.raises(ConfigError, match="ensemble must be between 1 and 16"):
+        make_config(data="x", ensemble=0)
+
+
+@pytest.mark.slow
+def test_ensemble_members_are_trained_and_chosen_on_val(tmp_path, synthetic_npz):
+    """Three members from three seeds: the ensemble is kept exactly when its val AUC is at least the best
+    member's, and it predicts, exports and explains like any model."""
+    import numpy as np
+
+    from lepton.export import export_onnx
+    from lepton.models.networks import Ensemble
+
+    run = train(synthetic_npz, preset="default", name="ens", output_dir=str(tmp_path), epochs=3, batch_size=32,
+                lr=2e-3, quiet=True, ensemble=3)
+    info = run.info
+    rows = (run.path / "history.csv").read_text().splitlines()
+    assert len(rows) == 1 + 9 and info["epochs"] == 9 and info["members_trained"] == 3
+    assert {r.split(",")[3] for r in rows[1:]} == {"1", "2", "3"}  # the member column
+    assert sorted(p.name for p in (run.path / "members").iterdir()) == ["1.pt", "2.pt", "3.pt"]
+    kept = info["ensemble_val"] >= max(info["member_val"])
+    assert info["members"] == (3 if kept else 1)
+    assert isinstance(run.model, Ensemble) == kept
+    assert info["val_auc"] == pytest.approx(info["ensemble_val"] if kept else max(info["member_val"]))
+    images = [np.random.default_rng(0).random((1, 32, 32), dtype=np.float32)]
+    probs = run.predict_proba(images)
+    assert probs.shape == (1, 2) and probs.sum() == pytest.approx(1, abs=1e-5)
+    # an ensemble of these very members answers their mean probabilities, in PyTorch and in ONNX Runtime
+    import onnxruntime as ort
+
+    members = []
+    for k in (1, 2, 3):
+        ckpt = torch.load(run.path / "members" / f"{k}.pt", weights_only=True)
+        from lepton.models import create_model
+
+        m = create_model(**ckpt["spec"])
+        m.load_state_dict(ckpt["model"])
+        members.append(m.eval())
+    ensemble = Ensemble(members).eval()
+    x = run.preprocessing(images)
+    with torch.no_grad():
+        mean = torch.stack([torch.softmax(m(x), 1) for m in members]).mean(0)
+        torch.testing.assert_close(torch.softmax(ensemble(x), 1), mean, atol=1e-6, rtol=0)
+    path = export_onnx(ensemble, (1, 32, 32), tmp_path / "ens.onnx")
+    out = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, mean.numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_inside_a_later_member(tmp_path):
+    """SIGKILL during the second member: the resumed run trains the same members as an uninterrupted one."""
+    from lepton.data.synthetic import write_synthetic_npz
+
+    data = write_synthetic_npz(tmp_path / "d.npz", n=300, size=32, seed=3)
+    args = ["train", str(data), "--epochs", "3", "--batch-size", "32", "--output-dir", str(tmp_path),
+            "--seed", "2", "--quiet", "--ensemble", "2"]
+    kill_after_epochs(lepton_cmd(*args, "--name", "killed"), tmp_path / "killed", epochs=4)
+    assert (tmp_path / "killed" / "members" / "1.pt").exists()
+    killed_rows, clean_rows = resume_and_rerun(args, tmp_path)
+    assert [(r["member"], r["epoch"]) for r in killed_rows] == [(m, e) for m in "12" for e in "123"]
+    for a, b in zip(killed_rows, clean_rows, strict=True):
+        for key in ("train_loss", "val_loss", "val_auc"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-3), (a["member"], a["epoch"], key)
+    info_k = json.loads((tmp_path / "killed" / "run.json").read_text())
+    info_c = json.loads((tmp_path / "clean" / "run.json").read_text())
+    assert info_k["members"] == info_c["members"] and info_k["member_val"] == pytest.approx(info_c["member_val"],
+                                                                                            abs=2e-3)
+
+
 @pytest.mark.slow
 def test_freeze_backbone_and_balanced_sampling(tmp_path, synthetic_npz):
     run = train(synthetic_npz, name="frozen", output_dir=str(tmp_path), epochs=1, model="lepton_cnn",
-                freeze_backbone=True, imbalance="balanced", quiet=True, ema_decay=0.9)
+                freeze_backbone=True, imbalance="balanced", quiet=True, ema_decay=0.9, ensemble=1)
     ckpt = torch.load(run.path / "last.pt", weights_only=False)
     from lepton.models import create_model
     from lepton.train.loop import seed_epoch
@@ -91,7 +173,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 
     data = write_synthetic_npz(tmp_path / "d.npz", n=500, size=40, seed=3)
     args = ["train", str(data), "--epochs", "5", "--batch-size", "32", "--output-dir", str(tmp_path),
-            "--seed", "5", "--quiet", "--augment", "xray"]
+            "--seed", "5", "--quiet", "--augment", "xray", "--ensemble", "1"]
     kill_after_epochs(lepton_cmd(*args, "--name", "killed"), tmp_path / "killed")
     history = tmp_path / "killed" / "history.csv"
     done = len(history.read_text().splitlines()) - 1

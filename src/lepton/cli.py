@@ -411,7 +411,8 @@ def serve(
             raise typer.BadParameter("--no-auth is only allowed on loopback (--host 127.0.0.1)")
         err.print("[bold red]WARNING: authentication is OFF; anyone on this machine can call the models.[/]")
     serve_fn(ServeConfig(models=model, registry=registry, auth=not no_auth, backend=backend,
-                         precision=precision, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                         precision=precision, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                         max_queue=max_queue,
                          batch_idle_ms=batch_idle_ms, rate_limit=rate_limit, rate_burst=rate_burst,
                          poll_seconds=poll_seconds), host=host, port=port, workers=workers)
 
@@ -477,6 +478,9 @@ def train(
     early_stopping: Annotated[int | None, typer.Option(help="Patience in epochs (0 = off).")] = None,
     time_budget: Annotated[float | None, typer.Option(help="Seconds the training loop may take; the epochs "
                                                            "are fitted to it after epoch 1 (0 = none).")] = None,
+    ensemble: Annotated[int | None, typer.Option(
+        help="Up to N members (other seeds) while the time budget has room for whole ones; their mean is kept "
+             "when it beats the best member on val.")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation.")] = None,
     adversarial: Annotated[str | None, typer.Option(help="Adversarial training: fgsm or pgd.")] = None,
     adv_epsilon: Annotated[float | None, typer.Option(help="Attack budget on the 0-1 pixel scale.")] = None,
@@ -506,7 +510,7 @@ def train(
             label_smoothing=label_smoothing, imbalance=imbalance, augment=augment,
             augment_options=_parse_aug(aug) or None, image_size=image_size, channels=channels,
             window=window, slices=slices, preprocess=_parse_steps(preprocess), slab=slab,
-            ema_decay=ema_decay, early_stopping=early_stopping, tta=tta,
+            ema_decay=ema_decay, early_stopping=early_stopping, tta=tta, ensemble=ensemble,
             time_budget_s=time_budget,
             adversarial=adversarial, adv_epsilon=adv_epsilon,
             seed=seed, deterministic=deterministic, device=device, precision=precision, threads=threads,

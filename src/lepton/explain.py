@@ -42,11 +42,17 @@ def saliency_maps(run, images: list[np.ndarray] | np.ndarray, *, method: str = "
     extra = {}
     if getattr(model, "depth", None) and hasattr(model, "net"):  # 2.5-D: a slice map, shown on every slice
         layer, extra = f"net.{layer}", {"upsampler": _slab_upsampler}
-    # MONAI's default post-processing maps (min, max) to (1, 0), inverting the map; scale to (0, 1).
-    cam = cam_cls(nn_module=model, target_layers=layer, postprocessing=_unit_scale, **extra)
-    maps = np.concatenate([
-        cam(x[i:i + 1].contiguous(), class_idx=int(targets[i])).detach().cpu().numpy() for i in range(len(x))
-    ])[:, 0]
+    # An ensemble's map is the mean of its members' maps (each member's layer, the ensemble's answer).
+    layers = ([f"members.{k}.{layer}" for k in range(len(model.members))] if hasattr(model, "members")
+              else [layer])
+    maps = 0
+    for target in layers:
+        # MONAI's default post-processing maps (min, max) to (1, 0), inverting the map; scale to (0, 1).
+        cam = cam_cls(nn_module=model, target_layers=target, postprocessing=_unit_scale, **extra)
+        maps = maps + np.concatenate([
+            cam(x[i:i + 1].contiguous(), class_idx=int(targets[i])).detach().cpu().numpy() for i in range(len(x))
+        ])[:, 0]
+    maps = maps / len(layers)
     model_layout(run.model)
     return maps.astype(np.float32), np.asarray(targets)
 

@@ -159,7 +159,7 @@ def check_precision(registry, ref: str, precision: str) -> dict[str, Any]:
     threshold = version.threshold if precision == "fp32" else decision["threshold"]
     record = {"val_auc": round(float(auc), 6), "fp32_val_auc": round(float(fp32_auc), 6),
               "auc_delta": round(float(auc - fp32_auc), 6), "max_prob_diff": float(np.abs(outputs - reference).max()),
-              "threshold": threshold, "val_images": int(len(y)), "images_per_s": round(_throughput(predict, x), 1),
+              "threshold": threshold, "val_images": len(y), "images_per_s": round(_throughput(predict, x), 1),
               "accepted": bool(fp32_auc - auc <= MAX_AUC_DROP), "max_auc_drop": MAX_AUC_DROP,
               "cpu": {"model": cpu_model(), "flags": matrix_flags()},
               "checked": datetime.now(UTC).isoformat(timespec="seconds")}

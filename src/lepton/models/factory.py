@@ -30,6 +30,7 @@ def create_model(
     image_size: int = 224,
     spatial_dims: int = 2,
     slab_depth: int | None = None,
+    members: int | None = None,
 ):
     """Create a registered network by name.
 
@@ -39,13 +40,21 @@ def create_model(
 
     ``spatial_dims=3`` builds the volume version (inputs (N, C, D, H, W)) of networks that have one.
     ``slab_depth=D`` builds the 2.5-D version instead: the 2-D network over volumes of D slices, read as
-    ``in_channels * D`` channels (``SliceChannels``).
+    ``in_channels * D`` channels (``SliceChannels``). ``members=K`` (K > 1) builds an ``Ensemble`` of K such networks
+    (a classifier answering their mean probabilities).
 
     >>> model = create_model("resnet18", in_channels=1, num_classes=2, image_size=28)
     """
     if in_channels < 1 or num_classes < 1:
         raise ModelError(f"need in_channels >= 1 and num_classes >= 1 outputs (got {in_channels}, {num_classes})")
     info = model_info(name)
+    if members is not None and members > 1:
+        from lepton.models.networks import Ensemble
+
+        if info.task != "classification" or pretrained is not None:
+            raise ModelError("members > 1 builds an ensemble of classifiers trained from scratch")
+        return Ensemble([create_model(name, in_channels, num_classes, image_size=image_size, spatial_dims=spatial_dims,
+                                      slab_depth=slab_depth) for _ in range(members)])
     if slab_depth is not None:
         if spatial_dims != 3 or not 1 <= slab_depth <= 512:
             raise ModelError(f"slab_depth={slab_depth}: a 2.5-D network takes volumes (spatial_dims=3) of 1-512 "

@@ -25,6 +25,19 @@ class SliceChannels(nn.Module):
         return self.net(x.flatten(1, 2))
 
 
+class Ensemble(nn.Module):
+    """Members of one architecture trained apart (other seeds) that answer together: the log of their mean softmax,
+    so that the task's softmax gives exactly their mean class probabilities."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logp = torch.stack([torch.log_softmax(m(x).float(), dim=1) for m in self.members])
+        return torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(len(self.members))))
+
+
 class LeptonCNN(nn.Module):
     """A compact VGG-style baseline: four conv blocks, global average pooling, dropout, linear; 2-D or 3-D."""
 

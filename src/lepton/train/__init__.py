@@ -32,7 +32,7 @@ from lepton.train.checkpoint import load_last, save_best, save_last, write_histo
 from lepton.train.data import Prepared, data_fingerprint, intensity_stats, prepare_data
 from lepton.train.loop import Trainer, seed_epoch
 from lepton.train.progress import Reporter
-from lepton.utils import atomic_write_json
+from lepton.utils import atomic_torch_save, atomic_write_json
 
 __all__ = ["Prepared", "Trainer", "data_fingerprint", "intensity_stats", "prepare_data", "resolve_device",
            "summary", "train"]
@@ -107,61 +107,170 @@ def train(
         raise RunError(f"{run_dir}: the data at {config.data} changed since training started; "
                        "resume needs the same data")
     spec = prepared.spec
-    trainer = Trainer(config, task, prepared, device, pretrained=config.pretrained if state is None else None)
-
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"score": None, "epoch": 0, "loss": float("inf")}
-    start_epoch, stale = 1, 0
-    if state is not None:
-        trainer.load_state_dict(state)
-        history, best, stale = state["history"], state["best"], state["stale"]
-        start_epoch = state["epoch"] + 1
-        log.info("resuming %s at epoch %d", run_dir, start_epoch)
-    else:
+    if state is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.to_yaml(run_dir / "config.yaml")
         atomic_write_json(run_dir / "preprocessing.json", spec.to_dict())
         atomic_write_json(run_dir / "labels.json", prepared.label_names)
         atomic_write_json(run_dir / "data.json", prepared.fingerprint)
-
-    reporter = Reporter(quiet, config.epochs, trainer.steps_per_epoch, task.selection_metric)
+    history: list[dict[str, Any]] = state["history"] if state is not None else []
+    done: list[dict[str, Any]] = state.get("members_done", []) if state is not None else []
+    member = state.get("member", 1) if state is not None else 1
     budget = TimeBudget(config.time_budget_s)
+    while True:
+        best, finished = _train_member(config, task, prepared, device, run_dir, member, history, budget,
+                                       state if state is not None and state.get("member", 1) == member else None,
+                                       quiet)
+        state = None
+        if finished:
+            done.append({"member": member, **best})
+        if member >= max(1, config.ensemble) or not finished:
+            break
+        if member == 1:  # the first member's best becomes one of several
+            (run_dir / "members").mkdir(exist_ok=True)
+            os.replace(run_dir / "best.pt", run_dir / "members" / "1.pt")
+        member += 1
+    if not history:
+        raise RunError(f"{run_dir}: no epoch was trained")
+    chosen = _choose_members(run_dir, task, prepared, config, device, done) if len(done) > 1 or (
+        done and (run_dir / "members").is_dir()) else None
+    return _finish(run_dir, config, task, prepared, history, done[0] if done else _best_of(history, task), chosen,
+                   budget.elapsed(), device, _precision(config, device))
+
+
+def _precision(config: TrainConfig, device: str) -> str:
+    from lepton.models.precision import resolve_precision
+
+    return resolve_precision(config.precision if config.amp else "fp32", device)
+
+
+def _best_of(history: list[dict[str, Any]], task: Task) -> dict[str, Any]:
+    rows = [h for h in history if h.get("member", 1) == 1]
+    pick = max(rows, key=lambda h: h[task.selection_metric] * (1 if task.higher_is_better else -1))
+    return {"score": pick[task.selection_metric], "epoch": pick["epoch"], "loss": pick["val_loss"]}
+
+
+def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: str, run_dir: Path, member: int,
+                  history: list[dict[str, Any]], budget: TimeBudget, state: dict[str, Any] | None,
+                  quiet: bool) -> tuple[dict[str, Any], bool]:
+    """Train one member (the run itself unless it is an ensemble) from its own seed; its best weights go to
+    ``best.pt`` (``members/K.pt`` for later members). Returns its best record and whether its schedule finished."""
+    seed = config.seed + member - 1
+    member_config = config if member == 1 else TrainConfig.from_dict({**config.to_dict(), "seed": seed,
+                                                                       "task": config.task})
+    seed_epoch(seed, 0)
+    fresh = state is None
+    trainer = Trainer(member_config, task, prepared, device,
+                      pretrained=config.pretrained if fresh and member == 1 else None)
+    best: dict[str, Any] = {"score": None, "epoch": 0, "loss": float("inf")}
+    start_epoch, stale = 1, 0
+    if state is not None:
+        trainer.load_state_dict(state)
+        best, stale = state["best"], state["stale"]
+        start_epoch = state["epoch"] + 1
+        log.info("resuming %s at member %d, epoch %d", run_dir, member, start_epoch)
+    best_path = run_dir / "best.pt" if member == 1 else run_dir / "members" / f"{member}.pt"
+    tag = {"member": member} if member > 1 or config.ensemble > 1 else {}
+    reporter = Reporter(quiet, config.epochs, trainer.steps_per_epoch, task.selection_metric)
+    finished = True
     with reporter:
         for epoch in range(start_epoch, config.epochs + 1):
             if stale and config.early_stopping and stale >= config.early_stopping:
                 break
-            if epoch > config.epochs:  # the time budget shortened the run
-                break
-            if history and budget.would_overrun(history[-1]["seconds"]):
-                log.warning("time budget of %.0f s: stopping after %d epochs", config.time_budget_s, epoch - 1)
-                config.epochs = epoch - 1
+            last = next((h for h in reversed(history) if h.get("member", 1) == member), None)
+            if last is not None and budget.would_overrun(last["seconds"]):
+                if member == 1:
+                    log.warning("time budget of %.0f s: stopping after %d epochs", config.time_budget_s, epoch - 1)
+                    config.epochs = epoch - 1
+                    config.ensemble = 1
+                else:  # an ensemble member that cannot finish its schedule is left out
+                    log.warning("time budget of %.0f s: member %d left out after %d of %d epochs",
+                                config.time_budget_s, member, epoch - 1, config.epochs)
+                    config.ensemble = member - 1
+                    finished = False
                 config.to_yaml(run_dir / "config.yaml")
                 break
+            if member > 1 and last is None and budget.would_overrun(
+                    config.epochs * _member_epoch_seconds(history)):
+                log.info("time budget of %.0f s: no time for member %d", config.time_budget_s, member)
+                config.ensemble = member - 1
+                config.to_yaml(run_dir / "config.yaml")
+                return best, False
             t0 = time.perf_counter()
             reporter.start_epoch(epoch)
             trained = trainer.train_epoch(epoch, on_step=reporter.step)
             metrics = trainer.validate()
-            row = {"epoch": epoch, "lr": trained["lr"], "train_loss": trained["train_loss"], **metrics,
+            row = {"epoch": epoch, **tag, "lr": trained["lr"], "train_loss": trained["train_loss"], **metrics,
                    "images_per_s": trained["seen"] / trained["train_seconds"], "seconds": time.perf_counter() - t0}
             history.append(row)
             if _better(task, metrics, best):
                 best = {"score": metrics[task.selection_metric], "epoch": epoch, "loss": metrics["val_loss"]}
                 stale = 0
-                save_best(run_dir, trainer.eval_model, trainer.spec, epoch, metrics)
+                save_best(run_dir, trainer.eval_model, trainer.spec, epoch, metrics, path=best_path)
             else:
                 stale += 1
-            save_last(run_dir, {"epoch": epoch, **trainer.state_dict(), "history": history, "best": best,
-                                "stale": stale, "preprocessing": spec.to_dict(), "fingerprint": prepared.fingerprint})
+            save_last(run_dir, {"epoch": epoch, "member": member, **trainer.state_dict(), "history": history,
+                                "best": best, "stale": stale, "preprocessing": prepared.spec.to_dict(),
+                                "fingerprint": prepared.fingerprint,
+                                "members_done": _members_done(history, task, member)})
             write_history(run_dir, history)
             reporter.end_epoch(row, best)
-            if config.time_budget_s and epoch == PLAN_AFTER_EPOCH and state is None:
+            if config.time_budget_s and member == 1 and epoch == PLAN_AFTER_EPOCH and fresh:
                 fit_to_budget(config, budget.elapsed(), row["seconds"], run_dir, reporter)
-    if not history:
-        raise RunError(f"{run_dir}: no epoch was trained")
-    return _finish(run_dir, config, task, prepared, history, best, budget.elapsed(), device, trainer.precision)
+    return best, finished
 
 
-def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, history, best, seconds,
+def _member_epoch_seconds(history: list[dict[str, Any]]) -> float:
+    """A member's epoch time, from the first member's epochs after the planning point."""
+    rows = [h["seconds"] for h in history if h.get("member", 1) == 1][PLAN_AFTER_EPOCH - 1:]
+    return float(np.median(rows)) if rows else 0.0
+
+
+def _members_done(history: list[dict[str, Any]], task: Task, member: int) -> list[dict[str, Any]]:
+    """The best records of the members before ``member`` (kept in last.pt, so a resume knows them)."""
+    out = []
+    for k in range(1, member):
+        rows = [h for h in history if h.get("member", 1) == k]
+        if rows:
+            pick = max(rows, key=lambda h: h[task.selection_metric] * (1 if task.higher_is_better else -1))
+            out.append({"member": k, "score": pick[task.selection_metric], "epoch": pick["epoch"],
+                        "loss": pick["val_loss"]})
+    return out
+
+
+def _choose_members(run_dir: Path, task: Task, prepared: Prepared, config: TrainConfig, device: str,
+                    done: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ensemble or best member, by val alone: the members' mean probabilities are kept when they score at least
+    as well as the best member on the selection metric. Writes ``best.pt`` and returns what was chosen."""
+    x_val, y_val = prepared.spec.normalize(prepared.x_val), prepared.y_val.numpy()
+    ckpts, outputs = [], []
+    for d in done:
+        ckpt = torch.load(run_dir / "members" / f"{d['member']}.pt", map_location="cpu", weights_only=True)
+        model = create_model(**ckpt["spec"])
+        model.load_state_dict(ckpt["model"])
+        ckpts.append(ckpt)
+        outputs.append(predict_outputs(model_layout(model.to(device)), x_val, task.activate, tta=config.tta,
+                                       device=device))
+    scores = [task.val_metrics(y_val, o) for o in outputs]
+    sign = 1 if task.higher_is_better else -1
+    best_k = max(range(len(done)), key=lambda k: sign * scores[k][task.selection_metric])
+    ensemble = task.val_metrics(y_val, np.mean(outputs, axis=0))
+    keep = len(done) > 1 and sign * ensemble[task.selection_metric] >= sign * scores[best_k][task.selection_metric]
+    if keep:
+        spec = {**ckpts[0]["spec"], "members": len(done)}
+        weights = {f"members.{k}.{name}": v for k, c in enumerate(ckpts) for name, v in c["model"].items()}
+        atomic_torch_save(run_dir / "best.pt", {"model": weights, "spec": spec, "epoch": None, "val": ensemble})
+    else:
+        atomic_torch_save(run_dir / "best.pt", ckpts[best_k])
+    log.info("members' val %s: %s; ensemble %.4f: %s", task.selection_metric,
+             ", ".join(f"{s[task.selection_metric]:.4f}" for s in scores), ensemble[task.selection_metric],
+             "kept" if keep else f"member {done[best_k]['member']} kept")
+    return {"members": len(done) if keep else 1, "member_val": [s[task.selection_metric] for s in scores],
+            "ensemble_val": ensemble[task.selection_metric], "metrics": ensemble if keep else scores[best_k],
+            "best": done[best_k]}
+
+
+def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, history, best, chosen, seconds,
             device, precision: str) -> Run:
     """Curves, the task's decision fitted on val with the best weights, and ``run.json``: the run is complete."""
     from lepton.plots import plot_curves
@@ -175,10 +284,18 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
                               device=device)
     if not task.dense:  # for checking lower serving precisions of this run once registered
         save_val_set(run_dir / VAL_SET_FILE, prepared.x_val, prepared.y_val, prepared.x_train, seed=config.seed)
-    best_row = next(h for h in history if h["epoch"] == best["epoch"])
+    if chosen is None:
+        best_row = next(h for h in history if h["epoch"] == best["epoch"] and h.get("member", 1) == 1)
+        selected = {k: v for k, v in best_row.items() if k.startswith("val_") and k != "val_loss"}
+        ensemble = {}
+    else:  # several members: the ensemble or the best of them, chosen on val
+        best = chosen["best"]
+        selected = {k: v for k, v in chosen["metrics"].items() if k != "val_loss"}
+        ensemble = {"members": chosen["members"], "members_trained": len(chosen["member_val"]),
+                    "member_val": chosen["member_val"], "ensemble_val": chosen["ensemble_val"]}
     info = {
         "status": "complete", "name": config.name, "task": task.name, "model": config.model, "epochs": len(history),
-        "best_epoch": best["epoch"], **{k: v for k, v in best_row.items() if k.startswith("val_") and k != "val_loss"},
+        "best_epoch": best["epoch"], **ensemble, **selected,
         **task.fit_decision(prepared.y_val.numpy(), outputs),
         "train_images": len(prepared.y_train), "val_images": len(prepared.y_val),
         "images_per_s": float(np.mean([h["images_per_s"] for h in history])),

@@ -31,13 +31,23 @@ class TimeBudget:
 
 def fit_to_budget(config: TrainConfig, elapsed: float, epoch_s: float, run_dir: Path, reporter=None) -> None:
     """Re-plan a fresh run after its second epoch to the epochs that fit ``time_budget_s`` at that epoch's pace;
-    the new count is saved in config.yaml (so a resume keeps it) and the cosine schedule stretches over it."""
+    the new count is saved in config.yaml (so a resume keeps it) and the cosine schedule stretches over it.
+
+    When the whole schedule fits with room to spare and ``ensemble`` allows more than one member, the spare time
+    goes to further members (whole schedules from other seeds; small data sets finish one schedule in a fraction
+    of the budget, and a longer schedule of one network only overfits them)."""
     fit = PLAN_AFTER_EPOCH + max(0, int((config.time_budget_s - elapsed) // max(epoch_s, 1e-9)))
     if fit >= config.epochs:
+        members = max(1, min(config.ensemble, fit // config.epochs))
+        if members != config.ensemble:
+            log.info("time budget %.0f s: at %.1f s per epoch there is room for %d of %d members of %d epochs",
+                     config.time_budget_s, epoch_s, members, config.ensemble, config.epochs)
+            config.ensemble = members
+            config.to_yaml(run_dir / "config.yaml")
         return
     log.warning("time budget %.0f s: at %.1f s per epoch this run trains %d of %d epochs",
                 config.time_budget_s, epoch_s, fit, config.epochs)
-    config.epochs = fit
+    config.epochs, config.ensemble = fit, 1
     config.to_yaml(run_dir / "config.yaml")
     if reporter is not None:
         reporter.epochs = fit

@@ -18,9 +18,9 @@ TAIL_FIELDS = ("images_per_s", "seconds")
 
 
 def save_best(run_dir: Path, model: torch.nn.Module, model_spec: dict[str, Any], epoch: int,
-              metrics: dict[str, float]) -> None:
-    """The selected weights with the network spec that rebuilds them."""
-    atomic_torch_save(run_dir / "best.pt", {"model": {k: v.cpu() for k, v in model.state_dict().items()},
+              metrics: dict[str, float], path: Path | None = None) -> None:
+    """The selected weights with the network spec that rebuilds them (in ``best.pt`` unless ``path`` is given)."""
+    atomic_torch_save(path or run_dir / "best.pt", {"model": {k: v.cpu() for k, v in model.state_dict().items()},
                                             "spec": model_spec, "epoch": epoch, "val": metrics})
 
 

@@ -55,7 +55,8 @@ def describe(dep: Deployment) -> dict[str, Any]:
     adapter = dep.handles[dep.primary].adapter
     spec = adapter.preprocessing
     return {"name": dep.name, "version": dep.primary, "task": adapter.task.name, "platform": adapter.platform,
-            "precision": adapter.precision, "labels": adapter.labels, "threshold": adapter.threshold, "served_versions": sorted(dep.handles),
+            "precision": adapter.precision, "labels": adapter.labels, "threshold": adapter.threshold,
+            "served_versions": sorted(dep.handles),
             "route": {str(v): w for v, w in dep.weights.items()} or None, "shadow": dep.shadow,
             "input": {"size": list(spec.size), "channels": spec.channels, "window": spec.window}}
 

@@ -1,0 +1,159 @@
+"""Precision: the hardware rule of ``auto``, training in bf16 and fp32, and serving precisions checked on the
+version's stored val set (records, thresholds, int8 graphs, refusals) through a real server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from conftest import png_bytes, running
+
+from lepton.errors import ConfigError
+from lepton.models import precision as mp
+
+
+@pytest.fixture
+def flags(monkeypatch):
+    """Pretend the CPU has the given flags."""
+    def use(*names: str) -> None:
+        monkeypatch.setattr(mp, "cpu_flags", lambda: frozenset(names))
+    return use
+
+
+def test_auto_follows_the_cpus_matrix_units(flags):
+    flags("avx2", "fma")
+    assert mp.resolve_precision("auto", "cpu") == "fp32"
+    flags("avx2", "avx512f", "avx512_bf16")
+    assert mp.resolve_precision("auto", "cpu") == "bf16"
+    flags("avx2", "avx512f", "amx_bf16", "amx_tile")
+    assert mp.resolve_precision("auto", "cpu") == "bf16"
+    assert mp.resolve_precision("fp32", "cpu") == "fp32"
+    flags("avx2")
+    assert mp.resolve_precision("bf16", "cpu") == "bf16"  # asked for: correct, only slower without the units
+
+
+def test_fp16_on_a_cpu_and_unknown_precisions_are_refused():
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        mp.resolve_precision("fp16", "cpu")
+    with pytest.raises(ConfigError, match="precision='fp8'"):
+        mp.resolve_precision("fp8", "cpu")
+    from lepton.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="precision='half'"):
+        TrainConfig(data="x.npz", precision="half").validate()
+
+
+@pytest.mark.slow
+def test_training_in_each_precision_learns_and_is_recorded(synthetic_npz, tmp_path):
+    """bf16 autocast trains correctly on every CPU (slowly where it has no bf16 units) and ends near fp32; run.json
+    says which precision ran and on which CPU flags."""
+    from lepton.train import train
+
+    aucs = {}
+    for precision in ("fp32", "bf16"):
+        run = train(synthetic_npz, preset="default", name=f"p-{precision}", output_dir=str(tmp_path), epochs=4,
+                    batch_size=32, lr=2e-3, quiet=True, seed=0, precision=precision)
+        info = json.loads((run.path / "run.json").read_text())
+        assert info["precision"] == precision
+        assert info["cpu"]["flags"] == mp.matrix_flags()
+        aucs[precision] = info["val_auc"]
+        with np.load(run.path / "val_set.npz") as z:  # the val set that serving precisions are checked on
+            assert len(z["y_val"]) == info["val_images"]
+            assert z["x_val"].shape[1:] == (1, 32, 32) and z["x_calib"].shape[0] > 0
+            assert 0.0 <= z["x_val"].min() and z["x_val"].max() <= 1.0
+    assert aucs["fp32"] > 0.8 and abs(aucs["bf16"] - aucs["fp32"]) < 0.05, aucs
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_run, tmp_path_factory):
+    from lepton.registry import Registry
+
+    root = tmp_path_factory.mktemp("precision")
+    shutil.copytree(tiny_run.path, root / "run")
+    reg = Registry.open(root / "reg")
+    reg.register_run(root / "run", "cxr")
+    return reg
+
+
+@pytest.mark.slow
+def test_each_precision_is_checked_on_the_stored_val_set(registry):
+    from lepton.precision import MAX_AUC_DROP, check_precision
+
+    records = {p: check_precision(registry, "cxr@1", p) for p in ("fp32", "bf16", "int8")}
+    v = registry.get("cxr@1")
+    assert set(v.metrics["precisions"]) == {"fp32", "bf16", "int8"}
+    assert "onnx_int8" in v.artifacts and "val_set" in v.artifacts
+    assert records["fp32"]["auc_delta"] == 0 and records["fp32"]["threshold"] == v.threshold
+    for p in ("bf16", "int8"):
+        r = records[p]
+        assert r["accepted"] == (r["fp32_val_auc"] - r["val_auc"] <= MAX_AUC_DROP)
+        assert 0 < r["max_prob_diff"] < 0.1  # a lower precision, not another model
+        assert 0.0 < r["threshold"] < 1.0 and r["images_per_s"] > 0
+        assert r["cpu"]["flags"] == mp.matrix_flags()
+
+
+@pytest.mark.slow
+def test_a_refused_precision_names_both_aucs(registry, monkeypatch):
+    import lepton.precision as lp
+
+    monkeypatch.setattr(lp, "MAX_AUC_DROP", -1.0)  # demands a gain of a whole AUC point: every check fails
+    for p in ("bf16", "int8"):
+        assert lp.check_precision(registry, "cxr@1", p)["accepted"] is False
+    with pytest.raises(lp.PrecisionError, match=r"cxr@1 in bf16: val AUC 0\.\d{4} against fp32 0\.\d{4}"):
+        lp.choose_precision(registry, "cxr@1", "bf16")
+    assert registry.get("cxr@1").metrics["precisions"]["bf16"]["accepted"] is False
+    # auto never refuses: it falls back to fp32 when no lower precision passes
+    assert lp.choose_precision(registry, "cxr@1", "auto")[0] == "fp32"
+    with pytest.raises(ConfigError, match="bf16 runs on PyTorch"):
+        lp.choose_precision(registry, "cxr@1", "bf16", backend="onnx")
+
+
+def test_a_version_without_a_val_set_cannot_be_checked(tiny_run, tmp_path):
+    from lepton.precision import PrecisionError, choose_precision
+    from lepton.registry import Registry
+
+    shutil.copytree(tiny_run.path, tmp_path / "run")
+    (tmp_path / "run" / "val_set.npz").unlink()  # a run trained before val sets were kept
+    reg = Registry.open(tmp_path / "reg")
+    reg.register_run(tmp_path / "run", "old")
+    with pytest.raises(PrecisionError, match="has no stored val set"):
+        choose_precision(reg, "old@1", "int8")
+    assert choose_precision(reg, "old@1", "auto") == ("fp32", None)
+
+
+@pytest.mark.slow
+def test_the_server_runs_each_precision_with_its_own_threshold(registry):
+    """A real server per precision: /v1/models says the precision and its val-selected threshold, answers stay
+    close to fp32's and label by that threshold; a stale refusal in the registry stops the version loading."""
+    from lepton.precision import PrecisionError, check_precision
+    from lepton.serve import ServeConfig
+    from lepton.serve.adapters import make_adapter
+
+    refused = {**check_precision(registry, "cxr@1", "bf16"), "val_auc": 0.5, "accepted": False}
+    registry.set_precision("cxr@1", "bf16", refused)
+    with pytest.raises(PrecisionError, match="val AUC 0.5000 against fp32"):
+        make_adapter(registry, "cxr@1", "auto", "bf16")
+    check_precision(registry, "cxr@1", "bf16")  # checked again: accepted on its real figures
+    body = png_bytes(3)
+    answers = {}
+    for precision in ("fp32", "bf16", "int8", "auto"):
+        config = ServeConfig(models=["cxr"], registry=str(registry.store.root.parent), auth=False, rate_limit=0,
+                             precision=precision)
+        with running(config) as base:
+            info = httpx.get(f"{base}/v1/models/cxr").json()
+            if precision != "auto":
+                assert info["precision"] == precision
+            record = registry.get("cxr@1").metrics["precisions"].get(info["precision"])
+            threshold = record["threshold"] if record else registry.get("cxr@1").threshold  # fp32: the run's
+            assert info["threshold"] == threshold
+            r = httpx.post(f"{base}/v1/models/cxr/predict", content=body, headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            answer = r.json()
+            p1 = list(answer["probabilities"].values())[1]
+            assert answer["label"] == info["labels"][int(p1 >= threshold)]
+            answers[precision] = np.array(list(answer["probabilities"].values()))
+    for p in ("bf16", "int8"):
+        assert 0 < np.abs(answers[p] - answers["fp32"]).max() < 0.1
