@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lepton.tasks",),
     ("lepton.runs",),
     ("lepton.train",),
-    ("lepton.evaluate", "lepton.explain", "lepton.robustness", "lepton.export"),
+    ("lepton.evaluate", "lepton.explain", "lepton.robustness", "lepton.export", "lepton.precision"),
     ("lepton.registry",),
     ("lepton.serve", "lepton.client"),
     ("lepton.demo",),

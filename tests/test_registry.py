@@ -70,7 +70,7 @@ def test_register_versions_card_and_lineage(reg, run_copy):
     v2 = reg.register_run(run_copy, "pneumonia")
     assert (v1.version, v2.version, v2.parent_version) == (1, 2, 1)
     assert v1.labels == ["normal", "opacity"] and v1.threshold is not None
-    assert set(v1.artifacts) == {"weights", "config", "preprocessing", "labels", "run", "data", "card"}
+    assert set(v1.artifacts) == {"weights", "config", "preprocessing", "labels", "run", "data", "card", "val_set"}
     assert v1.metrics["eval/test"]["images"] == 36 and "val_youden" in v1.metrics["eval/test"]
     assert v1.data_fingerprint["sha256"] and v1.source_run == str(run_copy.resolve())
     card = reg.card("pneumonia@1")

@@ -89,8 +89,8 @@ def test_spare_budget_goes_to_ensemble_members(tmp_path):
 
 @pytest.mark.slow
 def test_ensemble_members_are_trained_and_chosen_on_val(tmp_path, synthetic_npz):
-    """Three members from three seeds: the ensemble is kept exactly when its val AUC is at least the best
-    member's, and it predicts, exports and explains like any model."""
+    """Three members from three seeds: the ensemble is kept exactly when its val AUC is at least the members'
+    mean, and it predicts and exports like any model."""
     import numpy as np
 
     from lepton.export import export_onnx
@@ -103,7 +103,7 @@ def test_ensemble_members_are_trained_and_chosen_on_val(tmp_path, synthetic_npz)
     assert len(rows) == 1 + 9 and info["epochs"] == 9 and info["members_trained"] == 3
     assert {r.split(",")[3] for r in rows[1:]} == {"1", "2", "3"}  # the member column
     assert sorted(p.name for p in (run.path / "members").iterdir()) == ["1.pt", "2.pt", "3.pt"]
-    kept = info["ensemble_val"] >= max(info["member_val"])
+    kept = info["ensemble_val"] >= sum(info["member_val"]) / 3
     assert info["members"] == (3 if kept else 1)
     assert isinstance(run.model, Ensemble) == kept
     assert info["val_auc"] == pytest.approx(info["ensemble_val"] if kept else max(info["member_val"]))
@@ -129,6 +129,12 @@ def test_ensemble_members_are_trained_and_chosen_on_val(tmp_path, synthetic_npz)
     path = export_onnx(ensemble, (1, 32, 32), tmp_path / "ens.onnx")
     out = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(out, mean.numpy(), atol=1e-5)
+    # Grad-CAM of an ensemble: the mean of its members' maps
+    from lepton.explain import saliency_maps
+
+    run.model = ensemble
+    maps, _ = saliency_maps(run, images)
+    assert maps.shape == (1, 32, 32) and np.isfinite(maps).all() and maps.max() > 0
 
 
 @pytest.mark.slow

@@ -391,6 +391,8 @@ def serve(
     batch_idle_ms: Annotated[float, typer.Option(help="Also close a batch when no request arrived for this "
                                                       "long (0 = off); lets --max-wait-ms be large.")] = 0.0,
     max_queue: Annotated[int, typer.Option(help="Queued requests per version before 503.")] = 256,
+    model_concurrency: Annotated[int, typer.Option(
+        help="Batches of a version run at once (0: 1 when batching, one per core with --max-batch-size 1).")] = 0,
     rate_limit: Annotated[float, typer.Option(help="Requests per second per key (0 = off).")] = 50.0,
     rate_burst: Annotated[int, typer.Option(help="Requests a key may send at once before the rate applies.")] = 100,
     poll_seconds: Annotated[float, typer.Option(help="Re-read the registry every N seconds (0 = admin call).")] = 0,
@@ -412,7 +414,7 @@ def serve(
         err.print("[bold red]WARNING: authentication is OFF; anyone on this machine can call the models.[/]")
     serve_fn(ServeConfig(models=model, registry=registry, auth=not no_auth, backend=backend,
                          precision=precision, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                         max_queue=max_queue,
+                         max_queue=max_queue, model_concurrency=model_concurrency,
                          batch_idle_ms=batch_idle_ms, rate_limit=rate_limit, rate_burst=rate_burst,
                          poll_seconds=poll_seconds), host=host, port=port, workers=workers)
 
@@ -480,7 +482,7 @@ def train(
                                                            "are fitted to it after epoch 1 (0 = none).")] = None,
     ensemble: Annotated[int | None, typer.Option(
         help="Up to N members (other seeds) while the time budget has room for whole ones; their mean is kept "
-             "when it beats the best member on val.")] = None,
+             "unless it scores below a typical member on val.")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation.")] = None,
     adversarial: Annotated[str | None, typer.Option(help="Adversarial training: fgsm or pgd.")] = None,
     adv_epsilon: Annotated[float | None, typer.Option(help="Attack budget on the 0-1 pixel scale.")] = None,

@@ -58,7 +58,8 @@ class TrainConfig:
     # re-planned to the epochs that fit (the LR schedule is rescaled), and no epoch starts that would end late.
     time_budget_s: float = 0.0
     # Up to this many members (the same network from other seeds) trained one after another while the time budget
-    # has room for whole ones; the run keeps their mean probabilities when that beats the best member on val.
+    # has room for whole ones; the run keeps their mean probabilities unless they score below a typical member on
+    # val (then the best member).
     ensemble: int = 1
     tta: bool = False
     adversarial: str | None = None  # fgsm | pgd: train on clean plus adversarial copies of each batch
@@ -191,7 +192,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "time_budget_s": 580.0,
         # Small sets finish the 40 epochs in a fraction of the budget (546 images: ~20 s), and longer schedules
         # only overfit them (benchmarks/preset_adapt.py): the spare budget trains up to 4 more members from other
-        # seeds, kept as an ensemble when it beats the best member on val.
+        # seeds, kept as an ensemble unless it scores below a typical member on val.
         "ensemble": 5,
     },
     # MedMNIST-3D volumes (28^3 grey, e.g. AdrenalMNIST3D, VesselMNIST3D): the default for .npz files holding

@@ -2,8 +2,9 @@
 calibration) — each accepted only after it is checked on the version's stored val set: its val AUC may fall at most
 ``MAX_AUC_DROP`` below fp32's, and it gets its own val-selected decision threshold, stored per version and precision.
 
-The val set (and a calibration slice of the training set) is written by training as ``val_set.npz`` and stored with
-the version at registration; records live in the version's ``metrics["precisions"]``.
+The val set (and a calibration slice of the training set) is written by training as ``val_set.npz``
+(``lepton.train.checkpoint.save_val_set``) and stored with the version at registration; records live in the
+version's ``metrics["precisions"]``.
 """
 
 from __future__ import annotations
@@ -24,34 +25,10 @@ log = logging.getLogger("lepton.precision")
 SERVE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 #: A lower precision is refused when its val AUC is more than this below fp32's on the same images.
 MAX_AUC_DROP = 0.005
-VAL_SET_FILE = "val_set.npz"
-#: The stored val set holds at most this many values (float16): a random subset of larger val splits.
-MAX_VAL_VALUES = 16 << 20
-CALIBRATION_IMAGES = 256
 
 
 class PrecisionError(RegistryError):
     """A precision failed its check on the version's val set, or cannot be checked."""
-
-
-def save_val_set(path: Path, x_val, y_val, x_train, seed: int = 0) -> Path | None:
-    """Write the val images and targets (a random subset if large) and a calibration slice of the training images,
-    all in [0, 1] before normalisation, as float16; None for tasks with dense targets."""
-    from lepton.utils import atomic_write_bytes
-
-    x_val, y_val, x_train = (np.asarray(a) for a in (x_val, y_val, x_train))
-    if y_val.ndim != 1 or len(y_val) == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    per_image = int(np.prod(x_val.shape[1:]))
-    keep = max(1, MAX_VAL_VALUES // max(per_image, 1))
-    pick = np.sort(rng.permutation(len(y_val))[:keep]) if len(y_val) > keep else np.arange(len(y_val))
-    calib = rng.permutation(len(x_train))[:CALIBRATION_IMAGES]
-    buf = io.BytesIO()
-    np.savez_compressed(buf, x_val=x_val[pick].astype(np.float16), y_val=y_val[pick].astype(np.int64),
-                        x_calib=x_train[calib].astype(np.float16))
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def hardware_order() -> list[str]:

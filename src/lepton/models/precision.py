@@ -58,9 +58,13 @@ def cpu_has_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags()) and torch.backends.mkldnn.is_available()
 
 
-def resolve_precision(requested: str, device: str) -> str:
+def resolve_precision(requested: str, device: str, spatial_dims: int = 2) -> str:
     """``fp32``, ``bf16`` or ``fp16`` for ``device``: ``auto`` is bf16 on CPUs with AMX/AVX512-BF16 and on CUDA GPUs
-    with bf16, fp16 on older CUDA GPUs, fp32 elsewhere. fp16 is refused on CPUs (no fast path, overflow risk)."""
+    with bf16, fp16 on older CUDA GPUs, fp32 elsewhere. fp16 is refused on CPUs (no fast path, overflow risk).
+
+    On a CPU, ``auto`` keeps volume networks (``spatial_dims=3``) in fp32: oneDNN's bf16 3-D convolution backward
+    gave non-finite weight gradients for MONAI's 3-D U-Net on its first step (torch 2.13, AVX512-BF16), and 3-D
+    classifiers' losses went NaN in the first epoch; ``--precision bf16`` still asks for it."""
     import torch
 
     if requested not in TRAIN_PRECISIONS:
@@ -69,7 +73,7 @@ def resolve_precision(requested: str, device: str) -> str:
     if requested == "auto":
         if kind == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
+        return "bf16" if kind == "cpu" and spatial_dims == 2 and cpu_has_bf16() else "fp32"
     if requested == "fp16" and kind != "cuda":
         raise ConfigError("precision=fp16 needs a CUDA GPU; on a CPU use bf16 (fast with AMX or AVX512-BF16) or fp32")
     if requested == "bf16" and kind == "cpu" and not cpu_has_bf16():

@@ -1,6 +1,6 @@
 """Dynamic batching: requests are grouped up to ``max_batch_size`` or ``max_wait_ms`` (or, with ``idle_ms``,
-until arrivals pause) and run off the event loop in one worker thread per model version; a bounded queue
-sheds load with QueueFull."""
+until arrivals pause) and run off the event loop in worker threads (one per model version unless ``concurrency``
+says more); a bounded queue sheds load with QueueFull."""
 
 from __future__ import annotations
 
@@ -27,6 +27,16 @@ def _yield_to_event_loop() -> None:
         pass
 
 
+def model_concurrency(max_batch_size: int) -> int:
+    """Batches that may run at once by default: one when batching (a batch uses every core), one per core when
+    ``max_batch_size`` is 1 (a single image's forward pass leaves cores idle)."""
+    import os
+
+    if max_batch_size > 1:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class QueueFull(Exception):
     """The batcher's queue is at capacity: the client should retry later (HTTP 503)."""
 
@@ -41,7 +51,7 @@ class _Item:
 class Batcher:
     def __init__(self, prepare: Callable[[list[np.ndarray]], np.ndarray], predict: Callable[[np.ndarray], np.ndarray],
                  *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
-                 idle_ms: float = 0.0, on_batch: Callable[[int, float], None] | None = None):
+                 idle_ms: float = 0.0, on_batch: Callable[[int, float], None] | None = None, concurrency: int = 1):
         self.prepare, self.predict = prepare, predict
         self.max_batch_size, self.max_wait = max(1, max_batch_size), max_wait_ms / 1000
         self.max_queue = max_queue
@@ -50,17 +60,24 @@ class Batcher:
         self.idle = idle_ms / 1000 if idle_ms > 0 else None
         self.on_batch = on_batch
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lepton-model",
+        # Batches that may run at once. One suits batching (a batch uses every core); without batching, single
+        # requests run side by side as a plain threaded endpoint's would, or the cores idle between small calls.
+        self.concurrency = max(1, concurrency)
+        self.executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="lepton-model",
                                            initializer=_yield_to_event_loop)
-        self.in_flight = 0
+        self.in_flight = 0  # requests in the batch being formed
+        self.running = 0  # requests in batches running now
+        self._slots: asyncio.Semaphore | None = None
+        self._running_tasks: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
+        self._slots = asyncio.Semaphore(self.concurrency)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     @property
     def depth(self) -> int:
-        return self.queue.qsize() + self.in_flight
+        return self.queue.qsize() + self.in_flight + self.running
 
     async def submit(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities for one decoded image; raises QueueFull when the queue is at capacity."""
@@ -73,6 +90,8 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self.concurrency > 1:  # a free slot first: while all are busy, requests wait (and batch) in the queue
+                await self._slots.acquire()
             first = await self.queue.get()
             self.in_flight = 1  # counted before the queue looks empty, so a drain never misses it
             items = [first]
@@ -92,21 +111,32 @@ class Batcher:
                     self.in_flight = len(items)
                 except TimeoutError:
                     break
-            self.in_flight = len(items)
-            start = time.perf_counter()
-            try:
-                probs = await loop.run_in_executor(self.executor, self._run, [i.pixels for i in items])
-                for item, row in zip(items, probs, strict=True):
-                    if not item.future.done():
-                        item.future.set_result(row)
-            except Exception as exc:  # a model failure fails this batch's requests, not the server
-                for item in items:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-            finally:
-                self.in_flight = 0
-            if self.on_batch:
-                self.on_batch(len(items), time.perf_counter() - start)
+            self.in_flight, self.running = 0, self.running + len(items)  # one update: depth never dips
+            if self.concurrency == 1:
+                await self._dispatch(items)
+            else:
+                task = loop.create_task(self._dispatch(items, release=True))
+                self._running_tasks.add(task)  # referenced until done
+                task.add_done_callback(self._running_tasks.discard)
+
+    async def _dispatch(self, items: list[_Item], release: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            probs = await loop.run_in_executor(self.executor, self._run, [i.pixels for i in items])
+            for item, row in zip(items, probs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(row)
+        except Exception as exc:  # a model failure fails this batch's requests, not the server
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        finally:
+            self.running -= len(items)
+            if release:
+                self._slots.release()
+        if self.on_batch:
+            self.on_batch(len(items), time.perf_counter() - start)
 
     def _run(self, images: list[np.ndarray]) -> np.ndarray:
         return self.predict(self.prepare(images))

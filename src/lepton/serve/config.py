@@ -23,6 +23,9 @@ class ServeConfig:
     max_wait_ms: float = 5.0
     batch_idle_ms: float = 0.0  # > 0: a batch also closes when no request arrived for this long
     max_queue: int = 256
+    # Batches of one version that may run at once; 0: one when batching, one per core when max_batch_size is 1
+    # (single requests side by side, as a threaded endpoint runs them).
+    model_concurrency: int = 0
     max_upload_bytes: int = 32 << 20
     rate_limit: float = 50.0  # requests per second per key; 0 disables
     rate_burst: int = 100

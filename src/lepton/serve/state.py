@@ -21,7 +21,7 @@ from lepton.registry import Registry
 from lepton.registry.access import KeyInfo
 from lepton.serve.adapters import ModelAdapter, make_adapter
 from lepton.serve.auth import KeyCache, RateLimiter
-from lepton.serve.batching import Batcher, QueueFull
+from lepton.serve.batching import Batcher, QueueFull, model_concurrency
 from lepton.serve.config import ServeConfig
 from lepton.serve.errors import ApiError
 from lepton.serve.metrics import Metrics
@@ -167,11 +167,12 @@ class Server:
 
         batcher = Batcher(adapter.prepare, adapter.predict, max_batch_size=self.config.max_batch_size,
                           max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue,
-                          idle_ms=self.config.batch_idle_ms, on_batch=on_batch)
+                          idle_ms=self.config.batch_idle_ms, on_batch=on_batch,
+                          concurrency=self.config.model_concurrency or model_concurrency(self.config.max_batch_size))
         batcher.start()
         self._heap_grew = True
-        log.info("%s@%s loaded (%s, %s) in process %d", name, version, adapter.platform, adapter.precision,
-                 os.getpid())
+        log.info("%s@%s loaded (%s) in process %d, %s", name, version, adapter.platform, os.getpid(),
+                 adapter.precision)
         return Handle(adapter, batcher)
 
     async def close(self) -> None:

@@ -70,7 +70,8 @@ class Trainer:
         if config.ema_decay > 0:
             self.ema = torch.optim.swa_utils.AveragedModel(self.model, multi_avg_fn=ema_update(config.ema_decay),
                                                            use_buffers=True)
-        self.precision = resolve_precision(config.precision if config.amp else "fp32", device)
+        self.precision = resolve_precision(config.precision if config.amp else "fp32", device,
+                                           prepared.spec.spatial_dims)
         self.amp_dtype = torch_dtype(self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn = task.criterion(prepared.y_train, config)
@@ -132,6 +133,9 @@ class Trainer:
         with torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss = self.loss_fn(self.model(xb), yb)
         if not torch.isfinite(loss):
+            if self.precision != "fp32":
+                raise RunError(f"loss became {loss.item()} at epoch {epoch} in {self.precision}; train in fp32 "
+                               "(--precision fp32), or lower --lr")
             raise RunError(f"loss became {loss.item()} at epoch {epoch}; lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
