@@ -164,6 +164,26 @@ def model_latency_ms(model, batch_size: int, threads: int, repeats: int = 30) ->
     return float(np.median(times) * 1000)
 
 
+def precision_peaks(reg, precisions: list[str], batch: int, seconds: float = 2.0) -> dict[str, float]:
+    """Images/s of the served model alone in each precision (the server's own adapter), one batch of ``batch``."""
+    from lepton.serve.adapters import OnnxAdapter, TorchAdapter
+
+    out = {}
+    for p in precisions:  # refused ones too: the speed is measured whatever the accuracy check said
+        adapter = (OnnxAdapter(reg, "bench@1", reg.get("bench@1").artifacts["onnx_int8"]) if p == "int8"
+                   else TorchAdapter(reg, "bench@1"))
+        adapter.use_precision(p, None)
+        adapter.setup()
+        x = adapter.prepare([np.random.default_rng(0).random((1, 28, 28), dtype=np.float32)] * batch)
+        adapter.predict(x)
+        n, start = 0, time.perf_counter()
+        while n < 3 or time.perf_counter() - start < seconds:
+            adapter.predict(x)
+            n += 1
+        out[p] = n * batch / (time.perf_counter() - start)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=64)
@@ -182,6 +202,9 @@ def main() -> int:
     parser.add_argument("--batch-idle-ms", type=float, default=0.0, help="batching servers' idle gap (0: off)")
     parser.add_argument("--only", default="", help="comma-separated row letters to run, e.g. a,a2,c (default: all)")
     parser.add_argument("--quick", action="store_true", help="8 clients, 4 s each, lepton_cnn")
+    parser.add_argument("--precisions", default="fp32,bf16,int8",
+                        help="a row (a) per serving precision (`lepton serve --precision P`), each checked on the "
+                             "version's val set first; its AUC delta against fp32 is printed")
     parser.add_argument("--reference", type=Path, default=None,
                         help="another Lepton source tree (e.g. `git worktree add /tmp/ref COMMIT`): rows (a) and (b) "
                              "also run from its src/, in the same turns, and the same-run ratios are printed")
@@ -203,6 +226,10 @@ def main() -> int:
                        quiet=True)
     reg = Registry.open(tmp / "reg")
     reg.register_run(run.path, "bench")
+    from lepton.precision import check_precision
+
+    precisions = [p for p in args.precisions.split(",") if p]
+    records = {p: check_precision(reg, "bench@1", p) for p in precisions}
     images, _, _ = make_synthetic(1, 28, seed=1)
     buf = io.BytesIO()
     Image.fromarray(images[0]).save(buf, format="PNG")
@@ -213,6 +240,9 @@ def main() -> int:
                 "--batch-idle-ms", str(args.batch_idle_ms)]
     # label -> (lepton serve options or None for the plain server, torch threads per process, extra environment)
     servers: dict[str, tuple[list[str] | None, int, dict[str, str]]] = {"a) lepton, batching": (batching, cores, {})}
+    for p in precisions:
+        if p != "fp32" and records[p]["accepted"]:
+            servers[f"a-{p}) lepton, batching, {p}"] = ([*batching, "--precision", p], cores, {})
     if workers > 1:
         servers[f"a2) lepton, batching, {workers} workers"] = ([*batching, "--workers", str(workers)],
                                                               max(1, cores // workers), {})
@@ -222,6 +252,7 @@ def main() -> int:
         ref_env = {"PYTHONPATH": str((args.reference / "src").resolve())}
         servers["a-ref) reference, batching"] = (batching, cores, ref_env)
         servers["b-ref) reference, no batching"] = (["--max-batch-size", "1"], cores, ref_env)
+        servers = {k: v for k, v in servers.items() if not k.startswith("a-") or "--precision" in (v[0] or [])}
     if args.only:
         wanted = set(args.only.split(",")) | {"c"}  # ratios are against (c)
         if args.reference is not None:
@@ -307,6 +338,19 @@ def main() -> int:
             print(f"({row}) against the reference ({args.reference}), same run: requests/s "
                   f"{mine['requests_per_s'] / ref['requests_per_s']:.3f}x, p99 {mine['p99_ms'] / ref['p99_ms']:.3f}x")
     print("targets: (a) >= 3x (c) requests/s, 0 errors, p99 <= 2x the model's latency at its mean batch size")
+    peaks_by_precision = precision_peaks(reg, precisions, args.clients)
+    print(f"per precision (checked on the version's {records[precisions[0]]['val_images']} val images; the model alone "
+          f"in that precision, one batch of {args.clients}, same run):")
+    for p in precisions:
+        r = records[p]
+        label = "a)" if p == "fp32" else f"a-{p})"
+        row = next((res for k, res in results.items() if k.startswith(label)), None)
+        served = (f"(a) {row['requests_per_s']:.1f} req/s = {row['requests_per_s'] / peaks_by_precision[p]:.0%} of it"
+                  if row else "no (a) row")
+        verdict = "accepted" if r["accepted"] else "refused"
+        ratio = peaks_by_precision[p] / peaks_by_precision[precisions[0]]
+        print(f"  {p:<5} val AUC {r['val_auc']:.4f} (delta {r['auc_delta']:+.4f}, {verdict}), model "
+              f"{peaks_by_precision[p]:.1f} images/s = {ratio:.2f}x {precisions[0]}; {served}")
     peaks = [p for acc in runs.values() for p in acc["peak"]]
     print(f"the model alone, one batch of {args.clients} on {cores} cores: {np.median(peaks):.1f} images/s "
           f"(median over the turns, {min(peaks):.1f}-{max(peaks):.1f}) = {np.median(peaks) / plain:.2f}x (c): "

@@ -122,15 +122,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain values. ``task`` is left out when it is the default, classification, so that runs
         and registry versions of classifiers stay readable by Lepton versions older than tasks (a registry shared
-        by servers of two versions during a rolling upgrade); ``preprocess`` and ``slab`` too when unused."""
+        by servers of two versions during a rolling upgrade); ``preprocess``, ``slab``, ``ensemble`` and ``precision``
+        too when unused or at their defaults."""
         values = dataclasses.asdict(self)
         if values["task"] == "classification":
             del values["task"]
         for key in ("preprocess", "slab"):  # likewise, left out unless used
             if not values[key]:
                 del values[key]
-        for key in ("ensemble",):
-            if values[key] == 1:
+        for key, default in (("ensemble", 1), ("precision", "auto")):
+            if values[key] == default:
                 del values[key]
         return values
 
