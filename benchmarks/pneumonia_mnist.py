@@ -222,6 +222,45 @@ def fmt_metrics(report: dict) -> list[str]:
     return lines
 
 
+def section_two(args, data: Path, stamp: str, results: dict) -> None:
+    """2. The medmnist preset through the CLI, as a user runs it."""
+    from lepton.evaluate import evaluate
+
+    print("\n2. The medmnist preset (lepton train DATA --preset medmnist)")
+    name = f"pneumoniamnist-preset-{stamp}"
+    cmd = [sys.executable, "-m", "lepton.cli", "train", str(data), "--preset", "medmnist", "--name", name,
+           "--output-dir", str(args.output), "--quiet"]
+    if args.quick:
+        cmd += ["--epochs", "2"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        print(proc.stderr)
+        raise SystemExit(1)
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    run_dir = args.output / name
+    val = evaluate(run_dir, split="val", n_bootstrap=1000, plots=False)
+    info = json.loads((run_dir / "run.json").read_text())
+    print(f"  training wall time          : {wall:8.1f} s ({info['epochs']} epochs, best epoch {info['best_epoch']})")
+    print(f"  peak memory (training)      : {peak_mib:8.0f} MiB")
+    print(f"  decision threshold (val)    : {info['threshold']:.4f}")
+    print(f"  val ({val['images']} images), 95 % bootstrap CIs:")
+    print("\n".join(fmt_metrics(val)))
+    results["preset"] = {"run": str(run_dir), "wall_seconds": wall, "peak_memory_mib": peak_mib,
+                         "epochs": info["epochs"], "best_epoch": info["best_epoch"],
+                         "threshold": info["threshold"], "val": {k: {"acc": m["acc"], "auc": m["auc"],
+                                                                     "ci95": m["ci95"]}
+                                                                 for k, m in val["metrics"].items()}}
+    if args.test_file:
+        test = evaluate(run_dir, args.test_file, split="test", n_bootstrap=1000)
+        print(f"  test ({test['images']} images):")
+        print("\n".join(fmt_metrics(test)))
+        results["preset"]["test"] = {k: {"acc": m["acc"], "auc": m["auc"], "ci95": m["ci95"]}
+                                     for k, m in test["metrics"].items()}
+    print(f"  run directory               : {run_dir}")
+
+
 def time_to_accuracy(data: Path, args, stamp: str, tmp: Path) -> list[dict]:
     """Section 3: the reference loop and the Lepton preset (per precision) under the same wall-clock budget, one
     after another: best val AUC/ACC, test AUC with --test-file, and the seconds to first reach the target val AUC."""
@@ -279,6 +318,8 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--quick", action="store_true", help="a small slice, under a minute")
     parser.add_argument("--skip-compare", action="store_true", help="only train and score the preset")
+    parser.add_argument("--skip-preset", action="store_true",
+                        help="skip section 2 (section 3 trains the preset too, under --budget)")
     parser.add_argument("--budget", type=float, default=600.0,
                         help="seconds of each time-to-accuracy run (section 3; 0 skips the section)")
     parser.add_argument("--target-auc", type=float, default=0.98, help="the val AUC whose first arrival is timed")
@@ -289,7 +330,6 @@ def main() -> int:
               "(pass --data PATH).")
         return 0
     import lepton
-    from lepton.evaluate import evaluate
 
     torch.set_num_threads(torch.get_num_threads())
     args.output.mkdir(parents=True, exist_ok=True)
@@ -341,39 +381,8 @@ def main() -> int:
                                  "reference_gflop_per_image": ref_gflop, "lepton_gflop_per_image": lep_gflop,
                                  "matmul_peak_gflops": peak}
 
-    print("\n2. The medmnist preset (lepton train DATA --preset medmnist)")
-    name = f"pneumoniamnist-preset-{stamp}"
-    cmd = [sys.executable, "-m", "lepton.cli", "train", str(data), "--preset", "medmnist", "--name", name,
-           "--output-dir", str(args.output), "--quiet"]
-    if args.quick:
-        cmd += ["--epochs", "2"]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        print(proc.stderr)
-        return 1
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    run_dir = args.output / name
-    val = evaluate(run_dir, split="val", n_bootstrap=1000, plots=False)
-    info = json.loads((run_dir / "run.json").read_text())
-    print(f"  training wall time          : {wall:8.1f} s ({info['epochs']} epochs, best epoch {info['best_epoch']})")
-    print(f"  peak memory (training)      : {peak_mib:8.0f} MiB")
-    print(f"  decision threshold (val)    : {info['threshold']:.4f}")
-    print(f"  val ({val['images']} images), 95 % bootstrap CIs:")
-    print("\n".join(fmt_metrics(val)))
-    results["preset"] = {"run": str(run_dir), "wall_seconds": wall, "peak_memory_mib": peak_mib,
-                         "epochs": info["epochs"], "best_epoch": info["best_epoch"],
-                         "threshold": info["threshold"], "val": {k: {"acc": m["acc"], "auc": m["auc"],
-                                                                     "ci95": m["ci95"]}
-                                                                 for k, m in val["metrics"].items()}}
-    if args.test_file:
-        test = evaluate(run_dir, args.test_file, split="test", n_bootstrap=1000)
-        print(f"  test ({test['images']} images):")
-        print("\n".join(fmt_metrics(test)))
-        results["preset"]["test"] = {k: {"acc": m["acc"], "auc": m["auc"], "ci95": m["ci95"]}
-                                     for k, m in test["metrics"].items()}
-    print(f"  run directory               : {run_dir}")
+    if not args.skip_preset:
+        section_two(args, data, stamp, results)
     if args.budget and not args.quick:
         results["time_to_accuracy"] = time_to_accuracy(data, args, stamp, tmp)
     (args.output / f"benchmark-{stamp}.json").write_text(json.dumps(results, indent=2))

@@ -159,3 +159,25 @@ def test_the_server_runs_each_precision_with_its_own_threshold(registry):
             answers[precision] = np.array(list(answer["probabilities"].values()))
     for p in ("bf16", "int8"):
         assert 0 < np.abs(answers[p] - answers["fp32"]).max() < 0.1
+
+
+@pytest.mark.slow
+def test_cli_registers_with_precisions_and_checks_them_again(tiny_run, tmp_path):
+    import subprocess
+
+    from conftest import lepton_cmd
+
+    reg = str(tmp_path / "reg")
+    out = subprocess.run(lepton_cmd("models", "register", str(tiny_run.path), "--name", "cxr", "--registry", reg,
+                                    "--precision", "int8"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "cxr@1 int8: val AUC" in out.stdout and "accepted" in out.stdout
+    out = subprocess.run(lepton_cmd("models", "precision", "cxr@1", "--precision", "bf16", "--registry", reg),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    from lepton.registry import Registry
+
+    assert set(Registry.open(reg).get("cxr@1").metrics["precisions"]) == {"int8", "bf16"}
+    bad = subprocess.run(lepton_cmd("models", "precision", "cxr@1", "--precision", "fp8", "--registry", reg),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "fp8" in bad.stderr and "fp32, bf16, int8" in bad.stderr

@@ -211,6 +211,46 @@ def test_batcher_idle_gap_closes_batches_and_model_thread_yields_cpu():
         assert lone[0] >= 10  # the model thread runs below the event loop's priority
 
 
+def test_unbatched_requests_run_side_by_side_on_a_share_of_the_cores():
+    """max_batch_size 1: single requests run concurrently (one per core by default), each model thread with its
+    share of PyTorch's threads, every answer to its own request, and a drain waits for the running ones."""
+    import torch
+
+    from lepton.serve.batching import Batcher, model_concurrency
+
+    assert model_concurrency(32) == 1 and model_concurrency(1) == len(os.sched_getaffinity(0))
+    active, peak, threads = [0], [0], set()
+    lock = threading.Lock()
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        threads.add(torch.get_num_threads())
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return batch * 2
+
+    async def main():
+        batcher = Batcher(np.stack, predict, max_batch_size=1, max_wait_ms=0, concurrency=4)
+        batcher.start()
+        answers = await asyncio.gather(*(batcher.submit(np.full(2, i, np.float32)) for i in range(12)))
+        pending = [asyncio.ensure_future(batcher.submit(np.ones(2, np.float32))) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert batcher.depth == 3
+        await batcher.drain_and_stop()
+        assert all(p.done() for p in pending)
+        return answers
+
+    before = torch.get_num_threads()
+    answers = asyncio.run(main())
+    assert [a[0] for a in answers] == [2 * i for i in range(12)]
+    assert peak[0] == 4  # four at a time, never more
+    assert threads == {max(1, len(os.sched_getaffinity(0)) // 4)}
+    assert torch.get_num_threads() == before  # only the model threads' own count changed
+
+
 def test_rate_limit_answers_429(served):
     config = ServeConfig(models=["shared"], registry=served["registry"], rate_limit=0.2, rate_burst=2)
     with running(config) as base:
