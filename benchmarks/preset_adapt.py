@@ -101,7 +101,7 @@ def main() -> int:
         print(f"skipped: none of {', '.join(wanted)} can be made from {args.data}")
         return 0
     print(f"overrides: {overrides or 'none'}")
-    print("| set | train | epochs | seconds | best epoch | val AUC | test AUC [95% CI] | test ACC |")
+    print("| set | train | epochs | members kept/trained | seconds | val AUC | test AUC [95% CI] | test ACC |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for name in wanted:
@@ -117,10 +117,12 @@ def main() -> int:
         ci = test["ci95"]["auc"]
         row = {"set": name, "train": run.info["train_images"], "epochs": run.info["epochs"], "seconds": seconds,
                "best_epoch": run.info["best_epoch"], "val_auc": run.info.get("val_auc"), "test_auc": test["auc"],
-               "test_acc": test["acc"], "members": run.info.get("members", 1)}
+               "test_acc": test["acc"], "members": run.info.get("members", 1),
+               "members_trained": run.info.get("members_trained", 1)}
         rows.append(row)
-        print(f"| {name} | {row['train']} | {row['epochs']} | {seconds:.0f} | {row['best_epoch']} | "
-              f"{row['val_auc']:.3f} | {test['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {test['acc']:.3f} |", flush=True)
+        members = f"{row['members']}/{row['members_trained']}"
+        print(f"| {name} | {row['train']} | {row['epochs']} | {members} | {seconds:.0f} | {row['val_auc']:.3f} | "
+              f"{test['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {test['acc']:.3f} |", flush=True)
     (args.output).mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(json.dumps({"cpu": cpu_summary(), "overrides": overrides,
                                                           "rows": rows}, indent=1))

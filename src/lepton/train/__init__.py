@@ -125,8 +125,8 @@ def train(
             done.append({"member": member, **best})
         if member >= max(1, config.ensemble) or not finished:
             break
-        if member == 1:  # the first member's best becomes one of several
-            (run_dir / "members").mkdir(exist_ok=True)
+        if member == 1 and (run_dir / "best.pt").exists():  # the first member's best becomes one of several
+            (run_dir / "members").mkdir(exist_ok=True)  # (a resume after the move finds it there already)
             os.replace(run_dir / "best.pt", run_dir / "members" / "1.pt")
         member += 1
     if not history:
@@ -312,6 +312,6 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
 
 def summary(run: Run) -> dict[str, Any]:
     """The headline numbers of a run, as JSON-ready values."""
-    keys = ("task", "model", "epochs", "best_epoch", *(k for k in run.info if k.startswith("val_")), "threshold",
-            "images_per_s")
+    keys = ("task", "model", "epochs", "best_epoch", "members", *(k for k in run.info if k.startswith("val_")),
+            "threshold", "precision", "images_per_s")
     return {"run": str(run.path), **{k: run.info.get(k) for k in dict.fromkeys(keys) if k in run.info}}
