@@ -137,11 +137,14 @@ def test_the_server_runs_each_precision_with_its_own_threshold(registry):
     registry.set_precision("cxr@1", "bf16", refused)
     with pytest.raises(PrecisionError, match="val AUC 0.5000 against fp32"):
         make_adapter(registry, "cxr@1", "auto", "bf16")
-    for p in ("bf16", "int8"):  # checked again: accepted on their real figures
-        check_precision(registry, "cxr@1", p)
+    accepted = {p: check_precision(registry, "cxr@1", p)["accepted"] for p in ("bf16", "int8")}  # real figures
     body = png_bytes(3)
     answers = {}
     for precision in ("fp32", "bf16", "int8", "auto"):
+        if not accepted.get(precision, True):  # refused on this CPU's figures: the version is not loaded in it
+            with pytest.raises(PrecisionError, match=f"cxr@1 in {precision}: val AUC"):
+                make_adapter(registry, "cxr@1", "auto", precision)
+            continue
         config = ServeConfig(models=["cxr"], registry=str(registry.store.root.parent), auth=False, rate_limit=0,
                              precision=precision)
         with running(config) as base:
@@ -157,7 +160,7 @@ def test_the_server_runs_each_precision_with_its_own_threshold(registry):
             p1 = list(answer["probabilities"].values())[1]
             assert answer["label"] == info["labels"][int(p1 >= threshold)]
             answers[precision] = np.array(list(answer["probabilities"].values()))
-    for p in ("bf16", "int8"):
+    for p in answers.keys() - {"fp32", "auto"}:
         assert 0 < np.abs(answers[p] - answers["fp32"]).max() < 0.1
 
 
