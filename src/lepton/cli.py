@@ -375,10 +375,18 @@ def route_clear(name: Annotated[str, typer.Argument()], registry: RegistryOpt = 
 
 @app.command()
 def serve(
-    model: Annotated[list[str], typer.Option("--model", help="NAME, NAME@VERSION or NAME@production (repeatable).")],
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", help="NAME, NAME@VERSION or NAME@production (repeatable).")] = None,
     registry: RegistryOpt = None,
+    model_dir: Annotated[Path | None, typer.Option(
+        "--model-dir", "--model_dir", help="Serve the Lepton bundle in this folder (a KServe runtime's /mnt/models) "
+                                           "from a private registry instead of --registry.")] = None,
+    model_name: Annotated[str | None, typer.Option(
+        "--model-name", "--model_name", help="With --model-dir: the name it is served as.")] = None,
+    keys_file: Annotated[Path | None, typer.Option(
+        help="With --model-dir: API keys, one 'TENANT SCOPE KEY' line each (a mounted secret).")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    port: Annotated[int, typer.Option("--port", "--http-port", "--http_port", help="Port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes on one port; each loads the models, batches "
                                                "on its own and polls the registry for swaps.")] = 1,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Disable API keys (loopback only).")] = False,
@@ -396,6 +404,10 @@ def serve(
     rate_limit: Annotated[float, typer.Option(help="Requests per second per key (0 = off).")] = 50.0,
     rate_burst: Annotated[int, typer.Option(help="Requests a key may send at once before the rate applies.")] = 100,
     poll_seconds: Annotated[float, typer.Option(help="Re-read the registry every N seconds (0 = admin call).")] = 0,
+    redis: Annotated[str | None, typer.Option(
+        envvar="LEPTON_REDIS_URL", help="redis://HOST:PORT/DB: rate limits and admin reloads shared by replicas on "
+                                        "several hosts (default: per host).")] = None,
+    redis_prefix: Annotated[str, typer.Option(help="Prefix of this deployment's Redis keys.")] = "lepton",
 ) -> None:
     """Serve registered models over HTTP (native API, Open Inference Protocol v2, /metrics)."""
     import os
@@ -408,6 +420,20 @@ def serve(
 
     if workers < 1:
         raise typer.BadParameter(f"--workers must be at least 1 (got {workers})")
+    if model_dir is not None:
+        from lepton.serve.modeldir import registry_from_model_dir
+
+        if model or registry:
+            raise typer.BadParameter("--model-dir serves its own bundle: leave out --model and --registry")
+        if not model_name:
+            raise typer.BadParameter("--model-dir needs --model-name (KServe passes --model_name={{.Name}})")
+        if keys_file is None and not no_auth:
+            raise typer.BadParameter("--model-dir needs --keys-file (the API keys) or --no-auth on loopback")
+        registry, model = registry_from_model_dir(model_dir, model_name, keys_file), [model_name]
+    elif not model:
+        raise typer.BadParameter("give --model NAME (repeatable), or --model-dir DIR --model-name NAME")
+    elif keys_file is not None or model_name:
+        raise typer.BadParameter("--keys-file and --model-name go with --model-dir")
     if no_auth:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise typer.BadParameter("--no-auth is only allowed on loopback (--host 127.0.0.1)")
@@ -416,7 +442,8 @@ def serve(
                          precision=precision, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_queue=max_queue, model_concurrency=model_concurrency,
                          batch_idle_ms=batch_idle_ms, rate_limit=rate_limit, rate_burst=rate_burst,
-                         poll_seconds=poll_seconds), host=host, port=port, workers=workers)
+                         poll_seconds=poll_seconds, redis=redis or None, redis_prefix=redis_prefix),
+             host=host, port=port, workers=workers)
 
 
 def _parse_steps(items: list[str] | None) -> list[dict] | None:
@@ -495,14 +522,28 @@ def train(
     skip_bad: Annotated[bool | None, typer.Option("--skip-bad", help="Skip unreadable files.")] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Val share when the data has no val split.")] = None,
     test_fraction: Annotated[float | None, typer.Option(help="Test share when the data has no splits.")] = None,
+    lr_scaling: Annotated[str | None, typer.Option(
+        help="With several processes: none (--lr as given), linear (x processes) or sqrt.")] = None,
+    nproc: Annotated[int, typer.Option(
+        help="Train data-parallel in N local processes under torchrun (gloo on CPU, NCCL on CUDA); "
+             "--batch-size is per process.")] = 1,
+    max_restarts: Annotated[int, typer.Option(
+        help="With --nproc: torchrun restarts a failed job up to N times; it resumes from last.pt.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Train a model (a classifier by default); writes a run directory with checkpoints, history and curves."""
+    import os
+
     from lepton.config import TrainConfig, make_config
-    from lepton.train import summary
+    from lepton.train import run_name, summary
     from lepton.train import train as train_fn
 
+    launching = nproc != 1 and "LOCAL_RANK" not in os.environ
+    if not launching and max_restarts:
+        raise typer.BadParameter("--max-restarts needs --nproc N (or torchrun's own --max-restarts)")
     if resume is not None:
+        if launching:
+            raise typer.Exit(_launch(nproc, max_restarts, None))
         run = train_fn(resume=resume, quiet=quiet)
     else:
         overrides = dict(
@@ -513,7 +554,7 @@ def train(
             augment_options=_parse_aug(aug) or None, image_size=image_size, channels=channels,
             window=window, slices=slices, preprocess=_parse_steps(preprocess), slab=slab,
             ema_decay=ema_decay, early_stopping=early_stopping, tta=tta, ensemble=ensemble,
-            time_budget_s=time_budget,
+            time_budget_s=time_budget, lr_scaling=lr_scaling,
             adversarial=adversarial, adv_epsilon=adv_epsilon,
             seed=seed, deterministic=deterministic, device=device, precision=precision, threads=threads,
             skip_bad=skip_bad, val_fraction=val_fraction, test_fraction=test_fraction,
@@ -529,8 +570,26 @@ def train(
             if not data:
                 raise typer.BadParameter("give a DATA source, --config, or --resume RUN")
             cfg = make_config(preset, data=data, **overrides)
+        if launching:  # every worker and every restart must agree on the run directory: name it now
+            raise typer.Exit(_launch(nproc, max_restarts, None if name else run_name(cfg)))
         run = train_fn(config=cfg, quiet=quiet)
-    console.print_json(json.dumps(summary(run)))
+    if os.environ.get("RANK", "0") == "0":
+        console.print_json(json.dumps(summary(run)))
+
+
+def _launch(nproc: int, max_restarts: int, name: str | None) -> int:
+    """This very command under torchrun, less --nproc/--max-restarts (plus --name): torchrun's exit status."""
+    from lepton.train.distributed import launch
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--nproc", "--max-restarts"):
+            skip = True
+        elif not arg.startswith(("--nproc=", "--max-restarts=")):
+            argv.append(arg)
+    return launch(argv + (["--name", name] if name else []), nproc, max_restarts)
 
 
 @app.command()

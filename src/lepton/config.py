@@ -43,8 +43,11 @@ class TrainConfig:
     skip_bad: bool = False
     # optimisation
     epochs: int = 20
-    batch_size: int = 64
+    batch_size: int = 64  # per process: several processes (torchrun) step on batch_size x processes together
     lr: float = 1e-3
+    # The learning rate for that effective batch under several processes: none (lr as given), linear (lr x
+    # processes, Goyal et al. 2017) or sqrt (lr x sqrt(processes), for adaptive optimisers). One process: lr.
+    lr_scaling: str = "none"
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # cosine | step | none
     warmup_epochs: float = 1.0
@@ -84,6 +87,7 @@ class TrainConfig:
             "normalize": ("dataset", "half"),
             "slices": ("middle", "all", "volume"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
+            "lr_scaling": ("none", "linear", "sqrt"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -122,15 +126,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain values. ``task`` is left out when it is the default, classification, so that runs
         and registry versions of classifiers stay readable by Lepton versions older than tasks (a registry shared
-        by servers of two versions during a rolling upgrade); ``preprocess``, ``slab``, ``ensemble`` and ``precision``
-        too when unused or at their defaults."""
+        by servers of two versions during a rolling upgrade); ``preprocess``, ``slab``, ``ensemble``, ``precision``
+        and ``lr_scaling`` too when unused or at their defaults."""
         values = dataclasses.asdict(self)
         if values["task"] == "classification":
             del values["task"]
         for key in ("preprocess", "slab"):  # likewise, left out unless used
             if not values[key]:
                 del values[key]
-        for key, default in (("ensemble", 1), ("precision", "auto")):
+        for key, default in (("ensemble", 1), ("precision", "auto"), ("lr_scaling", "none")):
             if values[key] == default:
                 del values[key]
         return values

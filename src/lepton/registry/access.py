@@ -56,6 +56,26 @@ class AccessMixin:
         self._retrying(write)
         return f"lpt_{key_id}_{secret}"
 
+    def add_key(self, key: str, tenant: str, scope: str = "predict") -> str:
+        """Store an existing key (``lpt_<id>_<secret>``, as ``create_key`` printed it; e.g. read from a mounted
+        secret by a replica with its own registry); only its hash is kept. Returns the key id."""
+        match = _KEY.match(key or "")
+        if not match:
+            raise RegistryError("not a Lepton API key: expected lpt_<id>_<secret> as `lepton keys create` prints")
+        if not _TENANT.match(tenant):
+            raise RegistryError(f"invalid tenant {tenant!r}: letters, digits, '_', '-', '.' (max 100)")
+        if scope not in SCOPES:
+            raise RegistryError(f"scope must be one of {', '.join(SCOPES)} (got {scope!r})")
+        key_id, secret = match.group(1), match.group(2)
+
+        def write(session: Session) -> None:
+            if session.scalar(select(ApiKey).where(ApiKey.key_id == key_id)) is not None:
+                raise RegistryError(f"key id {key_id} exists already")
+            session.add(ApiKey(key_id=key_id, key_hash=_digest(secret), tenant=tenant, scope=scope))
+
+        self._retrying(write)
+        return key_id
+
     def verify_key(self, key: str) -> KeyInfo | None:
         """The key's tenant and scope, or None for an unknown, malformed or revoked key."""
         match = _KEY.match(key or "")

@@ -8,6 +8,7 @@ import hashlib
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 from lepton.registry.access import KeyInfo
 from lepton.serve.errors import ApiError
@@ -69,12 +70,14 @@ class TokenBucket:
 
 class RateLimiter:
     """``rate`` requests per second with bursts of ``burst`` per identity (a key id, or the client's address);
-    with ``shared_file`` the buckets live in a file that every worker process maps."""
+    with ``shared_file`` the buckets live in a file that every worker process maps, with ``store`` (an object
+    with ``take(ident)`` and ``close()``, e.g. ``RedisBuckets``) wherever that keeps them."""
 
-    def __init__(self, rate: float, burst: int, shared_file: Path | None = None):
+    def __init__(self, rate: float, burst: int, shared_file: Path | None = None, store: Any = None):
         self.rate, self.burst = rate, burst
         self.buckets: dict[str, TokenBucket] = {}
-        self.shared = SharedBuckets(shared_file, rate, burst) if shared_file is not None and rate > 0 else None
+        self.shared = store if store is not None else (
+            SharedBuckets(shared_file, rate, burst) if shared_file is not None and rate > 0 else None)
 
     def check(self, ident: str) -> None:
         """ApiError 429 with ``Retry-After`` when ``ident`` is over its limit."""

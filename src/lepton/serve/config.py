@@ -32,4 +32,8 @@ class ServeConfig:
     poll_seconds: float = 0.0  # 0: swaps only through POST /v1/admin/reload
     key_cache_seconds: float = 2.0  # how long an accepted API key is trusted before it is checked again
     shared_dir: str | None = None  # set by `serve` for worker processes: rate limits and reloads shared there
+    # Replicas on several hosts: rate-limit buckets and the reload signal in Redis (redis://HOST:PORT/DB), under
+    # keys that start with ``redis_prefix`` (one prefix per deployment sharing a Redis).
+    redis: str | None = None
+    redis_prefix: str = "lepton"
     freeze_heap: bool = True  # gc.freeze() after models load: no full-heap garbage collection pauses under load

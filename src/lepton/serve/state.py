@@ -96,10 +96,21 @@ class Server:
         self.deployments: dict[str, Deployment] = {}
         # Several workers: token buckets in a shared file (a key's limit holds whichever worker answers) and a
         # reload generation that carries an admin reload to every worker.
+        # Replicas on several hosts: both in Redis instead.
         shared = Path(config.shared_dir) if config.shared_dir else None
         self.keys = KeyCache(self.registry, config.key_cache_seconds)
-        self.limiter = RateLimiter(config.rate_limit, config.rate_burst, shared / "rate-limits.bin" if shared else None)
-        self.reload_signal = ReloadSignal(shared / "reload-generation") if shared else None
+        if config.redis:
+            from lepton.serve.redis_store import RedisBuckets, RedisReloadSignal, connect
+
+            client = connect(config.redis)
+            store = RedisBuckets(client, config.rate_limit, config.rate_burst, config.redis_prefix) if (
+                config.rate_limit > 0) else None
+            self.limiter = RateLimiter(config.rate_limit, config.rate_burst, store=store)
+            self.reload_signal = RedisReloadSignal(client, config.redis_prefix)
+        else:
+            self.limiter = RateLimiter(config.rate_limit, config.rate_burst,
+                                       shared / "rate-limits.bin" if shared else None)
+            self.reload_signal = ReloadSignal(shared / "reload-generation") if shared else None
         self.ready = False
         self._reload_lock = asyncio.Lock()
         self._heap_grew = False  # a version was loaded since the heap was last frozen

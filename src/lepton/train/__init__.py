@@ -26,15 +26,17 @@ from lepton.models.layout import model_layout
 from lepton.models.precision import cpu_model, matrix_flags
 from lepton.runs import Run, load_run, predict_outputs
 from lepton.tasks import Task, get_task
+from lepton.train import distributed
 from lepton.train.budget import PLAN_AFTER_EPOCH, TimeBudget, fit_to_budget
 from lepton.train.checkpoint import VAL_SET_FILE, load_last, save_best, save_last, save_val_set, write_history
 from lepton.train.data import Prepared, data_fingerprint, intensity_stats, prepare_data
+from lepton.train.distributed import Dist
 from lepton.train.loop import Trainer, seed_epoch
 from lepton.train.progress import Reporter
 from lepton.utils import atomic_torch_save, atomic_write_json
 
 __all__ = ["Prepared", "Trainer", "data_fingerprint", "intensity_stats", "prepare_data", "resolve_device",
-           "summary", "train"]
+           "run_name", "summary", "train"]
 
 log = logging.getLogger("lepton.train")
 
@@ -49,7 +51,8 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _run_name(config: TrainConfig) -> str:
+def run_name(config: TrainConfig) -> str:
+    """The default run directory name: data stem, network and the UTC time."""
     stem = Path(config.data.split(":")[-1]).stem or "data"
     return f"{stem}-{config.model}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
@@ -78,35 +81,58 @@ def train(
 
     >>> run = train("chest_xrays/", model="resnet18", epochs=10)      # doctest: +SKIP
     >>> run.predict(["new_patient.dcm"])                              # doctest: +SKIP
+
+    Started by torchrun (``WORLD_SIZE`` > 1), every process calls this; they train one model data-parallel and
+    rank 0 alone writes the run directory. After an elastic restart the run resumes from ``last.pt``.
     """
+    dist = distributed.from_env()
+    if resume is not None:
+        run_dir = Path(resume)
+        config = TrainConfig.from_yaml(run_dir / "config.yaml").validate() if (
+            run_dir / "config.yaml").is_file() else None
+    elif config is None:
+        config = make_config(preset, data=str(data) if data is not None else None, **overrides)
+    else:
+        config.validate()
+    device = distributed.init(dist, resolve_device(config.device)) if config is not None else "cpu"
+    try:
+        return _train(config, resume, dist, device, quiet)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, device: str, quiet: bool) -> Run:
+    if resume is None:
+        config.name = dist.broadcast(config.name or run_name(config))
+        run_dir = Path(config.output_dir) / config.name
+        if dist.restarts and (run_dir / "last.pt").is_file():
+            log.warning("torchrun restart %d: resuming %s from its last checkpoint", dist.restarts, run_dir)
+            resume = run_dir
+        elif (run_dir / "config.yaml").exists() and not dist.restarts:
+            raise RunError(f"{run_dir} already holds a run; pass --resume {run_dir} or choose another --name")
     if resume is not None:
         run_dir = Path(resume)
         state = load_last(run_dir)
         config = TrainConfig.from_yaml(run_dir / "config.yaml").validate()
         spec = Preprocessing.from_dict(state["preprocessing"])
+        if state.get("world", 1) != dist.world:
+            raise RunError(f"{run_dir} was trained by {state.get('world', 1)} process(es); resume it with as many "
+                           f"(--nproc {state.get('world', 1)}), not {dist.world}")
     else:
-        if config is None:
-            config = make_config(preset, data=str(data) if data is not None else None, **overrides)
-        else:
-            config.validate()
-        config.name = config.name or _run_name(config)
-        run_dir = Path(config.output_dir) / config.name
-        if (run_dir / "config.yaml").exists():
-            raise RunError(f"{run_dir} already holds a run; pass --resume {run_dir} or choose another --name")
         state, spec = None, None
+    dist.barrier()  # every process has looked at the run directory before rank 0 writes into it
     task = get_task(config.task)
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = resolve_device(config.device)
     seed_epoch(config.seed, 0)
     prepared = prepare_data(config, spec, task)
     if state is not None and state["fingerprint"]["sha256"] != prepared.fingerprint["sha256"]:
         raise RunError(f"{run_dir}: the data at {config.data} changed since training started; "
                        "resume needs the same data")
     spec = prepared.spec
-    if state is None:
+    if state is None and dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.to_yaml(run_dir / "config.yaml")
         atomic_write_json(run_dir / "preprocessing.json", spec.to_dict())
@@ -119,22 +145,27 @@ def train(
     while True:
         best, finished = _train_member(config, task, prepared, device, run_dir, member, history, budget,
                                        state if state is not None and state.get("member", 1) == member else None,
-                                       quiet)
+                                       quiet or not dist.main, dist)
         state = None
         if finished:
             done.append({"member": member, **best})
         if member >= max(1, config.ensemble) or not finished:
             break
-        if member == 1 and (run_dir / "best.pt").exists():  # the first member's best becomes one of several
-            (run_dir / "members").mkdir(exist_ok=True)  # (a resume after the move finds it there already)
+        if member == 1 and (run_dir / "best.pt").exists() and dist.main:  # the first member's best becomes one
+            (run_dir / "members").mkdir(exist_ok=True)  # of several (a resume after the move finds it there)
             os.replace(run_dir / "best.pt", run_dir / "members" / "1.pt")
         member += 1
     if not history:
         raise RunError(f"{run_dir}: no epoch was trained")
+    if not dist.main:  # rank 0 chooses members and writes run.json; the others wait for the finished run
+        dist.barrier()
+        return load_run(run_dir, device=device)
     chosen = _choose_members(run_dir, task, prepared, config, device, done) if len(done) > 1 or (
         done and (run_dir / "members").is_dir()) else None
-    return _finish(run_dir, config, task, prepared, history, done[0] if done else _best_of(history, task), chosen,
-                   budget.elapsed(), device, _precision(config, device, spec.spatial_dims))
+    run = _finish(run_dir, config, task, prepared, history, done[0] if done else _best_of(history, task), chosen,
+                  budget.elapsed(), device, _precision(config, device, spec.spatial_dims), dist)
+    dist.barrier()
+    return run
 
 
 def _precision(config: TrainConfig, device: str, spatial_dims: int) -> str:
@@ -151,7 +182,7 @@ def _best_of(history: list[dict[str, Any]], task: Task) -> dict[str, Any]:
 
 def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: str, run_dir: Path, member: int,
                   history: list[dict[str, Any]], budget: TimeBudget, state: dict[str, Any] | None,
-                  quiet: bool) -> tuple[dict[str, Any], bool]:
+                  quiet: bool, dist: Dist) -> tuple[dict[str, Any], bool]:
     """Train one member (the run itself unless it is an ensemble) from its own seed; its best weights go to
     ``best.pt`` (``members/K.pt`` for later members). Returns its best record and whether its schedule finished."""
     seed = config.seed + member - 1
@@ -160,7 +191,7 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
     seed_epoch(seed, 0)
     fresh = state is None
     trainer = Trainer(member_config, task, prepared, device,
-                      pretrained=config.pretrained if fresh and member == 1 else None)
+                      pretrained=config.pretrained if fresh and member == 1 else None, dist=dist)
     best: dict[str, Any] = {"score": None, "epoch": 0, "loss": float("inf")}
     start_epoch, stale = 1, 0
     if state is not None:
@@ -177,7 +208,8 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
             if stale and config.early_stopping and stale >= config.early_stopping:
                 break
             last = next((h for h in reversed(history) if h.get("member", 1) == member), None)
-            if last is not None and budget.would_overrun(last["seconds"]):
+            # Clock-driven decisions are rank 0's, so every process stops at the same epoch.
+            if last is not None and dist.broadcast(budget.would_overrun(last["seconds"])):
                 if member == 1:
                     log.warning("time budget of %.0f s: stopping after %d epochs", config.time_budget_s, epoch - 1)
                     config.epochs = epoch - 1
@@ -187,13 +219,15 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
                                 config.time_budget_s, member, epoch - 1, config.epochs)
                     config.ensemble = member - 1
                     finished = False
-                config.to_yaml(run_dir / "config.yaml")
+                if dist.main:
+                    config.to_yaml(run_dir / "config.yaml")
                 break
-            if member > 1 and last is None and budget.would_overrun(
-                    config.epochs * _member_epoch_seconds(history)):
+            if member > 1 and last is None and dist.broadcast(budget.would_overrun(
+                    config.epochs * _member_epoch_seconds(history))):
                 log.info("time budget of %.0f s: no time for member %d", config.time_budget_s, member)
                 config.ensemble = member - 1
-                config.to_yaml(run_dir / "config.yaml")
+                if dist.main:
+                    config.to_yaml(run_dir / "config.yaml")
                 return best, False
             t0 = time.perf_counter()
             reporter.start_epoch(epoch)
@@ -202,20 +236,25 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
             row = {"epoch": epoch, **tag, "lr": trained["lr"], "train_loss": trained["train_loss"], **metrics,
                    "images_per_s": trained["seen"] / trained["train_seconds"], "seconds": time.perf_counter() - t0}
             history.append(row)
-            if _better(task, metrics, best):
+            if _better(task, metrics, best):  # the metrics are the same in every process (gathered predictions)
                 best = {"score": metrics[task.selection_metric], "epoch": epoch, "loss": metrics["val_loss"]}
                 stale = 0
-                save_best(run_dir, trainer.eval_model, trainer.spec, epoch, metrics, path=best_path)
+                if dist.main:
+                    save_best(run_dir, trainer.eval_model, trainer.spec, epoch, metrics, path=best_path)
             else:
                 stale += 1
-            save_last(run_dir, {"epoch": epoch, "member": member, **trainer.state_dict(), "history": history,
-                                "best": best, "stale": stale, "preprocessing": prepared.spec.to_dict(),
-                                "fingerprint": prepared.fingerprint,
-                                "members_done": _members_done(history, task, member)})
-            write_history(run_dir, history)
+            if dist.main:
+                save_last(run_dir, {"epoch": epoch, "member": member, **trainer.state_dict(), "history": history,
+                                    "best": best, "stale": stale, "preprocessing": prepared.spec.to_dict(),
+                                    "fingerprint": prepared.fingerprint, "world": dist.world,
+                                    "members_done": _members_done(history, task, member)})
+                write_history(run_dir, history)
             reporter.end_epoch(row, best)
             if config.time_budget_s and member == 1 and epoch == PLAN_AFTER_EPOCH and fresh:
-                fit_to_budget(config, budget.elapsed(), row["seconds"], run_dir, reporter)
+                if dist.main:
+                    fit_to_budget(config, budget.elapsed(), row["seconds"], run_dir, reporter)
+                config.epochs, config.ensemble = dist.broadcast((config.epochs, config.ensemble))
+                reporter.epochs = config.epochs
     return best, finished
 
 
@@ -273,7 +312,7 @@ def _choose_members(run_dir: Path, task: Task, prepared: Prepared, config: Train
 
 
 def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, history, best, chosen, seconds,
-            device, precision: str) -> Run:
+            device, precision: str, dist: Dist = distributed.SINGLE) -> Run:
     """Curves, the task's decision fitted on val with the best weights, and ``run.json``: the run is complete."""
     from lepton.plots import plot_curves
 
@@ -306,6 +345,13 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
         "threads": torch.get_num_threads(), "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "pid": os.getpid(),
     }
+    if dist.enabled:
+        info["distributed"] = {
+            "processes": dist.world, "backend": "nccl" if device.startswith("cuda") else "gloo",
+            "batch_per_process": config.batch_size, "effective_batch_size": config.batch_size * dist.world,
+            "lr": config.lr, "lr_scaling": config.lr_scaling,
+            "effective_lr": config.lr * distributed.LR_SCALING[config.lr_scaling](dist.world),
+            "restarts": dist.restarts}
     atomic_write_json(run_dir / "run.json", info)
     return load_run(run_dir, device=device)
 

@@ -21,6 +21,7 @@ from lepton.models.precision import resolve_precision, torch_dtype
 from lepton.runs import predict_outputs
 from lepton.tasks import Task
 from lepton.train.data import Prepared
+from lepton.train.distributed import LR_SCALING, SINGLE, Dist, shard, wrap
 from lepton.train.optim import ema_update, lr_lambda, make_optimizer, recalibrate_bn
 
 
@@ -58,17 +59,25 @@ class Trainer:
     """A network with its optimiser, LR schedule, EMA copy, mixed precision and loss, over prepared data."""
 
     def __init__(self, config: TrainConfig, task: Task, prepared: Prepared, device: str, *,
-                 pretrained: str | None = None):
-        self.config, self.task, self.data, self.device = config, task, prepared, device
+                 pretrained: str | None = None, dist: Dist = SINGLE):
+        self.config, self.task, self.data, self.device, self.dist = config, task, prepared, device, dist
         self.spec = model_spec(config, task, prepared)
         model = create_model(**self.spec, pretrained=pretrained)
-        self.model = model_layout(model.to(device))
-        self.optimizer = make_optimizer(self.model, config)
-        self.steps_per_epoch = -(-len(prepared.y_train) // config.batch_size)
+        #: The network itself; ``self.model`` is what the steps call (under DistributedDataParallel when
+        #: several processes train, with BatchNorm statistics synchronised across them).
+        self.module = model_layout(model.to(device))
+        self.model = wrap(self.module, dist, device)
+        #: One step takes ``batch_size`` images in every process: the effective batch is their sum.
+        self.global_batch = config.batch_size * dist.world
+        self.lr_factor = LR_SCALING[config.lr_scaling](dist.world)
+        self.optimizer = make_optimizer(self.module, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.lr_factor
+        self.steps_per_epoch = -(-len(prepared.y_train) // self.global_batch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.steps_per_epoch))
         self.ema = None
         if config.ema_decay > 0:
-            self.ema = torch.optim.swa_utils.AveragedModel(self.model, multi_avg_fn=ema_update(config.ema_decay),
+            self.ema = torch.optim.swa_utils.AveragedModel(self.module, multi_avg_fn=ema_update(config.ema_decay),
                                                            use_buffers=True)
         self.precision = resolve_precision(config.precision if config.amp else "fp32", device,
                                            prepared.spec.spatial_dims)
@@ -87,7 +96,7 @@ class Trainer:
     @property
     def eval_model(self) -> torch.nn.Module:
         """The weights that are validated and saved: the EMA copy when there is one."""
-        return self.ema.module if self.ema is not None else self.model
+        return self.ema.module if self.ema is not None else self.module
 
     def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
         """This epoch's sample order (weighted draws when the task asks for them) and its generator."""
@@ -101,12 +110,18 @@ class Trainer:
         """One pass over the training set; ``on_step(loss, images_per_s)`` after each step."""
         config, data, device = self.config, self.data, self.device
         order, gen = self.epoch_order(epoch)
+        dist, width = self.dist, self.global_batch
+        if dist.enabled:  # the order is shared; augmentation, patch and dropout draws are each process's own
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch + 7919 * (dist.rank + 1))
+            if dist.rank:  # rank 0 keeps the one-process stream
+                torch.manual_seed(config.seed * 1_000_003 + epoch + 7919 * dist.rank)
         self.model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         for step in range(self.steps_per_epoch):
-            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            if len(idx) < 2:  # BatchNorm cannot train on a batch of one
+            whole = order[step * width:(step + 1) * width]
+            if len(whole) < 2 * dist.world:  # BatchNorm cannot train on a batch of one (in any process)
                 continue
+            idx = shard(whole, dist)
             if self.task.dense:  # patches from large cases; masks move with their images
                 xb, yb = self.task.batch(data.x_train[idx], data.y_train[idx], data.spec, gen)
                 x01, yb = augment_batch(xb, self.augment, gen, masks=yb)
@@ -115,21 +130,23 @@ class Trainer:
                 x01 = augment_batch(data.x_train[idx], self.augment, gen).to(device, non_blocking=True)
                 yb = data.y_train[idx].to(device, non_blocking=True)
             if config.adversarial:
-                adv = attack(self.model, data.spec.normalize, x01, yb, config.adv_epsilon, config.adversarial,
+                adv = attack(self.module, data.spec.normalize, x01, yb, config.adv_epsilon, config.adversarial,
                              steps=config.adv_steps, seed=epoch * 100_000 + step, loss_fn=self.task.loss)
                 self.model.train()
                 x01, yb = torch.cat([x01, adv]), torch.cat([yb, yb])
-            loss = self.step(fast_layout(data.spec.normalize(x01)), yb, epoch)
-            seen += len(idx)
-            loss_sum += loss * len(idx)
+            # Gradients are averaged over processes: a share's weight is its size, as in one global batch.
+            weight = dist.world * len(idx) / len(whole)
+            loss = self.step(fast_layout(data.spec.normalize(x01)), yb, epoch, weight)
+            seen += len(whole)  # images per second of the whole job; the loss is this process's estimate
+            loss_sum += loss * len(whole)
             if on_step is not None:
                 on_step(loss, seen / (time.perf_counter() - t0))
         seconds = time.perf_counter() - t0
         return {"lr": self.optimizer.param_groups[-1]["lr"], "train_loss": loss_sum / max(1, seen),
                 "seen": seen, "train_seconds": seconds}
 
-    def step(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int) -> float:
-        """One optimiser step on a normalised batch; returns the loss."""
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int, weight: float = 1.0) -> float:
+        """One optimiser step on a normalised batch (its loss scaled by ``weight``); returns the loss."""
         with torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss = self.loss_fn(self.model(xb), yb)
         if not torch.isfinite(loss):
@@ -138,12 +155,12 @@ class Trainer:
                                "(--precision fp32), or lower --lr")
             raise RunError(f"loss became {loss.item()} at epoch {epoch}; lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self.ema.update_parameters(self.module)
         return loss.item()
 
     def predict_val(self, model: torch.nn.Module | None = None) -> np.ndarray:
@@ -151,19 +168,25 @@ class Trainer:
         model = model or self.eval_model
         if self.ema is not None and model is self.ema.module:
             recalibrate_bn(model, self.bn_batch, self.device)
-        return predict_outputs(model, self.x_val, self.task.activate, tta=self.config.tta, device=self.device)
+        if not self.dist.enabled:
+            return predict_outputs(model, self.x_val, self.task.activate, tta=self.config.tta, device=self.device)
+        # Each process predicts its contiguous share once (no padded duplicates); the shares are joined in order.
+        part = torch.tensor_split(self.x_val, self.dist.world)[self.dist.rank]
+        mine = (predict_outputs(model, part, self.task.activate, tta=self.config.tta, device=self.device)
+                if len(part) else None)
+        return np.concatenate([p for p in self.dist.gather(mine) if p is not None])
 
     def validate(self) -> dict[str, float]:
         """The task's validation figures for the current weights."""
         return self.task.val_metrics(self.data.y_val.numpy(), self.predict_val())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
