@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lepton.registry",),
     ("lepton.serve", "lepton.client"),
     ("lepton.demo",),
-    ("lepton.cli",),
+    ("lepton.cli", "lepton.__main__"),
 ]
 
 
