@@ -524,6 +524,9 @@ def train(
     test_fraction: Annotated[float | None, typer.Option(help="Test share when the data has no splits.")] = None,
     lr_scaling: Annotated[str | None, typer.Option(
         help="With several processes: none (--lr as given), linear (x processes) or sqrt.")] = None,
+    sync_bn: Annotated[bool | None, typer.Option(
+        "--sync-bn/--no-sync-bn", help="With several processes: BatchNorm over the global batch (default) or over "
+                                       "each process's share (faster on CPUs).")] = None,
     nproc: Annotated[int, typer.Option(
         help="Train data-parallel in N local processes under torchrun (gloo on CPU, NCCL on CUDA); "
              "--batch-size is per process.")] = 1,
@@ -554,7 +557,7 @@ def train(
             augment_options=_parse_aug(aug) or None, image_size=image_size, channels=channels,
             window=window, slices=slices, preprocess=_parse_steps(preprocess), slab=slab,
             ema_decay=ema_decay, early_stopping=early_stopping, tta=tta, ensemble=ensemble,
-            time_budget_s=time_budget, lr_scaling=lr_scaling,
+            time_budget_s=time_budget, lr_scaling=lr_scaling, sync_batchnorm=sync_bn,
             adversarial=adversarial, adv_epsilon=adv_epsilon,
             seed=seed, deterministic=deterministic, device=device, precision=precision, threads=threads,
             skip_bad=skip_bad, val_fraction=val_fraction, test_fraction=test_fraction,

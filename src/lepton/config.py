@@ -48,6 +48,9 @@ class TrainConfig:
     # The learning rate for that effective batch under several processes: none (lr as given), linear (lr x
     # processes, Goyal et al. 2017) or sqrt (lr x sqrt(processes), for adaptive optimisers). One process: lr.
     lr_scaling: str = "none"
+    # Several processes: BatchNorm statistics over the global batch (what one process would compute; costs one
+    # all-reduce per BatchNorm layer each way), or over each process's share (DDP's default, faster on CPUs).
+    sync_batchnorm: bool = True
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # cosine | step | none
     warmup_epochs: float = 1.0
@@ -126,15 +129,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain values. ``task`` is left out when it is the default, classification, so that runs
         and registry versions of classifiers stay readable by Lepton versions older than tasks (a registry shared
-        by servers of two versions during a rolling upgrade); ``preprocess``, ``slab``, ``ensemble``, ``precision``
-        and ``lr_scaling`` too when unused or at their defaults."""
+        by servers of two versions during a rolling upgrade); ``preprocess``, ``slab``, ``ensemble``, ``precision``,
+        ``lr_scaling`` and ``sync_batchnorm`` too when unused or at their defaults."""
         values = dataclasses.asdict(self)
         if values["task"] == "classification":
             del values["task"]
         for key in ("preprocess", "slab"):  # likewise, left out unless used
             if not values[key]:
                 del values[key]
-        for key, default in (("ensemble", 1), ("precision", "auto"), ("lr_scaling", "none")):
+        for key, default in (("ensemble", 1), ("precision", "auto"), ("lr_scaling", "none"),
+                             ("sync_batchnorm", True)):
             if values[key] == default:
                 del values[key]
         return values

@@ -148,15 +148,21 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.distributed.is_initialized()):
             return super().forward(x)
-        dims = [0, *range(2, x.dim())]
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64)
-        torch.distributed.all_reduce(count)
-        n = float(count.item())
-        xf = x.float()
+        dims, channels = [0, *range(2, x.dim())], x.shape[1]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        mean = _SumAcrossProcesses.apply(xf.sum(dims)) / n
-        centred = xf - mean.view(shape)  # two passes, as BatchNorm itself: no cancellation in E[x^2] - E[x]^2
-        var = _SumAcrossProcesses.apply((centred * centred).sum(dims)) / n
+        xf = x.float()
+        # One all-reduce of (sum, sum of squares, count) about a shift every process holds alike (the running mean,
+        # which follows the global statistics): near the mean, E[d^2] - E[d]^2 loses no precision to cancellation.
+        shift = (self.running_mean.detach().float() if self.track_running_stats
+                 else xf.new_zeros(channels)).view(shape)
+        d = xf - shift
+        local = torch.cat([d.sum(dims), (d * d).sum(dims), xf.new_full((1,), x.numel() / channels)])
+        total = _SumAcrossProcesses.apply(local)
+        n = float(total[-1].item())
+        mean_d = total[:channels] / n
+        var = (total[channels:2 * channels] / n - mean_d * mean_d).clamp_min(0)
+        mean = shift.view(-1) + mean_d
+        centred = xf - mean.view(shape)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -187,14 +193,18 @@ def sync_batchnorm(model: nn.Module, device: str) -> nn.Module:
     return model
 
 
-def wrap(model: nn.Module, dist: Dist, device: str) -> nn.Module:
-    """The network under DistributedDataParallel (unchanged in a single process)."""
+def wrap(model: nn.Module, dist: Dist, device: str, sync_bn: bool = True) -> nn.Module:
+    """The network under DistributedDataParallel (unchanged in a single process). With ``sync_bn`` BatchNorm
+    sees the global batch (as one process would); without, each process normalises by its own share and rank 0's
+    running statistics are broadcast every step (DDP's default)."""
     if not dist.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [torch.device(device).index] if device.startswith("cuda") else None
-    return DistributedDataParallel(sync_batchnorm(model, device), device_ids=ids)
+    if sync_bn:  # the statistics are the same in every process already: no buffer broadcast needed
+        return DistributedDataParallel(sync_batchnorm(model, device), device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def torchrun_command(argv: list[str], nproc: int, max_restarts: int = 0) -> list[str]:

@@ -66,7 +66,7 @@ class Trainer:
         #: The network itself; ``self.model`` is what the steps call (under DistributedDataParallel when
         #: several processes train, with BatchNorm statistics synchronised across them).
         self.module = model_layout(model.to(device))
-        self.model = wrap(self.module, dist, device)
+        self.model = wrap(self.module, dist, device, sync_bn=config.sync_batchnorm)
         #: One step takes ``batch_size`` images in every process: the effective batch is their sum.
         self.global_batch = config.batch_size * dist.world
         self.lr_factor = LR_SCALING[config.lr_scaling](dist.world)
