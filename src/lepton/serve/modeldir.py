@@ -7,7 +7,9 @@ API keys come from a mounted secret file (one ``TENANT SCOPE KEY`` line per key)
 
 from __future__ import annotations
 
+import atexit
 import io
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -71,7 +73,10 @@ def registry_from_model_dir(model_dir: Path, name: str, keys_file: Path | None =
     from lepton.registry import Registry
 
     bundle = find_bundle(model_dir)
-    root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="lepton-model-dir-"))
+    if root is None:  # private to this server: removed when it exits
+        root = Path(tempfile.mkdtemp(prefix="lepton-model-dir-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+    root = Path(root)
     reg = Registry.open(root)
     if isinstance(bundle, bytes):
         packed = root / "bundle.lepton"
