@@ -70,6 +70,19 @@ def test_two_processes_reach_the_weights_of_one_with_the_double_batch(small_npz,
     assert two.stdout.count('"run"') == 1
 
 
+def _marked_pids(marker: str) -> list[int]:
+    """Live processes (not zombies) whose environment holds ``marker``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes().split(b"\0") and (
+                    entry / "stat").read_text().split(") ")[1][0] != "Z":
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 def _worker_pids(marker: str, rank: int) -> list[int]:
     """Live processes whose environment holds ``marker`` and ``RANK=rank`` (torchrun's workers of this test)."""
     pids = []
@@ -115,6 +128,82 @@ def test_a_killed_rank_is_restarted_and_the_run_finishes_its_epochs(synthetic_np
     epochs = [int(r["epoch"]) for r in csv.DictReader((run_dir / "history.csv").open())]
     assert epochs == [1, 2, 3, 4], epochs  # every epoch once: the restart resumed after the last checkpoint
     assert "resuming" in err
+
+
+def test_a_killed_job_resumes_with_resume_and_nproc(synthetic_npz, tmp_path):
+    """The whole torchrun job killed (no restarts left): `--resume RUN --nproc 2` finishes it."""
+    run_dir = tmp_path / "again"
+    proc = subprocess.Popen(
+        lepton_cmd("train", str(synthetic_npz), "--preset", "default", "--model", "lepton_cnn", "--epochs", "3",
+                   "--batch-size", "16", "--output-dir", str(tmp_path), "--name", "again", "--nproc", "2",
+                   "--quiet"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**_env(), "LEPTON_TEST_MARK": tmp_path.name})
+    marker = f"LEPTON_TEST_MARK={tmp_path.name}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not (run_dir / "last.pt").exists():
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be killed"
+        # The launcher, torchrun and both workers (torchrun starts workers in sessions of their own).
+        for pid in _marked_pids(marker):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _marked_pids(marker):
+            assert time.monotonic() < deadline, "workers outlived the kill"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = len(list(csv.DictReader((run_dir / "history.csv").open())))
+    assert 1 <= done_before < 3 and not (run_dir / "run.json").exists()
+    resumed = subprocess.run(lepton_cmd("train", "--resume", str(run_dir), "--nproc", "2", "--quiet"),
+                             capture_output=True, text=True, timeout=300, env=_env())
+    assert resumed.returncode == 0, resumed.stderr
+    assert [int(r["epoch"]) for r in csv.DictReader((run_dir / "history.csv").open())] == [1, 2, 3]
+    assert json.loads((run_dir / "run.json").read_text())["distributed"]["processes"] == 2
+
+
+GATHER = """
+import sys, torch
+from lepton.config import make_config
+from lepton.tasks import get_task
+from lepton.train import distributed as D
+from lepton.train.data import prepare_data
+from lepton.train.loop import Trainer, seed_epoch
+
+dist = D.from_env()
+D.init(dist, "cpu")
+config = make_config("default", data=sys.argv[1], model="lepton_cnn", ema_decay=0, tta=True)
+task = get_task("classification")
+seed_epoch(0, 0)
+prepared = prepare_data(config, None, task)
+seed_epoch(0, 0)
+trainer = Trainer(config, task, prepared, "cpu", dist=dist)
+out, val = trainer.predict_val(), trainer.validate()  # collectives: every process calls them
+if dist.main:
+    torch.save({"out": torch.from_numpy(out), "val": val}, sys.argv[2])
+D.shutdown(dist)
+"""
+
+
+def test_validation_predicts_each_image_once_and_matches_one_process(tmp_path):
+    """17 val images over 2 processes: 9 + 8 predictions gathered in order, none padded or repeated."""
+    from lepton.data.synthetic import write_synthetic_npz
+
+    data = write_synthetic_npz(tmp_path / "odd.npz", n=70, size=32, seed=5, fractions=(0.5, 0.25, 0.25))
+    (tmp_path / "gather.py").write_text(GATHER)
+    one = subprocess.run([sys.executable, str(tmp_path / "gather.py"), str(data), str(tmp_path / "one.pt")],
+                         capture_output=True, text=True, timeout=120, env=_env())
+    assert one.returncode == 0, one.stderr
+    launcher = torchrun_command([], 2)[:-2]  # torchrun running a script instead of -m lepton
+    two = subprocess.run([*launcher, str(tmp_path / "gather.py"), str(data), str(tmp_path / "two.pt")],
+                         capture_output=True, text=True, timeout=120, env=_env())
+    assert two.returncode == 0, two.stderr
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
+    assert a["out"].shape == b["out"].shape == (17, 2)
+    assert torch.allclose(a["out"], b["out"], atol=1e-5)
+    assert abs(a["val"]["val_auc"] - b["val"]["val_auc"]) < 1e-9
 
 
 AUDIT = """
