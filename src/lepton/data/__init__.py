@@ -23,7 +23,8 @@ def load_dataset(
     """Load a labelled image source into memory.
 
     ``source`` is a MedMNIST ``.npz`` file, ``medmnist:<name>`` (from ``~/.medmnist``), a CSV
-    manifest (``path,label[,patient_id][,split]``), or a folder with one sub-folder per class
+    manifest (``path,label[,patient_id][,split]``), a site's partition manifest (``site-K.json`` from
+    ``lepton data partition``), or a folder with one sub-folder per class
     (optionally under ``train/``, ``val/``, ``test/``) holding PNG, JPEG, BMP, TIFF, DICOM, NIfTI
     or NPY files. Unreadable files fail the load with a list of every one, unless ``skip_bad``. ``steps`` are
     volume preprocessing steps (``lepton.data.pipeline``) applied to every volume as it is read.
@@ -35,6 +36,7 @@ def load_dataset(
     from lepton.data.folder import read_folder
     from lepton.data.manifest import read_manifest
     from lepton.data.medmnist import read_npz, resolve_medmnist
+    from lepton.data.partition import is_partition, read_partition
 
     text = str(source)
     if text.startswith("medmnist:"):
@@ -45,6 +47,8 @@ def load_dataset(
             raise DataError(f"{path}: no such file or folder")
         if path.is_dir():
             data = read_folder(path, window=window, slices=slices, skip_bad=skip_bad, steps=steps)
+        elif is_partition(path):  # one site's share of a source (`lepton data partition`)
+            data = read_partition(path, lambda src, **load: load_dataset(src, validate=False, steps=steps, **load))
         elif path.suffix.lower() == ".npz":
             data = _npz_steps(read_npz(path), steps)
         elif path.suffix.lower() in (".csv", ".tsv"):
