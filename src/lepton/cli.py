@@ -23,6 +23,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(route_app, name="route")
+federate_app = typer.Typer(help="Federated training on Flower: sites keep their images.", no_args_is_help=True)
+app.add_typer(federate_app, name="federate")
 console = Console(soft_wrap=True)
 if not console.is_terminal:  # pipes and files get whole tables, not an 80-column squeeze
     console = Console(soft_wrap=True, width=200)
@@ -795,6 +797,60 @@ def demo(
         f"  run directory: {result['run']}\n  report: {result['report']}\n"
         f"  next: lepton predict {result['run']} {'SERIES_FOLDER' if volumes else 'IMAGE.png'}")
 
+
+
+@federate_app.command("site")
+def federate_site(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's Fleet address, HOST:PORT.")],
+    data: Annotated[str, typer.Option(help="This site's data: any source `lepton train` reads (e.g. site-0.json).")],
+    port: Annotated[int, typer.Option(help="This SuperNode's own port (one per site on a machine).")] = 9094,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (loopback or a trusted network only).")] = False,
+    root_certificates: Annotated[Path | None, typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
+) -> None:
+    """Join a federation as a site: a Flower SuperNode whose ClientApp trains Lepton's loop on DATA."""
+    import os
+
+    from lepton.federated.deploy import supernode_command
+
+    cmd = supernode_command(superlink, data, port, insecure, root_certificates)
+    os.execv(cmd[0], cmd)
+
+
+@federate_app.command("run")
+def federate_run(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's Control address, HOST:PORT.")],
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam (Flower's).")] = "fedavg",
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    local_epochs: Annotated[int, typer.Option(help="Epochs each site trains per round.")] = 1,
+    fraction: Annotated[float, typer.Option(help="Share of the sites that train each round.")] = 1.0,
+    min_sites: Annotated[int, typer.Option(help="Sites needed to start and in every round.")] = 2,
+    model: Annotated[str, typer.Option(help="Network (`lepton models available`).")] = "lepton_cnn",
+    lr: Annotated[float, typer.Option(help="Sites' learning rate (AdamW).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Sites' batch size.")] = 64,
+    proximal_mu: Annotated[float, typer.Option(help="FedProx: weight of the proximal term.")] = 0.01,
+    image_size: Annotated[int, typer.Option(help="Input size for every site (0: the sites' native size).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    output_dir: Annotated[str, typer.Option(help="Parent of the run directory (on the SuperLink's machine).")] = "runs",
+    name: Annotated[str, typer.Option(help="Run name (default: federated-STRATEGY-time).")] = "",
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (loopback or a trusted network only).")] = False,
+    root_certificates: Annotated[Path | None, typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
+) -> None:
+    """Run a federation: Lepton's Flower app submitted to a SuperLink; the global model becomes a run directory."""
+    from lepton.federated.apps import STRATEGIES
+    from lepton.federated.deploy import run
+
+    if strategy not in STRATEGIES:
+        raise typer.BadParameter(f"--strategy must be one of {', '.join(STRATEGIES)}")
+    for label, value in (("--rounds", rounds), ("--local-epochs", local_epochs), ("--min-sites", min_sites)):
+        if value < 1:
+            raise typer.BadParameter(f"{label} must be at least 1 (got {value})")
+    if not 0 < fraction <= 1:
+        raise typer.BadParameter(f"--fraction must be in (0, 1] (got {fraction})")
+    settings = {"strategy": strategy, "rounds": rounds, "local-epochs": local_epochs, "fraction": fraction,
+                "min-sites": min_sites, "model": model, "lr": lr, "batch-size": batch_size,
+                "proximal-mu": proximal_mu if strategy == "fedprox" else 0.0, "image-size": image_size, "seed": seed,
+                "output-dir": output_dir, "name": name}
+    raise typer.Exit(run(superlink, settings, insecure, root_certificates))
 
 def main() -> None:
     """Console-script entry point: LeptonError → message and exit code 2, no traceback."""

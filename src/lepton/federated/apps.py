@@ -1,0 +1,137 @@
+"""Lepton as a Flower app on the Message API: ``client_app`` (a ``ClientApp``: describe, train, evaluate on the
+site's data) and ``server_app`` (a ``ServerApp``: agree on one preprocessing, run FedAvg, FedProx or FedAdam from
+``flwr.serverapp.strategy``, write a normal run directory). The SuperNode names the site's data with
+``--node-config 'data="site-0.json"'``; the run config (``flwr run --run-config``) names the recipe.
+
+What a site sends back: weights (an ``ArrayRecord``) and numbers (``MetricRecord``/``ConfigRecord``: counts, loss,
+val figures, label names, input size, channel sums) — no image, file path or patient id (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from lepton.data.transforms import Preprocessing
+from lepton.errors import DataError
+from lepton.federated import rundir, site
+
+log = logging.getLogger("lepton.federated")
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+client_app = ClientApp()
+server_app = ServerApp()
+
+
+def _data(context: Context) -> str:
+    data = context.node_config.get("data")
+    if not data:
+        raise DataError("this SuperNode has no data: start it with --node-config 'data=\"PATH\"' "
+                        "(a source `lepton train` reads, e.g. a site manifest)")
+    return str(data)
+
+
+def _settings(config: ConfigRecord) -> site.SiteSettings:
+    return site.SiteSettings.from_config(dict(config))
+
+
+@client_app.query()
+def describe(msg: Message, context: Context) -> Message:
+    summary = site.describe(_data(context), _settings(msg.content["config"]))
+    reply = ConfigRecord({"summary": json.dumps(summary)})
+    return Message(RecordDict({"summary": reply}), reply_to=msg)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    spec = Preprocessing.from_dict(json.loads(config["spec"]))
+    weights, metrics = site.train(_data(context), _settings(config), spec, msg.content["arrays"].to_torch_state_dict(),
+                                  int(config.get("server-round", 0)))
+    metrics[rundir.SITE_KEY] = int(context.node_id)
+    return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@client_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    spec = Preprocessing.from_dict(json.loads(config["spec"]))
+    metrics = site.evaluate(_data(context), _settings(config), spec, msg.content["arrays"].to_torch_state_dict())
+    metrics = {k: v for k, v in metrics.items() if v == v}  # NaN (one class in a site's val) is left out
+    metrics[rundir.SITE_KEY] = int(context.node_id)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def make_strategy(name: str, fraction: float, min_sites: int, proximal_mu: float, recorder: rundir.Recorder):
+    """FedAvg, FedProx or FedAdam from Flower, recording each site's figures every round."""
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    common = {"fraction_train": fraction, "fraction_evaluate": 1.0, "min_train_nodes": min_sites,
+              "min_evaluate_nodes": min_sites, "min_available_nodes": min_sites,
+              "train_metrics_aggr_fn": recorder.train_metrics, "evaluate_metrics_aggr_fn": recorder.evaluate_metrics}
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedprox":
+        return FedProx(**common, proximal_mu=proximal_mu)
+    if name == "fedadam":
+        return FedAdam(**common)
+    raise DataError(f"strategy {name!r} is not one of {', '.join(STRATEGIES)}")
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = dict(context.run_config)
+    federate(grid, run_config)
+
+
+def federate(grid: Grid, run_config: dict[str, Any]) -> Path:
+    """The federation: wait for ``min-sites`` sites, agree on preprocessing, run the rounds, write the run."""
+    import torch
+
+    from lepton.models import create_model
+
+    settings = site.SiteSettings.from_config(run_config)
+    strategy_name = str(run_config.get("strategy", "fedavg"))
+    rounds, min_sites = int(run_config.get("rounds", 3)), int(run_config.get("min-sites", 2))
+    fraction = float(run_config.get("fraction", 1.0))
+    timeout = float(run_config.get("timeout", 600))
+    nodes = _wait_for_sites(grid, min_sites, timeout)
+    base = ConfigRecord({k: v for k, v in run_config.items() if k in site.DEFAULTS})
+    replies = grid.send_and_receive([Message(RecordDict({"config": base}), dst_node_id=n, message_type="query")
+                                     for n in nodes], timeout=timeout)
+    summaries = {}
+    for reply in replies:
+        if reply.has_error():
+            raise DataError(f"site {reply.metadata.src_node_id} could not describe its data: {reply.error.reason}")
+        summaries[str(reply.metadata.src_node_id)] = json.loads(reply.content["summary"]["summary"])
+    agreed = site.agree(summaries)
+    spec = Preprocessing.from_dict(agreed["spec"])
+    torch.manual_seed(settings.seed)
+    model_spec = site.model_spec_for(settings, spec, agreed["label_names"])
+    model = create_model(**model_spec)
+    recorder = rundir.Recorder(strategy_name, settings, run_config, agreed, model_spec, summaries)
+    strategy = make_strategy(strategy_name, fraction, min_sites, settings.proximal_mu, recorder)
+    config = ConfigRecord({**dict(base), "spec": json.dumps(agreed["spec"])})
+    t0 = time.perf_counter()
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
+                            timeout=timeout, train_config=config, evaluate_config=config,
+                            evaluate_fn=recorder.keep_weights)
+    return recorder.write(result, time.perf_counter() - t0)
+
+
+def _wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= min_sites:
+            return nodes
+        if time.monotonic() > deadline:
+            raise DataError(f"only {len(nodes)} of the {min_sites} sites needed connected within {timeout:.0f} s")
+        time.sleep(0.5)

@@ -1,0 +1,210 @@
+"""Federated training on Flower's Deployment Engine on loopback: a SuperLink, two SuperNodes (`lepton federate site`)
+each with its own share of the data, `lepton federate run` for two rounds; the run directory it writes is a normal
+run. And the sites' side alone: what a site sends, FedProx's pull towards the global weights, mismatched sites."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import lepton_cmd
+
+pytest.importorskip("flwr", reason="federated learning needs Flower: pip install 'lepton[federated]'")
+
+from lepton.errors import DataError
+from lepton.federated import site
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "a Flower process exited early"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> list[Path]:
+    from lepton.data import load_dataset
+    from lepton.data.partition import write_partition
+    from lepton.data.synthetic import write_synthetic_npz
+
+    root = tmp_path_factory.mktemp("fed")
+    source = write_synthetic_npz(root / "source.npz", n=200, size=28, seed=4)
+    return write_partition(load_dataset(source), str(source), root / "sites", 2, "iid", seed=0)
+
+
+def _bin_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_two_supernodes_train_two_rounds_into_a_normal_run(sites, tmp_path):
+    env, procs = _bin_env(), []
+    link = _port()
+    try:
+        procs.append(subprocess.Popen(
+            [str(Path(sys.executable).parent / "flower-superlink"), "--insecure",
+             "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link),
+             "--health-server-address", f"127.0.0.1:{_port()}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=tmp_path))
+        _wait_port(link, procs[0])
+        for manifest in sites:
+            procs.append(subprocess.Popen(
+                lepton_cmd("federate", "site", "--superlink", f"127.0.0.1:{link}", "--data", str(manifest),
+                           "--port", str(_port()), "--insecure"),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=tmp_path))
+        done = subprocess.run(lepton_cmd("federate", "run", "--superlink", f"127.0.0.1:{link}", "--insecure",
+                                         "--rounds", "2", "--strategy", "fedprox", "--batch-size", "32",
+                                         "--output-dir", str(tmp_path / "runs"), "--name", "fl"),
+                              capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    finally:
+        _stop(procs)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "fl"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["federated"]["rounds"] == 2 and info["federated"]["sites"] == 2
+    assert info["federated"]["strategy"] == "fedprox" and info["federated"]["proximal_mu"] == 0.01
+    assert [int(r["epoch"]) for r in csv.DictReader((run_dir / "history.csv").open())] == [1, 2]
+    rows = list(csv.DictReader((run_dir / "sites.csv").open()))
+    assert {(r["round"], r["kind"]) for r in rows} == {(str(k), kind) for k in (1, 2) for kind in ("train", "evaluate")}
+    assert len({r["site"] for r in rows}) == 2
+    assert 0.0 <= info["val_auc"] <= 1.0
+    # A normal run: evaluated, registered and loaded like any other.
+    from lepton.evaluate import evaluate
+    from lepton.registry import Registry
+
+    source = json.loads(sites[0].read_text())["source"]
+    report = evaluate(run_dir, source, split="test", n_bootstrap=20, plots=False)
+    assert report["images"] > 0 and 0.0 <= report["metrics"]["0.5"]["auc"] <= 1.0
+    version = Registry.open(tmp_path / "reg").register_run(run_dir, "federated")
+    assert version.version == 1
+
+
+def _context(data: str, node_id: int = 7):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=node_id, node_config={"data": data}, state=RecordDict(), run_config={})
+
+
+def _message(kind: str, content):
+    """A message as a SuperNode's ClientApp process receives it (that process's identity set first, as Flower
+    does before it calls the app)."""
+    from flwr.app import Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+def test_what_a_site_sends_is_weights_and_numbers_only(sites):
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from lepton.federated import apps
+
+    data = str(sites[0])
+    spec = json.loads(sites[0].read_text())
+    settings = {"batch-size": 32, "augment": "none"}
+    described = apps.describe(_message("query", RecordDict({"config": ConfigRecord(settings)})), _context(data))
+    summary = json.loads(described.content["summary"]["summary"])
+    agreed = site.agree({"7": summary})
+    from lepton.data.transforms import Preprocessing
+    from lepton.models import create_model
+
+    model = site.model_spec_for(site.SiteSettings.from_config(settings), Preprocessing.from_dict(agreed["spec"]),
+                                agreed["label_names"])
+
+    net = create_model(**model)
+    config = ConfigRecord({**settings, "spec": json.dumps(agreed["spec"]), "server-round": 1})
+    trained = apps.train(_message("train", RecordDict({"arrays": ArrayRecord(net.state_dict()), "config": config})),
+                         _context(data))
+    evaluated = apps.evaluate(_message("evaluate", RecordDict({"arrays": ArrayRecord(net.state_dict()),
+                                                                "config": config})), _context(data))
+    assert set(trained.content["arrays"].keys()) == set(net.state_dict())  # the network's parameters, no more
+    forbidden = [data, Path(data).name, Path(spec["source"]).name, "#train", "#val"]
+    for reply in (described, trained, evaluated):
+        for name, record in reply.content.items():
+            if name == "arrays":
+                continue
+            text = json.dumps({k: v for k, v in record.items()}, default=str)
+            assert not any(f in text for f in forbidden), f"{name} carries a path or name: {text[:300]}"
+            for value in record.values():
+                assert isinstance(value, int | float) or name == "summary", (name, value)
+    assert set(summary) == {"label_names", "size", "channels", "train", "val", "train_per_class", "sum", "sumsq",
+                            "count", "window", "slices"}
+    assert trained.content["metrics"]["num-examples"] == summary["train"]
+
+
+def test_sites_that_differ_are_refused_by_name():
+    base = {"label_names": ["a", "b"], "size": [28, 28], "channels": 1, "train": 10, "val": 2,
+            "train_per_class": [5, 5], "sum": [1.0], "sumsq": [1.0], "count": 100.0, "window": None,
+            "slices": "middle"}
+    with pytest.raises(DataError, match="site 2 has label set"):
+        site.agree({"1": base, "2": {**base, "label_names": ["a", "c"]}})
+    with pytest.raises(DataError, match="site 2 has image size"):
+        site.agree({"1": base, "2": {**base, "size": [32, 32]}})
+    agreed = site.agree({"1": base, "2": {**base, "sum": [3.0], "sumsq": [3.0]}})
+    assert agreed["spec"]["mean"] == pytest.approx([0.02])  # pooled over both sites' pixels
+
+
+def test_fedprox_keeps_a_site_near_the_global_weights(sites):
+    from lepton.data.transforms import Preprocessing
+    from lepton.models import create_model
+
+    settings0 = site.SiteSettings(batch_size=16, augment="none", local_epochs=2, lr=3e-3)
+    summary = site.describe(str(sites[0]), settings0)
+    agreed = site.agree({"0": summary})
+    spec = Preprocessing.from_dict(agreed["spec"])
+    torch.manual_seed(0)
+    start = create_model(**site.model_spec_for(settings0, spec, agreed["label_names"])).state_dict()
+
+    def drift(mu: float) -> float:
+        settings = site.SiteSettings(batch_size=16, augment="none", local_epochs=2, lr=3e-3, proximal_mu=mu)
+        weights, _ = site.train(str(sites[0]), settings, spec, {k: v.clone() for k, v in start.items()}, 1)
+        return float(sum(((weights[k] - start[k].float()) ** 2).sum() for k in start if start[k].is_floating_point()))
+
+    assert drift(10.0) < 0.8 * drift(0.0)
+
+
+def test_run_config_is_checked():
+    from lepton.errors import ConfigError
+    from lepton.federated.deploy import flower_home, run_config_arg
+
+    assert run_config_arg({"rounds": 2, "name": "x", "lr": 0.001}) == 'rounds=2 name="x" lr=0.001'
+    with pytest.raises(ConfigError, match="unknown federation setting"):
+        run_config_arg({"epochs": 2})
+    with pytest.raises(ConfigError, match="quotes"):
+        run_config_arg({"name": 'a"b'})
+    with pytest.raises(ConfigError, match="--root-certificates"):
+        flower_home("127.0.0.1:9093", False, None, Path("/nonexistent"))
