@@ -87,6 +87,7 @@ def test_two_supernodes_train_two_rounds_into_a_normal_run(sites, tmp_path):
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=tmp_path))
         done = subprocess.run(lepton_cmd("federate", "run", "--superlink", f"127.0.0.1:{link}", "--insecure",
                                          "--rounds", "2", "--strategy", "fedprox", "--batch-size", "32",
+                                         "--dp-noise", "0.001", "--dp-clip", "100",
                                          "--output-dir", str(tmp_path / "runs"), "--name", "fl"),
                               capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     finally:
@@ -96,6 +97,9 @@ def test_two_supernodes_train_two_rounds_into_a_normal_run(sites, tmp_path):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "complete" and info["federated"]["rounds"] == 2 and info["federated"]["sites"] == 2
     assert info["federated"]["strategy"] == "fedprox" and info["federated"]["proximal_mu"] == 0.01
+    assert info["federated"]["differential_privacy"] == {
+        "mechanism": "central DP, server-side fixed clipping, Gaussian noise (Flower)", "noise_multiplier": 0.001,
+        "clipping_norm": 100.0, "sampled_sites": 2}
     assert [int(r["epoch"]) for r in csv.DictReader((run_dir / "history.csv").open())] == [1, 2]
     rows = list(csv.DictReader((run_dir / "sites.csv").open()))
     assert {(r["round"], r["kind"]) for r in rows} == {(str(k), kind) for k in (1, 2) for kind in ("train", "evaluate")}

@@ -830,6 +830,11 @@ def federate_run(
     proximal_mu: Annotated[float, typer.Option(help="FedProx: weight of the proximal term.")] = 0.01,
     image_size: Annotated[int, typer.Option(help="Input size for every site (0: the sites' native size).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    dp_noise: Annotated[float, typer.Option(help="Differential privacy: Gaussian noise multiplier (0 = off; Flower's "
+                                                  "server-side fixed clipping).")] = 0.0,
+    dp_clip: Annotated[float, typer.Option(help="Differential privacy: clipping norm of each site's update.")] = 0.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for sites each round; a site that does not answer "
+                                                "in time is left out of that round.")] = 600.0,
     output_dir: Annotated[str, typer.Option(help="Parent of the run directory (on the SuperLink's machine).")] = "runs",
     name: Annotated[str, typer.Option(help="Run name (default: federated-STRATEGY-time).")] = "",
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (loopback or a trusted network only).")] = False,
@@ -849,7 +854,9 @@ def federate_run(
     settings = {"strategy": strategy, "rounds": rounds, "local-epochs": local_epochs, "fraction": fraction,
                 "min-sites": min_sites, "model": model, "lr": lr, "batch-size": batch_size,
                 "proximal-mu": proximal_mu if strategy == "fedprox" else 0.0, "image-size": image_size, "seed": seed,
-                "output-dir": output_dir, "name": name}
+                "output-dir": output_dir, "name": name, "dp-noise": dp_noise, "dp-clip": dp_clip, "timeout": timeout}
+    if dp_noise < 0 or dp_clip < 0 or (dp_noise > 0 and dp_clip <= 0):
+        raise typer.BadParameter("--dp-noise needs --dp-clip > 0 (and neither may be negative)")
     raise typer.Exit(run(superlink, settings, insecure, root_certificates))
 
 def main() -> None:

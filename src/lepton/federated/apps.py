@@ -69,8 +69,22 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def make_strategy(name: str, fraction: float, min_sites: int, proximal_mu: float, recorder: rundir.Recorder):
-    """FedAvg, FedProx or FedAdam from Flower, recording each site's figures every round."""
+def make_strategy(name: str, fraction: float, min_sites: int, proximal_mu: float, recorder: rundir.Recorder,
+                  dp: dict[str, Any] | None = None):
+    """FedAvg, FedProx or FedAdam from Flower, recording each site's figures every round; with ``dp``
+    (``noise_multiplier``, ``clipping_norm``, ``sampled_sites``) wrapped in Flower's central differential privacy
+    with server-side fixed clipping (each site's update clipped to the norm, Gaussian noise on the aggregate)."""
+    strategy = _strategy(name, fraction, min_sites, proximal_mu, recorder)
+    if not dp:
+        return strategy
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    return DifferentialPrivacyServerSideFixedClipping(strategy, noise_multiplier=dp["noise_multiplier"],
+                                                      clipping_norm=dp["clipping_norm"],
+                                                      num_sampled_clients=dp["sampled_sites"])
+
+
+def _strategy(name: str, fraction: float, min_sites: int, proximal_mu: float, recorder: rundir.Recorder):
     from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
     common = {"fraction_train": fraction, "fraction_evaluate": 1.0, "min_train_nodes": min_sites,
@@ -116,8 +130,16 @@ def federate(grid: Grid, run_config: dict[str, Any]) -> Path:
     torch.manual_seed(settings.seed)
     model_spec = site.model_spec_for(settings, spec, agreed["label_names"])
     model = create_model(**model_spec)
-    recorder = rundir.Recorder(strategy_name, settings, run_config, agreed, model_spec, summaries)
-    strategy = make_strategy(strategy_name, fraction, min_sites, settings.proximal_mu, recorder)
+    dp = None
+    if float(run_config.get("dp-noise", 0.0)) > 0:
+        clip = float(run_config.get("dp-clip", 0.0))
+        if not clip > 0:
+            raise DataError("differential privacy needs a clipping norm > 0 (--dp-clip) with --dp-noise")
+        dp = {"mechanism": "central DP, server-side fixed clipping, Gaussian noise (Flower)",
+              "noise_multiplier": float(run_config["dp-noise"]), "clipping_norm": clip,
+              "sampled_sites": max(min_sites, int(len(nodes) * fraction))}
+    recorder = rundir.Recorder(strategy_name, settings, run_config, agreed, model_spec, summaries, dp)
+    strategy = make_strategy(strategy_name, fraction, min_sites, settings.proximal_mu, recorder, dp)
     config = ConfigRecord({**dict(base), "spec": json.dumps(agreed["spec"])})
     t0 = time.perf_counter()
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,

@@ -26,8 +26,8 @@ class Recorder:
     run directory."""
 
     def __init__(self, strategy: str, settings: SiteSettings, run_config: dict[str, Any], agreed: dict[str, Any],
-                 model_spec: dict[str, Any], summaries: dict[str, dict[str, Any]]):
-        self.strategy, self.settings, self.run_config = strategy, settings, run_config
+                 model_spec: dict[str, Any], summaries: dict[str, dict[str, Any]], dp: dict[str, Any] | None = None):
+        self.strategy, self.settings, self.run_config, self.dp = strategy, settings, run_config, dp
         self.agreed, self.model_spec, self.summaries = agreed, model_spec, summaries
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
         self.site_rows: list[dict[str, Any]] = []
@@ -111,7 +111,8 @@ class Recorder:
                           "fraction": float(self.run_config.get("fraction", 1.0)),
                           "min_sites": int(self.run_config.get("min-sites", 2)),
                           "model_bytes_per_round": self.bytes_per_round[-1] if self.bytes_per_round else None,
-                          "selection": "round with the best sites' pooled val AUC (weighted by val images)"},
+                          "selection": "round with the best sites' pooled val AUC (weighted by val images)",
+                          "differential_privacy": self.dp},
         }
         atomic_write_json(run_dir / "run.json", info)
         return run_dir
