@@ -116,6 +116,47 @@ def test_two_supernodes_train_two_rounds_into_a_normal_run(sites, tmp_path):
     assert version.version == 1
 
 
+def test_a_site_that_drops_out_does_not_stop_the_federation(tmp_path):
+    """Three sites, two needed: one SuperNode killed while the rounds run; the federation finishes without it."""
+    from lepton.data import load_dataset
+    from lepton.data.partition import write_partition
+    from lepton.data.synthetic import write_synthetic_npz
+
+    source = write_synthetic_npz(tmp_path / "source.npz", n=240, size=28, seed=6)
+    manifests = write_partition(load_dataset(source), str(source), tmp_path / "sites", 3, "iid", seed=1)
+    env, procs = _bin_env(), []
+    link = _port()
+    try:
+        procs.append(subprocess.Popen(
+            [str(Path(sys.executable).parent / "flower-superlink"), "--insecure",
+             "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link),
+             "--health-server-address", f"127.0.0.1:{_port()}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=tmp_path))
+        _wait_port(link, procs[0])
+        for manifest in manifests:
+            procs.append(subprocess.Popen(
+                lepton_cmd("federate", "site", "--superlink", f"127.0.0.1:{link}", "--data", str(manifest),
+                           "--port", str(_port()), "--insecure"),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=tmp_path))
+        run = subprocess.Popen(lepton_cmd("federate", "run", "--superlink", f"127.0.0.1:{link}", "--insecure",
+                                          "--rounds", "3", "--min-sites", "2", "--batch-size", "32", "--timeout", "20",
+                                          "--output-dir", str(tmp_path / "runs"), "--name", "dropout"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+        time.sleep(15)  # the sites have described their data and round 1 is under way
+        assert run.poll() is None, run.stdout.read()[-3000:]
+        os.killpg(procs[-1].pid, signal.SIGKILL)
+        out, _ = run.communicate(timeout=400)
+    finally:
+        _stop(procs)
+    assert run.returncode == 0, out[-3000:]
+    run_dir = tmp_path / "runs" / "dropout"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["federated"]["rounds"] == 3
+    rows = list(csv.DictReader((run_dir / "sites.csv").open()))
+    last = {r["site"] for r in rows if r["round"] == "3" and r["kind"] == "train"}
+    assert len(last) == 2  # the two sites still there carried the last round
+
+
 def _context(data: str, node_id: int = 7):
     from flwr.app import Context, RecordDict
 
