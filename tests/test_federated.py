@@ -157,6 +157,19 @@ def test_a_site_that_drops_out_does_not_stop_the_federation(tmp_path):
     assert len(last) == 2  # the two sites still there carried the last round
 
 
+def test_simulation_engine_runs_the_same_federation(synthetic_npz, tmp_path):
+    pytest.importorskip("ray", reason="the simulation engine needs Ray: pip install 'lepton[simulation]'")
+    done = subprocess.run(lepton_cmd("federate", "simulate", str(synthetic_npz), "--sites", "2", "--scheme",
+                                     "label-skew", "--alpha", "1", "--rounds", "2", "--batch-size", "32",
+                                     "--output-dir", str(tmp_path), "--name", "sim"),
+                          capture_output=True, text=True, timeout=400, env=_bin_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    info = json.loads((tmp_path / "sim" / "run.json").read_text())
+    assert info["federated"]["sites"] == 2 and info["federated"]["rounds"] == 2
+    assert sorted(p.name for p in (tmp_path / "sim-sites").iterdir()) == ["site-0.json", "site-1.json"]
+    assert json.loads((tmp_path / "sim-sites" / "site-0.json").read_text())["scheme"] == "label-skew"
+
+
 def _context(data: str, node_id: int = 7):
     from flwr.app import Context, RecordDict
 
@@ -181,7 +194,8 @@ def test_what_a_site_sends_is_weights_and_numbers_only(sites):
     data = str(sites[0])
     spec = json.loads(sites[0].read_text())
     settings = {"batch-size": 32, "augment": "none"}
-    described = apps.describe(_message("query", RecordDict({"config": ConfigRecord(settings)})), _context(data))
+    handlers = apps.client_app.handlers
+    described = handlers["query"](_message("query", RecordDict({"config": ConfigRecord(settings)})), _context(data))
     summary = json.loads(described.content["summary"]["summary"])
     agreed = site.agree({"7": summary})
     from lepton.data.transforms import Preprocessing
@@ -192,10 +206,10 @@ def test_what_a_site_sends_is_weights_and_numbers_only(sites):
 
     net = create_model(**model)
     config = ConfigRecord({**settings, "spec": json.dumps(agreed["spec"]), "server-round": 1})
-    trained = apps.train(_message("train", RecordDict({"arrays": ArrayRecord(net.state_dict()), "config": config})),
-                         _context(data))
-    evaluated = apps.evaluate(_message("evaluate", RecordDict({"arrays": ArrayRecord(net.state_dict()),
-                                                                "config": config})), _context(data))
+    weights = ArrayRecord(net.state_dict())
+    trained = handlers["train"](_message("train", RecordDict({"arrays": weights, "config": config})), _context(data))
+    evaluated = handlers["evaluate"](_message("evaluate", RecordDict({"arrays": weights, "config": config})),
+                                     _context(data))
     assert set(trained.content["arrays"].keys()) == set(net.state_dict())  # the network's parameters, no more
     forbidden = [data, Path(data).name, Path(spec["source"]).name, "#train", "#val"]
     for reply in (described, trained, evaluated):

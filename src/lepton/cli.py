@@ -816,6 +816,39 @@ def federate_site(
     os.execv(cmd[0], cmd)
 
 
+@federate_app.command("simulate")
+def federate_simulate(
+    source: Annotated[str, typer.Argument(help="A labelled source, shared between the virtual sites.")],
+    sites: Annotated[int, typer.Option(help="Virtual sites.")] = 4,
+    scheme: Annotated[str, typer.Option(help="How the source is shared: iid, label-skew or by-patient.")] = "iid",
+    alpha: Annotated[float, typer.Option(help="label-skew: Dirichlet concentration.")] = 0.5,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam (Flower's).")] = "fedavg",
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    local_epochs: Annotated[int, typer.Option(help="Epochs each site trains per round.")] = 1,
+    fraction: Annotated[float, typer.Option(help="Share of the sites that train each round.")] = 1.0,
+    model: Annotated[str, typer.Option(help="Network (`lepton models available`).")] = "lepton_cnn",
+    lr: Annotated[float, typer.Option(help="Sites' learning rate (AdamW).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Sites' batch size.")] = 64,
+    proximal_mu: Annotated[float, typer.Option(help="FedProx: weight of the proximal term.")] = 0.01,
+    seed: Annotated[int, typer.Option(help="Random seed (partition and training).")] = 0,
+    output_dir: Annotated[str, typer.Option(help="Parent of the run directory.")] = "runs",
+    name: Annotated[str, typer.Option(help="Run name; the site manifests go to OUTPUT/NAME-sites.")] = "federated",
+) -> None:
+    """Simulate a federation on this machine with Flower's simulation engine (Ray): SOURCE shared between
+    virtual sites, each a ClientApp; the same run directory as `lepton federate run`."""
+    from lepton.federated.apps import STRATEGIES
+    from lepton.federated.simulation import simulate
+
+    if strategy not in STRATEGIES:
+        raise typer.BadParameter(f"--strategy must be one of {', '.join(STRATEGIES)}")
+    run_dir = simulate(source, sites, {
+        "strategy": strategy, "rounds": rounds, "local-epochs": local_epochs, "fraction": fraction,
+        "min-sites": max(1, int(sites * fraction)), "model": model, "lr": lr, "batch-size": batch_size,
+        "proximal-mu": proximal_mu if strategy == "fedprox" else 0.0, "seed": seed, "output-dir": output_dir,
+        "name": name}, scheme=scheme, alpha=alpha, seed=seed)
+    console.print(f"run directory: {run_dir}")
+
+
 @federate_app.command("run")
 def federate_run(
     superlink: Annotated[str, typer.Option(help="The SuperLink's Control address, HOST:PORT.")],

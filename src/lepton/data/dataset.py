@@ -39,6 +39,9 @@ class ImageSet:
     source: str
     has_patient_ids: bool = False
     bad_files: list[tuple[str, str]] = field(default_factory=list)
+    # One site's share of a larger set (``lepton data partition``): the label set is the whole set's, and a class
+    # may have no image here (label skew).
+    partial_labels: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -69,6 +72,7 @@ class ImageSet:
             modalities=[self.modalities[i] for i in idx],
             source=self.source,
             has_patient_ids=self.has_patient_ids,
+            partial_labels=self.partial_labels,
         )
 
     def missing_classes(self, chosen: np.ndarray) -> list[str]:
@@ -86,7 +90,8 @@ class ImageSet:
         ]
 
     def validate(self) -> ImageSet:
-        """Raise DataError for an empty set, a single class, empty classes or bad labels."""
+        """Raise DataError for an empty set, a single class, empty classes (except in a site's share, see
+        ``partial_labels``) or bad labels."""
         n = len(self.labels)
         if n == 0:
             raise DataError(f"{self.source}: no images were found")
@@ -104,7 +109,7 @@ class ImageSet:
             )
         counts = np.bincount(self.labels, minlength=len(self.label_names))
         empty = [self.label_names[i] for i in np.flatnonzero(counts == 0)]
-        if empty:
+        if empty and not self.partial_labels:
             raise DataError(f"{self.source}: class(es) {', '.join(empty)} have no images")
         bad_splits = sorted(set(self.splits.tolist()) - {"", *SPLITS})
         if bad_splits:

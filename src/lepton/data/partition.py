@@ -171,4 +171,5 @@ def read_partition(path: Path, loader) -> ImageSet:
         raise DataError(f"{path}: indices outside the source's {len(data)} images")
     site = data.subset(np.isin(np.arange(len(data)), indices))
     site.source = f"{source} (site {spec.get('site')} of {spec.get('sites')}, {spec.get('scheme')})"
+    site.partial_labels = True
     return site

@@ -70,10 +70,11 @@ def _draw(labels: np.ndarray, groups: np.ndarray, pool: np.ndarray, fraction: fl
 
 
 def check_splits(data: ImageSet, splits: np.ndarray) -> None:
-    """Every class must be in train, and no patient group may span two splits."""
+    """Every class must be in train (except in a site's share under label skew), and no patient group may span
+    two splits."""
     train = splits == "train"
     missing = data.missing_classes(train)
-    if missing:
+    if missing and not data.partial_labels:
         raise DataError(f"{data.source}: the train split has no images of class(es) {', '.join(missing)}")
     if data.has_patient_ids:
         seen: dict[str, str] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,10 @@ from lepton.federated import rundir, site
 log = logging.getLogger("lepton.federated")
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-client_app = ClientApp()
-server_app = ServerApp()
 
 
-def _data(context: Context) -> str:
+def node_data(context: Context) -> str:
+    """The site's data, as its SuperNode names it (``--node-config 'data="PATH"'``)."""
     data = context.node_config.get("data")
     if not data:
         raise DataError("this SuperNode has no data: start it with --node-config 'data=\"PATH\"' "
@@ -42,31 +42,52 @@ def _settings(config: ConfigRecord) -> site.SiteSettings:
     return site.SiteSettings.from_config(dict(config))
 
 
-@client_app.query()
-def describe(msg: Message, context: Context) -> Message:
-    summary = site.describe(_data(context), _settings(msg.content["config"]))
-    reply = ConfigRecord({"summary": json.dumps(summary)})
-    return Message(RecordDict({"summary": reply}), reply_to=msg)
+def build_client_app(data_for: Callable[[Context], str] = node_data) -> ClientApp:
+    """Lepton's ClientApp; ``data_for`` names a site's data from its context (simulation: by partition id)."""
+    app = ClientApp()
+
+    @app.query()
+    def describe(msg: Message, context: Context) -> Message:
+        summary = site.describe(data_for(context), _settings(msg.content["config"]))
+        return Message(RecordDict({"summary": ConfigRecord({"summary": json.dumps(summary)})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = msg.content["config"]
+        spec = Preprocessing.from_dict(json.loads(config["spec"]))
+        weights, metrics = site.train(data_for(context), _settings(config), spec,
+                                      msg.content["arrays"].to_torch_state_dict(), int(config.get("server-round", 0)))
+        metrics[rundir.SITE_KEY] = int(context.node_id)
+        return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        config = msg.content["config"]
+        spec = Preprocessing.from_dict(json.loads(config["spec"]))
+        metrics = site.evaluate(data_for(context), _settings(config), spec,
+                                msg.content["arrays"].to_torch_state_dict())
+        # val_auc is NaN where a site's val holds one class (label skew): sent all the same (every site's record
+        # has the same keys, as Flower's aggregation requires); the pooled figure leaves it out.
+        metrics[rundir.SITE_KEY] = int(context.node_id)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    app.handlers = {"query": describe, "train": train, "evaluate": evaluate}  # for callers outside Flower
+    return app
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    spec = Preprocessing.from_dict(json.loads(config["spec"]))
-    weights, metrics = site.train(_data(context), _settings(config), spec, msg.content["arrays"].to_torch_state_dict(),
-                                  int(config.get("server-round", 0)))
-    metrics[rundir.SITE_KEY] = int(context.node_id)
-    return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)}), reply_to=msg)
+def build_server_app(settings: dict[str, Any] | None = None) -> ServerApp:
+    """Lepton's ServerApp: the run config (``flwr run --run-config``), over ``settings`` when given."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        federate(grid, {**dict(context.run_config), **(settings or {})})
+
+    return app
 
 
-@client_app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    spec = Preprocessing.from_dict(json.loads(config["spec"]))
-    metrics = site.evaluate(_data(context), _settings(config), spec, msg.content["arrays"].to_torch_state_dict())
-    metrics = {k: v for k, v in metrics.items() if v == v}  # NaN (one class in a site's val) is left out
-    metrics[rundir.SITE_KEY] = int(context.node_id)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+client_app = build_client_app()
+server_app = build_server_app()
 
 
 def make_strategy(name: str, fraction: float, min_sites: int, proximal_mu: float, recorder: rundir.Recorder,
@@ -97,12 +118,6 @@ def _strategy(name: str, fraction: float, min_sites: int, proximal_mu: float, re
     if name == "fedadam":
         return FedAdam(**common)
     raise DataError(f"strategy {name!r} is not one of {', '.join(STRATEGIES)}")
-
-
-@server_app.main()
-def main(grid: Grid, context: Context) -> None:
-    run_config = dict(context.run_config)
-    federate(grid, run_config)
 
 
 def federate(grid: Grid, run_config: dict[str, Any]) -> Path:

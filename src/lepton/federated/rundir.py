@@ -36,18 +36,25 @@ class Recorder:
 
     # -- Flower hooks ---------------------------------------------------------------------------------------
     def _record(self, kind: str, records, weighting: str):
-        from flwr.app import MetricRecord, RecordDict
-        from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+        """Each site's figures kept; the pooled ones averaged by ``weighting`` (images) over the sites where the
+        figure is defined (a site whose val holds one class has no AUC)."""
+        from flwr.app import MetricRecord
 
         self._round[kind] += 1
-        cleaned = []
+        rows = []
         for record in records:
             for metrics in record.metric_records.values():
                 row = dict(metrics)
                 self.site_rows.append({"round": self._round[kind], "kind": kind, **row})
-                cleaned.append(RecordDict({"metrics": MetricRecord(
-                    {k: v for k, v in row.items() if k != SITE_KEY})}))
-        return aggregate_metricrecords(cleaned, weighting)
+                rows.append(row)
+        pooled = {}
+        for key in sorted({k for row in rows for k in row} - {SITE_KEY, weighting}):
+            pairs = [(float(r[key]), float(r.get(weighting, 1))) for r in rows
+                     if key in r and math.isfinite(float(r[key]))]
+            total = sum(w for _, w in pairs)
+            if total > 0:
+                pooled[key] = sum(v * w for v, w in pairs) / total
+        return MetricRecord(pooled)
 
     def train_metrics(self, records, weighting: str):
         return self._record("train", records, weighting)
