@@ -128,3 +128,17 @@ def test_cli_partitions_and_a_site_trains(synthetic_npz, tmp_path):
     assert trained.returncode == 0, trained.stderr
     info = json.loads((tmp_path / "runs" / "site0" / "run.json").read_text())
     assert info["train_images"] == sum(spec["counts"]["train"].values())
+
+
+def test_a_site_without_some_class_still_loads_with_the_whole_label_set(synthetic_npz, data, tmp_path):
+    paths = write_partition(data, str(synthetic_npz), tmp_path / "skew", 3, "label-skew", alpha=0.05, seed=0)
+    lacking = [p for p in paths if 0 in json.loads(p.read_text())["counts"]["train"].values()]
+    assert lacking, "alpha 0.05 should leave some site without a class"
+    site = load_dataset(lacking[0])
+    assert site.label_names == data.label_names and site.partial_labels
+    assert len(np.unique(site.labels[site.splits == "train"])) < data.num_classes
+    from lepton.data.splits import assign_splits
+
+    assign_splits(site, val_fraction=0.15, test_fraction=0.0, seed=0)  # no "class missing from train" error
+    with pytest.raises(DataError, match="have no images"):  # a whole source without a class is still refused
+        data.subset(data.labels == 0).validate()
