@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_two_supernodes_train_two_rounds_into_a_normal_run(sites, tmp_path):
+@contextmanager
+def federation(manifests: list[Path], cwd: Path):
+    """A SuperLink and one SuperNode (`lepton federate site`) per manifest on loopback; yields the SuperLink's
+    address and the SuperNode processes, and stops them all afterwards."""
     env, procs = _bin_env(), []
     link = _port()
     try:
@@ -78,20 +82,25 @@ def test_two_supernodes_train_two_rounds_into_a_normal_run(sites, tmp_path):
             [str(Path(sys.executable).parent / "flower-superlink"), "--insecure",
              "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link),
              "--health-server-address", f"127.0.0.1:{_port()}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=tmp_path))
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=cwd))
         _wait_port(link, procs[0])
-        for manifest in sites:
+        for manifest in manifests:
             procs.append(subprocess.Popen(
                 lepton_cmd("federate", "site", "--superlink", f"127.0.0.1:{link}", "--data", str(manifest),
                            "--port", str(_port()), "--insecure"),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=tmp_path))
-        done = subprocess.run(lepton_cmd("federate", "run", "--superlink", f"127.0.0.1:{link}", "--insecure",
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=cwd))
+        yield f"127.0.0.1:{link}", procs[1:]
+    finally:
+        _stop(procs)
+
+
+def test_two_supernodes_train_two_rounds_into_a_normal_run(sites, tmp_path):
+    with federation(sites, tmp_path) as (link, _):
+        done = subprocess.run(lepton_cmd("federate", "run", "--superlink", link, "--insecure",
                                          "--rounds", "2", "--strategy", "fedprox", "--batch-size", "32",
                                          "--dp-noise", "0.001", "--dp-clip", "100",
                                          "--output-dir", str(tmp_path / "runs"), "--name", "fl"),
-                              capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
-    finally:
-        _stop(procs)
+                              capture_output=True, text=True, timeout=400, env=_bin_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = tmp_path / "runs" / "fl"
     info = json.loads((run_dir / "run.json").read_text())
@@ -124,30 +133,20 @@ def test_a_site_that_drops_out_does_not_stop_the_federation(tmp_path):
 
     source = write_synthetic_npz(tmp_path / "source.npz", n=240, size=28, seed=6)
     manifests = write_partition(load_dataset(source), str(source), tmp_path / "sites", 3, "iid", seed=1)
-    env, procs = _bin_env(), []
-    link = _port()
-    try:
-        procs.append(subprocess.Popen(
-            [str(Path(sys.executable).parent / "flower-superlink"), "--insecure",
-             "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link),
-             "--health-server-address", f"127.0.0.1:{_port()}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=tmp_path))
-        _wait_port(link, procs[0])
-        for manifest in manifests:
-            procs.append(subprocess.Popen(
-                lepton_cmd("federate", "site", "--superlink", f"127.0.0.1:{link}", "--data", str(manifest),
-                           "--port", str(_port()), "--insecure"),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=tmp_path))
-        run = subprocess.Popen(lepton_cmd("federate", "run", "--superlink", f"127.0.0.1:{link}", "--insecure",
+    with federation(manifests, tmp_path) as (link, nodes):
+        run = subprocess.Popen(lepton_cmd("federate", "run", "--superlink", link, "--insecure",
                                           "--rounds", "3", "--min-sites", "2", "--batch-size", "32", "--timeout", "20",
                                           "--output-dir", str(tmp_path / "runs"), "--name", "dropout"),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-        time.sleep(15)  # the sites have described their data and round 1 is under way
-        assert run.poll() is None, run.stdout.read()[-3000:]
-        os.killpg(procs[-1].pid, signal.SIGKILL)
-        out, _ = run.communicate(timeout=400)
-    finally:
-        _stop(procs)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_bin_env(),
+                               cwd=tmp_path)
+        try:
+            time.sleep(15)  # the sites have described their data and round 1 is under way
+            assert run.poll() is None, run.stdout.read()[-3000:]
+            os.killpg(nodes[-1].pid, signal.SIGKILL)
+            out, _ = run.communicate(timeout=400)
+        finally:
+            if run.poll() is None:
+                run.kill()
     assert run.returncode == 0, out[-3000:]
     run_dir = tmp_path / "runs" / "dropout"
     info = json.loads((run_dir / "run.json").read_text())
