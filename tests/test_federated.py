@@ -4,6 +4,7 @@ run. And the sites' side alone: what a site sends, FedProx's pull towards the gl
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -72,14 +73,17 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 @contextmanager
-def federation(manifests: list[Path], cwd: Path):
-    """A SuperLink and one SuperNode (`lepton federate site`) per manifest on loopback; yields the SuperLink's
-    address and the SuperNode processes, and stops them all afterwards."""
+def federation(manifests: list[Path], cwd: Path, tls: dict[str, Path] | None = None):
+    """A SuperLink and one SuperNode (`lepton federate site`) per manifest on loopback, with TLS when ``tls`` holds
+    ``ca``, ``cert`` and ``key``; yields the SuperLink's address and the SuperNode processes, and stops them all."""
     env, procs = _bin_env(), []
     link = _port()
+    link_security = (["--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]), "--ssl-ca-certfile",
+                      str(tls["ca"])] if tls else ["--insecure"])
+    site_security = ["--root-certificates", str(tls["ca"])] if tls else ["--insecure"]
     try:
         procs.append(subprocess.Popen(
-            [str(Path(sys.executable).parent / "flower-superlink"), "--insecure",
+            [str(Path(sys.executable).parent / "flower-superlink"), *link_security,
              "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link),
              "--health-server-address", f"127.0.0.1:{_port()}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=cwd))
@@ -87,7 +91,7 @@ def federation(manifests: list[Path], cwd: Path):
         for manifest in manifests:
             procs.append(subprocess.Popen(
                 lepton_cmd("federate", "site", "--superlink", f"127.0.0.1:{link}", "--data", str(manifest),
-                           "--port", str(_port()), "--insecure"),
+                           "--port", str(_port()), *site_security),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=cwd))
         yield f"127.0.0.1:{link}", procs[1:]
     finally:
@@ -123,6 +127,60 @@ def test_two_supernodes_train_two_rounds_into_a_normal_run(sites, tmp_path):
     assert report["images"] > 0 and 0.0 <= report["metrics"]["0.5"]["auc"] <= 1.0
     version = Registry.open(tmp_path / "reg").register_run(run_dir, "federated")
     assert version.version == 1
+
+
+def _certificates(root: Path) -> dict[str, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it (PEM files under ``root``)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Lepton test CA")])
+
+    def build(subject, public_key, extensions):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now)
+                   .not_valid_after(now + datetime.timedelta(hours=1)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    ca = build(ca_name, ca_key.public_key(), [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    cert = build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), key.public_key(),
+                 [(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)])
+    paths = {"ca": root / "ca.pem", "cert": root / "server.pem", "key": root / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return paths
+
+
+def test_a_federation_over_tls(sites, tmp_path):
+    """The SuperLink serves HTTPS with a certificate from a private CA; sites and `federate run` trust that CA."""
+    import http.client
+    import ssl
+    import urllib.request
+
+    tls = _certificates(tmp_path)
+    with federation(sites, tmp_path, tls) as (link, _):
+        trusted = ssl.create_default_context(cafile=str(tls["ca"]))
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP is not served
+            urllib.request.urlopen(f"http://{link}/", timeout=5)
+        with contextlib.suppress(urllib.error.HTTPError):  # any HTTP answer over a verified TLS connection
+            urllib.request.urlopen(f"https://{link}/", timeout=5, context=trusted)
+        done = subprocess.run(lepton_cmd("federate", "run", "--superlink", link, "--root-certificates",
+                                         str(tls["ca"]), "--rounds", "1", "--batch-size", "32",
+                                         "--output-dir", str(tmp_path / "runs"), "--name", "tls"),
+                              capture_output=True, text=True, timeout=400, env=_bin_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((tmp_path / "runs" / "tls" / "run.json").read_text())["federated"]["sites"] == 2
 
 
 def test_a_site_that_drops_out_does_not_stop_the_federation(tmp_path):
