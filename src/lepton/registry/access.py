@@ -39,15 +39,20 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _check_owner(tenant: str, scope: str) -> None:
+    """RegistryError unless ``tenant`` is a valid name and ``scope`` a known scope."""
+    if not _TENANT.match(tenant):
+        raise RegistryError(f"invalid tenant {tenant!r}: letters, digits, '_', '-', '.' (max 100)")
+    if scope not in SCOPES:
+        raise RegistryError(f"scope must be one of {', '.join(SCOPES)} (got {scope!r})")
+
+
 class AccessMixin:
     """Methods of ``Registry`` for keys, tenants and routes (``self`` is a Registry)."""
 
     def create_key(self, tenant: str, scope: str = "predict") -> str:
         """Create an API key and return it; it is shown once, and only its hash is stored."""
-        if not _TENANT.match(tenant):
-            raise RegistryError(f"invalid tenant {tenant!r}: letters, digits, '_', '-', '.' (max 100)")
-        if scope not in SCOPES:
-            raise RegistryError(f"scope must be one of {', '.join(SCOPES)} (got {scope!r})")
+        _check_owner(tenant, scope)
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
 
         def write(session: Session) -> None:
@@ -62,10 +67,7 @@ class AccessMixin:
         match = _KEY.match(key or "")
         if not match:
             raise RegistryError("not a Lepton API key: expected lpt_<id>_<secret> as `lepton keys create` prints")
-        if not _TENANT.match(tenant):
-            raise RegistryError(f"invalid tenant {tenant!r}: letters, digits, '_', '-', '.' (max 100)")
-        if scope not in SCOPES:
-            raise RegistryError(f"scope must be one of {', '.join(SCOPES)} (got {scope!r})")
+        _check_owner(tenant, scope)
         key_id, secret = match.group(1), match.group(2)
 
         def write(session: Session) -> None:
