@@ -866,6 +866,15 @@ def federate_run(
     dp_noise: Annotated[float, typer.Option(help="Differential privacy: Gaussian noise multiplier (0 = off; Flower's "
                                                   "server-side fixed clipping).")] = 0.0,
     dp_clip: Annotated[float, typer.Option(help="Differential privacy: clipping norm of each site's update.")] = 0.0,
+    secagg: Annotated[bool, typer.Option("--secagg", help="Secure aggregation (Flower's SecAgg+): the server sees only "
+                                                          "the sum of the sites' weights (3 sites or more).")] = False,
+    secagg_shares: Annotated[float, typer.Option(help="SecAgg+: secret shares per site, a fraction of the sampled "
+                                                      "sites or a count above 2.")] = 1.0,
+    secagg_threshold: Annotated[float, typer.Option(help="SecAgg+: shares needed to reconstruct a secret, a fraction "
+                                                         "of the shares or a count; sites that may drop out: shares "
+                                                         "minus this.")] = 0.6,
+    secagg_clip: Annotated[float, typer.Option(help="SecAgg+: every weight must lie in ±this (a site refuses to send "
+                                                    "one outside it).")] = 8.0,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for sites each round; a site that does not answer "
                                                 "in time is left out of that round.")] = 600.0,
     output_dir: Annotated[str, typer.Option(help="Parent of the run directory (on the SuperLink's machine).")] = "runs",
@@ -887,9 +896,15 @@ def federate_run(
     settings = {"strategy": strategy, "rounds": rounds, "local-epochs": local_epochs, "fraction": fraction,
                 "min-sites": min_sites, "model": model, "lr": lr, "batch-size": batch_size,
                 "proximal-mu": proximal_mu if strategy == "fedprox" else 0.0, "image-size": image_size, "seed": seed,
-                "output-dir": output_dir, "name": name, "dp-noise": dp_noise, "dp-clip": dp_clip, "timeout": timeout}
+                "output-dir": output_dir, "name": name, "dp-noise": dp_noise, "dp-clip": dp_clip, "timeout": timeout,
+                "secagg": secagg, "secagg-shares": secagg_shares, "secagg-threshold": secagg_threshold,
+                "secagg-clip": secagg_clip}
     if dp_noise < 0 or dp_clip < 0 or (dp_noise > 0 and dp_clip <= 0):
         raise typer.BadParameter("--dp-noise needs --dp-clip > 0 (and neither may be negative)")
+    if secagg:
+        from lepton.federated.secure import SecAggSettings
+
+        SecAggSettings.from_config(settings)  # a bad value named here, before anything is submitted
     raise typer.Exit(run(superlink, settings, insecure, root_certificates))
 
 def main() -> None:

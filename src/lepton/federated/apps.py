@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from lepton.data.transforms import Preprocessing
 from lepton.errors import DataError
-from lepton.federated import rundir, site
+from lepton.federated import rundir, secure, site
 
 log = logging.getLogger("lepton.federated")
 
@@ -42,6 +42,10 @@ def _settings(config: ConfigRecord) -> site.SiteSettings:
     return site.SiteSettings.from_config(dict(config))
 
 
+def _legacy_settings(content: RecordDict, kind: str) -> site.SiteSettings:
+    return site.SiteSettings.from_config(dict(content.config_records[f"{kind}ins.config"]))
+
+
 def build_client_app(data_for: Callable[[Context], str] = node_data) -> ClientApp:
     """Lepton's ClientApp; ``data_for`` names a site's data from its context (simulation: by partition id)."""
     app = ClientApp()
@@ -51,8 +55,10 @@ def build_client_app(data_for: Callable[[Context], str] = node_data) -> ClientAp
         summary = site.describe(data_for(context), _settings(msg.content["config"]))
         return Message(RecordDict({"summary": ConfigRecord({"summary": json.dumps(summary)})}), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[secure.client_mod])
     def train(msg: Message, context: Context) -> Message:
+        if secure.is_legacy(msg.content, "fit"):  # a SecAgg+ round (Flower's legacy records)
+            return secure.legacy_train(msg, data_for(context), _legacy_settings(msg.content, "fit"), site.train)
         config = msg.content["config"]
         spec = Preprocessing.from_dict(json.loads(config["spec"]))
         weights, metrics = site.train(data_for(context), _settings(config), spec,
@@ -62,6 +68,9 @@ def build_client_app(data_for: Callable[[Context], str] = node_data) -> ClientAp
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        if secure.is_legacy(msg.content, "evaluate"):
+            return secure.legacy_evaluate(msg, data_for(context), _legacy_settings(msg.content, "evaluate"),
+                                          site.evaluate)
         config = msg.content["config"]
         spec = Preprocessing.from_dict(json.loads(config["spec"]))
         metrics = site.evaluate(data_for(context), _settings(config), spec,
@@ -81,7 +90,7 @@ def build_server_app(settings: dict[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        federate(grid, {**dict(context.run_config), **(settings or {})})
+        federate(grid, {**dict(context.run_config), **(settings or {})}, context)
 
     return app
 
@@ -120,8 +129,9 @@ def _strategy(name: str, fraction: float, min_sites: int, proximal_mu: float, re
     raise DataError(f"strategy {name!r} is not one of {', '.join(STRATEGIES)}")
 
 
-def federate(grid: Grid, run_config: dict[str, Any]) -> Path:
-    """The federation: wait for ``min-sites`` sites, agree on preprocessing, run the rounds, write the run."""
+def federate(grid: Grid, run_config: dict[str, Any], context: Context | None = None) -> Path:
+    """The federation: wait for ``min-sites`` sites, agree on preprocessing, run the rounds, write the run. With
+    ``secagg`` the rounds run Flower's SecAgg+ (see ``lepton.federated.secure``)."""
     import torch
 
     from lepton.models import create_model
@@ -145,21 +155,32 @@ def federate(grid: Grid, run_config: dict[str, Any]) -> Path:
     torch.manual_seed(settings.seed)
     model_spec = site.model_spec_for(settings, spec, agreed["label_names"])
     model = create_model(**model_spec)
+    use_secagg = str(run_config.get("secagg", "false")).lower() in ("1", "true", "yes")
+    secagg = secure.SecAggSettings.from_config(run_config) if use_secagg else None
     dp = None
     if float(run_config.get("dp-noise", 0.0)) > 0:
         clip = float(run_config.get("dp-clip", 0.0))
         if not clip > 0:
             raise DataError("differential privacy needs a clipping norm > 0 (--dp-clip) with --dp-noise")
-        dp = {"mechanism": "central DP, server-side fixed clipping, Gaussian noise (Flower)",
+        where = ("client-side fixed clipping (each site clips its update before masking)" if secagg else
+                 "server-side fixed clipping")
+        dp = {"mechanism": f"central DP, {where}, Gaussian noise (Flower)",
               "noise_multiplier": float(run_config["dp-noise"]), "clipping_norm": clip,
               "sampled_sites": max(min_sites, int(len(nodes) * fraction))}
-    recorder = rundir.Recorder(strategy_name, settings, run_config, agreed, model_spec, summaries, dp)
-    strategy = make_strategy(strategy_name, fraction, min_sites, settings.proximal_mu, recorder, dp)
+    max_weight = max(int(s["train"]) for s in summaries.values())
+    recorder = rundir.Recorder(strategy_name, settings, run_config, agreed, model_spec, summaries, dp,
+                               secagg.record(max_weight) if secagg else None)
     config = ConfigRecord({**dict(base), "spec": json.dumps(agreed["spec"])})
     t0 = time.perf_counter()
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
-                            timeout=timeout, train_config=config, evaluate_config=config,
-                            evaluate_fn=recorder.keep_weights)
+    if secagg:
+        result = secure.run(grid, context, strategy=strategy_name, rounds=rounds, fraction=fraction,
+                            min_sites=min_sites, timeout=timeout, proximal_mu=settings.proximal_mu, model=model,
+                            config=dict(config), recorder=recorder, secagg=secagg, max_weight=max_weight, dp=dp)
+    else:
+        strategy = make_strategy(strategy_name, fraction, min_sites, settings.proximal_mu, recorder, dp)
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
+                                timeout=timeout, train_config=config, evaluate_config=config,
+                                evaluate_fn=recorder.keep_weights)
     return recorder.write(result, time.perf_counter() - t0)
 
 

@@ -17,7 +17,8 @@ from lepton.federated import APP_DIR
 
 #: Run-config keys `lepton federate run` may set (those of the app's [tool.flwr.app.config]).
 RUN_KEYS = ("strategy", "rounds", "local-epochs", "fraction", "min-sites", "model", "lr", "batch-size", "augment",
-            "seed", "proximal-mu", "image-size", "timeout", "output-dir", "name", "dp-noise", "dp-clip")
+            "seed", "proximal-mu", "image-size", "timeout", "output-dir", "name", "dp-noise", "dp-clip", "secagg",
+            "secagg-shares", "secagg-threshold", "secagg-clip")
 
 
 def _toml_value(value: Any) -> str:

@@ -26,8 +26,9 @@ class Recorder:
     run directory."""
 
     def __init__(self, strategy: str, settings: SiteSettings, run_config: dict[str, Any], agreed: dict[str, Any],
-                 model_spec: dict[str, Any], summaries: dict[str, dict[str, Any]], dp: dict[str, Any] | None = None):
-        self.strategy, self.settings, self.run_config, self.dp = strategy, settings, run_config, dp
+                 model_spec: dict[str, Any], summaries: dict[str, dict[str, Any]], dp: dict[str, Any] | None = None,
+                 secure: dict[str, Any] | None = None):
+        self.strategy, self.settings, self.run_config, self.dp, self.secure = strategy, settings, run_config, dp, secure
         self.agreed, self.model_spec, self.summaries = agreed, model_spec, summaries
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
         self.site_rows: list[dict[str, Any]] = []
@@ -35,18 +36,13 @@ class Recorder:
         self.bytes_per_round: list[int] = []
 
     # -- Flower hooks ---------------------------------------------------------------------------------------
-    def _record(self, kind: str, records, weighting: str):
+    def pool(self, kind: str, rows: list[dict[str, Any]], weighting: str = "num-examples") -> dict[str, float]:
         """Each site's figures kept; the pooled ones averaged by ``weighting`` (images) over the sites where the
         figure is defined (a site whose val holds one class has no AUC)."""
-        from flwr.app import MetricRecord
-
         self._round[kind] += 1
-        rows = []
-        for record in records:
-            for metrics in record.metric_records.values():
-                row = dict(metrics)
-                self.site_rows.append({"round": self._round[kind], "kind": kind, **row})
-                rows.append(row)
+        rows = [dict(row) for row in rows]
+        for row in rows:
+            self.site_rows.append({"round": self._round[kind], "kind": kind, **row})
         pooled = {}
         for key in sorted({k for row in rows for k in row} - {SITE_KEY, weighting}):
             pairs = [(float(r[key]), float(r.get(weighting, 1))) for r in rows
@@ -54,7 +50,13 @@ class Recorder:
             total = sum(w for _, w in pairs)
             if total > 0:
                 pooled[key] = sum(v * w for v, w in pairs) / total
-        return MetricRecord(pooled)
+        return pooled
+
+    def _record(self, kind: str, records, weighting: str):
+        from flwr.app import MetricRecord
+
+        rows = [dict(metrics) for record in records for metrics in record.metric_records.values()]
+        return MetricRecord(self.pool(kind, rows, weighting))
 
     def train_metrics(self, records, weighting: str):
         return self._record("train", records, weighting)
@@ -64,10 +66,11 @@ class Recorder:
 
     def keep_weights(self, server_round: int, arrays) -> None:
         """``evaluate_fn``: the global weights after each round (round 0: the initial ones)."""
-        state = arrays.to_torch_state_dict()
+        self.keep_state(server_round, arrays.to_torch_state_dict())
+
+    def keep_state(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
         self.weights[server_round] = {k: v.clone() for k, v in state.items()}
         self.bytes_per_round.append(int(sum(v.numel() * v.element_size() for v in state.values())))
-        return None
 
     # -- the run directory ----------------------------------------------------------------------------------
     def write(self, result, seconds: float) -> Path:
@@ -119,7 +122,7 @@ class Recorder:
                           "min_sites": int(self.run_config.get("min-sites", 2)),
                           "model_bytes_per_round": self.bytes_per_round[-1] if self.bytes_per_round else None,
                           "selection": "round with the best sites' pooled val AUC (weighted by val images)",
-                          "differential_privacy": self.dp},
+                          "differential_privacy": self.dp, "secure_aggregation": self.secure},
         }
         atomic_write_json(run_dir / "run.json", info)
         return run_dir

@@ -98,11 +98,19 @@ def agree(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "train": {site: s["train"] for site, s in summaries.items()}}
 
 
-def _model(settings: SiteSettings, prepared: Prepared, weights: dict[str, torch.Tensor] | None) -> Trainer:
+def _model(settings: SiteSettings, prepared: Prepared, weights: dict[str, torch.Tensor] | None,
+           strict: bool = True) -> Trainer:
+    """The site's network with the global ``weights``; with ``strict=False`` only its integer buffers (BatchNorm's
+    batch counter, which secure aggregation leaves out) may be missing from them."""
     config = settings.train_config("site")
     trainer = Trainer(config, get_task("classification"), prepared, "cpu")
     if weights is not None:
-        trainer.module.load_state_dict(weights)
+        result = trainer.module.load_state_dict(weights, strict=strict)
+        own = trainer.module.state_dict()
+        missing = [k for k in result.missing_keys if own[k].is_floating_point()]
+        if missing or result.unexpected_keys:
+            raise DataError(f"the global weights do not fit this site's {settings.model}: missing "
+                            f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     return trainer
 
 
@@ -114,10 +122,10 @@ def model_spec_for(settings: SiteSettings, spec: Preprocessing, label_names: lis
 
 
 def train(data: str, settings: SiteSettings, spec: Preprocessing, weights: dict[str, torch.Tensor],
-          server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+          server_round: int, strict: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """``local_epochs`` of training from the global ``weights``; returns the new weights and the round's figures."""
     prepared = _prepared(data, settings, spec)
-    trainer = _model(settings, prepared, weights)
+    trainer = _model(settings, prepared, weights, strict)
     if settings.proximal_mu > 0:  # FedProx: mu/2 * ||w - w_global||^2 keeps the local model near the global one
         anchor = [p.detach().clone() for p in trainer.module.parameters()]
         base, mu = trainer.loss_fn, settings.proximal_mu
@@ -138,9 +146,9 @@ def train(data: str, settings: SiteSettings, spec: Preprocessing, weights: dict[
 
 
 def evaluate(data: str, settings: SiteSettings, spec: Preprocessing,
-             weights: dict[str, torch.Tensor]) -> dict[str, float]:
+             weights: dict[str, torch.Tensor], strict: bool = True) -> dict[str, float]:
     """The task's val figures of ``weights`` on this site's val split (AUC is NaN when it holds one class)."""
     prepared = _prepared(data, settings, spec)
-    trainer = _model(settings, prepared, weights)
+    trainer = _model(settings, prepared, weights, strict)
     metrics = trainer.validate()
     return {"num-examples": len(prepared.y_val), **{k: float(v) for k, v in metrics.items()}}
