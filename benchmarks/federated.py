@@ -6,13 +6,15 @@ augmentation) for the same number of epochs over its data — ``rounds x local e
 
 * centralized: one model on all the train images (what pooling would give);
 * FedAvg and FedProx (mu 0.01): Flower's strategies on its simulation engine, every site every round;
+* with ``--secagg``, FedAvg under secure aggregation (Flower's SecAgg+) too: what the protocol costs in time and
+  whether its quantization costs accuracy;
 * site alone: each site's own model on its own images.
 
 Each model is scored on the whole val split (global) and on every site's own val share, AUC and ACC (threshold
 0.5) with 95 % bootstrap CIs on the global figures. Also: rounds, bytes on the wire per round, wall time. The test
 split is held out (not in the shared file). ``--quick``: one scheme, 1,000 train images, 2 rounds.
 
-    python benchmarks/federated.py [--rounds 10] [--local-epochs 1] [--quick]
+    python benchmarks/federated.py [--rounds 10] [--local-epochs 1] [--quick] [--secagg] [--schemes iid,label-skew]
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--secagg", action="store_true", help="also FedAvg under SecAgg+")
+    parser.add_argument("--schemes", default="iid,label-skew", help="comma-separated: iid, label-skew")
     args = parser.parse_args()
     if not DATA.exists():
         print(f"skipped: {DATA} is absent")
@@ -63,7 +67,10 @@ def main() -> None:
     from lepton.train import train
 
     print(f"CPU: {cpu_summary()}")
-    schemes = [("label-skew", 0.5)] if args.quick else [("iid", None), ("label-skew", 0.5)]
+    wanted = {s.strip() for s in args.schemes.split(",")}
+    schemes = [("label-skew", 0.5)] if args.quick else [(s, a) for s, a in (("iid", None), ("label-skew", 0.5))
+                                                         if s in wanted]
+    strategies = ("fedavg", "fedprox", "fedavg+secagg") if args.secagg else ("fedavg", "fedprox")
     rounds = 2 if args.quick else args.rounds
     epochs = rounds * args.local_epochs
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,13 +104,15 @@ def main() -> None:
             config.epochs, config.name, config.output_dir = epochs, f"{scheme}-central", str(tmp / "runs")
             train(config=config, quiet=True)
             results["centralized"] = (tmp / "runs" / f"{scheme}-central", time.perf_counter() - t0, None)
-            for strategy in ("fedavg", "fedprox"):
+            for strategy in strategies:
                 t0 = time.perf_counter()
+                tag = strategy.replace("+", "-")
                 run_dir = simulate(str(source), SITES, {
-                    "strategy": strategy, "rounds": rounds, "local-epochs": args.local_epochs, "batch-size": 64,
-                    "proximal-mu": 0.01 if strategy == "fedprox" else 0.0, "name": f"{scheme}-{strategy}",
+                    "strategy": strategy.split("+")[0], "rounds": rounds, "local-epochs": args.local_epochs,
+                    "batch-size": 64, "proximal-mu": 0.01 if strategy == "fedprox" else 0.0,
+                    "secagg": strategy.endswith("+secagg"), "name": f"{scheme}-{tag}",
                     "output-dir": str(tmp / "runs")}, scheme=scheme, alpha=alpha or 0.5, seed=0,
-                    sites_dir=tmp / f"{scheme}-{strategy}-sites", cpus_per_site=1.0)
+                    sites_dir=tmp / f"{scheme}-{tag}-sites", cpus_per_site=1.0)
                 info = json.loads((run_dir / "run.json").read_text())
                 results[strategy] = (run_dir, time.perf_counter() - t0, info["federated"]["model_bytes_per_round"])
             local = []
@@ -143,14 +152,17 @@ def main() -> None:
                 continue
             ci = g["ci"]["auc"]
             sites = " / ".join(f(s["auc"]) if s else "-" for s in per_site)
-            mb = f"{2 * SITES * nbytes / 1e6:.1f}" if nbytes else "-"
+            # SecAgg+: each site sends its masked weights as 64-bit integers (twice the float32 weights; measured
+            # in tests/test_federated_secure.py's setting) plus ~2 KB of keys and shares.
+            mb = f"{(3 if name.endswith('+secagg') else 2) * SITES * nbytes / 1e6:.1f}" if nbytes else "-"
             print(f"| {scheme} | {name} | {g['auc']:.4f} [{ci[0]:.3f}, {ci[1]:.3f}] | {g['acc']:.4f} | {sites} | "
                   f"{seconds:.0f} | {mb} |")
         print("\nMB per round: the global weights to every site and each site's weights back "
-              f"({SITES} sites x 2 x model size).")
+              f"({SITES} sites x 2 x model size; under SecAgg+ the masked weights go back as 64-bit integers: "
+              f"{SITES} x 3 x model size).")
         for scheme, _ in schemes:
             central = next(r for r in rows if r[0] == scheme and r[1] == "centralized")[2]["auc"]
-            for strategy in ("fedavg", "fedprox"):
+            for strategy in strategies:
                 fed = next(r for r in rows if r[0] == scheme and r[1] == strategy)
                 gap = fed[2]["auc"] - central
                 better = [fed[3][k]["auc"] > r[3][k]["auc"] for k in range(SITES)

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,7 @@ class LoopbackGrid:
                                        run_config={}) for i, m in enumerate(manifests)}
         self.run = SimpleNamespace(run_id=1)
         self.received: list[tuple[str, object]] = []
+        self.sent: list[object] = []
         _identity(0)  # the server's process (Flower sets this before it calls a ServerApp)
 
     def get_node_ids(self) -> list[int]:
@@ -52,6 +54,7 @@ class LoopbackGrid:
         for msg in messages:
             node = msg.metadata.dst_node_id
             msg = copy.deepcopy(msg)  # each site gets its own copy, as over the wire (Flower reuses one content)
+            self.sent.append(msg)
             _identity(node)
             try:
                 reply = apps.client_app(msg, self.sites[node])
@@ -121,11 +124,20 @@ def test_the_server_learns_the_weighted_mean_and_no_site_weights(three_sites, tm
 
 
 def test_fedadam_under_secure_aggregation(three_sites, tmp_path):
-    run_dir = apps.federate(LoopbackGrid(three_sites), _settings(tmp_path, strategy="fedadam", rounds=2))
+    grid = LoopbackGrid(three_sites)
+    run_dir = apps.federate(grid, _settings(tmp_path, strategy="fedadam", rounds=2))
     info = json.loads((run_dir / "run.json").read_text())
     assert info["federated"]["rounds"] == 2 and info["federated"]["strategy"] == "fedadam"
     model = torch.load(run_dir / "best.pt", weights_only=False)["model"]
     assert all(torch.isfinite(v.float()).all() for v in model.values())
+    assert {v.dtype for v in model.values() if v.is_floating_point()} == {torch.float32}
+    # What the sites download stays float32 after a secure round (SecAgg+ dequantizes in float64).
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    sent = [parameters_to_ndarrays(compat.recorddict_to_evaluateins(m.content, True).parameters)
+            for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(sent) == 6 and {a.dtype for arrays in sent for a in arrays} == {np.dtype("float32")}
 
 
 def test_sites_clip_their_own_updates_for_privacy_under_secure_aggregation(three_sites, tmp_path):

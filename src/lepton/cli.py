@@ -833,6 +833,8 @@ def federate_simulate(
     seed: Annotated[int, typer.Option(help="Random seed (partition and training).")] = 0,
     output_dir: Annotated[str, typer.Option(help="Parent of the run directory.")] = "runs",
     name: Annotated[str, typer.Option(help="Run name; the site manifests go to OUTPUT/NAME-sites.")] = "federated",
+    secagg: Annotated[bool, typer.Option("--secagg", help="Secure aggregation (Flower's SecAgg+), 3 sites or "
+                                                          "more.")] = False,
 ) -> None:
     """Simulate a federation on this machine with Flower's simulation engine (Ray): SOURCE shared between
     virtual sites, each a ClientApp; the same run directory as `lepton federate run`."""
@@ -845,7 +847,7 @@ def federate_simulate(
         "strategy": strategy, "rounds": rounds, "local-epochs": local_epochs, "fraction": fraction,
         "min-sites": max(1, int(sites * fraction)), "model": model, "lr": lr, "batch-size": batch_size,
         "proximal-mu": proximal_mu if strategy == "fedprox" else 0.0, "seed": seed, "output-dir": output_dir,
-        "name": name}, scheme=scheme, alpha=alpha, seed=seed)
+        "name": name, "secagg": secagg}, scheme=scheme, alpha=alpha, seed=seed)
     console.print(f"run directory: {run_dir}")
 
 

@@ -158,6 +158,25 @@ class _Grid:
         return replies
 
 
+class _Float32:
+    """A legacy strategy whose global weights stay float32: SecAgg+ dequantizes (and DP noise adds) in float64,
+    which would double every later download and the run's checkpoint."""
+
+    def __init__(self, strategy):
+        self._strategy = strategy
+
+    def __getattr__(self, name: str):
+        return getattr(self._strategy, name)
+
+    def aggregate_fit(self, server_round, results, failures):
+        from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+
+        parameters, metrics = self._strategy.aggregate_fit(server_round, results, failures)
+        if parameters is not None:
+            parameters = ndarrays_to_parameters([a.astype(np.float32) for a in parameters_to_ndarrays(parameters)])
+        return parameters, metrics
+
+
 def _legacy_strategy(name: str, fraction: float, min_sites: int, proximal_mu: float, initial, recorder,
                      fit_config: dict[str, Any], keep):
     from flwr.server import strategy as legacy
@@ -202,7 +221,8 @@ def run(grid, context: Context | None, *, strategy: str, rounds: int, fraction: 
     fixed = {k: v.clone() for k, v in state.items() if not v.is_floating_point()}
 
     def keep(server_round: int, arrays, _config):
-        weights = {**fixed, **{k: torch.from_numpy(np.array(a, copy=True)) for k, a in zip(keys, arrays, strict=True)}}
+        weights = {**fixed, **{k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in zip(keys, arrays,
+                                                                                                 strict=True)}}
         recorder.keep_state(server_round, {k: weights[k] for k in state})
         return None
 
@@ -215,6 +235,7 @@ def run(grid, context: Context | None, *, strategy: str, rounds: int, fraction: 
         legacy = DifferentialPrivacyClientSideFixedClipping(legacy, noise_multiplier=dp["noise_multiplier"],
                                                             clipping_norm=dp["clipping_norm"],
                                                             num_sampled_clients=dp["sampled_sites"])
+    legacy = _Float32(legacy)
     base = context or Context(run_id=0, node_id=0, node_config={}, state=Records(), run_config={})
     legacy_context = LegacyContext(base, config=ServerConfig(num_rounds=rounds, round_timeout=timeout),
                                    strategy=legacy)
