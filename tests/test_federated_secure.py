@@ -117,8 +117,8 @@ def test_the_server_learns_the_weighted_mean_and_no_site_weights(three_sites, tm
     assert len(masked) == 3
     info = json.loads((run_dir / "run.json").read_text())
     assert info["federated"]["secure_aggregation"] == {
-        "protocol": "SecAgg+ (Flower)", "num_shares": 1.0, "reconstruction_threshold": 0.6, "clipping_range": 8.0,
-        "quantization_range": 4194304, "modulus_range": 4294967296, "max_weight": max(n for _, n in trained)}
+        "protocol": "SecAgg+ (Flower)", "num_shares": 1.0, "reconstruction_threshold": 0.6, "clipping_range": 64.0,
+        "quantization_range": 1 << 28, "modulus_range": 1 << 40, "max_weight": max(n for _, n in trained)}
     rows = list(csv.DictReader((run_dir / "sites.csv").open()))
     assert {(r["round"], r["kind"]) for r in rows} == {("1", "train"), ("1", "evaluate")} and len(rows) == 6
 

@@ -876,7 +876,7 @@ def federate_run(
                                                          "of the shares or a count; sites that may drop out: shares "
                                                          "minus this.")] = 0.6,
     secagg_clip: Annotated[float, typer.Option(help="SecAgg+: every weight must lie in ±this (a site refuses to send "
-                                                    "one outside it).")] = 8.0,
+                                                    "one outside it).")] = 64.0,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for sites each round; a site that does not answer "
                                                 "in time is left out of that round.")] = 600.0,
     output_dir: Annotated[str, typer.Option(help="Parent of the run directory (on the SuperLink's machine).")] = "runs",
