@@ -449,8 +449,12 @@ def serve(
         envvar="LEPTON_REDIS_URL", help="redis://HOST:PORT/DB: rate limits and admin reloads shared by replicas on "
                                         "several hosts (default: per host).")] = None,
     redis_prefix: Annotated[str, typer.Option(help="Prefix of this deployment's Redis keys.")] = "lepton",
+    research_notice: Annotated[bool, typer.Option(
+        "--research-notice/--no-research-notice",
+        help="The web console's 'research use — not for diagnosis' notice on every page.")] = True,
 ) -> None:
-    """Serve registered models over HTTP (native API, Open Inference Protocol v2, /metrics)."""
+    """Serve registered models over HTTP (native API, Open Inference Protocol v2, /metrics, the web console at
+    /ui)."""
     import os
 
     # OpenMP threads that spin between batches starve the event loop; passive waiting measured
@@ -483,7 +487,8 @@ def serve(
                          precision=precision, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_queue=max_queue, model_concurrency=model_concurrency,
                          batch_idle_ms=batch_idle_ms, rate_limit=rate_limit, rate_burst=rate_burst,
-                         poll_seconds=poll_seconds, redis=redis or None, redis_prefix=redis_prefix),
+                         poll_seconds=poll_seconds, redis=redis or None, redis_prefix=redis_prefix,
+                         ui_notice=research_notice),
              host=host, port=port, workers=workers)
 
 

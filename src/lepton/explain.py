@@ -91,6 +91,35 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> 
     return buf.getvalue()
 
 
+def layer_pngs(image: np.ndarray, heatmap: np.ndarray, slices: int = 8) -> tuple[bytes, bytes]:
+    """The two layers a viewer stacks to set the heatmap's opacity itself: the grayscale image and the jet-coloured
+    heatmap with its own alpha (0 where the map is 0); a (D, H, W) volume as the same grid of slices as
+    ``montage_png``."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    if image.ndim == 3:
+        picks = np.unique(np.linspace(0, len(image) - 1, min(slices, len(image))).round().astype(int))
+        cols = min(4, len(picks))
+        rows = -(-len(picks) // cols)
+        h, w = image.shape[1:]
+        grid_image, grid_heat = np.zeros((rows * h, cols * w), np.float32), np.zeros((rows * h, cols * w), np.float32)
+        for i, d in enumerate(picks):
+            r, c = divmod(i, cols)
+            grid_image[r * h:(r + 1) * h, c * w:(c + 1) * w] = image[d]
+            grid_heat[r * h:(r + 1) * h, c * w:(c + 1) * w] = heatmap[d]
+        image, heatmap = grid_image, grid_heat
+    heat = np.clip(heatmap, 0, 1)
+    rgba = colormaps["jet"](heat)
+    rgba[..., 3] = heat
+    out = []
+    for array in (np.clip(image, 0, 1), rgba):
+        buf = io.BytesIO()
+        Image.fromarray((array * 255).round().astype(np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out[0], out[1]
+
+
 def montage_png(volume: np.ndarray, heatmap: np.ndarray, slices: int = 8, alpha: float = 0.45) -> bytes:
     """A PNG grid of ``slices`` evenly spaced axial slices of a (D, H, W) volume with the heatmap over each."""
     from PIL import Image

@@ -39,3 +39,13 @@ def render_card(v) -> str:
               "- Calibration (ECE above) may not transfer to a different disease prevalence; re-check the "
               "threshold on local data before clinical use.", ""]
     return "\n".join(lines)
+
+
+def card_html(markdown: str) -> str:
+    """A model card as HTML that is safe to show in a page: CommonMark with raw HTML turned off (any tag in the card
+    comes out as text) and markdown-it's link check (no ``javascript:``, ``vbscript:``, ``file:`` or non-image
+    ``data:`` links); tables on."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False}).enable(
+        "table").render(markdown)

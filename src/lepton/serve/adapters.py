@@ -186,17 +186,20 @@ class TorchAdapter(ModelAdapter):
         self._tta = self.run.config.tta
         return self.run.model
 
-    def explain(self, pixels: np.ndarray, method: str, class_idx: int) -> bytes:
-        """A Grad-CAM overlay PNG for one decoded image — a montage of slices for a volume — (run outside the
-        batcher, in the caller's thread)."""
+    def explain(self, pixels: np.ndarray, method: str, class_idx: int) -> dict[str, bytes]:
+        """Grad-CAM PNGs for one decoded image — a montage of slices for a volume —: ``overlay`` (blended),
+        ``image`` and ``heatmap`` (the layers, for a viewer's own opacity); run outside the batcher, in the caller's
+        thread."""
         import torch
 
-        from lepton.explain import montage_png, overlay_png, saliency_maps
+        from lepton.explain import layer_pngs, montage_png, overlay_png, saliency_maps
 
         with torch.enable_grad():  # executor threads may have autograd off
             maps, _ = saliency_maps(self.run, [pixels], method=method, class_idx=class_idx)
         shown = self.preprocessing.resize([pixels]).mean(1).numpy()[0]
-        return overlay_png(shown, maps[0]) if maps[0].ndim == 2 else montage_png(shown, maps[0])
+        overlay = overlay_png(shown, maps[0]) if maps[0].ndim == 2 else montage_png(shown, maps[0])
+        image, heatmap = layer_pngs(shown, maps[0])
+        return {"overlay": overlay, "image": image, "heatmap": heatmap}
 
 
 class OnnxAdapter(ModelAdapter):

@@ -1,5 +1,6 @@
-"""The application factory: the server state, its lifespan (load, poll, follow other workers, drain), the
-error handlers, the access middleware and the routers (health, native v1, OIP v2, admin)."""
+"""The application factory: the server state, its lifespan (load, poll, follow other workers, sample metrics for
+the console, drain), the error handlers, the access middleware and the routers (health, native v1, OIP v2, admin,
+the web console)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lepton import __version__
 from lepton.serve.config import CONFIG_ENV, ServeConfig
 from lepton.serve.errors import install_error_handlers
 from lepton.serve.middleware import AccessMiddleware, json_access_log
-from lepton.serve.routers import admin, health, native, oip
+from lepton.serve.routers import admin, health, native, oip, ui
 from lepton.serve.state import Server
 
 __all__ = ["CONFIG_ENV", "ServeConfig", "create_app", "create_app_from_env"]
@@ -35,6 +36,13 @@ async def _repeat(seconds: float, step, failure: str) -> None:
             await step()
         except Exception as exc:
             log.error("%s: %s", failure, exc)
+
+
+def _sampled(server: Server):
+    async def step() -> None:
+        server.sample_metrics()
+
+    return step
 
 
 def create_app_from_env() -> FastAPI:
@@ -56,7 +64,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         await server.reload()
         loop = asyncio.get_running_loop()
-        tasks = []
+        tasks = [loop.create_task(_repeat(server.monitor.every, _sampled(server), "metrics sample failed"))]
+        server.sample_metrics()
         if config.poll_seconds > 0:  # promotions made with the CLI reach the server
             tasks.append(loop.create_task(_repeat(config.poll_seconds, server.reload, "registry poll failed")))
         if server.reload_signal is not None:  # another worker answered an admin reload: reload here too
@@ -80,7 +89,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     # One APIRouter per concern, mounted flat: FastAPI's include_router keeps a nested router that every request
     # walks (measured: +11 µs a request on this machine, 74.5 against 63 µs for a refused predict). The routers
     # carry no dependencies or settings of their own, so their routes are complete as they are.
-    for router in (native.router, oip.router, health.router, admin.router):  # the inference routes match first
+    # The inference routes match first.
+    for router in (native.router, oip.router, health.router, admin.router, ui.router):
         for route in router.routes:
             route.operation_id = route.name  # operation ids: predict, infer, … (generated clients' method names)
         app.router.routes.extend(router.routes)

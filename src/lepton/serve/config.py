@@ -36,4 +36,5 @@ class ServeConfig:
     # keys that start with ``redis_prefix`` (one prefix per deployment sharing a Redis).
     redis: str | None = None
     redis_prefix: str = "lepton"
+    ui_notice: bool = True  # the console's "research use — not for diagnosis" notice on every page
     freeze_heap: bool = True  # gc.freeze() after models load: no full-heap garbage collection pauses under load

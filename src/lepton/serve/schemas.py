@@ -4,7 +4,7 @@ schemathesis run in the tests checks that every answer matches what is documente
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,9 +73,14 @@ class ModelInfo(ModelDescription):
 
 
 class Explanation(BaseModel):
+    """The heatmap blended over the model's input (``overlay``), and the two layers apart (``image``, and
+    ``heatmap`` with its own alpha) for a viewer that sets the opacity itself."""
+
     method: str
     model_config = ConfigDict(extra="allow")
     overlay_png_base64: str
+    image_png_base64: str
+    heatmap_png_base64: str
 
 
 class Prediction(BaseModel):
@@ -91,6 +96,79 @@ class Prediction(BaseModel):
 
 class Reload(BaseModel):
     changes: dict[str, Any]
+
+
+class Card(BaseModel):
+    name: str
+    version: int
+    markdown: str
+    html: str
+
+
+class Diff(BaseModel):
+    a: str
+    b: str
+    config: dict[str, Any]
+    preprocessing: dict[str, Any]
+    labels: list[Any] | None
+    metrics: dict[str, Any]
+    data_changed: bool
+
+
+class Promote(BaseModel):
+    """Move ``version`` to ``stage``; the previous holder of the stage is archived."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+    stage: Literal["staging", "production"]
+
+
+class RouteRequest(BaseModel):
+    """Traffic weights by version (A/B, canary; they need not sum to 1) and an optional shadow version."""
+
+    model_config = ConfigDict(extra="forbid")
+    weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(min_length=1)
+    shadow: int | None = Field(default=None, ge=1)
+
+
+class StageChange(BaseModel):
+    name: str
+    version: int
+    stage: str
+    changes: dict[str, Any]
+
+
+class RouteChange(BaseModel):
+    name: str
+    weights: dict[str, float]
+    shadow: int | None
+    changes: dict[str, Any]
+
+
+class WhoAmI(BaseModel):
+    auth: bool
+    tenant: str | None
+    scope: str | None
+
+
+class View(BaseModel):
+    """An uploaded image as a person looks at it: its slices as PNGs (a volume's every slice) under a window."""
+
+    name: str
+    window: str | None
+    slices: int
+    images: list[str]
+
+
+class MonitorSummary(BaseModel):
+    window_seconds: float
+    sample_seconds: float
+    points: list[dict[str, Any]]
+    requests_total: float
+    errors_total: float
+    queue: float
+    drift: dict[str, float]
+    predictions: dict[str, float]
 
 
 class ServerMetadata(BaseModel):
@@ -144,6 +222,7 @@ _WHY = {
     401: "No valid API key: send `Authorization: Bearer <key>`.",
     403: "The key's scope does not allow this action.",
     404: "No such served model or version (or not visible to this key's tenant).",
+    409: "The registry refuses the change in its current state (e.g. nothing to roll back to).",
     413: "The body, or a tensor in it, is over the server's limits.",
     422: "The request is well formed but its content cannot be used (not a decodable image, values out of range).",
     429: "Over this key's rate limit; retry after `Retry-After` seconds.",

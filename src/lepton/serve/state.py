@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from lepton.serve.batching import Batcher, QueueFull, model_concurrency
 from lepton.serve.config import ServeConfig
 from lepton.serve.errors import ApiError
 from lepton.serve.metrics import Metrics
+from lepton.serve.monitor import Monitor
+from lepton.serve.monitor import parse as parse_metrics
 from lepton.serve.shared import ReloadSignal
 
 log = logging.getLogger("lepton.serve")
@@ -93,6 +96,7 @@ class Server:
         self.config = config
         self.registry = Registry.open(config.registry)
         self.metrics = Metrics()
+        self.monitor = Monitor()
         self.deployments: dict[str, Deployment] = {}
         # Several workers: token buckets in a shared file (a key's limit holds whichever worker answers) and a
         # reload generation that carries an admin reload to every worker.
@@ -209,6 +213,17 @@ class Server:
             raise ApiError(404, "model_not_found", f"no served model named {name!r}")
         return dep
 
+    def metrics_text(self) -> bytes:
+        """The Prometheus text of every metric, queue depths read now."""
+        for dep in self.deployments.values():
+            for v, h in dep.handles.items():
+                self.metrics.queue_depth.labels(dep.name, str(v)).set(h.batcher.depth)
+        return self.metrics.render()
+
+    def sample_metrics(self) -> None:
+        """One sample for the console's monitor (the app's lifespan calls this every ``SAMPLE_SECONDS``)."""
+        self.monitor.add(parse_metrics(self.metrics_text().decode(), time.time()))
+
     def visible(self, key: KeyInfo | None) -> list[Deployment]:
         return [d for n, d in sorted(self.deployments.items())
                 if key is None or key.scope == "admin" or d.tenant in (None, key.tenant)]
@@ -272,7 +287,7 @@ class Server:
         dep.drift_mean = mean if dep.drift_mean is None else 0.98 * dep.drift_mean + 0.02 * mean
         return chosen, body
 
-    def explain(self, adapter, pixels: np.ndarray, method: str, index: int) -> bytes:
+    def explain(self, adapter, pixels: np.ndarray, method: str, index: int) -> dict[str, bytes]:
         with self._explain_lock:  # Grad-CAM hooks the shared model: one explanation at a time
             return adapter.explain(pixels, method, index)
 

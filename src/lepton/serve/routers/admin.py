@@ -1,13 +1,19 @@
-"""Admin actions: reload every served model from the registry (and, with several workers, signal the others)."""
+"""Admin actions (admin-scope keys only, checked here on the server): reload every served model from the registry
+(and, with several workers, signal the others); promote, roll back and route a served model, each followed by a
+reload so the change is served at once."""
 
 from __future__ import annotations
+
+import asyncio
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from lepton.errors import RegistryError
 from lepton.registry.access import KeyInfo
 from lepton.serve import schemas
-from lepton.serve.deps import admin_key
+from lepton.serve.deps import admin_key, served_model
+from lepton.serve.errors import ApiError
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -15,8 +21,61 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 @router.post("/reload", response_model=schemas.Reload, responses=schemas.errors(401, 403))
 async def reload(request: Request, key: KeyInfo | None = Depends(admin_key)):
     """Resolve every served reference in the registry again and swap in new versions (admin keys only)."""
+    return JSONResponse({"changes": await _reloaded(request)})  # other workers follow within RELOAD_WATCH_SECONDS
+
+
+async def _reloaded(request: Request) -> dict:
     srv = request.app.state.server
     changes = await srv.reload()
     if srv.reload_signal is not None:
-        srv.reload_signal.bump()  # the other workers follow within RELOAD_WATCH_SECONDS
-    return JSONResponse({"changes": changes})
+        srv.reload_signal.bump()
+    return changes
+
+
+async def _registry(request: Request, method: str, *args):
+    """A registry change; a version that does not exist is 404, a change the registry refuses (nothing to roll
+    back to, all-zero weights) 409 — never a 500."""
+    registry = request.app.state.server.registry
+    try:
+        return await asyncio.to_thread(getattr(registry, method), *args)
+    except RegistryError as exc:
+        status = 404 if method == "get" or "has no version" in str(exc) else 409
+        raise ApiError(status, "version_not_found" if status == 404 else "conflict", str(exc)) from None
+
+
+@router.post("/models/{name}/promote", response_model=schemas.StageChange,
+             responses=schemas.errors(401, 403, 404, 409, 422))
+async def promote(name: str, body: schemas.Promote, request: Request, key=Depends(admin_key),
+                  dep=Depends(served_model)):
+    """Move a version of a served model to staging or production (the previous holder is archived)."""
+    await _registry(request, "get", f"{name}@{body.version}")
+    version = await _registry(request, "promote", name, body.version, body.stage)
+    return JSONResponse({"name": name, "version": version.version, "stage": version.stage,
+                         "changes": await _reloaded(request)})
+
+
+@router.post("/models/{name}/rollback", response_model=schemas.StageChange,
+             responses=schemas.errors(401, 403, 404, 409))
+async def rollback(name: str, request: Request, key=Depends(admin_key), dep=Depends(served_model)):
+    """Put the previous production version of a served model back in production."""
+    version = await _registry(request, "rollback", name)
+    return JSONResponse({"name": name, "version": version.version, "stage": version.stage,
+                         "changes": await _reloaded(request)})
+
+
+@router.put("/models/{name}/route", response_model=schemas.RouteChange,
+            responses=schemas.errors(401, 403, 404, 409, 422))
+async def route(name: str, body: schemas.RouteRequest, request: Request, key=Depends(admin_key),
+                dep=Depends(served_model)):
+    """Split a served model's traffic between versions (A/B, canary) and name a shadow version; ``{"weights":
+    {}}`` is refused here (use the primary version alone: ``{"weights": {"N": 1}}``)."""
+    weights = {}
+    for version, weight in body.weights.items():
+        if not version.isdigit() or int(version) < 1:
+            raise ApiError(422, "invalid_request", f"weights: {version!r} is not a version number")
+        weights[int(version)] = weight
+    if not any(w > 0 for w in weights.values()):
+        raise ApiError(422, "invalid_request", "weights: at least one version needs a weight above 0")
+    result = await _registry(request, "set_route", name, weights, body.shadow)
+    return JSONResponse({"name": name, "weights": {str(v): w for v, w in result.weights.items()},
+                         "shadow": result.shadow, "changes": await _reloaded(request)})

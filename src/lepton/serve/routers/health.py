@@ -35,8 +35,4 @@ async def readyz(request: Request):
                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
     """Request counts and latency, batch sizes, queue depth, predictions per label, input drift."""
-    srv = request.app.state.server
-    for dep in srv.deployments.values():
-        for v, h in dep.handles.items():
-            srv.metrics.queue_depth.labels(dep.name, str(v)).set(h.batcher.depth)
-    return Response(srv.metrics.render(), media_type=PROMETHEUS)
+    return Response(request.app.state.server.metrics_text(), media_type=PROMETHEUS)

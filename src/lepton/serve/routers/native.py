@@ -75,8 +75,44 @@ async def model_info(name: str, request: Request, dep: Deployment = Depends(serv
     card = await asyncio.to_thread(srv.registry.card, f"{name}@{dep.primary}")
     return JSONResponse({**describe(dep), "versions": [
         {"version": v.version, "stage": v.stage, "format": v.format, "created_at": v.created_at,
-         "metrics": {k: m for k, m in v.metrics.items() if k.startswith("val_")}} for v in versions],
+         "metrics": {k: m for k, m in v.metrics.items() if k.startswith(("val_", "eval/"))}} for v in versions],
         "card_summary": "\n".join(card.splitlines()[:12])})
+
+
+def _version_number(value: str | None, field: str) -> int:
+    if value is None or not value.isdigit() or int(value) < 1:
+        raise ApiError(422, "invalid_request", f"{field} must be a version number (got {value!r})")
+    return int(value)
+
+
+@router.get("/{name}/card", response_model=schemas.Card, responses=schemas.errors(401, 404, 422))
+async def model_card(name: str, request: Request, version: str | None = None,
+                     dep: Deployment = Depends(served_model)):
+    """A version's model card (default: the served one) as Markdown and as safe HTML (raw HTML in the card is
+    shown as text)."""
+    from lepton.registry.card import card_html
+
+    number = dep.primary if version is None else _version_number(version, "version")
+    markdown = await asyncio.to_thread(_registry_call, request, "card", f"{name}@{number}")
+    return JSONResponse({"name": name, "version": number, "markdown": markdown, "html": card_html(markdown)})
+
+
+@router.get("/{name}/diff", response_model=schemas.Diff, responses=schemas.errors(401, 404, 422))
+async def model_diff(name: str, request: Request, a: str | None = None, b: str | None = None,
+                     dep: Deployment = Depends(served_model)):
+    """What differs between versions ``a`` and ``b``: config, preprocessing, labels, metrics, training data."""
+    return JSONResponse(await asyncio.to_thread(_registry_call, request, "diff", name, _version_number(a, "a"),
+                                                _version_number(b, "b")))
+
+
+def _registry_call(request: Request, method: str, *args):
+    """A registry read; a version that does not exist is the client's 404, not a 500."""
+    from lepton.errors import RegistryError
+
+    try:
+        return getattr(request.app.state.server.registry, method)(*args)
+    except RegistryError as exc:
+        raise ApiError(404, "version_not_found", str(exc)) from None
 
 
 @router.post("/{name}/predict", response_model=schemas.Prediction, openapi_extra=PREDICT_BODY,
@@ -117,9 +153,9 @@ async def predict(name: str, request: Request):
             raise ApiError(422, "invalid_request", f"{name}@{version} is served with ONNX Runtime; "
                                                    "explanations need the PyTorch backend")
         index = served.task.explain_index(outputs, served.info)
-        png = await asyncio.to_thread(srv.explain, served, pixels, explain, index)
+        pngs = await asyncio.to_thread(srv.explain, served, pixels, explain, index)
         body["explanation"] = {"method": explain, "class": served.label(outputs) or f"output {index}",
-                               "overlay_png_base64": base64.b64encode(png).decode()}
+                               **{f"{k}_png_base64": base64.b64encode(v).decode() for k, v in pngs.items()}}
     # A ready-made response skips FastAPI's generic encoder: the body is plain JSON types already.
     return JSONResponse({**body, "model": name, "version": version, "request_id": state["request_id"],
                          "latency_ms": round((time.perf_counter() - start) * 1000, 2)})

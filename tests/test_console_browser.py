@@ -1,0 +1,230 @@
+"""The web console in a real browser: Playwright driving Debian's Chromium (headless) against a real uvicorn server.
+A person's path — sign in, predict a PNG and see the label and the heatmap, promote a version with an admin key and
+see its stage change, watch the monitor's request count rise — and a hostile model card that stays inert. Every
+page is also checked for Content-Security-Policy violations, labelled fields, keyboard reach and a tablet width.
+Screenshots go to ``test-artifacts/console/`` (``$LEPTON_ARTIFACTS`` overrides)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import auth, png_bytes, running
+
+CHROMIUM = os.environ.get("LEPTON_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("LEPTON_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts")) / "console"
+#: Chromium's flags as root in a container, on a machine with no way out (no background calls home).
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):  # .ci/run installs it: a missing browser in CI is a failure, not a skip
+        raise RuntimeError(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium package")
+    pytest.skip(f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (a dev dependency)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium through Playwright; when they cannot talk (a Playwright release too far from the installed
+    Chromium), one clear failure naming both versions."""
+    import subprocess
+    from importlib.metadata import version
+
+    playwright_version = version("playwright")
+
+    chromium_version = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True, timeout=60).stdout
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS, timeout=60_000)
+        except Exception as exc:
+            pytest.fail(f"Playwright {playwright_version} could not start {chromium_version.strip()} at {CHROMIUM}: "
+                        f"{str(exc)[:400]}\nPin a Playwright release close to this Chromium in pyproject.toml.")
+        yield browser
+        browser.close()
+
+
+def test_smoke_playwright_drives_this_chromium(browser):
+    page = browser.new_page()
+    page.set_content("<button id=b>ok</button>")
+    page.click("#b")
+    assert page.evaluate("navigator.userAgent").find("Chrome/") > 0
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def site(tiny_run, tmp_path_factory):
+    from lepton.serve import ServeConfig
+    from test_serve_ui import SERVED, console_registry
+
+    made = console_registry(tiny_run, tmp_path_factory.mktemp("browser"))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with running(ServeConfig(models=SERVED, registry=made["registry"], rate_limit=0)) as base:
+        yield {**made, "url": base}
+
+
+class Watch:
+    """A page's console errors, CSP violations and JavaScript dialogs (an alert() would be an XSS)."""
+
+    def __init__(self, page):
+        self.problems: list[str] = []
+        page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
+        page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        page.on("dialog", lambda d: (self.problems.append(f"dialog: {d.message}"), d.dismiss()))
+
+
+def _page(browser, site, key: str, width: int = 1280, height: int = 800):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    watch = Watch(page)
+    page.goto(site["url"] + "/ui/")
+    page.get_by_label("API key").fill(site["keys"][key])
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/ui/predict")
+    return page, watch
+
+
+def _until(page, expression: str, timeout: float = 20.0) -> None:
+    """Wait until a JavaScript expression is true, polling from here: Playwright's own ``wait_for_function`` polls
+    with ``eval`` inside the page, which the console's Content-Security-Policy (rightly) refuses."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"still false after {timeout:.0f} s: {expression}"
+        time.sleep(0.05)
+
+
+def _labelled(page) -> None:
+    unlabeled = page.evaluate("""[...document.querySelectorAll('input, select')]
+        .filter(e => e.type !== 'hidden' && e.labels.length === 0).map(e => e.id || e.name)""")
+    assert unlabeled == []
+
+
+def test_sign_in_and_predict_a_png(browser, site, tmp_path):
+    page, watch = _page(browser, site, "clinic")
+    assert "Research use only" in page.locator(".notice").inner_text()
+    assert page.locator("#who").inner_text() == "tenant clinic · predict"
+    image = tmp_path / "chest.png"
+    image.write_bytes(png_bytes(3, size=48))
+    other = tmp_path / "second.png"
+    other.write_bytes(png_bytes(4, size=48))
+    page.set_input_files("#files", [str(image), str(other)])
+    rows = page.locator("#results tbody tr")
+    rows.nth(1).locator("td").nth(4).wait_for(state="attached")
+    _until(page, "document.querySelectorAll('#results tbody tr td:nth-child(5)')[1]?.textContent === '1'")
+    first = rows.nth(0).locator("td")
+    assert first.nth(1).inner_text() in ("normal", "opacity")  # the synthetic data's classes
+    assert "normal 0." in first.nth(2).inner_text() and "opacity 0." in first.nth(2).inner_text()
+    # The heatmap over the model's input, its opacity set by the slider.
+    heat = page.locator("#overlay-heat")
+    _until(page, "document.getElementById('overlay-heat').naturalWidth > 0")
+    _until(page, "document.getElementById('view-image').naturalWidth > 0")
+    page.locator("#opacity").fill("20")
+    assert heat.evaluate("e => e.style.opacity") == "0.2"
+    _labelled(page)
+    page.screenshot(path=str(ARTIFACTS / "predict.png"), full_page=True)
+    # Keyboard: on a fresh page the skip link, then the navigation, are the first stops.
+    page.goto(site["url"] + "/ui/predict")
+    page.wait_for_selector("#model option", state="attached")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Predict"
+    assert watch.problems == []
+
+
+def test_a_volume_scrolls_through_its_slices_under_a_window(browser, site, tmp_path):
+    from test_serve_ui import ct_zip
+
+    archive = tmp_path / "ct.zip"
+    archive.write_bytes(ct_zip(tmp_path / "ct", slices=5))
+    page, watch = _page(browser, site, "clinic")
+    page.select_option("#method", "")
+    page.set_input_files("#files", str(archive))
+    _until(page, "document.getElementById('slice').max === '4'")
+    first = page.locator("#view-image").get_attribute("src")
+    page.locator("#slice").fill("0")
+    assert page.locator("#slice-out").inner_text() == "1 / 5"
+    assert page.locator("#view-image").get_attribute("src") != first
+    before = page.locator("#view-image").get_attribute("src")
+    page.select_option("#window", "bone")
+    _until(page, f"document.getElementById('view-image').src !== {before!r}")
+    page.screenshot(path=str(ARTIFACTS / "predict-volume.png"), full_page=True)
+    assert watch.problems == [], watch.problems
+
+
+def test_promote_with_an_admin_key_and_see_the_stage_change(browser, site):
+    page, watch = _page(browser, site, "clinic")
+    page.goto(site["url"] + "/ui/models")
+    page.wait_for_selector("#versions tbody tr")
+    assert page.locator("#versions button").first.is_visible() is False  # a predict key gets no admin buttons
+    page.context.close()
+
+    page, watch = _page(browser, site, "admin")
+    page.goto(site["url"] + "/ui/models")
+    page.wait_for_selector("#versions tbody tr[data-version='2']")
+    row = page.locator("#versions tbody tr[data-version='2']")
+    assert row.locator(".stage").inner_text() != "production"
+    row.get_by_role("button", name="Promote to production").click()
+    dialog = page.locator("#confirm")
+    assert dialog.is_visible() and "version 2 to production" in page.locator("#confirm-text").inner_text()
+    page.locator("#confirm-cancel").click()  # cancelled: nothing changes
+    assert row.locator(".stage").inner_text() != "production"
+    row.get_by_role("button", name="Promote to production").click()
+    page.locator("#confirm-ok").click()
+    _until(page, "document.querySelector(\"tr[data-version='2'] .stage\").textContent === 'production'")
+    assert "serving version 2" in page.locator("#summary").inner_text()
+    assert page.locator("tr[data-version='1'] .stage").inner_text() == "archived"
+    # Compare two versions: same run, so only what the registry records apart differs; the data is the same.
+    page.select_option("#diff-a", "1")
+    page.select_option("#diff-b", "3")
+    page.get_by_role("button", name="Compare").click()
+    _until(page, "document.querySelector('#diff tbody')?.textContent.includes('training data')")
+    assert "same" in page.locator("#diff tbody tr").last.inner_text()
+    _labelled(page)
+    page.screenshot(path=str(ARTIFACTS / "models.png"), full_page=True)
+    assert watch.problems == [], watch.problems
+
+
+def test_a_hostile_model_card_stays_inert(browser, site):
+    page, watch = _page(browser, site, "admin")
+    page.goto(site["url"] + "/ui/models")
+    page.wait_for_selector("#card-version option[value='2']", state="attached")
+    page.select_option("#card-version", "2")
+    _until(page, "document.getElementById('card').textContent.includes('alert(1)')")
+    card = page.locator("#card")
+    assert "<script>alert(1)</script>" in card.inner_text()  # shown as text
+    assert card.locator("script, img, [onerror], [onclick]").count() == 0
+    assert all(not (a.get_attribute("href") or "").startswith("javascript") for a in card.locator("a").all())
+    page.wait_for_timeout(500)
+    assert watch.problems == [], watch.problems  # no alert() ran, no CSP report
+
+
+def test_the_monitor_request_count_rises(browser, site):
+    page, watch = _page(browser, site, "clinic")
+    page.goto(site["url"] + "/ui/monitor")
+    _until(page, "/^\\d+$/.test(document.getElementById('requests-total').textContent)")
+    before = int(page.locator("#requests-total").inner_text())
+    for seed in range(4):
+        r = httpx.post(site["url"] + "/v1/models/cxr/predict", content=png_bytes(seed),
+                       headers=auth(site["keys"]["clinic"]), timeout=30)
+        assert r.status_code == 200
+    _until(page, f"Number(document.getElementById('requests-total').textContent) >= {before + 4}", timeout=15)
+    assert page.locator("#charts figure").count() == 6
+    assert page.locator("#classes tbody tr").count() >= 1
+    page.screenshot(path=str(ARTIFACTS / "monitor.png"), full_page=True)
+    assert watch.problems == [], watch.problems
+
+
+@pytest.mark.parametrize("path", ["/ui/predict", "/ui/models", "/ui/monitor"])
+def test_pages_fit_a_tablet(browser, site, path):
+    page, watch = _page(browser, site, "admin", width=768, height=1024)
+    page.goto(site["url"] + path)
+    page.wait_for_load_state("networkidle")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    assert page.locator(".notice").is_visible()
+    page.screenshot(path=str(ARTIFACTS / f"tablet-{path.rsplit('/', 1)[1]}.png"), full_page=True)
+    assert watch.problems == [], watch.problems
