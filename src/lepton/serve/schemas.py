@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
 class ErrorDetail(BaseModel):
@@ -115,11 +115,16 @@ class Diff(BaseModel):
     data_changed: bool
 
 
+#: A version number as the registry stores it (a 32-bit signed integer).
+MAX_VERSION = 2**31 - 1
+VersionKey = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,8}$")]
+
+
 class Promote(BaseModel):
     """Move ``version`` to ``stage``; the previous holder of the stage is archived."""
 
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     stage: Literal["staging", "production"]
 
 
@@ -127,8 +132,9 @@ class RouteRequest(BaseModel):
     """Traffic weights by version (A/B, canary; they need not sum to 1) and an optional shadow version."""
 
     model_config = ConfigDict(extra="forbid")
-    weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(min_length=1)
-    shadow: int | None = Field(default=None, ge=1)
+    weights: dict[VersionKey, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        min_length=1, json_schema_extra={"additionalProperties": False})
+    shadow: int | None = Field(default=None, ge=1, le=MAX_VERSION)
 
 
 class StageChange(BaseModel):

@@ -44,7 +44,7 @@ async def _registry(request: Request, method: str, *args):
 
 
 @router.post("/models/{name}/promote", response_model=schemas.StageChange,
-             responses=schemas.errors(401, 403, 404, 409, 422))
+             responses=schemas.errors(400, 401, 403, 404, 409, 422))
 async def promote(name: str, body: schemas.Promote, request: Request, key=Depends(admin_key),
                   dep=Depends(served_model)):
     """Move a version of a served model to staging or production (the previous holder is archived)."""
@@ -64,16 +64,12 @@ async def rollback(name: str, request: Request, key=Depends(admin_key), dep=Depe
 
 
 @router.put("/models/{name}/route", response_model=schemas.RouteChange,
-            responses=schemas.errors(401, 403, 404, 409, 422))
+            responses=schemas.errors(400, 401, 403, 404, 409, 422))
 async def route(name: str, body: schemas.RouteRequest, request: Request, key=Depends(admin_key),
                 dep=Depends(served_model)):
     """Split a served model's traffic between versions (A/B, canary) and name a shadow version; ``{"weights":
     {}}`` is refused here (use the primary version alone: ``{"weights": {"N": 1}}``)."""
-    weights = {}
-    for version, weight in body.weights.items():
-        if not version.isdigit() or int(version) < 1:
-            raise ApiError(422, "invalid_request", f"weights: {version!r} is not a version number")
-        weights[int(version)] = weight
+    weights = {int(version): weight for version, weight in body.weights.items()}  # keys checked by the schema
     if not any(w > 0 for w in weights.values()):
         raise ApiError(422, "invalid_request", "weights: at least one version needs a weight above 0")
     result = await _registry(request, "set_route", name, weights, body.shadow)

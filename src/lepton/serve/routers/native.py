@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from lepton.registry.access import KeyInfo
@@ -79,30 +79,25 @@ async def model_info(name: str, request: Request, dep: Deployment = Depends(serv
         "card_summary": "\n".join(card.splitlines()[:12])})
 
 
-def _version_number(value: str | None, field: str) -> int:
-    if value is None or not value.isdigit() or int(value) < 1:
-        raise ApiError(422, "invalid_request", f"{field} must be a version number (got {value!r})")
-    return int(value)
-
-
 @router.get("/{name}/card", response_model=schemas.Card, responses=schemas.errors(401, 404, 422))
-async def model_card(name: str, request: Request, version: str | None = None,
+async def model_card(name: str, request: Request,
+                     version: Annotated[int | None, Query(ge=1, le=schemas.MAX_VERSION,
+                                                          description="Default: the served version.")] = None,
                      dep: Deployment = Depends(served_model)):
-    """A version's model card (default: the served one) as Markdown and as safe HTML (raw HTML in the card is
-    shown as text)."""
+    """A version's model card as Markdown and as safe HTML (raw HTML in the card is shown as text)."""
     from lepton.registry.card import card_html
 
-    number = dep.primary if version is None else _version_number(version, "version")
+    number = dep.primary if version is None else version
     markdown = await asyncio.to_thread(_registry_call, request, "card", f"{name}@{number}")
     return JSONResponse({"name": name, "version": number, "markdown": markdown, "html": card_html(markdown)})
 
 
 @router.get("/{name}/diff", response_model=schemas.Diff, responses=schemas.errors(401, 404, 422))
-async def model_diff(name: str, request: Request, a: str | None = None, b: str | None = None,
+async def model_diff(name: str, request: Request, a: Annotated[int, Query(ge=1, le=schemas.MAX_VERSION)],
+                     b: Annotated[int, Query(ge=1, le=schemas.MAX_VERSION)],
                      dep: Deployment = Depends(served_model)):
     """What differs between versions ``a`` and ``b``: config, preprocessing, labels, metrics, training data."""
-    return JSONResponse(await asyncio.to_thread(_registry_call, request, "diff", name, _version_number(a, "a"),
-                                                _version_number(b, "b")))
+    return JSONResponse(await asyncio.to_thread(_registry_call, request, "diff", name, a, b))
 
 
 def _registry_call(request: Request, method: str, *args):
