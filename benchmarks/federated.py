@@ -152,8 +152,8 @@ def main() -> None:
                 continue
             ci = g["ci"]["auc"]
             sites = " / ".join(f(s["auc"]) if s else "-" for s in per_site)
-            # SecAgg+: each site sends its masked weights as 64-bit integers (twice the float32 weights; measured
-            # in tests/test_federated_secure.py's setting) plus ~2 KB of keys and shares.
+            # SecAgg+: each site sends its masked weights as 64-bit integers (twice the float32 weights; checked
+            # in tests/test_federated_secure.py) plus ~2 KB of keys and shares.
             mb = f"{(3 if name.endswith('+secagg') else 2) * SITES * nbytes / 1e6:.1f}" if nbytes else "-"
             print(f"| {scheme} | {name} | {g['auc']:.4f} [{ci[0]:.3f}, {ci[1]:.3f}] | {g['acc']:.4f} | {sites} | "
                   f"{seconds:.0f} | {mb} |")

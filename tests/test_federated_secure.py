@@ -115,6 +115,10 @@ def test_the_server_learns_the_weighted_mean_and_no_site_weights(three_sites, tm
     masked = [r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] for r in train_replies
               if Key.MASKED_PARAMETERS in r.content.config_records[RECORD_KEY_CONFIGS]]
     assert len(masked) == 3
+    # What that costs on the wire: the masked weights are 64-bit integers, twice the float32 weights (the
+    # benchmark's bytes-per-round figure relies on this).
+    float_bytes = sum(got[k].numel() * 4 for k in floats)
+    assert all(1.95 < sum(len(b) for b in m) / float_bytes < 2.05 for m in masked)
     info = json.loads((run_dir / "run.json").read_text())
     assert info["federated"]["secure_aggregation"] == {
         "protocol": "SecAgg+ (Flower)", "num_shares": 1.0, "reconstruction_threshold": 0.6, "clipping_range": 64.0,
