@@ -125,6 +125,7 @@ def test_the_server_learns_the_weighted_mean_and_no_site_weights(three_sites, tm
         "quantization_range": 1 << 28, "modulus_range": 1 << 40, "max_weight": max(n for _, n in trained)}
     rows = list(csv.DictReader((run_dir / "sites.csv").open()))
     assert {(r["round"], r["kind"]) for r in rows} == {("1", "train"), ("1", "evaluate")} and len(rows) == 6
+    assert {r["site"] for r in rows} == {"100", "101", "102"}
 
 
 def test_fedadam_under_secure_aggregation(three_sites, tmp_path):

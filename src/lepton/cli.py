@@ -25,6 +25,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(route_app, name="route")
 federate_app = typer.Typer(help="Federated training on Flower: sites keep their images.", no_args_is_help=True)
 app.add_typer(federate_app, name="federate")
+dicom_app = typer.Typer(help="DICOM for hospital integration: de-identification.", no_args_is_help=True)
+app.add_typer(dicom_app, name="dicom")
 console = Console(soft_wrap=True)
 if not console.is_terminal:  # pipes and files get whole tables, not an 80-column squeeze
     console = Console(soft_wrap=True, width=200)
@@ -913,6 +915,30 @@ def federate_run(
 
         SecAggSettings.from_config(settings)  # a bad value named here, before anything is submitted
     raise typer.Exit(run(superlink, settings, insecure, root_certificates))
+
+@dicom_app.command("deidentify")
+def dicom_deidentify(
+    source: Annotated[Path, typer.Argument(help="A DICOM file or a folder of them (searched recursively).")],
+    out: Annotated[Path, typer.Argument(help="Where the de-identified copies go (outside SOURCE).")],
+    key_file: Annotated[Path | None, typer.Option(
+        help="Secret key for remapping UIDs (made with 0600 permissions if absent). The same key gives the same "
+             "new UIDs in every run, so later exports still join up; keep it inside the hospital. Without it UIDs "
+             "are consistent within this run only.")] = None,
+) -> None:
+    """De-identify DICOM with the PS3.15 Basic Application Level Confidentiality Profile: listed attributes
+    removed, emptied or replaced, private attributes removed, UIDs remapped consistently; images with burned-in
+    annotation refused. Files are written as NEW_SOP_INSTANCE_UID.dcm."""
+    from lepton.data.deid import deidentify, load_key
+
+    report = deidentify(source, out, key=load_key(key_file))
+    console.print(f"{report.written} written to {out}; {len(report.refused)} refused")
+    for rel, reason in report.refused:
+        console.print(f"  refused {rel}: {reason}")
+    actions = ", ".join(f"{code} {n}" for code, n in sorted(report.actions.items()))
+    console.print(f"actions (PS3.15 codes): {actions}")
+    if report.written == 0:
+        raise typer.Exit(1)
+
 
 def main() -> None:
     """Console-script entry point: LeptonError → message and exit code 2, no traceback."""

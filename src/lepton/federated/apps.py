@@ -58,7 +58,8 @@ def build_client_app(data_for: Callable[[Context], str] = node_data) -> ClientAp
     @app.train(mods=[secure.client_mod])
     def train(msg: Message, context: Context) -> Message:
         if secure.is_legacy(msg.content, "fit"):  # a SecAgg+ round (Flower's legacy records)
-            return secure.legacy_train(msg, data_for(context), _legacy_settings(msg.content, "fit"), site.train)
+            return secure.legacy_train(msg, data_for(context), _legacy_settings(msg.content, "fit"), site.train,
+                                       int(context.node_id))
         config = msg.content["config"]
         spec = Preprocessing.from_dict(json.loads(config["spec"]))
         weights, metrics = site.train(data_for(context), _settings(config), spec,
@@ -70,7 +71,7 @@ def build_client_app(data_for: Callable[[Context], str] = node_data) -> ClientAp
     def evaluate(msg: Message, context: Context) -> Message:
         if secure.is_legacy(msg.content, "evaluate"):
             return secure.legacy_evaluate(msg, data_for(context), _legacy_settings(msg.content, "evaluate"),
-                                          site.evaluate)
+                                          site.evaluate, int(context.node_id))
         config = msg.content["config"]
         spec = Preprocessing.from_dict(json.loads(config["spec"]))
         metrics = site.evaluate(data_for(context), _settings(config), spec,

@@ -27,6 +27,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from lepton.errors import ConfigError, DataError
+from lepton.federated.rundir import SITE_KEY
 
 log = logging.getLogger("lepton.federated")
 
@@ -100,7 +101,7 @@ def _state(parameters, keys: list[str]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(a, copy=True)) for k, a in zip(keys, arrays, strict=True)}
 
 
-def legacy_train(msg: Message, data: str, settings, train_fn) -> Message:
+def legacy_train(msg: Message, data: str, settings, train_fn, site_id: int) -> Message:
     """A SecAgg+ round's training: the global weights in, this site's weights (floating-point tensors, in the
     server's order) and figures out, as Flower's legacy ``FitRes``."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
@@ -121,11 +122,12 @@ def legacy_train(msg: Message, data: str, settings, train_fn) -> Message:
             raise DataError(f"{key} holds {peak:.4g}, outside secure aggregation's range ±{clip:g}: run the "
                             f"federation again with a larger --secagg-clip (at least {peak * 1.5:.3g})")
     arrays = [weights[k].numpy() for k in keys]
+    metrics[SITE_KEY] = site_id
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), int(metrics["num-examples"]), metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def legacy_evaluate(msg: Message, data: str, settings, evaluate_fn) -> Message:
+def legacy_evaluate(msg: Message, data: str, settings, evaluate_fn, site_id: int) -> Message:
     """A SecAgg+ federation's evaluation on this site's val split, as Flower's legacy ``EvaluateRes``."""
     from flwr.common import Code, EvaluateRes, Status
     from flwr.compat.common import recorddict_compat as compat
@@ -136,7 +138,7 @@ def legacy_evaluate(msg: Message, data: str, settings, evaluate_fn) -> Message:
     config = dict(ins.config)
     spec = Preprocessing.from_dict(json.loads(str(config["spec"])))
     weights = _state(ins.parameters, json.loads(str(config["keys"])))
-    metrics = evaluate_fn(data, settings, spec, weights, strict=False)
+    metrics = {**evaluate_fn(data, settings, spec, weights, strict=False), SITE_KEY: site_id}
     res = EvaluateRes(Status(Code.OK, "ok"), float(metrics.get("val_loss", 0.0)), int(metrics["num-examples"]),
                       metrics)
     return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
