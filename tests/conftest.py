@@ -206,3 +206,63 @@ def redis_url(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+# -- Orthanc: a real PACS with its DICOMweb plugin (Debian's orthanc, orthanc-dicomweb; .ci/run installs them) --------
+ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@contextmanager
+def orthanc_server(root: Path, port: int | None = None):
+    """An Orthanc on loopback with DICOMweb at /dicom-web, its storage under ``root``; yields its base URL and
+    stops it afterwards (bounded waits). ``port`` reuses a port (a restart of the same PACS)."""
+    import json
+    import socket
+    import subprocess
+    import urllib.request
+
+    binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    if not Path(binary).exists() or not ORTHANC_PLUGIN.exists():
+        if os.environ.get("CI"):
+            pytest.fail("Orthanc is missing: .ci/run installs it (Debian packages orthanc, orthanc-dicomweb)")
+        pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    root.mkdir(parents=True, exist_ok=True)
+    config = {"Name": "lepton-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+              "HttpPort": port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+              "DicomServerEnabled": False, "HttpCompressionEnabled": False, "Plugins": [str(ORTHANC_PLUGIN)],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False}}
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = (root / "orthanc.log").open("ab")
+    proc = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(base + "/system", timeout=2).read()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, (root / "orthanc.log").read_text()[-2000:]
+            time.sleep(0.1)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def upload_to_orthanc(base: str, files: list[Path]) -> None:
+    """Store DICOM files in Orthanc through its REST API (POST /instances)."""
+    import urllib.request
+
+    for path in files:
+        request = urllib.request.Request(base + "/instances", data=Path(path).read_bytes(), method="POST",
+                                         headers={"Content-Type": "application/dicom"})
+        urllib.request.urlopen(request, timeout=30).read()

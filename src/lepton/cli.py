@@ -669,8 +669,10 @@ def evaluate(
 def predict(
     model: Annotated[str, typer.Argument(help="A run directory, or a registry reference: NAME, NAME@VERSION or "
                                               "NAME@STAGE (e.g. pneu@production).")],
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI, NPY) or "
-                                                      "folders of them.")],
+    images: Annotated[list[str], typer.Argument(help="Image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI, NPY), "
+                                                     "folders of them, or DICOMweb sources: "
+                                                     "dicomweb+http://HOST/dicom-web?StudyInstanceUID=… (QIDO "
+                                                     "filters; the series are fetched into a local cache).")],
     registry: RegistryOpt = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     output: Annotated[Path | None, typer.Option(help="Segmentation: write each label map here (NIfTI for volumes, "
@@ -690,7 +692,15 @@ def predict(
     else:
         loaded = _registry(registry).load_run(model, device=device)
     extra = {"output": output, "dicom_seg": dicom_seg} if loaded.task.dense else {}
-    for image in _expand(images, series=loaded.preprocessing.spatial_dims == 3):
+    paths: list[Path] = []
+    for item in images:
+        if item.startswith("dicomweb+"):
+            from lepton.data.dicomweb import Source, fetch
+
+            paths.extend(fetch(Source.parse(item)))  # one cached folder per series, named by a pseudonym
+        else:
+            paths.append(Path(item))
+    for image in _expand(paths, series=loaded.preprocessing.spatial_dims == 3):
         try:  # one file at a time, so a bad file names itself and the rest still run
             rows = loaded.predict([image], **extra)
         except LeptonError as exc:
@@ -915,6 +925,54 @@ def federate_run(
 
         SecAggSettings.from_config(settings)  # a bad value named here, before anything is submitted
     raise typer.Exit(run(superlink, settings, insecure, root_certificates))
+
+@app.command("dicom-node")
+def dicom_node(
+    pacs: Annotated[str, typer.Option(help="The PACS's DICOMweb base URL, e.g. http://orthanc:8042/dicom-web.")],
+    model: Annotated[str, typer.Option(help="A registered classifier: NAME@production, NAME@3, …")],
+    registry: RegistryOpt = None,
+    filter_: Annotated[list[str] | None, typer.Option(
+        "--filter", help="Which series to run on: modality=CT,DX (repeatable). Default: every series except "
+                         "Lepton's own reports.")] = None,
+    name: Annotated[str, typer.Option(help="This node's name in the registry's record (one record per name).")] =
+    "default",
+    interval: Annotated[float, typer.Option(help="Seconds between polls of the PACS.")] = 10.0,
+    max_attempts: Annotated[int, typer.Option(help="Attempts per study before it is parked with its reason.")] = 5,
+    backoff: Annotated[float, typer.Option(help="Seconds before the first retry (doubling each time).")] = 30.0,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT (0 = off).")] = 0,
+    once: Annotated[bool, typer.Option("--once", help="Poll once and exit (for cron or a test).")] = False,
+) -> None:
+    """Watch a PACS over DICOMweb: run MODEL on new studies and store each answer back as a DICOM Structured
+    Report (STOW-RS). Restartable: the registry records every study (as a pseudonym), so none is processed twice;
+    failures are retried with backoff, then parked with the reason."""
+    from lepton.pacs.node import DicomNode
+
+    modalities: list[str] = []
+    for item in filter_ or []:
+        key, _, value = item.partition("=")
+        if key.strip().lower() != "modality" or not value.strip():
+            raise typer.BadParameter(f"--filter {item!r}: use modality=CT,DX")
+        modalities += [m.strip() for m in value.split(",") if m.strip()]
+    if max_attempts < 1 or interval <= 0 or backoff < 0:
+        raise typer.BadParameter("--max-attempts must be >= 1, --interval > 0 and --backoff >= 0")
+    node = DicomNode(pacs, model, _registry(registry), name=name, modalities=modalities, max_attempts=max_attempts,
+                     backoff_seconds=backoff)
+    node.run_model()  # a model that cannot be loaded stops here, before the first poll
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1", registry=node.metrics.registry)
+    if once:
+        poll = node.poll_once()
+        console.print(f"{poll.seen} studies seen, {poll.processed} processed, {poll.failed} failed "
+                      f"({poll.parked} parked), {poll.skipped} skipped" + (f"; {poll.error}" if poll.error else ""))
+        raise typer.Exit(1 if poll.error or poll.failed else 0)
+    console.print(f"watching {node.base} every {interval:g} s with {model} (Ctrl-C stops)")
+    import contextlib
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the loop between studies' records
+        node.run(interval)
+
 
 @dicom_app.command("deidentify")
 def dicom_deidentify(

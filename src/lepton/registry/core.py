@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from lepton.errors import RegistryError
 from lepton.registry.access import AccessMixin
 from lepton.registry.db import STAGES, ModelRow, StageEvent, VersionRow, make_engine, migrate
+from lepton.registry.jobs import JobsMixin
 from lepton.registry.store import ArtifactStore
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
@@ -75,7 +76,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, selector or None
 
 
-class Registry(AccessMixin):
+class Registry(AccessMixin, JobsMixin):
     """Versioned models in SQLite (default) or PostgreSQL, artifacts in a content-addressed store.
 
     >>> reg = Registry.open()                                  # ~/.lepton, or $LEPTON_HOME / $LEPTON_DB_URL

@@ -92,6 +92,25 @@ class RouteRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
+class DicomJob(Base):
+    """A study a DICOM node has seen: done, waiting for a retry, or parked with the reason. The study is kept only
+    as a pseudonym (a hash of its Study Instance UID), never the UID or anything about the patient."""
+
+    __tablename__ = "dicom_jobs"
+    __table_args__ = (UniqueConstraint("node", "study"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(100), nullable=False)
+    study: Mapped[str] = mapped_column(String(64), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)  # done | retry | parked
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_try: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``sqlite:///…`` or ``postgresql://…``, set up for concurrent writers."""
     if url.startswith("postgresql://"):

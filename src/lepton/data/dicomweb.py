@@ -1,0 +1,150 @@
+"""DICOMweb as a data source (dicomweb-client): QIDO-RS to find series, WADO-RS to fetch their instances into a
+local cache that the series reader reads like any folder.
+
+A source is a URL: ``dicomweb+http://HOST:PORT/dicom-web?StudyInstanceUID=…`` (or ``dicomweb+https://``), with QIDO
+filters as query parameters — ``StudyInstanceUID``, ``SeriesInstanceUID``, ``PatientID``, ``Modality`` (``CT`` or a
+comma list), ``StudyDate`` (``YYYYMMDD`` or a range ``YYYYMMDD-YYYYMMDD``), ``AccessionNumber`` — and ``limit`` (at
+most this many series). Instances are cached by SOP Instance UID, so a second fetch of the same series downloads
+nothing. Cache paths and everything Lepton prints carry only hashes of the UIDs (``pseudonym``), never the UIDs or
+patient identifiers themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from lepton.errors import DataError
+
+# dicomweb-client logs every search and retrieval at INFO with the study, series and instance UIDs: kept quiet, so
+# nothing Lepton prints carries them (warnings and errors still show).
+logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+
+SCHEME = "dicomweb+"
+#: QIDO filters a source URL may carry (DICOM keywords), and Lepton's own parameters.
+FILTERS = ("StudyInstanceUID", "SeriesInstanceUID", "PatientID", "Modality", "StudyDate", "AccessionNumber")
+OWN = ("limit",)
+
+
+def is_source(text: str) -> bool:
+    return str(text).startswith(SCHEME)
+
+
+def pseudonym(uid: str) -> str:
+    """A short stable stand-in for a UID in paths and logs (SHA-256, 16 hex digits)."""
+    return hashlib.sha256(str(uid).encode()).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LEPTON_DICOMWEB_CACHE", Path.home() / ".cache" / "lepton" / "dicomweb"))
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed ``dicomweb+`` URL: the service's base URL, the QIDO filters and a series limit."""
+
+    base: str
+    filters: dict[str, str]
+    limit: int | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> Source:
+        if not is_source(url):
+            raise DataError(f"{url!r} is not a DICOMweb source: use dicomweb+http://HOST:PORT/PATH?FILTER=VALUE")
+        parts = urlsplit(url[len(SCHEME):])
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise DataError(f"{url!r}: the service must be http:// or https:// with a host "
+                            "(dicomweb+http://HOST:PORT/dicom-web?…)")
+        filters, limit = {}, None
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key == "limit":
+                if not value.isdigit() or int(value) < 1:
+                    raise DataError(f"limit must be a positive number (got {value!r})")
+                limit = int(value)
+            elif key in FILTERS:
+                if not value:
+                    raise DataError(f"{key} is empty in the DICOMweb source")
+                filters[key] = value
+            else:
+                raise DataError(f"unknown DICOMweb filter {key!r}: use {', '.join(FILTERS + OWN)}")
+        return cls(urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", "")), filters, limit)
+
+    def client(self):
+        from dicomweb_client.api import DICOMwebClient
+
+        return DICOMwebClient(url=self.base)
+
+
+@dataclass(frozen=True)
+class Series:
+    study: str
+    series: str
+    modality: str
+    instances: int
+
+
+def _value(record: dict, tag: str) -> str:
+    values = record.get(tag, {}).get("Value") or [""]
+    return str(values[0])
+
+
+def find_series(source: Source) -> list[Series]:
+    """QIDO-RS: the series the source's filters select (a study's series, or one series)."""
+    client = source.client()
+    study = source.filters.get("StudyInstanceUID")
+    search = {k: v for k, v in source.filters.items() if k not in ("StudyInstanceUID",)}
+    try:
+        records = client.search_for_series(study_instance_uid=study, search_filters=search or None,
+                                           limit=source.limit)
+    except Exception as exc:  # the service's own error (HTTP status, connection) in Lepton's words
+        raise DataError(f"DICOMweb search at {source.base} failed: {_reason(exc)}") from None
+    out = []
+    for r in records:
+        out.append(Series(_value(r, "0020000D"), _value(r, "0020000E"), _value(r, "00080060"),
+                          int(_value(r, "00201209") or 0)))
+    return out[: source.limit] if source.limit else out
+
+
+def fetch(source: Source, cache: Path | None = None) -> list[Path]:
+    """WADO-RS: every instance of every selected series into the cache (only those not there yet); returns one
+    folder per series, named by the series' pseudonym."""
+    from lepton.utils import atomic_write_bytes
+
+    cache = cache or cache_root()
+    series_list = find_series(source)
+    if not series_list:
+        raise DataError(f"no series at {source.base} match {source.filters or 'the source'}")
+    client, folders = source.client(), []
+    for s in series_list:
+        folder = cache / pseudonym(s.series)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            instances = client.search_for_instances(study_instance_uid=s.study, series_instance_uid=s.series)
+            for record in instances:
+                sop = _value(record, "00080018")
+                target = folder / f"{pseudonym(sop)}.dcm"
+                if target.exists():
+                    continue
+                ds = client.retrieve_instance(s.study, s.series, sop)
+                buf = io.BytesIO()
+                ds.save_as(buf, enforce_file_format=True)
+                atomic_write_bytes(target, buf.getvalue())
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"DICOMweb retrieval of series {pseudonym(s.series)} from {source.base} failed: "
+                            f"{_reason(exc)}") from None
+        folders.append(folder)
+    return folders
+
+
+def _reason(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if response is not None and getattr(response, "status_code", None):
+        return f"HTTP {response.status_code}"
+    return type(exc).__name__ + (f": {str(exc)[:200]}" if str(exc) else "")

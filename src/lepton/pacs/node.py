@@ -1,0 +1,186 @@
+"""The DICOM node: watch a PACS over DICOMweb for studies, run a registered model on their series, store the
+answers back (STOW-RS) as DICOM Structured Reports that reference the source study and series.
+
+Each poll is a QIDO-RS search for series of the watched modalities, grouped by study. A study is processed once:
+the registry database records it per node (``dicom_jobs``, the study as a pseudonym only), so a restarted node
+skips what it has done. A failure (PACS gone, a series the model cannot read) is retried with exponential backoff
+and parked with its reason after ``max_attempts``; a PACS that cannot be searched at all leaves nothing recorded,
+so the next poll finds the same studies again. Reasons and logs carry pseudonyms, never UIDs or patient data.
+Prometheus metrics: studies seen, processed, failed (retry or parked), skipped, and the processing latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lepton.data.dicomweb import Source, fetch, pseudonym
+from lepton.errors import DataError
+
+log = logging.getLogger("lepton.pacs")
+
+#: Anything shaped like a DICOM UID (in an error text, a URL path): replaced before a reason is stored or logged.
+_UID = re.compile(r"\d+(?:\.\d+){3,}")
+#: Modalities of Lepton's own output (never fed back to the model).
+OWN_OUTPUT = {"SR", "SEG"}
+
+
+def scrub(text: str) -> str:
+    """An error text with every UID replaced by its pseudonym."""
+    return _UID.sub(lambda m: "uid:" + pseudonym(m.group(0)), text)
+
+
+class NodeMetrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.seen = Counter("lepton_node_studies_seen", "Studies found in the PACS (each poll)", registry=self.registry)
+        self.processed = Counter("lepton_node_studies_processed", "Studies processed and stored back",
+                                 registry=self.registry)
+        self.failed = Counter("lepton_node_studies_failed", "Failed attempts by outcome", ["outcome"],
+                              registry=self.registry)
+        self.skipped = Counter("lepton_node_studies_skipped", "Studies skipped (done, parked, waiting to retry)",
+                               registry=self.registry)
+        self.latency = Histogram("lepton_node_study_seconds", "Time to process one study", registry=self.registry,
+                                 buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
+
+
+@dataclass
+class Poll:
+    seen: int = 0
+    processed: int = 0
+    failed: int = 0
+    parked: int = 0
+    skipped: int = 0
+    error: str | None = None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+class DicomNode:
+    """One node: a PACS's DICOMweb service, a registered model, and its record in the registry."""
+
+    def __init__(self, pacs: str, model: str, registry, *, name: str = "default",
+                 modalities: list[str] | None = None, max_attempts: int = 5, backoff_seconds: float = 30.0,
+                 cache: Path | None = None):
+        source = Source.parse(pacs if pacs.startswith("dicomweb+") else "dicomweb+" + pacs)
+        if source.filters:
+            raise DataError("--pacs is the DICOMweb service's base URL (no filters); use --filter for modalities")
+        self.base, self.model_ref, self.registry, self.name = source.base, model, registry, name
+        self.modalities = [m.upper() for m in (modalities or [])]
+        self.max_attempts, self.backoff, self.cache = max_attempts, backoff_seconds, cache
+        self.metrics = NodeMetrics()
+        self._run = None
+
+    def run_model(self):
+        if self._run is None:
+            self.version = self.registry.get(self.model_ref).version
+            self._run = self.registry.load_run(self.model_ref)
+            if self._run.task.dense:
+                raise DataError(f"{self.model_ref} is a {self._run.task.name} model: the node writes Structured "
+                                "Reports for classifiers")
+        return self._run
+
+    # -- one poll ----------------------------------------------------------------------------------------------
+    def studies(self) -> dict[str, list[tuple[str, str]]]:
+        """QIDO-RS: watched series grouped by study: ``{study: [(series, modality), …]}``."""
+        from lepton.data.dicomweb import find_series
+
+        found: dict[str, list[tuple[str, str]]] = {}
+        for modality in self.modalities or [None]:
+            filters = f"?Modality={modality}" if modality else ""
+            for s in find_series(Source.parse(f"dicomweb+{self.base}{filters}")):
+                if s.modality.upper() in OWN_OUTPUT:
+                    continue
+                found.setdefault(s.study, []).append((s.series, s.modality))
+        return found
+
+    def poll_once(self) -> Poll:
+        poll = Poll()
+        try:
+            studies = self.studies()
+        except DataError as exc:  # the PACS cannot be searched: nothing recorded, the next poll tries again
+            poll.error = scrub(str(exc))
+            log.warning("node %s: %s", self.name, poll.error)
+            return poll
+        now = datetime.now(UTC)
+        for study, series in studies.items():
+            poll.seen += 1
+            self.metrics.seen.inc()
+            key = pseudonym(study)
+            job = self.registry.job(self.name, key)
+            if job is not None and (job.status in ("done", "parked") or (job.next_try and job.next_try > now)):
+                poll.skipped += 1
+                self.metrics.skipped.inc()
+                continue
+            t0 = time.perf_counter()
+            try:
+                reports = self.process(study, series)
+            except Exception as exc:
+                reason = scrub(f"{type(exc).__name__}: {exc}" if not isinstance(exc, DataError) else str(exc))
+                job = self.registry.record_job(self.name, key, done=False, reason=reason,
+                                               max_attempts=self.max_attempts, backoff_seconds=self.backoff)
+                outcome = "parked" if job.status == "parked" else "retry"
+                self.metrics.failed.labels(outcome).inc()
+                poll.failed += 1
+                poll.parked += job.status == "parked"
+                log.warning("node %s: study %s attempt %d failed (%s): %s", self.name, key, job.attempts, outcome,
+                            reason)
+                continue
+            self.registry.record_job(self.name, key, done=True, result={
+                "reports": len(reports), "labels": [r["label"] for r in reports], "model": self.model_ref})
+            self.metrics.processed.inc()
+            self.metrics.latency.observe(time.perf_counter() - t0)
+            poll.processed += 1
+            poll.reports.extend(reports)
+            log.info("node %s: study %s: %d report(s) stored", self.name, key, len(reports))
+        return poll
+
+    def process(self, study: str, series: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Fetch each watched series, classify it (a volume model: the series; a 2-D model: each image), and store
+        one SR per answer with STOW-RS."""
+        import pydicom
+
+        from lepton.pacs.sr import classification_sr
+
+        run = self.run_model()
+        client = Source.parse(f"dicomweb+{self.base}").client()
+        reports = []
+        for series_uid, _ in series:
+            folder = fetch(Source.parse(f"dicomweb+{self.base}?StudyInstanceUID={study}"
+                                        f"&SeriesInstanceUID={series_uid}"), self.cache)[0]
+            files = sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
+            inputs = [folder] if run.preprocessing.spatial_dims == 3 else files
+            for item in inputs:
+                rows = run.predict([item])
+                evidence = [pydicom.dcmread(f, stop_before_pixels=True) for f in (files if item == folder
+                                                                                   else [item])]
+                for row in rows:
+                    sr = classification_sr(evidence, row, model=self.model_ref.split("@")[0],
+                                           version=self.version)
+                    try:
+                        client.store_instances([sr])
+                    except Exception as exc:
+                        raise DataError(f"STOW-RS of a report to {self.base} failed: {scrub(str(exc))[:300]}") from None
+                    reports.append({"label": row["label"], "series": pseudonym(series_uid),
+                                    "report": pseudonym(str(sr.SOPInstanceUID))})
+        return reports
+
+    def run(self, interval: float = 10.0, stop: threading.Event | None = None, polls: int | None = None) -> None:
+        """Poll every ``interval`` seconds until ``stop`` is set (or ``polls`` polls are done)."""
+        stop = stop or threading.Event()
+        done = 0
+        while not stop.is_set():
+            poll = self.poll_once()
+            log.info("node %s: %d seen, %d processed, %d failed, %d skipped%s", self.name, poll.seen,
+                     poll.processed, poll.failed, poll.skipped, f" ({poll.error})" if poll.error else "")
+            done += 1
+            if polls is not None and done >= polls:
+                return
+            stop.wait(interval)

@@ -1,0 +1,156 @@
+"""Hospital integration against a real PACS (Orthanc with DICOMweb, on loopback): the DICOM node picks up a new
+study, the Structured Report arrives in Orthanc, references the right study and series and reads back; a restart
+processes nothing twice; a PACS that goes away is retried and nothing is lost; a study the model cannot read is
+retried and parked with its reason; the node's metrics count it all."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import lepton_cmd, orthanc_server, upload_to_orthanc
+from lepton.data.synthetic import ct_phantom, write_dicom_series
+from lepton.pacs.sr import classification_sr, read_classification
+
+
+def _study(root, k: int, patient: str) -> tuple[list, str, str]:
+    files = write_dicom_series(root / f"study{k}", ct_phantom(np.random.default_rng(10 + k), (8, 24, 24)),
+                               patient_id=patient)
+    ds = pydicom.dcmread(files[0])
+    return files, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A registered CT volume classifier (one quick epoch on synthetic phantoms)."""
+    from lepton.data.synthetic import write_ct_cases
+    from lepton.registry import Registry
+    from lepton.train import train
+
+    root = tmp_path_factory.mktemp("node")
+    cases = write_ct_cases(root / "cases", n=12, shape=(8, 24, 24), seed=1)
+    run = train(cases, preset="default", slices="volume", window="-300,1400", model="lepton_cnn", epochs=1,
+                batch_size=4, output_dir=str(root / "runs"), name="ct", quiet=True)
+    registry = Registry.open(root / "reg")
+    registry.register_run(run.path, "ctnod")
+    registry.promote("ctnod", 1, "production")
+    return {"registry": registry, "location": str(root / "reg"), "root": root}
+
+
+def _srs(base: str, study: str) -> list:
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=base + "/dicom-web")
+    series = client.search_for_series(study_instance_uid=study, search_filters={"Modality": "SR"})
+    out = []
+    for s in series:
+        uid = s["0020000E"]["Value"][0]
+        out += client.retrieve_series(study, uid)
+    return out
+
+
+def test_a_report_reads_back():
+    evidence = [pydicom.dcmread(f, stop_before_pixels=True) for f in write_dicom_series(
+        __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "s", ct_phantom(np.random.default_rng(0),
+                                                                                       (3, 16, 16)))]
+    sr = classification_sr(evidence, {"label": "nodule", "probabilities": {"normal": 0.25, "nodule": 0.75},
+                                      "threshold": 0.4}, model="ct", version=7)
+    buf = io.BytesIO()
+    sr.save_as(buf)
+    back = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    said = read_classification(back)
+    assert said["label"] == "nodule" and said["probabilities"] == {"normal": 0.25, "nodule": 0.75}
+    assert said["threshold"] == 0.4 and said["model"] == "ct" and said["version"] == "7"
+    assert said["study"] == evidence[0].StudyInstanceUID and said["series"] == [evidence[0].SeriesInstanceUID]
+    assert back.StudyInstanceUID == evidence[0].StudyInstanceUID and back.Modality == "SR"
+    assert back.PatientID == evidence[0].PatientID  # filed with the patient's study, inside the hospital
+
+
+def test_the_node_reports_new_studies_once_and_survives_the_pacs_going_away(model, tmp_path):
+    from lepton.pacs.node import DicomNode
+
+    registry, root = model["registry"], tmp_path
+    first, study1, series1 = _study(root, 1, "PAT-1")
+    second, study2, _ = _study(root, 2, "PAT-2")
+    with orthanc_server(root / "orthanc") as base:
+        port = int(base.rsplit(":", 1)[1])
+        upload_to_orthanc(base, first)
+        node = DicomNode(base + "/dicom-web", "ctnod@production", registry, name="ct", modalities=["CT"],
+                         backoff_seconds=0, cache=root / "cache")
+        poll = node.poll_once()
+        assert (poll.seen, poll.processed, poll.failed) == (1, 1, 0), poll
+        reports = _srs(base, study1)
+        assert len(reports) == 1
+        said = read_classification(reports[0])
+        assert said["study"] == study1 and said["series"] == [series1] and said["model"] == "ctnod"
+        assert said["label"] in said["probabilities"] and said["version"] == "1"
+        # A restart (a new node on the same registry) processes nothing twice; its own SR is not an input.
+        again = DicomNode(base + "/dicom-web", "ctnod@production", registry, name="ct", modalities=["CT"],
+                          cache=root / "cache")
+        poll = again.poll_once()
+        assert (poll.seen, poll.processed, poll.skipped) == (1, 0, 1)
+        assert len(_srs(base, study1)) == 1
+        upload_to_orthanc(base, second)  # a new study arrives
+    # The PACS goes away: the poll fails cleanly and records nothing.
+    poll = again.poll_once()
+    assert poll.error and "failed" in poll.error and poll.processed == 0
+    assert [j.status for j in registry.jobs("ct")] == ["done"]
+    with orthanc_server(root / "orthanc", port=port) as base:  # back, with its storage
+        poll = again.poll_once()
+        assert (poll.processed, poll.skipped) == (1, 1), poll
+        assert len(_srs(base, study2)) == 1 and len(_srs(base, study1)) == 1
+    jobs = registry.jobs("ct")
+    assert [j.status for j in jobs] == ["done", "done"]
+    assert all(study1 not in str(j) and study2 not in str(j) and "PAT-" not in str(j) for j in jobs)
+    text = again.metrics.registry
+    from prometheus_client import generate_latest
+
+    metrics = generate_latest(text).decode()
+    assert "lepton_node_studies_processed_total 1.0" in metrics and "lepton_node_studies_skipped_total 2.0" in metrics
+
+
+def test_a_study_the_model_cannot_read_is_retried_then_parked(model, tmp_path):
+    from lepton.pacs.node import DicomNode
+
+    registry = model["registry"]
+    files = write_dicom_series(tmp_path / "odd", ct_phantom(np.random.default_rng(3), (3, 24, 24)),
+                               patient_id="PAT-3")
+    ds = pydicom.dcmread(files[1])  # one slice of another size: not a volume the series reader can stack
+    ds.Rows, ds.Columns = 16, 16
+    ds.PixelData = np.zeros((16, 16), np.int16).tobytes()
+    ds.save_as(files[1])
+    study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    with orthanc_server(tmp_path / "orthanc") as base:
+        upload_to_orthanc(base, files)
+        node = DicomNode(base + "/dicom-web", "ctnod@production", registry, name="park", modalities=["CT"],
+                         max_attempts=2, backoff_seconds=0, cache=tmp_path / "cache")
+        first = node.poll_once()
+        second = node.poll_once()
+        third = node.poll_once()
+        assert (first.failed, first.parked, second.failed, second.parked, third.skipped) == (1, 0, 1, 1, 1)
+        (job,) = registry.jobs("park")
+        assert job.status == "parked" and job.attempts == 2 and job.reason
+        assert study not in job.reason and "PAT-3" not in job.reason
+        assert _srs(base, study) == []
+
+
+def test_cli_dicom_node_once(model, tmp_path):
+    files, study, _ = _study(tmp_path, 5, "PAT-5")
+    with orthanc_server(tmp_path / "orthanc") as base:
+        upload_to_orthanc(base, files)
+        done = subprocess.run(lepton_cmd("dicom-node", "--pacs", base + "/dicom-web", "--model", "ctnod@production",
+                                         "--registry", model["location"], "--filter", "modality=CT", "--name", "cli",
+                                         "--once"), capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "LEPTON_DICOMWEB_CACHE": str(tmp_path / "c")})
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "1 processed" in done.stdout
+        assert study not in done.stdout + done.stderr and "PAT-5" not in done.stdout + done.stderr
+        assert len(_srs(base, study)) == 1
+        bad = subprocess.run(lepton_cmd("dicom-node", "--pacs", base + "/dicom-web", "--model", "ctnod@production",
+                                        "--registry", model["location"], "--filter", "colour=red", "--once"),
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "modality=CT" in bad.stdout + bad.stderr
