@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lepton.evaluate", "lepton.explain", "lepton.robustness", "lepton.export", "lepton.precision",
      "lepton.federated"),
     ("lepton.registry",),
-    ("lepton.serve", "lepton.client"),
+    ("lepton.serve", "lepton.client", "lepton.pacs"),
     ("lepton.demo",),
     ("lepton.cli", "lepton.__main__"),
 ]

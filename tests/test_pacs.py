@@ -154,3 +154,24 @@ def test_cli_dicom_node_once(model, tmp_path):
                                         "--registry", model["location"], "--filter", "colour=red", "--once"),
                              capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and "modality=CT" in bad.stdout + bad.stderr
+
+
+def test_pacs_export_builds_a_deidentified_training_set(tmp_path):
+    files, study, series = _study(tmp_path, 7, "PAT-7")
+    with orthanc_server(tmp_path / "orthanc") as base:
+        upload_to_orthanc(base, files)
+        done = subprocess.run(lepton_cmd("pacs", "export", f"dicomweb+{base}/dicom-web?PatientID=PAT-7",
+                                         str(tmp_path / "export"), "--key-file", str(tmp_path / "deid.key")),
+                              capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "LEPTON_DICOMWEB_CACHE": str(tmp_path / "c")})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "1 series, 8 files de-identified" in done.stdout
+    (folder,) = [p for p in (tmp_path / "export").iterdir()]
+    assert folder.name.startswith("2.25.") and series not in folder.name
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        assert "PAT-7" not in str(ds) and study not in str(ds) and series not in str(ds)
+        assert ds.PatientIdentityRemoved == "YES" and ds.SeriesInstanceUID == folder.name
+    from lepton.data.io import read_image
+
+    assert read_image(folder, window="lung", slices="volume")[0].pixels.shape[1] == 8  # still one readable series
