@@ -68,6 +68,12 @@ def test_a_report_reads_back():
     assert said["study"] == evidence[0].StudyInstanceUID and said["series"] == [evidence[0].SeriesInstanceUID]
     assert back.StudyInstanceUID == evidence[0].StudyInstanceUID and back.Modality == "SR"
     assert back.PatientID == evidence[0].PatientID  # filed with the patient's study, inside the hospital
+    import highdicom as hd
+
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(back)  # highdicom reads it as a valid SR too
+    (group,) = parsed.content.get_image_measurement_groups()
+    assert [m.value for m in group.get_measurements()][:2] == [0.25, 0.75]
+    assert group.get_qualitative_evaluations()[0].value.meaning == "nodule"
 
 
 def test_the_node_reports_new_studies_once_and_survives_the_pacs_going_away(model, tmp_path):
@@ -175,3 +181,39 @@ def test_pacs_export_builds_a_deidentified_training_set(tmp_path):
     from lepton.data.io import read_image
 
     assert read_image(folder, window="lung", slices="volume")[0].pixels.shape[1] == 8  # still one readable series
+
+
+def test_a_segmentation_model_stores_a_dicom_seg(tmp_path):
+    """A 3-D segmentation model's answer goes back as DICOM SEG referencing the series (read back with highdicom)."""
+    import highdicom as hd
+
+    from lepton.data.synthetic import nodule_phantom, write_segmentation_cases
+    from lepton.pacs.node import DicomNode
+    from lepton.registry import Registry
+    from lepton.train import train
+
+    cases = write_segmentation_cases(tmp_path / "cases", n=8, dims=3, seed=1)
+    run = train(cases, task="segmentation", epochs=1, batch_size=4, time_budget_s=0, quiet=True,
+                window="-1000,1400", output_dir=str(tmp_path / "runs"), name="seg")
+    registry = Registry.open(tmp_path / "reg")
+    registry.register_run(run.path, "nodules")
+    hu, _ = nodule_phantom(np.random.default_rng(5), (16, 32, 32), count=1)
+    files = write_dicom_series(tmp_path / "series", hu, spacing=(1.0, 1.0, 2.0), patient_id="PAT-9")
+    first = pydicom.dcmread(files[0])
+    with orthanc_server(tmp_path / "orthanc") as base:
+        upload_to_orthanc(base, files)
+        node = DicomNode(base + "/dicom-web", "nodules@1", registry, name="seg", modalities=["CT"],
+                         cache=tmp_path / "cache")
+        poll = node.poll_once()
+        assert (poll.processed, poll.failed) == (1, 0) and poll.reports[0]["kind"] == "SEG"
+        from dicomweb_client.api import DICOMwebClient
+
+        client = DICOMwebClient(url=base + "/dicom-web")
+        (found,) = client.search_for_series(study_instance_uid=str(first.StudyInstanceUID),
+                                            search_filters={"Modality": "SEG"})
+        (seg,) = client.retrieve_series(str(first.StudyInstanceUID), found["0020000E"]["Value"][0])
+    seg = hd.seg.Segmentation.from_dataset(seg)
+    assert seg.StudyInstanceUID == first.StudyInstanceUID
+    referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
+    assert referenced == {first.SeriesInstanceUID}
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["nodule"]

@@ -1,5 +1,6 @@
 """The DICOM node: watch a PACS over DICOMweb for studies, run a registered model on their series, store the
-answers back (STOW-RS) as DICOM Structured Reports that reference the source study and series.
+answers back (STOW-RS) — a classifier's as DICOM Structured Reports, a segmentation model's as DICOM SEG — that
+reference the source study and series.
 
 Each poll is a QIDO-RS search for series of the watched modalities, grouped by study. A study is processed once:
 the registry database records it per node (``dicom_jobs``, the study as a pseudonym only), so a restarted node
@@ -82,9 +83,9 @@ class DicomNode:
         if self._run is None:
             self.version = self.registry.get(self.model_ref).version
             self._run = self.registry.load_run(self.model_ref)
-            if self._run.task.dense:
-                raise DataError(f"{self.model_ref} is a {self._run.task.name} model: the node writes Structured "
-                                "Reports for classifiers")
+            if self._run.task.dense and self._run.preprocessing.spatial_dims != 3:
+                raise DataError(f"{self.model_ref} segments 2-D images: the node stores DICOM SEG for volume "
+                                "(series) models; classify, or use a 3-D segmentation model")
         return self._run
 
     # -- one poll ----------------------------------------------------------------------------------------------
@@ -143,8 +144,11 @@ class DicomNode:
         return poll
 
     def process(self, study: str, series: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        """Fetch each watched series, classify it (a volume model: the series; a 2-D model: each image), and store
-        one SR per answer with STOW-RS."""
+        """Fetch each watched series and store the model's answer with STOW-RS: a classifier's as one SR per answer
+        (a volume model: the series; a 2-D model: each image), a segmentation model's as a DICOM SEG of the
+        series."""
+        import tempfile
+
         import pydicom
 
         from lepton.pacs.sr import classification_sr
@@ -156,6 +160,14 @@ class DicomNode:
             folder = fetch(Source.parse(f"dicomweb+{self.base}?StudyInstanceUID={study}"
                                         f"&SeriesInstanceUID={series_uid}"), self.cache)[0]
             files = sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
+            if run.task.dense:
+                with tempfile.TemporaryDirectory() as tmp:
+                    (row,) = run.predict([folder], output=tmp, dicom_seg=True)
+                    seg = pydicom.dcmread(row["dicom_seg"])
+                self._store(client, seg)
+                reports.append({"label": f"{len(row.get('lesions', []))} lesion(s)", "kind": "SEG",
+                                "series": pseudonym(series_uid), "report": pseudonym(str(seg.SOPInstanceUID))})
+                continue
             inputs = [folder] if run.preprocessing.spatial_dims == 3 else files
             for item in inputs:
                 rows = run.predict([item])
@@ -164,13 +176,16 @@ class DicomNode:
                 for row in rows:
                     sr = classification_sr(evidence, row, model=self.model_ref.split("@")[0],
                                            version=self.version)
-                    try:
-                        client.store_instances([sr])
-                    except Exception as exc:
-                        raise DataError(f"STOW-RS of a report to {self.base} failed: {scrub(str(exc))[:300]}") from None
-                    reports.append({"label": row["label"], "series": pseudonym(series_uid),
+                    self._store(client, sr)
+                    reports.append({"label": row["label"], "kind": "SR", "series": pseudonym(series_uid),
                                     "report": pseudonym(str(sr.SOPInstanceUID))})
         return reports
+
+    def _store(self, client, dataset) -> None:
+        try:
+            client.store_instances([dataset])
+        except Exception as exc:
+            raise DataError(f"STOW-RS of a result to {self.base} failed: {scrub(str(exc))[:300]}") from None
 
     def run(self, interval: float = 10.0, stop: threading.Event | None = None, polls: int | None = None) -> None:
         """Poll every ``interval`` seconds until ``stop`` is set (or ``polls`` polls are done)."""
