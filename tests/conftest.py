@@ -210,6 +210,8 @@ def redis_url(tmp_path_factory):
 
 # -- Orthanc: a real PACS with its DICOMweb plugin (Debian's orthanc, orthanc-dicomweb; .ci/run installs them) --------
 ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+#: The running Orthanc processes by base URL (a test may stop one mid-run: a PACS going away).
+ORTHANC_PROCS: dict = {}
 
 
 @contextmanager
@@ -247,9 +249,11 @@ def orthanc_server(root: Path, port: int | None = None):
         except OSError:
             assert time.monotonic() < deadline and proc.poll() is None, (root / "orthanc.log").read_text()[-2000:]
             time.sleep(0.1)
+    ORTHANC_PROCS[base] = proc
     try:
         yield base
     finally:
+        ORTHANC_PROCS.pop(base, None)
         proc.terminate()
         try:
             proc.wait(timeout=30)

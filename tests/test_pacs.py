@@ -217,3 +217,63 @@ def test_a_segmentation_model_stores_a_dicom_seg(tmp_path):
     referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
     assert referenced == {first.SeriesInstanceUID}
     assert [d.SegmentLabel for d in seg.SegmentSequence] == ["nodule"]
+
+
+def test_the_pacs_going_away_mid_study_loses_nothing(model, tmp_path):
+    """Orthanc stops after the node fetched a study and before it stores the report: that attempt fails and is
+    recorded for a retry; with the PACS back, the next poll stores exactly one report."""
+    from conftest import ORTHANC_PROCS
+    from lepton.pacs.node import DicomNode
+
+    files, study, _ = _study(tmp_path, 8, "PAT-8")
+
+    class Unlucky(DicomNode):
+        def _store(self, client, dataset):
+            proc = ORTHANC_PROCS.get(self.base.removesuffix("/dicom-web"))
+            if proc is not None:  # the PACS goes away now, between retrieval and storage
+                proc.terminate()
+                proc.wait(timeout=30)
+            super()._store(client, dataset)
+
+    with orthanc_server(tmp_path / "orthanc") as base:
+        port = int(base.rsplit(":", 1)[1])
+        upload_to_orthanc(base, files)
+        node = Unlucky(base + "/dicom-web", "ctnod@production", model["registry"], name="midrun",
+                       modalities=["CT"], backoff_seconds=0, cache=tmp_path / "cache")
+        poll = node.poll_once()
+        assert (poll.processed, poll.failed, poll.parked) == (0, 1, 0)
+        (job,) = model["registry"].jobs("midrun")
+        assert job.status == "retry" and "STOW-RS" in job.reason and study not in job.reason
+    with orthanc_server(tmp_path / "orthanc", port=port) as base:
+        again = DicomNode(base + "/dicom-web", "ctnod@production", model["registry"], name="midrun",
+                          modalities=["CT"], backoff_seconds=0, cache=tmp_path / "cache")
+        assert again.poll_once().processed == 1
+        assert len(_srs(base, study)) == 1
+        assert again.poll_once().skipped == 1
+
+
+SHARED_CT = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "ct_series" / "dicom_uids"
+
+
+@pytest.mark.skipif(not SHARED_CT.is_dir(), reason="the shared CT series is not here (../shared/data/ct_series)")
+def test_a_real_jpeg2000_ct_goes_through_the_pacs_and_gets_a_report(model, tmp_path):
+    """The shared abdominal CT (20 JPEG 2000 slices of 512 x 512): uploaded to Orthanc, fetched over WADO-RS in its
+    own transfer syntax, read as a volume in Hounsfield units, and answered with an SR in its study."""
+    from lepton.data.dicomweb import Source, fetch
+    from lepton.data.io import read_image
+    from lepton.pacs.node import DicomNode
+
+    files = sorted(SHARED_CT.iterdir())
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    with orthanc_server(tmp_path / "orthanc") as base:
+        upload_to_orthanc(base, files)
+        (folder,) = fetch(Source.parse(f"dicomweb+{base}/dicom-web?StudyInstanceUID={study}"), tmp_path / "c")
+        assert len(list(folder.iterdir())) == 20
+        (frame,) = read_image(folder, window="-1000,2000", slices="volume")
+        assert frame.pixels.shape[1:] == (20, 512, 512) or sorted(frame.pixels.shape[1:]) == [20, 512, 512]
+        node = DicomNode(base + "/dicom-web", "ctnod@production", model["registry"], name="real",
+                         modalities=["CT"], cache=tmp_path / "c")
+        poll = node.poll_once()
+        assert (poll.processed, poll.failed) == (1, 0)
+        (sr,) = _srs(base, study)
+        assert read_classification(sr)["study"] == study

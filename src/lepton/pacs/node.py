@@ -124,6 +124,7 @@ class DicomNode:
             try:
                 reports = self.process(study, series)
             except Exception as exc:
+                log.debug("node %s: study %s failed", self.name, key, exc_info=True)
                 reason = scrub(f"{type(exc).__name__}: {exc}" if not isinstance(exc, DataError) else str(exc))
                 job = self.registry.record_job(self.name, key, done=False, reason=reason,
                                                max_attempts=self.max_attempts, backoff_seconds=self.backoff)

@@ -20,6 +20,7 @@ def classification_sr(evidence: Sequence, result: dict[str, Any], *, model: str,
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    evidence = [_with_sop_class(ds) for ds in evidence]
     labels = list(result["probabilities"])
     threshold = result.get("threshold")
     rule = f"threshold {threshold:.4f} on P({labels[-1]})" if threshold is not None else "arg-max"
@@ -52,6 +53,23 @@ def classification_sr(evidence: Sequence, result: dict[str, Any], *, model: str,
     return hd.sr.Comprehensive3DSR(evidence=list(evidence), content=report, series_instance_uid=hd.UID(),
                                    series_number=SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
                                    manufacturer="Lepton", is_complete=True, series_description=f"AI: {model}"[:64])
+
+
+def _with_sop_class(ds):
+    """An instance whose SOP Class UID was blanked (some de-identification tools do; the shared real CT is one) takes
+    it from its file meta, as a PACS does; without either it cannot be referenced."""
+    if str(ds.get("SOPClassUID", "")).strip():
+        return ds
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(meta.get("MediaStorageSOPClassUID", "")).strip() if meta is not None else ""
+    if not sop_class:
+        from lepton.errors import DataError
+
+        raise DataError("an instance of the series has no SOP Class UID (neither in the data set nor in its file "
+                        "meta): a report cannot reference it")
+    ds = ds.copy()
+    ds.SOPClassUID = sop_class
+    return ds
 
 
 def read_classification(sr) -> dict[str, Any]:
