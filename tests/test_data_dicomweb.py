@@ -111,3 +111,20 @@ def test_predict_takes_a_dicomweb_source(pacs, tmp_path):
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(rows) == 1 and rows[0]["label"] in rows[0]["probabilities"]
     assert first["study"] not in done.stdout + done.stderr and "PAT-A" not in done.stdout + done.stderr
+
+
+def test_a_manifest_row_can_be_a_dicomweb_series(pacs, tmp_path, monkeypatch):
+    from lepton.data import load_dataset
+
+    monkeypatch.setenv("LEPTON_DICOMWEB_CACHE", str(tmp_path / "cache"))
+    first, second = pacs["studies"]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,patient_id\n"
+                        f"{pacs['web']}?StudyInstanceUID={first['study']},normal,p1\n"
+                        f"{pacs['web']}?PatientID=PAT-B,nodule,p2\n")
+    data = load_dataset(manifest, slices="volume", window="lung")
+    assert len(data.labels) == 2 and data.label_names == ["nodule", "normal"]
+    assert {tuple(np.asarray(data.images[i]).shape[1:2]) for i in range(2)} == {(3,), (4,)}  # each row's slices
+    manifest.write_text(f"path,label\n{pacs['web']}?Modality=CT,normal\n")
+    with pytest.raises(DataError, match="line 2: the DICOMweb source selects 2 series"):
+        load_dataset(manifest, slices="volume")

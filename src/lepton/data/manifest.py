@@ -1,4 +1,5 @@
-"""CSV manifests: ``path,label[,patient_id][,split][,series_uid]`` with a header row."""
+"""CSV manifests: ``path,label[,patient_id][,split][,series_uid]`` with a header row; ``path`` may also be a
+DICOMweb source (``dicomweb+http://HOST/dicom-web?StudyInstanceUID=…&SeriesInstanceUID=…``) selecting one series."""
 
 from __future__ import annotations
 
@@ -63,16 +64,29 @@ def read_manifest(
     if all(x.lstrip("-").isdigit() for x in raw_labels):
         raw_labels = sorted(raw_labels, key=int)
     index = {name: i for i, name in enumerate(raw_labels)}
-    base = path.parent
     records = [
         (
-            (base / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"]),
+            _resolve(path, r["path"], line),
             index[r["label"]],
             r.get("split", ""),
             pseudonymize(r["patient_id"]) if r.get("patient_id") else None,
             r.get("series_uid") or None,
         )
-        for r in rows
+        for line, r in enumerate(rows, start=2)
     ]
     return from_files(str(path), records, raw_labels, window=window, slices=slices, skip_bad=skip_bad,
                       steps=steps)
+
+
+def _resolve(manifest: Path, text: str, line: int) -> Path:
+    """A row's image: a path (relative to the CSV's folder), or a DICOMweb source selecting one series, fetched
+    into the local cache (``lepton.data.dicomweb``)."""
+    from lepton.data import dicomweb
+
+    if dicomweb.is_source(text):
+        folders = dicomweb.fetch(dicomweb.Source.parse(text))
+        if len(folders) != 1:
+            raise DataError(f"{manifest}: line {line}: the DICOMweb source selects {len(folders)} series; a row "
+                            "takes one (add SeriesInstanceUID=… to the URL)")
+        return folders[0]
+    return (manifest.parent / text) if not Path(text).is_absolute() else Path(text)
