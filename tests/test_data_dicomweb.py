@@ -117,7 +117,7 @@ def test_a_manifest_row_can_be_a_dicomweb_series(pacs, tmp_path, monkeypatch):
     from lepton.data import load_dataset
 
     monkeypatch.setenv("LEPTON_DICOMWEB_CACHE", str(tmp_path / "cache"))
-    first, second = pacs["studies"]
+    first = pacs["studies"][0]
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label,patient_id\n"
                         f"{pacs['web']}?StudyInstanceUID={first['study']},normal,p1\n"
