@@ -150,12 +150,21 @@ def test_cli_dicom_node_once(model, tmp_path):
         upload_to_orthanc(base, files)
         done = subprocess.run(lepton_cmd("dicom-node", "--pacs", base + "/dicom-web", "--model", "ctnod@production",
                                          "--registry", model["location"], "--filter", "modality=CT", "--name", "cli",
-                                         "--once"), capture_output=True, text=True, timeout=300,
+                                         "--explain", "gradcam", "--once"), capture_output=True, text=True,
+                              timeout=300,
                               env={**__import__("os").environ, "LEPTON_DICOMWEB_CACHE": str(tmp_path / "c")})
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         assert "1 processed" in done.stdout
         assert study not in done.stdout + done.stderr and "PAT-5" not in done.stdout + done.stderr
         assert len(_srs(base, study)) == 1
+        from dicomweb_client.api import DICOMwebClient
+
+        client = DICOMwebClient(url=base + "/dicom-web")
+        (overlay,) = client.search_for_series(study_instance_uid=study, search_filters={"Modality": "OT"})
+        (sc,) = client.retrieve_series(study, overlay["0020000E"]["Value"][0])
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.PhotometricInterpretation == "RGB"
+        assert "gradcam heatmap" in sc.ImageComments and sc.pixel_array.ndim == 3
+        assert list(sc.PatientOrientation) == ["R", "P"]  # montage tiles in the network's axial order
         bad = subprocess.run(lepton_cmd("dicom-node", "--pacs", base + "/dicom-web", "--model", "ctnod@production",
                                         "--registry", model["location"], "--filter", "colour=red", "--once"),
                              capture_output=True, text=True, timeout=120)
@@ -277,3 +286,63 @@ def test_a_real_jpeg2000_ct_goes_through_the_pacs_and_gets_a_report(model, tmp_p
         assert (poll.processed, poll.failed) == (1, 0)
         (sr,) = _srs(base, study)
         assert read_classification(sr)["study"] == study
+
+
+def test_a_running_node_serves_its_metrics(model, tmp_path):
+    """`lepton dicom-node` left running: it polls on its own and /metrics (on loopback) counts what it did."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    files, study, _ = _study(tmp_path, 6, "PAT-6")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
+    with orthanc_server(tmp_path / "orthanc") as base:
+        upload_to_orthanc(base, files)
+        proc = subprocess.Popen(lepton_cmd("dicom-node", "--pacs", base + "/dicom-web", "--model", "ctnod@production",
+                                           "--registry", model["location"], "--name", "live", "--interval", "1",
+                                           "--metrics-port", str(metrics_port)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "LEPTON_DICOMWEB_CACHE": str(tmp_path / "c")})
+        try:
+            deadline, text = time.monotonic() + 120, ""
+            while "lepton_node_studies_processed_total 1.0" not in text:
+                assert time.monotonic() < deadline and proc.poll() is None, text[-1500:]
+                time.sleep(0.5)
+                try:
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+                except OSError:
+                    continue
+            deadline = time.monotonic() + 30
+            while "lepton_node_studies_skipped_total 0.0" in text or "lepton_node_studies_skipped_total" not in text:
+                assert time.monotonic() < deadline, text[-1500:]  # later polls skip the study it has done
+                time.sleep(0.5)
+                text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            assert "lepton_node_study_seconds_count 1.0" in text
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+        assert len(_srs(base, study)) == 1
+    assert study not in out and "PAT-6" not in out
+
+
+def test_an_overlay_is_placed_by_the_image_orientation():
+    from pydicom.dataset import Dataset
+
+    from lepton.errors import DataError
+    from lepton.pacs.sr import _orientation
+
+    axial = Dataset()
+    axial.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    assert _orientation(axial, volume=False) == ("L", "P")
+    coronal = Dataset()
+    coronal.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    assert _orientation(coronal, volume=False) == ("L", "F")
+    xray = Dataset()
+    xray.PatientOrientation = ["L", "F"]
+    assert _orientation(xray, volume=False) == ("L", "F")
+    with pytest.raises(DataError, match="cannot be placed"):
+        _orientation(Dataset(), volume=False)

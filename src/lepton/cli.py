@@ -943,6 +943,8 @@ def dicom_node(
     backoff: Annotated[float, typer.Option(help="Seconds before the first retry (doubling each time).")] = 30.0,
     metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT (0 = off).")] = 0,
     once: Annotated[bool, typer.Option("--once", help="Poll once and exit (for cron or a test).")] = False,
+    explain: Annotated[str | None, typer.Option(help="Also store a Grad-CAM overlay as a Secondary Capture: "
+                                                     "gradcam or gradcam++.")] = None,
 ) -> None:
     """Watch a PACS over DICOMweb: run MODEL on new studies and store each answer back as a DICOM Structured
     Report (STOW-RS). Restartable: the registry records every study (as a pseudonym), so none is processed twice;
@@ -958,7 +960,7 @@ def dicom_node(
     if max_attempts < 1 or interval <= 0 or backoff < 0:
         raise typer.BadParameter("--max-attempts must be >= 1, --interval > 0 and --backoff >= 0")
     node = DicomNode(pacs, model, _registry(registry), name=name, modalities=modalities, max_attempts=max_attempts,
-                     backoff_seconds=backoff)
+                     backoff_seconds=backoff, explain=explain)
     node.run_model()  # a model that cannot be loaded stops here, before the first poll
     if metrics_port:
         from prometheus_client import start_http_server

@@ -25,6 +25,9 @@ from lepton.data.dicomweb import Source, fetch, pseudonym
 from lepton.errors import DataError
 
 log = logging.getLogger("lepton.pacs")
+# highdicom logs at INFO which instance (by UID) it copies patient and study attributes from: kept quiet, so the
+# node's output carries no UIDs (its warnings and errors still show).
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 #: Anything shaped like a DICOM UID (in an error text, a URL path): replaced before a reason is stored or logged.
 _UID = re.compile(r"\d+(?:\.\d+){3,}")
@@ -69,13 +72,16 @@ class DicomNode:
 
     def __init__(self, pacs: str, model: str, registry, *, name: str = "default",
                  modalities: list[str] | None = None, max_attempts: int = 5, backoff_seconds: float = 30.0,
-                 cache: Path | None = None):
+                 cache: Path | None = None, explain: str | None = None):
         source = Source.parse(pacs if pacs.startswith("dicomweb+") else "dicomweb+" + pacs)
         if source.filters:
             raise DataError("--pacs is the DICOMweb service's base URL (no filters); use --filter for modalities")
         self.base, self.model_ref, self.registry, self.name = source.base, model, registry, name
         self.modalities = [m.upper() for m in (modalities or [])]
         self.max_attempts, self.backoff, self.cache = max_attempts, backoff_seconds, cache
+        if explain not in (None, "gradcam", "gradcam++"):
+            raise DataError(f"explain must be gradcam or gradcam++ (got {explain!r})")
+        self.explain = explain
         self.metrics = NodeMetrics()
         self._run = None
 
@@ -180,7 +186,25 @@ class DicomNode:
                     self._store(client, sr)
                     reports.append({"label": row["label"], "kind": "SR", "series": pseudonym(series_uid),
                                     "report": pseudonym(str(sr.SOPInstanceUID))})
+                if self.explain:
+                    sc = self._overlay(run, item, evidence[0])
+                    self._store(client, sc)
+                    reports.append({"label": rows[0]["label"], "kind": "SC", "series": pseudonym(series_uid),
+                                    "report": pseudonym(str(sc.SOPInstanceUID))})
         return reports
+
+    def _overlay(self, run, item: Path, reference):
+        """The Grad-CAM overlay of one input (a series or an image) as a Secondary Capture."""
+        import tempfile
+
+        from lepton.explain import explain
+        from lepton.pacs.sr import overlay_sc
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (row,) = explain(run, [item], method=self.explain, output=tmp)
+            png = Path(row["overlay"]).read_bytes()
+        return overlay_sc(reference, png, model=self.model_ref.split("@")[0], version=self.version,
+                          explained=row["class"], method=self.explain, volume=item.is_dir())
 
     def _store(self, client, dataset) -> None:
         try:

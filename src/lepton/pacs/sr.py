@@ -99,3 +99,54 @@ def read_classification(sr) -> dict[str, Any]:
     out["study"] = str(evidence[0].StudyInstanceUID) if evidence else None
     out["series"] = [str(s.SeriesInstanceUID) for e in evidence for s in e.ReferencedSeriesSequence]
     return out
+
+
+#: Series number of Lepton's explanation overlays in a study.
+OVERLAY_SERIES_NUMBER = 9902
+
+
+def _orientation(reference, volume: bool) -> tuple[str, str]:
+    """Patient Orientation of the overlay's pixels (the row direction, then the column direction). A volume's
+    montage tiles are axial slices in the network's order (``lepton.data.volume.network_order``: columns toward the
+    patient's right, rows toward posterior); a 2-D input keeps the reference image's own layout."""
+    if volume:
+        return ("R", "P")
+    given = [str(v) for v in (reference.get("PatientOrientation") or []) if str(v)]
+    if len(given) == 2:
+        return (given[0][0], given[1][0])
+    cosines = reference.get("ImageOrientationPatient")
+    if cosines is not None and len(cosines) == 6:
+        letters = (("L", "R"), ("P", "A"), ("H", "F"))  # DICOM LPS: +x left, +y posterior, +z head
+
+        def letter(vector) -> str:
+            axis = max(range(3), key=lambda i: abs(float(vector[i])))
+            return letters[axis][0 if float(vector[axis]) > 0 else 1]
+
+        return (letter(cosines[:3]), letter(cosines[3:]))
+    from lepton.errors import DataError
+
+    raise DataError("the image has neither Patient Orientation nor Image Orientation: an overlay cannot be placed")
+
+
+def overlay_sc(reference, png: bytes, *, model: str, version: int | str, explained: str, method: str,
+               volume: bool = False):
+    """A Grad-CAM overlay (a PNG: the heatmap over the model's input, a montage of slices for a volume) as a DICOM
+    Secondary Capture image in the reference instance's study, saying in its comments what it shows."""
+    import io
+
+    import highdicom as hd
+    import numpy as np
+    from PIL import Image
+
+    reference = _with_sop_class(reference)
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=reference, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", patient_orientation=_orientation(reference, volume),
+        series_instance_uid=hd.UID(), series_number=OVERLAY_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="Lepton")
+    sc.SeriesDescription = f"AI explanation: {model}"[:64]
+    sc.ImageComments = (f"{method} heatmap of the class '{explained}' by {model}@{version} over the model's input; "
+                        "research use, not for diagnosis")[:10240]
+    sc.BurnedInAnnotation = "NO"
+    return sc
