@@ -346,3 +346,28 @@ def test_an_overlay_is_placed_by_the_image_orientation():
     assert _orientation(xray, volume=False) == ("L", "F")
     with pytest.raises(DataError, match="cannot be placed"):
         _orientation(Dataset(), volume=False)
+
+
+def test_a_running_node_follows_a_promotion(model, tmp_path):
+    """`NAME@production` is resolved for every study: after a promotion the next report names the new version."""
+    from lepton.pacs.node import DicomNode
+
+    registry = model["registry"]
+    first, study1, _ = _study(tmp_path, 11, "PAT-11")
+    second, study2, _ = _study(tmp_path, 12, "PAT-12")
+    with orthanc_server(tmp_path / "orthanc") as base:
+        node = DicomNode(base + "/dicom-web", "ctnod@production", registry, name="promo", modalities=["CT"],
+                         cache=tmp_path / "cache")
+        upload_to_orthanc(base, first)
+        assert node.poll_once().processed == 1
+        source = registry.get("ctnod@1").source_run
+        registry.register_run(source, "ctnod")
+        registry.promote("ctnod", 2, "production")
+        try:
+            upload_to_orthanc(base, second)
+            assert node.poll_once().processed == 1
+            assert read_classification(_srs(base, study1)[0])["version"] == "1"
+            assert read_classification(_srs(base, study2)[0])["version"] == "2"
+            assert [j.result["version"] for j in registry.jobs("promo")] == [1, 2]
+        finally:
+            registry.rollback("ctnod")  # the module's other tests expect version 1 in production

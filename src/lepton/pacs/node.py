@@ -83,15 +83,19 @@ class DicomNode:
             raise DataError(f"explain must be gradcam or gradcam++ (got {explain!r})")
         self.explain = explain
         self.metrics = NodeMetrics()
-        self._run = None
+        self._run, self.version = None, None
 
     def run_model(self):
-        if self._run is None:
-            self.version = self.registry.get(self.model_ref).version
-            self._run = self.registry.load_run(self.model_ref)
-            if self._run.task.dense and self._run.preprocessing.spatial_dims != 3:
+        """The model the reference names now: a promotion (``NAME@production``) is followed at the next study."""
+        version = self.registry.get(self.model_ref).version
+        if self._run is None or version != self.version:
+            run = self.registry.load_run(f"{self.model_ref.split('@')[0]}@{version}")
+            if run.task.dense and run.preprocessing.spatial_dims != 3:
                 raise DataError(f"{self.model_ref} segments 2-D images: the node stores DICOM SEG for volume "
                                 "(series) models; classify, or use a 3-D segmentation model")
+            if self._run is not None:
+                log.info("node %s: %s is now version %s", self.name, self.model_ref, version)
+            self._run, self.version = run, version
         return self._run
 
     # -- one poll ----------------------------------------------------------------------------------------------
@@ -142,7 +146,8 @@ class DicomNode:
                             reason)
                 continue
             self.registry.record_job(self.name, key, done=True, result={
-                "reports": len(reports), "labels": [r["label"] for r in reports], "model": self.model_ref})
+                "reports": len(reports), "labels": [r["label"] for r in reports], "model": self.model_ref,
+                "version": self.version})
             self.metrics.processed.inc()
             self.metrics.latency.observe(time.perf_counter() - t0)
             poll.processed += 1
