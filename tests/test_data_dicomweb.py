@@ -53,7 +53,7 @@ def test_a_source_url_is_parsed_and_checked():
 def test_qido_finds_series_by_study_patient_modality_and_date(pacs):
     first, second = pacs["studies"]
     by_study = dicomweb.find_series(dicomweb.Source.parse(f"{pacs['web']}?StudyInstanceUID={first['study']}"))
-    assert [(s.series, s.modality) for s in by_study] == [(first["series"], "CT")]
+    assert [(s.series, s.modality, s.instances) for s in by_study] == [(first["series"], "CT", 3)]
     by_patient = dicomweb.find_series(dicomweb.Source.parse(f"{pacs['web']}?PatientID=PAT-B"))
     assert [s.series for s in by_patient] == [second["series"]]
     by_date = dicomweb.find_series(dicomweb.Source.parse(f"{pacs['web']}?StudyDate=20240601-20241231&Modality=CT"))

@@ -304,6 +304,7 @@ def test_a_running_node_serves_its_metrics(model, tmp_path):
         upload_to_orthanc(base, files)
         proc = subprocess.Popen(lepton_cmd("dicom-node", "--pacs", base + "/dicom-web", "--model", "ctnod@production",
                                            "--registry", model["location"], "--name", "live", "--interval", "1",
+                                           "--settle", "1",
                                            "--metrics-port", str(metrics_port)),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "LEPTON_DICOMWEB_CACHE": str(tmp_path / "c")})
@@ -371,3 +372,27 @@ def test_a_running_node_follows_a_promotion(model, tmp_path):
             assert [j.result["version"] for j in registry.jobs("promo")] == [1, 2]
         finally:
             registry.rollback("ctnod")  # the module's other tests expect version 1 in production
+
+
+def test_a_study_still_arriving_waits_until_it_settles(model, tmp_path):
+    """Half a series in the PACS: the node waits; the rest arrives: it waits again; unchanged for the settle time:
+    one report on the whole series."""
+    import time
+
+    from lepton.pacs.node import DicomNode
+
+    files, study, _ = _study(tmp_path, 13, "PAT-13")
+    with orthanc_server(tmp_path / "orthanc") as base:
+        node = DicomNode(base + "/dicom-web", "ctnod@production", model["registry"], name="settle",
+                         modalities=["CT"], cache=tmp_path / "cache", settle_seconds=1.0)
+        upload_to_orthanc(base, files[:4])
+        assert (node.poll_once().waiting, node.poll_once().waiting) == (1, 1)
+        upload_to_orthanc(base, files[4:])
+        assert node.poll_once().waiting == 1  # changed: the clock starts again
+        time.sleep(1.2)
+        poll = node.poll_once()
+        assert (poll.processed, poll.waiting) == (1, 0)
+        (sr,) = _srs(base, study)
+        referenced = [i for e in sr.CurrentRequestedProcedureEvidenceSequence for s in e.ReferencedSeriesSequence
+                      for i in s.ReferencedSOPSequence]
+        assert len(referenced) == len(files) == 8

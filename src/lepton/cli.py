@@ -945,6 +945,10 @@ def dicom_node(
     once: Annotated[bool, typer.Option("--once", help="Poll once and exit (for cron or a test).")] = False,
     explain: Annotated[str | None, typer.Option(help="Also store a Grad-CAM overlay as a Secondary Capture: "
                                                      "gradcam or gradcam++.")] = None,
+    settle: Annotated[float, typer.Option(help="Seconds a study's series and instance counts must stay unchanged "
+                                               "before it is processed (studies arrive instance by instance; 0 = "
+                                               "at once). --once processes what is there: run it when studies are "
+                                               "complete.")] = 30.0,
 ) -> None:
     """Watch a PACS over DICOMweb: run MODEL on new studies and store each answer back as a DICOM Structured
     Report (STOW-RS). Restartable: the registry records every study (as a pseudonym), so none is processed twice;
@@ -957,10 +961,10 @@ def dicom_node(
         if key.strip().lower() != "modality" or not value.strip():
             raise typer.BadParameter(f"--filter {item!r}: use modality=CT,DX")
         modalities += [m.strip() for m in value.split(",") if m.strip()]
-    if max_attempts < 1 or interval <= 0 or backoff < 0:
-        raise typer.BadParameter("--max-attempts must be >= 1, --interval > 0 and --backoff >= 0")
+    if max_attempts < 1 or interval <= 0 or backoff < 0 or settle < 0:
+        raise typer.BadParameter("--max-attempts must be >= 1, --interval > 0, --backoff and --settle >= 0")
     node = DicomNode(pacs, model, _registry(registry), name=name, modalities=modalities, max_attempts=max_attempts,
-                     backoff_seconds=backoff, explain=explain)
+                     backoff_seconds=backoff, explain=explain, settle_seconds=0.0 if once else settle)
     node.run_model()  # a model that cannot be loaded stops here, before the first poll
     if metrics_port:
         from prometheus_client import start_http_server
@@ -969,7 +973,8 @@ def dicom_node(
     if once:
         poll = node.poll_once()
         console.print(f"{poll.seen} studies seen, {poll.processed} processed, {poll.failed} failed "
-                      f"({poll.parked} parked), {poll.skipped} skipped" + (f"; {poll.error}" if poll.error else ""))
+                      f"({poll.parked} parked), {poll.skipped} skipped, {poll.waiting} still arriving"
+                      + (f"; {poll.error}" if poll.error else ""))
         raise typer.Exit(1 if poll.error or poll.failed else 0)
     console.print(f"watching {node.base} every {interval:g} s with {model} (Ctrl-C stops)")
     import contextlib

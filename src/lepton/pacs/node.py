@@ -2,7 +2,9 @@
 answers back (STOW-RS) — a classifier's as DICOM Structured Reports, a segmentation model's as DICOM SEG — that
 reference the source study and series.
 
-Each poll is a QIDO-RS search for series of the watched modalities, grouped by study. A study is processed once:
+Each poll is a QIDO-RS search for series of the watched modalities, grouped by study. With ``settle_seconds`` a
+study waits until its series and instance counts have stayed the same that long (a modality sends a study instance
+by instance). A study is processed once:
 the registry database records it per node (``dicom_jobs``, the study as a pseudonym only), so a restarted node
 skips what it has done. A failure (PACS gone, a series the model cannot read) is retried with exponential backoff
 and parked with its reason after ``max_attempts``; a PACS that cannot be searched at all leaves nothing recorded,
@@ -63,6 +65,7 @@ class Poll:
     failed: int = 0
     parked: int = 0
     skipped: int = 0
+    waiting: int = 0  # still arriving (see ``settle_seconds``)
     error: str | None = None
     reports: list[dict[str, Any]] = field(default_factory=list)
 
@@ -72,7 +75,7 @@ class DicomNode:
 
     def __init__(self, pacs: str, model: str, registry, *, name: str = "default",
                  modalities: list[str] | None = None, max_attempts: int = 5, backoff_seconds: float = 30.0,
-                 cache: Path | None = None, explain: str | None = None):
+                 cache: Path | None = None, explain: str | None = None, settle_seconds: float = 0.0):
         source = Source.parse(pacs if pacs.startswith("dicomweb+") else "dicomweb+" + pacs)
         if source.filters:
             raise DataError("--pacs is the DICOMweb service's base URL (no filters); use --filter for modalities")
@@ -82,6 +85,8 @@ class DicomNode:
         if explain not in (None, "gradcam", "gradcam++"):
             raise DataError(f"explain must be gradcam or gradcam++ (got {explain!r})")
         self.explain = explain
+        self.settle = settle_seconds
+        self._pending: dict[str, tuple[tuple, float]] = {}  # study -> (series and counts, since when unchanged)
         self.metrics = NodeMetrics()
         self._run, self.version = None, None
 
@@ -99,17 +104,17 @@ class DicomNode:
         return self._run
 
     # -- one poll ----------------------------------------------------------------------------------------------
-    def studies(self) -> dict[str, list[tuple[str, str]]]:
-        """QIDO-RS: watched series grouped by study: ``{study: [(series, modality), …]}``."""
+    def studies(self) -> dict[str, list[tuple[str, str, int]]]:
+        """QIDO-RS: watched series grouped by study: ``{study: [(series, modality, instances), …]}``."""
         from lepton.data.dicomweb import find_series
 
-        found: dict[str, list[tuple[str, str]]] = {}
+        found: dict[str, list[tuple[str, str, int]]] = {}
         for modality in self.modalities or [None]:
             filters = f"?Modality={modality}" if modality else ""
             for s in find_series(Source.parse(f"dicomweb+{self.base}{filters}")):
                 if s.modality.upper() in OWN_OUTPUT:
                     continue
-                found.setdefault(s.study, []).append((s.series, s.modality))
+                found.setdefault(s.study, []).append((s.series, s.modality, s.instances))
         return found
 
     def poll_once(self) -> Poll:
@@ -129,6 +134,9 @@ class DicomNode:
             if job is not None and (job.status in ("done", "parked") or (job.next_try and job.next_try > now)):
                 poll.skipped += 1
                 self.metrics.skipped.inc()
+                continue
+            if not self._settled(study, series):
+                poll.waiting += 1
                 continue
             t0 = time.perf_counter()
             try:
@@ -155,7 +163,22 @@ class DicomNode:
             log.info("node %s: study %s: %d report(s) stored", self.name, key, len(reports))
         return poll
 
-    def process(self, study: str, series: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    def _settled(self, study: str, series: list[tuple[str, str, int]]) -> bool:
+        """Whether a study has stopped changing: the same series and instance counts for ``settle_seconds`` (a
+        modality sends a study instance by instance; a half-arrived series must not be reported on)."""
+        if self.settle <= 0:
+            return True
+        signature = tuple(sorted((uid, n) for uid, _, n in series))
+        seen, since = self._pending.get(study, (None, 0.0))
+        if seen != signature:
+            self._pending[study] = (signature, time.monotonic())
+            return False
+        if time.monotonic() - since < self.settle:
+            return False
+        del self._pending[study]
+        return True
+
+    def process(self, study: str, series: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
         """Fetch each watched series and store the model's answer with STOW-RS: a classifier's as one SR per answer
         (a volume model: the series; a 2-D model: each image), a segmentation model's as a DICOM SEG of the
         series."""
@@ -168,7 +191,7 @@ class DicomNode:
         run = self.run_model()
         client = Source.parse(f"dicomweb+{self.base}").client()
         reports = []
-        for series_uid, _ in series:
+        for series_uid, _, _ in series:
             folder = fetch(Source.parse(f"dicomweb+{self.base}?StudyInstanceUID={study}"
                                         f"&SeriesInstanceUID={series_uid}"), self.cache)[0]
             files = sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
@@ -223,8 +246,9 @@ class DicomNode:
         done = 0
         while not stop.is_set():
             poll = self.poll_once()
-            log.info("node %s: %d seen, %d processed, %d failed, %d skipped%s", self.name, poll.seen,
-                     poll.processed, poll.failed, poll.skipped, f" ({poll.error})" if poll.error else "")
+            log.info("node %s: %d seen, %d processed, %d failed, %d skipped, %d still arriving%s", self.name,
+                     poll.seen, poll.processed, poll.failed, poll.skipped, poll.waiting,
+                     f" ({poll.error})" if poll.error else "")
             done += 1
             if polls is not None and done >= polls:
                 return
