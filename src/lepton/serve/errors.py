@@ -20,6 +20,19 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
+async def registry_call(request, method: str, *args, writes: bool = False):
+    """A registry call off the event loop, its refusal as the client's answer, never a 500: a read that fails is a
+    404 (no such version); a write is 404 when it names a missing version and 409 when the registry refuses the
+    change in its state (nothing to roll back to)."""
+    import asyncio
+
+    try:
+        return await asyncio.to_thread(getattr(request.app.state.server.registry, method), *args)
+    except RegistryError as exc:
+        missing = not writes or "has no version" in str(exc)
+        raise ApiError(404 if missing else 409, "version_not_found" if missing else "conflict", str(exc)) from None
+
+
 def is_oip(path: str) -> bool:
     return path.startswith("/v2")
 

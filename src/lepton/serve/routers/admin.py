@@ -4,16 +4,13 @@ reload so the change is served at once."""
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from lepton.errors import RegistryError
 from lepton.registry.access import KeyInfo
 from lepton.serve import schemas
 from lepton.serve.deps import admin_key, served_model
-from lepton.serve.errors import ApiError
+from lepton.serve.errors import ApiError, registry_call
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -32,24 +29,13 @@ async def _reloaded(request: Request) -> dict:
     return changes
 
 
-async def _registry(request: Request, method: str, *args):
-    """A registry change; a version that does not exist is 404, a change the registry refuses (nothing to roll
-    back to, all-zero weights) 409 — never a 500."""
-    registry = request.app.state.server.registry
-    try:
-        return await asyncio.to_thread(getattr(registry, method), *args)
-    except RegistryError as exc:
-        status = 404 if method == "get" or "has no version" in str(exc) else 409
-        raise ApiError(status, "version_not_found" if status == 404 else "conflict", str(exc)) from None
-
-
 @router.post("/models/{name}/promote", response_model=schemas.StageChange,
              responses=schemas.errors(400, 401, 403, 404, 409, 422))
 async def promote(name: str, body: schemas.Promote, request: Request, key=Depends(admin_key),
                   dep=Depends(served_model)):
     """Move a version of a served model to staging or production (the previous holder is archived)."""
-    await _registry(request, "get", f"{name}@{body.version}")
-    version = await _registry(request, "promote", name, body.version, body.stage)
+    await registry_call(request, "get", f"{name}@{body.version}")
+    version = await registry_call(request, "promote", name, body.version, body.stage, writes=True)
     return JSONResponse({"name": name, "version": version.version, "stage": version.stage,
                          "changes": await _reloaded(request)})
 
@@ -58,7 +44,7 @@ async def promote(name: str, body: schemas.Promote, request: Request, key=Depend
              responses=schemas.errors(401, 403, 404, 409))
 async def rollback(name: str, request: Request, key=Depends(admin_key), dep=Depends(served_model)):
     """Put the previous production version of a served model back in production."""
-    version = await _registry(request, "rollback", name)
+    version = await registry_call(request, "rollback", name, writes=True)
     return JSONResponse({"name": name, "version": version.version, "stage": version.stage,
                          "changes": await _reloaded(request)})
 
@@ -72,6 +58,6 @@ async def route(name: str, body: schemas.RouteRequest, request: Request, key=Dep
     weights = {int(version): weight for version, weight in body.weights.items()}  # keys checked by the schema
     if not any(w > 0 for w in weights.values()):
         raise ApiError(422, "invalid_request", "weights: at least one version needs a weight above 0")
-    result = await _registry(request, "set_route", name, weights, body.shadow)
+    result = await registry_call(request, "set_route", name, weights, body.shadow, writes=True)
     return JSONResponse({"name": name, "weights": {str(v): w for v, w in result.weights.items()},
                          "shadow": result.shadow, "changes": await _reloaded(request)})

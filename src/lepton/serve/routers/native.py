@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from lepton.registry.access import KeyInfo
 from lepton.serve import schemas
 from lepton.serve.deps import api_key, predict_target, served_model
-from lepton.serve.errors import ApiError
+from lepton.serve.errors import ApiError, registry_call
 from lepton.serve.inputs import decode_request
 from lepton.serve.state import Deployment
 
@@ -88,7 +88,7 @@ async def model_card(name: str, request: Request,
     from lepton.registry.card import card_html
 
     number = dep.primary if version is None else version
-    markdown = await asyncio.to_thread(_registry_call, request, "card", f"{name}@{number}")
+    markdown = await registry_call(request, "card", f"{name}@{number}")
     return JSONResponse({"name": name, "version": number, "markdown": markdown, "html": card_html(markdown)})
 
 
@@ -97,17 +97,7 @@ async def model_diff(name: str, request: Request, a: Annotated[int, Query(ge=1, 
                      b: Annotated[int, Query(ge=1, le=schemas.MAX_VERSION)],
                      dep: Deployment = Depends(served_model)):
     """What differs between versions ``a`` and ``b``: config, preprocessing, labels, metrics, training data."""
-    return JSONResponse(await asyncio.to_thread(_registry_call, request, "diff", name, a, b))
-
-
-def _registry_call(request: Request, method: str, *args):
-    """A registry read; a version that does not exist is the client's 404, not a 500."""
-    from lepton.errors import RegistryError
-
-    try:
-        return getattr(request.app.state.server.registry, method)(*args)
-    except RegistryError as exc:
-        raise ApiError(404, "version_not_found", str(exc)) from None
+    return JSONResponse(await registry_call(request, "diff", name, a, b))
 
 
 @router.post("/{name}/predict", response_model=schemas.Prediction, openapi_extra=PREDICT_BODY,
