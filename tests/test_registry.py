@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import lepton_cmd
-from lepton.errors import RegistryError
+from lepton.errors import ConfigError, RegistryError
 from lepton.registry import Registry
 
 PG_URL = os.environ.get("LEPTON_TEST_PG_URL")
@@ -218,6 +218,65 @@ def test_foreign_onnx_model(reg, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"\x08\x01garbage")
     with pytest.raises(RegistryError, match="not a valid ONNX model"):
         reg.register_onnx(tmp_path / "junk.onnx", "external", labels=["a", "b"], image_size=28)
+
+
+def test_a_route_is_stored_only_as_its_readers_take_it(reg, run_copy):
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from lepton.registry.db import RouteRow
+
+    reg.register_run(run_copy, "ab")
+    reg.register_run(run_copy, "ab")
+    for weights in ({1: 1, 2: 2}, {1: 1e6, 2: 1e-6}, {1: 1e6, 2: 1e6}, {1: 3, 2: 0}, {1: 5e-324, 2: 1}, {2: 0.5}):
+        acknowledged = reg.set_route("ab", weights, shadow=1)
+        assert reg.get_route("ab") == acknowledged and abs(sum(acknowledged.weights.values()) - 100) < 1e-3
+    good = reg.set_route("ab", {1: 90, 2: 10})
+    for weights in ({1: float("inf")}, {1: float("nan")}, {1: 1e308}, {1: 1e308, 2: 1e308}, {1: -1}, {1: 0, 2: 0},
+                    {0: 1}, {True: 1}, {1: "1"}):
+        with pytest.raises(RegistryError, match="route"):
+            reg.set_route("ab", weights)
+        assert reg.get_route("ab") == good, weights
+    with pytest.raises(RegistryError, match="shadow"):
+        reg.set_route("ab", {1: 1}, shadow=2**31)
+    with Session(reg.engine) as session:  # past set_route, at the storage layer: refused on assignment
+        row = session.scalars(select(RouteRow)).one()
+        for weights in ({"1": float("nan")}, {"1": float("inf")}, {"1": 50.0}, {"x": 100.0}, {"1": 0.0, "2": 100.0}):
+            with pytest.raises(RegistryError, match="route weights"):
+                row.weights = weights
+    assert reg.get_route("ab") == good
+
+
+def test_non_finite_numbers_are_never_stored(reg, run_copy, tmp_path):
+    from sqlalchemy import update
+
+    from lepton.registry.db import RouteRow
+
+    info = json.loads((run_copy / "run.json").read_text())
+    (run_copy / "run.json").write_text(json.dumps({**info, "val_auc": float("nan")}))  # AUC on one class: undefined
+    v = reg.register_run(run_copy, "nan")
+    assert v.metrics["val_auc"] is None and reg.get("nan@1").metrics["val_auc"] is None
+    for threshold in (float("nan"), float("inf"), 1.5):
+        (run_copy / "run.json").write_text(json.dumps({**info, "threshold": threshold}))
+        with pytest.raises(RegistryError, match="threshold"):
+            reg.register_run(run_copy, "nan")
+    assert [x.version for x in reg.list("nan")] == [1]
+    with pytest.raises(RegistryError, match="threshold"):
+        reg.register_onnx(_onnx_classifier(tmp_path / "m.onnx"), "nan", labels=["a", "b"], image_size=28,
+                          threshold=float("nan"))
+    (run_copy / "run.json").write_text(json.dumps(info))
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    (run_copy / "config.yaml").write_text(yaml.safe_dump({**config, "lr": float("inf")}))
+    with pytest.raises((RegistryError, ConfigError), match="lr"):
+        reg.register_run(run_copy, "nan")
+    reg.set_route("nan", {1: 1})
+
+    def poison(session):  # a bulk UPDATE skips the ORM's checks: the strict JSON writer still refuses
+        session.execute(update(RouteRow).values(weights={"1": float("nan")}))
+
+    with pytest.raises(RegistryError, match="finite numbers only"):
+        reg._retrying(poison)
+    assert reg.get_route("nan").weights == {1: 100.0}
 
 
 def test_schema_is_migrated_once(location):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from lepton.registry.db import ApiKey, ModelRow, RouteRow, VersionRow, utcnow
 SCOPES = ("predict", "admin")
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _KEY = re.compile(r"^lpt_([0-9a-f]{12})_([A-Za-z0-9_-]{20,100})$")
+#: The largest route weight. Weights are relative (90/10, 0.9/0.1 and 9/1 split alike); the bound keeps their sum
+#: and every share finite, and is stated in the server's OpenAPI document.
+MAX_ROUTE_WEIGHT = 1e6
+#: The largest version number (the registry's 32-bit integer column).
+MAX_VERSION = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,12 @@ class AccessMixin:
             return self._model(session, name).tenant
 
     def set_route(self, name: str, weights: dict[int, float], shadow: int | None = None) -> Route:
-        """Split traffic between versions (weights are normalised to 100); ``{}`` clears the route."""
-        if any(w < 0 for w in weights.values()) or (weights and sum(weights.values()) <= 0):
-            raise RegistryError("route weights must be >= 0 and not all zero")
+        """Split traffic between versions (weights are normalised to shares of 100, rounded to 4 decimals; a
+        version whose share rounds to 0 gets no traffic and is left out); ``{}`` clears the route. The route
+        returned is the route stored."""
+        normalised = route_shares(weights)
+        if shadow is not None and not (isinstance(shadow, int) and 1 <= shadow <= MAX_VERSION):
+            raise RegistryError(f"shadow must be a version number between 1 and {MAX_VERSION} (got {shadow!r})")
 
         def write(session: Session) -> Route:
             model = self._model(session, name, lock=True)
@@ -133,8 +142,6 @@ class AccessMixin:
             missing = sorted({*weights, *([shadow] if shadow is not None else [])} - existing)
             if missing:
                 raise RegistryError(f"{name} has no version(s) {missing}")
-            total = sum(weights.values())
-            normalised = {int(v): round(100.0 * w / total, 4) for v, w in weights.items() if w > 0}
             row = session.get(RouteRow, model.id)
             if row is None:
                 row = RouteRow(model_id=model.id)
@@ -156,3 +163,25 @@ class AccessMixin:
     def model_names(self) -> list[str]:
         with Session(self.engine) as session:
             return list(session.scalars(select(ModelRow.name).order_by(ModelRow.name)))
+
+
+def route_shares(weights: dict[int, float]) -> dict[int, float]:
+    """Weights as shares of 100 (4 decimals, zero shares left out); RegistryError naming the version unless every
+    version is a number from 1 to MAX_VERSION and every weight a finite number from 0 to MAX_ROUTE_WEIGHT, at least
+    one above 0. Scaled by the largest weight first, so no sum or product can overflow."""
+    for version, weight in weights.items():
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+            raise RegistryError(f"route: version {version!r} is not a version number (1 to {MAX_VERSION})")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) \
+                or not 0 <= weight <= MAX_ROUTE_WEIGHT:
+            raise RegistryError(f"route: the weight of version {version} must be a finite number from 0 to "
+                                f"{MAX_ROUTE_WEIGHT:g} (got {weight!r})")
+    if not weights:
+        return {}
+    top = max(weights.values())
+    if top <= 0:
+        raise RegistryError("route weights: at least one version needs a weight above 0")
+    scaled = {v: w / top for v, w in weights.items()}
+    total = sum(scaled.values())  # between 1 and the number of versions
+    shares = {v: round(100.0 * w / total, 4) for v, w in sorted(scaled.items())}
+    return {v: s for v, s in shares.items() if s > 0}

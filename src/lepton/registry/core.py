@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
 from lepton.errors import RegistryError
 from lepton.registry.access import AccessMixin
-from lepton.registry.db import STAGES, ModelRow, StageEvent, VersionRow, make_engine, migrate
+from lepton.registry.db import STAGES, ModelRow, StageEvent, VersionRow, make_engine, migrate, undefined_as_null
 from lepton.registry.jobs import JobsMixin
 from lepton.registry.store import ArtifactStore
 
@@ -124,15 +124,22 @@ class Registry(AccessMixin, JobsMixin):
                     raise RegistryError(f"registry write kept conflicting with other writers: {exc.orig}") from exc
                 time.sleep(delay)
                 delay = min(delay * 1.5, 0.5)
+            except StatementError as exc:  # the strict JSON writer refused a value (NaN, Infinity): nothing stored
+                if isinstance(exc.orig, RegistryError):
+                    raise RegistryError(f"refused to store: {exc.orig}") from exc
+                raise
         raise AssertionError("unreachable")
 
     def add_version(self, name: str, fields: dict[str, Any], description: str = "",
                      card: str | None = None) -> ModelVersion:
         """Insert the next version of ``name`` (``fields`` are the version's columns) and its model card in one
-        transaction; the card is generated unless given. ``register_*`` and bundle imports build on it."""
+        transaction; the card is generated unless given. ``register_*`` and bundle imports build on it. Metrics that
+        are undefined (NaN: an AUC on one class) are stored as null; any other non-finite number is refused."""
         from lepton.registry.card import render_card
 
         parse_ref(name)
+        if "metrics" in fields:
+            fields = {**fields, "metrics": undefined_as_null(fields["metrics"])}
 
         def write(session: Session) -> ModelVersion:
             model = session.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
@@ -236,7 +243,7 @@ class Registry(AccessMixin, JobsMixin):
         def write(session: Session) -> ModelVersion:
             row = self._row(session, ref, lock=True)
             metrics = dict(row.metrics or {})
-            metrics["precisions"] = {**metrics.get("precisions", {}), precision: record}
+            metrics["precisions"] = {**metrics.get("precisions", {}), precision: undefined_as_null(record)}
             row.metrics = metrics
             if artifacts:
                 row.artifacts = {**row.artifacts, **artifacts}

@@ -2,15 +2,49 @@
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
+
+from lepton.errors import RegistryError
 
 STAGES = ("none", "staging", "production", "archived")
+#: Route shares are percentages: they must add up to 100 within this (each is rounded to 4 decimals).
+ROUTE_SUM_TOLERANCE = 0.01
+
+
+def check_finite(value: Any, where: str) -> Any:
+    """``value`` unchanged if every number in it (nested lists and dicts included) is finite; RegistryError naming
+    the place otherwise. Nothing non-finite is stored: JSON has no NaN or Infinity (PostgreSQL refuses them, SQLite
+    would keep a token no strict reader accepts)."""
+    stack = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise RegistryError(f"{path} is {item}: the registry stores finite numbers only")
+        if isinstance(item, dict):
+            stack.extend((v, f"{path}.{k}") for k, v in item.items())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    return value
+
+
+def undefined_as_null(value: Any) -> Any:
+    """A copy of ``value`` with every non-finite float (an AUC on one class, a distance to an empty mask) as None:
+    how measured figures that are undefined are stored."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: undefined_as_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [undefined_as_null(v) for v in value]
+    return value
 
 
 def utcnow() -> datetime:
@@ -53,6 +87,17 @@ class VersionRow(Base):
     threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     model: Mapped[ModelRow] = relationship(back_populates="versions")
 
+    @validates("artifacts", "labels", "preprocessing", "config", "metrics", "data_fingerprint")
+    def _finite(self, key: str, value: Any) -> Any:
+        return check_finite(value, key)
+
+    @validates("threshold")
+    def _threshold(self, key: str, value: float | None) -> float | None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value) or not 0 <= value <= 1):
+            raise RegistryError(f"threshold must be a probability from 0 to 1 (got {value!r})")
+        return value
+
 
 class StageEvent(Base):
     """Every stage change, in order: rollback reads the production history from here."""
@@ -91,6 +136,17 @@ class RouteRow(Base):
     shadow_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
+    @validates("weights")
+    def _weights(self, key: str, value: dict[str, Any]) -> dict[str, Any]:
+        """What the server's router reads back: version numbers as keys, shares above 0 adding up to 100 (or no
+        route at all)."""
+        check_finite(value, "route weights")
+        bad = [k for k, w in value.items() if not (isinstance(k, str) and k.isdigit() and int(k) >= 1)
+               or isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w <= 100]
+        if bad or (value and abs(sum(value.values()) - 100) > ROUTE_SUM_TOLERANCE):
+            raise RegistryError(f"route weights {value} are not shares of 100 by version: refused")
+        return value
+
 
 class DicomJob(Base):
     """A study a DICOM node has seen: done, waiting for a retry, or parked with the reason. The study is kept only
@@ -110,13 +166,22 @@ class DicomJob(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
+    @validates("result")
+    def _finite(self, key: str, value: Any) -> Any:
+        return check_finite(value, "job result")
+
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``sqlite:///…`` or ``postgresql://…``, set up for concurrent writers."""
+    """An engine for ``sqlite:///…`` or ``postgresql://…``, set up for concurrent writers. JSON is written strictly:
+    a NaN or Infinity that got past the column checks fails the write instead of being stored."""
+
+    def strict(value: Any) -> str:
+        return json.dumps(check_finite(value, "a JSON value"), allow_nan=False)
+
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 60})
+        engine = create_engine(url, connect_args={"timeout": 60}, json_serializer=strict)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record) -> None:
@@ -132,7 +197,7 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")  # writers queue up instead of failing mid-transaction
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, json_serializer=strict)
 
 
 def migrate(engine: Engine) -> None:

@@ -64,5 +64,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        return error_response(422, "invalid_request", "; ".join(str(e.get("msg")) for e in exc.errors()),
-                              is_oip(request.url.path))
+        return error_response(422, "invalid_request", "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg')}"
+                                                                for e in exc.errors()), is_oip(request.url.path))
+
+
+def _field(loc: tuple) -> str:
+    """Where a validation error is: ``weights.1`` in the body, ``query parameter a``."""
+    where, *path = [str(part) for part in loc] or ["request"]
+    if where == "body":
+        return ".".join(path) or "body"
+    return f"{where} parameter {'.'.join(path)}" if path else where

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from lepton.registry.access import MAX_ROUTE_WEIGHT, MAX_VERSION
 
 
 class ErrorDetail(BaseModel):
@@ -115,9 +117,10 @@ class Diff(BaseModel):
     data_changed: bool
 
 
-#: A version number as the registry stores it (a 32-bit signed integer).
-MAX_VERSION = 2**31 - 1
-VersionKey = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,8}$")]
+#: A version number as a JSON object key (the registry's numbers are 32-bit signed integers).
+VERSION_KEY = r"^[1-9][0-9]{0,8}$"
+VersionKey = Annotated[str, StringConstraints(pattern=VERSION_KEY)]
+RouteWeight = Annotated[float, Field(ge=0, le=MAX_ROUTE_WEIGHT, allow_inf_nan=False)]
 
 
 class Promote(BaseModel):
@@ -129,12 +132,21 @@ class Promote(BaseModel):
 
 
 class RouteRequest(BaseModel):
-    """Traffic weights by version (A/B, canary; they need not sum to 1) and an optional shadow version."""
+    """Traffic weights by version (A/B, canary; relative: they need not sum to 1 or 100), each a finite number from 0
+    to 1e6 with at least one above 0, and an optional shadow version."""
 
     model_config = ConfigDict(extra="forbid")
-    weights: dict[VersionKey, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
-        min_length=1, json_schema_extra={"additionalProperties": False})
+    weights: dict[VersionKey, RouteWeight] = Field(min_length=1, json_schema_extra={
+        "additionalProperties": False, "not": {"patternProperties": {VERSION_KEY: {"maximum": 0}}},
+        "description": "Version -> relative weight; at least one weight above 0."})
     shadow: int | None = Field(default=None, ge=1, le=MAX_VERSION)
+
+    @field_validator("weights")
+    @classmethod
+    def _one_above_zero(cls, weights: dict[str, float]) -> dict[str, float]:
+        if not any(w > 0 for w in weights.values()):
+            raise ValueError("at least one version needs a weight above 0")
+        return weights
 
 
 class StageChange(BaseModel):

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from lepton.registry.access import KeyInfo
 from lepton.serve import schemas
 from lepton.serve.deps import admin_key, served_model
-from lepton.serve.errors import ApiError, registry_call
+from lepton.serve.errors import registry_call
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -53,11 +53,10 @@ async def rollback(name: str, request: Request, key=Depends(admin_key), dep=Depe
             responses=schemas.errors(400, 401, 403, 404, 409, 422))
 async def route(name: str, body: schemas.RouteRequest, request: Request, key=Depends(admin_key),
                 dep=Depends(served_model)):
-    """Split a served model's traffic between versions (A/B, canary) and name a shadow version; ``{"weights":
-    {}}`` is refused here (use the primary version alone: ``{"weights": {"N": 1}}``)."""
-    weights = {int(version): weight for version, weight in body.weights.items()}  # keys checked by the schema
-    if not any(w > 0 for w in weights.values()):
-        raise ApiError(422, "invalid_request", "weights: at least one version needs a weight above 0")
+    """Split a served model's traffic between versions (A/B, canary) and name a shadow version. Weights are relative,
+    each from 0 to 1e6 with one above 0; the answer holds the shares of 100 as stored (a share under 0.0001 is left
+    out). ``{"weights": {}}`` is refused here (use the primary version alone: ``{"weights": {"N": 1}}``)."""
+    weights = {int(version): weight for version, weight in body.weights.items()}  # checked by the schema
     result = await registry_call(request, "set_route", name, weights, body.shadow, writes=True)
     return JSONResponse({"name": name, "weights": {str(v): w for v, w in result.weights.items()},
                          "shadow": result.shadow, "changes": await _reloaded(request)})

