@@ -1,12 +1,13 @@
 """Hippocampus segmentation on CPU: the ``segmentation`` preset on MSD Task04 against nnU-Net's published Dice.
 
-It trains the preset through the CLI, as a user would, on ``../shared/data/hippocampus`` (a Decathlon folder; the
-cases are split by a seeded, grouped draw: 70 % train, 15 % val for model selection, 15 % test kept out of
-training), within the preset's 15-minute budget, then prints per-class Dice, IoU, HD95 and ASD (mm) with 95 %
-bootstrap CIs over cases on the test cases, wall time and peak memory. ``--test-dir DIR`` also scores a held-out
-Decathlon folder (labels included). The anchor is nnU-Net's mean Dice on this task (Isensee et al., Nature Methods
-2021: about 0.90 anterior, 0.89 posterior, GPU training, 5-fold cross-validation), not a same-split comparison.
-Absent data is skipped with a message. ``--quick`` trains 3 epochs on 40 cases (about a minute).
+It trains through the CLI with no option, as a user would, on ``../shared/data/hippocampus`` (a Decathlon folder:
+its layout picks the task and the preset; the cases are split by a seeded, grouped draw: 70 % train, 15 % val for
+model selection, 15 % test kept out of training), within the preset's 15-minute budget, then prints per-class Dice,
+IoU, HD95 and ASD (mm) with 95 % bootstrap CIs over cases on the test cases, wall time and peak memory.
+``--test-dir DIR`` also scores a held-out Decathlon folder (labels included). The anchor is nnU-Net's mean Dice on
+this task (Isensee et al., Nature Methods 2021: about 0.90 anterior, 0.89 posterior, GPU training, 5-fold
+cross-validation), not a same-split comparison. Absent data is skipped with a message. ``--quick`` trains 3 epochs
+on 40 cases (about a minute).
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def main() -> int:
     data = subset(args.data, tmp / "hippocampus", 40) if args.quick else args.data
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"hippocampus-segmentation-{stamp}"
-    cmd = [sys.executable, "-m", "lepton.cli", "train", str(data), "--task", "segmentation", "--name", name,
-           "--output-dir", str(args.output), "--quiet"]
+    # No --task and no --preset: the Decathlon layout picks segmentation and its preset, as for a user.
+    cmd = [sys.executable, "-m", "lepton.cli", "train", str(data), "--name", name, "--output-dir", str(args.output),
+           "--quiet"]
     cmd += ["--epochs", "3"] if args.quick else []
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--time-budget", str(args.time_budget)] if args.time_budget else []
@@ -85,6 +87,7 @@ def main() -> int:
         print(proc.stderr[-3000:])
         return 1
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(next((line for line in proc.stderr.splitlines() if line.startswith("task: ")), "task: (not printed)"))
     run_dir = args.output / name
     info = json.loads((run_dir / "run.json").read_text())
     print(f"\ntrained {info['epochs']} epochs (best {info['best_epoch']}) in {wall:.0f} s wall, peak {peak:.0f} MiB; "

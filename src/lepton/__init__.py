@@ -1,4 +1,4 @@
-"""Lepton: medical-image classification from a folder of images to a trained, evaluated model.
+"""Lepton: medical-image classification and segmentation, 2-D and 3-D, from images to a trained, evaluated model.
 
 The public API is re-exported here and imported lazily, so ``import lepton`` (and ``lepton --help``)
 does not load PyTorch.
@@ -28,6 +28,8 @@ _EXPORTS = {
     "load_dataset": "lepton.data",
     "read_image": "lepton.data",
     "inspect_source": "lepton.data.inspection",
+    "inspect_data": "lepton.tasks",
+    "choose_task": "lepton.tasks",
     "make_config": "lepton.config",
     "TrainConfig": "lepton.config",
     "run_demo": "lepton.demo",

@@ -13,9 +13,11 @@ from rich.console import Console
 
 from lepton.errors import ConfigError, LeptonError
 
-app = typer.Typer(help="Lepton: medical-image classification, from images to evaluated models.",
+app = typer.Typer(help="Lepton: medical images to trained, evaluated, explained and served models. Tasks: "
+                       "classification (2-D images, 2.5-D and 3-D volumes) and segmentation (2-D and 3-D label "
+                       "maps); the data's layout picks the task.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Inspect data sources.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect and share data sources (classification and segmentation).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys for the inference server.", no_args_is_help=True)
 route_app = typer.Typer(help="Traffic routes between model versions (A/B, canary, shadow).", no_args_is_help=True)
 models_app = typer.Typer(help="Network architectures.", no_args_is_help=True)
@@ -61,22 +63,34 @@ def _main(
 
 @data_app.command("inspect")
 def data_inspect(
-    source: Annotated[str, typer.Argument(help="A .npz, medmnist:<name>, CSV manifest or class folder.")],
+    source: Annotated[str, typer.Argument(help="Classification: a .npz, medmnist:<name>, CSV manifest (path,label) or "
+                                                "class folders; segmentation: a Decathlon folder, images/ + masks/ "
+                                                "folders or a CSV manifest (path,mask).")],
+    task: Annotated[str | None, typer.Option(help="Read the source as this task's data (default: the layout picks "
+                                                  "it; a contradicting task is refused).")] = None,
     window: Annotated[str | None, typer.Option(help="CT window preset or CENTER,WIDTH for DICOM/NIfTI.")] = None,
     slices: Annotated[str, typer.Option(help="'middle' or 'all' slices of volumes/multi-frame.")] = "middle",
     series: Annotated[bool, typer.Option("--series", help="Report a folder of DICOM series per series "
                                                           "(automatic for a folder without sub-folders).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Counts per class and split, sizes, modalities, intensities, duplicates and unreadable files; for DICOM
-    series, each series' geometry (slices, spacing, orientation, gaps, tilt)."""
-    from lepton.data.inspection import inspect_source
+    """The task the source's layout picks and why; then counts per class and split, sizes, modalities, intensities,
+    duplicates and unreadable files (segmentation: cases, label names, cases and voxel share per class, spacing);
+    for DICOM series, each series' geometry (slices, spacing, orientation, gaps, tilt)."""
+    if series:
+        from lepton.data.inspection import inspect_source
 
-    result = inspect_source(source, window=window, slices=slices, series=series or None)
+        result = inspect_source(source, window=window, slices=slices, series=True)
+    else:
+        from lepton.tasks import inspect_data
+
+        result = inspect_data(source, task=task, window=window, slices=slices)
     if as_json:
         console.print_json(json.dumps(result))
     elif "series" in result:
         _print_series(result)
+    elif "cases" in result:
+        _print_segmentation(result)
     else:
         _print_inspection(result)
     if result["problems"]:
@@ -141,9 +155,33 @@ def _print_series(r: dict) -> None:
                           highlight=False, soft_wrap=True)
 
 
+def _print_segmentation(r: dict) -> None:
+    from rich.table import Table
+
+    console.print(f"task: {r['task']} — {r['evidence']}", highlight=False)
+    console.print(f"[bold]{r['source']}[/]: {r['cases']} cases, labels {', '.join(r['labels'][1:])} "
+                  f"(background: {r['labels'][0]}); cases per split {r['counts']}")
+    table = Table("label", "cases showing it", "share of voxels")
+    for name, row in r["classes"].items():
+        table.add_row(name, str(row["cases"]), f"{row['voxel_share']:.4f}")
+    console.print(table)
+    console.print(f"sizes: {r['sizes']}  modalities: {r['modalities']}")
+    if r["spacing_mm"]:
+        console.print(f"spacing mm: median {r['spacing_mm']['median']} (min {r['spacing_mm']['min']}, "
+                      f"max {r['spacing_mm']['max']})")
+    d = r["duplicates"]
+    console.print(f"exact duplicates: {d['cases']} cases in {d['groups']} groups, {d['across_splits']} across splits")
+    for u in r["unreadable"]:
+        console.print(f"[red]unreadable[/] {u['path']}: {u['reason']}")
+    for p in r["problems"]:
+        console.print(f"[yellow]problem[/] {p}")
+
+
 def _print_inspection(r: dict) -> None:
     from rich.table import Table
 
+    if "task" in r:
+        console.print(f"task: {r['task']} — {r['evidence']}", highlight=False)
     console.print(f"[bold]{r['source']}[/]: {r['images']} images, classes {', '.join(r['classes'])}")
     table = Table("split", *r["classes"], "total")
     for split, counts in r["counts"].items():
@@ -522,12 +560,16 @@ def train(
     data: Annotated[str | None, typer.Argument(help="Training data source (see `lepton data inspect`).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory.")] = None,
     config: Annotated[Path | None, typer.Option(help="A config.yaml to start from.")] = None,
-    preset: Annotated[str, typer.Option(help="Named recipe: auto (medmnist for .npz data, else default), "
-                                             "default, demo, medmnist.")] = "auto",
+    preset: Annotated[str, typer.Option(help="Named recipe: auto (follows the task and data: segmentation, "
+                                             "medmnist3d or medmnist for .npz data, else default), default, demo, "
+                                             "medmnist, medmnist3d, segmentation.")] = "auto",
     name: Annotated[str | None, typer.Option(help="Run name (default: data-model-time).")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Parent folder of run directories.")] = None,
-    task: Annotated[str | None, typer.Option(help="What the model learns: classification (default), or a task "
-                                                  "registered in lepton.tasks.")] = None,
+    task: Annotated[str | None, typer.Option(help="What the model learns: classification or segmentation (or a task "
+                                                  "registered in lepton.tasks). Default: the data's layout picks it "
+                                                  "(a Decathlon folder, images/ + masks/ or a CSV with a mask column "
+                                                  "→ segmentation; class folders, a label CSV or .npz → "
+                                                  "classification); a contradicting --task is refused.")] = None,
     model: Annotated[str | None, typer.Option(help="Network name (`lepton models available`).")] = None,
     pretrained: Annotated[str | None, typer.Option(help="Local state-dict file for transfer learning.")] = None,
     freeze_backbone: Annotated[bool | None, typer.Option("--freeze-backbone", help="Train the head only.")] = None,
@@ -584,7 +626,8 @@ def train(
         help="With --nproc: torchrun restarts a failed job up to N times; it resumes from last.pt.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Train a model (a classifier by default); writes a run directory with checkpoints, history and curves."""
+    """Train a model for the task the data's layout picks (classification or segmentation; --task to say it);
+    writes a run directory with checkpoints, history and curves."""
     import os
 
     from lepton.config import TrainConfig, make_config
@@ -622,6 +665,11 @@ def train(
         else:
             if not data:
                 raise typer.BadParameter("give a DATA source, --config, or --resume RUN")
+            from lepton.tasks import choose_task
+
+            overrides["task"], layout = choose_task(data, task)
+            if os.environ.get("RANK", "0") == "0":
+                err.print(layout.describe(), highlight=False)
             cfg = make_config(preset, data=data, **overrides)
         if launching:  # every worker and every restart must agree on the run directory: name it now
             raise typer.Exit(_launch(nproc, max_restarts, None if name else run_name(cfg)))

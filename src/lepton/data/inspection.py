@@ -85,3 +85,57 @@ def inspect_source(source: str, *, window: str | None = None, slices: str = "mid
         "unreadable": [{"path": p, "reason": r} for p, r in data.bad_files],
         "problems": problems,
     }
+
+
+def inspect_segmentation(source: str, *, window: str | None = None) -> dict[str, Any]:
+    """Summarise an image + mask source: cases per split, the label names, how many cases show each class and its
+    share of the voxels, sizes, spacing, modalities, exact duplicates and unreadable pairs."""
+    from lepton.data.masks import load_segmentation
+
+    data = load_segmentation(source, window=window, skip_bad=True, validate=False)
+    problems: list[str] = []
+    try:
+        data.validate()
+    except DataError as exc:
+        problems.append(str(exc))
+    splits = [s or "unsplit" for s in data.splits.tolist()]
+    voxels = np.zeros(data.num_classes, np.int64)
+    present = np.zeros(data.num_classes, np.int64)
+    for mask in data.masks:
+        counts = np.bincount(mask.ravel(), minlength=data.num_classes)[: data.num_classes]
+        voxels += counts
+        present += counts > 0
+    total = max(int(voxels.sum()), 1)
+    classes = {name: {"cases": int(present[k]), "voxel_share": float(voxels[k] / total)}
+               for k, name in enumerate(data.label_names)}
+    spacings = [np.linalg.norm(a[:3, :3], axis=0) for a in data.affines if a is not None]
+    spacing = {}
+    if spacings:
+        arr = np.stack(spacings)
+        spacing = {"median": np.round(np.median(arr, axis=0), 3).tolist(),
+                   "min": np.round(arr.min(axis=0), 3).tolist(), "max": np.round(arr.max(axis=0), 3).tolist()}
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, h in enumerate(data.content_hashes()):
+        by_hash[h].append(i)
+    dup_groups = [idx for idx in by_hash.values() if len(idx) > 1]
+    cross = [idx for idx in dup_groups if len({splits[i] for i in idx}) > 1]
+    if cross:
+        problems.append(f"{len(cross)} case(s) appear in more than one split (leakage)")
+    if data.bad_files:
+        problems.append(f"{len(data.bad_files)} unreadable case(s)")
+    return {
+        "source": source,
+        "cases": len(data),
+        "labels": data.label_names,
+        "counts": {split: n for split, n in sorted(Counter(splits).items())},
+        "classes": classes,
+        "sizes": dict(Counter("x".join(str(d) for d in np.shape(im)[1:]) for im in data.images).most_common(10)),
+        "spacing_mm": spacing,
+        "modalities": dict(Counter(data.modalities)),
+        "patient_grouped": data.has_patient_ids,
+        "duplicates": {"groups": len(dup_groups), "cases": sum(len(g) for g in dup_groups),
+                       "across_splits": len(cross),
+                       "examples": [[data.names[i] for i in idx[:4]] for idx in cross[:5]]},
+        "unreadable": [{"path": p, "reason": r} for p, r in data.bad_files],
+        "problems": problems,
+    }

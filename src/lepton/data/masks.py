@@ -295,7 +295,7 @@ def load_segmentation(source: str | Path, *, window: str | None = None, steps: l
     return data.validate() if validate else data
 
 
-def _label_names(values: object, where: str) -> list[str]:
+def label_names(values: object, where: str) -> list[str]:
     """``{"0": "background", "1": "x"}`` or ``["background", "x"]`` as a list indexed by class."""
     if isinstance(values, dict):
         try:
@@ -318,7 +318,7 @@ def _decathlon(root: Path):
         raise DataError(f"{where}: unreadable ({exc})") from exc
     if not isinstance(spec, dict) or not isinstance(spec.get("training"), list) or "labels" not in spec:
         raise DataError(f"{where}: needs 'labels' and a 'training' list of {{image, label}} entries")
-    names = _label_names(spec["labels"], where)
+    names = label_names(spec["labels"], where)
     records = []
     for i, item in enumerate(spec["training"]):
         if not (isinstance(item, dict) and isinstance(item.get("image"), str) and isinstance(item.get("label"), str)):
@@ -337,7 +337,7 @@ def _inside(root: Path, relative: str, where: str) -> Path:
     return path
 
 
-def _stem(path: Path) -> str:
+def stem(path: Path) -> str:
     name = path.name
     for suffix in (".nii.gz", ".nii", ".png", ".tif", ".tiff", ".bmp", ".dcm", ".npy", ".jpg", ".jpeg"):
         if name.lower().endswith(suffix):
@@ -351,13 +351,13 @@ def _paired(root: Path):
     if image_dir is None or mask_dir is None:
         raise DataError(f"{root}: expected images/ and masks/ (or labels/) folders with files of matching names, a "
                         "dataset.json (Decathlon layout), or a CSV manifest")
-    images = {_stem(p): p for p in sorted(image_dir.iterdir()) if not p.name.startswith(".")}
-    masks = {_stem(p): p for p in sorted(mask_dir.iterdir()) if not p.name.startswith(".")}
+    images = {stem(p): p for p in sorted(image_dir.iterdir()) if not p.name.startswith(".")}
+    masks = {stem(p): p for p in sorted(mask_dir.iterdir()) if not p.name.startswith(".")}
     unmatched = sorted(set(images) ^ set(masks))
     if unmatched:
         raise DataError(f"{root}: {len(unmatched)} file(s) without a partner in {image_dir.name}/ and "
                         f"{mask_dir.name}/ (e.g. {unmatched[0]}); every image needs a mask of the same name")
-    return [(images[k], masks[k], "", None) for k in sorted(images)], _labels_json(root)
+    return [(images[k], masks[k], "", None) for k in sorted(images)], labels_json(root)
 
 
 def _manifest(path: Path):
@@ -378,15 +378,15 @@ def _manifest(path: Path):
             raise DataError(f"{path}: line {line}: split {split!r} is not one of {', '.join(SPLITS)}")
         records.append((base / row["path"], base / row["mask"], split,
                         pseudonymize(row["patient_id"]) if row.get("patient_id") else None))
-    return records, _labels_json(base)
+    return records, labels_json(base)
 
 
-def _labels_json(folder: Path) -> list[str] | None:
+def labels_json(folder: Path) -> list[str] | None:
     """Label names from ``folder/labels.json`` when there is one."""
     path = folder / "labels.json"
     if not path.is_file():
         return None
     try:
-        return _label_names(json.loads(path.read_text()), str(path))
+        return label_names(json.loads(path.read_text()), str(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: unreadable ({exc})") from exc

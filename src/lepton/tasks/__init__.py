@@ -4,6 +4,6 @@ Importing this package registers the built-in tasks; ``get_task(name)`` returns 
 """
 
 from lepton.tasks import classification, segmentation  # noqa: F401  (registers the built-in tasks)
-from lepton.tasks.base import Task, get_task, list_tasks, register_task
+from lepton.tasks.base import Task, choose_task, get_task, inspect_data, list_tasks, register_task
 
-__all__ = ["Task", "get_task", "list_tasks", "register_task"]
+__all__ = ["Task", "choose_task", "get_task", "inspect_data", "list_tasks", "register_task"]

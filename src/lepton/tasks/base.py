@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from lepton.data.dataset import ImageSet
+    from lepton.data.layout import Layout
 
 Loss = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
@@ -40,6 +41,9 @@ class Task:
     #: Dense tasks answer per pixel: outputs (N, K, …) on the input's grid, inputs padded (never resized) to the
     #: network's size, predictions at each input's own size (sliding windows), flip TTA flipped back.
     dense: ClassVar[bool] = False
+    #: The source layouts this task reads (``lepton.data.layout``): a source laid out so picks this task when no
+    #: task is given, and any other task given for it is refused.
+    layouts: ClassVar[tuple[str, ...]] = ()
 
     # -- data -----------------------------------------------------------------------------------------------
     def load(self, source: str | Path, *, window: str | None, slices: str, steps: list[dict] | None,
@@ -49,6 +53,12 @@ class Task:
 
         return load_dataset(source, window=window, slices=slices, steps=steps, skip_bad=skip_bad,
                             validate=validate)
+
+    def inspect(self, source: str, *, window: str | None, slices: str) -> dict[str, Any]:
+        """``lepton data inspect``: what is in a source of this task's data, and what is wrong with it."""
+        from lepton.data.inspection import inspect_source
+
+        return inspect_source(source, window=window, slices=slices)
 
     def input_size(self, train, config: Any) -> tuple[int, ...] | None:
         """The network's input size for these training data, or None for the default (the config's image size, or
@@ -176,3 +186,37 @@ def get_task(name: str | None) -> Task:
 
 def list_tasks() -> list[str]:
     return sorted(_TASKS)
+
+
+def choose_task(source: str | Path, task: str | None = None) -> tuple[str, Layout]:
+    """The task for a data source, and the layout that chose it.
+
+    The source's layout (``lepton.data.layout.detect_layout``) picks the task that declares it in ``layouts``. An
+    explicit ``task`` is kept when it reads that layout, and refused naming both when the layout says otherwise, so
+    that a Decathlon folder is never trained as a classifier of images against label maps.
+    """
+    from lepton.data.layout import detect_layout
+
+    layout = detect_layout(source)
+    readers = [name for name, cls in sorted(_TASKS.items()) if layout.name in cls.layouts]
+    if task:
+        chosen = get_task(task)
+        if layout.name in chosen.layouts or not chosen.layouts or (not readers and layout.task == chosen.name):
+            return chosen.name, layout
+        wanted = readers[0] if readers else layout.task
+        raise ConfigError(f"--task {chosen.name} contradicts the data: {source} holds {layout.evidence}, which is "
+                          f"{wanted} data; drop --task (or give --task {wanted}), or point Lepton at "
+                          f"{chosen.name} data")
+    if not readers:
+        raise ConfigError(f"{source} holds {layout.evidence}: that is {layout.task} data, and Lepton has no "
+                          f"{layout.task} task yet (tasks: {', '.join(list_tasks())})")
+    return readers[0], layout
+
+
+def inspect_data(source: str, *, task: str | None = None, window: str | None = None,
+                 slices: str = "middle") -> dict[str, Any]:
+    """What is in a data source, read as the task its layout picks (or ``task``): the task and its evidence first,
+    then the task's own summary (``Task.inspect``)."""
+    name, layout = choose_task(source, task)
+    result = get_task(name).inspect(source, window=window, slices=slices)
+    return {"task": name, "layout": layout.name, "evidence": layout.evidence, **result}

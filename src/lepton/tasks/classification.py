@@ -27,6 +27,7 @@ class Classification(Task):
     name = "classification"
     selection_metric = "val_auc"
     higher_is_better = True
+    layouts = ("class-folders", "label-manifest", "manifest", "medmnist", "partition", "files", "file")
 
     # -- training -----------------------------------------------------------------------------------------
     def num_outputs(self, label_names: list[str]) -> int:

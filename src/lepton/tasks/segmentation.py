@@ -36,12 +36,18 @@ class Segmentation(Task):
     selection_metric = "val_dice"
     higher_is_better = True
     dense = True
+    layouts = ("decathlon", "paired-folders", "mask-manifest")
 
     # -- data -----------------------------------------------------------------------------------------------
     def load(self, source, *, window, slices, steps, skip_bad, validate=True):
         from lepton.data.masks import load_segmentation
 
         return load_segmentation(source, window=window, steps=steps, skip_bad=skip_bad, validate=validate)
+
+    def inspect(self, source, *, window, slices):
+        from lepton.data.inspection import inspect_segmentation
+
+        return inspect_segmentation(source, window=window)
 
     def input_size(self, train, config) -> tuple[int, ...]:
         """Every training case fits whole: the largest size per axis, rounded up to the network's divisor (capped at

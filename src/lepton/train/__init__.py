@@ -25,7 +25,7 @@ from lepton.models import create_model
 from lepton.models.layout import model_layout
 from lepton.models.precision import cpu_model, matrix_flags
 from lepton.runs import Run, load_run, predict_outputs
-from lepton.tasks import Task, get_task
+from lepton.tasks import Task, choose_task, get_task
 from lepton.train import distributed
 from lepton.train.budget import PLAN_AFTER_EPOCH, TimeBudget, fit_to_budget
 from lepton.train.checkpoint import VAL_SET_FILE, load_last, save_best, save_last, save_val_set, write_history
@@ -91,9 +91,14 @@ def train(
         config = TrainConfig.from_yaml(run_dir / "config.yaml").validate() if (
             run_dir / "config.yaml").is_file() else None
     elif config is None:
+        if data is not None:  # the data's layout picks the task; a contradicting task is refused
+            overrides["task"], layout = choose_task(data, overrides.get("task"))
+            log.info("%s", layout.describe())
         config = make_config(preset, data=str(data) if data is not None else None, **overrides)
     else:
         config.validate()
+        if config.data:
+            choose_task(config.data, config.task)
     device = distributed.init(dist, resolve_device(config.device)) if config is not None else "cpu"
     try:
         return _train(config, resume, dist, device, quiet)
