@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import numpy as np
 import pytest
 
 from conftest import auth, running
@@ -70,3 +71,29 @@ def test_a_route_read_back_equals_the_route_acknowledged(live, served, registry,
     assert {str(v): w for v, w in stored.weights.items()} == acknowledged and stored.shadow == 2
     assert served_route(live, served) == acknowledged
     assert all(w > 0 for w in acknowledged.values()) and abs(sum(acknowledged.values()) - 100) < 1e-3
+
+
+def test_integral_float_shapes_infer(live, served):
+    x = np.random.default_rng(0).random((2, 1, 32, 32)).astype(np.float32)
+    key = auth(served["keys"]["clinic"])
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2.0, 1.0, 32.0, 32.0],
+                        "data": x.ravel().tolist()}]}
+    r = httpx.post(f"{live}/v2/models/cxr/infer", json=body, headers=key, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["shape"][0] == 2
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32.0, 32],
+                                   "parameters": {"binary_data_size": 4096.0}}]}).encode()
+    r = httpx.post(f"{live}/v2/models/cxr/infer", content=head + x[:1].tobytes(), timeout=60,
+                   headers={**key, "Inference-Header-Content-Length": str(len(head))})
+    assert r.status_code == 200, r.text
+    body["inputs"][0]["shape"] = [2.5, 1, 32, 32]
+    r = httpx.post(f"{live}/v2/models/cxr/infer", json=body, headers=key, timeout=60)
+    assert r.status_code == 400 and "integers" in r.json()["error"], r.text
+
+
+def test_structure_is_checked_before_limits(live, served):
+    """A later tensor's negative dimension is the 400, even when an earlier one is over the size limit."""
+    body = {"inputs": [{"name": "a", "datatype": "FP32", "shape": [10**9, 10**9], "data": []},
+                       {"name": "b", "datatype": "FP32", "shape": [-1], "data": []}]}
+    r = httpx.post(f"{live}/v2/models/cxr/infer", json=body, headers=auth(served["keys"]["clinic"]), timeout=60)
+    assert r.status_code == 400 and "input 'b'" in r.json()["error"], r.text

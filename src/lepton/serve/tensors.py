@@ -50,12 +50,23 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
+def _integer(value: Any) -> int | None:
+    """``value`` as an int when JSON Schema calls it an integer: 3 and 3.0 (as Triton reads them), never true."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _shape(tensor: dict[str, Any], where: str) -> list[int]:
     shape = tensor.get("shape")
-    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                      for d in shape)):
+    dims = [_integer(d) for d in shape] if isinstance(shape, list) else []
+    if not (dims and all(d is not None and d >= 0 for d in dims)):
         raise _bad(f"{where}: 'shape' must be a non-empty list of non-negative integers (got {shape!r})")
-    return shape
+    return dims
 
 
 def _bytes_elements(raw: memoryview, count: int, where: str) -> np.ndarray:
@@ -74,8 +85,18 @@ def _bytes_elements(raw: memoryview, count: int, where: str) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
-def _tensor(tensor: Any, index: int, binary: memoryview, offset: int,
-            max_elements: int) -> tuple[str, str, np.ndarray, int]:
+@dataclass
+class _Header:
+    """A tensor's description, checked before any of its data is read."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    size: int | None  # binary_data_size, or None for JSON data
+    where: str
+
+
+def _header(tensor: Any, index: int) -> _Header:
     where = f"inputs[{index}]"
     if not isinstance(tensor, dict):
         raise _bad(f"{where} must be an object with name, datatype, shape and data")
@@ -86,29 +107,34 @@ def _tensor(tensor: Any, index: int, binary: memoryview, offset: int,
     if datatype not in DATATYPES:
         raise _bad(f"{where}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
     shape = _shape(tensor, where)
-    size = _parameters(tensor, where).get("binary_data_size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise _bad(f"{where}: binary_data_size must be a non-negative integer (got {size!r})")
+    raw_size = _parameters(tensor, where).get("binary_data_size")
+    size = None if raw_size is None else _integer(raw_size)
+    if raw_size is not None and (size is None or size < 0):
+        raise _bad(f"{where}: binary_data_size must be a non-negative integer (got {raw_size!r})")
     if size is None and not isinstance(tensor.get("data"), list):
         raise _bad(f"{where}: needs 'data' (a list of values) or a binary_data_size parameter")
-    count = math.prod(shape)  # structure first (400), then limits (413)
-    if count > max_elements:
-        raise ApiError(413, "payload_too_large", f"{where}: shape {shape} has more than {max_elements} elements")
+    if size is not None and "data" in tensor:
+        raise _bad(f"{where}: has both 'data' and binary_data_size; send one")
+    return _Header(name, datatype, shape, size, where)
+
+
+def _tensor(tensor: dict[str, Any], head: _Header, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    """The tensor's values (shape and limits already checked) and the offset after its binary data."""
+    where, datatype, shape, size = head.where, head.datatype, head.shape, head.size
+    count = math.prod(shape)
     if size is not None:
-        if "data" in tensor:
-            raise _bad(f"{where}: has both 'data' and binary_data_size; send one")
         if offset + size > len(binary):
             raise _bad(f"{where}: binary_data_size {size} runs past the body ({len(binary) - offset} binary bytes "
                        "left); check Inference-Header-Content-Length")
         raw = binary[offset:offset + size]
         if datatype == "BYTES":
-            return name, datatype, _bytes_elements(raw, count, where).reshape(shape), offset + size
+            return _bytes_elements(raw, count, where).reshape(shape), offset + size
         dtype = np.dtype(NUMPY_TYPES[datatype]).newbyteorder("<")
         if size != count * dtype.itemsize:
             raise _bad(f"{where}: binary_data_size {size} does not match shape {shape} of {datatype} "
                        f"({count * dtype.itemsize} bytes)")
-        return name, datatype, np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(
-            shape), offset + size
+        return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape), \
+            offset + size
     data = tensor["data"]
     try:
         arr = np.array(data, dtype=object if datatype == "BYTES" else NUMPY_TYPES[datatype])
@@ -120,7 +146,7 @@ def _tensor(tensor: Any, index: int, binary: memoryview, offset: int,
         arr = np.array([v.encode() if isinstance(v, str) else v for v in arr.ravel()], dtype=object)
         if not all(isinstance(v, bytes) for v in arr):
             raise _bad(f"{where}: BYTES data must be strings")
-    return name, datatype, arr.reshape(shape), offset
+    return arr.reshape(shape), offset
 
 
 def parse_infer_request(body: bytes, header_length: str | None, *, max_elements: int) -> InferRequest:
@@ -150,12 +176,19 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_elements:
         raise _bad("binary_data_output must be true or false")
     binary = memoryview(body)[split:]
     request = InferRequest(request_id, outputs=outputs, binary_output=binary_output)
+    heads = [_header(tensor, i) for i, tensor in enumerate(inputs)]  # every tensor's structure first (400) …
+    names = [head.name for head in heads]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise _bad(f"input {twice[0]!r} is given twice")
+    for head in heads:  # … then the limits (413), before any data is decoded
+        if math.prod(head.shape) > max_elements:
+            raise ApiError(413, "payload_too_large", f"{head.where}: shape {head.shape} has more than "
+                                                     f"{max_elements} elements")
     offset = 0
-    for i, tensor in enumerate(inputs):
-        name, datatype, arr, offset = _tensor(tensor, i, binary, offset, max_elements)
-        if name in request.inputs:
-            raise _bad(f"input {name!r} is given twice")
-        request.inputs[name] = (datatype, arr)
+    for tensor, head in zip(inputs, heads, strict=True):
+        arr, offset = _tensor(tensor, head, binary, offset)
+        request.inputs[head.name] = (head.datatype, arr)
     if offset != len(binary):
         raise _bad(f"{len(binary) - offset} bytes after the JSON header belong to no input's binary_data_size")
     return request
