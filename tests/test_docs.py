@@ -92,3 +92,12 @@ def test_the_link_checker_sees_broken_links(tmp_path):
         "docs/a.md",
         "docs/b.png",
     ]
+
+
+def test_api_reference_covers_the_public_api():
+    import lepton
+
+    page = (ROOT / "docs" / "reference" / "api.md").read_text()
+    documented = set(re.findall(r"^::: ([\w.]+)", page, flags=re.M))
+    missing = [name for name in lepton._EXPORTS if not any(target.endswith(f".{name}") for target in documented)]
+    assert not missing, f"docs/reference/api.md has no `::: module.NAME` entry for lepton.{', lepton.'.join(missing)}"
