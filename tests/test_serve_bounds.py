@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import auth, running
+from conftest import auth, png_bytes, running
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,28 @@ def test_structure_is_checked_before_limits(live, served):
                        {"name": "b", "datatype": "FP32", "shape": [-1], "data": []}]}
     r = httpx.post(f"{live}/v2/models/cxr/infer", json=body, headers=auth(served["keys"]["clinic"]), timeout=60)
     assert r.status_code == 400 and "input 'b'" in r.json()["error"], r.text
+
+
+MULTIPART = {
+    "boundary mismatch": (b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+                          b"abc\r\n--zzz--\r\n", "abc", "boundary"),
+    "missing final delimiter": (b'--abc\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+                                b"abc", "abc", "closing delimiter"),
+    "part without headers": (b"--abc\r\n\r\nabc\r\n--abc--\r\n", "abc", "no headers"),
+    "part without a name": (b"--abc\r\nContent-Disposition: form-data\r\n\r\nabc\r\n--abc--\r\n", "abc", "name"),
+    "no boundary parameter": (b"--abc\r\n\r\nabc\r\n--abc--\r\n", None, "boundary"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MULTIPART))
+@pytest.mark.parametrize("path", ["/v1/models/cxr/predict", "/v1/models/cxr/predict?dicom_seg=false"])
+def test_malformed_multipart_is_400_naming_the_problem(live, served, case, path):
+    body, boundary, needle = MULTIPART[case]
+    ctype = "multipart/form-data" + (f"; boundary={boundary}" if boundary else "")
+    r = httpx.post(live + path, content=body, timeout=30,
+                   headers={**auth(served["keys"]["clinic"]), "content-type": ctype})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_multipart" and needle in r.json()["error"]["message"], r.text
+    ok = httpx.post(live + path, files={"file": ("x.png", png_bytes())}, headers=auth(served["keys"]["clinic"]),
+                    timeout=60)
+    assert ok.status_code == 200, ok.text

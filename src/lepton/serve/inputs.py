@@ -94,13 +94,60 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
+def _multipart_error(message: str) -> ApiError:
+    return ApiError(400, "invalid_multipart", message)
+
+
+def check_multipart(body: bytes, content_type: str) -> None:
+    """ApiError 400 naming what is wrong with a multipart/form-data body's framing: no boundary parameter, a body
+    whose delimiters are not the declared boundary, no closing delimiter, a part without headers. The parser would
+    otherwise fail deep inside (a 500) or report a missing field."""
+    from python_multipart.multipart import parse_options_header
+
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise _multipart_error("multipart/form-data needs a boundary parameter in Content-Type "
+                               "(multipart/form-data; boundary=...)")
+    dash = b"--" + boundary
+    shown = boundary.decode("latin-1")
+    if body.startswith(dash):
+        start = len(dash)
+    elif b"\r\n" + dash in body:
+        start = body.index(b"\r\n" + dash) + 2 + len(dash)
+    else:
+        raise _multipart_error(f"the body has no delimiter --{shown}: Content-Type declares boundary={shown}, "
+                               "and the body must use the same boundary")
+    if body.startswith(b"--", start):  # the first delimiter closes the body: no parts
+        return
+    end = body.find(b"\r\n" + dash + b"--", start)
+    if end < 0:
+        raise _multipart_error(f"the body ends without its closing delimiter --{shown}--")
+    for number, part in enumerate(body[start:end].split(b"\r\n" + dash), 1):
+        head, blank, _ = part.partition(b"\r\n\r\n")
+        if not blank or b"content-disposition:" not in head.lower():
+            raise _multipart_error(f"part {number} has no headers: each part needs a Content-Disposition header "
+                                   "and a blank line before its content")
+
+
+async def read_form(request: Request, limit: int):
+    """The parsed multipart form of a body within ``limit``; ApiError 400 for malformed framing or parts."""
+    from python_multipart.exceptions import FormParserError
+    from starlette.exceptions import HTTPException
+
+    body = await read_body(request, limit)
+    check_multipart(body, request.headers.get("content-type", ""))
+    try:
+        return await request.form()
+    except (FormParserError, HTTPException) as exc:
+        raise _multipart_error(f"malformed multipart body: {getattr(exc, 'detail', None) or exc}") from None
+
+
 async def decode_request(request: Request, adapter: ModelAdapter, limit: int) -> np.ndarray:
     """One image from a native predict request, by content type: multipart ``file``, JSON ``image``
     (base64 file) or ``array`` (nested list in [0, 1]), or the raw file as the body."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
-        await read_body(request, limit)
-        form = await request.form()
+        form = await read_form(request, limit)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "missing_file", "multipart requests need a 'file' field")
