@@ -5,6 +5,8 @@ against a real uvicorn server on loopback."""
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 import httpx
 import numpy as np
@@ -122,3 +124,39 @@ def test_malformed_multipart_is_400_naming_the_problem(live, served, case, path)
     ok = httpx.post(live + path, files={"file": ("x.png", png_bytes())}, headers=auth(served["keys"]["clinic"]),
                     timeout=60)
     assert ok.status_code == 200, ok.text
+
+
+def _urlopen(url: str, body: bytes, headers: dict) -> tuple[int, bytes]:
+    """urllib sends ``Connection: close`` and reads the answer only after the whole body is sent: the client that
+    sees a reset when a server answers early and closes."""
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_an_oversized_json_body_is_a_413_the_client_reads(live, served):
+    body = json.dumps({"array": [0.5] * 5_400_000}).encode()  # 27 MB; the server takes 8 MB
+    assert len(body) > 26_000_000
+    headers = {**auth(served["keys"]["clinic"]), "content-type": "application/json"}
+    status, answer = _urlopen(f"{live}/v1/models/cxr/predict", body, headers)
+    assert status == 413 and json.loads(answer)["error"]["code"] == "payload_too_large"
+    status, answer = _urlopen(f"{live}/v2/models/cxr/infer", body, headers)
+    assert status == 413 and "over" in json.loads(answer)["error"]
+    # refused before the body is read (unknown model): still an answer, not a reset
+    status, answer = _urlopen(f"{live}/v1/models/nothere/predict", body[: 4 << 20], headers)
+    assert status == 404 and json.loads(answer)["error"]["code"]
+
+
+def test_a_chunked_body_over_the_limit_is_413_without_being_read_whole(live, served):
+    def chunks():
+        for _ in range(27):
+            yield b"0" * (1 << 20)
+
+    r = httpx.post(f"{live}/v1/models/cxr/predict", content=chunks(), timeout=60,
+                   headers={**auth(served["keys"]["clinic"]), "content-type": "application/octet-stream"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+    assert httpx.post(f"{live}/v1/models/cxr/predict", content=png_bytes(), timeout=60,
+                      headers=auth(served["keys"]["clinic"])).status_code == 200
