@@ -51,3 +51,30 @@ def test_auto_preset_reads_whether_an_npz_holds_volumes(tmp_path):
     assert auto_preset(str(tmp_path / "vol.npz")) == "medmnist3d"
     assert auto_preset(str(tmp_path / "img.npz")) == auto_preset(str(tmp_path / "rgb.npz")) == "medmnist"
     assert make_config("auto", data=str(tmp_path / "vol.npz")).preset == "medmnist3d"
+
+
+@pytest.mark.parametrize("text,field", [
+    ("lr: .nan", "lr"), ("lr: .inf", "lr"), ("warmup_epochs: .inf", "warmup_epochs"),
+    ("time_budget_s: .nan", "time_budget_s"), ("weight_decay: -.inf", "weight_decay"),
+    ("augment_options: {rotate: .nan}", "augment_options.rotate"),
+    ("preprocess: [{name: spacing, mm: [1.5, .inf, 3.0]}]", r"preprocess\[0\].mm\[1\]"),
+])
+def test_non_finite_numbers_in_yaml_are_refused_naming_the_field(tmp_path, text, field):
+    (tmp_path / "c.yaml").write_text(f"data: x.npz\n{text}\n")
+    with pytest.raises(ConfigError, match=f"{field} must be a finite number"):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 2.5), ("epochs", 10**12), ("batch_size", 0), ("batch_size", True),
+                                         ("lr", 0.0), ("lr", 1e9), ("seed", -1), ("seed", 2**40), ("threads", 0),
+                                         ("gamma", 0.0), ("time_budget_s", 1e12), ("adv_steps", 0),
+                                         ("backbone_lr", -1.0), ("early_stopping", -3)])
+def test_numbers_out_of_bounds_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"^{field} must be"):
+        make_config(data="x.npz", **{field: value})
+
+
+def test_whole_numbers_written_as_floats_are_taken(tmp_path):
+    (tmp_path / "c.yaml").write_text("data: x.npz\nepochs: 20.0\nbatch_size: 32.0\nlr: 0.001\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "c.yaml").validate()
+    assert cfg.epochs == 20 and isinstance(cfg.epochs, int) and cfg.batch_size == 32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check value ranges and choices; raise ConfigError naming the field and the fix."""
+        _check_numbers(self)
         choices = {
             "schedule": ("cosine", "step", "none"),
             "imbalance": ("none", "weighted", "balanced"),
@@ -156,6 +158,8 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown config field(s): {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}"
             )
+        for key, value in values.items():
+            _check_finite(value, key)
         return cls(**values)
 
     @classmethod
@@ -167,6 +171,56 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config fields")
         return cls.from_dict(values)
+
+
+#: Bounds of the numeric fields, inclusive unless the low end is open: (low, high, whole number, low end open).
+#: Fields checked elsewhere in ``validate`` (fractions, ema_decay, image_size, ensemble, adv_epsilon) are not here.
+NUMBER_BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
+    "epochs": (1, 100_000, True, False),
+    "batch_size": (1, 65_536, True, False),
+    "lr": (0, 10, False, True),
+    "backbone_lr": (0, 10, False, True),
+    "weight_decay": (0, 10, False, False),
+    "warmup_epochs": (0, 100_000, False, False),
+    "step_size": (1, 100_000, True, False),
+    "gamma": (0, 1, False, True),
+    "early_stopping": (0, 100_000, True, False),
+    "time_budget_s": (0, 366 * 86_400, False, False),
+    "adv_steps": (1, 1_000, True, False),
+    "seed": (0, 2**32 - 1, True, False),
+    "threads": (1, 4_096, True, False),
+}
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """ConfigError naming the field (``preprocess[0].mm[2]``) when a number in ``value`` is NaN or infinite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number (got {value})")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+
+
+def _check_numbers(config: TrainConfig) -> None:
+    """Every number finite and within NUMBER_BOUNDS; a whole number given as 3.0 (YAML, JSON) is taken as 3."""
+    for f in dataclasses.fields(config):
+        _check_finite(getattr(config, f.name), f.name)
+    for key, (low, high, whole, open_low) in NUMBER_BOUNDS.items():
+        value = getattr(config, key)
+        if value is None and key in ("backbone_lr", "threads"):
+            continue
+        if whole and isinstance(value, float) and value.is_integer():
+            value = int(value)
+            setattr(config, key, value)
+        kinds = int if whole else int | float
+        above = value > low if open_low else value >= low
+        if isinstance(value, bool) or not isinstance(value, kinds) or not (above and value <= high):
+            kind = "a whole number" if whole else "a number"
+            raise ConfigError(f"{key} must be {kind} {'above' if open_low else 'from'} {low:g} "
+                              f"{'and at most' if open_low else 'to'} {high:g} (got {value!r})")
 
 
 # Named recipes. A preset sets defaults; explicit arguments override them.
