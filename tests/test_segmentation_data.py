@@ -4,6 +4,9 @@ and DICOM SEG; every way a pair can be wrong, refused naming the case; the metri
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -132,6 +135,39 @@ def test_dicom_seg_round_trip_against_its_series(tmp_path):
     assert read_mask(out)[0].shape == back.shape  # a SEG is also a mask source for training
     empty = write_seg(np.zeros_like(labels), affine, tmp_path / "s", ["background", "a"], tmp_path / "empty.dcm")
     assert read_seg(empty)[0].shape == back.shape and not read_seg(empty)[0].any()  # "nothing found" is a result
+
+
+def test_writing_a_seg_logs_no_uid(tmp_path):
+    """highdicom logs at INFO the UID of each source it copies attributes from; writing a SEG (`lepton demo --task
+    segmentation`, `predict --dicom-seg`) must not put one in the log, even with the CLI's --debug level."""
+    code = f"""
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+from pathlib import Path
+import numpy as np
+from lepton.data.dicomseg import read_seg, write_seg
+from lepton.data.series import read_series
+from lepton.data.synthetic import nodule_phantom, write_dicom_series
+from lepton.data.volume import network_affine, network_order
+root = Path({str(tmp_path)!r})
+hu, truth = nodule_phantom(np.random.default_rng(3), (6, 16, 16), count=1)
+write_dicom_series(root / "s", hu, spacing=(1.0, 1.0, 2.0))
+(volume,) = read_series(root / "s")
+labels = network_order(truth.transpose(2, 1, 0)[::-1, ::-1, :]).astype(np.uint8)
+read_seg(write_seg(labels, network_affine(volume.affine, volume.shape), root / "s", ["background", "a"],
+                   root / "seg.dcm"))
+logging.getLogger("lepton.test").info("logging reaches stderr")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "logging reaches stderr" in out.stderr  # the capture works, so an absent UID means none was logged
+    import pydicom
+
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    uids = {str(seg.SOPInstanceUID), str(seg.StudyInstanceUID), str(seg.FrameOfReferenceUID)} | {
+        str(r.ReferencedSOPInstanceUID) for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert not [u for u in uids if u in out.stderr]
+    # anything UID-shaped, but the standard's own (transfer syntaxes, 1.2.840.10008.*: a codec's debug line names them)
+    assert not re.search(r"(?<![\d.])1\.2\.(?!840\.10008\.)\d+(\.\d+)+", out.stderr), out.stderr
 
 
 def test_metrics_on_known_answers():

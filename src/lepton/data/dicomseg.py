@@ -8,12 +8,17 @@ over the scan. Label maps on the Lepton side are in network order (D, H, W) with
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from lepton.errors import DataError
 from lepton.utils import atomic_write_bytes
+
+# highdicom logs at INFO which source instance (by UID) it copies patient and study attributes from: kept quiet, as
+# pacs/node.py does, so no SEG written here puts a UID in a log (with --debug too; its warnings and errors still show).
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
