@@ -101,3 +101,14 @@ def test_api_reference_covers_the_public_api():
     documented = set(re.findall(r"^::: ([\w.]+)", page, flags=re.M))
     missing = [name for name in lepton._EXPORTS if not any(target.endswith(f".{name}") for target in documented)]
     assert not missing, f"docs/reference/api.md has no `::: module.NAME` entry for lepton.{', lepton.'.join(missing)}"
+
+
+def test_the_package_description_says_what_lepton_is():
+    """The one line package indexes and `pip show` print: the whole of Lepton, not its first task."""
+    import tomllib
+
+    description = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["description"]
+    assert "\n" not in description and len(description) <= 200
+    for words in ("classification", "segmentation", "2-D", "3-D", "trained", "evaluated", "explained", "served",
+                  "hospital"):
+        assert words in description, words
