@@ -87,8 +87,26 @@ def test_bad_requests_are_refused_with_the_fix(data):
         partition_indices(data, 1)
     with pytest.raises(DataError, match="fewer than 2 training images"):
         partition_indices(data, 200)
-    with pytest.raises(DataError, match="--alpha must be > 0"):
-        partition_indices(data, 2, "label-skew", alpha=0)
+    for alpha in (0, -1.0, float("nan"), float("inf"), 1e7):
+        with pytest.raises(DataError, match="--alpha must be a number above 0"):
+            partition_indices(data, 2, "label-skew", alpha=alpha)
+    for seed in (-1, 2**32, 1.5, True):
+        with pytest.raises(DataError, match="--seed must be a whole number"):
+            partition_indices(data, 2, seed=seed)
+
+
+@pytest.mark.parametrize("indices", ["[0, 1.5]", "[0, true]", '[0, "1"]', "[0, Infinity]", "[0, NaN]", "[1e300]",
+                                     '"zero"', "[[0]]"])
+def test_a_site_manifest_with_indices_that_are_not_whole_numbers_is_refused(data, synthetic_npz, tmp_path, indices):
+    paths = write_partition(data, str(synthetic_npz), tmp_path / "sites", 2, "iid", seed=2)
+    spec = json.loads(paths[0].read_text())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**spec, "indices": "@"}).replace('"@"', indices))
+    with pytest.raises(DataError, match="whole numbers"):
+        load_dataset(bad)
+    floats = json.dumps([float(i) for i in spec["indices"]])  # 3.0 is a whole number, as JSON Schema has it
+    bad.write_text(json.dumps({**spec, "indices": "@"}).replace('"@"', floats))
+    assert len(load_dataset(bad)) == len(spec["indices"])
 
 
 def test_a_site_manifest_loads_as_a_source_and_a_changed_source_is_refused(synthetic_npz, data, tmp_path):

@@ -324,3 +324,34 @@ def test_run_config_is_checked():
         run_config_arg({"name": 'a"b'})
     with pytest.raises(ConfigError, match="--root-certificates"):
         flower_home("127.0.0.1:9093", False, None, Path("/nonexistent"))
+
+
+@pytest.mark.parametrize("key,value", [("lr", float("nan")), ("lr", float("inf")), ("lr", 0.0), ("rounds", 2.5),
+                                       ("rounds", 0), ("fraction", 0.0), ("fraction", 1.5), ("timeout", float("inf")),
+                                       ("batch-size", True), ("proximal-mu", -1.0), ("dp-noise", float("nan")),
+                                       ("secagg-clip", 0.0), ("local-epochs", "2"), ("seed", -1)])
+def test_federation_settings_are_finite_and_bounded_wherever_they_enter(key, value):
+    from lepton.errors import ConfigError
+    from lepton.federated import check_settings
+    from lepton.federated.deploy import run_config_arg
+    from lepton.federated.site import SiteSettings
+
+    for enter in (run_config_arg, check_settings, SiteSettings.from_config):
+        if enter == SiteSettings.from_config and key not in site_keys():
+            continue
+        with pytest.raises(ConfigError, match=f"federation setting {key} must be"):
+            enter({key: value})
+
+
+def site_keys() -> set[str]:
+    from lepton.federated.site import DEFAULTS
+
+    return set(DEFAULTS)
+
+
+def test_whole_numbers_sent_as_floats_are_taken():
+    from lepton.federated.deploy import run_config_arg
+    from lepton.federated.site import SiteSettings
+
+    assert run_config_arg({"rounds": 3.0, "lr": 0.01}) == "rounds=3 lr=0.01"
+    assert SiteSettings.from_config({"batch-size": 32.0}).batch_size == 32

@@ -30,6 +30,8 @@ SCHEMES = ("iid", "label-skew", "by-patient")
 MIN_TRAIN = 2
 MAX_DRAWS = 200
 MAX_SITES = 1000
+#: The largest Dirichlet concentration of label-skew (100 is already nearly iid).
+MAX_ALPHA = 1e6
 
 
 def fingerprint(data: ImageSet) -> str:
@@ -53,8 +55,11 @@ def partition_indices(data: ImageSet, sites: int, scheme: str = "iid", alpha: fl
         raise DataError(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
     if not 2 <= sites <= MAX_SITES:
         raise DataError(f"--sites must be between 2 and {MAX_SITES} (got {sites})")
-    if scheme == "label-skew" and not alpha > 0:
-        raise DataError(f"--alpha must be > 0 for label-skew (got {alpha}); 0.1 is strong skew, 100 nearly iid")
+    if scheme == "label-skew" and not (isinstance(alpha, int | float) and 0 < alpha <= MAX_ALPHA):
+        raise DataError(f"--alpha must be a number above 0 and at most {MAX_ALPHA:g} for label-skew (got {alpha}); "
+                        "0.1 is strong skew, 100 nearly iid")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise DataError(f"--seed must be a whole number from 0 to {2**32 - 1} (got {seed!r})")
     rng = np.random.default_rng(seed)
     splits = np.asarray(data.splits, dtype=object)
     train = (splits == "train") if "train" in set(splits) else np.ones(len(data), bool)
@@ -159,10 +164,15 @@ def read_partition(path: Path, loader) -> ImageSet:
         raise DataError(f"{path}: not a Lepton partition manifest (format {FORMAT}); write one with "
                         "`lepton data partition`")
     try:
-        source, indices = str(spec["source"]), np.asarray(spec["indices"], dtype=np.int64)
-        load = dict(spec.get("load") or {})
+        source, raw, load = str(spec["source"]), spec["indices"], dict(spec.get("load") or {})
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: partition manifest is missing or has a bad field ({exc})") from None
+    whole = isinstance(raw, list) and all(
+        not isinstance(i, bool) and (isinstance(i, int) or (isinstance(i, float) and i.is_integer())) and abs(i) < 2**62
+        for i in raw)
+    if not whole:
+        raise DataError(f"{path}: 'indices' must be a list of whole numbers (rewrite it with `lepton data partition`)")
+    indices = np.asarray([int(i) for i in raw], dtype=np.int64) if raw else np.zeros(0, np.int64)
     data = loader(source, **load)
     if fingerprint(data) != spec.get("fingerprint"):
         raise DataError(f"{path}: its source {source} changed since the partition was written (fingerprint "

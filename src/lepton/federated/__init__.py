@@ -7,7 +7,50 @@ app project that ``flwr run`` submits to a SuperLink (``lepton federate run``).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
+
+from lepton.errors import ConfigError
 
 #: The Flower app project (pyproject.toml with [tool.flwr.app]) submitted to a SuperLink.
 APP_DIR = Path(__file__).resolve().parent / "app"
+
+#: The numeric settings of a federation (run config keys): (low, high, whole number, low end open), inclusive
+#: otherwise. Checked where a run config enters: ``lepton federate run``/``simulate``, the ServerApp, every site.
+SETTING_BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
+    "rounds": (1, 10_000, True, False),
+    "local-epochs": (1, 10_000, True, False),
+    "fraction": (0, 1, False, True),
+    "min-sites": (1, 10_000, True, False),
+    "lr": (0, 10, False, True),
+    "batch-size": (1, 65_536, True, False),
+    "seed": (0, 2**32 - 1, True, False),
+    "proximal-mu": (0, 1e6, False, False),
+    "image-size": (0, 1024, True, False),
+    "timeout": (0, 7 * 86_400, False, True),
+    "dp-noise": (0, 1e6, False, False),
+    "dp-clip": (0, 1e9, False, False),
+    "secagg-shares": (0, 10_000, False, True),
+    "secagg-threshold": (0, 10_000, False, True),
+    "secagg-clip": (0, 1e9, False, True),
+}
+
+
+def check_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every numeric setting finite and within SETTING_BOUNDS (a whole number sent as 3.0 taken as
+    3); ConfigError naming the setting otherwise. Other keys pass unchanged."""
+    out = dict(values)
+    for key, (low, high, whole, open_low) in SETTING_BOUNDS.items():
+        if key not in out:
+            continue
+        value = out[key]
+        if whole and isinstance(value, float) and value.is_integer():
+            value = out[key] = int(value)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and (value > low if open_low else value >= low) and value <= high)\
+                or (whole and not isinstance(value, int)):
+            kind = "a whole number" if whole else "a finite number"
+            raise ConfigError(f"federation setting {key} must be {kind} {'above' if open_low else 'from'} {low:g} "
+                              f"{'and at most' if open_low else 'to'} {high:g} (got {value!r})")
+    return out

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from lepton.data.transforms import Preprocessing
 from lepton.errors import DataError
-from lepton.federated import rundir, secure, site
+from lepton.federated import check_settings, rundir, secure, site
 
 log = logging.getLogger("lepton.federated")
 
@@ -137,6 +137,7 @@ def federate(grid: Grid, run_config: dict[str, Any], context: Context | None = N
 
     from lepton.models import create_model
 
+    run_config = check_settings(run_config)
     settings = site.SiteSettings.from_config(run_config)
     strategy_name = str(run_config.get("strategy", "fedavg"))
     rounds, min_sites = int(run_config.get("rounds", 3)), int(run_config.get("min-sites", 2))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton.errors import ConfigError
-from lepton.federated import APP_DIR
+from lepton.federated import APP_DIR, check_settings
 
 #: Run-config keys `lepton federate run` may set (those of the app's [tool.flwr.app.config]).
 RUN_KEYS = ("strategy", "rounds", "local-epochs", "fraction", "min-sites", "model", "lr", "batch-size", "augment",
@@ -37,6 +37,7 @@ def run_config_arg(values: dict[str, Any]) -> str:
     unknown = sorted(set(values) - set(RUN_KEYS))
     if unknown:
         raise ConfigError(f"unknown federation setting(s) {', '.join(unknown)}; known: {', '.join(RUN_KEYS)}")
+    values = check_settings(values)
     return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items() if v is not None)
 
 

@@ -21,9 +21,10 @@ def simulate(source: str, sites: int, settings: dict[str, Any], scheme: str = "i
             from None
     from lepton.data import load_dataset
     from lepton.data.partition import write_partition
+    from lepton.federated import check_settings
     from lepton.federated.apps import build_client_app, build_server_app
 
-    settings = dict(settings)
+    settings = check_settings(settings)
     if not settings.get("name"):
         raise ConfigError("a simulation needs a run name (--name)")
     settings["output-dir"] = str(Path(settings.get("output-dir", "runs")).resolve())

@@ -43,7 +43,9 @@ class SiteSettings:
 
     @classmethod
     def from_config(cls, values: dict[str, Any]) -> SiteSettings:
-        v = {**DEFAULTS, **{k: values[k] for k in DEFAULTS if k in values}}
+        from lepton.federated import check_settings
+
+        v = check_settings({**DEFAULTS, **{k: values[k] for k in DEFAULTS if k in values}})
         return cls(str(v["model"]), float(v["lr"]), int(v["batch-size"]), int(v["local-epochs"]), str(v["augment"]),
                    int(v["seed"]), float(v["proximal-mu"]), int(v["image-size"]))
 
