@@ -54,6 +54,20 @@ def test_predict_every_encoding_matches_the_run(url, served):
         assert response.headers["x-request-id"] == body["request_id"]
 
 
+def test_a_gzip_nifti_without_a_file_name_is_read_by_its_content(url, served):
+    import gzip
+
+    import nibabel as nib
+
+    key = served["keys"]["clinic"]
+    image = np.asarray(Image.open(io.BytesIO(png_bytes(4))), np.float32)
+    nifti = gzip.compress(nib.Nifti1Image(np.flipud(image).T.copy(), np.eye(4)).to_bytes())  # the PNG's orientation
+    named = httpx.post(f"{url}/v1/models/cxr/predict", content=nifti, headers={**auth(key), "x-filename": "x.nii.gz"})
+    bare = httpx.post(f"{url}/v1/models/cxr/predict", content=nifti, headers=auth(key))  # curl --data-binary @x.nii.gz
+    assert named.status_code == 200 and bare.status_code == 200, bare.text
+    assert bare.json()["probabilities"] == named.json()["probabilities"]
+
+
 @pytest.mark.parametrize(
     "kwargs,status,code",
     [

@@ -98,10 +98,12 @@ def test_export_register_and_serve(volume_run, cases, tmp_path):
         with running(config) as url:
             r = httpx.post(f"{url}/v1/models/ct/predict", content=nifti, timeout=60,
                            headers={**auth(key), "x-filename": "a.nii.gz"})
-            assert r.status_code == 200, r.text
-            assert r.json()["label"] == expected["case001.nii.gz"]["label"]
-            np.testing.assert_allclose(list(r.json()["probabilities"].values()),
-                                       list(expected["case001.nii.gz"]["probabilities"].values()), atol=1e-4)
+            bare = httpx.post(f"{url}/v1/models/ct/predict", content=nifti, timeout=60, headers=auth(key))
+            for response in (r, bare):  # `curl --data-binary @a.nii.gz` sends no name: the content says NIfTI
+                assert response.status_code == 200, response.text
+                assert response.json()["label"] == expected["case001.nii.gz"]["label"]
+                np.testing.assert_allclose(list(response.json()["probabilities"].values()),
+                                           list(expected["case001.nii.gz"]["probabilities"].values()), atol=1e-4)
             z = httpx.post(f"{url}/v1/models/ct/predict", files={"file": ("s.zip", series_zip(root / "case000"))},
                            headers=auth(key), timeout=60)
             assert z.status_code == 200 and z.json()["label"] == expected["case000"]["label"], z.text

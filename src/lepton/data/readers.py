@@ -14,8 +14,9 @@ from typing import BinaryIO
 
 from lepton.data.base import Frame
 
-#: Bytes of a file's head that sniffers see (a NIfTI-1 magic sits at offset 344).
-SNIFF_BYTES = 352
+#: Bytes of a file's head that sniffers see: a NIfTI-1 magic sits at offset 344, and a gzip-compressed NIfTI
+#: header is inflated from its first few hundred bytes (more with a long name in the gzip header).
+SNIFF_BYTES = 4096
 
 #: What a sniffer says: the content's magic number matched, only the file name suggests the format, or neither.
 MAGIC, NAME, NO = 2, 1, 0
