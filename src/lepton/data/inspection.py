@@ -20,7 +20,7 @@ def inspect_source(source: str, *, window: str | None = None, slices: str = "mid
     series instead: slice count, size, spacing, orientation, tilt and what is wrong with each.
     Problems are reported in the result rather than raised, except when nothing can be read.
     """
-    from lepton.data import load_dataset
+    from lepton.data.sources import load_dataset
 
     path = Path(source)
     if series or (series is None and path.is_dir() and not any(p.is_dir() for p in path.iterdir())):
