@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lepton.errors import RegistryError
-from lepton.registry.db import ApiKey, ModelRow, RouteRow, VersionRow, utcnow
+from lepton.registry.db import ApiKey, RouteRow, VersionRow, utcnow
 
 SCOPES = ("predict", "admin")
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -159,10 +159,6 @@ class AccessMixin:
             if row is None or not row.weights:
                 return None
             return Route({int(v): float(w) for v, w in row.weights.items()}, row.shadow_version)
-
-    def model_names(self) -> list[str]:
-        with Session(self.engine) as session:
-            return list(session.scalars(select(ModelRow.name).order_by(ModelRow.name)))
 
 
 def route_shares(weights: dict[int, float]) -> dict[int, float]:
