@@ -5,8 +5,10 @@ from a lower layer to a higher one, the SDK apart from the server, no oversized 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,26 @@ def test_light_modules_do_not_load_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+#: Methods a library calls by name on a subclass; Lepton's code never names them.
+OVERRIDES = {
+    "_check_input_dim",  # torch's BatchNorm hook (train/distributed.py)
+    "get_next",  # ONNX Runtime's CalibrationDataReader (export.py)
+}
+
+
+def test_no_dead_code():
+    """Every undecorated function, class and method under src/ is named somewhere besides its definition (src/,
+    tests/, benchmarks/, docs/). Decorated ones are found through their decorator's table: CLI verbs, routes, readers,
+    networks, validators."""
+    root = SRC.parent
+    texts = [p.read_text() for d in ("src", "tests", "benchmarks") for p in (root / d).rglob("*.py")]
+    texts += [p.read_text() for p in (root / "docs").rglob("*.md")]
+    words = Counter(re.findall(r"\w+", "\n".join(texts)))
+    dead = [f"{path.relative_to(SRC)}:{node.lineno} {node.name}"
+            for path in sorted((SRC / "lepton").rglob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and not node.decorator_list
+            and not node.name.startswith("__") and node.name not in OVERRIDES and words[node.name] < 2]
+    assert dead == [], "defined and never used: remove them, or name their use"

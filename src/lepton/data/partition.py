@@ -44,10 +44,6 @@ def fingerprint(data: ImageSet) -> str:
     return h.hexdigest()
 
 
-def _split_names(data: ImageSet) -> list[str]:
-    return sorted(set(map(str, data.splits)))
-
-
 def partition_indices(data: ImageSet, sites: int, scheme: str = "iid", alpha: float = 0.5,
                       seed: int = 0) -> list[np.ndarray]:
     """The indices of ``data`` that each of ``sites`` sites holds (sorted, disjoint, covering every sample)."""

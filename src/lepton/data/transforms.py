@@ -162,16 +162,6 @@ def pad_or_crop(x: torch.Tensor, size: tuple[int, ...], value: float = 0.0) -> t
     return F.pad(x, pads, value=value) if any(pads) else x
 
 
-def crop_offsets(have: tuple[int, ...], want: tuple[int, ...]) -> list[tuple[int, int]]:
-    """Per axis, (where the original starts in the padded array, where the padded starts in the original): the
-    inverse of ``pad_or_crop`` (exactly one of each pair is non-zero)."""
-    out = []
-    for h, w in zip(have, want, strict=True):
-        before = int((w - h) / 2)
-        out.append((max(before, 0), max(-before, 0)))
-    return out
-
-
 @dataclass
 class Preprocessing:
     """Everything needed to turn a decoded image into a network input; saved with every run."""
