@@ -68,7 +68,7 @@ def test_non_finite_numbers_in_yaml_are_refused_naming_the_field(tmp_path, text,
 @pytest.mark.parametrize("field,value", [("epochs", 2.5), ("epochs", 10**12), ("batch_size", 0), ("batch_size", True),
                                          ("lr", 0.0), ("lr", 1e9), ("seed", -1), ("seed", 2**40), ("threads", 0),
                                          ("gamma", 0.0), ("time_budget_s", 1e12), ("adv_steps", 0),
-                                         ("backbone_lr", -1.0), ("early_stopping", -3)])
+                                         ("backbone_lr", -1.0), ("early_stopping", -3), ("epochs", "20")])
 def test_numbers_out_of_bounds_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"^{field} must be"):
         make_config(data="x.npz", **{field: value})

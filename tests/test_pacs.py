@@ -396,3 +396,36 @@ def test_a_study_still_arriving_waits_until_it_settles(model, tmp_path):
         referenced = [i for e in sr.CurrentRequestedProcedureEvidenceSequence for s in e.ReferencedSeriesSequence
                       for i in s.ReferencedSOPSequence]
         assert len(referenced) == len(files) == 8
+
+
+@pytest.mark.parametrize("key,value", [("max_attempts", 0), ("max_attempts", 2.5), ("max_attempts", 10**6),
+                                       ("backoff_seconds", float("nan")), ("backoff_seconds", float("inf")),
+                                       ("backoff_seconds", -1.0), ("settle_seconds", float("nan")),
+                                       ("settle_seconds", 1e9)])
+def test_node_settings_are_finite_and_bounded(tmp_path, key, value):
+    from lepton.errors import ConfigError
+    from lepton.pacs.node import DicomNode
+    from lepton.registry import Registry
+
+    registry = Registry.open(tmp_path / "reg")
+    with pytest.raises(ConfigError, match=f"^{key} must be"):
+        DicomNode("http://127.0.0.1:9/dicom-web", "m@1", registry, **{key: value})
+    node = DicomNode("http://127.0.0.1:9/dicom-web", "m@1", registry, max_attempts=3.0)
+    assert node.max_attempts == 3
+    for interval in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="^interval must be"):
+            node.run(interval=interval, polls=1)
+
+
+def test_retries_wait_at_most_a_week_however_many_attempts(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from lepton.registry import Registry
+    from lepton.registry.jobs import MAX_RETRY_SECONDS
+
+    registry = Registry.open(tmp_path / "reg")
+    for _ in range(80):  # 86400 s doubled 79 times would be past the calendar's end
+        job = registry.record_job("n", "study", done=False, reason="down", max_attempts=1000, backoff_seconds=86_400)
+    assert job.status == "retry" and job.attempts == 80
+    wait = job.next_try - datetime.now(UTC)
+    assert timedelta(days=6) < wait <= timedelta(seconds=MAX_RETRY_SECONDS)

@@ -160,3 +160,28 @@ def test_a_chunked_body_over_the_limit_is_413_without_being_read_whole(live, ser
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
     assert httpx.post(f"{live}/v1/models/cxr/predict", content=png_bytes(), timeout=60,
                       headers=auth(served["keys"]["clinic"])).status_code == 200
+
+
+@pytest.mark.parametrize("key,value", [("max_batch_size", 0), ("max_batch_size", 2.5), ("max_wait_ms", float("nan")),
+                                       ("max_wait_ms", float("inf")), ("batch_idle_ms", -1.0), ("max_queue", 0),
+                                       ("model_concurrency", -1), ("max_upload_bytes", 0), ("rate_limit", float("inf")),
+                                       ("rate_limit", -5.0), ("rate_burst", 0), ("poll_seconds", float("nan")),
+                                       ("key_cache_seconds", 1e9), ("max_queue", True)])
+def test_server_settings_are_finite_and_bounded(key, value):
+    from lepton.errors import ConfigError
+    from lepton.serve import ServeConfig
+    from lepton.serve.config import BOUNDS
+
+    assert key in BOUNDS
+    with pytest.raises(ConfigError, match=f"^{key} must be"):
+        ServeConfig(models=["cxr"], **{key: value})
+    assert ServeConfig(models=["cxr"], max_batch_size=8.0).max_batch_size == 8  # a whole number as 8.0
+
+
+def test_every_bound_names_a_setting():
+    import dataclasses
+
+    from lepton.serve import ServeConfig
+    from lepton.serve.config import BOUNDS
+
+    assert set(BOUNDS) <= {f.name for f in dataclasses.fields(ServeConfig)}

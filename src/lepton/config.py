@@ -204,6 +204,21 @@ def _check_finite(value: Any, where: str) -> None:
             _check_finite(item, f"{where}[{i}]")
 
 
+def check_number(name: str, value: Any, low: float, high: float, whole: bool = False,
+                 open_low: bool = False) -> int | float:
+    """``value`` if it is a finite number from ``low`` (above it with ``open_low``) to ``high``, and a whole number
+    with ``whole`` (3.0 is taken as 3, as JSON Schema has it); ConfigError naming ``name`` and the bounds otherwise.
+    The one check behind every bounded number a user sets: config files, federation settings, server settings."""
+    if whole and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    number = not isinstance(value, bool) and isinstance(value, int if whole else int | float)
+    if not (number and math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+        kind = "a whole number" if whole else "a number"
+        raise ConfigError(f"{name} must be {kind} {'above' if open_low else 'from'} {low:g} "
+                          f"{'and at most' if open_low else 'to'} {high:g} (got {value!r})")
+    return value
+
+
 def _check_numbers(config: TrainConfig) -> None:
     """Every number finite and within NUMBER_BOUNDS; a whole number given as 3.0 (YAML, JSON) is taken as 3."""
     for f in dataclasses.fields(config):
@@ -212,15 +227,7 @@ def _check_numbers(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is None and key in ("backbone_lr", "threads"):
             continue
-        if whole and isinstance(value, float) and value.is_integer():
-            value = int(value)
-            setattr(config, key, value)
-        kinds = int if whole else int | float
-        above = value > low if open_low else value >= low
-        if isinstance(value, bool) or not isinstance(value, kinds) or not (above and value <= high):
-            kind = "a whole number" if whole else "a number"
-            raise ConfigError(f"{key} must be {kind} {'above' if open_low else 'from'} {low:g} "
-                              f"{'and at most' if open_low else 'to'} {high:g} (got {value!r})")
+        setattr(config, key, check_number(key, value, low, high, whole, open_low))
 
 
 # Named recipes. A preset sets defaults; explicit arguments override them.

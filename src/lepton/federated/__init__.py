@@ -7,11 +7,8 @@ app project that ``flwr run`` submits to a SuperLink (``lepton federate run``).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
-
-from lepton.errors import ConfigError
 
 #: The Flower app project (pyproject.toml with [tool.flwr.app]) submitted to a SuperLink.
 APP_DIR = Path(__file__).resolve().parent / "app"
@@ -40,17 +37,10 @@ SETTING_BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
 def check_settings(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with every numeric setting finite and within SETTING_BOUNDS (a whole number sent as 3.0 taken as
     3); ConfigError naming the setting otherwise. Other keys pass unchanged."""
+    from lepton.config import check_number
+
     out = dict(values)
     for key, (low, high, whole, open_low) in SETTING_BOUNDS.items():
-        if key not in out:
-            continue
-        value = out[key]
-        if whole and isinstance(value, float) and value.is_integer():
-            value = out[key] = int(value)
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (number and math.isfinite(value) and (value > low if open_low else value >= low) and value <= high)\
-                or (whole and not isinstance(value, int)):
-            kind = "a whole number" if whole else "a finite number"
-            raise ConfigError(f"federation setting {key} must be {kind} {'above' if open_low else 'from'} {low:g} "
-                              f"{'and at most' if open_low else 'to'} {high:g} (got {value!r})")
+        if key in out:
+            out[key] = check_number(f"federation setting {key}", out[key], low, high, whole, open_low)
     return out

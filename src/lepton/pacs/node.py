@@ -23,8 +23,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lepton.config import check_number
 from lepton.data.dicomweb import Source, fetch, pseudonym
 from lepton.errors import DataError
+
+#: The node's numeric settings: (low, high, whole number), inclusive; `lepton pacs node` states the same bounds.
+SETTING_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "max_attempts": (1, 1_000, True), "backoff_seconds": (0, 86_400, False), "settle_seconds": (0, 86_400, False),
+    "interval": (0.01, 86_400, False)}
 
 log = logging.getLogger("lepton.pacs")
 # highdicom logs at INFO which instance (by UID) it copies patient and study attributes from: kept quiet, so the
@@ -81,6 +87,10 @@ class DicomNode:
             raise DataError("--pacs is the DICOMweb service's base URL (no filters); use --filter for modalities")
         self.base, self.model_ref, self.registry, self.name = source.base, model, registry, name
         self.modalities = [m.upper() for m in (modalities or [])]
+        max_attempts, backoff_seconds, settle_seconds = (
+            check_number(key, value, *SETTING_BOUNDS[key])
+            for key, value in (("max_attempts", max_attempts), ("backoff_seconds", backoff_seconds),
+                               ("settle_seconds", settle_seconds)))
         self.max_attempts, self.backoff, self.cache = max_attempts, backoff_seconds, cache
         if explain not in (None, "gradcam", "gradcam++"):
             raise DataError(f"explain must be gradcam or gradcam++ (got {explain!r})")
@@ -242,6 +252,7 @@ class DicomNode:
 
     def run(self, interval: float = 10.0, stop: threading.Event | None = None, polls: int | None = None) -> None:
         """Poll every ``interval`` seconds until ``stop`` is set (or ``polls`` polls are done)."""
+        interval = check_number("interval", interval, *SETTING_BOUNDS["interval"])
         stop = stop or threading.Event()
         done = 0
         while not stop.is_set():

@@ -12,6 +12,9 @@ from sqlalchemy.orm import Session
 
 from lepton.registry.db import DicomJob, utcnow
 
+#: The longest wait before a retry, however many attempts have doubled it (no date past the calendar's end).
+MAX_RETRY_SECONDS = 7 * 86_400
+
 
 @dataclass(frozen=True)
 class Job:
@@ -67,7 +70,8 @@ class JobsMixin:
                     row.status, row.next_try = "parked", None
                 else:
                     row.status = "retry"
-                    row.next_try = utcnow() + timedelta(seconds=backoff_seconds * 2 ** (row.attempts - 1))
+                    wait = min(backoff_seconds * 2.0 ** min(row.attempts - 1, 64), MAX_RETRY_SECONDS)
+                    row.next_try = utcnow() + timedelta(seconds=wait)
             row.updated_at = utcnow()
             session.flush()
             return _job(row)

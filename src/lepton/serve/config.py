@@ -7,6 +7,20 @@ from dataclasses import dataclass
 #: Environment variable that carries the ServeConfig (JSON) to worker processes started by uvicorn.
 CONFIG_ENV = "LEPTON_SERVE_CONFIG"
 
+#: The numeric settings' bounds: (low, high, whole number), inclusive. ``lepton serve``'s options state the same.
+BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "max_batch_size": (1, 1024, True),
+    "max_wait_ms": (0, 10_000, False),
+    "batch_idle_ms": (0, 10_000, False),
+    "max_queue": (1, 1_000_000, True),
+    "model_concurrency": (0, 1024, True),
+    "max_upload_bytes": (1, 4 << 30, True),
+    "rate_limit": (0, 1_000_000, False),
+    "rate_burst": (1, 1_000_000_000, True),
+    "poll_seconds": (0, 86_400, False),
+    "key_cache_seconds": (0, 3_600, False),
+}
+
 
 @dataclass
 class ServeConfig:
@@ -38,3 +52,11 @@ class ServeConfig:
     redis_prefix: str = "lepton"
     ui_notice: bool = True  # the console's "research use — not for diagnosis" notice on every page
     freeze_heap: bool = True  # gc.freeze() after models load: no full-heap garbage collection pauses under load
+
+    def __post_init__(self) -> None:
+        """Every number finite and within BOUNDS (3.0 taken as 3 where a whole number is meant); ConfigError naming
+        the setting otherwise, before anything starts."""
+        from lepton.config import check_number
+
+        for key, (low, high, whole) in BOUNDS.items():
+            setattr(self, key, check_number(key, getattr(self, key), low, high, whole))
