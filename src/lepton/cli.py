@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 
 from lepton.errors import ConfigError, LeptonError
+
+
+def _finite(low: float, high: float, open_low: bool = False) -> click.FloatRange:
+    """A float option's bounds for typer's ``click_type`` (stated in --help). NaN and infinities are refused: click's
+    FloatRange alone lets NaN through every bound."""
+
+    class Finite(click.FloatRange):
+        def convert(self, value, param, ctx):
+            number = super().convert(value, param, ctx)
+            if not math.isfinite(number):
+                self.fail(f"{value!r} is not a finite number", param, ctx)
+            return number
+
+    return Finite(low, high, min_open=open_low)
 
 app = typer.Typer(help="Lepton: medical images to trained, evaluated, explained and served models. Tasks: "
                        "classification (2-D images, 2.5-D and 3-D volumes) and segmentation (2-D and 3-D label "
@@ -100,11 +116,14 @@ def data_inspect(
 @data_app.command("partition")
 def data_partition(
     source: Annotated[str, typer.Argument(help="A labelled source (see `lepton data inspect`).")],
-    sites: Annotated[int, typer.Option(help="Number of sites to share the data between.")],
+    sites: Annotated[int, typer.Option(help="Number of sites to share the data between.", min=2, max=1000)],
     out: Annotated[Path, typer.Option(help="Folder for the site manifests site-0.json … site-{N-1}.json.")],
     scheme: Annotated[str, typer.Option(help="iid, label-skew (Dirichlet over classes) or by-patient.")] = "iid",
-    alpha: Annotated[float, typer.Option(help="label-skew: Dirichlet concentration (0.1 strong, 100 near iid).")] = 0.5,
-    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same partition.")] = 0,
+    alpha: Annotated[float, typer.Option(
+        help="label-skew: Dirichlet concentration (0.1 strong, 100 near iid).",
+        click_type=_finite(0, 1e6, open_low=True))] = 0.5,
+    seed: Annotated[int, typer.Option(
+        help="Random seed: the same seed gives the same partition.", min=0, max=2**32 - 1)] = 0,
     window: Annotated[str | None, typer.Option(help="CT window preset or CENTER,WIDTH for DICOM/NIfTI.")] = None,
     slices: Annotated[str | None, typer.Option(help="'middle', 'all' or 'volume' for volumes.")] = None,
 ) -> None:
@@ -284,11 +303,12 @@ def models_register_onnx(
     path: Annotated[Path, typer.Argument(help="ONNX file taking (N, C, H, W) images.")],
     name: Annotated[str, typer.Option("--name", help="Model name.")],
     labels: Annotated[str, typer.Option(help="Comma-separated class names, in output order.")],
-    image_size: Annotated[int, typer.Option(help="Square input size in pixels.")],
-    channels: Annotated[int, typer.Option(help="Input channels.")] = 1,
+    image_size: Annotated[int, typer.Option(help="Square input size in pixels.", min=8, max=4096)],
+    channels: Annotated[int, typer.Option(help="Input channels.", min=1, max=4)] = 1,
     mean: Annotated[str | None, typer.Option(help="Comma-separated normalisation mean (default 0.5).")] = None,
     std: Annotated[str | None, typer.Option(help="Comma-separated normalisation std (default 0.5).")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Binary decision threshold on P(last class).")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        help="Binary decision threshold on P(last class).", click_type=_finite(0, 1))] = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Register a model trained elsewhere (e.g. Keras/TF exported to ONNX) with its input spec."""
@@ -431,7 +451,8 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The id shown by `lep
 def route_set(
     name: Annotated[str, typer.Argument(help="Model name.")],
     weights: Annotated[list[str], typer.Argument(help="VERSION=WEIGHT pairs, e.g. v3=90 v4=10.")],
-    shadow: Annotated[int | None, typer.Option(help="A version that sees copies of traffic; answers recorded only.")]
+    shadow: Annotated[int | None, typer.Option(
+        help="A version that sees copies of traffic; answers recorded only.", min=1, max=2**31 - 1)]
     = None,
     registry: RegistryOpt = None,
 ) -> None:
@@ -469,24 +490,30 @@ def serve(
     keys_file: Annotated[Path | None, typer.Option(
         help="With --model-dir: API keys, one 'TENANT SCOPE KEY' line each (a mounted secret).")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "--http-port", "--http_port", help="Port.")] = 8000,
+    port: Annotated[int, typer.Option("--port", "--http-port", "--http_port", help="Port.", min=0, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes on one port; each loads the models, batches "
-                                               "on its own and polls the registry for swaps.")] = 1,
+                                               "on its own and polls the registry for swaps.", min=1, max=256)] = 1,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Disable API keys (loopback only).")] = False,
     backend: Annotated[str, typer.Option(help="auto or onnx.")] = "auto",
     precision: Annotated[str, typer.Option(
         help="fp32 (answers identical to the run's), bf16, int8, or auto (the fastest on this CPU that passes its "
              "check on the version's val set: AUC at most 0.005 below fp32).")] = "fp32",
-    max_batch_size: Annotated[int, typer.Option(help="Largest dynamic batch.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="Longest wait to fill a batch.")] = 5.0,
+    max_batch_size: Annotated[int, typer.Option(help="Largest dynamic batch.", min=1, max=1024)] = 32,
+    max_wait_ms: Annotated[float, typer.Option(
+        help="Longest wait to fill a batch.", click_type=_finite(0, 10_000))] = 5.0,
     batch_idle_ms: Annotated[float, typer.Option(help="Also close a batch when no request arrived for this "
-                                                      "long (0 = off); lets --max-wait-ms be large.")] = 0.0,
-    max_queue: Annotated[int, typer.Option(help="Queued requests per version before 503.")] = 256,
+                                                      "long (0 = off); lets --max-wait-ms be large.",
+                                                      click_type=_finite(0, 10_000))] = 0.0,
+    max_queue: Annotated[int, typer.Option(help="Queued requests per version before 503.", min=1, max=1_000_000)] = 256,
     model_concurrency: Annotated[int, typer.Option(
-        help="Batches of a version run at once (0: 1 when batching, one per core with --max-batch-size 1).")] = 0,
-    rate_limit: Annotated[float, typer.Option(help="Requests per second per key (0 = off).")] = 50.0,
-    rate_burst: Annotated[int, typer.Option(help="Requests a key may send at once before the rate applies.")] = 100,
-    poll_seconds: Annotated[float, typer.Option(help="Re-read the registry every N seconds (0 = admin call).")] = 0,
+        help="Batches of a version run at once (0: 1 when batching, one per core with --max-batch-size 1).",
+        min=0, max=1024)] = 0,
+    rate_limit: Annotated[float, typer.Option(
+        help="Requests per second per key (0 = off).", click_type=_finite(0, 1e6))] = 50.0,
+    rate_burst: Annotated[int, typer.Option(
+        help="Requests a key may send at once before the rate applies.", min=1, max=10**9)] = 100,
+    poll_seconds: Annotated[float, typer.Option(
+        help="Re-read the registry every N seconds (0 = admin call).", click_type=_finite(0, 86_400))] = 0,
     redis: Annotated[str | None, typer.Option(
         envvar="LEPTON_REDIS_URL", help="redis://HOST:PORT/DB: rate limits and admin reloads shared by replicas on "
                                         "several hosts (default: per host).")] = None,
@@ -699,7 +726,8 @@ def evaluate(
     data: Annotated[str | None, typer.Option(help="Data source (default: the run's own).")] = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     output: Annotated[Path | None, typer.Option(help="Report folder (default RUN/eval/SPLIT).")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs (0 = none).")] = 1000,
+    bootstrap: Annotated[int, typer.Option(
+        help="Bootstrap resamples for the CIs (0 = none).", min=0, max=100_000)] = 1000,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable files.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
 ) -> None:
@@ -803,7 +831,7 @@ def robustness(
     split: Annotated[str, typer.Option(help="train, val or test.")] = "val",
     corruption: Annotated[list[str] | None, typer.Option(help="Only these corruptions (repeatable).")] = None,
     attack: Annotated[list[str] | None, typer.Option(help="fgsm and/or pgd (repeatable).")] = None,
-    max_images: Annotated[int | None, typer.Option(help="Score a random subset of this size.")] = None,
+    max_images: Annotated[int | None, typer.Option(help="Score a random subset of this size.", min=1)] = None,
     output: Annotated[Path | None, typer.Option(help="Report folder (default RUN/robustness/SPLIT).")] = None,
 ) -> None:
     """ACC/AUC under 9 corruptions x 5 severities and FGSM/PGD at several epsilons; table, JSON, plot."""
@@ -821,8 +849,10 @@ def export_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     fmt: Annotated[list[str] | None, typer.Option("--format", help="onnx and/or torchscript (repeatable).")] = None,
     quantize: Annotated[str | None, typer.Option(help="int8: ONNX Runtime static quantization.")] = None,
-    prune: Annotated[float | None, typer.Option(help="Fraction of conv/linear weights to prune (L1).")] = None,
-    finetune_epochs: Annotated[int, typer.Option(help="Fine-tune epochs after pruning.")] = 0,
+    prune: Annotated[float | None, typer.Option(
+        help="Fraction of conv/linear weights to prune (L1).",
+        click_type=click.FloatRange(0, 1, min_open=True, max_open=True))] = None,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tune epochs after pruning.", min=0, max=10_000)] = 0,
     output: Annotated[Path | None, typer.Option(help="Output folder (default RUN/export).")] = None,
 ) -> None:
     """Export to ONNX/TorchScript, optionally int8-quantize and prune; print the comparison table."""
@@ -842,7 +872,7 @@ def demo(
                                                             "network.")] = False,
     task: Annotated[str, typer.Option(help="classification, or segmentation (CT nodules: a 3-D U-Net, a DICOM SEG "
                                            "written and read back).")] = "classification",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Synthetic chest X-rays (or CT volumes) → train → evaluate → predict, end to end on CPU."""
     from lepton.demo import run_demo, run_segmentation_demo, run_volume_demo
@@ -870,7 +900,8 @@ def demo(
 def federate_site(
     superlink: Annotated[str, typer.Option(help="The SuperLink's Fleet address, HOST:PORT.")],
     data: Annotated[str, typer.Option(help="This site's data: any source `lepton train` reads (e.g. site-0.json).")],
-    port: Annotated[int, typer.Option(help="This SuperNode's own port (one per site on a machine).")] = 9094,
+    port: Annotated[int, typer.Option(
+        help="This SuperNode's own port (one per site on a machine).", min=1, max=65535)] = 9094,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (loopback or a trusted network only).")] = False,
     root_certificates: Annotated[Path | None, typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
 ) -> None:
@@ -886,18 +917,22 @@ def federate_site(
 @federate_app.command("simulate")
 def federate_simulate(
     source: Annotated[str, typer.Argument(help="A labelled source, shared between the virtual sites.")],
-    sites: Annotated[int, typer.Option(help="Virtual sites.")] = 4,
+    sites: Annotated[int, typer.Option(help="Virtual sites.", min=2, max=1000)] = 4,
     scheme: Annotated[str, typer.Option(help="How the source is shared: iid, label-skew or by-patient.")] = "iid",
-    alpha: Annotated[float, typer.Option(help="label-skew: Dirichlet concentration.")] = 0.5,
+    alpha: Annotated[float, typer.Option(
+        help="label-skew: Dirichlet concentration.", click_type=_finite(0, 1e6, open_low=True))] = 0.5,
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam (Flower's).")] = "fedavg",
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
-    local_epochs: Annotated[int, typer.Option(help="Epochs each site trains per round.")] = 1,
-    fraction: Annotated[float, typer.Option(help="Share of the sites that train each round.")] = 1.0,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.", min=1, max=10_000)] = 3,
+    local_epochs: Annotated[int, typer.Option(help="Epochs each site trains per round.", min=1, max=10_000)] = 1,
+    fraction: Annotated[float, typer.Option(
+        help="Share of the sites that train each round.", click_type=_finite(0, 1, open_low=True))] = 1.0,
     model: Annotated[str, typer.Option(help="Network (`lepton models available`).")] = "lepton_cnn",
-    lr: Annotated[float, typer.Option(help="Sites' learning rate (AdamW).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Sites' batch size.")] = 64,
-    proximal_mu: Annotated[float, typer.Option(help="FedProx: weight of the proximal term.")] = 0.01,
-    seed: Annotated[int, typer.Option(help="Random seed (partition and training).")] = 0,
+    lr: Annotated[float, typer.Option(
+        help="Sites' learning rate (AdamW).", click_type=_finite(0, 10, open_low=True))] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Sites' batch size.", min=1, max=65_536)] = 64,
+    proximal_mu: Annotated[float, typer.Option(
+        help="FedProx: weight of the proximal term.", click_type=_finite(0, 1e6))] = 0.01,
+    seed: Annotated[int, typer.Option(help="Random seed (partition and training).", min=0, max=2**32 - 1)] = 0,
     output_dir: Annotated[str, typer.Option(help="Parent of the run directory.")] = "runs",
     name: Annotated[str, typer.Option(help="Run name; the site manifests go to OUTPUT/NAME-sites.")] = "federated",
     secagg: Annotated[bool, typer.Option("--secagg", help="Secure aggregation (Flower's SecAgg+), 3 sites or "
@@ -922,30 +957,39 @@ def federate_simulate(
 def federate_run(
     superlink: Annotated[str, typer.Option(help="The SuperLink's Control address, HOST:PORT.")],
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam (Flower's).")] = "fedavg",
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
-    local_epochs: Annotated[int, typer.Option(help="Epochs each site trains per round.")] = 1,
-    fraction: Annotated[float, typer.Option(help="Share of the sites that train each round.")] = 1.0,
-    min_sites: Annotated[int, typer.Option(help="Sites needed to start and in every round.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.", min=1, max=10_000)] = 3,
+    local_epochs: Annotated[int, typer.Option(help="Epochs each site trains per round.", min=1, max=10_000)] = 1,
+    fraction: Annotated[float, typer.Option(
+        help="Share of the sites that train each round.", click_type=_finite(0, 1, open_low=True))] = 1.0,
+    min_sites: Annotated[int, typer.Option(help="Sites needed to start and in every round.", min=1, max=10_000)] = 2,
     model: Annotated[str, typer.Option(help="Network (`lepton models available`).")] = "lepton_cnn",
-    lr: Annotated[float, typer.Option(help="Sites' learning rate (AdamW).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Sites' batch size.")] = 64,
-    proximal_mu: Annotated[float, typer.Option(help="FedProx: weight of the proximal term.")] = 0.01,
-    image_size: Annotated[int, typer.Option(help="Input size for every site (0: the sites' native size).")] = 0,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    lr: Annotated[float, typer.Option(
+        help="Sites' learning rate (AdamW).", click_type=_finite(0, 10, open_low=True))] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Sites' batch size.", min=1, max=65_536)] = 64,
+    proximal_mu: Annotated[float, typer.Option(
+        help="FedProx: weight of the proximal term.", click_type=_finite(0, 1e6))] = 0.01,
+    image_size: Annotated[int, typer.Option(
+        help="Input size for every site (0: the sites' native size).", min=0, max=1024)] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
     dp_noise: Annotated[float, typer.Option(help="Differential privacy: Gaussian noise multiplier (0 = off; Flower's "
-                                                  "server-side fixed clipping).")] = 0.0,
-    dp_clip: Annotated[float, typer.Option(help="Differential privacy: clipping norm of each site's update.")] = 0.0,
+                                                  "server-side fixed clipping).", click_type=_finite(0, 1e6))] = 0.0,
+    dp_clip: Annotated[float, typer.Option(
+        help="Differential privacy: clipping norm of each site's update.", click_type=_finite(0, 1e9))] = 0.0,
     secagg: Annotated[bool, typer.Option("--secagg", help="Secure aggregation (Flower's SecAgg+): the server sees only "
                                                           "the sum of the sites' weights (3 sites or more).")] = False,
     secagg_shares: Annotated[float, typer.Option(help="SecAgg+: secret shares per site, a fraction of the sampled "
-                                                      "sites or a count above 2.")] = 1.0,
+                                                      "sites or a count above 2.",
+                                                      click_type=_finite(0, 10_000, open_low=True))] = 1.0,
     secagg_threshold: Annotated[float, typer.Option(help="SecAgg+: shares needed to reconstruct a secret, a fraction "
                                                          "of the shares or a count; sites that may drop out: shares "
-                                                         "minus this.")] = 0.6,
+                                                         "minus this.",
+                                                         click_type=_finite(0, 10_000, open_low=True))] = 0.6,
     secagg_clip: Annotated[float, typer.Option(help="SecAgg+: every weight must lie in ±this (a site refuses to send "
-                                                    "one outside it).")] = 64.0,
+                                                    "one outside it).",
+                                                    click_type=_finite(0, 1e9, open_low=True))] = 64.0,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for sites each round; a site that does not answer "
-                                                "in time is left out of that round.")] = 600.0,
+                                                "in time is left out of that round.",
+                                                click_type=_finite(0, 7 * 86_400, open_low=True))] = 600.0,
     output_dir: Annotated[str, typer.Option(help="Parent of the run directory (on the SuperLink's machine).")] = "runs",
     name: Annotated[str, typer.Option(help="Run name (default: federated-STRATEGY-time).")] = "",
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (loopback or a trusted network only).")] = False,
@@ -986,17 +1030,21 @@ def dicom_node(
                          "Lepton's own reports.")] = None,
     name: Annotated[str, typer.Option(help="This node's name in the registry's record (one record per name).")] =
     "default",
-    interval: Annotated[float, typer.Option(help="Seconds between polls of the PACS.")] = 10.0,
-    max_attempts: Annotated[int, typer.Option(help="Attempts per study before it is parked with its reason.")] = 5,
-    backoff: Annotated[float, typer.Option(help="Seconds before the first retry (doubling each time).")] = 30.0,
-    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT (0 = off).")] = 0,
+    interval: Annotated[float, typer.Option(
+        help="Seconds between polls of the PACS.", click_type=_finite(0.01, 86_400))] = 10.0,
+    max_attempts: Annotated[int, typer.Option(
+        help="Attempts per study before it is parked with its reason.", min=1, max=1000)] = 5,
+    backoff: Annotated[float, typer.Option(
+        help="Seconds before the first retry (doubling each time).", click_type=_finite(0, 86_400))] = 30.0,
+    metrics_port: Annotated[int, typer.Option(
+        help="Prometheus /metrics on 127.0.0.1:PORT (0 = off).", min=0, max=65535)] = 0,
     once: Annotated[bool, typer.Option("--once", help="Poll once and exit (for cron or a test).")] = False,
     explain: Annotated[str | None, typer.Option(help="Also store a Grad-CAM overlay as a Secondary Capture: "
                                                      "gradcam or gradcam++.")] = None,
     settle: Annotated[float, typer.Option(help="Seconds a study's series and instance counts must stay unchanged "
                                                "before it is processed (studies arrive instance by instance; 0 = "
                                                "at once). --once processes what is there: run it when studies are "
-                                               "complete.")] = 30.0,
+                                               "complete.", click_type=_finite(0, 86_400))] = 30.0,
 ) -> None:
     """Watch a PACS over DICOMweb: run MODEL on new studies and store each answer back as a DICOM Structured
     Report (STOW-RS). Restartable: the registry records every study (as a pseudonym), so none is processed twice;
