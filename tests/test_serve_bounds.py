@@ -93,6 +93,22 @@ def test_integral_float_shapes_infer(live, served):
     assert r.status_code == 400 and "integers" in r.json()["error"], r.text
 
 
+def test_integral_floats_are_integers_in_the_native_api_too(live, served, registry):
+    admin = auth(served["keys"]["admin"])
+    r = httpx.post(f"{live}/v1/admin/models/cxr/promote", json={"version": 1.0, "stage": "production"},
+                   headers=admin, timeout=60)
+    assert r.status_code == 200 and r.json()["version"] == 1, r.text
+    r = put_route(live, served, {"weights": {"1": 1}, "shadow": 2.0})
+    assert r.status_code == 200 and r.json()["shadow"] == 2 and registry.get_route("cxr").shadow == 2, r.text
+    r = httpx.get(f"{live}/v1/models/cxr/diff?a=1.0&b=2", headers=admin, timeout=60)
+    assert r.status_code == 200 and r.json()["a"] == "cxr@1", r.text
+    r = put_route(live, served, {"weights": {"1": 1}, "shadow": 2.5})
+    assert r.status_code == 422 and "shadow" in r.json()["error"]["message"], r.text
+    spec = httpx.get(f"{live}/openapi.json", timeout=30).json()
+    for path in ("/v1/admin/models/{name}/route", "/v1/admin/models/{name}/promote"):
+        assert "413" in next(iter(spec["paths"][path].values()))["responses"]
+
+
 def test_structure_is_checked_before_limits(live, served):
     """A later tensor's negative dimension is the 400, even when an earlier one is over the size limit."""
     body = {"inputs": [{"name": "a", "datatype": "FP32", "shape": [10**9, 10**9], "data": []},

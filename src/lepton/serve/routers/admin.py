@@ -30,7 +30,7 @@ async def _reloaded(request: Request) -> dict:
 
 
 @router.post("/models/{name}/promote", response_model=schemas.StageChange,
-             responses=schemas.errors(400, 401, 403, 404, 409, 422))
+             responses=schemas.errors(400, 401, 403, 404, 409, 413, 422))
 async def promote(name: str, body: schemas.Promote, request: Request, key=Depends(admin_key),
                   dep=Depends(served_model)):
     """Move a version of a served model to staging or production (the previous holder is archived)."""
@@ -50,7 +50,7 @@ async def rollback(name: str, request: Request, key=Depends(admin_key), dep=Depe
 
 
 @router.put("/models/{name}/route", response_model=schemas.RouteChange,
-            responses=schemas.errors(400, 401, 403, 404, 409, 422))
+            responses=schemas.errors(400, 401, 403, 404, 409, 413, 422))
 async def route(name: str, body: schemas.RouteRequest, request: Request, key=Depends(admin_key),
                 dep=Depends(served_model)):
     """Split a served model's traffic between versions (A/B, canary) and name a shadow version. Weights are relative,
