@@ -254,8 +254,12 @@ def test_non_finite_numbers_are_never_stored(reg, run_copy, tmp_path):
 
     info = json.loads((run_copy / "run.json").read_text())
     (run_copy / "run.json").write_text(json.dumps({**info, "val_auc": float("nan")}))  # AUC on one class: undefined
+    fingerprint = json.loads((run_copy / "data.json").read_text())
+    (run_copy / "data.json").write_text(json.dumps({**fingerprint, "intensity": {"mean": 0.4, "std_of_image_means":
+                                                                                 float("nan")}}))
     v = reg.register_run(run_copy, "nan")
     assert v.metrics["val_auc"] is None and reg.get("nan@1").metrics["val_auc"] is None
+    assert reg.get("nan@1").data_fingerprint["intensity"] == {"mean": 0.4, "std_of_image_means": None}
     for threshold in (float("nan"), float("inf"), 1.5):
         (run_copy / "run.json").write_text(json.dumps({**info, "threshold": threshold}))
         with pytest.raises(RegistryError, match="threshold"):

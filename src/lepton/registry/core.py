@@ -133,13 +133,14 @@ class Registry(AccessMixin, JobsMixin):
     def add_version(self, name: str, fields: dict[str, Any], description: str = "",
                      card: str | None = None) -> ModelVersion:
         """Insert the next version of ``name`` (``fields`` are the version's columns) and its model card in one
-        transaction; the card is generated unless given. ``register_*`` and bundle imports build on it. Metrics that
-        are undefined (NaN: an AUC on one class) are stored as null; any other non-finite number is refused."""
+        transaction; the card is generated unless given. ``register_*`` and bundle imports build on it. Measured
+        figures that are undefined (NaN: an AUC on one class, the spread of one image's mean) are stored as null in
+        ``metrics`` and ``data_fingerprint``; a non-finite number anywhere else is refused."""
         from lepton.registry.card import render_card
 
         parse_ref(name)
-        if "metrics" in fields:
-            fields = {**fields, "metrics": undefined_as_null(fields["metrics"])}
+        measured = {k: undefined_as_null(fields[k]) for k in ("metrics", "data_fingerprint") if k in fields}
+        fields = {**fields, **measured}
 
         def write(session: Session) -> ModelVersion:
             model = session.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
