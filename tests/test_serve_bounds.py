@@ -174,6 +174,11 @@ def test_a_chunked_body_over_the_limit_is_413_without_being_read_whole(live, ser
     r = httpx.post(f"{live}/v1/models/cxr/predict", content=chunks(), timeout=60,
                    headers={**auth(served["keys"]["clinic"]), "content-type": "application/octet-stream"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+    r = httpx.put(f"{live}/v1/admin/models/cxr/route", content=chunks(), timeout=60,  # a JSON body FastAPI reads
+                  headers={**auth(served["keys"]["admin"]), "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+    r = httpx.post(f"{live}/v2/models/cxr/infer", content=chunks(), timeout=60, headers=auth(served["keys"]["clinic"]))
+    assert r.status_code == 413 and "over" in r.json()["error"], r.text
     assert httpx.post(f"{live}/v1/models/cxr/predict", content=png_bytes(), timeout=60,
                       headers=auth(served["keys"]["clinic"])).status_code == 200
 

@@ -59,7 +59,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):  # e.g. 404 no route, 405 with its Allow
-        return error_response(exc.status_code, "http_error", str(exc.detail), is_oip(request.url.path),
+        code = "payload_too_large" if exc.status_code == 413 else "http_error"  # a chunked body past the limit
+        return error_response(exc.status_code, code, str(exc.detail), is_oip(request.url.path),
                               getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)

@@ -13,7 +13,9 @@ import os
 import time
 from typing import Any
 
-from lepton.serve.errors import ApiError, error_response
+from starlette.exceptions import HTTPException
+
+from lepton.serve.errors import error_response
 
 access_log = logging.getLogger("lepton.serve.access")
 log = logging.getLogger("lepton.serve")
@@ -68,8 +70,8 @@ class BodyGate:
         if message["type"] == "http.request":
             self.read += len(message.get("body", b""))
             self.done = not message.get("more_body", False)
-            if self.read > self.limit:
-                raise ApiError(413, "payload_too_large", f"request body over {self.limit} bytes")
+            if self.read > self.limit:  # an HTTPException: FastAPI passes it on while it reads a JSON body
+                raise HTTPException(413, f"request body over {self.limit} bytes")
         else:  # the client went away
             self.done = True
         return message
