@@ -16,6 +16,11 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The case cache of every test (and of the CLI processes tests start) in a throwaway folder, never ~/.cache.
+if "LEPTON_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["LEPTON_CACHE"] = tempfile.mkdtemp(prefix="lepton-test-cache-")
 PYDICOM_FILES = Path(__import__("pydicom").__file__).parent / "data" / "test_files"
 NIBABEL_FILES = Path(__import__("nibabel").__file__).parent / "tests" / "data"
 

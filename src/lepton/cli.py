@@ -113,6 +113,73 @@ def data_inspect(
         raise typer.Exit(1)
 
 
+cache_app = typer.Typer(help="The on-disk case cache: decoded, preprocessed cases reused across runs.",
+                        no_args_is_help=True)
+data_app.add_typer(cache_app, name="cache")
+CacheDirOpt = Annotated[str | None, typer.Option("--cache-dir", help="The cache's folder (default $LEPTON_CACHE, "
+                                                                     "else ~/.cache/lepton).")]
+
+
+@cache_app.command("build")
+def data_cache_build(
+    source: Annotated[str, typer.Argument(help="A segmentation source: Decathlon folder, images/ + masks/, or a "
+                                               "CSV manifest (path,mask).")],
+    window: Annotated[str | None, typer.Option(help="CT window preset or CENTER,WIDTH, as training will use.")] = None,
+    preprocess: Annotated[list[str] | None, typer.Option(
+        help="Volume preprocessing steps as training will use them (see `lepton train --help`).")] = None,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).", min=0, max=256)] = 0,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable cases.")] = False,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Decode and preprocess every case into the cache in parallel (what is there is verified and reused); a
+    training with the same window and steps then starts from it. An interrupted build resumes where it stopped."""
+    from lepton.data.cache import CaseCache
+    from lepton.data.cases import cache_segmentation
+    from lepton.data.pipeline import check_steps
+
+    cache = CaseCache(cache_dir)
+    store = cache_segmentation(source, window=window, steps=check_steps(_parse_steps(preprocess)), skip_bad=skip_bad,
+                               cache=cache, workers=workers or None)
+    size = sum(e.nbytes() for e in store.entries)
+    console.print(f"{len(store)} case(s) of {store.source} in {cache.root} ({size / 2**20:.1f} MiB); labels "
+                  f"{', '.join(store.label_names[1:])}", highlight=False)
+
+
+@cache_app.command("show")
+def data_cache_show(cache_dir: CacheDirOpt = None,
+                    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """What the cache holds: entries, size, sources and interrupted writes."""
+    from lepton.data.cache import CaseCache
+
+    shown = CaseCache(cache_dir).show()
+    if as_json:
+        console.print_json(json.dumps(shown))
+        return
+    console.print(f"{shown['root']}: {shown['entries']} entries, {shown['bytes'] / 2**20:.1f} MiB, "
+                  f"{shown['interrupted_writes']} interrupted write(s)", highlight=False)
+    for source in shown["sources"]:
+        console.print(f"  {source}", highlight=False)
+
+
+@cache_app.command("prune")
+def data_cache_prune(
+    older_than: Annotated[float | None, typer.Option(help="Remove entries written more than DAYS ago.", min=0,
+                                                     max=36500)] = None,
+    source: Annotated[str | None, typer.Option(help="Remove the entries of this source.")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Check every entry's checksums; remove corrupt ones.")]
+    = False,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Remove interrupted writes, and entries by age, source or (with --verify) corruption."""
+    from lepton.data.cache import CaseCache
+
+    if source is not None and Path(source).exists():
+        source = str(Path(source).expanduser().absolute())
+    done = CaseCache(cache_dir).prune(older_than_days=older_than, source=source, verify=verify)
+    console.print(f"removed {done['removed']} entr{'y' if done['removed'] == 1 else 'ies'}, "
+                  f"{done['bytes'] / 2**20:.1f} MiB", highlight=False)
+
+
 @data_app.command("partition")
 def data_partition(
     source: Annotated[str, typer.Argument(help="A labelled source (see `lepton data inspect`).")],
@@ -639,6 +706,16 @@ def train(
         help="auto (bf16 on CPUs with AMX/AVX512-BF16 and bf16 GPUs, else fp32), fp32, bf16, fp16 (CUDA).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     skip_bad: Annotated[bool | None, typer.Option("--skip-bad", help="Skip unreadable files.")] = None,
+    data_engine: Annotated[str | None, typer.Option(
+        help="Segmentation: memory (all cases as tensors), cache (patches read from memory-mapped cases in the "
+             "on-disk case cache; memory does not grow with the data) or auto (memory while it fits "
+             "--memory-limit).")] = None,
+    memory_limit: Annotated[float | None, typer.Option(
+        help="GB the in-memory path may take before auto switches to the cache.", min=0.001, max=4096)] = None,
+    cache_dir: Annotated[str | None, typer.Option(
+        help="The case cache's folder (default $LEPTON_CACHE, else ~/.cache/lepton).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Processes that decode cases into the cache (0 = one per core).", min=0, max=256)] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Val share when the data has no val split.")] = None,
     test_fraction: Annotated[float | None, typer.Option(help="Test share when the data has no splits.")] = None,
     lr_scaling: Annotated[str | None, typer.Option(
@@ -680,7 +757,8 @@ def train(
             time_budget_s=time_budget, lr_scaling=lr_scaling, sync_batchnorm=sync_bn,
             adversarial=adversarial, adv_epsilon=adv_epsilon,
             seed=seed, deterministic=deterministic, device=device, precision=precision, threads=threads,
-            skip_bad=skip_bad, val_fraction=val_fraction, test_fraction=test_fraction,
+            skip_bad=skip_bad, val_fraction=val_fraction, test_fraction=test_fraction, data_engine=data_engine,
+            memory_limit_gb=memory_limit, cache_dir=cache_dir, workers=workers,
         )
         if config is not None:
             base = TrainConfig.from_yaml(config).to_dict()

@@ -42,6 +42,13 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     skip_bad: bool = False
+    # Where decoded cases live while training (tasks that read through the case cache, such as segmentation):
+    # "memory" holds them all as tensors, "cache" reads patches from memory-mapped cases in the on-disk cache (memory
+    # does not grow with the data set), "auto" picks memory while the padded tensors fit in ``memory_limit_gb``.
+    data_engine: str = "auto"
+    memory_limit_gb: float = 2.0
+    cache_dir: str | None = None  # default: $LEPTON_CACHE, else ~/.cache/lepton
+    workers: int = 0  # processes that decode cases into the cache; 0 = one per core
     # optimisation
     epochs: int = 20
     batch_size: int = 64  # per process: several processes (torchrun) step on batch_size x processes together
@@ -93,6 +100,7 @@ class TrainConfig:
             "slices": ("middle", "all", "volume"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
             "lr_scaling": ("none", "linear", "sqrt"),
+            "data_engine": ("auto", "memory", "cache"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -118,6 +126,10 @@ class TrainConfig:
             raise ConfigError(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.image_size is not None and not 8 <= self.image_size <= 1024:
             raise ConfigError(f"image_size must be between 8 and 1024 (got {self.image_size})")
+        if not 0.0 < self.memory_limit_gb <= 4096:
+            raise ConfigError(f"memory_limit_gb must be in (0, 4096] (got {self.memory_limit_gb})")
+        if not 0 <= self.workers <= 256:
+            raise ConfigError(f"workers must be between 0 (one per core) and 256 (got {self.workers})")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"channels must be 1 or 3 (got {self.channels})")
         if self.slab and self.slices != "volume" and not str(self.data).lower().endswith(".npz"):
@@ -132,7 +144,7 @@ class TrainConfig:
         """The fields as plain values. ``task`` is left out when it is the default, classification, so that runs
         and registry versions of classifiers stay readable by Lepton versions older than tasks (a registry shared
         by servers of two versions during a rolling upgrade); ``preprocess``, ``slab``, ``ensemble``, ``precision``,
-        ``lr_scaling`` and ``sync_batchnorm`` too when unused or at their defaults."""
+        ``lr_scaling``, ``sync_batchnorm`` and the data engine's settings too when unused or at their defaults."""
         values = dataclasses.asdict(self)
         if values["task"] == "classification":
             del values["task"]
@@ -140,7 +152,8 @@ class TrainConfig:
             if not values[key]:
                 del values[key]
         for key, default in (("ensemble", 1), ("precision", "auto"), ("lr_scaling", "none"),
-                             ("sync_batchnorm", True)):
+                             ("sync_batchnorm", True), ("data_engine", "auto"), ("memory_limit_gb", 2.0),
+                             ("cache_dir", None), ("workers", 0)):
             if values[key] == default:
                 del values[key]
         return values

@@ -198,6 +198,7 @@ def export_run(
     delta against fp32 PyTorch, and the maximum probability difference from PyTorch.
     """
     import copy
+    import dataclasses
 
     from lepton.runs import Run, load_run
     from lepton.train import prepare_data
@@ -213,7 +214,9 @@ def export_run(
     out = Path(output) if output else run.path / "export"
     out.mkdir(parents=True, exist_ok=True)
     task = run.task
-    data = prepare_data(run.config, run.preprocessing, task)
+    # The checks below compare formats on the whole val set as tensors: held in memory whatever engine trained it.
+    config = dataclasses.replace(run.config, data_engine="memory")
+    data = prepare_data(config, run.preprocessing, task)
     spec = run.preprocessing
     x_val = spec.normalize(data.x_val).numpy()
     y_val = data.y_val.numpy()

@@ -63,6 +63,11 @@ class MaskSet:
         return len(self.label_names)
 
     @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Each image's shape (C, …)."""
+        return [tuple(np.shape(im)) for im in self.images]
+
+    @property
     def spatial_dims(self) -> int:
         return int(np.ndim(self.images[0])) - 1 if self.images else 2
 
@@ -86,19 +91,26 @@ class MaskSet:
         return [self.label_names[k] for k in range(1, self.num_classes) if not seen[k]]
 
     def validate(self) -> MaskSet:
-        if not self.images:
-            raise DataError(f"{self.source}: no image and mask pairs were found")
-        if len(self.label_names) < 2:
-            raise DataError(f"{self.source}: a segmentation needs a background and at least one class")
-        if len({np.ndim(im) for im in self.images}) > 1:
-            raise DataError(f"{self.source}: mixes 2-D images and volumes")
-        missing = self.missing_classes(np.ones(len(self), bool))
-        if missing:
-            raise DataError(f"{self.source}: no mask holds class(es) {', '.join(missing)}")
-        bad_splits = sorted(set(self.splits.tolist()) - {"", *SPLITS})
-        if bad_splits:
-            raise DataError(f"{self.source}: unknown split name(s) {bad_splits}; use train, val, test")
+        check_cases(self.source, len(self), self.label_names, {np.ndim(im) for im in self.images},
+                    self.missing_classes(np.ones(len(self), bool)), self.splits)
         return self
+
+
+def check_cases(source: str, n: int, label_names: list[str], ndims: set[int], missing: list[str],
+                splits: np.ndarray) -> None:
+    """Raise DataError for no cases, fewer than two labels, mixed 2-D and 3-D cases, a class no mask holds or an
+    unknown split name (for in-memory and cached cases alike)."""
+    if not n:
+        raise DataError(f"{source}: no image and mask pairs were found")
+    if len(label_names) < 2:
+        raise DataError(f"{source}: a segmentation needs a background and at least one class")
+    if len(ndims) > 1:
+        raise DataError(f"{source}: mixes 2-D images and volumes")
+    if missing:
+        raise DataError(f"{source}: no mask holds class(es) {', '.join(missing)}")
+    bad_splits = sorted(set(splits.tolist()) - {"", *SPLITS})
+    if bad_splits:
+        raise DataError(f"{source}: unknown split name(s) {bad_splits}; use train, val, test")
 
 
 def read_mask(path: str | Path, label: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -252,18 +264,7 @@ def load_segmentation(source: str | Path, *, window: str | None = None, steps: l
     with ``images/`` and ``masks/`` (or ``labels/``) matched by file name, or a CSV manifest
     ``path,mask[,patient_id][,split]``. Label names come from ``dataset.json``, a ``labels.json`` beside the
     folders (``["background", "lesion"]``), or are numbered."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
-        records, names = _manifest(path)
-    elif path.is_dir() and (path / "dataset.json").is_file():
-        records, names = _decathlon(path)
-    elif path.is_dir():
-        records, names = _paired(path)
-    else:
-        raise DataError(f"{path}: a segmentation source is a Decathlon folder (dataset.json, imagesTr/, labelsTr/), a "
-                        "folder with images/ and masks/, or a CSV manifest with path and mask columns")
+    path, records, names = segmentation_records(source)
     images, masks, affines, splits, groups, case_names, modalities = [], [], [], [], [], [], []
     bad: list[tuple[str, str]] = []
     has_patient = False
@@ -293,6 +294,25 @@ def load_segmentation(source: str | Path, *, window: str | None = None, steps: l
     data = MaskSet(images, masks, affines, names, np.asarray(splits, dtype=object), np.asarray(groups, dtype=object),
                    case_names, modalities, str(path), has_patient, bad)
     return data.validate() if validate else data
+
+
+def segmentation_records(source: str | Path) -> tuple[Path, list[tuple[Path, Path, str, str | None]],
+                                                      list[str] | None]:
+    """The cases of a segmentation source without reading them: the source's path, ``(image, mask, split,
+    patient pseudonym)`` per case, and the label names when the source gives them."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
+        records, names = _manifest(path)
+    elif path.is_dir() and (path / "dataset.json").is_file():
+        records, names = _decathlon(path)
+    elif path.is_dir():
+        records, names = _paired(path)
+    else:
+        raise DataError(f"{path}: a segmentation source is a Decathlon folder (dataset.json, imagesTr/, labelsTr/), a "
+                        "folder with images/ and masks/, or a CSV manifest with path and mask columns")
+    return path, records, names
 
 
 def label_names(values: object, where: str) -> list[str]:

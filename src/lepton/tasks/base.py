@@ -54,6 +54,12 @@ class Task:
         return load_dataset(source, window=window, slices=slices, steps=steps, skip_bad=skip_bad,
                             validate=validate)
 
+    def load_cases(self, source: str | Path, *, window: str | None, steps: list[dict] | None, skip_bad: bool,
+                   cache_dir: str | None = None, workers: int = 0, quiet: bool = False):
+        """The task's data decoded into the on-disk case cache and held by metadata (``lepton.data.cases``), or None
+        when the task reads everything into memory (``load``)."""
+        return None
+
     def inspect(self, source: str, *, window: str | None, slices: str) -> dict[str, Any]:
         """``lepton data inspect``: what is in a source of this task's data, and what is wrong with it."""
         from lepton.data.inspection import inspect_source

@@ -44,6 +44,14 @@ class Segmentation(Task):
 
         return load_segmentation(source, window=window, steps=steps, skip_bad=skip_bad, validate=validate)
 
+    def load_cases(self, source, *, window, steps, skip_bad, cache_dir=None, workers=0, quiet=False):
+        """The cases decoded into the on-disk case cache (parallel, reused across runs) as a ``CaseStore``."""
+        from lepton.data.cache import CaseCache
+        from lepton.data.cases import cache_segmentation
+
+        return cache_segmentation(source, window=window, steps=steps, skip_bad=skip_bad, cache=CaseCache(cache_dir),
+                                  workers=workers or None, quiet=quiet)
+
     def inspect(self, source, *, window, slices):
         from lepton.data.inspection import inspect_segmentation
 
@@ -58,7 +66,7 @@ class Segmentation(Task):
         dims = train.spatial_dims
         cap = config.image_size or MAX_SIDE[dims]
         cap = max(div, cap // div * div)
-        largest = np.max([np.shape(im)[1:] for im in train.images], axis=0)
+        largest = np.max([s[1:] for s in train.shapes], axis=0)
         size = [int(min(cap, -(-int(s) // div) * div)) for s in largest]
         if all(s <= div for s in size):  # the deepest level must keep more than one voxel for its normalisation
             size[-1] = 2 * div
@@ -67,12 +75,18 @@ class Segmentation(Task):
     def tensors(self, data, spec):
         """Cases padded to one size: the network's input size, or — when some case is larger — the largest case
         (rounded up to a multiple of 16), from which ``batch`` cuts patches."""
+        import dataclasses
+
         import torch
 
+        from lepton.data.cases import CaseStore
         from lepton.data.transforms import Preprocessing, pad_or_crop
 
-        largest = np.max([np.shape(im)[1:] for im in data.images], axis=0)
+        largest = np.max([s[1:] for s in data.shapes], axis=0)
         full = tuple(max(int(s), -(-int(n) // 16) * 16) for s, n in zip(spec.size, largest, strict=True))
+        if isinstance(data, CaseStore):  # cases stay on disk; patches are read per batch
+            store = dataclasses.replace(data, pad_to=full)
+            return store, store
         fit = spec if full == tuple(spec.size) else Preprocessing(full, spec.channels, spec.mean, spec.std, fit="pad")
         x = fit.resize(data.images)  # padded or cropped (fit="pad"), never interpolated
         y = torch.stack([pad_or_crop(torch.from_numpy(m.astype(np.int64)), full) for m in data.masks])
@@ -83,7 +97,11 @@ class Segmentation(Task):
         patches (as nnU-Net oversamples foreground), anywhere for the rest."""
         import torch
 
+        from lepton.data.cases import CaseStore
+
         size = tuple(spec.size)
+        if isinstance(x, CaseStore):
+            return x.patches(size, generator)
         if tuple(x.shape[2:]) == size:
             return x, y
         xs, ys = [], []
@@ -114,7 +132,12 @@ class Segmentation(Task):
         import torch
         from monai.losses import DiceCELoss
 
-        counts = torch.bincount(y_train.flatten()).float() if config.imbalance == "weighted" else None
+        from lepton.data.cases import CaseStore
+
+        counts = None
+        if config.imbalance == "weighted":
+            counts = (torch.from_numpy(y_train.class_counts()).float() if isinstance(y_train, CaseStore)
+                      else torch.bincount(y_train.flatten()).float())
         smoothing = config.label_smoothing
         built: dict[Any, Any] = {}
 
@@ -142,13 +165,22 @@ class Segmentation(Task):
 
         return torch.softmax(logits.float(), 1)
 
-    def val_metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
-        truth = y[:, 0]
-        pred = outputs.argmax(1)
-        k = outputs.shape[1]
-        dices = [float(_dice_per_class(pred, truth, c).mean()) for c in range(1, k)]
-        p_true = np.take_along_axis(outputs, y.astype(np.int64), axis=1)
-        out = {"val_loss": float(-np.log(np.clip(p_true, 1e-7, 1.0)).mean()), "val_dice": float(np.mean(dices))}
+    def val_metrics(self, y, outputs) -> dict[str, float]:
+        """Mean foreground Dice per class over cases and the voxel-mean negative log-likelihood. ``y`` (1, …) and
+        ``outputs`` (K, …) per case, as stacked arrays or as iterables that yield one case at a time (cases read
+        from the cache one by one are never all in memory)."""
+        per_class: list[list[float]] = []
+        nll, voxels = 0.0, 0
+        for truth, probs in zip(y, outputs, strict=True):
+            truth = np.asarray(truth)
+            probs = np.asarray(probs)
+            pred = probs.argmax(0)[None]
+            per_class.append([float(_dice_per_class(pred, truth, c)[0]) for c in range(1, probs.shape[0])])
+            p_true = np.take_along_axis(probs, truth.astype(np.int64), axis=0)
+            nll += float(-np.log(np.clip(p_true, 1e-7, 1.0)).sum())
+            voxels += p_true.size
+        dices = np.mean(per_class, axis=0).tolist()
+        out = {"val_loss": nll / max(voxels, 1), "val_dice": float(np.mean(dices))}
         out.update({f"val_dice_{c}": d for c, d in enumerate(dices, start=1)})
         return out
 

@@ -24,12 +24,19 @@ from lepton.errors import ConfigError, RunError
 from lepton.models import create_model
 from lepton.models.layout import model_layout
 from lepton.models.precision import cpu_model, matrix_flags
-from lepton.runs import Run, load_run, predict_outputs
+from lepton.runs import Run, load_run
 from lepton.tasks import Task, choose_task, get_task
 from lepton.train import distributed
 from lepton.train.budget import PLAN_AFTER_EPOCH, TimeBudget, fit_to_budget
 from lepton.train.checkpoint import VAL_SET_FILE, load_last, save_best, save_last, save_val_set, write_history
-from lepton.train.data import Prepared, data_fingerprint, intensity_stats, prepare_data
+from lepton.train.data import (
+    Prepared,
+    data_fingerprint,
+    intensity_stats,
+    prepare_data,
+    val_outputs,
+    val_targets,
+)
 from lepton.train.distributed import Dist
 from lepton.train.loop import Trainer, seed_epoch
 from lepton.train.progress import Reporter
@@ -132,7 +139,7 @@ def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, de
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_epoch(config.seed, 0)
-    prepared = prepare_data(config, spec, task)
+    prepared = prepare_data(config, spec, task, quiet=quiet or not dist.main)
     if state is not None and state["fingerprint"]["sha256"] != prepared.fingerprint["sha256"]:
         raise RunError(f"{run_dir}: the data at {config.data} changed since training started; "
                        "resume needs the same data")
@@ -285,19 +292,20 @@ def _choose_members(run_dir: Path, task: Task, prepared: Prepared, config: Train
                     done: list[dict[str, Any]]) -> dict[str, Any]:
     """Ensemble or best member, by val alone: the members' mean probabilities are kept when they score at least
     the members' mean on the selection metric, else the best member. Writes ``best.pt`` and returns the choice."""
-    x_val, y_val = prepared.spec.normalize(prepared.x_val), prepared.y_val.numpy()
     ckpts, outputs = [], []
     for d in done:
         ckpt = torch.load(run_dir / "members" / f"{d['member']}.pt", map_location="cpu", weights_only=True)
         model = create_model(**ckpt["spec"])
         model.load_state_dict(ckpt["model"])
         ckpts.append(ckpt)
-        outputs.append(predict_outputs(model_layout(model.to(device)), x_val, task.activate, tta=config.tta,
-                                       device=device))
-    scores = [task.val_metrics(y_val, o) for o in outputs]
+        found = val_outputs(model_layout(model.to(device)), prepared, task.activate, tta=config.tta, device=device)
+        outputs.append(found if isinstance(found, np.ndarray) else list(found))
+    scores = [task.val_metrics(val_targets(prepared.y_val), o) for o in outputs]
     sign = 1 if task.higher_is_better else -1
     best_k = max(range(len(done)), key=lambda k: sign * scores[k][task.selection_metric])
-    ensemble = task.val_metrics(y_val, np.mean(outputs, axis=0))
+    mean = (np.mean(outputs, axis=0) if isinstance(outputs[0], np.ndarray)
+            else [np.mean(case, axis=0) for case in zip(*outputs, strict=True)])
+    ensemble = task.val_metrics(val_targets(prepared.y_val), mean)
     # Against the members' mean, not their best: the best of K figures on a small val set is an optimistic one
     # (a maximum of noisy estimates), while the ensemble's expected gain over a member is real.
     typical = float(np.mean([sc[task.selection_metric] for sc in scores]))
@@ -326,8 +334,7 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
     model = create_model(**ckpt["spec"])
     model.load_state_dict(ckpt["model"])
     model = model_layout(model.to(device))
-    outputs = predict_outputs(model, prepared.spec.normalize(prepared.x_val), task.activate, tta=config.tta,
-                              device=device)
+    outputs = val_outputs(model, prepared, task.activate, tta=config.tta, device=device)
     if not task.dense:  # for checking lower serving precisions of this run once registered
         save_val_set(run_dir / VAL_SET_FILE, prepared.x_val, prepared.y_val, prepared.x_train, seed=config.seed)
     if chosen is None:
@@ -342,7 +349,7 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
     info = {
         "status": "complete", "name": config.name, "task": task.name, "model": config.model, "epochs": len(history),
         "best_epoch": best["epoch"], **ensemble, **selected,
-        **task.fit_decision(prepared.y_val.numpy(), outputs),
+        **task.fit_decision(val_targets(prepared.y_val), outputs),
         "train_images": len(prepared.y_train), "val_images": len(prepared.y_val),
         "images_per_s": float(np.mean([h["images_per_s"] for h in history])),
         "wall_seconds_this_call": round(seconds, 2), "device": device, "precision": precision,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,9 +12,11 @@ import torch
 
 from lepton.config import TrainConfig
 from lepton.data import ImageSet
+from lepton.data.cases import CaseStore
+from lepton.data.pipeline import check_steps
 from lepton.data.splits import assign_splits
 from lepton.data.transforms import Preprocessing
-from lepton.errors import DataError
+from lepton.errors import ConfigError, DataError
 from lepton.tasks import Task, get_task
 from lepton.utils import sha256_bytes
 
@@ -30,11 +34,17 @@ class Prepared:
     fingerprint: dict[str, Any]
 
 
+log = logging.getLogger("lepton.train")
+#: Bytes per voxel the in-memory path holds for a padded case: the float32 image twice (read, padded), int64 targets
+#: and the uint8 mask, plus a normalised copy for BatchNorm recalibration (measured ~18 B/voxel, issue #27).
+IN_MEMORY_BYTES_PER_VOXEL = 21
+
+
 def data_fingerprint(data: ImageSet, splits: np.ndarray) -> dict[str, Any]:
     """A content hash of every image, label and split assignment, plus counts (no paths, no ids)."""
     rows = sorted(f"{h}:{int(y)}:{s}" for h, y, s in
                   zip(data.content_hashes(), data.labels, splits, strict=True))
-    per_case = hasattr(data, "masks")  # segmentation: every case holds several classes
+    per_case = not isinstance(data, ImageSet)  # segmentation: every case holds several classes
     counts = {
         split: {"cases": int((splits == split).sum())} if per_case else
         {name: int(((splits == split) & (data.labels == k)).sum()) for k, name in enumerate(data.label_names)}
@@ -44,21 +54,51 @@ def data_fingerprint(data: ImageSet, splits: np.ndarray) -> dict[str, Any]:
             "images": len(data), "counts": counts, "patient_grouped": data.has_patient_ids}
 
 
-def intensity_stats(x: torch.Tensor) -> dict[str, float]:
+def intensity_stats(x) -> dict[str, float]:
     """Mean intensity of preprocessed training images and the spread of per-image means (drift reference)."""
-    means = x.mean(dim=tuple(range(1, x.ndim)))
+    if isinstance(x, CaseStore):
+        means = torch.from_numpy(x.padded_means(x.pad_to))
+    else:
+        means = x.mean(dim=tuple(range(1, x.ndim)))
     return {"mean": float(means.mean()), "std_of_image_means": float(means.std().clamp_min(1e-6))}
 
 
-def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: Task | None = None) -> Prepared:
-    """Load, split and preprocess the data a config names (``spec`` fixed when resuming); data, input size and
-    targets from ``task`` (the config's task when not given)."""
-    from lepton.data.pipeline import check_steps
+def choose_engine(config: TrainConfig, task: Task, quiet: bool = False):
+    """The task's data through the case cache (``Task.load_cases``), then held in memory or read from the cache as
+    the config's ``data_engine`` says — ``auto``: memory while the padded tensors fit in ``memory_limit_gb``. Returns
+    ``(data, engine, reason)``; tasks without a cached path load into memory."""
+    steps = check_steps(config.preprocess)
+    store = None
+    if config.data_engine != "memory":
+        store = task.load_cases(config.data, window=config.window, steps=steps, skip_bad=config.skip_bad,
+                                cache_dir=config.cache_dir, workers=config.workers, quiet=quiet)
+    if store is None:
+        if config.data_engine == "cache":
+            raise ConfigError(f"the {task.name} task reads its data into memory; data_engine=cache is for tasks "
+                              "that read through the case cache (segmentation)")
+        data = task.load(config.data, window=config.window, slices=config.slices, steps=steps,
+                         skip_bad=config.skip_bad)
+        return data, "memory", f"the {task.name} task reads its data into memory"
+    largest = np.max([s for s in store.shapes], axis=0)
+    padded = [-(-int(n) // 16) * 16 for n in largest[1:]]
+    need = len(store) * int(largest[0]) * int(np.prod(padded)) * IN_MEMORY_BYTES_PER_VOXEL / 2 ** 30
+    if config.data_engine == "cache" or need > config.memory_limit_gb:
+        return store, "cache", (f"padded tensors would take about {need:.2f} GB (limit {config.memory_limit_gb:g} "
+                                "GB)" if config.data_engine == "auto" else "data_engine=cache")
+    return store.to_memory(), "memory", f"padded tensors take about {need:.2f} GB (limit {config.memory_limit_gb:g} GB)"
 
+
+def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: Task | None = None,
+                 quiet: bool = False) -> Prepared:
+    """Load, split and preprocess the data a config names (``spec`` fixed when resuming); data, input size and
+    targets from ``task`` (the config's task when not given). Cases that would not fit in memory stay in the case
+    cache (``choose_engine``): then ``x_train``/``y_train`` (and val) are one ``CaseStore`` each."""
     task = task or get_task(config.task)
     steps = spec.steps if spec is not None else check_steps(config.preprocess)
-    data = task.load(config.data, window=config.window, slices=config.slices, steps=steps,
-                     skip_bad=config.skip_bad)
+    if spec is not None and steps != check_steps(config.preprocess):
+        config = TrainConfig.from_dict({**config.to_dict(), "task": config.task, "preprocess": steps})
+    data, engine, reason = choose_engine(config, task, quiet)
+    log.info("data engine: %s (%s)", engine, reason)
     splits = assign_splits(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
                            seed=config.seed)
     train, val = data.subset(splits == "train"), data.subset(splits == "val")
@@ -69,24 +109,68 @@ def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: T
         dims = train.spatial_dims
         size = task.input_size(train, config) or \
             ((config.image_size,) * dims if config.image_size else _native_size(train))
-        channels = config.channels or (3 if all(np.shape(im)[0] == 3 for im in train.images) else 1)
+        channels = config.channels or (3 if all(s[0] == 3 for s in _shapes(train)) else 1)
         spec = Preprocessing(size, channels, [0.5] * channels, [0.5] * channels, config.window, config.slices,
                              steps, "pad" if task.dense else "resize")
     x, y = task.tensors(train, spec)
     if fresh and config.normalize == "dataset":
-        axes = (0, *range(2, x.ndim))
-        spec.mean = x.mean(dim=axes).tolist()
-        spec.std = x.std(dim=axes).clamp_min(1e-3).tolist()
-    fingerprint = data_fingerprint(data, splits) | {"intensity": intensity_stats(x)}
+        if isinstance(x, CaseStore):
+            mean, std = x.padded_stats(x.pad_to)
+            spec.mean, spec.std = mean, [max(v, 1e-3) for v in std]
+        else:
+            axes = (0, *range(2, x.ndim))
+            spec.mean = x.mean(dim=axes).tolist()
+            spec.std = x.std(dim=axes).clamp_min(1e-3).tolist()
+    fingerprint = data_fingerprint(data, splits) | {"intensity": intensity_stats(x), "engine": engine}
     x_val, y_val = task.tensors(val, spec)
     return Prepared(spec=spec, x_train=x, y_train=y, x_val=x_val, y_val=y_val, label_names=data.label_names,
                     fingerprint=fingerprint)
 
 
+def _shapes(data) -> list[tuple[int, ...]]:
+    return [np.shape(im) for im in data.images] if isinstance(data, ImageSet) else data.shapes
+
+
 def _native_size(data: ImageSet) -> tuple[int, ...]:
     """Images: a square of the median longest side (at most 224); volumes: the median size per axis (at most 128)."""
-    shapes = [np.shape(im)[1:] for im in data.images] if isinstance(data.images, list) else [data.images.shape[2:]]
+    shapes = [s[1:] for s in _shapes(data)] if not isinstance(getattr(data, "images", None), np.ndarray) \
+        else [data.images.shape[2:]]
     if data.spatial_dims == 2:
         side = int(min(224, np.median([max(s) for s in shapes])))
         return side, side
     return tuple(int(min(128, np.median([s[i] for s in shapes]))) for i in range(3))
+
+
+def val_targets(y) -> np.ndarray | Iterator[np.ndarray]:
+    """The val targets as the task's metrics read them: an array, or each cached case's mask in turn."""
+    if isinstance(y, CaseStore):
+        return (y.mask(i) for i in range(len(y)))
+    return y.numpy()
+
+
+def case_outputs(model, store: CaseStore, spec: Preprocessing, activate, *, tta: bool, device: str,
+                 indices: Iterable[int] | None = None) -> Iterator[np.ndarray]:
+    """A dense task's outputs for cached cases, one case at a time, by sliding windows over each whole case."""
+    from lepton.runs import segment_probs
+
+    for i in range(len(store)) if indices is None else indices:
+        yield segment_probs(model, spec, store.image(i), activate, tta=tta, device=device)
+
+
+def val_outputs(model, prepared: Prepared, activate, *, tta: bool, device: str):
+    """The task's outputs on the val split: an array (N, K, …), or a generator over cached cases."""
+    from lepton.runs import predict_outputs
+
+    if isinstance(prepared.x_val, CaseStore):
+        return case_outputs(model, prepared.x_val, prepared.spec, activate, tta=tta, device=device)
+    return predict_outputs(model, prepared.spec.normalize(prepared.x_val), activate, tta=tta, device=device)
+
+
+def bn_sample(prepared: Prepared, seed: int, limit: int = 2048) -> torch.Tensor:
+    """A fixed, un-augmented slice of the training inputs in [0, 1] for BatchNorm recalibration: up to ``limit``
+    images, or one patch from each of up to 32 cached cases."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(prepared.y_train), generator=gen)
+    if isinstance(prepared.x_train, CaseStore):
+        return prepared.x_train[order[:32].numpy()].patches(tuple(prepared.spec.size), gen)[0]
+    return prepared.x_train[order[:limit]]

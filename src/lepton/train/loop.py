@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lepton.config import TrainConfig
+from lepton.data.cases import CaseStore
 from lepton.data.transforms import augment_batch, augment_options
 from lepton.errors import ConfigError, RunError
 from lepton.models import create_model
@@ -20,7 +21,7 @@ from lepton.models.layout import fast_layout, model_layout
 from lepton.models.precision import resolve_precision, torch_dtype
 from lepton.runs import predict_outputs
 from lepton.tasks import Task
-from lepton.train.data import Prepared
+from lepton.train.data import Prepared, bn_sample, case_outputs, val_targets
 from lepton.train.distributed import LR_SCALING, SINGLE, Dist, shard, wrap
 from lepton.train.optim import ema_update, lr_lambda, make_optimizer, recalibrate_bn
 
@@ -87,11 +88,10 @@ class Trainer:
         self.sample_weight = task.sample_weights(prepared.y_train, config)
         self.augment = augment_options(config.augment, config.augment_options)
         norm = prepared.spec.normalize
-        self.x_val = norm(prepared.x_val)
+        self.x_val = prepared.x_val if isinstance(prepared.x_val, CaseStore) else norm(prepared.x_val)
         # Averaged weights do not match averaged BatchNorm statistics; the EMA model's statistics are
         # recomputed on a fixed, un-augmented slice of the training set before each evaluation.
-        self.bn_batch = norm(prepared.x_train[torch.randperm(len(prepared.y_train),
-                                                             generator=torch.Generator().manual_seed(config.seed))[:2048]])
+        self.bn_batch = norm(bn_sample(prepared, config.seed))
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -168,6 +168,13 @@ class Trainer:
         model = model or self.eval_model
         if self.ema is not None and model is self.ema.module:
             recalibrate_bn(model, self.bn_batch, self.device)
+        if isinstance(self.x_val, CaseStore):  # one cached case at a time; each process its contiguous share
+            share = np.array_split(np.arange(len(self.x_val)), self.dist.world)[self.dist.rank]
+            mine = case_outputs(model, self.x_val, self.data.spec, self.task.activate, tta=self.config.tta,
+                                device=self.device, indices=share.tolist())
+            if not self.dist.enabled:
+                return mine  # consumed case by case by the task's metrics
+            return [o for part in self.dist.gather(list(mine)) for o in part]
         if not self.dist.enabled:
             return predict_outputs(model, self.x_val, self.task.activate, tta=self.config.tta, device=self.device)
         # Each process predicts its contiguous share once (no padded duplicates); the shares are joined in order.
@@ -178,7 +185,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """The task's validation figures for the current weights."""
-        return self.task.val_metrics(self.data.y_val.numpy(), self.predict_val())
+        return self.task.val_metrics(val_targets(self.data.y_val), self.predict_val())
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
