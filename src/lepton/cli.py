@@ -716,6 +716,9 @@ def train(
         help="The case cache's folder (default $LEPTON_CACHE, else ~/.cache/lepton).")] = None,
     workers: Annotated[int | None, typer.Option(
         help="Processes that decode cases into the cache (0 = one per core).", min=0, max=256)] = None,
+    loader_workers: Annotated[int | None, typer.Option(
+        help="With the cache: DataLoader processes reading patches ahead of each step (0 = in the loop).", min=0,
+        max=64)] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Val share when the data has no val split.")] = None,
     test_fraction: Annotated[float | None, typer.Option(help="Test share when the data has no splits.")] = None,
     lr_scaling: Annotated[str | None, typer.Option(
@@ -758,7 +761,7 @@ def train(
             adversarial=adversarial, adv_epsilon=adv_epsilon,
             seed=seed, deterministic=deterministic, device=device, precision=precision, threads=threads,
             skip_bad=skip_bad, val_fraction=val_fraction, test_fraction=test_fraction, data_engine=data_engine,
-            memory_limit_gb=memory_limit, cache_dir=cache_dir, workers=workers,
+            memory_limit_gb=memory_limit, cache_dir=cache_dir, workers=workers, loader_workers=loader_workers,
         )
         if config is not None:
             base = TrainConfig.from_yaml(config).to_dict()

@@ -49,6 +49,7 @@ class TrainConfig:
     memory_limit_gb: float = 2.0
     cache_dir: str | None = None  # default: $LEPTON_CACHE, else ~/.cache/lepton
     workers: int = 0  # processes that decode cases into the cache; 0 = one per core
+    loader_workers: int = 0  # DataLoader processes reading cached patches ahead of the step; 0 = in the loop
     # optimisation
     epochs: int = 20
     batch_size: int = 64  # per process: several processes (torchrun) step on batch_size x processes together
@@ -130,6 +131,8 @@ class TrainConfig:
             raise ConfigError(f"memory_limit_gb must be in (0, 4096] (got {self.memory_limit_gb})")
         if not 0 <= self.workers <= 256:
             raise ConfigError(f"workers must be between 0 (one per core) and 256 (got {self.workers})")
+        if not 0 <= self.loader_workers <= 64:
+            raise ConfigError(f"loader_workers must be between 0 and 64 (got {self.loader_workers})")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"channels must be 1 or 3 (got {self.channels})")
         if self.slab and self.slices != "volume" and not str(self.data).lower().endswith(".npz"):
@@ -153,7 +156,7 @@ class TrainConfig:
                 del values[key]
         for key, default in (("ensemble", 1), ("precision", "auto"), ("lr_scaling", "none"),
                              ("sync_batchnorm", True), ("data_engine", "auto"), ("memory_limit_gb", 2.0),
-                             ("cache_dir", None), ("workers", 0)):
+                             ("cache_dir", None), ("workers", 0), ("loader_workers", 0)):
             if values[key] == default:
                 del values[key]
         return values

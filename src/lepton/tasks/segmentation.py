@@ -97,11 +97,7 @@ class Segmentation(Task):
         patches (as nnU-Net oversamples foreground), anywhere for the rest."""
         import torch
 
-        from lepton.data.cases import CaseStore
-
         size = tuple(spec.size)
-        if isinstance(x, CaseStore):
-            return x.patches(size, generator)
         if tuple(x.shape[2:]) == size:
             return x, y
         xs, ys = [], []

@@ -174,3 +174,39 @@ def bn_sample(prepared: Prepared, seed: int, limit: int = 2048) -> torch.Tensor:
     if isinstance(prepared.x_train, CaseStore):
         return prepared.x_train[order[:32].numpy()].patches(tuple(prepared.spec.size), gen)[0]
     return prepared.x_train[order[:limit]]
+
+
+class PatchSteps(torch.utils.data.Dataset):
+    """The training steps of an epoch over cached cases, for a ``DataLoader``: an item is ``(case indices, seed)``
+    and yields that step's patches, drawn from a generator of its own seed — so the patches are the same whichever
+    worker reads them, and whether workers read at all."""
+
+    def __init__(self, store: CaseStore, size: tuple[int, ...]):
+        self.store, self.size = store, size
+
+    def __getitem__(self, item: tuple[list[int], int]) -> tuple[torch.Tensor, torch.Tensor]:
+        indices, seed = item
+        return self.store[np.asarray(indices)].patches(self.size, torch.Generator().manual_seed(seed))
+
+
+class StepPlan(torch.utils.data.Sampler):
+    """The items of the coming epoch, set before each pass (persistent workers keep their processes)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[list[int], int]] = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def patch_loader(store: CaseStore, size: tuple[int, ...], workers: int, device: str):
+    """A ``DataLoader`` that reads the planned steps' patches ahead of the training step: ``workers`` processes
+    (persistent, two steps prefetched each; pinned memory on CUDA), or the training process itself with 0."""
+    plan = StepPlan()
+    extra = {"persistent_workers": True, "prefetch_factor": 2} if workers else {}
+    loader = torch.utils.data.DataLoader(PatchSteps(store, size), batch_size=None, sampler=plan, num_workers=workers,
+                                         pin_memory=device.startswith("cuda"), **extra)
+    return loader, plan

@@ -21,7 +21,7 @@ from lepton.models.layout import fast_layout, model_layout
 from lepton.models.precision import resolve_precision, torch_dtype
 from lepton.runs import predict_outputs
 from lepton.tasks import Task
-from lepton.train.data import Prepared, bn_sample, case_outputs, val_targets
+from lepton.train.data import Prepared, bn_sample, case_outputs, patch_loader, val_targets
 from lepton.train.distributed import LR_SCALING, SINGLE, Dist, shard, wrap
 from lepton.train.optim import ema_update, lr_lambda, make_optimizer, recalibrate_bn
 
@@ -92,6 +92,7 @@ class Trainer:
         # Averaged weights do not match averaged BatchNorm statistics; the EMA model's statistics are
         # recomputed on a fixed, un-augmented slice of the training set before each evaluation.
         self.bn_batch = norm(bn_sample(prepared, config.seed))
+        self._loader, self._plan = None, None
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -117,12 +118,17 @@ class Trainer:
                 torch.manual_seed(config.seed * 1_000_003 + epoch + 7919 * dist.rank)
         self.model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for step in range(self.steps_per_epoch):
-            whole = order[step * width:(step + 1) * width]
-            if len(whole) < 2 * dist.world:  # BatchNorm cannot train on a batch of one (in any process)
-                continue
+        planned = [order[step * width:(step + 1) * width] for step in range(self.steps_per_epoch)]
+        # BatchNorm cannot train on a batch of one (in any process)
+        planned = [(step, whole) for step, whole in enumerate(planned) if len(whole) >= 2 * dist.world]
+        patches = self._patches(epoch, planned)
+        for step, whole in planned:
             idx = shard(whole, dist)
-            if self.task.dense:  # patches from large cases; masks move with their images
+            if patches is not None:  # cached cases: this step's patches, read ahead by the loader's workers
+                xb, yb = next(patches)
+                x01, yb = augment_batch(xb, self.augment, gen, masks=yb)
+                x01, yb = x01.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            elif self.task.dense:  # patches from large cases; masks move with their images
                 xb, yb = self.task.batch(data.x_train[idx], data.y_train[idx], data.spec, gen)
                 x01, yb = augment_batch(xb, self.augment, gen, masks=yb)
                 x01, yb = x01.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -144,6 +150,18 @@ class Trainer:
         seconds = time.perf_counter() - t0
         return {"lr": self.optimizer.param_groups[-1]["lr"], "train_loss": loss_sum / max(1, seen),
                 "seen": seen, "train_seconds": seconds}
+
+    def _patches(self, epoch: int, planned: list[tuple[int, torch.Tensor]]):
+        """For cases in the cache: an iterator over this epoch's patch batches, each step's drawn from its own seed
+        (seed, epoch, step, process), read by the patch loader; None for tensors in memory."""
+        if not isinstance(self.data.x_train, CaseStore):
+            return None
+        if self._loader is None:
+            self._loader, self._plan = patch_loader(self.data.x_train, tuple(self.data.spec.size),
+                                                    self.config.loader_workers, self.device)
+        base = (self.config.seed * 1_000_003 + epoch) * 100_003 + 7919 * self.dist.rank
+        self._plan.items = [(shard(whole, self.dist).tolist(), base + step) for step, whole in planned]
+        return iter(self._loader)
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int, weight: float = 1.0) -> float:
         """One optimiser step on a normalised batch (its loss scaled by ``weight``); returns the loss."""
