@@ -43,7 +43,8 @@ def served_route(live, served) -> dict | None:
 
 
 @pytest.mark.parametrize("weights", ['{"1": 1e308}', '{"1": 1e308, "2": 1e308}', '{"1": 2e6}', '{"1": 1e309}',
-                                     '{"1": -1e309}', '{"1": NaN}', '{"1": 0, "2": 0}', '{"1": -0.5, "2": 1}'])
+                                     '{"1": -1e309}', '{"1": NaN}', '{"1": 0, "2": 0}', '{"1": -0.5, "2": 1}',
+                                     '{"1": true}', '{"1": "1"}'])
 def test_route_weights_out_of_bounds_are_422_and_the_stored_route_is_unchanged(live, served, registry, weights):
     before = put_route(live, served, {"weights": {"1": 90, "2": 10}})
     assert before.status_code == 200, before.text
@@ -102,11 +103,23 @@ def test_integral_floats_are_integers_in_the_native_api_too(live, served, regist
     assert r.status_code == 200 and r.json()["shadow"] == 2 and registry.get_route("cxr").shadow == 2, r.text
     r = httpx.get(f"{live}/v1/models/cxr/diff?a=1.0&b=2", headers=admin, timeout=60)
     assert r.status_code == 200 and r.json()["a"] == "cxr@1", r.text
-    r = put_route(live, served, {"weights": {"1": 1}, "shadow": 2.5})
-    assert r.status_code == 422 and "shadow" in r.json()["error"]["message"], r.text
+    for shadow in (2.5, True, "2"):
+        r = put_route(live, served, {"weights": {"1": 1}, "shadow": shadow})
+        assert r.status_code == 422 and "shadow" in r.json()["error"]["message"], r.text
+    for version in (True, "1", 1.5):  # JSON true is not the version 1 (pydantic's lax mode would take it)
+        r = httpx.post(f"{live}/v1/admin/models/cxr/promote", json={"version": version, "stage": "staging"},
+                       headers=admin, timeout=60)
+        assert r.status_code == 422 and "version" in r.json()["error"]["message"], r.text
     spec = httpx.get(f"{live}/openapi.json", timeout=30).json()
     for path in ("/v1/admin/models/{name}/route", "/v1/admin/models/{name}/promote"):
         assert "413" in next(iter(spec["paths"][path].values()))["responses"]
+
+
+def test_an_output_asking_for_binary_data_with_a_non_boolean_is_400(live, served):
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": [0.5] * 1024}],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": 1}}]}
+    r = httpx.post(f"{live}/v2/models/cxr/infer", json=body, headers=auth(served["keys"]["clinic"]), timeout=60)
+    assert r.status_code == 400 and "binary_data must be true or false" in r.json()["error"], r.text
 
 
 def test_structure_is_checked_before_limits(live, served):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
 
 from lepton.registry.access import MAX_ROUTE_WEIGHT, MAX_VERSION
 
@@ -120,14 +120,25 @@ class Diff(BaseModel):
 #: A version number as a JSON object key (the registry's numbers are 32-bit signed integers).
 VERSION_KEY = r"^[1-9][0-9]{0,8}$"
 VersionKey = Annotated[str, StringConstraints(pattern=VERSION_KEY)]
-RouteWeight = Annotated[float, Field(ge=0, le=MAX_ROUTE_WEIGHT, allow_inf_nan=False)]
+
+
+def _json_number(value: Any) -> Any:
+    """A JSON number only: pydantic's lax mode would also read true/false as 1/0 and "3" as 3, which the schema
+    refuses. (An integral float such as 3.0 is an integer, as JSON Schema has it.)"""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
+    return value
+
+
+Version = Annotated[int, Field(ge=1, le=MAX_VERSION), BeforeValidator(_json_number)]
+RouteWeight = Annotated[float, Field(ge=0, le=MAX_ROUTE_WEIGHT, allow_inf_nan=False), BeforeValidator(_json_number)]
 
 
 class Promote(BaseModel):
     """Move ``version`` to ``stage``; the previous holder of the stage is archived."""
 
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1, le=MAX_VERSION)
+    version: Version
     stage: Literal["staging", "production"]
 
 
@@ -139,7 +150,7 @@ class RouteRequest(BaseModel):
     weights: dict[VersionKey, RouteWeight] = Field(min_length=1, json_schema_extra={
         "additionalProperties": False, "not": {"patternProperties": {VERSION_KEY: {"maximum": 0}}},
         "description": "Version -> relative weight; at least one weight above 0."})
-    shadow: int | None = Field(default=None, ge=1, le=MAX_VERSION)
+    shadow: Version | None = None
 
     @field_validator("weights")
     @classmethod

@@ -168,6 +168,9 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_elements:
     if outputs is not None and not (isinstance(outputs, list) and all(
             isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)):
         raise _bad("'outputs' must be a list of objects with a 'name'")
+    for output in outputs or []:
+        if not isinstance(_parameters(output, f"output {output['name']!r}").get("binary_data", False), bool):
+            raise _bad(f"output {output['name']!r}: binary_data must be true or false")
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _bad("'id' must be a string")
