@@ -36,7 +36,8 @@ from machine import cpu_summary
 ALLOWED = [
     ("/(predict|view)$", ["422"],
      "an upload's bytes are a file: a schema can say `format: binary`, not that the bytes decode to an image "
-     "(PNG, DICOM, …) or that nested `array` rows have one length"),
+     "(PNG, DICOM, …) or that nested `array` rows have one length; nor that view's `window` string holds a known "
+     "preset or a finite CENTER,WIDTH with a width above 0"),
     ("/infer$", ["400", "413"],
      "the Open Inference Protocol's request schema is the same for every model: it cannot tie `data`'s length to "
      "`shape` or fix this model's input shape, and the protocol answers such tensors 400 (413 over the server's "

@@ -97,3 +97,12 @@ def test_nan_array_is_refused(tmp_path):
 
 def test_to_unit_range_constant_image():
     assert to_unit_range(np.full((3, 3), 7, np.int16)).max() == 0.0
+
+
+@pytest.mark.parametrize("window", ["nan,400", "40,nan", "40,inf", "inf,400", "40,0", "40,-5", "1e308,400", "40,1e7"])
+def test_a_window_outside_its_bounds_is_refused(window):
+    from lepton.data.base import resolve_window
+
+    with pytest.raises(DataError, match="CENTER must be a finite number"):
+        resolve_window(window)
+    assert resolve_window("-600,1500") == (-600.0, 1500.0)

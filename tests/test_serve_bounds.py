@@ -122,6 +122,13 @@ def test_an_output_asking_for_binary_data_with_a_non_boolean_is_400(live, served
     assert r.status_code == 400 and "binary_data must be true or false" in r.json()["error"], r.text
 
 
+@pytest.mark.parametrize("window", ["nan,400", "40,inf", "1e308,400"])
+def test_a_view_window_out_of_bounds_is_422(live, served, window):
+    r = httpx.post(f"{live}/v1/view", params={"window": window}, content=png_bytes(), timeout=60,
+                   headers=auth(served["keys"]["clinic"]))
+    assert r.status_code == 422 and "CENTER must be a finite number" in r.json()["error"]["message"], r.text
+
+
 def test_structure_is_checked_before_limits(live, served):
     """A later tensor's negative dimension is the 400, even when an earlier one is over the size limit."""
     body = {"inputs": [{"name": "a", "datatype": "FP32", "shape": [10**9, 10**9], "data": []},

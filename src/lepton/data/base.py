@@ -67,6 +67,11 @@ def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.clip((values.astype(np.float32) - low) / width, 0.0, 1.0)
 
 
+#: The largest window centre (in magnitude) and width a ``CENTER,WIDTH`` window takes, in HU (CT spans ~-1024 to
+#: ~3071; other modalities' values stay far below this).
+MAX_WINDOW = 1e6
+
+
 def resolve_window(window: str | None) -> tuple[float, float] | None:
     """Turn a preset name or ``"center,width"`` into numbers; None keeps the header's window."""
     if window is None or window == "header":
@@ -80,4 +85,7 @@ def resolve_window(window: str | None) -> tuple[float, float] | None:
             f"unknown window {window!r}: use one of {', '.join(WINDOW_PRESETS)}, 'header', "
             "or 'CENTER,WIDTH' in HU"
         ) from None
+    if not (abs(center) <= MAX_WINDOW and 0 < width <= MAX_WINDOW):  # NaN fails both
+        raise DataError(f"window {window!r}: CENTER must be a finite number within ±{MAX_WINDOW:g} and WIDTH one above "
+                        f"0 and at most {MAX_WINDOW:g} (HU)")
     return center, width

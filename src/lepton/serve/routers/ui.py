@@ -104,6 +104,7 @@ async def whoami(request: Request, key: KeyInfo | None = Depends(api_key)):
                       "description": "The file's name (helps recognise NIfTI and zipped series)."}]})
 async def view(request: Request, key: KeyInfo | None = Depends(api_key)):
     """An uploaded image's slices as PNGs under a window, for the console's viewer (no model involved)."""
+    from lepton.data.base import resolve_window
     from lepton.data.io import read_image_bytes
     from lepton.errors import DataError
     from lepton.serve.inputs import read_body
@@ -112,6 +113,7 @@ async def view(request: Request, key: KeyInfo | None = Depends(api_key)):
     name = Path(request.query_params.get("filename") or "upload").name[:200] or "upload"
     body = await read_body(request, request.app.state.server.config.max_upload_bytes)
     try:
+        resolve_window(window)  # checked whatever the upload (a PNG has no window to apply)
         frames = await asyncio.to_thread(read_image_bytes, body, name, window=window, slices="all")
     except DataError as exc:
         raise ApiError(422, "unreadable_image", str(exc)) from None
