@@ -193,3 +193,33 @@ def test_the_shared_hippocampus_folder_is_segmentation_data():
 def test_the_shared_bccd_folder_is_box_data():
     with pytest.raises(ConfigError, match="detection"):
         choose_task(SHARED / "bccd")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["paired", "csv"])
+def test_train_without_task_on_paired_folders_and_mask_csvs(paired, tmp_path, kind):
+    source = paired
+    if kind == "csv":
+        rows = "".join(f"images/case{i:03d}.png,masks/case{i:03d}.png\n" for i in range(6))
+        (paired / "seg.csv").write_text("path,mask\n" + rows)
+        source = paired / "seg.csv"
+    out = run_cli("data", "inspect", str(source))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "task: segmentation" in out.stdout and "opacity" in out.stdout
+    out = run_cli("train", str(source), "--epochs", "1", "--time-budget", "0", "--batch-size", "2",
+                  "--output-dir", str(tmp_path), "--name", kind, "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["task"] == "segmentation" and "task: segmentation" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "hippocampus" / "dataset.json").is_file(), reason="shared hippocampus not here")
+def test_train_on_the_shared_hippocampus_folder_without_options_is_segmentation(tmp_path):
+    out = run_cli("train", str(SHARED / "hippocampus"), "--epochs", "1", "--time-budget", "0",
+                  "--output-dir", str(tmp_path), "--name", "hippo", "--quiet", timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert "task: segmentation — Decathlon layout (dataset.json)" in out.stderr
+    config = (tmp_path / "hippo" / "config.yaml").read_text()
+    assert "task: segmentation" in config and "preset: segmentation" in config
+    run = json.loads((tmp_path / "hippo" / "run.json").read_text())
+    assert run["task"] == "segmentation" and {"val_dice_1", "val_dice_2"} <= set(run)
