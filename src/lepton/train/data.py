@@ -78,7 +78,8 @@ def choose_engine(config: TrainConfig, task: Task, quiet: bool = False):
                               "that read through the case cache (segmentation)")
         data = task.load(config.data, window=config.window, slices=config.slices, steps=steps,
                          skip_bad=config.skip_bad)
-        return data, "memory", f"the {task.name} task reads its data into memory"
+        return data, "memory", ("data_engine=memory" if config.data_engine == "memory"
+                                else f"the {task.name} task reads its data into memory")
     largest = np.max([s for s in store.shapes], axis=0)
     padded = [-(-int(n) // 16) * 16 for n in largest[1:]]
     need = len(store) * int(largest[0]) * int(np.prod(padded)) * IN_MEMORY_BYTES_PER_VOXEL / 2 ** 30
