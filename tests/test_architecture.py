@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: Layers from the ground up (docs/ARCHITECTURE.md): a module may import its own layer or any below it.
 LAYERS: list[tuple[str, ...]] = [
     ("lepton", "lepton.errors", "lepton.utils", "lepton.plots"),
-    ("lepton.config",),
+    ("lepton.config", "lepton.tracking"),
     ("lepton.data",),
     ("lepton.models",),
     ("lepton.tasks",),

@@ -305,6 +305,22 @@ RegistryOpt = Annotated[str | None, typer.Option("--registry", help="Registry fo
                                                  "(default: $LEPTON_DB_URL, else $LEPTON_HOME or ~/.lepton).")]
 
 
+TrackOpt = Annotated[list[str] | None, typer.Option(
+    "--track", help="Log to a tracker (repeatable): tensorboard (event files in the run directory: tensorboard "
+                    "--logdir runs/), mlflow (the tracking URI in $MLFLOW_TRACKING_URI, else a local store beside the "
+                    "runs; experiment $MLFLOW_EXPERIMENT_NAME, else lepton) or mlflow=URI; none for none. Needs "
+                    "pip install 'lepton-imaging[tracking]'.")]
+
+
+def _track(values: list[str] | None) -> list[str] | None:
+    """``--track`` checked before anything runs (a typo fails at once, not after an epoch)."""
+    if values:
+        from lepton.tracking.base import parse_track
+
+        parse_track(values)
+    return values
+
+
 def _registry(location: str | None):
     from lepton.registry import Registry
 
@@ -317,7 +333,9 @@ def _print_version(v, card: bool = False) -> None:
 
 @models_app.command("register")
 def models_register(
-    run: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    run: Annotated[str, typer.Argument(help="A finished run directory, or the MLflow run it was tracked to: "
+                                            "runs:/RUN_ID "
+                                            "(tracking URI from $MLFLOW_TRACKING_URI).")],
     name: Annotated[str, typer.Option("--name", help="Model name.")],
     description: Annotated[str, typer.Option(help="Model description.")] = "",
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys may see and call the model.")] = None,
@@ -327,9 +345,19 @@ def models_register(
         help="Check a serving precision (bf16, int8) on the run's val set and record it (repeatable).")] = None,
     registry: RegistryOpt = None,
 ) -> None:
-    """Register a run as the next version of NAME (weights, spec, labels, metrics, card)."""
+    """Register a run as the next version of NAME (weights, spec, labels, metrics, card); a run tracked to MLflow is
+    linked both ways (the version records its MLflow run; the MLflow run gets the card and the version's tag)."""
     reg = _registry(registry)
-    v = reg.register_run(run, name, description=description, onnx=onnx)
+    if run.startswith("runs:/"):
+        import tempfile
+
+        from lepton.tracking.mlflow_tracker import download_run
+
+        with tempfile.TemporaryDirectory() as tmp:
+            v = reg.register_run(download_run(run, Path(tmp)), name, description=description, onnx=onnx,
+                                 source=run)
+    else:
+        v = reg.register_run(Path(run), name, description=description, onnx=onnx)
     if tenant is not None:
         reg.set_tenant(name, tenant)
     console.print(f"registered [bold]{v.ref}[/] ({v.format}); card: lepton models card {v.ref}")
@@ -732,6 +760,7 @@ def train(
     max_restarts: Annotated[int, typer.Option(
         help="With --nproc: torchrun restarts a failed job up to N times; it resumes from last.pt.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    track: TrackOpt = None,
 ) -> None:
     """Train a model for the task the data's layout picks (classification or segmentation; --task to say it);
     writes a run directory with checkpoints, history and curves."""
@@ -742,12 +771,13 @@ def train(
     from lepton.train import train as train_fn
 
     launching = nproc != 1 and "LOCAL_RANK" not in os.environ
+    _track(track)
     if not launching and max_restarts:
         raise typer.BadParameter("--max-restarts needs --nproc N (or torchrun's own --max-restarts)")
     if resume is not None:
         if launching:
             raise typer.Exit(_launch(nproc, max_restarts, None))
-        run = train_fn(resume=resume, quiet=quiet)
+        run = train_fn(resume=resume, quiet=quiet, track=_track(track))
     else:
         overrides = dict(
             name=name, output_dir=output_dir, task=task, model=model, pretrained=pretrained,
@@ -781,7 +811,7 @@ def train(
             cfg = make_config(preset, data=data, **overrides)
         if launching:  # every worker and every restart must agree on the run directory: name it now
             raise typer.Exit(_launch(nproc, max_restarts, None if name else run_name(cfg)))
-        run = train_fn(config=cfg, quiet=quiet)
+        run = train_fn(config=cfg, quiet=quiet, track=track)
     if os.environ.get("RANK", "0") == "0":
         console.print_json(json.dumps(summary(run)))
 
@@ -811,11 +841,14 @@ def evaluate(
         help="Bootstrap resamples for the CIs (0 = none).", min=0, max=100_000)] = 1000,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable files.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+    track: TrackOpt = None,
 ) -> None:
-    """Metrics with 95 % CIs, calibration and plots; writes report.json and report.md."""
+    """Metrics with 95 % CIs, calibration and plots; writes report.json and report.md (and logs them to the run's
+    trackers, or to --track)."""
     from lepton.evaluate import evaluate as evaluate_fn
 
-    report = evaluate_fn(run, data, split=split, output=output, n_bootstrap=bootstrap, skip_bad=skip_bad)
+    report = evaluate_fn(run, data, split=split, output=output, n_bootstrap=bootstrap, skip_bad=skip_bad,
+                         track=_track(track))
     if as_json:
         console.print_json(json.dumps(report))
         return
@@ -914,13 +947,15 @@ def robustness(
     attack: Annotated[list[str] | None, typer.Option(help="fgsm and/or pgd (repeatable).")] = None,
     max_images: Annotated[int | None, typer.Option(help="Score a random subset of this size.", min=1)] = None,
     output: Annotated[Path | None, typer.Option(help="Report folder (default RUN/robustness/SPLIT).")] = None,
+    track: TrackOpt = None,
 ) -> None:
     """ACC/AUC under 9 corruptions x 5 severities and FGSM/PGD at several epsilons; table, JSON, plot."""
     from lepton.robustness import render_markdown
     from lepton.robustness import robustness as robustness_fn
 
     report = robustness_fn(run, data, split=split, corruptions=tuple(corruption) if corruption else None,
-                           attacks=tuple(attack or ("fgsm", "pgd")), max_images=max_images, output=output)
+                           attacks=tuple(attack or ("fgsm", "pgd")), max_images=max_images, output=output,
+                           track=_track(track))
     print(render_markdown(report))
     console.print(f"report: {report['output']}/robustness.md")
 
@@ -935,12 +970,13 @@ def export_cmd(
         click_type=click.FloatRange(0, 1, min_open=True, max_open=True))] = None,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tune epochs after pruning.", min=0, max=10_000)] = 0,
     output: Annotated[Path | None, typer.Option(help="Output folder (default RUN/export).")] = None,
+    track: TrackOpt = None,
 ) -> None:
     """Export to ONNX/TorchScript, optionally int8-quantize and prune; print the comparison table."""
     from lepton.export import export_run, format_table
 
     report = export_run(run, formats=tuple(fmt or ["onnx"]), quantize=quantize, prune=prune,
-                        finetune_epochs=finetune_epochs, output=output)
+                        finetune_epochs=finetune_epochs, output=output, track=_track(track))
     console.print(format_table(report), highlight=False)
     console.print(f"report: {(output or run / 'export') / 'export_report.json'}")
 
@@ -1018,6 +1054,7 @@ def federate_simulate(
     name: Annotated[str, typer.Option(help="Run name; the site manifests go to OUTPUT/NAME-sites.")] = "federated",
     secagg: Annotated[bool, typer.Option("--secagg", help="Secure aggregation (Flower's SecAgg+), 3 sites or "
                                                           "more.")] = False,
+    track: TrackOpt = None,
 ) -> None:
     """Simulate a federation on this machine with Flower's simulation engine (Ray): SOURCE shared between
     virtual sites, each a ClientApp; the same run directory as `lepton federate run`."""
@@ -1030,7 +1067,8 @@ def federate_simulate(
         "strategy": strategy, "rounds": rounds, "local-epochs": local_epochs, "fraction": fraction,
         "min-sites": max(1, int(sites * fraction)), "model": model, "lr": lr, "batch-size": batch_size,
         "proximal-mu": proximal_mu if strategy == "fedprox" else 0.0, "seed": seed, "output-dir": output_dir,
-        "name": name, "secagg": secagg}, scheme=scheme, alpha=alpha, seed=seed)
+        "name": name, "secagg": secagg, "track": " ".join(_track(track) or [])}, scheme=scheme, alpha=alpha,
+        seed=seed)
     console.print(f"run directory: {run_dir}")
 
 
@@ -1075,8 +1113,10 @@ def federate_run(
     name: Annotated[str, typer.Option(help="Run name (default: federated-STRATEGY-time).")] = "",
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (loopback or a trusted network only).")] = False,
     root_certificates: Annotated[Path | None, typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
+    track: TrackOpt = None,
 ) -> None:
-    """Run a federation: Lepton's Flower app submitted to a SuperLink; the global model becomes a run directory."""
+    """Run a federation: Lepton's Flower app submitted to a SuperLink; the global model becomes a run directory.
+    With --track the server logs every round, pooled and per site."""
     from lepton.federated.apps import STRATEGIES
     from lepton.federated.deploy import run
 
@@ -1092,7 +1132,7 @@ def federate_run(
                 "proximal-mu": proximal_mu if strategy == "fedprox" else 0.0, "image-size": image_size, "seed": seed,
                 "output-dir": output_dir, "name": name, "dp-noise": dp_noise, "dp-clip": dp_clip, "timeout": timeout,
                 "secagg": secagg, "secagg-shares": secagg_shares, "secagg-threshold": secagg_threshold,
-                "secagg-clip": secagg_clip}
+                "secagg-clip": secagg_clip, "track": " ".join(_track(track) or [])}
     if dp_noise < 0 or dp_clip < 0 or (dp_noise > 0 and dp_clip <= 0):
         raise typer.BadParameter("--dp-noise needs --dp-clip > 0 (and neither may be negative)")
     if secagg:
@@ -1202,6 +1242,87 @@ def dicom_deidentify(
     console.print(f"actions (PS3.15 codes): {actions}")
     if report.written == 0:
         raise typer.Exit(1)
+
+
+runs_app = typer.Typer(help="Run directories side by side: list, compare, and tracking sent later.",
+                       no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+def runs_list(
+    root: Annotated[Path, typer.Argument(help="The folder of run directories.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Every run under ROOT, newest first: state, task, network, epochs, best epoch, validation and test figures,
+    where it was tracked."""
+    from rich.table import Table
+
+    from lepton.tracking.compare import list_runs
+
+    rows = list_runs(root)
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table("run", "status", "task", "model", "epochs", "best", "validation", "test", "tracking")
+    for r in rows:
+        test = r["eval"].get("test", {})
+        table.add_row(r["name"], r["status"], r["task"], str(r["model"]), str(r["epochs"]), str(r["best_epoch"] or "-"),
+                      " ".join(f"{k[4:]} {v:.4f}" for k, v in r["val"].items() if k != "val_loss") or "-",
+                      " ".join(f"{k} {v:.4f}" for k, v in test.items() if "." not in k) or "-",
+                      ", ".join(r["tracking"]) or "-")
+    console.print(table)
+
+
+@runs_app.command("compare")
+def runs_compare(
+    runs: Annotated[list[Path], typer.Argument(help="Two run directories or more.")],
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write the runs' curves overlaid to this PNG (and the "
+                                                             "plotted values beside it as JSON).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (histories included).")] = False,
+) -> None:
+    """Runs side by side: the configuration that differs, every figure (test figures with their 95 % CIs from
+    `lepton evaluate`), and with --plot the curves overlaid, one line per run."""
+    from rich.table import Table
+
+    from lepton.tracking.compare import compare_runs, plot_compare
+
+    compared = compare_runs(runs)
+    drawn = plot_compare(compared, plot) if plot is not None else None
+    if as_json:
+        console.print_json(json.dumps({**compared, "plot": drawn}))
+        return
+    table = Table("setting", *compared["runs"], title="configuration (differences)")
+    for key, values in compared["config"].items():
+        table.add_row(key, *(str(v) if v is not None else "-" for v in values))
+    console.print(table if compared["config"] else "configuration: the same")
+
+    def cell(f) -> str:
+        if f is None:
+            return "-"
+        ci = f" [{f['ci95'][0]:.4f}, {f['ci95'][1]:.4f}]" if f["ci95"] else ""
+        return f"{f['value']:.4g}{ci}"
+
+    figures = Table("figure", *compared["runs"], title="figures (95 % CI)")
+    for key, values in compared["metrics"].items():
+        figures.add_row(key, *map(cell, values))
+    console.print(figures)
+    if drawn:
+        console.print(f"curves: {plot}")
+
+
+@runs_app.command("sync")
+def runs_sync(
+    run: Annotated[Path, typer.Argument(help="A run whose MLflow server was away (RUN/tracking/"
+                                             "mlflow-offline.jsonl).")],
+    uri: Annotated[str | None, typer.Option("--uri", help="Send to this tracking URI instead of the run's.")] = None,
+) -> None:
+    """Send what a run wrote down while its MLflow tracking server was away; the file is removed once it is there."""
+    from lepton.tracking.mlflow_tracker import sync_offline
+
+    done = sync_offline(run, uri)
+    console.print(f"{done['figures']} figures sent to MLflow run {done['run_id']} at {done['tracking_uri']}",
+                  highlight=False)
 
 
 def main() -> None:

@@ -27,13 +27,15 @@ def evaluate(
     n_bootstrap: int = 1000,
     skip_bad: bool = False,
     plots: bool = True,
+    track: str | list[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run (a ``Run`` or its directory) on a split and write a report.
 
     Without ``data`` the run's own source is re-split exactly as in training. A different source
     is evaluated on its ``split`` if it defines splits, else on all of its images. Writes
     ``report.json``, ``report.md`` and ROC, confusion-matrix and reliability PNGs to ``output``
-    (default ``RUN/eval/<split>``) and returns the report.
+    (default ``RUN/eval/<split>``) and returns the report. The figures, with their CIs, and the files go to the
+    trackers ``track`` names (``lepton.tracking``), by default to those the run was trained with.
     """
     from lepton.runs import Run, load_run
     from lepton.utils import atomic_write_json, atomic_write_text
@@ -66,6 +68,13 @@ def evaluate(
                 f"- Data: `{source}`, split **{used}**, {len(y)} images", *lines]
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", "\n".join(markdown) + "\n")
+    from lepton.tracking.base import with_cis
+    from lepton.tracking.compare import report_figures
+    from lepton.tracking.factory import log_report
+
+    log_report(run.path, track, kind="evaluate", folder=f"eval/{out.name}", text="\n".join(markdown),
+               metrics={"images": len(y), **with_cis(report_figures(report))},
+               files=[out / "report.json", out / "report.md", *map(Path, report.get("plots", []))])
     return report
 
 

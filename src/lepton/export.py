@@ -190,12 +190,14 @@ def export_run(
     finetune_epochs: int = 0,
     output: str | Path | None = None,
     repeats: int = 20,
+    track: str | list[str] | None = None,
 ) -> dict[str, Any]:
     """Export a run and compare every variant with the fp32 PyTorch model on the run's val split.
 
     Writes the models and ``export_report.json`` to ``output`` (default ``RUN/export``) and returns the
     report: per variant the file size, CPU latency at batch 1 and 32, throughput, val ACC/AUC and their
-    delta against fp32 PyTorch, and the maximum probability difference from PyTorch.
+    delta against fp32 PyTorch, and the maximum probability difference from PyTorch. Each variant's figures and
+    the report go to the trackers ``track`` names, by default to the run's own.
     """
     import copy
     import dataclasses
@@ -273,6 +275,12 @@ def export_run(
     report = {"run": str(run.path), "model": run.config.model, "val_images": len(y_val),
               "threads": torch.get_num_threads(), "parity_atol": PARITY_ATOL, "files": files, "variants": rows}
     atomic_write_json(out / "export_report.json", report)
+    from lepton.tracking.factory import log_report
+
+    log_report(run.path, track, kind="export", folder="export", files=[out / "export_report.json"],
+               metrics={f"{r['variant']}/{k}": v for r in rows for k, v in r.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)},
+               text=f"```\n{format_table(report)}\n```")
     return report
 
 

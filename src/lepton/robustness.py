@@ -32,8 +32,10 @@ def robustness(
     pgd_steps: int = 10,
     max_images: int | None = None,
     output: str | Path | None = None,
+    track: str | list[str] | None = None,
 ) -> dict[str, Any]:
-    """Measure a run under corruptions and attacks; write ``robustness.json``, ``.md`` and ``.png``."""
+    """Measure a run under corruptions and attacks; write ``robustness.json``, ``.md`` and ``.png``. The figures
+    (along severity and ε) and the files go to the trackers ``track`` names, by default to the run's own."""
     from lepton.evaluate import select_split
     from lepton.runs import Run, load_run, predict_outputs
     from lepton.utils import atomic_write_json, atomic_write_text
@@ -74,6 +76,15 @@ def robustness(
     atomic_write_json(out / "robustness.json", report)
     atomic_write_text(out / "robustness.md", render_markdown(report))
     report["output"] = str(out)
+    from lepton.tracking.factory import log_report
+
+    series = {f"{name}/{k}": [(r["severity"], r[k]) for r in rows] for name, rows in
+              [*report["corruptions"].items(), ("mean_corruption", report["mean_corruption"])] for k in keys}
+    series.update({f"{method}/{k}": [(round(r["epsilon_255"]), r[k]) for r in rows]
+                   for method, rows in report["adversarial"].items() for k in keys})
+    log_report(run.path, track, kind="robustness", folder=f"robustness/{out.name}", series=series,
+               metrics={f"clean/{k}": v for k, v in report["clean"].items()}, text=render_markdown(report),
+               files=[out / "robustness.json", out / "robustness.md", out / "robustness.png"])
     return report
 
 

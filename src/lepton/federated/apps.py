@@ -174,16 +174,17 @@ def federate(grid: Grid, run_config: dict[str, Any], context: Context | None = N
                                secagg.record(max_weight) if secagg else None)
     config = ConfigRecord({**dict(base), "spec": json.dumps(agreed["spec"])})
     t0 = time.perf_counter()
-    if secagg:
-        result = secure.run(grid, context, strategy=strategy_name, rounds=rounds, fraction=fraction,
-                            min_sites=min_sites, timeout=timeout, proximal_mu=settings.proximal_mu, model=model,
-                            config=dict(config), recorder=recorder, secagg=secagg, max_weight=max_weight, dp=dp)
-    else:
-        strategy = make_strategy(strategy_name, fraction, min_sites, settings.proximal_mu, recorder, dp)
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
-                                timeout=timeout, train_config=config, evaluate_config=config,
-                                evaluate_fn=recorder.keep_weights)
-    return recorder.write(result, time.perf_counter() - t0)
+    with recorder.track(str(run_config.get("track", "")).split()):  # per round, pooled and per site
+        if secagg:
+            result = secure.run(grid, context, strategy=strategy_name, rounds=rounds, fraction=fraction,
+                                min_sites=min_sites, timeout=timeout, proximal_mu=settings.proximal_mu, model=model,
+                                config=dict(config), recorder=recorder, secagg=secagg, max_weight=max_weight, dp=dp)
+        else:
+            strategy = make_strategy(strategy_name, fraction, min_sites, settings.proximal_mu, recorder, dp)
+            result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
+                                    timeout=timeout, train_config=config, evaluate_config=config,
+                                    evaluate_fn=recorder.keep_weights)
+        return recorder.write(result, time.perf_counter() - t0)
 
 
 def _wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:

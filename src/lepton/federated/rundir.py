@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lepton.federated.site import SiteSettings
+from lepton.tracking.base import Tracker, code_version, flat_params
 from lepton.utils import atomic_torch_save, atomic_write_json, atomic_write_text
 
 #: Metric names a site reports that identify it rather than measure anything (left out of the pooled figures).
@@ -34,6 +35,23 @@ class Recorder:
         self.site_rows: list[dict[str, Any]] = []
         self._round = {"train": 0, "evaluate": 0}
         self.bytes_per_round: list[int] = []
+        self.name = str(run_config.get("name") or f"federated-{strategy}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}")
+        self.run_dir = Path(str(run_config.get("output-dir", "runs"))) / self.name
+        self.tracker = Tracker()
+
+    def track(self, track: list[str]) -> Tracker:
+        """The federation's trackers (``track``: ``--track`` values), started with its settings and tags: each round
+        logs the pooled figures and every site's (``site-ID/…``) at the round as step."""
+        from lepton.tracking.factory import open_tracker
+
+        if track:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.tracker = open_tracker(track, self.run_dir, run_name=self.name)
+            self.tracker.start(flat_params({k: v for k, v in self.run_config.items() if k != "track"}), {
+                "task": "classification", "model": self.settings.model, "federated.strategy": self.strategy,
+                "federated.sites": str(len(self.summaries)), "differential_privacy": str(bool(self.dp)),
+                "secure_aggregation": str(bool(self.secure)), **code_version()})
+        return self.tracker
 
     # -- Flower hooks ---------------------------------------------------------------------------------------
     def pool(self, kind: str, rows: list[dict[str, Any]], weighting: str = "num-examples") -> dict[str, float]:
@@ -50,6 +68,11 @@ class Recorder:
             total = sum(w for _, w in pairs)
             if total > 0:
                 pooled[key] = sum(v * w for v, w in pairs) / total
+        figures = dict(pooled)
+        for row in rows:
+            figures.update({f"site-{row[SITE_KEY]}/{k}": float(v) for k, v in row.items()
+                            if k not in (SITE_KEY, weighting) and isinstance(v, int | float)})
+        self.tracker.log_metrics(figures, self._round[kind])
         return pooled
 
     def _record(self, kind: str, records, weighting: str):
@@ -77,9 +100,7 @@ class Recorder:
         from lepton.plots import plot_curves
         from lepton.train.checkpoint import write_history
 
-        name = str(self.run_config.get("name") or f"federated-{self.strategy}-"
-                   f"{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}")
-        run_dir = Path(str(self.run_config.get("output-dir", "runs"))) / name
+        name, run_dir = self.name, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         history = []
         for r in sorted(result.evaluate_metrics_clientapp):
@@ -125,6 +146,17 @@ class Recorder:
                           "differential_privacy": self.dp, "secure_aggregation": self.secure},
         }
         atomic_write_json(run_dir / "run.json", info)
+        self.tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if math.isfinite(v)}, len(history))
+        self.tracker.log_artifacts([run_dir / f for f in ("config.yaml", "run.json", "best.pt", "labels.json",
+                                                          "preprocessing.json", "data.json", "history.csv",
+                                                          "curves.png", "sites.csv")], "run")
+        self.tracker.log_artifacts([run_dir / "tracking" / "tracking.json"], "run/tracking")
+        if type(self.tracker) is not Tracker:
+            from lepton.models import create_model
+
+            model = create_model(**self.model_spec)
+            model.load_state_dict(self.weights[best["epoch"]])
+            self.tracker.log_model(model)
         return run_dir
 
     def _write_sites(self, run_dir: Path) -> None:

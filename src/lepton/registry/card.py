@@ -14,6 +14,8 @@ def _fmt(x: Any) -> str:
 def render_card(v) -> str:
     """A model card for a registered version: intended use, data, metrics with CIs, calibration, limits."""
     cfg, fp, m = v.config, v.data_fingerprint, v.metrics
+    link = m.get("mlflow_run")
+    m = {k: val for k, val in m.items() if k != "mlflow_run"}
     text = get_task(cfg.get("task")).card_text(v.labels, v.preprocessing.get("channels", 1), v.threshold, m)
     lines = [f"# Model card: {v.name} v{v.version}", "", "## Intended use", *text["use"], "",
              "## Model",
@@ -21,7 +23,9 @@ def render_card(v) -> str:
              f"- Input: {v.preprocessing.get('size')} px, {v.preprocessing.get('channels')} channel(s), "
              f"normalised with mean {v.preprocessing.get('mean')} and std {v.preprocessing.get('std')}",
              *text["decision"],
-             f"- Source: {v.source_run}; parent version: {_fmt(v.parent_version)}", ""]
+             f"- Source: {v.source_run}; parent version: {_fmt(v.parent_version)}",
+             *([f"- MLflow run: `{link['model_uri'].rsplit('/', 1)[0]}` at {link['tracking_uri']} (experiment "
+                f"{link.get('experiment')}); model `{link['model_uri']}`"] if link else []), ""]
     lines += ["## Training data"]
     if fp:
         lines.append(f"- Source `{fp.get('source')}`, {fp.get('images')} images; fingerprint "

@@ -163,10 +163,12 @@ class Registry(AccessMixin, JobsMixin):
         return self._retrying(write)
 
     def register_run(self, run_dir: str | Path, name: str, *, description: str = "",
-                     onnx: bool = False) -> ModelVersion:
+                     onnx: bool = False, source: str | None = None) -> ModelVersion:
         """Register a finished run directory as the next version of ``name``, with a model card.
 
-        ``onnx=True`` also stores an ONNX export, so the server can run it with ONNX Runtime.
+        ``onnx=True`` also stores an ONNX export, so the server can run it with ONNX Runtime. ``source`` names where
+        the run came from when not from its folder (an MLflow ``runs:/ID``). A run tracked to MLflow is linked both
+        ways: the version's ``mlflow_run`` (in its metrics record), and the card and a tag on the MLflow run.
         """
         run_dir = Path(run_dir)
         missing = [f for f in _RUN_ARTIFACTS.values() if not (run_dir / f).is_file()]
@@ -196,14 +198,22 @@ class Registry(AccessMixin, JobsMixin):
         info = json.loads((run_dir / "run.json").read_text())
         reports = {r.parent.name: json.loads(r.read_text()) for r in sorted(run_dir.glob("eval/*/report.json"))}
         metrics = task.card_metrics(info, reports)
+        from lepton.tracking.mlflow_tracker import mlflow_link, note_registration
+
+        link = mlflow_link(run_dir)
+        if link:
+            metrics["mlflow_run"] = link
         fields = dict(
-            format="pytorch", source_run=str(run_dir.resolve()), artifacts=artifacts,
+            format="pytorch", source_run=source or str(run_dir.resolve()), artifacts=artifacts,
             labels=json.loads((run_dir / "labels.json").read_text()),
             preprocessing=json.loads((run_dir / "preprocessing.json").read_text()),
             config=yaml.safe_load((run_dir / "config.yaml").read_text()), metrics=metrics,
             data_fingerprint=json.loads((run_dir / "data.json").read_text()), threshold=info.get("threshold"),
         )
-        return self.add_version(name, fields, description)
+        version = self.add_version(name, fields, description)
+        if link:
+            note_registration(run_dir, version.ref, self.card(version.ref))
+        return version
 
     def register_onnx(
         self, path: str | Path, name: str, *, labels: list[str], image_size: int, channels: int = 1,

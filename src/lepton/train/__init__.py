@@ -8,9 +8,11 @@ validation, state), ``optim`` (optimiser, schedule, EMA), ``checkpoint`` (best/l
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from lepton.models.layout import model_layout
 from lepton.models.precision import cpu_model, matrix_flags
 from lepton.runs import Run, load_run
 from lepton.tasks import Task, choose_task, get_task
+from lepton.tracking.base import Tracker, code_version, flat_params, image_grid
+from lepton.tracking.factory import open_tracker
 from lepton.train import distributed
 from lepton.train.budget import PLAN_AFTER_EPOCH, TimeBudget, fit_to_budget
 from lepton.train.checkpoint import VAL_SET_FILE, load_last, save_best, save_last, save_val_set, write_history
@@ -46,6 +50,10 @@ __all__ = ["Prepared", "Trainer", "data_fingerprint", "intensity_stats", "prepar
            "run_name", "summary", "train"]
 
 log = logging.getLogger("lepton.train")
+#: The run directory's files a tracked run stores with it (MLflow: under ``run/``, what ``lepton models register
+#: runs:/ID`` registers).
+TRACKED_FILES = ("config.yaml", "run.json", "best.pt", "labels.json", "preprocessing.json", "data.json",
+                 "history.csv", "curves.png", VAL_SET_FILE)
 
 
 def resolve_device(device: str) -> str:
@@ -79,6 +87,7 @@ def train(
     resume: str | Path | None = None,
     preset: str = "auto",
     quiet: bool = False,
+    track: str | list[str] | None = None,
     **overrides: Any,
 ) -> Run:
     """Train a model for the config's task (classification by default) and return the loaded run.
@@ -91,6 +100,9 @@ def train(
 
     Started by torchrun (``WORLD_SIZE`` > 1), every process calls this; they train one model data-parallel and
     rank 0 alone writes the run directory. After an elastic restart the run resumes from ``last.pt``.
+
+    ``track`` watches the run as it trains (``lepton.tracking``): ``"tensorboard"``, ``"mlflow"`` or
+    ``"mlflow=URI"``, or a list of them; rank 0 alone logs. A resumed run keeps the tracking it started with.
     """
     dist = distributed.from_env()
     if resume is not None:
@@ -108,12 +120,13 @@ def train(
             choose_task(config.data, config.task)
     device = distributed.init(dist, resolve_device(config.device)) if config is not None else "cpu"
     try:
-        return _train(config, resume, dist, device, quiet)
+        return _train(config, resume, dist, device, quiet, track)
     finally:
         distributed.shutdown(dist)
 
 
-def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, device: str, quiet: bool) -> Run:
+def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, device: str, quiet: bool,
+           track: str | list[str] | None = None) -> Run:
     if resume is None:
         config.name = dist.broadcast(config.name or run_name(config))
         run_dir = Path(config.output_dir) / config.name
@@ -150,40 +163,77 @@ def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, de
         atomic_write_json(run_dir / "preprocessing.json", spec.to_dict())
         atomic_write_json(run_dir / "labels.json", prepared.label_names)
         atomic_write_json(run_dir / "data.json", prepared.fingerprint)
-    history: list[dict[str, Any]] = state["history"] if state is not None else []
-    done: list[dict[str, Any]] = state.get("members_done", []) if state is not None else []
-    member = state.get("member", 1) if state is not None else 1
-    budget = TimeBudget(config.time_budget_s)
-    while True:
-        best, finished = _train_member(config, task, prepared, device, run_dir, member, history, budget,
-                                       state if state is not None and state.get("member", 1) == member else None,
-                                       quiet or not dist.main, dist)
-        state = None
-        if finished:
-            done.append({"member": member, **best})
-        if member >= max(1, config.ensemble) or not finished:
-            break
-        if member == 1 and (run_dir / "best.pt").exists() and dist.main:  # the first member's best becomes one
-            (run_dir / "members").mkdir(exist_ok=True)  # of several (a resume after the move finds it there)
-            os.replace(run_dir / "best.pt", run_dir / "members" / "1.pt")
-        member += 1
-    if not history:
-        raise RunError(f"{run_dir}: no epoch was trained")
-    if not dist.main:  # rank 0 chooses members and writes run.json; the others wait for the finished run
+    precision = _precision(config, device, spec.spatial_dims)
+    tracker = open_tracker(track, run_dir, run_name=config.name, resume=state is not None) if dist.main else Tracker()
+    with tracker:  # a failure ends the tracked run as FAILED
+        tracker.start(flat_params(config.to_dict()), _run_tags(config, task, prepared, device, precision, dist))
+        samples = _samples(prepared, task) if state is None else None
+        if samples is not None:
+            tracker.log_images("samples/val", samples)
+        history: list[dict[str, Any]] = state["history"] if state is not None else []
+        done: list[dict[str, Any]] = state.get("members_done", []) if state is not None else []
+        member = state.get("member", 1) if state is not None else 1
+        budget = TimeBudget(config.time_budget_s)
+        while True:
+            best, finished = _train_member(config, task, prepared, device, run_dir, member, history, budget,
+                                           state if state is not None and state.get("member", 1) == member else None,
+                                           quiet or not dist.main, dist, tracker)
+            state = None
+            if finished:
+                done.append({"member": member, **best})
+            if member >= max(1, config.ensemble) or not finished:
+                break
+            if member == 1 and (run_dir / "best.pt").exists() and dist.main:  # the first member's best becomes one
+                (run_dir / "members").mkdir(exist_ok=True)  # of several (a resume after the move finds it there)
+                os.replace(run_dir / "best.pt", run_dir / "members" / "1.pt")
+            member += 1
+        if not history:
+            raise RunError(f"{run_dir}: no epoch was trained")
+        if not dist.main:  # rank 0 chooses members and writes run.json; the others wait for the finished run
+            dist.barrier()
+            return load_run(run_dir, device=device)
+        chosen = _choose_members(run_dir, task, prepared, config, device, done) if len(done) > 1 or (
+            done and (run_dir / "members").is_dir()) else None
+        run = _finish(run_dir, config, task, prepared, history, done[0] if done else _best_of(history, task), chosen,
+                      budget.elapsed(), device, precision, dist, tracker)
         dist.barrier()
-        return load_run(run_dir, device=device)
-    chosen = _choose_members(run_dir, task, prepared, config, device, done) if len(done) > 1 or (
-        done and (run_dir / "members").is_dir()) else None
-    run = _finish(run_dir, config, task, prepared, history, done[0] if done else _best_of(history, task), chosen,
-                  budget.elapsed(), device, _precision(config, device, spec.spatial_dims), dist)
-    dist.barrier()
-    return run
+        return run
 
 
 def _precision(config: TrainConfig, device: str, spatial_dims: int) -> str:
     from lepton.models.precision import resolve_precision
 
     return resolve_precision(config.precision if config.amp else "fp32", device, spatial_dims)
+
+
+def _run_tags(config: TrainConfig, task: Task, prepared: Prepared, device: str, precision: str,
+              dist: Dist) -> dict[str, str]:
+    """What a tracked run is tagged with: the data's fingerprint, the code's version, the CPU and precision."""
+    fp = prepared.fingerprint
+    return {"task": task.name, "model": config.model, "data.source": str(fp.get("source", config.data)),
+            "data.sha256": str(fp.get("sha256")), "data.images": str(fp.get("images")), "device": device,
+            "precision": precision, "cpu.model": cpu_model(), "cpu.flags": ",".join(matrix_flags()) or "none",
+            "torch": torch.__version__, "processes": str(dist.world), **code_version()}
+
+
+def _samples(prepared: Prepared, task: Task) -> np.ndarray | None:
+    """A few val inputs side by side (a dense task's masks over them) for the trackers; None when the val set is
+    read case by case from the cache."""
+    if not isinstance(prepared.x_val, torch.Tensor) or not len(prepared.x_val):
+        return None
+    masks = prepared.y_val[:8].numpy() if task.dense and isinstance(prepared.y_val, torch.Tensor) else None
+    return image_grid(prepared.x_val[:8].float().numpy(), masks)
+
+
+def _on_step(reporter: Reporter, tracker: Tracker, prefix: str, first: int) -> Callable[[float, float], None]:
+    """The per-step callback: the progress bar, and each step's loss and speed to the trackers."""
+    steps = itertools.count(first)
+
+    def on_step(loss: float, images_per_s: float) -> None:
+        reporter.step(loss, images_per_s)
+        tracker.log_step({f"{prefix}step/train_loss": loss, f"{prefix}step/images_per_s": images_per_s}, next(steps))
+
+    return on_step
 
 
 def _best_of(history: list[dict[str, Any]], task: Task) -> dict[str, Any]:
@@ -194,7 +244,7 @@ def _best_of(history: list[dict[str, Any]], task: Task) -> dict[str, Any]:
 
 def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: str, run_dir: Path, member: int,
                   history: list[dict[str, Any]], budget: TimeBudget, state: dict[str, Any] | None,
-                  quiet: bool, dist: Dist) -> tuple[dict[str, Any], bool]:
+                  quiet: bool, dist: Dist, tracker: Tracker | None = None) -> tuple[dict[str, Any], bool]:
     """Train one member (the run itself unless it is an ensemble) from its own seed; its best weights go to
     ``best.pt`` (``members/K.pt`` for later members). Returns its best record and whether its schedule finished."""
     seed = config.seed + member - 1
@@ -215,6 +265,11 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
     tag = {"member": member} if member > 1 or config.ensemble > 1 else {}
     reporter = Reporter(quiet, config.epochs, trainer.steps_per_epoch, task.selection_metric)
     finished = True
+    tracker = tracker or Tracker()
+    prefix = f"member{member}/" if member > 1 else ""  # an ensemble's later members: figures of their own
+    if fresh and member == 1:
+        example = torch.zeros(1, prepared.spec.channels, *prepared.spec.size, device=device)
+        tracker.log_graph(trainer.module, example)
     with reporter:
         for epoch in range(start_epoch, config.epochs + 1):
             if stale and config.early_stopping and stale >= config.early_stopping:
@@ -243,11 +298,13 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
                 return best, False
             t0 = time.perf_counter()
             reporter.start_epoch(epoch)
-            trained = trainer.train_epoch(epoch, on_step=reporter.step)
+            trained = trainer.train_epoch(epoch, on_step=_on_step(reporter, tracker, prefix,
+                                                                  (epoch - 1) * trainer.steps_per_epoch + 1))
             metrics = trainer.validate()
             row = {"epoch": epoch, **tag, "lr": trained["lr"], "train_loss": trained["train_loss"], **metrics,
                    "images_per_s": trained["seen"] / trained["train_seconds"], "seconds": time.perf_counter() - t0}
             history.append(row)
+            tracker.log_metrics({prefix + k: v for k, v in row.items() if k not in ("epoch", "member")}, epoch)
             if _better(task, metrics, best):  # the metrics are the same in every process (gathered predictions)
                 best = {"score": metrics[task.selection_metric], "epoch": epoch, "loss": metrics["val_loss"]}
                 stale = 0
@@ -325,7 +382,7 @@ def _choose_members(run_dir: Path, task: Task, prepared: Prepared, config: Train
 
 
 def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, history, best, chosen, seconds,
-            device, precision: str, dist: Dist = distributed.SINGLE) -> Run:
+            device, precision: str, dist: Dist = distributed.SINGLE, tracker: Tracker | None = None) -> Run:
     """Curves, the task's decision fitted on val with the best weights, and ``run.json``: the run is complete."""
     from lepton.plots import plot_curves
 
@@ -365,6 +422,13 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
             "effective_lr": config.lr * distributed.LR_SCALING[config.lr_scaling](dist.world),
             "restarts": dist.restarts}
     atomic_write_json(run_dir / "run.json", info)
+    if tracker is not None:  # the run's figures, its files and its model, for the trackers
+        final = {f"final/{k}": v for k, v in info.items() if k.startswith(("val_", "threshold"))
+                 and k != "val_images" and isinstance(v, int | float) and not isinstance(v, bool)}
+        tracker.log_metrics(final, len(history))
+        tracker.log_artifacts([run_dir / f for f in TRACKED_FILES], "run")
+        tracker.log_artifacts([run_dir / "tracking" / "tracking.json"], "run/tracking")
+        tracker.log_model(model)
     return load_run(run_dir, device=device)
 
 
