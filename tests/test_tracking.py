@@ -422,3 +422,5 @@ def test_image_grid_lays_masks_over_volumes():
     grid = image_grid(volumes, masks)
     assert grid.shape == (8, 18, 3)
     assert grid[3, 3, 0] > 0.3 and grid[3, 3, 1] < 0.1 and grid[0, 0].sum() == 0
+    # a segmentation task's targets keep their channel axis (N, 1, D, H, W), as training hands them over
+    np.testing.assert_array_equal(image_grid(volumes, masks[:, None]), grid)

@@ -250,10 +250,13 @@ def image_grid(images: np.ndarray, masks: np.ndarray | None = None, limit: int =
     """Up to ``limit`` images (N, C, H, W) or volumes (N, C, D, H, W) in [0, 1] side by side as one (H, W', 3)
     image; volumes show their middle slice; label maps (N, H, W) or (N, D, H, W) are laid over them in colour."""
     images = np.asarray(images[:limit], dtype=np.float32)
+    with_channels = images.ndim
     if images.ndim == 5:
         images = images[:, :, images.shape[2] // 2]
     if masks is not None:
         masks = np.asarray(masks[:limit])
+        if masks.ndim == with_channels:  # a task's targets (N, 1, …): the label map without its channel axis
+            masks = masks[:, 0]
         if masks.ndim == 4:
             masks = masks[:, masks.shape[1] // 2]
     tiles = []
