@@ -151,7 +151,7 @@ class Recorder:
                                                           "preprocessing.json", "data.json", "history.csv",
                                                           "curves.png", "sites.csv")], "run")
         self.tracker.log_artifacts([run_dir / "tracking" / "tracking.json"], "run/tracking")
-        if type(self.tracker) is not Tracker:
+        if self.tracker.backend != "none":
             from lepton.models import create_model
 
             model = create_model(**self.model_spec)

@@ -116,6 +116,8 @@ class Trackers(Tracker):
     """Several backends as one. A backend that raises is warned about once (per backend); the run goes on, and the
     backend still gets the calls after (a model that MLflow cannot save does not leave its run unfinished)."""
 
+    backend = "trackers"
+
     def __init__(self, backends: list[Tracker]):
         self.backends = list(backends)
         self.warned: set[int] = set()

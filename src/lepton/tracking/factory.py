@@ -50,7 +50,7 @@ def log_report(run_dir: Path, track: str | list[str] | None, *, kind: str, folde
     """A report on a trained run (evaluation, robustness, export) to the run's trackers: its figures at step 0 (and
     ``series``: figures along a step such as a severity), its Markdown, and its files under ``folder``."""
     tracker = open_tracker(track, run_dir, run_name=Path(run_dir).name, kind=kind)
-    if type(tracker) is Tracker:
+    if tracker.backend == "none":
         return
     with tracker:
         tracker.log_metrics({f"{folder}/{k}": v for k, v in metrics.items()}, 0)

@@ -152,9 +152,15 @@ class MlflowTracker(Tracker):
         # a network torch.export can trace.
         pickled = ({"serialization_format": "pickle"} if "serialization_format" in
                    inspect.signature(mlflow.pytorch.save_model).parameters else {})
-        mlflow.pytorch.save_model(copy.deepcopy(model).float().cpu().eval(), str(path),
-                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                    f"lepton-imaging=={__version__}"], **pickled)
+        quiet = logging.getLogger("mlflow.pytorch")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # its warning about pickles: the choice is made above, for the reason given
+        try:
+            mlflow.pytorch.save_model(copy.deepcopy(model).float().cpu().eval(), str(path),
+                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                        f"lepton-imaging=={__version__}"], **pickled)
+        finally:
+            quiet.setLevel(level)
         self._queue.put({"op": "model", "path": str(path), "folder": "model"})
 
     def finish(self, status: str = "FINISHED") -> None:

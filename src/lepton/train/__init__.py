@@ -166,10 +166,11 @@ def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, de
     precision = _precision(config, device, spec.spatial_dims)
     tracker = open_tracker(track, run_dir, run_name=config.name, resume=state is not None) if dist.main else Tracker()
     with tracker:  # a failure ends the tracked run as FAILED
-        tracker.start(flat_params(config.to_dict()), _run_tags(config, task, prepared, device, precision, dist))
-        samples = _samples(prepared, task) if state is None else None
-        if samples is not None:
-            tracker.log_images("samples/val", samples)
+        if tracker.backend != "none":  # (tags read git and /proc: only for a tracked run)
+            tracker.start(flat_params(config.to_dict()), _run_tags(config, task, prepared, device, precision, dist))
+            samples = _samples(prepared, task) if state is None else None
+            if samples is not None:
+                tracker.log_images("samples/val", samples)
         history: list[dict[str, Any]] = state["history"] if state is not None else []
         done: list[dict[str, Any]] = state.get("members_done", []) if state is not None else []
         member = state.get("member", 1) if state is not None else 1
@@ -267,7 +268,7 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
     finished = True
     tracker = tracker or Tracker()
     prefix = f"member{member}/" if member > 1 else ""  # an ensemble's later members: figures of their own
-    if fresh and member == 1:
+    if fresh and member == 1 and tracker.backend != "none":
         example = torch.zeros(1, prepared.spec.channels, *prepared.spec.size, device=device)
         tracker.log_graph(trainer.module, example)
     with reporter:
