@@ -18,7 +18,7 @@ from lepton.federated import APP_DIR, check_settings
 #: Run-config keys `lepton federate run` may set (those of the app's [tool.flwr.app.config]).
 RUN_KEYS = ("strategy", "rounds", "local-epochs", "fraction", "min-sites", "model", "lr", "batch-size", "augment",
             "seed", "proximal-mu", "image-size", "timeout", "output-dir", "name", "dp-noise", "dp-clip", "secagg",
-            "secagg-shares", "secagg-threshold", "secagg-clip")
+            "secagg-shares", "secagg-threshold", "secagg-clip", "track")
 
 
 def _toml_value(value: Any) -> str:
