@@ -1195,7 +1195,15 @@ def dicom_node(
         raise typer.Exit(1 if poll.error or poll.failed else 0)
     console.print(f"watching {node.base} every {interval:g} s with {model} (Ctrl-C stops)")
     import contextlib
+    import signal
 
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM (Kubernetes, systemd) stop the node even when it was started with SIGINT ignored (a
+    # background job or a supervisor that ignores it inherits that to its children)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the loop between studies' records
         node.run(interval)
 
