@@ -9,6 +9,7 @@ from memory-mapped cases, and validation reads one case at a time.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -49,8 +50,6 @@ def _build(image: str, mask: str, window: str | None, steps: list[dict] | None, 
         return None, f"unreadable ({exc})", False
     pixels = np.ascontiguousarray(pixels, np.float32)
     labels = np.ascontiguousarray(labels, np.uint8)
-    import hashlib
-
     content = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes() + labels.tobytes()).hexdigest()
     fg = np.argwhere(labels[0] > 0).astype(np.int32)
     if len(fg) > FG_SAMPLE:

@@ -51,11 +51,7 @@ def inspect_source(source: str, *, window: str | None = None, slices: str = "mid
         stats = {"mean": float(flat.mean()), "std": float(flat.std()), "min": float(flat.min()),
                  "max": float(flat.max()), "p1": float(np.percentile(flat, 1)),
                  "p99": float(np.percentile(flat, 99))}
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, h in enumerate(data.content_hashes()):
-        by_hash[h].append(i)
-    dup_groups = [idx for idx in by_hash.values() if len(idx) > 1]
-    cross = [idx for idx in dup_groups if len({splits[i] for i in idx}) > 1]
+    dup_groups, cross = _duplicates(data.content_hashes(), splits)
     if cross:
         problems.append(
             f"{len(cross)} image(s) appear in more than one split (leakage): "
@@ -114,11 +110,7 @@ def inspect_segmentation(source: str, *, window: str | None = None) -> dict[str,
         arr = np.stack(spacings)
         spacing = {"median": np.round(np.median(arr, axis=0), 3).tolist(),
                    "min": np.round(arr.min(axis=0), 3).tolist(), "max": np.round(arr.max(axis=0), 3).tolist()}
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, h in enumerate(data.content_hashes()):
-        by_hash[h].append(i)
-    dup_groups = [idx for idx in by_hash.values() if len(idx) > 1]
-    cross = [idx for idx in dup_groups if len({splits[i] for i in idx}) > 1]
+    dup_groups, cross = _duplicates(data.content_hashes(), splits)
     if cross:
         problems.append(f"{len(cross)} case(s) appear in more than one split (leakage)")
     if data.bad_files:
@@ -139,3 +131,12 @@ def inspect_segmentation(source: str, *, window: str | None = None) -> dict[str,
         "unreadable": [{"path": p, "reason": r} for p, r in data.bad_files],
         "problems": problems,
     }
+
+
+def _duplicates(hashes: list[str], splits: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Groups of items with the same content hash, and those of them that span more than one split (leakage)."""
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, h in enumerate(hashes):
+        by_hash[h].append(i)
+    groups = [idx for idx in by_hash.values() if len(idx) > 1]
+    return groups, [idx for idx in groups if len({splits[i] for i in idx}) > 1]
