@@ -1,0 +1,174 @@
+"""What is done with a trained run: ``evaluate``, ``predict``, ``explain``, ``robustness``, ``export``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from lepton.cli.common import (
+    RegistryOpt,
+    TrackOpt,
+    _registry,
+    _state,
+    _track,
+    app,
+    console,
+    err,
+)
+from lepton.errors import ConfigError, LeptonError
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    data: Annotated[str | None, typer.Option(help="Data source (default: the run's own).")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    output: Annotated[Path | None, typer.Option(help="Report folder (default RUN/eval/SPLIT).")] = None,
+    bootstrap: Annotated[int, typer.Option(
+        help="Bootstrap resamples for the CIs (0 = none).", min=0, max=100_000)] = 1000,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable files.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+    track: TrackOpt = None,
+) -> None:
+    """Metrics with 95 % CIs, calibration and plots; writes report.json and report.md (and logs them to the run's
+    trackers, or to --track)."""
+    from lepton.evaluate import evaluate as evaluate_fn
+
+    report = evaluate_fn(run, data, split=split, output=output, n_bootstrap=bootstrap, skip_bad=skip_bad,
+                         track=_track(track))
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    for line in report["summary"]:
+        console.print(f"{report['split']} ({report['images']} images), {line}", highlight=False)
+    console.print(f"report: {Path(report['output']) / 'report.md'}")
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="A run directory, or a registry reference: NAME, NAME@VERSION or "
+                                              "NAME@STAGE (e.g. pneu@production).")],
+    images: Annotated[list[str], typer.Argument(help="Image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI, NPY), "
+                                                     "folders of them, or DICOMweb sources: "
+                                                     "dicomweb+http://HOST/dicom-web?StudyInstanceUID=… (QIDO "
+                                                     "filters; the series are fetched into a local cache).")],
+    registry: RegistryOpt = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    output: Annotated[Path | None, typer.Option(help="Segmentation: write each label map here (NIfTI for volumes, "
+                                                     "PNG for images).")] = None,
+    dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Segmentation of DICOM series folders: also write a "
+                                                                 "DICOM SEG referencing the series (needs --output).")
+                         ] = False,
+) -> None:
+    """Print one JSON line per image: the model's answer (classifiers: label, probabilities, threshold;
+    segmentation: sizes per class and the lesion list)."""
+    from lepton.runs import load_run
+
+    if dicom_seg and output is None:
+        raise ConfigError("--dicom-seg writes files: give --output DIR")
+    if Path(model).is_dir():  # a run directory wins over a registry name that happens to match
+        loaded = load_run(model, device=device)
+    else:
+        loaded = _registry(registry).load_run(model, device=device)
+    extra = {"output": output, "dicom_seg": dicom_seg} if loaded.task.dense else {}
+    paths: list[Path] = []
+    for item in images:
+        if item.startswith("dicomweb+"):
+            from lepton.data.dicomweb import Source, fetch
+
+            paths.extend(fetch(Source.parse(item)))  # one cached folder per series, named by a pseudonym
+        else:
+            paths.append(Path(item))
+    for image in _expand(paths, series=loaded.preprocessing.spatial_dims == 3):
+        try:  # one file at a time, so a bad file names itself and the rest still run
+            rows = loaded.predict([image], **extra)
+        except LeptonError as exc:
+            err.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
+            _state["failed"] = True
+            continue
+        for row in rows:
+            print(json.dumps(row))
+    if _state.get("failed"):
+        raise typer.Exit(2)
+
+
+def _expand(paths: list[Path], series: bool = False) -> list[Path]:
+    """Files as given, folders as their visible files (recursively, sorted); a missing path stays, to be reported.
+    With ``series`` (a volume model) a folder that directly holds DICOM files is one input: a series."""
+    from lepton.data.io import sniff_format
+
+    out: list[Path] = []
+    for path in paths:
+        if series and path.is_dir() and any(p.is_file() and not p.name.startswith(".") and sniff_format(p) == "dicom"
+                                            for p in path.iterdir()):
+            out.append(path)
+        elif path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file()
+                          and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        else:
+            out.append(path)
+    return out
+
+
+@app.command()
+def explain(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files to explain.")],
+    method: Annotated[str, typer.Option(help="gradcam or gradcam++.")] = "gradcam",
+    target: Annotated[str | None, typer.Option("--class", help="Class to explain (default: predicted).")] = None,
+    output: Annotated[Path, typer.Option(help="Folder for overlays (PNG) and raw maps (NPY).")] = Path("explanations"),
+) -> None:
+    """Grad-CAM heatmaps: an overlay PNG and the raw map (NPY) per image; one JSON line each."""
+    from lepton.explain import explain as explain_fn
+
+    for row in explain_fn(run, images, method=method, output=output, target=target):
+        print(json.dumps(row))
+
+
+@app.command()
+def robustness(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    data: Annotated[str | None, typer.Option(help="Data source (default: the run's own).")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "val",
+    corruption: Annotated[list[str] | None, typer.Option(help="Only these corruptions (repeatable).")] = None,
+    attack: Annotated[list[str] | None, typer.Option(help="fgsm and/or pgd (repeatable).")] = None,
+    max_images: Annotated[int | None, typer.Option(help="Score a random subset of this size.", min=1)] = None,
+    output: Annotated[Path | None, typer.Option(help="Report folder (default RUN/robustness/SPLIT).")] = None,
+    track: TrackOpt = None,
+) -> None:
+    """ACC/AUC under 9 corruptions x 5 severities and FGSM/PGD at several epsilons; table, JSON, plot."""
+    from lepton.robustness import render_markdown
+    from lepton.robustness import robustness as robustness_fn
+
+    report = robustness_fn(run, data, split=split, corruptions=tuple(corruption) if corruption else None,
+                           attacks=tuple(attack or ("fgsm", "pgd")), max_images=max_images, output=output,
+                           track=_track(track))
+    print(render_markdown(report))
+    console.print(f"report: {report['output']}/robustness.md")
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    fmt: Annotated[list[str] | None, typer.Option("--format", help="onnx and/or torchscript (repeatable).")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8: ONNX Runtime static quantization.")] = None,
+    prune: Annotated[float | None, typer.Option(
+        help="Fraction of conv/linear weights to prune (L1).",
+        click_type=click.FloatRange(0, 1, min_open=True, max_open=True))] = None,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tune epochs after pruning.", min=0, max=10_000)] = 0,
+    output: Annotated[Path | None, typer.Option(help="Output folder (default RUN/export).")] = None,
+    track: TrackOpt = None,
+) -> None:
+    """Export to ONNX/TorchScript, optionally int8-quantize and prune; print the comparison table."""
+    from lepton.export import export_run, format_table
+
+    report = export_run(run, formats=tuple(fmt or ["onnx"]), quantize=quantize, prune=prune,
+                        finetune_epochs=finetune_epochs, output=output, track=_track(track))
+    console.print(format_table(report), highlight=False)
+    console.print(f"report: {(output or run / 'export') / 'export_report.json'}")
+
+
