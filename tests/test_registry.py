@@ -77,6 +77,11 @@ def test_register_versions_card_and_lineage(reg, run_copy):
     for heading in ("Intended use", "Training data", "Metrics", "Limitations"):
         assert f"## {heading}" in card
     assert "test split, 36 images" in card and "[" in card  # CIs are in the card
+    # what an answer costs, measured when the run was trained (lepton.cost): one network, no TTA
+    cost = v1.metrics["cost"]
+    assert cost["forward_passes_per_image"] == 1 and cost["precisions"]["fp32"]["ms_per_image_b1"] > 0
+    assert "## Inference cost" in card and "Forward passes per image: 1 (1 member(s) × 1 TTA view(s))" in card
+    assert f"{cost['precisions']['fp32']['ms_per_image_b1']:.3f} ms/image at batch 1" in card
     reg.set_card("pneumonia@1", card + "\nReviewed by the imaging team.\n")
     assert reg.card("pneumonia@1").endswith("Reviewed by the imaging team.\n")
     assert [v.version for v in reg.list("pneumonia")] == [1, 2]

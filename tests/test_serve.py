@@ -33,6 +33,7 @@ def test_health_and_listing(url, served):
     info = httpx.get(f"{url}/v1/models/cxr", headers=auth(served["keys"]["clinic"])).json()
     assert info["version"] == 1 and [v["stage"] for v in info["versions"]] == ["production", "none"]
     assert info["card_summary"].startswith("# Model card") and info["input"]["size"] == [32, 32]
+    assert info["cost"]["forward_passes_per_image"] == 1 and info["cost"]["serving_batch"] == 32  # native metadata
 
 
 def test_predict_every_encoding_matches_the_run(url, served):

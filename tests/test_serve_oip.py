@@ -35,6 +35,9 @@ def test_server_and_model_metadata(client, served):
     meta = client.get_model_metadata("cxr", headers=headers)
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 32, 32]}]
     assert [o["name"] for o in meta["outputs"]] == ["probabilities", "label"]
+    cost = meta["parameters"]["cost"]  # the version's measured cost, and the figures of the precision it runs in
+    assert cost["forward_passes_per_image"] == 1 and cost["served"]["precision"] == "fp32"
+    assert cost["served"]["ms_per_image_b1"] == cost["precisions"]["fp32"]["ms_per_image_b1"] > 0
 
 
 def test_default_call_sends_and_receives_binary_tensors(client, served):

@@ -87,6 +87,23 @@ def test_spare_budget_goes_to_ensemble_members(tmp_path):
         make_config(data="x", ensemble=0)
 
 
+def test_explicit_epochs_train_one_network_under_a_budget_filling_preset(caplog):
+    """`lepton train DATA --epochs 1` on a MedMNIST file once trained the preset's 5 members quietly: explicit epochs
+    are one network's schedule unless --ensemble asks for members too; the log says so, and says it up front."""
+    from lepton.train.budget import announce_members
+
+    preset = make_config("auto", data="x.npz")
+    assert (preset.preset, preset.ensemble, preset.time_budget_s > 0) == ("medmnist", 5, True)
+    with caplog.at_level("WARNING", logger="lepton.config"):
+        one = make_config("auto", data="x.npz", epochs=1)
+    assert (one.epochs, one.ensemble) == (1, 1) and "--ensemble 5" in caplog.text
+    assert make_config("auto", data="x.npz", epochs=1, ensemble=3).ensemble == 3
+    assert announce_members(one) is None
+    text = announce_members(preset)
+    assert "up to 5 ensemble members of 40 epochs" in text and "time budget of 580 s" in text
+    assert "up to 10 forward passes (5 members x 2 TTA view(s))" in text and "--ensemble 1" in text
+
+
 @pytest.mark.slow
 def test_ensemble_members_are_trained_and_chosen_on_val(tmp_path, synthetic_npz):
     """Three members from three seeds: the ensemble is kept exactly when its val AUC is at least the members'
@@ -178,8 +195,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     from lepton.data.synthetic import write_synthetic_npz
 
     data = write_synthetic_npz(tmp_path / "d.npz", n=500, size=40, seed=3)
+    # (the medmnist preset, which fills its budget with members: --epochs alone now means one network)
     args = ["train", str(data), "--epochs", "5", "--batch-size", "32", "--output-dir", str(tmp_path),
-            "--seed", "5", "--quiet", "--augment", "xray", "--ensemble", "1"]
+            "--seed", "5", "--quiet", "--augment", "xray"]
     kill_after_epochs(lepton_cmd(*args, "--name", "killed"), tmp_path / "killed")
     history = tmp_path / "killed" / "history.csv"
     done = len(history.read_text().splitlines()) - 1

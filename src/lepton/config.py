@@ -355,12 +355,24 @@ def make_config(preset: str = "auto", **overrides: Any) -> TrainConfig:
     """Build a validated config from a named preset plus explicit overrides (None = keep preset).
 
     ``auto`` picks ``medmnist3d`` for ``.npz`` files of volumes, ``medmnist`` for other ``.npz``/``medmnist:``
-    sources and ``default`` otherwise.
+    sources and ``default`` otherwise. An explicit ``epochs`` without ``ensemble`` trains one network even under a
+    preset that fills its time budget with ensemble members (logged).
     """
     if preset == "auto":
         preset = auto_preset(overrides.get("data"), overrides.get("task"))
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose auto or one of {', '.join(PRESETS)}")
     values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in given and "ensemble" not in given and values.get("ensemble", 1) > 1:
+        # Explicit epochs are the length of one network's schedule, not of each of several members: one member
+        # unless the ensemble is asked for too (a budget-filling preset would otherwise repeat them quietly).
+        import logging
+
+        logging.getLogger("lepton.config").warning(
+            "epochs=%s given: training one network, not the %s preset's up to %s budget-filling ensemble members "
+            "(pass ensemble=%s, --ensemble %s, to train them)", given["epochs"], preset, values["ensemble"],
+            values["ensemble"], values["ensemble"])
+        values["ensemble"] = 1
+    values.update(given)
     return TrainConfig.from_dict(values).validate()

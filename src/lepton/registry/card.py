@@ -14,8 +14,8 @@ def _fmt(x: Any) -> str:
 def render_card(v) -> str:
     """A model card for a registered version: intended use, data, metrics with CIs, calibration, limits."""
     cfg, fp, m = v.config, v.data_fingerprint, v.metrics
-    link = m.get("mlflow_run")
-    m = {k: val for k, val in m.items() if k != "mlflow_run"}
+    link, cost, teacher = m.get("mlflow_run"), m.get("cost"), m.get("teacher")
+    m = {k: val for k, val in m.items() if k not in ("mlflow_run", "cost", "teacher")}
     text = get_task(cfg.get("task")).card_text(v.labels, v.preprocessing.get("channels", 1), v.threshold, m)
     lines = [f"# Model card: {v.name} v{v.version}", "", "## Intended use", *text["use"], "",
              "## Model",
@@ -24,8 +24,13 @@ def render_card(v) -> str:
              f"normalised with mean {v.preprocessing.get('mean')} and std {v.preprocessing.get('std')}",
              *text["decision"],
              f"- Source: {v.source_run}; parent version: {_fmt(v.parent_version)}",
+             *([_teacher_line(teacher)] if teacher else []),
              *([f"- MLflow run: `{link['model_uri'].rsplit('/', 1)[0]}` at {link['tracking_uri']} (experiment "
                 f"{link.get('experiment')}); model `{link['model_uri']}`"] if link else []), ""]
+    if v.format == "pytorch":
+        from lepton.cost import cost_lines
+
+        lines += ["## Inference cost", *cost_lines(cost), ""]
     lines += ["## Training data"]
     if fp:
         lines.append(f"- Source `{fp.get('source')}`, {fp.get('images')} images; fingerprint "
@@ -43,6 +48,15 @@ def render_card(v) -> str:
               "- Calibration (ECE above) may not transfer to a different disease prevalence; re-check the "
               "threshold on local data before clinical use.", ""]
     return "\n".join(lines)
+
+
+def _teacher_line(teacher: dict[str, Any]) -> str:
+    """A distilled student's teacher: its run (and registered version when known) and what it cost per answer."""
+    ref = f" (registered as {teacher['version']})" if teacher.get("version") else ""
+    return (f"- Distilled from teacher `{teacher.get('run')}`{ref}: `{teacher.get('model')}`, "
+            f"{teacher.get('members')} member(s) × {teacher.get('tta_views')} TTA view(s) = "
+            f"{teacher.get('forward_passes_per_image')} forward passes per image; temperature "
+            f"{teacher.get('temperature')}, soft-target weight {teacher.get('alpha')}")
 
 
 def card_html(markdown: str) -> str:

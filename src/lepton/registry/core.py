@@ -198,6 +198,9 @@ class Registry(AccessMixin, JobsMixin):
         info = json.loads((run_dir / "run.json").read_text())
         reports = {r.parent.name: json.loads(r.read_text()) for r in sorted(run_dir.glob("eval/*/report.json"))}
         metrics = task.card_metrics(info, reports)
+        for key in ("cost", "teacher"):  # what an answer costs (measured at training's end); a student's teacher
+            if info.get(key):
+                metrics[key] = info[key]
         from lepton.tracking.mlflow_tracker import mlflow_link, note_registration
 
         link = mlflow_link(run_dir)

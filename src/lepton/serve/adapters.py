@@ -27,6 +27,8 @@ class ModelAdapter:
     #: The numeric precision this version runs in (``lepton.precision``); its checked record, if any.
     precision = "fp32"
     precision_record: dict[str, Any] | None = None
+    #: The version's measured inference cost (``lepton.cost``), recorded when it was trained.
+    cost: dict[str, Any] | None = None
 
     def __init__(self, name: str, version: int, labels: list[str], preprocessing: Preprocessing,
                  threshold: float | None, task: Task):
@@ -40,6 +42,16 @@ class ModelAdapter:
         if record is not None and record.get("threshold") is not None:
             self.threshold = record["threshold"]
             self.info = {"threshold": self.threshold}
+
+    def cost_info(self) -> dict[str, Any] | None:
+        """The version's cost record with the figures of the precision it is served in (int8: the throughput its
+        precision check measured at batch 64)."""
+        if not self.cost:
+            return None
+        served = dict(self.cost.get("precisions", {}).get(self.precision) or {})
+        if not served and (self.precision_record or {}).get("images_per_s"):
+            served = {"images_per_s_b64": self.precision_record["images_per_s"]}
+        return {**self.cost, "served": {"precision": self.precision, "platform": self.platform, **served}}
 
     @classmethod
     def _fields(cls, v) -> tuple:
@@ -172,6 +184,7 @@ class TorchAdapter(ModelAdapter):
         v = registry.get(ref)
         super().__init__(*self._fields(v))
         self._registry, self._ref, self.run = registry, f"{v.name}@{v.version}", None
+        self.cost = v.metrics.get("cost")
 
     def setup(self) -> None:
         self.run = self._registry.load_run(self._ref)
@@ -213,6 +226,7 @@ class OnnxAdapter(ModelAdapter):
         self._registry, self._sha, self.session = registry, onnx_sha or v.artifacts["onnx"], None
         self._foreign = v.format == "onnx"  # trained elsewhere: its output may be logits or probabilities
         self._tta = bool((v.config or {}).get("tta"))  # dense answers flip as the run did
+        self.cost = v.metrics.get("cost")
 
     def setup(self) -> None:
         import onnxruntime as ort

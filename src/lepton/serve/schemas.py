@@ -55,6 +55,10 @@ class ModelDescription(BaseModel):
     route: dict[str, float] | None = Field(description="Version -> traffic share in percent, when routed.")
     shadow: int | None
     input: ModelInput
+    cost: dict[str, Any] | None = Field(None, description=(
+        "What one answer costs: forward passes per image (ensemble members x TTA views) and ms/image at batch 1 "
+        "and at the serving batch per precision, measured when the version was trained (machine named); `served` "
+        "holds the figures of the precision it runs in. Null for versions trained before it was measured."))
 
 
 class ModelList(BaseModel):

@@ -31,7 +31,7 @@ from lepton.tasks import Task, choose_task, get_task
 from lepton.tracking.base import Tracker, code_version, flat_params, image_grid
 from lepton.tracking.factory import open_tracker
 from lepton.train import distributed
-from lepton.train.budget import PLAN_AFTER_EPOCH, TimeBudget, fit_to_budget
+from lepton.train.budget import PLAN_AFTER_EPOCH, TimeBudget, announce_members, fit_to_budget
 from lepton.train.checkpoint import VAL_SET_FILE, load_last, save_best, save_last, save_val_set, write_history
 from lepton.train.data import (
     Prepared,
@@ -46,8 +46,8 @@ from lepton.train.loop import Trainer, seed_epoch
 from lepton.train.progress import Reporter
 from lepton.utils import atomic_torch_save, atomic_write_json
 
-__all__ = ["Prepared", "Trainer", "data_fingerprint", "intensity_stats", "prepare_data", "resolve_device",
-           "run_name", "summary", "train"]
+__all__ = ["Prepared", "Trainer", "data_fingerprint", "finish_run", "intensity_stats", "prepare_data",
+           "resolve_device", "run_name", "summary", "train"]
 
 log = logging.getLogger("lepton.train")
 #: The run directory's files a tracked run stores with it (MLflow: under ``run/``, what ``lepton models register
@@ -175,6 +175,8 @@ def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, de
         done: list[dict[str, Any]] = state.get("members_done", []) if state is not None else []
         member = state.get("member", 1) if state is not None else 1
         budget = TimeBudget(config.time_budget_s)
+        if state is None and dist.main:
+            announce_members(config)
         while True:
             best, finished = _train_member(config, task, prepared, device, run_dir, member, history, budget,
                                            state if state is not None and state.get("member", 1) == member else None,
@@ -195,8 +197,8 @@ def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, de
             return load_run(run_dir, device=device)
         chosen = _choose_members(run_dir, task, prepared, config, device, done) if len(done) > 1 or (
             done and (run_dir / "members").is_dir()) else None
-        run = _finish(run_dir, config, task, prepared, history, done[0] if done else _best_of(history, task), chosen,
-                      budget.elapsed(), device, precision, dist, tracker)
+        run = finish_run(run_dir, config, task, prepared, history, done[0] if done else _best_of(history, task),
+                         chosen, budget.elapsed(), device, precision, dist, tracker)
         dist.barrier()
         return run
 
@@ -329,8 +331,10 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
 
 
 def _member_epoch_seconds(history: list[dict[str, Any]]) -> float:
-    """A member's epoch time, from the first member's epochs after the planning point."""
-    rows = [h["seconds"] for h in history if h.get("member", 1) == 1][PLAN_AFTER_EPOCH - 1:]
+    """A member's epoch time, from the first member's epochs after the planning point (all of them when it trained
+    fewer: a one-epoch member still tells what the next one costs)."""
+    first = [h["seconds"] for h in history if h.get("member", 1) == 1]
+    rows = first[PLAN_AFTER_EPOCH - 1:] or first
     return float(np.median(rows)) if rows else 0.0
 
 
@@ -382,9 +386,12 @@ def _choose_members(run_dir: Path, task: Task, prepared: Prepared, config: Train
             "best": done[best_k]}
 
 
-def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, history, best, chosen, seconds,
-            device, precision: str, dist: Dist = distributed.SINGLE, tracker: Tracker | None = None) -> Run:
-    """Curves, the task's decision fitted on val with the best weights, and ``run.json``: the run is complete."""
+def finish_run(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, history, best, chosen, seconds,
+               device, precision: str, dist: Dist = distributed.SINGLE, tracker: Tracker | None = None,
+               extra: dict[str, Any] | None = None) -> Run:
+    """Curves, the task's decision fitted on val with the best weights, and ``run.json`` (with ``extra``, and the
+    measured cost of an answer): the run is complete. Other ways of training a run (``lepton.distill``) end here
+    too, so their runs are complete in the same sense."""
     from lepton.plots import plot_curves
 
     plot_curves(history, run_dir / "curves.png")
@@ -413,7 +420,7 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
         "wall_seconds_this_call": round(seconds, 2), "device": device, "precision": precision,
         "cpu": {"model": cpu_model(), "flags": matrix_flags()}, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-        "pid": os.getpid(),
+        "pid": os.getpid(), **(extra or {}),
     }
     if dist.enabled:
         info["distributed"] = {
@@ -422,6 +429,11 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
             "lr": config.lr, "lr_scaling": config.lr_scaling,
             "effective_lr": config.lr * distributed.LR_SCALING[config.lr_scaling](dist.world),
             "restarts": dist.restarts}
+    from lepton.cost import measure_cost
+
+    # What each answer of this run costs, timed on its own input shape (the predict path, members and TTA as served).
+    info["cost"] = measure_cost(model.eval(), (prepared.spec.channels, *prepared.spec.size), task.activate,
+                                tta=config.tta, device=device, dense=task.dense)
     atomic_write_json(run_dir / "run.json", info)
     if tracker is not None:  # the run's figures, its files and its model, for the trackers
         final = {f"final/{k}": v for k, v in info.items() if k.startswith(("val_", "threshold"))
@@ -436,5 +448,13 @@ def _finish(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepared, 
 def summary(run: Run) -> dict[str, Any]:
     """The headline numbers of a run, as JSON-ready values."""
     keys = ("task", "model", "epochs", "best_epoch", "members", *(k for k in run.info if k.startswith("val_")),
-            "threshold", "precision", "images_per_s")
-    return {"run": str(run.path), **{k: run.info.get(k) for k in dict.fromkeys(keys) if k in run.info}}
+            "threshold", "precision", "images_per_s", "teacher")
+    out = {"run": str(run.path), **{k: run.info.get(k) for k in dict.fromkeys(keys) if k in run.info}}
+    cost = run.info.get("cost")
+    if cost:  # the headline of the cost record: passes per image and fp32 ms/image at batch 1 and served batch
+        fp32, b = cost["precisions"].get("fp32", {}), cost["serving_batch"]
+        out["cost"] = {"forward_passes_per_image": cost["forward_passes_per_image"],
+                       "fp32_ms_per_image_b1": fp32.get("ms_per_image_b1"),
+                       f"fp32_ms_per_image_b{b}": fp32.get(f"ms_per_image_b{b}")}
+    return out
+

@@ -51,3 +51,19 @@ def fit_to_budget(config: TrainConfig, elapsed: float, epoch_s: float, run_dir: 
     config.to_yaml(run_dir / "config.yaml")
     if reporter is not None:
         reporter.epochs = fit
+
+
+def announce_members(config: TrainConfig) -> str | None:
+    """Say before the first epoch when the run may train more than one member, why, what it costs each answer, and
+    the option that turns it off (logged; returned for the caller)."""
+    if config.ensemble <= 1:
+        return None
+    views = 2 if config.tta else 1
+    why = (f"the {config.preset} preset fills its time budget of {config.time_budget_s:.0f} s with whole schedules "
+           f"from other seeds while there is room" if config.time_budget_s else "asked for (ensemble)")
+    text = (f"up to {config.ensemble} ensemble members of {config.epochs} epochs each: {why}; kept only if their mean "
+            f"scores at least a typical member on val. Each answer then costs up to {config.ensemble * views} forward "
+            f"passes ({config.ensemble} members x {views} TTA view(s)); --ensemble 1 trains one network "
+            "(`lepton distill RUN` turns an ensemble into one afterwards)")
+    log.warning("%s", text)
+    return text

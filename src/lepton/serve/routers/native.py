@@ -58,7 +58,8 @@ def describe(dep: Deployment) -> dict[str, Any]:
             "precision": adapter.precision, "labels": adapter.labels, "threshold": adapter.threshold,
             "served_versions": sorted(dep.handles),
             "route": {str(v): w for v, w in dep.weights.items()} or None, "shadow": dep.shadow,
-            "input": {"size": list(spec.size), "channels": spec.channels, "window": spec.window}}
+            "input": {"size": list(spec.size), "channels": spec.channels, "window": spec.window},
+            "cost": adapter.cost_info()}
 
 
 @router.get("", response_model=schemas.ModelList, responses=schemas.errors(401))

@@ -84,7 +84,7 @@ def metadata(dep: Deployment, version: int) -> dict[str, Any]:
             # dense tasks' outputs follow the input's spatial size
             "outputs": adapter.task.oip_outputs(adapter.labels, **({"size": size} if adapter.task.dense else {})),
             "parameters": {"task": adapter.task.name, "labels": adapter.labels, "threshold": adapter.threshold,
-                           "input_range": "[0, 1] before the model's normalisation"}}
+                           "input_range": "[0, 1] before the model's normalisation", "cost": adapter.cost_info()}}
 
 
 @router.get("/models/{name}", response_model=schemas.ModelMetadata, responses=_NOT_FOUND)
