@@ -21,6 +21,9 @@ class TrainConfig:
     name: str = ""
     output_dir: str = "runs"
     task: str = "classification"  # a name registered in lepton.tasks
+    # Options the task reads (``Task.options``), e.g. the sequence task's {fps: 15, frames: 16, target: value,
+    # covariates: "age:numeric:years,sex:categorical", fusion: film}; checked by the task when it reads the data.
+    task_options: dict[str, Any] = field(default_factory=dict)
     # model
     model: str = "lepton_cnn"
     pretrained: str | None = None
@@ -151,7 +154,7 @@ class TrainConfig:
         values = dataclasses.asdict(self)
         if values["task"] == "classification":
             del values["task"]
-        for key in ("preprocess", "slab"):  # likewise, left out unless used
+        for key in ("preprocess", "slab", "task_options"):  # likewise, left out unless used
             if not values[key]:
                 del values[key]
         for key, default in (("ensemble", 1), ("precision", "auto"), ("lr_scaling", "none"),

@@ -26,10 +26,11 @@ RUN_FILES = ("config.yaml", "best.pt", "labels.json", "preprocessing.json", "run
 
 
 def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta: bool = False,
-                    device: str = "cpu") -> np.ndarray:
+                    device: str = "cpu", extras=None) -> np.ndarray:
     """The task's outputs (``activate`` of the logits: probabilities, values) of ``model`` for a normalised
     tensor batch, in chunks of ``batch_size``; with ``tta`` averaged with the horizontally flipped input (a dense
-    task's outputs, on the input's grid, flipped back first)."""
+    task's outputs, on the input's grid, flipped back first). ``extras``: per-sample inputs beside the images
+    (``Task.side_inputs``), the network's second argument."""
     import torch
 
     model.eval()
@@ -39,9 +40,10 @@ def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta:
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
             xb = fast_layout(x[start:start + batch_size].to(device))
-            probs = activate(model(xb))
+            side = () if extras is None else (extras[start:start + batch_size].to(device),)
+            probs = activate(model(xb, *side))
             if tta:
-                flipped = activate(model(torch.flip(xb, dims=[-1])))
+                flipped = activate(model(torch.flip(xb, dims=[-1]), *side))
                 probs = (probs + (torch.flip(flipped, dims=[-1]) if flipped.ndim > 2 else flipped)) / 2
             out.append(probs.cpu())
     if not out:
@@ -134,10 +136,11 @@ class Run:
         """The val-selected decision threshold on P(positive class) for binary tasks."""
         return self.info.get("threshold")
 
-    def predict_proba(self, images: list[np.ndarray] | np.ndarray) -> np.ndarray:
-        """The task's outputs (N, K) for decoded images (C, H, W) in [0, 1]: class probabilities for classification."""
+    def predict_proba(self, images: list[np.ndarray] | np.ndarray, extras=None) -> np.ndarray:
+        """The task's outputs (N, K) for decoded images (C, H, W) in [0, 1]: class probabilities for classification.
+        ``extras``: per-sample inputs beside the images (N, F), for a network that takes them (covariates)."""
         return predict_outputs(self.model, self.preprocessing(images), self.task.activate, tta=self.config.tta,
-                               device=self.device)
+                               device=self.device, extras=extras)
 
     def decide(self, outputs: np.ndarray) -> np.ndarray:
         """The task's decision per row (for classification: the stored threshold for two classes, else arg-max)."""
@@ -152,26 +155,30 @@ class Run:
                              device=self.device, stepped=stepped)
 
     def predict(self, paths: list[str | Path], output: str | Path | None = None,
-                dicom_seg: bool = False) -> list[dict[str, Any]]:
+                dicom_seg: bool = False, covariates: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Predict image files (any readable format); one dict per frame: ``path`` and the task's answer.
 
         Dense tasks answer per file with sizes and lesions, and with ``output`` also write the label map there —
         NIfTI for volumes (the input's grid and affine), PNG for images — and with ``dicom_seg`` a DICOM SEG for
-        inputs that are DICOM series folders."""
-        from lepton.data.io import read_image
-
+        inputs that are DICOM series folders. ``covariates``: one mapping per path (by covariate name) for a model
+        that fuses clinical covariates with the image."""
         if self.task.dense:
             return [self._segment_file(Path(p), output, dicom_seg) for p in paths]
 
-        frames, names = [], []
-        for p in paths:
-            for frame in read_image(p, window=self.preprocessing.window, slices=self.preprocessing.slices,
-                                    steps=self.preprocessing.steps):
-                frames.append(frame.pixels)
-                names.append(str(p) if frame.name == Path(p).name else f"{p}{frame.name[len(Path(p).name):]}")
+        frames, names, rows = [], [], []
+        if covariates is not None and len(covariates) != len(paths):
+            raise RunError(f"{len(covariates)} covariate rows for {len(paths)} files: give one per file")
+        for i, p in enumerate(paths):
+            for name, pixels in self.task.read(p, self.preprocessing):
+                frames.append(pixels)
+                names.append(name)
+                rows.append(covariates[i] if covariates is not None else None)
         if not frames:
             return []
-        outputs = self.predict_proba(frames)
+        extras = self.task.side_inputs(rows, self.preprocessing)
+        if extras is None and covariates is not None:
+            raise RunError(f"{self.path}: this model takes no covariates")
+        outputs = self.predict_proba(frames, extras)
         return [{"path": name, **self.task.encode(row, self.label_names, self.info)}
                 for name, row in zip(names, outputs, strict=True)]
 
@@ -251,4 +258,4 @@ def load_run(path: str | Path, *, device: str = "cpu") -> Run:
     except Exception as exc:
         raise RunError(f"{path}: cannot load run ({type(exc).__name__}: {exc})") from exc
     model = model_layout(model.to(device)).eval()
-    return Run(path, config, spec, labels, info, model, device, get_task(config.task))
+    return Run(path, config, spec, labels, info, model, device, get_task(config.task, config.task_options))

@@ -176,10 +176,13 @@ class Preprocessing:
     # How an input reaches ``size``: "resize" (interpolate: classification) or "pad" (centre pad or crop, never
     # interpolate: segmentation keeps every voxel on its grid)
     fit: str = "resize"
+    # What else the task needs to prepare an input as training did (``Task.options`` and fitted state): a sequence
+    # task's frame rate and clip length, its covariates' fitted schema.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self) | {"size": list(self.size)}
-        for key, default in (("steps", []), ("fit", "resize")):  # readable by versions without them
+        for key, default in (("steps", []), ("fit", "resize"), ("options", {})):  # readable by versions without them
             if out[key] == default:
                 del out[key]
         return out

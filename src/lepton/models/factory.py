@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lepton.errors import ModelError
-from lepton.models import networks  # noqa: F401  (registers the built-in networks)
+from lepton.models import networks, sequence  # noqa: F401  (registers the built-in networks)
 from lepton.models.pretrained import load_pretrained
 from lepton.models.registry import ModelInfo, registered, registered_names
 
@@ -31,6 +31,7 @@ def create_model(
     spatial_dims: int = 2,
     slab_depth: int | None = None,
     members: int | None = None,
+    **options,
 ):
     """Create a registered network by name.
 
@@ -41,7 +42,8 @@ def create_model(
     ``spatial_dims=3`` builds the volume version (inputs (N, C, D, H, W)) of networks that have one.
     ``slab_depth=D`` builds the 2.5-D version instead: the 2-D network over volumes of D slices, read as
     ``in_channels * D`` channels (``SliceChannels``). ``members=K`` (K > 1) builds an ``Ensemble`` of K such networks
-    (a classifier answering their mean probabilities).
+    (a classifier answering their mean probabilities). ``options`` go to networks that take more (the sequence
+    networks: ``encoder``, ``covariates``, ``fusion``); the others refuse them.
 
     >>> model = create_model("resnet18", in_channels=1, num_classes=2, image_size=28)
     """
@@ -72,8 +74,15 @@ def create_model(
                          f"{', '.join(volume)}")
     if pretrained is not None and spatial_dims != 2:
         raise ModelError("pretrained weights are 2-D ImageNet layouts; train volume networks from scratch")
-    model = info.builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-                         spatial_dims=spatial_dims)
+    try:
+        model = info.builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+                             spatial_dims=spatial_dims, **options)
+    except TypeError as exc:
+        if not options:
+            raise
+        raise ModelError(f"{name} takes no option(s) {', '.join(sorted(options))} ({exc})") from exc
+    except ValueError as exc:
+        raise ModelError(f"{name}: {exc}") from exc
     if pretrained is not None:
         load_pretrained(model, info, Path(pretrained))
     return model

@@ -35,6 +35,10 @@ class Task:
     """
 
     name: ClassVar[str] = ""
+    def __init__(self) -> None:
+        #: The run's task options (``TrainConfig.task_options``), set by ``get_task``.
+        self.options: dict[str, Any] = {}
+
     #: The validation metric (a key of ``val_metrics``) that picks the best epoch, and its direction.
     selection_metric: ClassVar[str] = "val_loss"
     higher_is_better: ClassVar[bool] = False
@@ -76,6 +80,31 @@ class Task:
         import torch
 
         return spec.resize(data.images), torch.from_numpy(self.targets(data))
+
+    def fit_inputs(self, train, spec) -> None:
+        """Fit what the inputs need beyond images on the training split, into ``spec.options`` (saved with the run):
+        a sequence task's covariate schema. Called once, before ``side_inputs``."""
+
+    def side_inputs(self, data, spec) -> torch.Tensor | None:
+        """Per-sample inputs beside the images (N, F) — clinical covariates — passed to the network as its second
+        argument in training, validation and prediction; None (the default) when the network takes images only.
+        ``data`` is a data set, or (prediction, serving) a list with one mapping of values by name per input."""
+        return None
+
+    def model_options(self, spec) -> dict[str, Any]:
+        """Extra arguments of ``create_model`` for this run's network (saved in its spec): e.g. how many covariates
+        it fuses."""
+        return {}
+
+    def read(self, path: str | Path, spec) -> list[tuple[str, np.ndarray]]:
+        """A file to predict on as (name, decoded input) pairs, read as training read its data (``Run.predict``)."""
+        from lepton.data.io import read_image
+
+        out = []
+        for frame in read_image(path, window=spec.window, slices=spec.slices, steps=spec.steps):
+            name = str(path) if frame.name == Path(path).name else f"{path}{frame.name[len(Path(path).name):]}"
+            out.append((name, frame.pixels))
+        return out
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, spec, generator: torch.Generator):
         """A training batch as the network sees it (dense tasks cut patches of ``spec.size`` from larger cases)."""
@@ -182,12 +211,15 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def get_task(name: str | None) -> Task:
-    """A task instance by name (None or empty means classification, the default of older runs)."""
+def get_task(name: str | None, options: Mapping[str, Any] | None = None) -> Task:
+    """A task instance by name (None or empty means classification, the default of older runs), holding the run's
+    task ``options``."""
     key = name or "classification"
     if key not in _TASKS:
         raise ConfigError(f"unknown task {key!r}; available: {', '.join(sorted(_TASKS))}")
-    return _TASKS[key]()
+    task = _TASKS[key]()
+    task.options = dict(options or {})
+    return task
 
 
 def list_tasks() -> list[str]:

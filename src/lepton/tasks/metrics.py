@@ -105,3 +105,31 @@ def classification_metrics(
 
 def fmt(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE, R² (1 − SSE/SST; NaN for a constant target) and Pearson's r of predictions against values."""
+    y, pred = np.asarray(y, np.float64).ravel(), np.asarray(pred, np.float64).ravel()
+    err = pred - y
+    sst = float(((y - y.mean()) ** 2).sum())
+    r = float(np.corrcoef(y, pred)[0, 1]) if len(y) > 1 and y.std() > 0 and pred.std() > 0 else math.nan
+    return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
+            "r2": 1.0 - float((err ** 2).sum()) / sst if sst > 0 else math.nan, "pearson_r": r}
+
+
+def bootstrap_regression_ci(y: np.ndarray, pred: np.ndarray, *, n: int = 1000, seed: int = 0,
+                            level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap CIs of MAE, RMSE and R² (resampling cases with replacement)."""
+    y, pred = np.asarray(y, np.float64).ravel(), np.asarray(pred, np.float64).ravel()
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(n, len(y)))
+    err = pred[idx] - y[idx]
+    mae, rmse = np.abs(err).mean(1), np.sqrt((err ** 2).mean(1))
+    sst = ((y[idx] - y[idx].mean(1, keepdims=True)) ** 2).sum(1)
+    ok = sst > 0
+    r2 = 1.0 - (err[ok] ** 2).sum(1) / sst[ok]
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+
+    def ci(v: np.ndarray) -> list[float]:
+        return [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if len(v) else [math.nan] * 2
+
+    return {"mae": ci(mae), "rmse": ci(rmse), "r2": ci(r2)}

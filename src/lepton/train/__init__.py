@@ -146,7 +146,7 @@ def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, de
     else:
         state, spec = None, None
     dist.barrier()  # every process has looked at the run directory before rank 0 writes into it
-    task = get_task(config.task)
+    task = get_task(config.task, config.task_options)
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.deterministic:

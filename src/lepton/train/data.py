@@ -32,6 +32,9 @@ class Prepared:
     y_val: torch.Tensor
     label_names: list[str]
     fingerprint: dict[str, Any]
+    #: Per-sample inputs beside the images (``Task.side_inputs``: covariates), or None.
+    e_train: torch.Tensor | None = None
+    e_val: torch.Tensor | None = None
 
 
 log = logging.getLogger("lepton.train")
@@ -94,7 +97,7 @@ def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: T
     """Load, split and preprocess the data a config names (``spec`` fixed when resuming); data, input size and
     targets from ``task`` (the config's task when not given). Cases that would not fit in memory stay in the case
     cache (``choose_engine``): then ``x_train``/``y_train`` (and val) are one ``CaseStore`` each."""
-    task = task or get_task(config.task)
+    task = task or get_task(config.task, config.task_options)
     steps = spec.steps if spec is not None else check_steps(config.preprocess)
     if spec is not None and steps != check_steps(config.preprocess):
         config = TrainConfig.from_dict({**config.to_dict(), "task": config.task, "preprocess": steps})
@@ -113,6 +116,8 @@ def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: T
         channels = config.channels or (3 if all(s[0] == 3 for s in _shapes(train)) else 1)
         spec = Preprocessing(size, channels, [0.5] * channels, [0.5] * channels, config.window, config.slices,
                              steps, "pad" if task.dense else "resize")
+    if fresh:
+        task.fit_inputs(train, spec)
     x, y = task.tensors(train, spec)
     if fresh and config.normalize == "dataset":
         if isinstance(x, CaseStore):
@@ -125,7 +130,7 @@ def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: T
     fingerprint = data_fingerprint(data, splits) | {"intensity": intensity_stats(x), "engine": engine}
     x_val, y_val = task.tensors(val, spec)
     return Prepared(spec=spec, x_train=x, y_train=y, x_val=x_val, y_val=y_val, label_names=data.label_names,
-                    fingerprint=fingerprint)
+                    fingerprint=fingerprint, e_train=task.side_inputs(train, spec), e_val=task.side_inputs(val, spec))
 
 
 def _shapes(data) -> list[tuple[int, ...]]:
@@ -164,7 +169,8 @@ def val_outputs(model, prepared: Prepared, activate, *, tta: bool, device: str):
 
     if isinstance(prepared.x_val, CaseStore):
         return case_outputs(model, prepared.x_val, prepared.spec, activate, tta=tta, device=device)
-    return predict_outputs(model, prepared.spec.normalize(prepared.x_val), activate, tta=tta, device=device)
+    return predict_outputs(model, prepared.spec.normalize(prepared.x_val), activate, tta=tta, device=device,
+                           extras=prepared.e_val)
 
 
 def bn_sample(prepared: Prepared, seed: int, limit: int = 2048) -> torch.Tensor:

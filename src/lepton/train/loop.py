@@ -49,6 +49,7 @@ def model_spec(config: TrainConfig, task: Task, prepared: Prepared) -> dict[str,
            "image_size": spec.size[-1]}
     if spec.spatial_dims != 2:
         out["spatial_dims"] = spec.spatial_dims
+    out.update(task.model_options(spec))
     if config.slab:
         if spec.spatial_dims != 3:
             raise ConfigError("slab (2.5-D) needs volumes; these data are 2-D images")
@@ -63,6 +64,9 @@ class Trainer:
                  pretrained: str | None = None, dist: Dist = SINGLE):
         self.config, self.task, self.data, self.device, self.dist = config, task, prepared, device, dist
         self.spec = model_spec(config, task, prepared)
+        if prepared.e_train is not None and config.adversarial:
+            raise ConfigError("adversarial training attacks images alone; it is not for networks that take "
+                              "covariates beside them")
         model = create_model(**self.spec, pretrained=pretrained)
         #: The network itself; ``self.model`` is what the steps call (under DistributedDataParallel when
         #: several processes train, with BatchNorm statistics synchronised across them).
@@ -135,6 +139,7 @@ class Trainer:
             else:
                 x01 = augment_batch(data.x_train[idx], self.augment, gen).to(device, non_blocking=True)
                 yb = data.y_train[idx].to(device, non_blocking=True)
+            eb = None if data.e_train is None else data.e_train[idx].to(device, non_blocking=True)
             if config.adversarial:
                 adv = attack(self.module, data.spec.normalize, x01, yb, config.adv_epsilon, config.adversarial,
                              steps=config.adv_steps, seed=epoch * 100_000 + step, loss_fn=self.task.loss)
@@ -142,7 +147,7 @@ class Trainer:
                 x01, yb = torch.cat([x01, adv]), torch.cat([yb, yb])
             # Gradients are averaged over processes: a share's weight is its size, as in one global batch.
             weight = dist.world * len(idx) / len(whole)
-            loss = self.step(fast_layout(data.spec.normalize(x01)), yb, epoch, weight)
+            loss = self.step(fast_layout(data.spec.normalize(x01)), yb, epoch, weight, eb)
             seen += len(whole)  # images per second of the whole job; the loss is this process's estimate
             loss_sum += loss * len(whole)
             if on_step is not None:
@@ -163,10 +168,12 @@ class Trainer:
         self._plan.items = [(shard(whole, self.dist).tolist(), base + step) for step, whole in planned]
         return iter(self._loader)
 
-    def step(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int, weight: float = 1.0) -> float:
-        """One optimiser step on a normalised batch (its loss scaled by ``weight``); returns the loss."""
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int, weight: float = 1.0,
+             extras: torch.Tensor | None = None) -> float:
+        """One optimiser step on a normalised batch (its loss scaled by ``weight``; ``extras`` the per-sample inputs
+        beside the images, if the task has them); returns the loss."""
         with torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss = self.loss_fn(self.model(xb), yb)
+            loss = self.loss_fn(self.model(xb) if extras is None else self.model(xb, extras), yb)
         if not torch.isfinite(loss):
             if self.precision != "fp32":
                 raise RunError(f"loss became {loss.item()} at epoch {epoch} in {self.precision}; train in fp32 "
@@ -194,7 +201,10 @@ class Trainer:
                 return mine  # consumed case by case by the task's metrics
             return [o for part in self.dist.gather(list(mine)) for o in part]
         if not self.dist.enabled:
-            return predict_outputs(model, self.x_val, self.task.activate, tta=self.config.tta, device=self.device)
+            return predict_outputs(model, self.x_val, self.task.activate, tta=self.config.tta, device=self.device,
+                                   extras=self.data.e_val)
+        if self.data.e_val is not None:
+            raise ConfigError("a network with inputs beside the images (covariates) trains in one process")
         # Each process predicts its contiguous share once (no padded duplicates); the shares are joined in order.
         part = torch.tensor_split(self.x_val, self.dist.world)[self.dist.rank]
         mine = (predict_outputs(model, part, self.task.activate, tta=self.config.tta, device=self.device)

@@ -1,0 +1,282 @@
+"""Sequences: one answer per clip — a class, or a value such as an ejection-fraction-like score — from cine loops,
+multi-frame series or still images (one-frame clips), optionally fused with clinical covariates.
+
+Options (``TrainConfig.task_options``): ``fps`` and ``frames`` (the clip every input is sampled to), ``size`` (each
+frame's side in pixels), ``target`` (``class`` or ``value``), ``covariates`` (``name:kind[:unit],…``, see
+``lepton.data.covariates``) with ``covariate_missing`` (``error`` or ``impute``) and ``fusion`` (``late`` or ``film``),
+and ``encoder`` (the per-frame 2-D network of the ``seq_*`` networks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton.errors import ConfigError
+from lepton.tasks.base import Loss, Task, register_task
+from lepton.tasks.classification import Classification
+from lepton.tasks.metrics import bootstrap_regression_ci, fmt, regression_metrics
+
+DEFAULTS: dict[str, Any] = {"fps": 15.0, "frames": 16, "size": 64, "target": "class", "covariates": None,
+                            "covariate_missing": "error", "fusion": "late", "encoder": "lepton_cnn"}
+
+
+def sequence_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The task's options with defaults filled, checked: an unknown key or a bad value is a ConfigError."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"task_options: unknown key(s) {', '.join(unknown)} for the sequence task; known: "
+                          f"{', '.join(DEFAULTS)}")
+    out = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    try:
+        out["fps"], out["frames"], out["size"] = float(out["fps"]), int(out["frames"]), int(out["size"])
+    except (TypeError, ValueError):
+        raise ConfigError("task_options: fps must be a number, frames and size whole numbers") from None
+    if not (math.isfinite(out["fps"]) and 0.1 <= out["fps"] <= 1000):
+        raise ConfigError(f"task_options.fps must be from 0.1 to 1000 frames per second (got {out['fps']})")
+    if not 1 <= out["frames"] <= 512:
+        raise ConfigError(f"task_options.frames must be from 1 to 512 (got {out['frames']})")
+    if not 8 <= out["size"] <= 512:
+        raise ConfigError(f"task_options.size must be from 8 to 512 pixels (got {out['size']})")
+    for key, allowed in (("target", ("class", "value")), ("covariate_missing", ("error", "impute")),
+                         ("fusion", ("late", "film"))):
+        if out[key] not in allowed:
+            raise ConfigError(f"task_options.{key}={out[key]!r} is not one of {', '.join(allowed)}")
+    return out
+
+
+@register_task
+class Sequence(Task):
+    """Clips (N, C, T, H, W) to a class (cross-entropy, as classification) or a value (Huber loss on the standardised
+    value; MAE, RMSE, R² with bootstrap CIs); covariates fused in the network (``lepton.models.sequence``)."""
+
+    name = "sequence"
+    #: The networks this task trains: the ``seq_*`` frame networks and ``r2plus1d`` (registered as "sequence").
+    network_kind = "sequence"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes = Classification()
+
+    @property
+    def regression(self) -> bool:
+        return sequence_options(self.options)["target"] == "value"
+
+    @property
+    def selection_metric(self) -> str:  # type: ignore[override]
+        return "val_mae" if self.regression else "val_auc"
+
+    @property
+    def higher_is_better(self) -> bool:  # type: ignore[override]
+        return not self.regression
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def schema(self):
+        from lepton.data.covariates import parse_covariates
+
+        opts = sequence_options(self.options)
+        return parse_covariates(opts["covariates"], opts["covariate_missing"])
+
+    def load(self, source, *, window, slices, steps, skip_bad, validate=True):
+        from lepton.data.clips import load_clips
+
+        opts = sequence_options(self.options)
+        return load_clips(source, fps=opts["fps"], length=opts["frames"], size=opts["size"],
+                          target="value" if self.regression else "class", covariates=self.schema(),
+                          skip_bad=skip_bad)
+
+    def inspect(self, source, *, window, slices):
+        data = self.load(source, window=window, slices=slices, steps=None, skip_bad=True)
+        out: dict[str, Any] = {"clips": len(data), "shape": list(data.images[0].shape),
+                               "bad_files": [f"{p}: {r}" for p, r in data.bad_files]}
+        if data.values is not None:
+            out["target"] = {"min": float(data.values.min()), "mean": float(data.values.mean()),
+                             "max": float(data.values.max())}
+        else:
+            out["classes"] = {n: int((data.labels == i).sum()) for i, n in enumerate(data.label_names)}
+        return out
+
+    def input_size(self, train, config) -> tuple[int, ...]:
+        opts = sequence_options(self.options)
+        if config.image_size and config.image_size != opts["size"]:
+            raise ConfigError(f"the sequence task reads frames at task_options.size={opts['size']}; set that "
+                              f"instead of image_size={config.image_size}")
+        return opts["frames"], opts["size"], opts["size"]
+
+    def tensors(self, data, spec):
+        import torch
+
+        x = spec.resize(data.images)
+        if self.regression:
+            return x, torch.from_numpy(np.asarray(data.values, np.float32)[:, None])
+        return x, torch.from_numpy(np.asarray(data.labels, np.int64))
+
+    def fit_inputs(self, train, spec) -> None:
+        from lepton.data.covariates import fit_schema
+
+        opts = sequence_options(self.options)
+        spec.options = {k: opts[k] for k in ("fps", "frames", "size", "target")}
+        schema = self.schema()
+        if schema is not None:
+            spec.options["covariates"] = fit_schema(schema, train.covariates, train.source).to_dict()
+            spec.options["fusion"] = opts["fusion"]
+        if self.regression:
+            values = np.asarray(train.values, np.float64)
+            spec.options["target_mean"] = float(values.mean())
+            spec.options["target_std"] = float(max(values.std(), 1e-6))
+        if opts["encoder"] != DEFAULTS["encoder"]:
+            spec.options["encoder"] = opts["encoder"]
+
+    def side_inputs(self, data, spec):
+        import torch
+
+        from lepton.data.covariates import CovariateSchema, check_values, encode
+
+        stored = spec.options.get("covariates")
+        if not stored:
+            return None
+        schema = CovariateSchema.from_dict(stored)
+        if isinstance(data, list):  # prediction: one mapping (or None) per input
+            rows = [check_values(schema, row, f"covariates of input {i + 1}") for i, row in enumerate(data)]
+        else:
+            rows = data.covariates
+        return torch.from_numpy(encode(schema, rows))
+
+    def model_options(self, spec) -> dict[str, Any]:
+        from lepton.data.covariates import CovariateSchema
+
+        out: dict[str, Any] = {}
+        if spec.options.get("encoder"):
+            out["encoder"] = spec.options["encoder"]
+        if spec.options.get("covariates"):
+            out["covariates"] = CovariateSchema.from_dict(spec.options["covariates"]).width
+            out["fusion"] = spec.options.get("fusion", "late")
+        if spec.options.get("target") == "value":
+            out["target_mean"], out["target_std"] = spec.options["target_mean"], spec.options["target_std"]
+        return out
+
+    def read(self, path, spec) -> list[tuple[str, np.ndarray]]:
+        from lepton.data.clips import read_clip
+
+        opts = spec.options or sequence_options(self.options)
+        clip, _, _ = read_clip(Path(path), fps=float(opts["fps"]), length=int(opts["frames"]),
+                               size=int(opts["size"]))
+        return [(str(path), clip)]
+
+    # -- training -----------------------------------------------------------------------------------------
+    def num_outputs(self, label_names: list[str]) -> int:
+        return 1 if self.regression else len(label_names)
+
+    def targets(self, data) -> np.ndarray:
+        return np.asarray(data.values, np.float32)[:, None] if self.regression else np.asarray(data.labels, np.int64)
+
+    def criterion(self, y_train, config) -> Loss:
+        if not self.regression:
+            return self._classes.criterion(y_train, config)
+        import torch.nn.functional as F
+
+        scale = float(y_train.float().std().clamp_min(1e-6)) if len(y_train) > 1 else 1.0
+
+        def loss(out, y):  # Huber on the standardised error: one scale of learning rate whatever the units
+            return F.smooth_l1_loss(out.float() / scale, y.float() / scale)
+
+        return loss
+
+    def loss(self, logits, y):
+        if not self.regression:
+            return self._classes.loss(logits, y)
+        import torch.nn.functional as F
+
+        return F.smooth_l1_loss(logits.float(), y.float())
+
+    def sample_weights(self, y_train, config):
+        return None if self.regression else self._classes.sample_weights(y_train, config)
+
+    def activate(self, logits):
+        return logits.float() if self.regression else self._classes.activate(logits)
+
+    def val_metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+        if not self.regression:
+            return self._classes.val_metrics(y, outputs)
+        m = regression_metrics(y, outputs[:, 0])
+        std = float(np.std(y)) or 1.0
+        return {"val_loss": float(np.mean(((outputs[:, 0] - y.ravel()) / std) ** 2)), "val_mae": m["mae"],
+                "val_r2": m["r2"]}
+
+    def fit_decision(self, y_val, outputs):
+        return {} if self.regression else self._classes.fit_decision(y_val, outputs)
+
+    # -- predictions ----------------------------------------------------------------------------------------
+    def decide(self, outputs, info):
+        return outputs[:, 0] if self.regression else self._classes.decide(outputs, info)
+
+    def encode(self, row, labels, info) -> dict[str, Any]:
+        return {"value": round(float(row[0]), 6)} if self.regression else self._classes.encode(row, labels, info)
+
+    def label(self, row, labels, info):
+        return None if self.regression else self._classes.label(row, labels, info)
+
+    def explain_index(self, row, info) -> int:
+        return 0 if self.regression else self._classes.explain_index(row, info)
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def scores(self, y, outputs, info) -> dict[str, float]:
+        if not self.regression:
+            return self._classes.scores(y, outputs, info)
+        m = regression_metrics(y, outputs[:, 0])
+        return {"mae": m["mae"], "r2": m["r2"]}
+
+    def report(self, y, outputs, labels, info, *, n_bootstrap, plots):
+        if not self.regression:
+            return self._classes.report(y, outputs, labels, info, n_bootstrap=n_bootstrap, plots=plots)
+        y = np.asarray(y, np.float64).ravel()
+        m = regression_metrics(y, outputs[:, 0])
+        ci = bootstrap_regression_ci(y, outputs[:, 0], n=n_bootstrap) if n_bootstrap else {}
+        body: dict[str, Any] = {"metrics": m, "ci95": ci, "target": {"mean": float(y.mean()), "std": float(y.std())},
+                                "baseline_mae": float(np.abs(y - y.mean()).mean())}
+
+        def span(key: str) -> str:
+            return " [{:.3f}, {:.3f}]".format(*ci[key]) if ci.get(key) else ""
+
+        body["summary"] = [f"MAE {m['mae']:.3f}{span('mae')}  RMSE {m['rmse']:.3f}{span('rmse')}  "
+                           f"R² {m['r2']:.3f}{span('r2')}  (predicting the mean: MAE {body['baseline_mae']:.3f})"]
+        lines = ["| metric | value | 95 % CI |", "|---|---|---|"]
+        for key, name in (("mae", "MAE"), ("rmse", "RMSE"), ("r2", "R²")):
+            lines.append(f"| {name} | {fmt(m[key])} | {' – '.join(fmt(v) for v in ci.get(key, [])) or '-'} |")
+        lines += ["", f"- Pearson r {fmt(m['pearson_r'])}; MAE of predicting the mean {fmt(body['baseline_mae'])}"]
+        return body, lines
+
+    # -- protocols and the registry --------------------------------------------------------------------------
+    def oip_outputs(self, labels):
+        return [{"name": "value", "datatype": "FP32", "shape": [-1, 1]}] if self.regression \
+            else self._classes.oip_outputs(labels)
+
+    def oip_tensors(self, outputs, labels, info):
+        return {"value": ("FP32", outputs.astype(np.float32))} if self.regression \
+            else self._classes.oip_tensors(outputs, labels, info)
+
+    def card_metrics(self, info, reports):
+        if not self.regression:
+            return self._classes.card_metrics(info, reports)
+        out: dict[str, Any] = {"val_mae": info.get("val_mae"), "val_r2": info.get("val_r2"),
+                               "best_epoch": info.get("best_epoch")}
+        for folder, rep in reports.items():
+            out[f"eval/{folder}"] = {"split": rep.get("split"), "images": rep.get("images"),
+                                     **rep.get("metrics", {}), "ci95": rep.get("ci95")}
+        return out
+
+    def card_text(self, labels, channels, threshold, metrics):
+        if not self.regression:
+            text = self._classes.card_text(labels, channels, threshold, metrics)
+            text["use"] = [f"Classifies {channels}-channel clips (cine loops, multi-frame series) into "
+                           f"{', '.join(labels)}. Decision support for trained readers only."]
+            return text
+        lines = [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items()
+                 if not isinstance(v, dict)]
+        return {"use": [f"Estimates a value from {channels}-channel clips. Decision support for trained readers "
+                        "only: not validated beyond data like the training data."],
+                "decision": ["- The estimated value itself (no threshold)."], "metrics": lines}
