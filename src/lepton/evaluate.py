@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ def evaluate(
     skip_bad: bool = False,
     plots: bool = True,
     track: str | list[str] | None = None,
+    by: Sequence[str] | None = None,
+    external: bool = False,
+    prevalence: float | None = None,
+    min_size: int = 30,
 ) -> dict[str, Any]:
     """Evaluate a run (a ``Run`` or its directory) on a split and write a report.
 
@@ -36,6 +41,12 @@ def evaluate(
     ``report.json``, ``report.md`` and ROC, confusion-matrix and reliability PNGs to ``output``
     (default ``RUN/eval/<split>``) and returns the report. The figures, with their CIs, and the files go to the
     trackers ``track`` names (``lepton.tracking``), by default to those the run was trained with.
+
+    Clinical validation (``lepton.validation``): ``by`` names subgroup columns (``sex``, ``age_band``, ``view``,
+    ``manufacturer``, ``site``, a manifest's own columns) scored per subgroup with CIs and gaps (subgroups under
+    ``min_size`` flagged); a binary classifier also gets its decision curve and operating points (PPV and NPV at
+    ``prevalence``, else the sample's); ``external`` compares ``data`` — another site's — with the training data
+    and reports calibration there.
     """
     from lepton.runs import Run, load_run
     from lepton.utils import atomic_write_json, atomic_write_text
@@ -43,6 +54,9 @@ def evaluate(
     run = run if isinstance(run, Run) else load_run(run)
     cfg = run.config
     source = str(data) if data is not None else cfg.data
+    if external and (data is None or str(data) == cfg.data):
+        raise DataError("--external compares another site's data with the training data: pass that data with "
+                        f"--data (the run was trained on {cfg.data})")
     subset, used = select_split(run, data, split, skip_bad=skip_bad)
     same_source = source == cfg.data
     y = run.task.targets(subset)
@@ -66,6 +80,18 @@ def evaluate(
     report["output"] = str(out)
     markdown = [f"# Evaluation: {run.path.name}", "", f"- Model: `{cfg.model}` ({run.task.name})",
                 f"- Data: `{source}`, split **{used}**, {len(y)} images", *lines]
+    if not run.task.dense and run.task.name == "classification":
+        _write_predictions(out / "predictions.csv", subset.names, y, outputs, run.label_names)
+    from lepton.validation.clinical import clinical_sections
+
+    sections, extra_lines = clinical_sections(
+        run, subset, y, outputs, body, by=list(by or []), external=external, prevalence=prevalence,
+        min_size=min_size, n_bootstrap=n_bootstrap, plots=out if plots else None)
+    extra_plots = sections.pop("_plots", [])
+    report.update(sections)
+    if extra_plots:
+        report.setdefault("plots", []).extend(extra_plots)
+    markdown += extra_lines
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", "\n".join(markdown) + "\n")
     from lepton.tracking.base import with_cis
@@ -76,6 +102,21 @@ def evaluate(
                metrics={"images": len(y), **with_cis(report_figures(report))},
                files=[out / "report.json", out / "report.md", *map(Path, report.get("plots", []))])
     return report
+
+
+def _write_predictions(path: Path, names: list[str], y, outputs, labels: list[str]) -> None:
+    """Each evaluated image's true class and probabilities (a CSV the validation report reads back)."""
+    import csv
+    import io
+
+    from lepton.utils import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["name", "label", *[f"p_{n}" for n in labels]])
+    for name, t, row in zip(names, y, outputs, strict=True):
+        writer.writerow([name, int(t), *[f"{float(v):.6f}" for v in row]])
+    atomic_write_text(path, buf.getvalue())
 
 
 def select_split(run, data: str | Path | None, split: str, *, skip_bad: bool = False):

@@ -127,3 +127,57 @@ def plot_segmentation_cases(cases: list[tuple[str, np.ndarray, np.ndarray, np.nd
             ax.axis("off")
     _save(plt, fig, path)
     return path
+
+
+def plot_decision_curve(curve: dict[str, Any], path: Path) -> Path:
+    """Net benefit of the model against treating all and treating none, over threshold probabilities."""
+    plt, fig, ax = _figure(size=(6, 4))
+    rows = curve["curve"]
+    t = [r["threshold"] for r in rows]
+    model = [np.nan if r["model"] is None else r["model"] for r in rows]
+    ax.plot(t, model, label="model", lw=2)
+    ax.plot(t, [r["treat_all"] for r in rows], label="treat all", lw=1)
+    ax.plot(t, [0.0] * len(t), "k--", label="treat none", lw=0.8)
+    top = np.nanmax([*model, curve["prevalence"]]) if len(model) else 1.0
+    ax.set_ylim(-0.05 * max(top, 0.05), max(top, 0.05) * 1.1)
+    ax.set_xlabel("threshold probability")
+    ax.set_ylabel("net benefit")
+    ax.set_title(f"Decision curve (prevalence {curve['prevalence']:.3f}, {curve['prevalence_source']})")
+    ax.legend()
+    _save(plt, fig, path)
+    return path
+
+
+def plot_subgroups(table: dict[str, Any], metric: str, path: Path) -> Path:
+    """A forest plot of one metric per subgroup with its 95 % CI, one block per column; too-small subgroups grey."""
+    rows = [(column, g) for column, entry in table["columns"].items() for g in entry["groups"] if g["n"] > 0]
+    plt, fig, ax = _figure(size=(6, 0.35 * len(rows) + 1.2))
+    for i, (_column, g) in enumerate(rows):
+        value, ci = g["metrics"].get(metric), g["ci95"].get(metric)
+        colour = "0.6" if g["too_small"] else "C0"
+        if ci:
+            ax.plot(ci, [i, i], color=colour, lw=2)
+        if value is not None:
+            ax.plot([value], [i], "o", color=colour)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{c}={g['group']} (n={g['n']})" for c, g in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} (95 % CI; grey: too small to judge)")
+    _save(plt, fig, path)
+    return path
+
+
+def plot_calibration_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, bins: int = 10) -> Path:
+    """Observed event rate against mean predicted probability per decile of prediction, one line per named set of
+    (labels, P(positive))."""
+    plt, fig, ax = _figure(size=(5, 4.5))
+    for name, (y, p) in curves.items():
+        order = np.argsort(p)
+        chunks = [c for c in np.array_split(order, min(bins, max(1, len(p)))) if len(c)]
+        ax.plot([p[c].mean() for c in chunks], [y[c].mean() for c in chunks], "o-", label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.legend()
+    _save(plt, fig, path)
+    return path

@@ -133,6 +133,8 @@ class Run:
 
     @property
     def threshold(self) -> float | None:
+        if self.info.get("calibration"):  # a local recalibration: every path's probabilities go through activate
+            self.task = self.task.with_calibration(self.info["calibration"])
         """The val-selected decision threshold on P(positive class) for binary tasks."""
         return self.info.get("threshold")
 

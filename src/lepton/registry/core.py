@@ -20,6 +20,7 @@ from lepton.registry.access import AccessMixin
 from lepton.registry.db import STAGES, ModelRow, StageEvent, VersionRow, make_engine, migrate, undefined_as_null
 from lepton.registry.jobs import JobsMixin
 from lepton.registry.store import ArtifactStore
+from lepton.registry.validation import ValidationMixin
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _RUN_ARTIFACTS = {"weights": "best.pt", "config": "config.yaml", "preprocessing": "preprocessing.json",
@@ -76,7 +77,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, selector or None
 
 
-class Registry(AccessMixin, JobsMixin):
+class Registry(AccessMixin, JobsMixin, ValidationMixin):
     """Versioned models in SQLite (default) or PostgreSQL, artifacts in a content-addressed store.
 
     >>> reg = Registry.open()                                  # ~/.lepton, or $LEPTON_HOME / $LEPTON_DB_URL
@@ -192,7 +193,7 @@ class Registry(AccessMixin, JobsMixin):
             run = load_run(run_dir)
             with tempfile.TemporaryDirectory() as tmp:
                 path = export_onnx(run.model, (run.preprocessing.channels, *run.preprocessing.size),
-                                   Path(tmp) / "model.onnx", activate=task.activate, dense=task.dense,
+                                   Path(tmp) / "model.onnx", activate=run.task.activate, dense=task.dense,
                                    output_name=task.oip_outputs(run.label_names)[0]["name"])
                 artifacts["onnx"] = self.store.put(path.read_bytes())
         info = json.loads((run_dir / "run.json").read_text())
@@ -275,6 +276,7 @@ class Registry(AccessMixin, JobsMixin):
         if stage not in ("staging", "production"):
             raise RegistryError(f"stage must be staging or production (got {stage!r})")
         return self._set_stage(f"{name}@{version}", stage)
+        self.check_promotion(f"{name}@{version}", stage)  # the registry's rules (a validation report for production)
 
     def archive(self, name: str, version: int) -> ModelVersion:
         return self._set_stage(f"{name}@{version}", "archived")

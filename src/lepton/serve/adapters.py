@@ -210,6 +210,7 @@ class TorchAdapter(ModelAdapter):
         with torch.enable_grad():  # executor threads may have autograd off
             maps, _ = saliency_maps(self.run, [pixels], method=method, class_idx=class_idx)
         shown = self.preprocessing.resize([pixels]).mean(1).numpy()[0]
+        self.task = self.run.task  # with the version's recalibration, if it has one
         overlay = overlay_png(shown, maps[0]) if maps[0].ndim == 2 else montage_png(shown, maps[0])
         image, heatmap = layer_pngs(shown, maps[0])
         return {"overlay": overlay, "image": image, "heatmap": heatmap}

@@ -67,10 +67,28 @@ class Classification(Task):
         counts = torch.bincount(y_train).float()
         return (1.0 / counts.clamp_min(1))[y_train]
 
+    #: A local recalibration of P(class 1) (``lepton.tasks.calibration``), applied after the softmax; None: none.
+    calibration: dict[str, Any] | None = None
+
+    def with_calibration(self, record):
+        """A copy whose ``activate`` recalibrates P(class 1) of two-class outputs (``lepton.tasks.calibration``)."""
+        import copy
+
+        from lepton.tasks.calibration import check_record
+
+        task = copy.copy(self)  # the same task and options, its own calibration
+        task.calibration = dict(check_record(dict(record)))
+        return task
+
     def activate(self, logits):
         import torch
 
-        return torch.softmax(logits.float(), 1)
+        probs = torch.softmax(logits.float(), 1)
+        if self.calibration is not None and probs.shape[1] == 2:
+            from lepton.tasks.calibration import calibrate_probs
+
+            return calibrate_probs(probs, self.calibration)
+        return probs
 
     def val_metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
         p = np.clip(outputs[np.arange(len(y)), y], 1e-7, 1.0)
@@ -169,6 +187,10 @@ class Classification(Task):
     def card_metrics(self, info, reports):
         metrics: dict[str, Any] = {"val_auc": info.get("val_auc"), "val_acc": info.get("val_acc"),
                                    "best_epoch": info.get("best_epoch")}
+        if info.get("calibration"):
+            c = info["calibration"]
+            metrics["calibration"] = {k: c.get(k) for k in ("method", "n", "fitted_on", "slope_before",
+                                                             "slope_after", "citl_before", "citl_after")}
         for folder, rep in reports.items():
             metrics[f"eval/{folder}"] = {
                 "split": rep["split"], "images": rep["images"], "ece": rep.get("ece"),
@@ -182,11 +204,18 @@ class Classification(Task):
         decision = [f"- Decision threshold on P({labels[-1]}): {_num(threshold)}" if threshold is not None
                     else "- Decision rule: arg-max over classes"]
         lines = []
+        calib = metrics.get("calibration")
+        if calib:
+            decision.append(f"- Probabilities recalibrated ({calib.get('method')}) on {calib.get('n')} local images "
+                            f"of `{calib.get('fitted_on')}`: the served P({labels[-1]}) is the recalibrated one; "
+                            f"calibration slope {_num(calib.get('slope_before'))} before, "
+                            f"{_num(calib.get('slope_after'))} after (on the fitting data); the threshold is the "
+                            "original one carried through the map")
         if metrics.get("val_auc") is not None:
             lines.append(f"- Validation (model selection): AUC {_num(metrics.get('val_auc'))}, "
                          f"ACC {_num(metrics.get('val_acc'))}")
         for key, rep in metrics.items():
-            if not key.startswith("eval/"):
+            if not key.startswith("eval/") or not isinstance(rep, dict) or "split" not in rep:
                 continue
             lines.append(f"- {rep['split']} split, {rep['images']} images, ECE {_num(rep.get('ece'))}:")
             for rule, r in rep.items():
