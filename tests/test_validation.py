@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import png_bytes, running
+from conftest import lepton_cmd, png_bytes, running
 from lepton.errors import DataError, RegistryError
 
 
@@ -245,3 +246,19 @@ def test_external_validation_flags_a_shift_and_the_report_is_attached(tmp_path, 
     assert html.startswith("<!doctype html>") and "data:image/png;base64," in html and "<script" not in html
     assert result["version"] == "cxr@1" and reg.report("cxr@1") == text
     assert reg.get("cxr@1").metrics["validation_report"]["highlights"]["external shift flagged"] is True
+
+
+@pytest.mark.slow
+def test_cli_calibrates_registers_and_guards_promotion(tmp_path, tiny_run, local_site):
+    reg = str(tmp_path / "reg")
+    done = subprocess.run(lepton_cmd("calibrate", str(tiny_run.path), "--data", str(local_site), "--method",
+                                     "isotonic", "--output", str(tmp_path / "cal"), "--register", "cxr",
+                                     "--registry", reg), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "isotonic on 24 images" in done.stdout and "registered cxr@1" in done.stdout
+    from lepton.registry import Registry
+
+    Registry.open(reg).set_setting("require_validation_report", True)
+    done = subprocess.run(lepton_cmd("models", "promote", "cxr", "1", "--registry", reg), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "cxr@1 has no validation report" in done.stderr and "Traceback" not in done.stderr

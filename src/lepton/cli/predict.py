@@ -33,19 +33,40 @@ def evaluate(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable files.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
     track: TrackOpt = None,
+    by: Annotated[str | None, typer.Option(help="Subgroup columns, comma-separated: sex, age_band, view, "
+                                                "manufacturer, model, site, slice_thickness or a manifest column.")
+                  ] = None,
+    external: Annotated[bool, typer.Option("--external", help="--data is another site's: compare it with the "
+                                                              "training data and report calibration there.")] = False,
+    prevalence: Annotated[float | None, typer.Option(help="Prevalence for PPV, NPV and net benefit (default: the "
+                                                          "sample's).")] = None,
+    min_size: Annotated[int, typer.Option(help="Subgroups smaller than this are flagged too small to judge.",
+                                          min=1)] = 30,
 ) -> None:
     """Metrics with 95 % CIs, calibration and plots; writes report.json and report.md (and logs them to the run's
-    trackers, or to --track)."""
+    trackers, or to --track). --by adds metrics per subgroup, --external a comparison with the training data; a
+    two-class run also gets its decision curve."""
     from lepton.evaluate import evaluate as evaluate_fn
 
     report = evaluate_fn(run, data, split=split, output=output, n_bootstrap=bootstrap, skip_bad=skip_bad,
-                         track=_track(track))
+                         track=_track(track), by=[c.strip() for c in by.split(",") if c.strip()] if by else None,
+                         external=external, prevalence=prevalence, min_size=min_size)
     if as_json:
         console.print_json(json.dumps(report))
         return
     for line in report["summary"]:
         console.print(f"{report['split']} ({report['images']} images), {line}", highlight=False)
     console.print(f"report: {Path(report['output']) / 'report.md'}")
+    for column, entry in (report.get("subgroups") or {}).get("columns", {}).items():
+        for metric, gap in entry["largest_gap"].items():
+            if gap:
+                console.print(f"by {column}: largest {metric} gap {gap['group']} {gap['gap']:+.3f}"
+                              + (" (CI excludes 0)" if gap["clear"] else ""), highlight=False)
+    if report.get("external"):
+        dc = report["external"]["domain_classifier"]
+        console.print(f"external: domain classifier AUC {dc['auc'] if dc.get('auc') is None else round(dc['auc'], 3)}"
+                      f", shift {'flagged' if report['external']['shift_flagged'] else 'not flagged'}",
+                      highlight=False)
 
 
 @app.command()
