@@ -139,7 +139,11 @@ def test_layouts_of_tasks_not_yet_in_lepton_are_named(tmp_path):
     slides = tmp_path / "slides"
     (slides / "tumour").mkdir(parents=True)
     (slides / "tumour" / "s1.svs").write_bytes(b"II*\x00")
-    for source, task in ((voc, "detection"), (coco, "detection"), (boxes, "detection"), (slides, "pathology")):
+    for source, layout in ((voc, "voc"), (coco, "coco"), (boxes, "box-manifest")):  # the detection task reads them
+        assert (choose_task(source)[0], choose_task(source)[1].name) == ("detection", layout)
+    with pytest.raises(ConfigError, match="--task classification contradicts the data: .* detection data"):
+        choose_task(boxes, "classification")
+    for source, task in ((slides, "pathology"),):
         with pytest.raises(ConfigError, match=f"that is {task} data, and Lepton has no {task} task yet"):
             choose_task(source)
 
@@ -191,8 +195,8 @@ def test_the_shared_hippocampus_folder_is_segmentation_data():
 
 @pytest.mark.skipif(not (SHARED / "bccd").is_dir(), reason="shared BCCD boxes not here")
 def test_the_shared_bccd_folder_is_box_data():
-    with pytest.raises(ConfigError, match="detection"):
-        choose_task(SHARED / "bccd")
+    task, layout = choose_task(SHARED / "bccd")
+    assert (task, layout.name) == ("detection", "voc") and "Pascal VOC" in layout.evidence
 
 
 @pytest.mark.slow

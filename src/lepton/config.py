@@ -323,6 +323,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 15 minutes less start-up, loading and the final evaluation
         "time_budget_s": 840.0,
     },
+    # Detection (2-D or 3-D boxes): MONAI's RetinaNet on a small ResNet + FPN with anchors fitted to the training
+    # boxes, box-aware flips, scaling and intensity changes, flip TTA merged by weighted box fusion; model selection on
+    # val mAP (benchmarks/detection.py).
+    "detection": {
+        "task": "detection",
+        "model": "retinanet",
+        "epochs": 60,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 2.0,
+        "augment": "light",
+        "augment_options": {"rotate": 0.0, "vflip": 0.5},
+        "normalize": "dataset",
+        "tta": True,
+        "time_budget_s": 840.0,
+    },
 }
 
 
@@ -346,8 +363,8 @@ def _npz_holds_volumes(path: str) -> bool:
 def auto_preset(data: str | None, task: str | None = None) -> str:
     """The preset ``auto`` resolves to: ``segmentation`` for the segmentation task, ``medmnist3d`` for MedMNIST-format
     volumes, ``medmnist`` for MedMNIST-format images, else ``default``."""
-    if task == "segmentation":
-        return "segmentation"
+    if task in ("segmentation", "detection"):
+        return task
     text = str(data or "")
     if text.lower().endswith(".npz") and _npz_holds_volumes(text):
         return "medmnist3d"

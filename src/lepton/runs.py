@@ -34,6 +34,8 @@ def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta:
     import torch
 
     model.eval()
+    # a network whose outputs are not on the input's grid (boxes) merges its own flip TTA
+    merge = getattr(model, "merge_flipped", None)
     out = []
     # about 4 M pixels a chunk: large volumes go a few at a time (224 px images still 83 at a time)
     batch_size = max(1, min(batch_size, (1 << 22) // max(1, int(np.prod(x.shape[2:])))))
@@ -44,7 +46,8 @@ def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta:
             probs = activate(model(xb, *side))
             if tta:
                 flipped = activate(model(torch.flip(xb, dims=[-1]), *side))
-                probs = (probs + (torch.flip(flipped, dims=[-1]) if flipped.ndim > 2 else flipped)) / 2
+                probs = merge(probs, flipped) if merge is not None else \
+                    (probs + (torch.flip(flipped, dims=[-1]) if flipped.ndim > 2 else flipped)) / 2
             out.append(probs.cpu())
     if not out:
         return np.zeros((0, 0), np.float32)

@@ -279,3 +279,44 @@ def write_segmentation_cases(root: str | Path, n: int = 24, *, dims: int = 3, se
         Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"case{i:03d}.png")
     (root / "labels.json").write_text(json.dumps(["background", "opacity"]))
     return root
+
+
+def write_detection_cases(root: str | Path, n: int = 24, *, dims: int = 2, seed: int = 0,
+                          shape: tuple[int, ...] | None = None, min_voxels: int = 4) -> Path:
+    """Synthetic box-labelled detection data beside the segmentation data it is cut from; returns the box CSV.
+
+    The cases of ``write_segmentation_cases`` (chest X-ray-like PNGs with opacities for ``dims=2``, CT phantoms with
+    lung nodules as a Decathlon folder for ``dims=3``), and ``boxes.csv``: one row per connected component of a mask
+    (at least ``min_voxels``), its bounding box in the image as Lepton reads it (``path,x0,y0,x1,y1[,z0,z1],label``),
+    and a row without coordinates for each case without one. The same folder trains a segmentation model, so the two
+    ways of finding lesions can be compared on the same images.
+    """
+    import csv
+
+    from scipy.ndimage import find_objects
+    from scipy.ndimage import label as components
+
+    from lepton.data.masks import read_mask
+
+    root = Path(root)
+    write_segmentation_cases(root, n, dims=dims, seed=seed, shape=shape)
+    name = "nodule" if dims == 3 else "opacity"
+    masks = sorted((root / ("labelsTr" if dims == 3 else "masks")).iterdir())
+    rows = []
+    for mask_path in masks:
+        image = f"{'imagesTr' if dims == 3 else 'images'}/{mask_path.name}"
+        mask = read_mask(mask_path)[0][0] > 0
+        found, _ = components(mask)
+        boxes = [s for k, s in enumerate(find_objects(found), start=1) if (found[s] == k).sum() >= min_voxels]
+        for s in boxes:
+            lo, hi = [a.start for a in s], [a.stop for a in s]
+            coords = [lo[-1], lo[-2], hi[-1], hi[-2]] + ([lo[0], hi[0]] if dims == 3 else [])
+            rows.append([image, *coords, name])
+        if not boxes:
+            rows.append([image] + [""] * (6 if dims == 3 else 4) + [""])
+    out = root / "boxes.csv"
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "x0", "y0", "x1", "y1", *(["z0", "z1"] if dims == 3 else []), "label"])
+        writer.writerows(rows)
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lepton.errors import ModelError
-from lepton.models import networks, sequence  # noqa: F401  (registers the built-in networks)
+from lepton.models import detection, networks, sequence  # noqa: F401  (registers the built-in networks)
 from lepton.models.pretrained import load_pretrained
 from lepton.models.registry import ModelInfo, registered, registered_names
 

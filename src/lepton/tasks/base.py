@@ -48,6 +48,9 @@ class Task:
     #: The source layouts this task reads (``lepton.data.layout``): a source laid out so picks this task when no
     #: task is given, and any other task given for it is refused.
     layouts: ClassVar[tuple[str, ...]] = ()
+    #: The kind of registered network (``ModelInfo.task``) this task trains; None: segmentation networks for dense
+    #: tasks, classifiers otherwise.
+    network_kind: ClassVar[str | None] = None
 
     # -- data -----------------------------------------------------------------------------------------------
     def load(self, source: str | Path, *, window: str | None, slices: str, steps: list[dict] | None,
@@ -109,6 +112,18 @@ class Task:
     def batch(self, x: torch.Tensor, y: torch.Tensor, spec, generator: torch.Generator):
         """A training batch as the network sees it (dense tasks cut patches of ``spec.size`` from larger cases)."""
         return x, y
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor, options: dict[str, float], generator: torch.Generator):
+        """A training batch (images in [0, 1]) augmented as ``options`` say (``lepton.data.transforms``), with targets
+        that depend on the geometry (boxes) moved along; returns ``(x, y)``. Dense tasks' masks are moved by the
+        loop."""
+        from lepton.data.transforms import augment_batch
+
+        return augment_batch(x, options, generator), y
+
+    def prepare_model(self, model, y_train, spec, config: Any) -> None:
+        """Fit data-dependent parts of a new network to the training targets before training (detection: its anchor
+        shapes); nothing by default."""
 
     # -- training -----------------------------------------------------------------------------------------
     def num_outputs(self, label_names: list[str]) -> int:

@@ -39,10 +39,11 @@ def model_spec(config: TrainConfig, task: Task, prepared: Prepared) -> dict[str,
 
     spec = prepared.spec
     kind = model_info(config.model).task
-    if task.dense != (kind == "segmentation"):
+    wanted = task.network_kind or ("segmentation" if task.dense else "classification")
+    if kind != wanted:
         from lepton.models import list_models
 
-        fitting = [m.name for m in list_models() if (m.task == "segmentation") == task.dense]
+        fitting = [m.name for m in list_models() if m.task == wanted]
         raise ConfigError(f"{config.model} is a {kind} network; the {task.name} task needs one of "
                           f"{', '.join(fitting)}")
     out = {"name": config.model, "in_channels": spec.channels, "num_classes": task.num_outputs(prepared.label_names),
@@ -68,6 +69,7 @@ class Trainer:
             raise ConfigError("adversarial training attacks images alone; it is not for networks that take "
                               "covariates beside them")
         model = create_model(**self.spec, pretrained=pretrained)
+        task.prepare_model(model, prepared.y_train, prepared.spec, config)
         #: The network itself; ``self.model`` is what the steps call (under DistributedDataParallel when
         #: several processes train, with BatchNorm statistics synchronised across them).
         self.module = model_layout(model.to(device))
@@ -137,8 +139,8 @@ class Trainer:
                 x01, yb = augment_batch(xb, self.augment, gen, masks=yb)
                 x01, yb = x01.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             else:
-                x01 = augment_batch(data.x_train[idx], self.augment, gen).to(device, non_blocking=True)
-                yb = data.y_train[idx].to(device, non_blocking=True)
+                x01, yb = self.task.augment(data.x_train[idx], data.y_train[idx], self.augment, gen)
+                x01, yb = x01.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             eb = None if data.e_train is None else data.e_train[idx].to(device, non_blocking=True)
             if config.adversarial:
                 adv = attack(self.module, data.spec.normalize, x01, yb, config.adv_epsilon, config.adversarial,

@@ -1,0 +1,262 @@
+"""Box detection networks: MONAI's RetinaNet (ResNet + FPN backbone, 2-D or 3-D) with anchors fitted to the training
+boxes, its loss (ATSS matching, hard-negative sampling) and flip TTA merged by weighted box fusion.
+
+The network answers, in eval mode, a padded array per image (``MAX_DETECTIONS`` rows of ``2·dims`` coordinates as
+fractions of each input axis, the score and the class; rows past the detections hold class -1), already through
+MONAI's per-class NMS. In train mode it answers its raw head outputs with the anchors, which ``BoxLoss`` scores
+against padded targets of the same layout. The fitted anchor shapes are a buffer, so they travel in the state dict.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from lepton.models.registry import register_model
+
+#: Detections kept per image (the padded output's rows).
+MAX_DETECTIONS = 100
+#: Anchor scale of each pyramid level relative to the first (strides 4, 8, 16 of the input).
+LEVEL_SCALES = (1, 2, 4)
+FIRST_STRIDE = 4
+ANCHORS_PER_LOCATION = 3
+#: The input's spatial size must be a multiple of this.
+DIVISOR = 16
+#: Convolution blocks per head (RetinaNet has four; two halve the heads' cost, the bulk of it on a CPU).
+HEAD_BLOCKS = 2
+#: Boxes of one class from the two flip views with at least this IoU are fused into one.
+FUSION_IOU = 0.55
+
+
+def _default_shapes(spatial_dims: int) -> torch.Tensor:
+    return torch.tensor([[s] * spatial_dims for s in (6.0, 10.0, 16.0)])
+
+
+def fit_anchor_shapes(sizes: np.ndarray, k: int = ANCHORS_PER_LOCATION, scales=LEVEL_SCALES) -> np.ndarray:
+    """Base anchor shapes (k, dims) in pixels fitted to training box sizes (n, dims): each box is assigned the pyramid
+    level whose scale brings it nearest the smallest boxes, divided by that scale, and the results are clustered by
+    k-means on log sizes (so the anchors of all levels together span the boxes' sizes and aspect ratios)."""
+    sizes = np.asarray(sizes, np.float64)
+    dims = sizes.shape[1] if sizes.ndim == 2 else 2
+    if len(sizes) == 0:
+        return _default_shapes(dims).numpy()
+    g = np.exp(np.log(np.maximum(sizes, 1.0)).mean(1))
+    g0 = max(float(np.quantile(g, 0.1)), 2.0)
+    level = np.clip(np.round(np.log2(g / g0)), 0, len(scales) - 1).astype(int)
+    logs = np.log(np.maximum(sizes / np.asarray(scales, np.float64)[level][:, None], 1.0))
+    order = np.argsort(logs.mean(1))
+    centres = logs[order[np.linspace(0, len(order) - 1, k).round().astype(int)]].copy()
+    for _ in range(20):
+        assign = np.argmin(((logs[:, None, :] - centres[None]) ** 2).sum(-1), 1)
+        for j in range(k):
+            if np.any(assign == j):
+                centres[j] = logs[assign == j].mean(0)
+    shapes = np.exp(centres)
+    return np.maximum(shapes[np.argsort(shapes.prod(1))], 2.0).astype(np.float32)
+
+
+class _ResNetFPN(nn.Module):
+    """The stem and first two stages of a MONAI ResNet under MONAI's feature pyramid (strides 4, 8 and a max-pooled
+    16): RetinaNet's feature extractor, without torchvision's layer getter."""
+
+    def __init__(self, backbone: nn.Module, in_channels_list: list[int], out_channels: int, spatial_dims: int):
+        super().__init__()
+        from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+        self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.act, backbone.maxpool)
+        self.layer1, self.layer2 = backbone.layer1, backbone.layer2
+        self.fpn = FeaturePyramidNetwork(spatial_dims, in_channels_list, out_channels,
+                                         extra_blocks=LastLevelMaxPool(spatial_dims))
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor):
+        from collections import OrderedDict
+
+        f1 = self.layer1(self.stem(x))
+        return self.fpn(OrderedDict([("0", f1), ("1", self.layer2(f1))]))
+
+
+class BoxDetector(nn.Module):
+    """RetinaNet over a small ResNet + FPN (64 channels), with MONAI's anchors, box coder and box selector."""
+
+    def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 2, width: int = 32,
+                 fpn_channels: int = 64):
+        super().__init__()
+        from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+        from monai.apps.detection.networks.retinanet_network import RetinaNet
+        from monai.networks.nets import resnet
+
+        self.spatial_dims = spatial_dims
+        self.num_classes = num_classes
+        backbone = resnet.ResNet(block="basic", layers=(1, 1, 1, 1), block_inplanes=[width, 2 * width, 4 * width,
+                                 8 * width], spatial_dims=spatial_dims, n_input_channels=in_channels,
+                                 conv1_t_size=7, conv1_t_stride=2, num_classes=1)
+        fpn = _ResNetFPN(backbone, [width, 2 * width], fpn_channels, spatial_dims)
+        network = RetinaNet(spatial_dims=spatial_dims, num_classes=num_classes, num_anchors=ANCHORS_PER_LOCATION,
+                            feature_extractor=fpn, size_divisible=DIVISOR)
+        for head in (network.classification_head, network.regression_head):  # two of the four conv blocks: CPU cost
+            head.conv = nn.Sequential(*list(head.conv.children())[:3 * HEAD_BLOCKS])
+        self.register_buffer("anchor_shapes", _default_shapes(spatial_dims))
+        self.detector = RetinaNetDetector(network, self._generator(self.anchor_shapes))
+        self.detector.set_box_selector_parameters(score_thresh=0.02, topk_candidates_per_level=100, nms_thresh=0.3,
+                                                  detections_per_img=MAX_DETECTIONS)
+        self._built = self._key()
+
+    @staticmethod
+    def _generator(shapes: torch.Tensor):
+        from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+
+        return AnchorGeneratorWithAnchorShape(feature_map_scales=LEVEL_SCALES,
+                                              base_anchor_shapes=[tuple(float(v) for v in s) for s in shapes.tolist()])
+
+    def _key(self) -> tuple:
+        return tuple(round(float(v), 4) for v in self.anchor_shapes.flatten().tolist())
+
+    def set_anchor_shapes(self, shapes: np.ndarray) -> None:
+        """Use base anchor shapes (k, dims) in pixels (``fit_anchor_shapes``)."""
+        self.anchor_shapes.copy_(torch.as_tensor(np.asarray(shapes), dtype=torch.float32))
+        self._sync()
+
+    def _sync(self) -> None:
+        if self._key() != self._built:  # new shapes fitted or loaded with the state dict
+            self.detector.anchor_generator = self._generator(self.anchor_shapes.cpu())
+            self.detector.anchors = None
+            self._built = self._key()
+
+    def forward(self, x: torch.Tensor):
+        self._sync()
+        det = self.detector
+        head = det.network(x)
+        maps = {key: list(head[key]) for key in (det.cls_key, det.box_reg_key)}
+        anchors = det.anchor_generator(x, maps[det.cls_key])
+        locs = [m.shape[2:].numel() for m in maps[det.cls_key]]
+        flat = {key: det._reshape_maps(maps[key]) for key in maps}
+        size = torch.tensor(x.shape[2:], dtype=torch.float32)
+        if self.training:
+            return {"cls": flat[det.cls_key], "box": flat[det.box_reg_key], "anchors": anchors[0],
+                    "locs": torch.tensor(locs), "size": size}
+        with torch.no_grad():  # boxes are answers, never differentiated (MONAI's NMS deep-copies its input)
+            found = det.postprocess_detections({k: v.detach() for k, v in flat.items()}, anchors,
+                                               [list(x.shape[2:])] * len(x), locs)
+        return pack_detections(found, size.to(x.device), self.spatial_dims)
+
+    def merge_flipped(self, outputs: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+        """Flip TTA: the detections on the input flipped along its last axis, mapped back and fused with those on the
+        input (weighted box fusion per class; a box seen in one view only keeps half its score)."""
+        back = unflip(flipped, self.spatial_dims)
+        return torch.stack([fuse(torch.cat([a, b]), self.spatial_dims, views=2) for a, b in zip(outputs, back,
+                                                                                               strict=True)])
+
+
+def pack_detections(found: list[dict], size: torch.Tensor, dims: int) -> torch.Tensor:
+    """MONAI's per-image detections as one padded tensor (N, MAX_DETECTIONS, 2·dims + 2), coordinates normalised."""
+    out = torch.zeros(len(found), MAX_DETECTIONS, 2 * dims + 2, device=size.device)
+    out[..., -1] = -1
+    scale = torch.cat([size, size])
+    for i, d in enumerate(found):
+        n = min(len(d["boxes"]), MAX_DETECTIONS)
+        if n:
+            order = torch.argsort(d["labels_scores"], descending=True)[:n]
+            out[i, :n, :2 * dims] = d["boxes"][order].float() / scale
+            out[i, :n, -2] = d["labels_scores"][order].float()
+            out[i, :n, -1] = d["labels"][order].float()
+    return out
+
+
+def unflip(rows: torch.Tensor, dims: int) -> torch.Tensor:
+    """Detections made on inputs flipped along the last axis, in the unflipped input's normalised coordinates."""
+    out = rows.clone()
+    lo, hi = dims - 1, 2 * dims - 1
+    valid = rows[..., -1] >= 0
+    out[..., lo] = torch.where(valid, 1 - rows[..., hi], rows[..., lo])
+    out[..., hi] = torch.where(valid, 1 - rows[..., lo], rows[..., hi])
+    return out
+
+
+def fuse(rows: torch.Tensor, dims: int, views: int) -> torch.Tensor:
+    """Weighted box fusion of one image's detections from ``views`` views: boxes of a class, highest score first,
+    join the first cluster whose leading box they overlap with IoU ≥ ``FUSION_IOU``; a cluster's box is the
+    score-weighted mean, its score the sum over views divided by ``views``. Returns the padded (MAX_DETECTIONS,
+    2·dims + 2) rows."""
+    from monai.data.box_utils import box_iou
+
+    rows = rows[rows[:, -1] >= 0]
+    rows = rows[torch.argsort(rows[:, -2], descending=True)]
+    fused = []
+    for label in rows[:, -1].unique():
+        same = rows[rows[:, -1] == label]
+        overlap = box_iou(same[:, :2 * dims], same[:, :2 * dims])  # one matrix, MONAI's box ops
+        owner = torch.full((len(same),), -1, dtype=torch.long)
+        for j in range(len(same)):  # the highest-scoring unclaimed box leads a cluster
+            if owner[j] < 0:
+                owner[(owner < 0) & (overlap[j] >= FUSION_IOU)] = j
+                owner[j] = j
+        for lead in owner.unique():
+            group = same[owner == lead]
+            w = group[:, -2:-1]
+            box = (group[:, :2 * dims] * w).sum(0) / w.sum().clamp_min(1e-8)
+            score = group[:, -2].sum() / views
+            fused.append(torch.cat([box, score.clamp(max=1.0)[None], label[None]]))
+    out = torch.zeros(MAX_DETECTIONS, 2 * dims + 2, device=rows.device)
+    out[:, -1] = -1
+    if fused:
+        table = torch.stack(fused)
+        table = table[torch.argsort(table[:, -2], descending=True)][:MAX_DETECTIONS]
+        out[:len(table)] = table
+    return out
+
+
+class BoxLoss:
+    """RetinaNet's loss (MONAI: ATSS anchor matching, hard-negative sampling, BCE on the sampled anchors and smooth
+    L1 on the matched boxes) of train-mode outputs against padded normalised targets (N, M, 2·dims + 1)."""
+
+    def __init__(self, spatial_dims: int, num_classes: int):
+        from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+
+        class _Shape(nn.Module):  # the detector reads the network's geometry from these attributes only
+            def __init__(self):
+                super().__init__()
+                self.spatial_dims, self.num_classes, self.size_divisible = spatial_dims, num_classes, DIVISOR
+                self.cls_key, self.box_reg_key, self.num_anchors = "classification", "box_regression", \
+                    ANCHORS_PER_LOCATION
+
+        class _AtssDetector(RetinaNetDetector):
+            def compute_anchor_matched_idxs(self, anchors, targets, num_anchor_locs_per_level):
+                # MONAI's own method first asks isinstance(matcher, torchvision's Matcher), which fails without
+                # torchvision (never a dependency here); this is its ATSS branch alone.
+                out = []
+                for anchors_per_image, target in zip(anchors, targets, strict=True):
+                    if target["boxes"].numel() == 0:
+                        out.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
+                                              device=anchors_per_image.device))
+                        continue
+                    _, matched = self.proposal_matcher(target["boxes"].to(anchors_per_image.device), anchors_per_image,
+                                                       num_anchor_locs_per_level, self.num_anchors_per_loc)
+                    out.append(matched)
+                return out
+
+        self.det = _AtssDetector(_Shape(), BoxDetector._generator(_default_shapes(spatial_dims)))
+        self.det.set_atss_matcher(num_candidates=4, center_in_gt=False)
+        self.det.set_hard_negative_sampler(batch_size_per_image=64, positive_fraction=0.3, pool_size=20, min_neg=16)
+        self.dims = spatial_dims
+
+    def __call__(self, out: dict, y: torch.Tensor) -> torch.Tensor:
+        det, dims = self.det, self.dims
+        size = out["size"].to(y.device)
+        scale = torch.cat([size, size])
+        targets = []
+        for rows in y:
+            rows = rows[rows[:, -1] >= 0]
+            targets.append({"boxes": rows[:, :2 * dims].float() * scale, "labels": rows[:, -1].long()})
+        anchors = [out["anchors"]] * len(y)
+        locs = [int(v) for v in out["locs"]]
+        losses = det.compute_loss({det.cls_key: out["cls"].float(), det.box_reg_key: out["box"].float()}, targets,
+                                  anchors, locs)
+        return losses[det.cls_key] + losses[det.box_reg_key]
+
+
+@register_model("retinanet", "RetinaNet (MONAI; 2-D or 3-D box detection, ResNet + FPN, fitted anchors)",
+                head="detector.network.classification_head", spatial_dims=(2, 3), task="detection", divisor=DIVISOR)
+def retinanet(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
+    return BoxDetector(in_channels, num_classes, spatial_dims)

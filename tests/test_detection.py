@@ -1,0 +1,330 @@
+"""Detection: box annotations (COCO, VOC, CSV; 2-D and 3-D), bad boxes, negatives, metrics on known cases, the
+RetinaNet pieces, a tiny 2-D train → predict → serve and a 3-D case end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lepton.errors import DataError
+
+#: (file, boxes as (x0, y0, x1, y1, label)) — the third image has no finding.
+TRUTH = {"a.png": [(2, 3, 10, 12, "cell"), (20, 20, 30, 28, "blob")], "b.png": [(5, 5, 15, 9, "cell")], "c.png": []}
+
+
+def _images(root):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in TRUTH:
+        Image.fromarray(rng.integers(0, 255, (32, 40), dtype=np.uint8)).save(root / name)  # 40 wide, 32 high
+    return root
+
+
+def _csv(root, truth=TRUTH, extra=()):
+    path = root / "boxes.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "x0", "y0", "x1", "y1", "label"])
+        for name, boxes in truth.items():
+            for b in boxes:
+                w.writerow([name, *b])
+            if not boxes:
+                w.writerow([name, "", "", "", "", ""])
+        w.writerows(extra)
+    return path
+
+
+def _coco(root, truth=TRUTH):
+    cats = {"blob": 1, "cell": 2}
+    spec = {"images": [{"id": i, "file_name": n, "width": 40, "height": 32} for i, n in enumerate(truth)],
+            "categories": [{"id": v, "name": k} for k, v in cats.items()], "annotations": []}
+    for i, boxes in enumerate(truth.values()):
+        for x0, y0, x1, y1, label in boxes:
+            spec["annotations"].append({"id": len(spec["annotations"]), "image_id": i, "category_id": cats[label],
+                                        "bbox": [x0, y0, x1 - x0, y1 - y0]})
+    (root / "coco.json").write_text(json.dumps(spec))
+    return root / "coco.json"
+
+
+def _voc(root, truth=TRUTH):
+    (root / "Annotations").mkdir(exist_ok=True)
+    (root / "JPEGImages").mkdir(exist_ok=True)
+    for name, boxes in truth.items():
+        (root / "JPEGImages" / name).write_bytes((root / name).read_bytes())
+        objects = "".join(f"<object><name>{lab}</name><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin>"
+                          f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>" for x0, y0, x1, y1, lab in boxes)
+        (root / "Annotations" / (name[:-4] + ".xml")).write_text(
+            f"<annotation><filename>{name}</filename><size><width>40</width><height>32</height></size>"
+            f"{objects}</annotation>")
+    return root
+
+
+def _expected(data):
+    got = {}
+    for name, boxes, classes in zip(data.names, data.boxes, data.classes, strict=True):
+        got[name.rsplit("/", 1)[-1]] = sorted((tuple(float(v) for v in b), data.label_names[c])
+                                              for b, c in zip(boxes, classes, strict=True))
+    return got
+
+
+@pytest.mark.parametrize("fmt", ["csv", "coco", "voc"])
+def test_every_format_reads_the_same_boxes_and_keeps_negatives(tmp_path, fmt):
+    from lepton.data.boxes import load_boxes
+    from lepton.tasks import choose_task
+
+    root = _images(tmp_path / "d")
+    source = {"csv": _csv, "coco": _coco, "voc": _voc}[fmt](root)
+    assert choose_task(source)[0] == "detection"
+    data = load_boxes(source)
+    assert data.label_names == ["blob", "cell"] and len(data) == 3
+    want = {n: sorted(((float(y0), float(x0), float(y1), float(x1)), lab) for x0, y0, x1, y1, lab in b)
+            for n, b in TRUTH.items()}
+    assert _expected(data) == want  # (y0, x0, y1, x1) in pixels, the negative image kept with no box
+    assert data.labels.tolist() == [1, 1, 0]
+    targets = data.normalized_targets()
+    assert targets.shape == (3, 2, 5) and targets[2, :, -1].tolist() == [-1, -1]
+    np.testing.assert_allclose(targets[1, 0, :4], [5 / 32, 5 / 40, 9 / 32, 15 / 40])
+
+
+def test_voc_split_lists_and_volumes_with_z(tmp_path):
+    from lepton.data.boxes import load_boxes
+
+    root = _voc(_images(tmp_path / "voc"))
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a\nc\n")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("b\n")
+    assert load_boxes(root).splits.tolist() == ["train", "val", "train"]
+    vol = tmp_path / "v"
+    vol.mkdir()
+    np.save(vol / "ct.npy", np.random.default_rng(0).random((8, 16, 20)).astype(np.float32))
+    (vol / "boxes.csv").write_text("path,x0,y0,x1,y1,z0,z1,label\nct.npy,2,3,9,10,1,5,nodule\n")
+    data = load_boxes(vol / "boxes.csv")
+    assert data.spatial_dims == 3 and data.boxes[0].tolist() == [[1, 3, 2, 5, 10, 9]]  # (z0, y0, x0, z1, y1, x1)
+    (vol / "flat.csv").write_text("path,x0,y0,x1,y1,label\nct.npy,2,3,9,10,nodule\n")
+    with pytest.raises(DataError, match="flat.csv row 2: a 2-D box on a 3-D image"):
+        load_boxes(vol / "flat.csv")
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    (["a.png", 30, 5, 45, 9, "cell"], "boxes.csv row 6: box outside the image \\(x 30…45, the image spans 0…40"),
+    (["a.png", 12, 5, 6, 9, "cell"], "boxes.csv row 6: inverted box \\(x0 = 12 > x1 = 6\\)"),
+    (["a.png", 6, 5, 9, 5, "cell"], "boxes.csv row 6: zero-size box \\(y0 = y1 = 5\\)"),
+    (["a.png", 6, -1, 9, 5, "cell"], "boxes.csv row 6: box outside the image"),
+])
+def test_bad_boxes_name_the_file_and_row_and_skip_bad_drops_them(tmp_path, row, message, caplog):
+    from lepton.data.boxes import load_boxes
+
+    root = _images(tmp_path / "d")
+    source = _csv(root, extra=[row])
+    with pytest.raises(DataError, match=message) as err:
+        load_boxes(source)
+    assert "a.png" in str(err.value) and "--skip-bad" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="lepton.data"):
+        data = load_boxes(source, skip_bad=True)
+    assert sum(len(b) for b in data.boxes) == 3 and "dropping 1 bad box" in caplog.text
+
+
+def test_bad_boxes_in_coco_and_voc_name_the_annotation_and_object(tmp_path):
+    from lepton.data.boxes import load_boxes
+
+    root = _images(tmp_path / "d")
+    bad = {**TRUTH, "b.png": [(5, 5, 50, 9, "cell")]}
+    with pytest.raises(DataError, match="(?s)coco.json: 1 bad box.*b.png: annotation 2: box outside the image"):
+        load_boxes(_coco(root, bad))
+    (root / "coco.json").unlink()
+    with pytest.raises(DataError, match="b.png: object 1 \\(cell\\): box outside the image"):
+        load_boxes(_voc(root, bad))
+    spec = json.loads(_coco(tmp_path / "d").read_text())
+    spec["annotations"][0]["category_id"] = 9
+    (root / "coco.json").write_text(json.dumps(spec))
+    with pytest.raises(DataError, match="category_id 9 is not in categories"):
+        load_boxes(root / "coco.json")
+
+
+def _rows(boxes, dims=2, width=None):
+    """Padded rows from [(coords…, [score,] class)]."""
+    width = width or max(1, len(boxes))
+    k = len(boxes[0]) if boxes else 2 * dims + 1
+    out = np.zeros((width, k), np.float32)
+    out[:, -1] = -1
+    for i, b in enumerate(boxes):
+        out[i] = b
+    return out
+
+
+def test_metrics_on_known_cases():
+    from lepton.tasks.det_metrics import at_threshold, choose_threshold, cpm, detection_report, froc_points, match_all
+
+    box = (0.1, 0.1, 0.3, 0.3)
+    far = (0.6, 0.6, 0.8, 0.8)
+    y = np.stack([_rows([(*box, 0), (*far, 0)]), _rows([], width=2)])
+    perfect = np.stack([_rows([(*box, 0.9, 0), (*far, 0.8, 0)]), _rows([(0, 0, 0, 0, 0, -1)] * 2)])
+    rep = detection_report(y, perfect, ["lesion"], 0.5, n_bootstrap=0)
+    assert rep["map"] == pytest.approx(1.0) and rep["cpm"] == pytest.approx(1.0)
+    # one hit at 0.9, a false positive at 0.8 (in the empty image), the second finding at 0.7:
+    # precision 1 up to recall 1/2, then 2/3 at recall 1 -> 101-point AP = (51·1 + 50·2/3) / 101
+    mixed = np.stack([_rows([(*box, 0.9, 0), (*far, 0.7, 0)]), _rows([(*box, 0.8, 0), (0, 0, 0, 0, 0, -1)])])
+    rep = detection_report(y, mixed, ["lesion"], 0.85, n_bootstrap=0)
+    assert rep["ap50"] == pytest.approx((51 + 50 * 2 / 3) / 101)
+    fp, sens, _ = froc_points(match_all(y, mixed, 1), np.arange(2))
+    np.testing.assert_allclose(fp, [0, 0.5, 0.5])
+    np.testing.assert_allclose(sens, [0.5, 0.5, 1.0])
+    # sensitivity 0.5 below 1/2 FP per image, 1.0 from 1/2 on: CPM = (2·0.5 + 5·1) / 7
+    assert cpm(fp, sens)[0] == pytest.approx(6 / 7) and rep["cpm"] == pytest.approx(6 / 7)
+    assert rep["at_threshold"]["sensitivity"] == 0.5 and rep["at_threshold"]["fp_per_image"] == 0
+    chosen = choose_threshold(match_all(y, mixed, 1), 2)  # F1: 2/3 at 0.9, 1/2 at 0.8, 4/5 at 0.7
+    assert chosen["threshold"] == pytest.approx(0.7) and chosen["sensitivity"] == 1.0
+    assert at_threshold(match_all(y, mixed, 1), 2, 0.75)["false_positives"] == 1
+    # a box hitting at IoU 0.25 counts for IoU thresholds 0.1 and 0.2 only: mAP over 0.1…0.5 = 2/5
+    shifted = np.stack([_rows([(0.1, 0.1, 0.3, 0.9, 0.9, 0)]), _rows([(*far, 0.9, -1)])])
+    single = np.stack([_rows([(*box, 0)]), _rows([], width=1)])
+    rep = detection_report(single, shifted, ["lesion"], 0.5, n_bootstrap=200)
+    assert rep["map"] == pytest.approx(2 / 5) and rep["ap50"] == 0.0
+    # a right box of the wrong class is a miss for its class and a false positive for the other
+    wrong = np.stack([_rows([(*box, 0.9, 1)]), _rows([(*far, 0.9, -1)])])
+    rep = detection_report(single, wrong, ["lesion", "other"], 0.5, n_bootstrap=0)
+    assert rep["per_class"]["lesion"]["ap"] == 0.0 and rep["per_class"]["other"]["ap"] is None
+
+
+def test_bootstrap_cis_cover_the_estimate():
+    from lepton.tasks.det_metrics import detection_report
+
+    rng = np.random.default_rng(0)
+    ys, outs = [], []
+    for _ in range(30):
+        c = rng.uniform(0.1, 0.7, 2)
+        ys.append(_rows([(*c, *(c + 0.2), 0)]))
+        jitter = rng.normal(0, 0.05, 2)
+        outs.append(_rows([(*(c + jitter), *(c + 0.2 + jitter), rng.uniform(0.3, 1), 0),
+                           (*rng.uniform(0, 0.8, 2), 0.9, 0.95, rng.uniform(0, 0.6), 0)]))
+    rep = detection_report(np.stack(ys), np.stack(outs), ["lesion"], 0.5, n_bootstrap=200)
+    for key in ("map", "ap50", "cpm"):
+        lo, hi = rep[f"{key}_ci95"]
+        assert lo <= rep[key] <= hi and hi - lo > 0.01
+
+
+def test_flip_tta_fuses_boxes_and_anchors_fit_the_boxes():
+    import torch
+
+    from lepton.models.detection import fit_anchor_shapes, fuse, unflip
+
+    rows = torch.full((1, 100, 6), 0.0)
+    rows[..., -1] = -1
+    rows[0, 0] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.8, 0])
+    flipped = rows.clone()
+    flipped[0, 0] = torch.tensor([0.1, 0.6, 0.3, 0.8, 0.6, 0])  # the same box seen in the mirrored image
+    back = unflip(flipped, 2)
+    torch.testing.assert_close(back[0, 0, :4], torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    fused = fuse(torch.cat([rows[0], back[0]]), 2, views=2)
+    assert (fused[:, -1] >= 0).sum() == 1 and float(fused[0, -2]) == pytest.approx(0.7)
+    lonely = fuse(torch.cat([rows[0], unflip(rows, 2)[0]]), 2, views=2)  # no match in the other view: half score
+    assert (lonely[:, -1] >= 0).sum() == 2 and float(lonely[0, -2]) == pytest.approx(0.4)
+    sizes = np.concatenate([np.full((20, 2), 6.0), np.full((20, 2), [10.0, 30.0])])
+    shapes = fit_anchor_shapes(sizes)
+    assert shapes.shape == (3, 2)
+    for size in ([6, 6], [10, 30]):  # every box size is an anchor shape at some pyramid level
+        assert any(np.allclose(s * k, size, rtol=0.2) for s in shapes for k in (1, 2, 4)), (size, shapes)
+
+
+def test_box_augmentation_moves_boxes_with_the_image():
+    import torch
+
+    from lepton.tasks import get_task
+
+    task = get_task("detection")
+    x = torch.zeros(6, 1, 32, 48)
+    x[:, :, 8:16, 4:20] = 1.0  # the finding, rows 8-16 and columns 4-20
+    y = torch.full((6, 2, 5), -1.0)
+    y[:, 0] = torch.tensor([8 / 32, 4 / 48, 16 / 32, 20 / 48, 0])
+    gen = torch.Generator().manual_seed(3)
+    xa, ya = task.augment(x, y, {"hflip": 0.5, "vflip": 0.5, "scale": 0.2, "translate": 0.1}, gen)
+    assert not torch.equal(xa, x)
+    for img, rows in zip(xa, ya, strict=True):
+        if rows[0, -1] < 0:
+            continue
+        y0, x0, y1, x1 = (rows[0, :4] * torch.tensor([32, 48, 32, 48])).tolist()
+        inside = img[0, int(np.ceil(y0)) + 1:int(y1) - 1, int(np.ceil(x0)) + 1:int(x1) - 1]
+        assert inside.numel() and float(inside.mean()) > 0.9
+        assert float(img[0].sum()) <= float(img[0, int(y0):int(np.ceil(y1)) + 1, int(x0):int(np.ceil(x1)) + 1].sum()
+                                            ) + 1e-3  # nothing bright outside the moved box
+    assert torch.equal(ya[:, 1], y[:, 1])  # padding stays padding
+
+
+@pytest.fixture(scope="module")
+def flat_run(tmp_path_factory):
+    from lepton.data.synthetic import write_detection_cases
+    from lepton.train import train
+
+    root = tmp_path_factory.mktemp("det2d")
+    csv_path = write_detection_cases(root / "data", 30, dims=2, seed=1)
+    run = train(csv_path, name="boxes", output_dir=str(root / "runs"), epochs=2, batch_size=8, time_budget_s=0,
+                image_size=48, quiet=True, seed=0)
+    return run, root / "data"
+
+
+@pytest.mark.slow
+def test_tiny_2d_train_predict_evaluate_and_serve_the_same_boxes(flat_run, tmp_path):
+    import httpx
+
+    from conftest import auth, running
+    from lepton.evaluate import evaluate
+    from lepton.registry import Registry
+    from lepton.serve import ServeConfig
+
+    run, root = flat_run
+    assert run.config.task == "detection" and run.config.model == "retinanet"
+    assert {"val_map", "val_cpm", "threshold"} <= set(run.info)
+    image = root / "images" / "case001.png"
+    (offline,) = run.predict([image])
+    assert offline["coordinates"].startswith("fractions") and offline["count"] == len(offline["boxes"])
+    loose = {**run.info, "threshold": 0.0}  # every detection, to compare more than the thresholded few
+    rows = run.predict_proba([np.asarray(Image.open(image), np.float32)[None] / 255])
+    assert len(run.task.encode(rows[0], run.label_names, loose)["boxes"]) > 0
+    report = evaluate(run, split="test", n_bootstrap=50, output=tmp_path / "eval")
+    assert 0 <= report["map"] <= 1 and "opacity" in report["per_class"] and (tmp_path / "eval" / "froc.png").is_file()
+    reg = Registry.open(tmp_path / "reg")
+    reg.register_run(run.path, "boxes")
+    key = reg.create_key("clinic")
+    with running(ServeConfig(models=["boxes"], registry=str(tmp_path / "reg"), rate_limit=0)) as url:
+        r = httpx.post(f"{url}/v1/models/boxes/predict", content=image.read_bytes(), headers=auth(key), timeout=60)
+        assert r.status_code == 200, r.text
+        served = r.json()
+        assert served["boxes"] == offline["boxes"] and served["threshold"] == pytest.approx(offline["threshold"])
+        meta = httpx.get(f"{url}/v2/models/boxes", headers=auth(key)).json()
+        assert [o["name"] for o in meta["outputs"]] == ["boxes", "scores", "labels"]
+        pixels = run.preprocessing.resize([np.asarray(Image.open(image), np.float32)[None] / 255]).numpy()
+        body = {"inputs": [{"name": "input", "shape": list(pixels.shape), "datatype": "FP32",
+                            "data": pixels.ravel().tolist()}]}
+        r = httpx.post(f"{url}/v2/models/boxes/infer", json=body, headers=auth(key), timeout=60)
+        assert r.status_code == 200, r.text
+        out = {o["name"]: o for o in r.json()["outputs"]}
+        labels = np.asarray(out["labels"]["data"]).reshape(out["labels"]["shape"])[0]
+        scores = np.asarray(out["scores"]["data"]).reshape(out["scores"]["shape"])[0]
+        assert int((labels >= 0).sum()) == offline["count"]
+        np.testing.assert_allclose(sorted(scores[labels >= 0], reverse=True),
+                                   [b["score"] for b in offline["boxes"]], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_3d_boxes_end_to_end(tmp_path):
+    from lepton.data.synthetic import write_detection_cases
+    from lepton.evaluate import evaluate
+    from lepton.train import train
+
+    csv_path = write_detection_cases(tmp_path / "vol", 16, dims=3, seed=2)
+    run = train(csv_path, name="nodules", output_dir=str(tmp_path / "runs"), epochs=1, batch_size=4,
+                time_budget_s=0, quiet=True, seed=0, tta=False)
+    assert run.preprocessing.spatial_dims == 3 and run.preprocessing.size == (16, 32, 32)
+    (answer,) = run.predict([tmp_path / "vol" / "imagesTr" / "case000.nii.gz"])
+    rows = run.predict_proba([run.task.read(tmp_path / "vol" / "imagesTr" / "case000.nii.gz",
+                                            run.preprocessing)[0][1]])
+    assert rows.shape == (1, 100, 8)
+    loose = run.task.encode(rows[0], run.label_names, {"threshold": 0.0})
+    assert {"z0", "z1", "y0", "x1"} <= set(loose["boxes"][0]["box"]) and answer["count"] <= loose["count"]
+    report = evaluate(run, split="test", n_bootstrap=20, plots=False)
+    assert report["task"] == "detection" and report["images"] >= 1 and "cpm" in report
