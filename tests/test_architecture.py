@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lepton.models",),
     ("lepton.tasks",),
     ("lepton.runs", "lepton.cost"),
-    ("lepton.train",),
+    ("lepton.train", "lepton.pretrain"),
     ("lepton.evaluate", "lepton.explain", "lepton.robustness", "lepton.export", "lepton.precision",
      "lepton.federated", "lepton.distill", "lepton.validation"),
     ("lepton.registry",),

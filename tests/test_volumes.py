@@ -53,11 +53,12 @@ def test_3d_networks(name):
         assert model(fast_layout(torch.rand(2, 1, 16, 16, 16))).shape == (2, 3)
 
 
-def test_networks_without_a_3d_version_say_which_have_one():
+def test_networks_without_a_3d_version_say_which_have_one(tmp_path):
     with pytest.raises(ModelError, match="no 3-D version.*lepton_cnn"):
         create_model("efficientnet_b0", spatial_dims=3)
+    torch.save(create_model("resnet18").state_dict(), tmp_path / "weights.pt")  # a 2-D (ImageNet-style) state dict
     with pytest.raises(ModelError, match="pretrained weights are 2-D"):
-        create_model("resnet18", spatial_dims=3, pretrained="weights.pt")
+        create_model("resnet18", spatial_dims=3, pretrained=tmp_path / "weights.pt")
 
 
 def test_volume_preprocessing_and_augmentation():

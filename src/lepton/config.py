@@ -83,6 +83,14 @@ class TrainConfig:
     adversarial: str | None = None  # fgsm | pgd: train on clean plus adversarial copies of each batch
     adv_epsilon: float = 2 / 255
     adv_steps: int = 3
+    # Semi-supervised training (lepton.train.semi): unlabelled images (a folder, a CSV of paths or a .npz; never
+    # val/test images or patients) learnt from by mean-teacher (consistency with an EMA teacher) or fixmatch
+    # (pseudo-labels above a confidence threshold); semi_ratio unlabelled images per labelled one in each step.
+    unlabelled: str | None = None
+    semi: str | None = None
+    semi_threshold: float = 0.95
+    semi_weight: float = 1.0
+    semi_ratio: int = 2
     # reproducibility and hardware
     seed: int = 0
     deterministic: bool = False
@@ -113,6 +121,13 @@ class TrainConfig:
             raise ConfigError(f"adversarial={self.adversarial!r} is not one of fgsm, pgd")
         if not 0.0 < self.adv_epsilon <= 0.5:
             raise ConfigError(f"adv_epsilon must be in (0, 0.5] on the 0-1 pixel scale (got {self.adv_epsilon})")
+        if self.semi not in (None, "mean-teacher", "fixmatch"):
+            raise ConfigError(f"semi={self.semi!r} is not one of mean-teacher, fixmatch")
+        if bool(self.semi) != bool(self.unlabelled):
+            raise ConfigError("semi-supervised training needs both unlabelled (a source of unlabelled images) and "
+                              "semi (mean-teacher or fixmatch)")
+        if not 0.0 < self.semi_threshold < 1.0:
+            raise ConfigError(f"semi_threshold must be in (0, 1) (got {self.semi_threshold})")
         if not 1 <= self.ensemble <= 16:
             raise ConfigError(f"ensemble must be between 1 and 16 members (got {self.ensemble})")
         positive = ("epochs", "batch_size", "lr")
@@ -159,7 +174,8 @@ class TrainConfig:
                 del values[key]
         for key, default in (("ensemble", 1), ("precision", "auto"), ("lr_scaling", "none"),
                              ("sync_batchnorm", True), ("data_engine", "auto"), ("memory_limit_gb", 2.0),
-                             ("cache_dir", None), ("workers", 0), ("loader_workers", 0)):
+                             ("cache_dir", None), ("workers", 0), ("loader_workers", 0), ("unlabelled", None),
+                             ("semi", None), ("semi_threshold", 0.95), ("semi_weight", 1.0), ("semi_ratio", 2)):
             if values[key] == default:
                 del values[key]
         return values
@@ -206,6 +222,8 @@ NUMBER_BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
     "early_stopping": (0, 100_000, True, False),
     "time_budget_s": (0, 366 * 86_400, False, False),
     "adv_steps": (1, 1_000, True, False),
+    "semi_weight": (0, 100, False, False),
+    "semi_ratio": (1, 64, True, False),
     "seed": (0, 2**32 - 1, True, False),
     "threads": (1, 4_096, True, False),
 }

@@ -82,6 +82,16 @@ def train(
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation.")] = None,
     adversarial: Annotated[str | None, typer.Option(help="Adversarial training: fgsm or pgd.")] = None,
     adv_epsilon: Annotated[float | None, typer.Option(help="Attack budget on the 0-1 pixel scale.")] = None,
+    unlabelled: Annotated[str | None, typer.Option(
+        help="Semi-supervised: unlabelled images (a folder, a CSV with a path column, or a .npz's train images), "
+             "refused if any is a val/test image or patient of DATA; with --semi.")] = None,
+    semi: Annotated[str | None, typer.Option(help="Semi-supervised method: fixmatch (confident pseudo-labels on "
+                                                  "strong views) or mean-teacher (EMA teacher consistency).")] = None,
+    semi_threshold: Annotated[float | None, typer.Option(help="FixMatch: the confidence a pseudo-label needs.",
+                                                         min=0.01, max=0.999)] = None,
+    semi_weight: Annotated[float | None, typer.Option(help="Weight of the unlabelled loss.", min=0, max=100)] = None,
+    semi_ratio: Annotated[int | None, typer.Option(help="Unlabelled images per labelled image in a step.", min=1,
+                                                   max=64)] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     deterministic: Annotated[bool | None, typer.Option("--deterministic", help="Deterministic kernels.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
@@ -143,7 +153,8 @@ def train(
             window=window, slices=slices, preprocess=_parse_steps(preprocess), slab=slab,
             ema_decay=ema_decay, early_stopping=early_stopping, tta=tta, ensemble=ensemble,
             time_budget_s=time_budget, lr_scaling=lr_scaling, sync_batchnorm=sync_bn,
-            adversarial=adversarial, adv_epsilon=adv_epsilon,
+            adversarial=adversarial, adv_epsilon=adv_epsilon, unlabelled=unlabelled, semi=semi,
+            semi_threshold=semi_threshold, semi_weight=semi_weight, semi_ratio=semi_ratio,
             seed=seed, deterministic=deterministic, device=device, precision=precision, threads=threads,
             skip_bad=skip_bad, val_fraction=val_fraction, test_fraction=test_fraction, data_engine=data_engine,
             memory_limit_gb=memory_limit, cache_dir=cache_dir, workers=workers, loader_workers=loader_workers,

@@ -72,8 +72,6 @@ def create_model(
         volume = [m.name for m in list_models() if spatial_dims in m.spatial_dims]
         raise ModelError(f"{name} has no {spatial_dims}-D version; networks for {spatial_dims}-D inputs: "
                          f"{', '.join(volume)}")
-    if pretrained is not None and spatial_dims != 2:
-        raise ModelError("pretrained weights are 2-D ImageNet layouts; train volume networks from scratch")
     try:
         model = info.builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                              spatial_dims=spatial_dims, **options)
@@ -84,7 +82,7 @@ def create_model(
     except ValueError as exc:
         raise ModelError(f"{name}: {exc}") from exc
     if pretrained is not None:
-        load_pretrained(model, info, Path(pretrained))
+        load_pretrained(model, info, Path(pretrained), spatial_dims=spatial_dims, in_channels=in_channels)
     return model
 
 

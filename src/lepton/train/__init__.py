@@ -44,6 +44,7 @@ from lepton.train.data import (
 from lepton.train.distributed import Dist
 from lepton.train.loop import Trainer, seed_epoch
 from lepton.train.progress import Reporter
+from lepton.train.semi import make_trainer
 from lepton.utils import atomic_torch_save, atomic_write_json
 
 __all__ = ["Prepared", "Trainer", "data_fingerprint", "finish_run", "intensity_stats", "prepare_data",
@@ -255,8 +256,8 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
                                                                        "task": config.task})
     seed_epoch(seed, 0)
     fresh = state is None
-    trainer = Trainer(member_config, task, prepared, device,
-                      pretrained=config.pretrained if fresh and member == 1 else None, dist=dist)
+    trainer = make_trainer(member_config, task, prepared, device,
+                           pretrained=config.pretrained if fresh and member == 1 else None, dist=dist)
     best: dict[str, Any] = {"score": None, "epoch": 0, "loss": float("inf")}
     start_epoch, stale = 1, 0
     if state is not None:

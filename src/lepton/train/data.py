@@ -35,6 +35,9 @@ class Prepared:
     #: Per-sample inputs beside the images (``Task.side_inputs``: covariates), or None.
     e_train: torch.Tensor | None = None
     e_val: torch.Tensor | None = None
+    #: Semi-supervised training: the unlabelled pool (``lepton.data.unlabelled.UnlabelledSet``), checked to share
+    #: no image and no patient with val/test; decoded batch by batch as the steps draw it.
+    unlabelled: Any = None
 
 
 log = logging.getLogger("lepton.train")
@@ -128,9 +131,29 @@ def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: T
             spec.mean = x.mean(dim=axes).tolist()
             spec.std = x.std(dim=axes).clamp_min(1e-3).tolist()
     fingerprint = data_fingerprint(data, splits) | {"intensity": intensity_stats(x), "engine": engine}
+    pool = None
+    if config.unlabelled:
+        pool, fingerprint["unlabelled"] = unlabelled_pool(config, task, data, splits, steps, quiet)
     x_val, y_val = task.tensors(val, spec)
     return Prepared(spec=spec, x_train=x, y_train=y, x_val=x_val, y_val=y_val, label_names=data.label_names,
-                    fingerprint=fingerprint, e_train=task.side_inputs(train, spec), e_val=task.side_inputs(val, spec))
+                    fingerprint=fingerprint, e_train=task.side_inputs(train, spec), e_val=task.side_inputs(val, spec),
+                    unlabelled=pool)
+
+
+def unlabelled_pool(config: TrainConfig, task: Task, data, splits: np.ndarray, steps: list[dict],
+                    quiet: bool = False):
+    """The config's unlabelled source, listed, read once for its pixel hashes and refused when it shares an image or
+    a patient with the labelled source's val or test split (``check_pool``); returns it with its fingerprint."""
+    from lepton.data.unlabelled import check_pool, load_unlabelled
+
+    if task.name != "classification" or not isinstance(data, ImageSet):
+        raise ConfigError(f"semi-supervised training (unlabelled, semi) is built for classification; the {task.name} "
+                          "task trains on labelled cases only")
+    pool = load_unlabelled(config.unlabelled, window=config.window, slices=config.slices, steps=steps)
+    hashes = pool.scan(progress=not quiet)
+    check_pool(pool, hashes, data, splits)
+    digest = sha256_bytes("\n".join(sorted(hashes)).encode())
+    return pool, {"source": pool.source, "images": len(pool), "sha256": digest}
 
 
 def _shapes(data) -> list[tuple[int, ...]]:

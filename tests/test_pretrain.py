@@ -1,0 +1,102 @@
+"""Self-supervised pretraining: a killed run resumes to the same backbone; the backbone loads into the network it was
+pretrained as and is refused, with the fix, where it does not fit."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import lepton_cmd
+from lepton.errors import ModelError, RunError
+from lepton.models import create_model
+from lepton.pretrain import patch_mask, pretrain
+
+OPTS = {"epochs": 3, "batch_size": 8, "image_size": 16, "lr": 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One PyTorch thread: on a machine shared by other jobs it is several times faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("pool") / "pool.npz"
+    np.savez(path, images=(rng.random((32, 16, 16)) * 255).astype(np.uint8))
+    return path
+
+
+@pytest.mark.slow
+def test_killed_pretraining_resumes_to_the_same_backbone(pool, tmp_path):
+    out = tmp_path / "killed"
+    args = ["pretrain", str(pool), "-o", str(out), "--method", "contrastive", "--quiet", "--threads", "1",
+            *(f"--{k.replace('_', '-')}={v}" for k, v in OPTS.items())]
+    proc = subprocess.Popen(lepton_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not (out / "history.csv").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, f"pretraining ended before it could be killed: {proc.stderr.read().decode()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "backbone.pt").exists() and (out / "last.pt").is_file()
+    pretrain(pool, out, method="contrastive", quiet=True, **OPTS)  # the same options: resumes from last.pt
+    clean = pretrain(pool, tmp_path / "clean", method="contrastive", quiet=True, **OPTS)
+    resumed_rows = list(csv.DictReader((out / "history.csv").open()))
+    clean_rows = list(csv.DictReader((tmp_path / "clean" / "history.csv").open()))
+    assert [r["epoch"] for r in resumed_rows] == ["1", "2", "3"]
+    assert [float(r["loss"]) for r in resumed_rows] == pytest.approx([float(r["loss"]) for r in clean_rows], rel=1e-5)
+    a, b = (torch.load(p, weights_only=True)["model"] for p in (out / "backbone.pt", clean))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    with pytest.raises(RunError, match="other settings.*epochs"):  # another configuration never overwrites it
+        pretrain(pool, out, method="contrastive", quiet=True, **{**OPTS, "epochs": 4})
+
+
+def test_backbone_loads_where_it_fits_and_is_refused_clearly_elsewhere(pool, tmp_path):
+    backbone = pretrain(pool, tmp_path / "masked", method="masked", quiet=True, **{**OPTS, "epochs": 1})
+    state = torch.load(backbone, weights_only=True)["model"]
+    model = create_model("lepton_cnn", in_channels=1, num_classes=3, image_size=16, pretrained=backbone)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())  # every backbone weight, the head fresh
+    assert loaded["fc.weight"].shape == (3, 256) and "fc.weight" not in state
+    with pytest.raises(ModelError, match="lepton_cnn backbone.*this run builds resnet18: train with --model "
+                                         "lepton_cnn"):
+        create_model("resnet18", in_channels=1, num_classes=2, image_size=16, pretrained=backbone)
+    with pytest.raises(ModelError, match="3 channel.*--channels 1"):
+        create_model("lepton_cnn", in_channels=3, num_classes=2, image_size=16, pretrained=backbone)
+    with pytest.raises(ModelError, match="2-D lepton_cnn.*3-D"):
+        create_model("lepton_cnn", in_channels=1, num_classes=2, image_size=16, spatial_dims=3, pretrained=backbone)
+
+
+@pytest.mark.slow
+def test_3d_and_encoder_decoder_backbones(tmp_path):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "vols.npz", images=(rng.random((8, 16, 16, 16)) * 255).astype(np.uint8))
+    vol = pretrain(tmp_path / "vols.npz", tmp_path / "v", model="lepton_cnn", method="contrastive", quiet=True,
+                   epochs=1, batch_size=4, image_size=16)
+    model = create_model("lepton_cnn", in_channels=1, num_classes=2, image_size=16, spatial_dims=3, pretrained=vol)
+    assert model(torch.rand(2, 1, 16, 16, 16)).shape == (2, 2)
+    np.savez(tmp_path / "imgs.npz", images=(rng.random((8, 16, 16)) * 255).astype(np.uint8))
+    unet = pretrain(tmp_path / "imgs.npz", tmp_path / "u", model="unet", method="masked", quiet=True, epochs=1,
+                    batch_size=4, image_size=32)  # four halvings leave 2x2 for instance norm
+    seg = create_model("unet", in_channels=1, num_classes=3, image_size=32, pretrained=unet)
+    assert seg(torch.rand(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+    with pytest.raises(ModelError, match="unet backbone.*segresnet"):
+        create_model("segresnet", in_channels=1, num_classes=3, image_size=32, pretrained=unet)
+
+
+def test_patch_mask_blanks_about_the_ratio():
+    mask = patch_mask((64, 1, 32, 32), 0.6, torch.Generator().manual_seed(0))
+    assert mask.shape == (64, 1, 32, 32) and 0.5 < float(mask.mean()) < 0.7
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
