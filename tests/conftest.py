@@ -220,9 +220,10 @@ ORTHANC_PROCS: dict = {}
 
 
 @contextmanager
-def orthanc_server(root: Path, port: int | None = None):
+def orthanc_server(root: Path, port: int | None = None, dicom: dict | None = None):
     """An Orthanc on loopback with DICOMweb at /dicom-web, its storage under ``root``; yields its base URL and
-    stops it afterwards (bounded waits). ``port`` reuses a port (a restart of the same PACS)."""
+    stops it afterwards (bounded waits). ``port`` reuses a port (a restart of the same PACS). ``dicom`` turns its
+    DIMSE server on: ``{"port": P, "aet": "ORTHANC", "modalities": {"name": [AET, host, port]}}``."""
     import json
     import socket
     import subprocess
@@ -242,6 +243,9 @@ def orthanc_server(root: Path, port: int | None = None):
               "HttpPort": port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
               "DicomServerEnabled": False, "HttpCompressionEnabled": False, "Plugins": [str(ORTHANC_PLUGIN)],
               "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False}}
+    if dicom:
+        config.update({"DicomServerEnabled": True, "DicomPort": dicom["port"], "DicomAet": dicom.get("aet", "ORTHANC"),
+                       "DicomModalities": dicom.get("modalities", {}), "DicomCheckCalledAet": True})
     (root / "orthanc.json").write_text(json.dumps(config))
     log = (root / "orthanc.log").open("ab")
     proc = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)

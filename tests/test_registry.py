@@ -294,7 +294,7 @@ def test_schema_is_migrated_once(location):
     first = Registry.open(location)
     second = Registry.open(location)  # re-opening runs the migration check again, harmlessly
     with second.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"
     assert first.list() == []
 
 

@@ -23,8 +23,9 @@ app.add_typer(pacs_app, name="pacs")
 
 @app.command("dicom-node")
 def dicom_node(
-    pacs: Annotated[str, typer.Option(help="The PACS's DICOMweb base URL, e.g. http://orthanc:8042/dicom-web.")],
     model: Annotated[str, typer.Option(help="A registered classifier: NAME@production, NAME@3, …")],
+    pacs: Annotated[str | None, typer.Option(help="The PACS's DICOMweb base URL, e.g. http://orthanc:8042/dicom-web "
+                                                  "(studies polled from it; results stored to it by STOW-RS).")] = None,
     registry: RegistryOpt = None,
     filter_: Annotated[list[str] | None, typer.Option(
         "--filter", help="Which series to run on: modality=CT,DX (repeatable). Default: every series except "
@@ -42,14 +43,30 @@ def dicom_node(
     once: Annotated[bool, typer.Option("--once", help="Poll once and exit (for cron or a test).")] = False,
     explain: Annotated[str | None, typer.Option(help="Also store a Grad-CAM overlay as a Secondary Capture: "
                                                      "gradcam or gradcam++.")] = None,
-    settle: Annotated[float, typer.Option(help="Seconds a study's series and instance counts must stay unchanged "
-                                               "before it is processed (studies arrive instance by instance; 0 = "
-                                               "at once). --once processes what is there: run it when studies are "
-                                               "complete.", click_type=_finite(0, 86_400))] = 30.0,
+    settle: Annotated[float | None, typer.Option(
+        help="Seconds a study's series and instance counts must stay unchanged before it is processed (studies "
+             "arrive instance by instance; 0 = at once). Kept in the registry, so restarts and --once polls apply "
+             "it. Default 30, or 0 with --once.", click_type=_finite(0, 86_400))] = None,
+    listen: Annotated[int | None, typer.Option(
+        help="Run a DIMSE Storage SCP on this port: modalities and PACS C-STORE studies (CT, MR, CR, DX, US) into "
+             "--inbox, which the node processes instead of polling --pacs.", min=0, max=65535)] = None,
+    host: Annotated[str, typer.Option(help="The address the Storage SCP listens on.")] = "0.0.0.0",
+    inbox: Annotated[Path | None, typer.Option(help="Where received studies are kept (with --listen).")] = None,
+    ae_title: Annotated[str, typer.Option(help="This node's AE title (called and calling).")] = "LEPTON",
+    allow_ae: Annotated[list[str] | None, typer.Option(
+        help="Calling AE titles the SCP accepts (repeatable; default: any).")] = None,
+    results_to: Annotated[str | None, typer.Option(
+        help="Send results by C-STORE to this AE, TITLE@HOST:PORT, instead of STOW-RS to --pacs.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="DICOM over TLS: this node's certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="DICOM over TLS: its private key (PEM).")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(
+        help="DICOM over TLS: the CA that signs peers' certificates (the SCP then requires client certificates).")]
+    = None,
 ) -> None:
-    """Watch a PACS over DICOMweb: run MODEL on new studies and store each answer back as a DICOM Structured
-    Report (STOW-RS). Restartable: the registry records every study (as a pseudonym), so none is processed twice;
-    failures are retried with backoff, then parked with the reason."""
+    """Run MODEL on new studies — polled from a PACS over DICOMweb, or C-STOREd to this node's Storage SCP
+    (--listen) — and send each answer back as a DICOM Structured Report (or SEG): STOW-RS to --pacs, or C-STORE to
+    --results-to. Restartable: the registry records every study (as a pseudonym), so none is processed twice; a
+    series arriving later reopens its study; failures are retried with backoff, then parked with the reason."""
     from lepton.pacs.node import DicomNode
 
     modalities: list[str] = []
@@ -58,11 +75,28 @@ def dicom_node(
         if key.strip().lower() != "modality" or not value.strip():
             raise typer.BadParameter(f"--filter {item!r}: use modality=CT,DX")
         modalities += [m.strip() for m in value.split(",") if m.strip()]
+    if settle is None:
+        settle = 0.0 if once else 30.0
     if max_attempts < 1 or interval <= 0 or backoff < 0 or settle < 0:
         raise typer.BadParameter("--max-attempts must be >= 1, --interval > 0, --backoff and --settle >= 0")
+    if listen is not None and inbox is None:
+        raise typer.BadParameter("--listen needs --inbox: the folder the SCP writes into and the node reads")
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("--tls-cert and --tls-key go together")
+    from lepton.pacs.dimse import tls_context
+
+    server_tls = tls_context(tls_cert, tls_key, tls_ca, server=True) if tls_cert else None
+    client_tls = tls_context(tls_cert, tls_key, tls_ca, server=False) if tls_cert else None
     node = DicomNode(pacs, model, _registry(registry), name=name, modalities=modalities, max_attempts=max_attempts,
-                     backoff_seconds=backoff, explain=explain, settle_seconds=0.0 if once else settle)
+                     backoff_seconds=backoff, explain=explain, settle_seconds=settle, inbox=inbox,
+                     results_to=results_to, ae_title=ae_title, tls=client_tls)
     node.run_model()  # a model that cannot be loaded stops here, before the first poll
+    scp = None
+    if listen is not None and not once:
+        from lepton.pacs.dimse import StorageSCP
+
+        scp = StorageSCP(inbox, ae_title=ae_title, host=host, port=listen, allowed=allow_ae,
+                         ssl_context=server_tls).start()
     if metrics_port:
         from prometheus_client import start_http_server
 
@@ -73,7 +107,8 @@ def dicom_node(
                       f"({poll.parked} parked), {poll.skipped} skipped, {poll.waiting} still arriving"
                       + (f"; {poll.error}" if poll.error else ""))
         raise typer.Exit(1 if poll.error or poll.failed else 0)
-    console.print(f"watching {node.base} every {interval:g} s with {model} (Ctrl-C stops)")
+    where = f"AE {ae_title} on {host}:{scp.port} into {inbox}" if scp else node.base
+    console.print(f"watching {where} every {interval:g} s with {model} (Ctrl-C stops)")
     import contextlib
     import signal
 
@@ -84,8 +119,12 @@ def dicom_node(
     # background job or a supervisor that ignores it inherits that to its children)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stop)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the loop between studies' records
-        node.run(interval)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the loop between studies' records
+            node.run(interval)
+    finally:
+        if scp is not None:
+            scp.stop()
 
 
 @pacs_app.command("export")

@@ -158,11 +158,14 @@ class DicomJob(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     node: Mapped[str] = mapped_column(String(100), nullable=False)
     study: Mapped[str] = mapped_column(String(64), nullable=False)
-    status: Mapped[str] = mapped_column(String(20), nullable=False)  # done | retry | parked
+    status: Mapped[str] = mapped_column(String(20), nullable=False)  # waiting | done | retry | parked
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_try: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # the study's series and instance counts as last seen (a hash of pseudonyms), and since when unchanged
+    signature: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 

@@ -1,5 +1,6 @@
-"""The DICOM node's record in the registry database: one row per (node, study pseudonym) — done, retry (with the
-time of the next try) or parked (with the reason) — so a restarted node resumes without processing a study twice."""
+"""The DICOM node's record in the registry database: one row per (node, study pseudonym) — waiting (still arriving),
+done, retry (with the time of the next try) or parked (with the reason), with the study's arrival signature and since
+when it is unchanged — so a restarted node resumes without processing a study twice and applies the settle rule."""
 
 from __future__ import annotations
 
@@ -25,15 +26,20 @@ class Job:
     next_try: datetime | None
     reason: str | None
     result: dict[str, Any]
+    changed_at: datetime | None = None
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is not None and moment.tzinfo is None:  # SQLite returns naive UTC
+        from datetime import UTC
+
+        moment = moment.replace(tzinfo=UTC)
+    return moment
 
 
 def _job(row: DicomJob) -> Job:
-    next_try = row.next_try
-    if next_try is not None and next_try.tzinfo is None:  # SQLite returns naive UTC
-        from datetime import UTC
-
-        next_try = next_try.replace(tzinfo=UTC)
-    return Job(row.node, row.study, row.status, row.attempts or 0, next_try, row.reason, dict(row.result or {}))
+    return Job(row.node, row.study, row.status, row.attempts or 0, _utc(row.next_try), row.reason,
+               dict(row.result or {}), _utc(row.changed_at))
 
 
 class JobsMixin:
@@ -48,6 +54,25 @@ class JobsMixin:
         with Session(self.engine) as session:
             return [_job(r) for r in session.scalars(select(DicomJob).where(DicomJob.node == node)
                                                      .order_by(DicomJob.id))]
+
+    def observe_study(self, node: str, study: str, signature: str, at: datetime | None = None) -> datetime:
+        """Record what a study looks like now (``signature``: its series and instance counts, hashed) and return
+        since when it has looked like that: ``at`` (default now) when it changed or is new, else the stored time.
+        A study not seen before is recorded as ``waiting``. Kept in the database, so a restarted node or a single
+        ``--once`` poll applies the settle rule with what earlier polls saw."""
+
+        def write(session: Session) -> datetime:
+            row = session.scalar(select(DicomJob).where(DicomJob.node == node, DicomJob.study == study))
+            if row is None:
+                row = DicomJob(node=node, study=study, status="waiting", attempts=0, result={})
+                session.add(row)
+            if row.signature != signature or row.changed_at is None:
+                row.signature, row.changed_at = signature, at or utcnow()
+                row.updated_at = utcnow()
+            session.flush()
+            return _utc(row.changed_at)
+
+        return self._retrying(write)
 
     def record_job(self, node: str, study: str, *, done: bool, reason: str | None = None,
                    result: dict[str, Any] | None = None, max_attempts: int = 5,
