@@ -1,0 +1,154 @@
+"""Distillation (lepton.distill): an ensemble with flip TTA taught to one network that is a run like any other —
+resumable after a SIGKILL, evaluated beside its teacher, registered with its teacher named, served through OIP."""
+
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import kill_after_epochs
+from lepton.errors import ConfigError, RunError
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, synthetic_npz):
+    """Two members with flip TTA: four forward passes per image."""
+    from lepton.train import train
+
+    return train(synthetic_npz, preset="default", name="teacher", output_dir=str(tmp_path_factory.mktemp("t")),
+                 epochs=2, batch_size=32, lr=2e-3, ensemble=2, tta=True, quiet=True, seed=0)
+
+
+def _distill_args(teacher, out, name: str) -> dict:
+    return {"epochs": EPOCHS, "name": name, "output_dir": str(out), "n_bootstrap": 20, "quiet": True,
+            "temperature": 3.0, "alpha": 0.8}
+
+
+@pytest.fixture(scope="module")
+def student(teacher, tmp_path_factory):
+    from lepton.distill import distill
+
+    out = tmp_path_factory.mktemp("s")
+    return distill(teacher.path, **_distill_args(teacher, out, "student"))
+
+
+def test_soft_targets_and_the_loss():
+    from lepton.distill import kd_loss, soft_targets
+
+    p = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    torch.testing.assert_close(soft_targets(p, 1.0), p)
+    warm = soft_targets(p, 4.0)
+    assert (warm[:, 0] - 0.5).abs().lt((p[:, 0] - 0.5).abs()).all()  # a higher temperature softens
+    hard = torch.nn.functional.cross_entropy
+    logits = torch.log(p)
+    target = torch.cat([soft_targets(p, 2.0), torch.tensor([[0.0], [-1.0]])], dim=1)  # row 2 unlabelled
+    assert kd_loss(hard, 2.0, 1.0)(logits, target).item() == pytest.approx(0.0, abs=1e-6)  # student = teacher
+    only_hard = kd_loss(hard, 2.0, 0.0)(logits, target)
+    assert only_hard.item() == pytest.approx(hard(logits[:1], torch.tensor([0])).item(), rel=1e-6)
+    wrong = torch.log(p.flip(1))
+    assert kd_loss(hard, 2.0, 1.0)(wrong, target).item() > 0.1
+
+
+def test_the_student_is_a_run_that_names_its_teacher(teacher, student, tmp_path, monkeypatch):
+    t_info, s_info = teacher.info, student.info
+    assert t_info["members"] == 2 and t_info["cost"]["forward_passes_per_image"] == 4
+    assert (student.config.tta, student.config.ensemble, student.config.seed) == (False, 1, teacher.config.seed)
+    assert s_info["status"] == "complete" and s_info["epochs"] == EPOCHS and 0 <= s_info["threshold"] <= 1
+    assert s_info["cost"]["forward_passes_per_image"] == 1
+    t = s_info["teacher"]
+    assert t["run"] == str(teacher.path.resolve()) and (t["members"], t["tta_views"], t["forward_passes_per_image"]) \
+        == (2, 2, 4) and t["temperature"] == 3.0
+    # the student's val split is the teacher's: the same images, side by side in one report
+    report = json.loads((student.path / "distill_report.json").read_text())
+    assert report["teacher"]["images"] == report["student"]["images"] == s_info["val_images"]
+    for who in ("teacher", "student"):
+        row = report[who]
+        assert len(row["auc_ci95"]) == 2 and 0 <= row["ece"] <= 1 and row["ms_per_image_b1"] > 0
+    assert (report["teacher"]["forward_passes_per_image"], report["student"]["forward_passes_per_image"]) == (4, 1)
+    assert report["student"]["val_auc"] == pytest.approx(
+        json.loads((student.path / "eval" / "val" / "report.json").read_text())["metrics"]["val_youden"]["auc"])
+    assert "| teacher |" in (student.path / "distill_report.md").read_text()
+    # the teacher's outputs are cached: read back, never computed twice
+    from lepton import distill as mod
+
+    cached = np.load(student.path / mod.TEACHER_FILE)["probs"]
+    assert cached.shape == (s_info["train_images"], 2) and np.allclose(cached.sum(1), 1, atol=1e-4)
+    monkeypatch.setattr("lepton.runs.predict_outputs", lambda *a, **k: pytest.fail("teacher recomputed"))
+    key = str(np.load(student.path / mod.TEACHER_FILE)["key"])
+    np.testing.assert_array_equal(mod.teacher_outputs(teacher, np.zeros((len(cached), 1, 32, 32), np.float32),
+                                                      student.path, key, quiet=True), cached)
+    monkeypatch.undo()
+    # registered as a version whose card names its teacher and what each answer costs
+    from lepton.registry import Registry
+
+    reg = Registry.open(tmp_path / "reg")
+    reg.register_run(teacher.path, "cxr")
+    v = reg.register_run(student.path, "cxr")
+    card = reg.card(v.ref)
+    assert f"Distilled from teacher `{teacher.path.resolve()}`" in card and "4 forward passes per image" in card
+    assert "Forward passes per image: 1 (1 member(s) × 1 TTA view(s))" in card
+    assert v.metrics["eval/val"]["images"] == s_info["val_images"]  # evaluated like any run
+    # exported like any run
+    from lepton.export import export_run
+
+    exported = export_run(student, quantize="int8", output=tmp_path / "export", repeats=2)
+    assert [r["variant"] for r in exported["variants"]] == ["pytorch-fp32", "onnx-fp32", "onnx-int8"]
+
+
+def test_a_student_served_through_oip_answers_as_offline(student, tmp_path):
+    import httpx
+
+    from conftest import running
+    from lepton.registry import Registry
+    from lepton.serve import ServeConfig
+
+    reg = Registry.open(tmp_path / "reg")
+    reg.register_run(student.path, "student")
+    key = {"Authorization": f"Bearer {reg.create_key('clinic')}"}
+    x = np.random.default_rng(4).random((3, 1, 32, 32)).astype(np.float32)
+    expected = student.predict_proba(list(x))
+    with running(ServeConfig(models=["student"], registry=str(tmp_path / "reg"), rate_limit=0)) as base:
+        meta = httpx.get(f"{base}/v2/models/student", headers=key, timeout=30).json()
+        assert meta["parameters"]["cost"]["forward_passes_per_image"] == 1
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+        out = httpx.post(f"{base}/v2/models/student/infer", json=body, headers=key, timeout=60).json()
+    probs = next(o for o in out["outputs"] if o["name"] == "probabilities")
+    np.testing.assert_allclose(np.asarray(probs["data"], np.float32).reshape(probs["shape"]), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_distillation_resumes_after_a_kill(teacher, student, tmp_path):
+    """SIGKILL a distillation in its own process after two epochs; the resumed run repeats the uninterrupted one,
+    reading the teacher's outputs from its cache."""
+    from lepton.distill import TEACHER_FILE, distill
+
+    args = _distill_args(teacher, tmp_path, "killed")
+    code = f"from lepton.distill import distill; distill({str(teacher.path)!r}, **{args!r})"
+    kill_after_epochs([sys.executable, "-c", code], tmp_path / "killed", epochs=2)
+    killed = tmp_path / "killed"
+    assert not (killed / "run.json").exists() and (killed / "last.pt").exists()
+    cached = (killed / TEACHER_FILE).stat().st_mtime_ns
+    resumed = distill(resume=killed, n_bootstrap=20, quiet=True)
+    assert (killed / TEACHER_FILE).stat().st_mtime_ns == cached
+    rows = [list(csv.DictReader((d / "history.csv").open())) for d in (killed, student.path)]
+    assert [int(r["epoch"]) for r in rows[0]] == list(range(1, EPOCHS + 1))
+    for a, b in zip(*rows, strict=True):
+        for key in ("train_loss", "val_loss", "val_auc"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-3), (a["epoch"], key)
+    assert resumed.info["val_auc"] == pytest.approx(student.info["val_auc"], abs=2e-3)
+
+
+def test_refusals(teacher, tmp_path):
+    from lepton.distill import distill
+
+    with pytest.raises(ConfigError, match="temperature"):
+        distill(teacher.path, temperature=0.0, output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="segmentation network"):
+        distill(teacher.path, student="unet", output_dir=str(tmp_path), name="seg")
+    with pytest.raises(RunError, match="not a distillation"):
+        distill(resume=teacher.path)
