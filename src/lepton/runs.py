@@ -132,7 +132,7 @@ class Run:
 
     def __post_init__(self) -> None:
         if self.task is None:
-            self.task = get_task(self.config.task)
+            self.task = get_task(self.config.task, self.config.task_options)
 
     @property
     def threshold(self) -> float | None:

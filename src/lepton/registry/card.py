@@ -16,7 +16,8 @@ def render_card(v) -> str:
     cfg, fp, m = v.config, v.data_fingerprint, v.metrics
     link, cost, teacher = m.get("mlflow_run"), m.get("cost"), m.get("teacher")
     m = {k: val for k, val in m.items() if k not in ("mlflow_run", "cost", "teacher")}
-    text = get_task(cfg.get("task")).card_text(v.labels, v.preprocessing.get("channels", 1), v.threshold, m)
+    task = get_task(cfg.get("task"), cfg.get("task_options"))
+    text = task.card_text(v.labels, v.preprocessing.get("channels", 1), v.threshold, m)
     lines = [f"# Model card: {v.name} v{v.version}", "", "## Intended use", *text["use"], "",
              "## Model",
              f"- Format: {v.format}; architecture: `{cfg.get('model', 'external')}`",

@@ -183,7 +183,8 @@ class Registry(AccessMixin, JobsMixin, ValidationMixin):
         from lepton.config import TrainConfig
         from lepton.tasks import get_task
 
-        task = get_task(TrainConfig.from_yaml(run_dir / "config.yaml").task)
+        run_config = TrainConfig.from_yaml(run_dir / "config.yaml")
+        task = get_task(run_config.task, run_config.task_options)
         if onnx:
             import tempfile
 

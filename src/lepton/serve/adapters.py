@@ -35,6 +35,12 @@ class ModelAdapter:
         self.name, self.version, self.labels = name, version, labels
         self.preprocessing, self.threshold, self.task = preprocessing, threshold, task
         self.info = {"threshold": threshold}  # the decision record the task reads
+        #: The covariates this version fuses with the image (their fitted schema), or None.
+        self.covariates = None
+        if preprocessing.options.get("covariates"):
+            from lepton.data.covariates import CovariateSchema
+
+            self.covariates = CovariateSchema.from_dict(preprocessing.options["covariates"])
 
     def use_precision(self, precision: str, record: dict[str, Any] | None) -> None:
         """Run in ``precision`` with the decision threshold selected on val for it."""
@@ -56,7 +62,7 @@ class ModelAdapter:
     @classmethod
     def _fields(cls, v) -> tuple:
         return (v.name, v.version, v.labels, Preprocessing.from_dict(v.preprocessing), v.threshold,
-                get_task(v.config.get("task")))
+                get_task(v.config.get("task"), v.config.get("task_options")))
 
     def setup(self) -> None:
         """Load weights and warm up (called once, off the event loop)."""
@@ -71,6 +77,9 @@ class ModelAdapter:
         volume model (C, D, H, W) from NIfTI, a zip of one DICOM series, or NPY. A dense task's model gets the
         ``Frame`` as read (its geometry kept, the run's steps not yet applied): its answer goes back on that grid."""
         name = "upload" + (".nii.gz" if (filename or "").lower().endswith(".nii.gz") else Path(filename or "").suffix)
+        own = self.task.read_bytes(payload, name[:20], self.preprocessing)
+        if own is not None:  # a task with its own reader (clips)
+            return own
         frames = read_image_bytes(payload, name[:20], window=self.preprocessing.window,
                                   slices="volume" if self.volumes else "middle", max_pixels=MAX_SERVE_PIXELS,
                                   steps=None if self.task.dense else self.preprocessing.steps)
@@ -103,8 +112,21 @@ class ModelAdapter:
             return Frame(arr, "array", "array")
         return arr
 
-    def prepare(self, images: list[np.ndarray]) -> np.ndarray:
-        """Resize, convert channels and normalise a batch: float32 (N, C, H, W)."""
+    def attach(self, pixels: np.ndarray, covariates: dict[str, Any] | None) -> np.ndarray | tuple:
+        """A decoded input with the request's covariates encoded beside it, ``(pixels, features)``, for a version
+        that fuses them; the pixels alone for one that does not (covariates sent to it are a DataError)."""
+        if self.covariates is None:
+            if covariates:
+                raise DataError(f"covariates: {self.name}@{self.version} takes none (it reads the image alone)")
+            return pixels
+        return pixels, self.task.side_inputs([covariates], self.preprocessing)[0].numpy()
+
+    def prepare(self, images: list) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Resize, convert channels and normalise a batch: float32 (N, C, H, W); inputs with covariates
+        (``attach``) as ``(images, covariate features)``."""
+        if images and isinstance(images[0], tuple):
+            return (self.preprocessing([p for p, _ in images]).numpy(),
+                    np.stack([e for _, e in images]).astype(np.float32))
         return self.preprocessing(images).numpy()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -190,10 +212,17 @@ class TorchAdapter(ModelAdapter):
         self.run = self._registry.load_run(self._ref)
         self.predict(self.prepare([np.zeros((self.preprocessing.channels, *self.preprocessing.size), np.float32)]))
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray | tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         from lepton.precision import torch_outputs
 
         return torch_outputs(self.run.model, batch, self.task.activate, self.run.config.tta, self.precision)
+        if isinstance(batch, tuple):  # images with covariates: the network's second input (fp32)
+            import torch
+
+            from lepton.runs import predict_outputs
+
+            x, e = (torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in batch)
+            return predict_outputs(self.run.model, x, self.task.activate, tta=self.run.config.tta, extras=e)
 
     def _segment_model(self):
         self._tta = self.run.config.tta

@@ -142,6 +142,29 @@ async def read_form(request: Request, limit: int):
         raise _multipart_error(f"malformed multipart body: {getattr(exc, 'detail', None) or exc}") from None
 
 
+async def request_covariates(request: Request) -> dict[str, Any] | None:
+    """A native predict request's clinical covariates, by name: the multipart field ``covariates`` (a JSON object as
+    text) or the JSON body's ``covariates`` object; None when the request has none. Read after ``decode_request``
+    (the body and form are parsed once and kept)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        text = (await request.form()).get("covariates")
+        if text is None:
+            return None
+        if not isinstance(text, str):
+            raise ApiError(422, "invalid_request", "'covariates' must be a form field with a JSON object, not a file")
+        value = parse_json(text.encode(), "covariates")
+    elif ctype.startswith("application/json"):
+        value = parse_json(await request.body()).get("covariates")
+        if value is None:
+            return None
+    else:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_request", "'covariates' must be a JSON object of values by name")
+    return value
+
+
 async def decode_request(request: Request, adapter: ModelAdapter, limit: int) -> np.ndarray:
     """One image from a native predict request, by content type: multipart ``file``, JSON ``image``
     (base64 file) or ``array`` (nested list in [0, 1]), or the raw file as the body."""

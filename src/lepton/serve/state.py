@@ -297,7 +297,7 @@ class Server:
         label = adapter.label(outputs)
         if label is not None:
             m.predictions.labels(dep.name, str(version), label).inc()
-        mean = float(pixels.mean())
+        mean = float((pixels[0] if isinstance(pixels, tuple) else pixels).mean())  # (image, covariates)
         dep.drift_mean = mean if dep.drift_mean is None else 0.98 * dep.drift_mean + 0.02 * mean
         ref = dep.train_intensity
         if ref.get("std_of_image_means"):

@@ -109,6 +109,11 @@ class Task:
             out.append((name, frame.pixels))
         return out
 
+    def read_bytes(self, data: bytes, name: str, spec) -> np.ndarray | None:
+        """An uploaded file decoded as ``read`` decodes a path, for the server; None (the default): the server's own
+        image decoding."""
+        return None
+
     def batch(self, x: torch.Tensor, y: torch.Tensor, spec, generator: torch.Generator):
         """A training batch as the network sees it (dense tasks cut patches of ``spec.size`` from larger cases)."""
         return x, y

@@ -167,6 +167,20 @@ class Sequence(Task):
                                size=int(opts["size"]))
         return [(str(path), clip)]
 
+    def read_bytes(self, data: bytes, name: str, spec) -> np.ndarray:
+        """An uploaded clip (a multi-frame or single-frame DICOM file, or a still image) as ``read`` reads a path:
+        written to a private temporary file first, since the DICOM reader decodes only the frames it samples."""
+        import tempfile
+
+        from lepton.data.io import sniff_bytes
+
+        kind = sniff_bytes(data[:4096], name)
+        suffix = ".dcm" if kind == "dicom" else Path(name).suffix or ".bin"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(data)
+            return self.read(path, spec)[0][1]
+
     # -- training -----------------------------------------------------------------------------------------
     def num_outputs(self, label_names: list[str]) -> int:
         return 1 if self.regression else len(label_names)

@@ -14,13 +14,18 @@ from lepton.registry.access import KeyInfo
 from lepton.serve import schemas
 from lepton.serve.deps import api_key, predict_target, served_model
 from lepton.serve.errors import ApiError, registry_call
-from lepton.serve.inputs import decode_request
+from lepton.serve.inputs import decode_request, request_covariates
 from lepton.serve.state import Deployment
 
 router = APIRouter(prefix="/v1/models", tags=["v1"])
 
 _BINARY = {"schema": {"type": "string", "format": "binary", "minLength": 1}}
 _UNIT = {"type": "number", "minimum": 0, "maximum": 1}
+_COV = ("Models that fuse clinical covariates with the image: their values by name, as a JSON object (the model's "
+        "`covariates` in GET /v1/models/{name}: numbers for numeric ones, strings for categorical ones, null when "
+        "missing).")
+_COVARIATES = {"type": "object", "description": _COV,
+               "additionalProperties": {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "null"}]}}
 #: The request bodies predict accepts, by content type (FastAPI cannot infer them: the route reads the raw body).
 PREDICT_BODY = {"requestBody": {"required": True, "description": (
     "One image: a file (PNG, JPEG, BMP, TIFF, DICOM, NIfTI or NPY, recognised by its content) as the raw body or "
@@ -29,11 +34,13 @@ PREDICT_BODY = {"requestBody": {"required": True, "description": (
     "answered 422."), "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                            "properties": {"file": {"type": "string", "format": "binary",
-                                                                   "minLength": 1}}}},
+                                                                   "minLength": 1},
+                                                          "covariates": {"type": "string", "description": _COV}}}},
         "application/json": {"schema": {"oneOf": [
             {"type": "object", "required": ["image"], "properties": {
-                "image": {"type": "string", "contentEncoding": "base64"}, "filename": {"type": "string"}}},
-            {"type": "object", "required": ["array"], "properties": {"array": {"anyOf": [
+                "image": {"type": "string", "contentEncoding": "base64"}, "filename": {"type": "string"},
+                "covariates": _COVARIATES}},
+            {"type": "object", "required": ["array"], "properties": {"covariates": _COVARIATES, "array": {"anyOf": [
                 {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": _UNIT}},
                 {"type": "array", "minItems": 1, "maxItems": 3, "items": {
                     "type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": _UNIT}}}]}}}]}},
@@ -59,7 +66,8 @@ def describe(dep: Deployment) -> dict[str, Any]:
             "served_versions": sorted(dep.handles),
             "route": {str(v): w for v, w in dep.weights.items()} or None, "shadow": dep.shadow,
             "input": {"size": list(spec.size), "channels": spec.channels, "window": spec.window},
-            "cost": adapter.cost_info()}
+            "cost": adapter.cost_info(),
+            **({"covariates": adapter.covariates.describe()} if adapter.covariates is not None else {})}
 
 
 @router.get("", response_model=schemas.ModelList, responses=schemas.errors(401))
@@ -130,6 +138,10 @@ async def predict(name: str, request: Request):
         state["log"]["version"] = version
         return JSONResponse({**body, "model": name, "version": version, "request_id": state["request_id"],
                              "latency_ms": round((time.perf_counter() - start) * 1000, 2)})
+    if adapter.covariates is not None:  # a version that fuses covariates: the image with them
+        if explain is not None:
+            raise ApiError(422, "invalid_request", "explain is for models of the image alone")
+        pixels = adapter.attach(pixels, await request_covariates(request))
     version, outputs = await srv.infer(dep, pixels, request.headers.get("x-lepton-client"))
     state["log"]["version"] = version
     served = (dep.handles.get(version) or dep.handles[dep.primary]).adapter

@@ -47,7 +47,9 @@ INFER_BODY = {
                     "schema": {"type": "integer", "minimum": 1},
                     "description": "Length of the JSON header when binary tensor data follows it."}],
     "requestBody": {"required": True, "description": (
-        "The model's one input, `input`: FP32 [N, C, H, W] in [0, 1] at the size the metadata gives (N <= 1024). "
+        "The model's image input, `input`: FP32 [N, C, H, W] in [0, 1] at the size the metadata gives (N <= 1024). "
+        "A model that fuses clinical covariates also takes one named input per covariate, [N, 1]: FP32 for a "
+        "numeric one (NaN: missing), BYTES (UTF-8) for a categorical one; the metadata's `inputs` list them. "
         "Malformed requests and tensors that do not fit the metadata are answered 400."), "content": {
             "application/json": {"schema": _INFER_REQUEST},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
@@ -80,7 +82,7 @@ def metadata(dep: Deployment, version: int) -> dict[str, Any]:
     adapter = dep.handles[version].adapter
     c, size = adapter.preprocessing.channels, list(adapter.preprocessing.size)
     return {"name": dep.name, "versions": [str(v) for v in sorted(dep.handles)], "platform": adapter.platform,
-            "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, *size]}],
+            "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, *size]}, *_covariate_inputs(adapter)],
             # dense tasks' outputs follow the input's spatial size
             "outputs": adapter.task.oip_outputs(adapter.labels, **({"size": size} if adapter.task.dense else {})),
             "parameters": {"task": adapter.task.name, "labels": adapter.labels, "threshold": adapter.threshold,
@@ -107,11 +109,42 @@ async def model_version_ready(name: str, version: str, target: tuple[Deployment,
     return JSONResponse({"name": name, "ready": True})
 
 
-def _input_batch(request: InferRequest, channels: int, size: tuple[int, ...]) -> np.ndarray:
+def _covariate_inputs(adapter) -> list[dict[str, Any]]:
+    """The named inputs of a model's covariates: FP32 [N, 1] for a numeric one, BYTES [N, 1] for a categorical one."""
+    if adapter.covariates is None:
+        return []
+    return [{"name": c.name, "datatype": "FP32" if c.kind == "numeric" else "BYTES", "shape": [-1, 1],
+             "parameters": {"kind": c.kind, **({"unit": c.unit} if c.unit else {}),
+                            **({"categories": c.categories} if c.categories else {})}}
+            for c in adapter.covariates.columns]
+
+
+def _covariate_rows(request: InferRequest, adapter, n: int) -> list[dict[str, Any]]:
+    """Each image's covariates by name from the request's named inputs (an absent input: missing for every image);
+    ApiError 400 for a wrong datatype or shape."""
+    rows: list[dict[str, Any]] = [{} for _ in range(n)]
+    for c in adapter.covariates.columns:
+        if c.name not in request.inputs:
+            continue
+        datatype, data = request.inputs[c.name]
+        wanted = "FP32" if c.kind == "numeric" else "BYTES"
+        if datatype != wanted or data.size != n:
+            raise ApiError(400, "invalid_request", f"input {c.name!r}: a {c.kind} covariate is {wanted} [{n}, 1] "
+                                                   f"(got {datatype} {list(data.shape)})")
+        for i, value in enumerate(data.reshape(-1).tolist()):
+            if c.kind == "numeric":
+                rows[i][c.name] = None if value != value else float(value)  # NaN: missing
+            else:
+                rows[i][c.name] = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return rows
+
+
+def _input_batch(request: InferRequest, channels: int, size: tuple[int, ...],
+                 named: tuple[str, ...] = ()) -> np.ndarray:
     """The model's one input as float32 (N, C, H, W) — volumes (N, C, D, H, W) — in [0, 1], checked against the
     metadata: name, datatype and shape; ApiError 400 naming the field otherwise."""
     expected = f"[N, {channels}, {', '.join(map(str, size))}]"
-    unknown = [n for n in request.inputs if n != INPUT]
+    unknown = [n for n in request.inputs if n != INPUT and n not in named]
     if unknown or INPUT not in request.inputs:
         raise ApiError(400, "invalid_request", f"this model has one input, {INPUT!r} (FP32 {expected}); "
                                                f"got {', '.join(map(repr, request.inputs))}")
@@ -147,10 +180,15 @@ async def _infer(name: str, request: Request, target: Target) -> Response:
     body = await read_body(request, srv.config.max_upload_bytes)
     adapter = dep.handles[v].adapter
     spec = adapter.preprocessing
+    named = tuple(adapter.covariates.names) if adapter.covariates is not None else ()
     parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH),
                                  max_elements=MAX_BATCH * spec.channels * int(np.prod(spec.size)))
-    data = _input_batch(parsed, spec.channels, spec.size)
-    results = await asyncio.gather(*(srv.infer(dep, img, None, version=v) for img in data))
+    data = _input_batch(parsed, spec.channels, spec.size, named)
+    items = list(data)
+    if named:  # each image with its covariates
+        rows = _covariate_rows(parsed, adapter, len(data))
+        items = [adapter.attach(img, row) for img, row in zip(data, rows, strict=True)]
+    results = await asyncio.gather(*(srv.infer(dep, item, None, version=v) for item in items))
     outputs = np.stack([o for _, o in results])
     tensors = adapter.task.oip_tensors(outputs, adapter.labels, adapter.info)
     content, headers = encode_infer_response(
