@@ -48,7 +48,7 @@ def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta:
                 flipped = activate(model(torch.flip(xb, dims=[-1]), *side))
                 probs = merge(probs, flipped) if merge is not None else \
                     (probs + (torch.flip(flipped, dims=[-1]) if flipped.ndim > 2 else flipped)) / 2
-            out.append(probs.cpu())
+            out.append(probs.float().cpu())  # fp32 whatever precision the forward pass ran in
     if not out:
         return np.zeros((0, 0), np.float32)
     return torch.cat(out).numpy()

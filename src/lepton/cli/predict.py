@@ -79,22 +79,69 @@ def predict(
                                                      "filters; the series are fetched into a local cache).")],
     registry: RegistryOpt = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    output: Annotated[Path | None, typer.Option(help="Segmentation: write each label map here (NIfTI for volumes, "
-                                                     "PNG for images).")] = None,
+    output: Annotated[Path | None, typer.Option(help="A results file ending in .parquet or .csv: batch mode (below). "
+                                                     "Otherwise, for segmentation, the folder each label map is "
+                                                     "written to (NIfTI for volumes, PNG for images).")] = None,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Segmentation of DICOM series folders: also write a "
                                                                  "DICOM SEG referencing the series (needs --output).")
                          ] = False,
+    engine: Annotated[str, typer.Option(click_type=click.Choice(["local", "ray"]),
+                                        help="Batch mode: this machine, or Ray Data (an actor pool of the model).")
+                      ] = "local",
+    workers: Annotated[int | None, typer.Option(min=0, help="Batch mode: decoding processes (local; 0 decodes in "
+                                                            "the main process; default cores - 1) or model actors "
+                                                            "(ray; default 2).")] = None,
+    address: Annotated[str | None, typer.Option(help="Batch mode, Ray: the cluster (auto, ray://HOST:10001); "
+                                                     "default a local Ray.")] = None,
+    cpus_per_actor: Annotated[float, typer.Option(min=0.1, help="Batch mode, Ray: CPUs per model actor.")] = 1.0,
+    gpus_per_actor: Annotated[float, typer.Option(min=0.0, help="Batch mode, Ray: GPUs per model actor.")] = 0.0,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch mode: the forward pass's batch (default the "
+                                                               "run's).")] = None,
+    precision: Annotated[str, typer.Option(click_type=click.Choice(["fp32", "bf16", "fp16"]),
+                                           help="Batch mode: the forward pass's precision (autocast).")] = "fp32",
+    masks: Annotated[Path | None, typer.Option(help="Batch mode, segmentation: the label maps' folder (default "
+                                                    "OUTPUT_masks/ beside the results).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Batch mode: discard an earlier output and its "
+                                                                "unfinished parts instead of resuming.")] = False,
+    flush_rows: Annotated[int | None, typer.Option(min=1, help="Batch mode: rows per part written (what a kill can "
+                                                               "cost; default 4096, 64 for segmentation).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Batch mode: no progress bar.")] = False,
 ) -> None:
     """Print one JSON line per image: the model's answer (classifiers: label, probabilities, threshold;
-    segmentation: sizes per class and the lesion list)."""
+    segmentation: sizes per class and the lesion list).
+
+    Batch mode (--output results.parquet or results.csv), for archives: the sources (folders, CSV manifests with a
+    path column, Decathlon folders, .txt lists, DICOMweb URLs) are streamed, decoded in parallel and predicted a
+    batch at a time; one row per input (errors as rows) is written as it goes, and the same command after a kill
+    resumes where it stopped, each input ending up exactly once. A summary is printed as JSON."""
     from lepton.runs import load_run
 
+    batch = output is not None and output.suffix.lower() in (".parquet", ".csv")
+    if not batch and (engine != "local" or workers is not None or address or masks or overwrite or batch_size
+                      or precision != "fp32" or flush_rows):
+        raise ConfigError("--engine, --workers, --address, --masks, --batch-size, --precision, --flush-rows and "
+                          "--overwrite are batch options: give --output RESULTS.parquet (or .csv)")
     if dicom_seg and output is None:
         raise ConfigError("--dicom-seg writes files: give --output DIR")
+    if batch and dicom_seg:
+        raise ConfigError("--dicom-seg is not written in batch mode (label maps go to --masks as NIfTI/PNG)")
     if Path(model).is_dir():  # a run directory wins over a registry name that happens to match
-        loaded = load_run(model, device=device)
+        loaded, model_id = load_run(model, device=device), str(Path(model))
     else:
-        loaded = _registry(registry).load_run(model, device=device)
+        reg = _registry(registry)
+        loaded, model_id = reg.load_run(model, device=device), reg.get(model).ref
+    if batch:
+        from lepton.batch import predict_batch
+
+        summary = predict_batch(loaded, images, output, engine=engine, workers=workers, address=address,
+                                cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
+                                model_id=model_id, precision=precision, masks=masks, overwrite=overwrite,
+                                progress=not quiet, flush_rows=flush_rows)
+        print(json.dumps(summary.to_dict()))
+        if summary.errors:
+            err.print(f"{summary.errors} input(s) could not be predicted: their rows hold the reason (error column)",
+                      highlight=False)
+        return
     extra = {"output": output, "dicom_seg": dicom_seg} if loaded.task.dense else {}
     paths: list[Path] = []
     for item in images:
@@ -191,5 +238,3 @@ def export_cmd(
                         finetune_epochs=finetune_epochs, output=output, track=_track(track))
     console.print(format_table(report), highlight=False)
     console.print(f"report: {(output or run / 'export') / 'export_report.json'}")
-
-

@@ -1,0 +1,273 @@
+"""The batch engine on one machine, and the driver both engines share.
+
+``predict_batch`` streams a job's inputs past the ones already written, decodes them in worker processes (a bounded
+number of chunks in flight, results taken in order), runs the run's forward pass at its batch size in this process
+while the workers decode the next chunks, and writes rows as numbered parts (``lepton.batch.store``), merged into the
+output at the end. ``engine="ray"`` hands decoding and the model to Ray Data (``lepton.batch.cluster``); the parts,
+the resume and the output are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton.batch.rows import Decoded, Predictor, decode, decode_chunk, schema, worker_init
+from lepton.batch.sources import Input, count_inputs, iter_inputs
+from lepton.batch.store import PartStore, key_hash
+from lepton.errors import ConfigError, RunError
+
+log = logging.getLogger("lepton.batch")
+
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class BatchSummary:
+    """What a batch job did: inputs in its sources, those already done before this start, those processed now,
+    rows and error rows in the output, and the rate of this start."""
+
+    output: str
+    engine: str
+    inputs: int
+    skipped: int
+    processed: int
+    rows: int
+    errors: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rate": round(self.rate, 2)}
+
+
+def default_workers() -> int:
+    """Decoding processes: every core but the one the forward pass runs on (at most 8)."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str | Path, *, engine: str = "local",
+                  workers: int | None = None, batch_size: int | None = None, model_id: str | None = None,
+                  precision: str = "fp32", masks: str | Path | None = None, overwrite: bool = False,
+                  progress: bool = True, labelled: bool = False, address: str | None = None,
+                  cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, flush_rows: int | None = None,
+                  flush_seconds: float = 10.0) -> BatchSummary:
+    """Run ``run`` (a ``Run``, or a run directory) over every input of ``sources`` into ``output`` (``.parquet``, or
+    ``.csv``): one row per input (per frame of a multi-frame input), errors as rows. Restarted with the same
+    arguments after a kill, it skips what is written and ends with each input exactly once.
+
+    ``workers``: decoding processes (local; 0 decodes in this process) or model actors (ray). ``batch_size``: the
+    forward pass's batch (default the run's). ``model_id``: what the ``model`` column says (default the run's
+    folder). ``masks``: a dense task's label maps (default ``<output stem>_masks/`` beside the output).
+    ``labelled``: class folders give each input its ``truth``. ``address``: the Ray cluster (``auto``,
+    ``ray://host:10001``; default a local Ray). ``overwrite``: drop an earlier output and its parts first."""
+    from lepton.runs import Run, load_run
+
+    if engine not in ENGINES:
+        raise ConfigError(f"engine={engine!r}: use one of {', '.join(ENGINES)}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision={precision!r}: use fp32, bf16 or fp16")
+    run = run if isinstance(run, Run) else load_run(run)
+    sources = [sources] if isinstance(sources, str | Path) else list(sources)
+    if not sources:
+        raise ConfigError("no sources given")
+    output = Path(output)
+    if output.suffix.lower() not in (".parquet", ".csv"):
+        raise ConfigError(f"{output}: the output must end in .parquet or .csv")
+    dense = run.task.dense
+    if dense and masks is None:
+        masks = output.with_name(output.name.rsplit(".", 1)[0] + "_masks")
+    model_id = model_id or str(run.path)
+    job = {"model": model_id, "task": run.task.name, "sources": [str(s) for s in sources], "precision": precision,
+           "tta": bool(run.config.tta), "masks": str(masks) if masks is not None else None, "labelled": labelled}
+    out_schema = schema(run)
+    store = PartStore(output, job, out_schema, overwrite=overwrite)
+    done = store.done()
+    series = run.preprocessing.spatial_dims == 3
+    pending = (item for item in iter_inputs(sources, series=series, labelled=labelled)
+               if not _contains(done, key_hash(item.path)))
+    if store.finished:
+        extra = sum(1 for _ in pending)
+        if extra:
+            raise ConfigError(f"{output} is a finished job and the sources now hold {extra} input(s) it lacks: "
+                              "write to another output, or start again with --overwrite")
+        rows = store.count_rows()
+        return BatchSummary(str(output), engine, len(done), len(done), 0, rows, _errors(store), 0.0)
+    total = count_inputs(sources, series=series, labelled=labelled) if progress else None
+    predictor = Predictor(run, model_id=model_id, precision=precision, masks=masks, batch_size=batch_size)
+    started = time.monotonic()
+    if engine == "local":
+        batches = _local(predictor, pending, workers=default_workers() if workers is None else workers)
+    else:
+        from lepton.batch.cluster import ray_batches
+
+        batches = ray_batches(predictor, pending, workers=workers or 2, address=address,
+                              cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
+    flush_rows = flush_rows or (64 if dense else 4096)
+    processed = _drive(batches, store, total=total, skipped=len(done), progress=progress, flush_rows=flush_rows,
+                       flush_seconds=flush_seconds)
+    seconds = time.monotonic() - started
+    rows = store.finish()
+    summary = BatchSummary(str(output), engine, len(done) + processed, len(done), processed, rows, _errors(store),
+                           round(seconds, 3))
+    log.info("%s: %d inputs (%d done before), %d rows, %d errors, %.1f inputs/s", output, summary.inputs,
+             summary.skipped, summary.rows, summary.errors, summary.rate)
+    return summary
+
+
+def _contains(done: np.ndarray, key: int) -> bool:
+    if not len(done):
+        return False
+    i = int(np.searchsorted(done, np.uint64(key)))
+    return i < len(done) and int(done[i]) == key
+
+
+def _errors(store: PartStore) -> int:
+    """Error rows in the finished output."""
+    return sum(sum(1 for v in b.column(0).to_pylist() if v) for b in store.read_output(["error"]))
+
+
+def _drive(batches: Iterator, store: PartStore, *, total: int | None, skipped: int, progress: bool,
+           flush_rows: int, flush_seconds: float) -> int:
+    """Write ``batches`` (lists of row dicts, or Arrow tables, of whole inputs) as parts every ``flush_rows`` rows
+    or ``flush_seconds``, with a progress bar; the number of inputs processed."""
+    import pyarrow as pa
+
+    buffer: list[Any] = []
+    buffered, processed, last = 0, 0, time.monotonic()
+    bar = _progress(total, skipped) if progress else None
+    started = time.monotonic()
+
+    def flush() -> None:
+        nonlocal buffer, buffered, last
+        if buffer:
+            tables = [b if isinstance(b, pa.Table) else pa.Table.from_pylist(b, schema=store.schema) for b in buffer]
+            store.write(pa.concat_tables([t.select(store.schema.names).cast(store.schema) for t in tables]))
+        buffer, buffered, last = [], 0, time.monotonic()
+
+    try:
+        if bar is not None:
+            bar[0].start()
+        for batch in batches:
+            n_rows = batch.num_rows if isinstance(batch, pa.Table) else len(batch)
+            frames = (batch.column("frame").to_pylist() if isinstance(batch, pa.Table)
+                      else [r.get("frame", 0) for r in batch])
+            inputs = sum(1 for f in frames if not f)
+            buffer.append(batch)
+            buffered += n_rows
+            processed += inputs
+            if bar is not None:
+                elapsed = max(time.monotonic() - started, 1e-9)
+                bar[0].update(bar[1], advance=inputs, rate=f"{processed / elapsed:,.1f} inputs/s")
+            if buffered >= flush_rows or time.monotonic() - last >= flush_seconds:
+                flush()
+        flush()
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    return processed
+
+
+def _progress(total: int | None, skipped: int):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=False)
+    task = bar.add_task("predict", total=total, completed=skipped, rate="")
+    return bar, task
+
+
+def _local(predictor: Predictor, pending: Iterator[Input], *, workers: int) -> Iterator[list[dict[str, Any]]]:
+    """Rows for ``pending`` on this machine: decoded by ``workers`` processes (in order, a bounded number of chunks
+    in flight), answered here a forward batch at a time."""
+    decoded = _decode_stream(pending, predictor.spec, predictor.dense, workers)
+    if predictor.dense:
+        for d in decoded:
+            yield [predictor.segment(d)]
+        return
+    group: list[Decoded] = []
+    frames = 0
+    for d in decoded:
+        group.append(d)
+        frames += len(d.x) if d.x is not None else 0
+        if frames >= predictor.batch_size:
+            yield predictor.classify(group)
+            group, frames = [], 0
+    if group:
+        yield predictor.classify(group)
+
+
+def _decode_stream(pending: Iterator[Input], spec: dict, dense: bool, workers: int) -> Iterator[Decoded]:
+    """Decoded inputs in order. ``workers`` = 0 decodes here; otherwise chunks go to a process pool, at most
+    ``3 × workers`` chunks in flight. A worker that dies (a decoder crash) costs its chunk a retry one input at a
+    time; an input that kills a worker again is an error row."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    from itertools import islice
+
+    if workers <= 0:
+        for item in pending:
+            yield decode(item, spec, dense)
+        return
+    chunk = 1 if dense else 16
+    ctx = mp.get_context("spawn")  # never fork a process that holds PyTorch's thread pools
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
+
+    pool = new_pool()
+    stillborn = 0  # pools in a row that broke before answering a chunk
+    inflight: deque[tuple[list[Input], Any]] = deque()
+    try:
+        while True:
+            while len(inflight) < 3 * workers:
+                items = list(islice(pending, chunk))
+                if not items:
+                    break
+                inflight.append((items, pool.submit(decode_chunk, items, spec, dense)))
+            if not inflight:
+                return
+            items, future = inflight.popleft()
+            try:
+                results = future.result()
+                stillborn = 0
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                stillborn += 1
+                if stillborn >= 3:  # fresh pools die before decoding anything: not an input's fault
+                    raise RunError("the decoding processes die as they start (a script that calls this must guard "
+                                   "its top level with `if __name__ == \"__main__\":`, as multiprocessing's spawn "
+                                   "re-imports it); or decode in this process with workers=0") from None
+                pool = new_pool()
+                if len(items) == 1:
+                    results = [Decoded(items[0], error="the decoder crashed on this input (its process died)")]
+                else:
+                    retry = [([it], pool.submit(decode_chunk, [it], spec, dense)) for it in items]
+                    rest = [(its, pool.submit(decode_chunk, its, spec, dense)) for its, _ in inflight]
+                    inflight = deque(retry + rest)
+                    continue
+                inflight = deque((its, pool.submit(decode_chunk, its, spec, dense)) for its, _ in inflight)
+            yield from results
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

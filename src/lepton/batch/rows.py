@@ -1,0 +1,228 @@
+"""What both engines share: decoding an input (in a worker process or a Ray task), the output's schema, and the rows
+a run's answers become. The forward pass is the run's own (``lepton.runs.predict_outputs`` for classifiers,
+``Run.segment`` for dense tasks); nothing here repeats it.
+
+A classifier's row: ``path``, ``frame`` (the frame's index in a multi-frame input), ``truth`` (a manifest's label),
+``label``, ``prob_<class>`` per class, ``threshold``, ``model``, ``precision``, ``error``. A segmentation row:
+``path``, ``frame``, ``truth``, ``mask`` (the label map written: NIfTI for volumes, PNG for images), ``shape``,
+``voxels_<class>``, ``volume_ml_<class>`` (volumes with geometry), ``area_mm2_<class>`` (images with a pixel
+spacing), ``lesions``, ``model``, ``precision``, ``error``. An input that cannot be read or predicted is one row with
+its ``error`` and no answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton.batch.sources import Input
+
+#: Decode a file into at most this many frames (a multi-frame input beyond it is an error row, not a memory spike).
+MAX_FRAMES = 4096
+
+
+@dataclass
+class Decoded:
+    """An input decoded: a classifier's normalised frames ``x`` (F, C, …) float32, or a dense task's ``pixels`` (C, …)
+    in [0, 1] with its ``affine``; or the ``error`` that stopped it."""
+
+    item: Input
+    x: np.ndarray | None = None
+    pixels: np.ndarray | None = None
+    affine: np.ndarray | None = None
+    error: str | None = None
+
+
+_SPECS: dict[str, Any] = {}
+
+
+def _spec(spec: dict[str, Any]):
+    """The Preprocessing of a spec dict, built once per process."""
+    import json
+
+    from lepton.data.transforms import Preprocessing
+
+    key = json.dumps(spec, sort_keys=True, default=str)
+    if key not in _SPECS:
+        _SPECS[key] = Preprocessing.from_dict(spec)
+    return _SPECS[key]
+
+
+def decode(item: Input, spec: dict[str, Any], dense: bool) -> Decoded:
+    """Read and preprocess one input as ``Run.predict`` does (the run's window, slices and steps; the exact
+    inference-time tensor for classifiers); any failure becomes the row's error."""
+    from lepton.data.io import read_image
+
+    try:
+        pre = _spec(spec)
+        path = Path(item.path)
+        if dense:
+            from lepton.data.masks import is_volume
+
+            frames = read_image(path, window=pre.window, slices="volume" if is_volume(path) else "middle")
+            if len(frames) != 1:
+                raise ValueError(f"holds {len(frames)} frames; a segmentation model takes one image or volume")
+            return Decoded(item, pixels=np.ascontiguousarray(frames[0].pixels, np.float32), affine=frames[0].affine)
+        frames = read_image(path, window=pre.window, slices=pre.slices, steps=pre.steps)
+        if not frames:
+            raise ValueError("no image in it")
+        if len(frames) > MAX_FRAMES:
+            raise ValueError(f"{len(frames)} frames, more than {MAX_FRAMES}")
+        x = pre([f.pixels for f in frames]).numpy().astype(np.float32, copy=False)
+        return Decoded(item, x=x)
+    except Exception as exc:  # a bad input is a row with its reason; the job goes on
+        return Decoded(item, error=error_text(exc))
+
+
+def decode_chunk(items: list[Input], spec: dict[str, Any], dense: bool) -> list[Decoded]:
+    """``decode`` over a chunk (what a worker process is handed at a time)."""
+    return [decode(item, spec, dense) for item in items]
+
+
+def worker_init() -> None:
+    """A decoding process: one thread for PyTorch and its libraries (the processes are the parallelism)."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def error_text(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if type(exc).__name__ in ("DataError", "RunError") else f"{type(exc).__name__}: {text}"
+
+
+def schema(run, *, dense: bool | None = None):
+    """The output's Arrow schema for a run (the same for every part and both engines)."""
+    import pyarrow as pa
+
+    dense = run.task.dense if dense is None else dense
+    head = [pa.field("path", pa.string(), nullable=False), pa.field("frame", pa.int32()),
+            pa.field("truth", pa.string())]
+    tail = [pa.field("model", pa.string()), pa.field("precision", pa.string()), pa.field("error", pa.string())]
+    if dense:
+        classes = run.label_names[1:]
+        body = [pa.field("mask", pa.string()), pa.field("shape", pa.string()),
+                *[pa.field(f"voxels_{c}", pa.int64()) for c in classes],
+                *[pa.field(f"volume_ml_{c}", pa.float64()) for c in classes],
+                *[pa.field(f"area_mm2_{c}", pa.float64()) for c in classes],
+                pa.field("lesions", pa.int32())]
+    else:
+        body = [pa.field("label", pa.string()), *[pa.field(f"prob_{c}", pa.float64()) for c in run.label_names],
+                pa.field("threshold", pa.float64())]
+    return pa.schema(head + body + tail)
+
+
+class Predictor:
+    """A loaded run answering decoded inputs as rows: held by the local engine and by each Ray actor."""
+
+    def __init__(self, run, *, model_id: str, precision: str = "fp32", masks: str | Path | None = None,
+                 batch_size: int | None = None) -> None:
+        self.run = run
+        self.model_id = model_id
+        self.precision = precision
+        self.masks = Path(masks) if masks is not None else None
+        self.batch_size = int(batch_size or run.config.batch_size or 64)
+        self.dense = run.task.dense
+        self.spec = run.preprocessing.to_dict()
+
+    def _base(self, item: Input, frame: int = 0) -> dict[str, Any]:
+        return {"path": item.path, "frame": frame, "truth": item.truth, "model": self.model_id,
+                "precision": self.precision}
+
+    def error_row(self, item: Input, error: str) -> dict[str, Any]:
+        return {**self._base(item), "error": error}
+
+    def outputs(self, x: np.ndarray) -> np.ndarray:
+        """The run's outputs for normalised frames: ``predict_outputs`` at the run's batch size, in the precision."""
+        import torch
+
+        from lepton.models.precision import autocast
+        from lepton.runs import predict_outputs
+
+        with autocast(self.precision, self.run.device):
+            return predict_outputs(self.run.model, torch.from_numpy(x), self.run.task.activate,
+                                   batch_size=self.batch_size, tta=self.run.config.tta, device=self.run.device)
+
+    def classify(self, decoded: list[Decoded]) -> list[dict[str, Any]]:
+        """Rows for decoded classifier inputs, in their order: one forward pass over all their frames."""
+        good = [d for d in decoded if d.error is None]
+        outputs = None
+        if good:
+            try:
+                outputs = self.outputs(np.concatenate([d.x for d in good]))
+            except Exception as exc:  # a batch the model refuses (shapes): each input on its own, to find the bad one
+                if len(good) == 1:
+                    good[0].error = error_text(exc)
+                    good = []
+                else:
+                    return [row for d in decoded for row in self.classify([d])]
+        rows, at = [], 0
+        labels, info, task = self.run.label_names, self.run.info, self.run.task
+        for d in decoded:
+            if d.error is not None:
+                rows.append(self.error_row(d.item, d.error))
+                continue
+            for f in range(len(d.x)):
+                answer = task.encode(outputs[at], labels, info)
+                at += 1
+                rows.append({**self._base(d.item, f), "label": answer["label"], "threshold": answer["threshold"],
+                             **{f"prob_{c}": p for c, p in answer["probabilities"].items()}})
+        return rows
+
+    def segment(self, d: Decoded) -> dict[str, Any]:
+        """A dense task's row for one decoded input, its label map written under ``masks``."""
+        if d.error is not None:
+            return self.error_row(d.item, d.error)
+        try:
+            from lepton.models.precision import autocast
+            from lepton.runs import _write_label_map
+
+            with autocast(self.precision, self.run.device):
+                probs = np.asarray(self.run.segment(d.pixels, d.affine), np.float32)
+            spacing = tuple(np.linalg.norm(d.affine[:3, :3], axis=0)) if d.affine is not None else None
+            answer = self.run.task.describe(probs, self.run.label_names, spacing, d.affine)
+            labels = probs.argmax(0).astype(np.uint8)
+            row = {**self._base(d.item), "shape": "x".join(map(str, labels.shape)), "lesions": len(answer["lesions"])}
+            for k, name in enumerate(self.run.label_names[1:], start=1):
+                count = int((labels == k).sum())
+                row[f"voxels_{name}"] = count
+                if "volume_ml" in answer:
+                    row[f"volume_ml_{name}"] = answer["volume_ml"][name]
+                if "area_mm2" in answer:
+                    row[f"area_mm2_{name}"] = answer["area_mm2"][name]
+            if self.masks is not None:
+                target = mask_path(self.masks, d.item, volume=labels.ndim == 3)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                row["mask"] = str(_write_label_map(labels, d.affine, target))  # atomic: a rerun rewrites it whole
+            return row
+        except Exception as exc:
+            return self.error_row(d.item, error_text(exc))
+
+    def rows(self, decoded: list[Decoded]) -> list[dict[str, Any]]:
+        if self.dense:
+            return [self.segment(d) for d in decoded]
+        return self.classify(decoded)
+
+
+def mask_path(masks: Path, item: Input, *, volume: bool) -> Path:
+    """Where an input's label map goes: its path below the source's folder mirrored under ``masks`` (else its name
+    with a short hash of its path), ``_seg.nii.gz`` for volumes and ``_seg.png`` for images."""
+    from lepton.data.masks import stem
+
+    path = Path(item.path)
+    suffix = "_seg.nii.gz" if volume else "_seg.png"
+    if item.root is not None and path.is_relative_to(item.root) and path != Path(item.root):
+        rel = path.relative_to(item.root)
+        return masks / rel.parent / f"{stem(rel)}{suffix}"
+    digest = hashlib.blake2b(item.path.encode(), digest_size=4).hexdigest()
+    return masks / f"{stem(path)}-{digest}{suffix}"
