@@ -9,12 +9,15 @@
 FROM python:3.11-slim AS build
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_PIP_ARGS=""
+# Extras baked in: batch inference on a Ray cluster (deploy/k8s/rayjob.yaml) needs ray too:
+#   docker build --build-arg EXTRAS=postgres,redis,ray -t lepton .
+ARG EXTRAS="postgres,redis"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN python -m venv /opt/lepton \
     && /opt/lepton/bin/pip install --no-cache-dir $TORCH_PIP_ARGS "$TORCH_SPEC" \
-    && /opt/lepton/bin/pip install --no-cache-dir ".[postgres,redis]"
+    && /opt/lepton/bin/pip install --no-cache-dir ".[$EXTRAS]"
 
 FROM python:3.11-slim AS runtime
 RUN useradd --create-home --uid 10001 --user-group lepton \

@@ -134,6 +134,52 @@ def test_trainjob_validates_and_runs_lepton_under_torchrun():
         assert option in helptext, option
 
 
+def test_rayjob_runs_lepton_predict_on_ray_and_its_pod_templates_validate():
+    """The KubeRay RayJob: no KubeRay CRD schema is vendored here (none ships in a package this project installs),
+    so its two pod templates are validated as Kubernetes PodTemplates (strict), the RayJob fields it uses are checked
+    by name, and its entrypoint's options are ones `lepton predict` has."""
+    import shlex
+
+    import kubernetes_validate
+
+    job, = _docs(DEPLOY / "k8s" / "rayjob.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert set(spec) <= {"entrypoint", "submissionMode", "backoffLimit", "shutdownAfterJobFinishes",
+                         "ttlSecondsAfterFinished", "rayClusterSpec", "runtimeEnvYAML", "activeDeadlineSeconds"}
+    assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode")
+    cluster = spec["rayClusterSpec"]
+    assert set(cluster) <= {"rayVersion", "headGroupSpec", "workerGroupSpecs", "enableInTreeAutoscaling"}
+    groups = [("head", cluster["headGroupSpec"]), *((g["groupName"], g) for g in cluster["workerGroupSpecs"])]
+    for name, group in groups:
+        assert set(group) <= {"rayStartParams", "template", "groupName", "replicas", "minReplicas", "maxReplicas",
+                              "serviceType"}, name
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), name  # KubeRay takes strings
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
+                                      "template": group["template"]}, K8S_VERSION, strict=True)
+        pod = group["template"]["spec"]
+        volumes = {v["name"] for v in pod["volumes"]}
+        assert {m["name"] for c in pod["containers"] for m in c["volumeMounts"]} <= volumes, name
+        assert pod["securityContext"]["runAsNonRoot"] is True
+    for _, group in groups[1:]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    ray = pytest.importorskip("ray")
+    assert cluster["rayVersion"] == ray.__version__  # the image's Ray is the one the tests ran
+    command = shlex.split(spec["entrypoint"])
+    assert command[:2] == ["lepton", "predict"] and command[command.index("--engine") + 1] == "ray"
+    head_mounts = {m["mountPath"] for m in cluster["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "volumeMounts"]}
+    output = command[command.index("--output") + 1]
+    assert output.endswith(".parquet") and any(output.startswith(m + "/") for m in head_mounts)
+    from typer.testing import CliRunner
+
+    from lepton.cli import app
+
+    helptext = CliRunner().invoke(app, ["predict", "--help"], env={"COLUMNS": "200"}).output
+    for option in (c for c in command[2:] if c.startswith("--")):
+        assert option in helptext, option
+
+
 # -- compose, Prometheus, Grafana -----------------------------------------------------------------------------
 def test_compose_file_validates_against_the_compose_specification():
     import jsonschema
