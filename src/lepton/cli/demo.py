@@ -28,6 +28,16 @@ def demo(
     """Synthetic chest X-rays (or CT volumes) → train → evaluate → predict, end to end on CPU."""
     from lepton.demo import run_demo, run_segmentation_demo, run_volume_demo
 
+    if task == "pathology":
+        from lepton.pathology.demo import run_pathology_demo
+
+        result = run_pathology_demo(output_dir, quick=quick, seed=seed)
+        console.print_json(json.dumps(result))
+        low, high = result["auc_ci95"]
+        console.print(f"[bold green]Pathology demo done[/] in {result['wall_seconds']:.0f} s: slide AUC "
+                      f"{result['test_auc']:.3f} (95% CI {low:.3f}-{high:.3f}) on {result['split']['test']} test "
+                      f"slides; heatmaps, GeoJSON and reports in {result['model']}/predictions")
+        return
     if task == "segmentation":
         result = run_segmentation_demo(output_dir, quick=quick, seed=seed)
         console.print_json(json.dumps(result))
@@ -44,6 +54,3 @@ def demo(
         f"AUC {result['test_auc']:.3f} on {result['test_images']} images.\n"
         f"  run directory: {result['run']}\n  report: {result['report']}\n"
         f"  next: lepton predict {result['run']} {'SERIES_FOLDER' if volumes else 'IMAGE.png'}")
-
-
-

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -287,3 +288,43 @@ class _TileBar:
     def close(self) -> None:
         if self.bar:
             self.bar.stop()
+
+
+def tile_slide(path: str | Path, spec: TileSpec = TileSpec(), *, mpp: float | None = None,
+               output: str | Path | None = None, cache: Any = None, workers: int | None = None,
+               progress: bool = False) -> dict[str, Any]:
+    """Tile one slide: its grid (from the cache when tiled so before), then every tile read, streamed — written as
+    ``x{X}_y{Y}.png`` files (level-0 corner) with ``tiles.csv`` into ``output`` when given. Returns what was done:
+    tiles, kept share of the grid, tiles/s."""
+    import csv
+    import time
+
+    from PIL import Image
+
+    from lepton.data.slides import open_slide
+
+    with open_slide(path, mpp=mpp) as slide:
+        started = time.perf_counter()
+        grid = plan_tiles(slide, spec, cache=cache)
+        planned = time.perf_counter()
+        folder = Path(output) if output else None
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
+        count = 0
+        for i, tile in iter_tiles(slide, grid, workers=workers, progress=progress):
+            if folder:
+                x, y = grid.coords[i]
+                Image.fromarray(tile).save(folder / f"x{x}_y{y}.png", compress_level=1)
+            count += 1
+        done = time.perf_counter()
+        if folder:
+            with open(folder / "tiles.csv", "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["file", "x", "y", "size0"])
+                writer.writerows([f"x{x}_y{y}.png", x, y, round(grid.size0, 2)] for x, y in grid.coords)
+        w0, h0 = slide.dimensions
+        possible = max(1, int((w0 - grid.size0) // grid.stride0 + 1) * int((h0 - grid.size0) // grid.stride0 + 1))
+        return {"slide": str(slide.path), "tiles": count, "grid_share": round(count / possible, 4),
+                "level": grid.level, "read_size": grid.read_size, "grid_cached": grid.cached,
+                "mask_seconds": round(planned - started, 3), "read_seconds": round(done - planned, 3),
+                "tiles_per_s": round(count / max(done - planned, 1e-9), 1), "output": str(folder) if folder else None}
