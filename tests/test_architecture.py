@@ -228,6 +228,7 @@ def test_light_modules_do_not_load_torch(module):
 OVERRIDES = {
     "_check_input_dim",  # torch's BatchNorm hook (train/distributed.py)
     "get_next",  # ONNX Runtime's CalibrationDataReader (export.py)
+    "compute_anchor_matched_idxs",  # MONAI's RetinaNetDetector.compute_loss (models/detection.py)
 }
 
 

@@ -261,9 +261,9 @@ def flat_run(tmp_path_factory):
     from lepton.train import train
 
     root = tmp_path_factory.mktemp("det2d")
-    csv_path = write_detection_cases(root / "data", 30, dims=2, seed=1)
+    csv_path = write_detection_cases(root / "data", 24, dims=2, seed=1)
     run = train(csv_path, name="boxes", output_dir=str(root / "runs"), epochs=2, batch_size=8, time_budget_s=0,
-                image_size=48, quiet=True, seed=0)
+                image_size=32, quiet=True, seed=0)
     return run, root / "data"
 
 

@@ -21,8 +21,9 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller, faster demo.")] = False,
     volumes: Annotated[bool, typer.Option("--volumes", help="CT volumes as DICOM series and NIfTI files, a 3-D "
                                                             "network.")] = False,
-    task: Annotated[str, typer.Option(help="classification, or segmentation (CT nodules: a 3-D U-Net, a DICOM SEG "
-                                           "written and read back).")] = "classification",
+    task: Annotated[str, typer.Option(help="classification, segmentation (CT nodules: a 3-D U-Net, a DICOM SEG "
+                                           "written and read back) or detection (boxes on radiograph-like images "
+                                           "and CT-like volumes: RetinaNet).")] = "classification",
     seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Synthetic chest X-rays (or CT volumes) → train → evaluate → predict, end to end on CPU."""
@@ -45,8 +46,17 @@ def demo(
                       f"{result['test_dice']:.3f} on {result['test_cases']} cases; DICOM SEG: "
                       f"{result['new_case']['prediction']['dicom_seg']}")
         return
+    if task == "detection":
+        from lepton.demo import run_detection_demo
+
+        result = run_detection_demo(output_dir, quick=quick, seed=seed)
+        console.print_json(json.dumps(result))
+        console.print(f"[bold green]Detection demo done[/] in {result['wall_seconds']:.0f} s: test mAP "
+                      f"{result['images']['map']:.3f} (images), {result['volumes']['map']:.3f} (volumes); CPM "
+                      f"{result['images']['cpm']:.3f}, {result['volumes']['cpm']:.3f}")
+        return
     if task != "classification":
-        raise ConfigError(f"demo --task is classification or segmentation (got {task!r})")
+        raise ConfigError(f"demo --task is classification, segmentation or detection (got {task!r})")
     result = (run_volume_demo if volumes else run_demo)(output_dir, quick=quick, seed=seed)
     console.print_json(json.dumps(result))
     console.print(
@@ -54,3 +64,6 @@ def demo(
         f"AUC {result['test_auc']:.3f} on {result['test_images']} images.\n"
         f"  run directory: {result['run']}\n  report: {result['report']}\n"
         f"  next: lepton predict {result['run']} {'SERIES_FOLDER' if volumes else 'IMAGE.png'}")
+
+
+
