@@ -68,8 +68,8 @@ def evaluate(
         spacings = [tuple(np.linalg.norm(a[:3, :3], axis=0)) if a is not None else (1.0,) * (np.ndim(im) - 1)
                     for im, a in zip(subset.images, subset.affines, strict=True)]
         extra["meta"] = {"names": subset.names, "spacings": spacings, "images": subset.images}
-    else:
-        outputs = run.predict_proba(subset.images)
+    else:  # with the inputs beside the images (covariates) for a network that takes them
+        outputs = run.predict_proba(subset.images, run.task.side_inputs(subset, run.preprocessing))
     report: dict[str, Any] = {"run": str(run.path), "task": run.task.name, "model": cfg.model, "data": source,
                               "split": used, "images": len(y)}
     out = Path(output) if output else run.path / "eval" / (used if same_source else f"{Path(source).stem}-{used}")

@@ -23,7 +23,8 @@ def demo(
                                                             "network.")] = False,
     task: Annotated[str, typer.Option(help="classification, segmentation (CT nodules: a 3-D U-Net, a DICOM SEG "
                                            "written and read back) or detection (boxes on radiograph-like images "
-                                           "and CT-like volumes: RetinaNet).")] = "classification",
+                                           "and CT-like volumes: RetinaNet) or sequence (cine loops as multi-frame "
+                                           "DICOM with age and sex: an EF-like score).")] = "classification",
     seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Synthetic chest X-rays (or CT volumes) → train → evaluate → predict, end to end on CPU."""
@@ -38,6 +39,16 @@ def demo(
         console.print(f"[bold green]Pathology demo done[/] in {result['wall_seconds']:.0f} s: slide AUC "
                       f"{result['test_auc']:.3f} (95% CI {low:.3f}-{high:.3f}) on {result['split']['test']} test "
                       f"slides; heatmaps, GeoJSON and reports in {result['model']}/predictions")
+        return
+    if task == "sequence":
+        from lepton.demo import run_sequence_demo
+
+        result = run_sequence_demo(output_dir, quick=quick, seed=seed)
+        console.print_json(json.dumps(result))
+        example = result["example"]
+        console.print(f"[bold green]Sequence demo done[/] in {result['wall_seconds']:.0f} s: test MAE "
+                      f"{result['test_mae']:.2f} (predicting the mean: {result['baseline_mae']:.2f}), R² "
+                      f"{result['test_r2']:.3f} on {result['test_clips']} clips; served == offline: {example['agree']}")
         return
     if task == "segmentation":
         result = run_segmentation_demo(output_dir, quick=quick, seed=seed)
@@ -56,7 +67,8 @@ def demo(
                       f"{result['images']['cpm']:.3f}, {result['volumes']['cpm']:.3f}")
         return
     if task != "classification":
-        raise ConfigError(f"demo --task is classification, segmentation or detection (got {task!r})")
+        raise ConfigError(f"demo --task is classification, segmentation, detection, pathology or sequence "
+                          f"(got {task!r})")
     result = (run_volume_demo if volumes else run_demo)(output_dir, quick=quick, seed=seed)
     console.print_json(json.dumps(result))
     console.print(

@@ -106,6 +106,9 @@ def predict(
     flush_rows: Annotated[int | None, typer.Option(min=1, help="Batch mode: rows per part written (what a kill can "
                                                                "cost; default 4096, 64 for segmentation).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Batch mode: no progress bar.")] = False,
+    covariates: Annotated[str | None, typer.Option(help="Models that fuse clinical covariates: their values as a JSON "
+                                                        "object, for every image (e.g. '{\"age\": 71, \"sex\": "
+                                                        "\"M\"}').")] = None,
 ) -> None:
     """Print one JSON line per image: the model's answer (classifiers: label, probabilities, threshold;
     segmentation: sizes per class and the lesion list).
@@ -123,6 +126,8 @@ def predict(
                           "--overwrite are batch options: give --output RESULTS.parquet (or .csv)")
     if dicom_seg and output is None:
         raise ConfigError("--dicom-seg writes files: give --output DIR")
+    if batch and covariates is not None:
+        raise ConfigError("--covariates is for predicting files one by one, not batch mode (--output)")
     if batch and dicom_seg:
         raise ConfigError("--dicom-seg is not written in batch mode (label maps go to --masks as NIfTI/PNG)")
     if Path(model).is_dir():  # a run directory wins over a registry name that happens to match
@@ -143,6 +148,14 @@ def predict(
                       highlight=False)
         return
     extra = {"output": output, "dicom_seg": dicom_seg} if loaded.task.dense else {}
+    if covariates is not None:
+        try:
+            values = json.loads(covariates)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--covariates is not JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError("--covariates takes a JSON object of values by name")
+        extra["covariates"] = [values]
     paths: list[Path] = []
     for item in images:
         if item.startswith("dicomweb+"):

@@ -19,6 +19,22 @@ from lepton.cli.common import (
 )
 
 
+def _task_options(values: list[str] | None, covariates: str | None) -> dict[str, object]:
+    """``--task-option KEY=VALUE`` (numbers read as numbers) and ``--covariates`` as the run's task options."""
+    out: dict[str, object] = {}
+    for item in values or []:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"--task-option expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = int(val) if val.strip().lstrip("-").isdigit() else float(val)
+        except ValueError:
+            out[key.strip()] = val.strip()
+    if covariates:
+        out["covariates"] = covariates
+    return out
+
+
 def _parse_aug(values: list[str] | None) -> dict[str, float]:
     out = {}
     for item in values or []:
@@ -124,6 +140,12 @@ def train(
              "--batch-size is per process.")] = 1,
     max_restarts: Annotated[int, typer.Option(
         help="With --nproc: torchrun restarts a failed job up to N times; it resumes from last.pt.")] = 0,
+    task_option: Annotated[list[str] | None, typer.Option(
+        help="A task option, KEY=VALUE (the sequence task: fps, frames, size, target=class|value, fusion=late|film, "
+             "covariate_missing=error|impute, encoder).")] = None,
+    covariates: Annotated[str | None, typer.Option(
+        help="Manifest columns fused with the image: NAME:numeric[:UNIT] or NAME:categorical, comma-separated "
+             "(e.g. age:numeric:years,sex:categorical; the sequence task).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     track: TrackOpt = None,
 ) -> None:
@@ -158,6 +180,7 @@ def train(
             seed=seed, deterministic=deterministic, device=device, precision=precision, threads=threads,
             skip_bad=skip_bad, val_fraction=val_fraction, test_fraction=test_fraction, data_engine=data_engine,
             memory_limit_gb=memory_limit, cache_dir=cache_dir, workers=workers, loader_workers=loader_workers,
+            task_options=_task_options(task_option, covariates) or None,
         )
         if config is not None:
             base = TrainConfig.from_yaml(config).to_dict()

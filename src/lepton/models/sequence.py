@@ -170,10 +170,10 @@ class R2Plus1DBlock(nn.Module):
 
 class R2Plus1D(nn.Module):
     """A small R(2+1)-D residual video network (the family EchoNet-Dynamic regresses ejection fraction with): a stem,
-    four stages of two blocks (16-128 channels), global pooling, the fusion layer."""
+    four stages of two blocks (8-64 channels: sized for CPUs), global pooling, the fusion layer."""
 
     def __init__(self, in_channels: int, num_outputs: int, covariates: int = 0, fusion: str = "late",
-                 width: int = 16, target_mean: float = 0.0, target_std: float = 1.0):
+                 width: int = 8, target_mean: float = 0.0, target_std: float = 1.0):
         super().__init__()
         widths = [width, width * 2, width * 4, width * 8]
         self.stem = nn.Sequential(nn.Conv3d(in_channels, width, (1, 3, 3), 1, (0, 1, 1), bias=False),
@@ -191,8 +191,16 @@ class R2Plus1D(nn.Module):
         return self.fusion(torch.flatten(self.pool(self.layers(self.stem(x))), 1), covariates)
 
 
+@register_model("frame_cnn", "compact 2-D CNN (lepton_cnn at a quarter of its width: 8-64 channels), the default "
+                "per-frame encoder of the seq_* networks", head="fc", cam_layer="features")
+def frame_cnn(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
+    from lepton.models.networks import LeptonCNN
+
+    return LeptonCNN(in_channels, num_classes, width=8, dropout=0.0)
+
+
 def _frame_net(head: str, in_channels: int, num_classes: int, image_size: int, spatial_dims: int,
-               encoder: str = "lepton_cnn", covariates: int = 0, fusion: str = "late", target_mean: float = 0.0,
+               encoder: str = "frame_cnn", covariates: int = 0, fusion: str = "late", target_mean: float = 0.0,
                target_std: float = 1.0) -> nn.Module:
     from lepton.errors import ModelError
     from lepton.models.registry import registered, registered_names
@@ -210,19 +218,19 @@ def _frame_net(head: str, in_channels: int, num_classes: int, image_size: int, s
                             target_std)
 
 
-@register_model("seq_gru", "2-D encoder per frame (encoder option, default lepton_cnn) + bidirectional GRU over time",
+@register_model("seq_gru", "2-D encoder per frame (encoder option, default frame_cnn) + bidirectional GRU over time",
                 head="fusion.fc", spatial_dims=(3,), task="sequence")
 def seq_gru(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 3, **options) -> nn.Module:
     return _frame_net("gru", in_channels, num_classes, image_size, spatial_dims, **options)
 
 
-@register_model("seq_lstm", "2-D encoder per frame (encoder option, default lepton_cnn) + bidirectional LSTM over "
+@register_model("seq_lstm", "2-D encoder per frame (encoder option, default frame_cnn) + bidirectional LSTM over "
                 "time", head="fusion.fc", spatial_dims=(3,), task="sequence")
 def seq_lstm(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 3, **options) -> nn.Module:
     return _frame_net("lstm", in_channels, num_classes, image_size, spatial_dims, **options)
 
 
-@register_model("seq_attention", "2-D encoder per frame (encoder option, default lepton_cnn) + temporal attention "
+@register_model("seq_attention", "2-D encoder per frame (encoder option, default frame_cnn) + temporal attention "
                 "pooling", head="fusion.fc", spatial_dims=(3,), task="sequence")
 def seq_attention(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 3,
                   **options) -> nn.Module:

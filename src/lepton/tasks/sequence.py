@@ -22,7 +22,7 @@ from lepton.tasks.classification import Classification
 from lepton.tasks.metrics import bootstrap_regression_ci, fmt, regression_metrics
 
 DEFAULTS: dict[str, Any] = {"fps": 15.0, "frames": 16, "size": 64, "target": "class", "covariates": None,
-                            "covariate_missing": "error", "fusion": "late", "encoder": "lepton_cnn"}
+                            "covariate_missing": "error", "fusion": "late", "encoder": "frame_cnn"}
 
 
 def sequence_options(options: Mapping[str, Any]) -> dict[str, Any]:
