@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lepton.runs", "lepton.cost"),
     ("lepton.train", "lepton.pretrain"),
     ("lepton.pathology",
-     "lepton.evaluate", "lepton.explain", "lepton.robustness", "lepton.export", "lepton.precision",
+     "lepton.evaluate", "lepton.label", "lepton.explain", "lepton.robustness", "lepton.export", "lepton.precision",
      "lepton.federated", "lepton.distill", "lepton.batch", "lepton.validation"),
     ("lepton.registry",),
     ("lepton.serve", "lepton.client", "lepton.pacs"),

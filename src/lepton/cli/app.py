@@ -8,7 +8,7 @@ import sys
 
 # The order of these imports is the order of --help: verbs (serve … dicom-node), then groups (data … runs).
 from lepton.cli import data, models, access, serve, train, distill  # noqa: F401  # isort: skip
-from lepton.cli import pretrain, predict, validate, demo, federate, dicom, slides, runs  # noqa: F401  # isort: skip
+from lepton.cli import pretrain, label, predict, validate, demo, federate, dicom, slides, runs  # noqa: F401  # isort: skip
 from lepton.cli.common import _state, app, err
 from lepton.errors import LeptonError
 

@@ -62,7 +62,12 @@ class UnlabelledSet:
             return self.arrays[i], None
         from lepton.data.io import read_image
 
-        frames = read_image(self.paths[i], window=self.window, slices=self.slices, steps=self.steps)
+        slices = self.slices
+        if slices == "auto":  # segmentation's rule: volumes whole, 2-D images as they are
+            from lepton.data.masks import is_volume
+
+            slices = "volume" if is_volume(self.paths[i]) else "middle"
+        frames = read_image(self.paths[i], window=self.window, slices=slices, steps=self.steps)
         if len(frames) != 1:
             raise DataError(f"{self.paths[i]}: holds {len(frames)} frames; an unlabelled case is one image or "
                             "volume (set slices=middle or volume)")
@@ -108,7 +113,8 @@ def load_unlabelled(source: str | Path, *, window: str | None = None, slices: st
                     steps: list[dict] | None = None) -> UnlabelledSet:
     """List an unlabelled source without decoding it: a folder (every image file below it, class folders or not;
     with ``slices="volume"``, a folder of DICOM files is one series), a CSV with a ``path`` column (``patient_id``
-    optional; any ``label`` column is ignored) or an ``.npz`` (``images``, else ``train_images``)."""
+    optional; any ``label`` column is ignored) or an ``.npz`` (``images``, else ``train_images``). ``slices="auto"``
+    reads volumes whole and 2-D images as they are (as segmentation does)."""
     path = Path(str(source)).expanduser()
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (an unlabelled source is a folder, a .csv with a path "

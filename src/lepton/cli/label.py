@@ -1,0 +1,57 @@
+"""``lepton label``: active learning — cases to label next with pre-annotations, and corrected labels brought back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lepton.cli.common import app, console
+
+label_app = typer.Typer(help="Active learning: suggest the cases to label next (with pre-annotations), import the "
+                             "corrected labels round by round.", no_args_is_help=True)
+app.add_typer(label_app, name="label")
+
+LabelsOpt = Annotated[Path | None, typer.Option("--labels", help="The labelling folder (labels.csv, rounds.json): "
+                                                                  "what has been labelled, by round.")]
+
+
+@label_app.command("suggest")
+def label_suggest(
+    run: Annotated[Path, typer.Argument(help="A trained run directory.")],
+    source: Annotated[str, typer.Argument(help="Unlabelled cases: a folder, a CSV with a path column, or a .npz.")],
+    n: Annotated[int, typer.Option("--n", help="How many cases to suggest.", min=1, max=1_000_000)] = 50,
+    strategy: Annotated[str, typer.Option(help="entropy (uncertain answers), tta (disagreement under test-time "
+                                               "augmentation), coreset (farthest from the labelled cases in feature "
+                                               "space; classifiers) or random.")] = "entropy",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for suggestions.csv and "
+                                                                "preannotations/.")] = Path("suggestions"),
+    labels: LabelsOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of random and tta.")] = 0,
+) -> None:
+    """Rank unlabelled cases (never one labelled in the run's data or the labelling folder) and write the first N with
+    pre-annotations: the predicted class in suggestions.csv's label column, or a label map per case (NIfTI, PNG
+    for 2-D, DICOM SEG for DICOM series) named in its mask column. Correct them, then `lepton label import`."""
+    from lepton.label.suggest import suggest
+
+    rows = suggest(run, source, n=n, strategy=strategy, output=output, labels=labels, seed=seed)
+    console.print_json(json.dumps({"suggested": len(rows), "csv": str(output / "suggestions.csv"),
+                                   "first": rows[:5]}))
+
+
+@label_app.command("import")
+def label_import(
+    run: Annotated[Path, typer.Argument(help="The run the labels are for.")],
+    file: Annotated[Path, typer.Argument(help="The corrected suggestions.csv (path and label, or path and mask).")],
+    labels: Annotated[Path, typer.Option("--labels", help="The labelling folder to record the round in.")]
+    = Path("labelling"),
+    round_no: Annotated[int | None, typer.Option("--round", help="Round number (default: the next).", min=1)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace labels given before.")] = False,
+) -> None:
+    """Check corrected labels (label names, mask geometry and values, earlier labels) and record them as a round;
+    every refused row is named with its fix and nothing is recorded then."""
+    from lepton.label.importer import import_labels
+
+    console.print_json(json.dumps(import_labels(run, file, labels, round_no=round_no, overwrite=overwrite)))

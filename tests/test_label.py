@@ -1,0 +1,142 @@
+"""Active learning: suggest never proposes a labelled case and writes pre-annotations; import checks label names,
+mask geometry and values, and earlier labels, and records rounds."""
+
+from __future__ import annotations
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lepton.data.synthetic import make_synthetic
+from lepton.errors import ConfigError, DataError
+from lepton.label.importer import _check_mask, import_labels
+from lepton.label.rounds import open_labels
+from lepton.label.suggest import STRATEGIES, k_center, suggest
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, synthetic_npz):
+    """Twelve labelled training images of the run slipped among 20 new ones."""
+    labelled = np.load(synthetic_npz)["train_images"][:12]
+    new, _, _ = make_synthetic(20, 32, seed=9)
+    path = tmp_path_factory.mktemp("pool") / "pool.npz"
+    np.savez(path, images=np.concatenate([new[:10], labelled, new[10:]]))
+    return path
+
+
+def read_rows(path):
+    return list(csv.DictReader(open(path)))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_suggest_never_proposes_a_labelled_case(tiny_run, pool, tmp_path, strategy):
+    rows = suggest(tiny_run, pool, n=100, strategy=strategy, output=tmp_path)
+    cases = {r["case"] for r in rows}
+    assert len(rows) == 20 and not cases & {f"pool.npz#{i}" for i in range(10, 22)}
+    assert read_rows(tmp_path / "suggestions.csv")[0]["label"] in tiny_run.label_names
+    if strategy in ("entropy", "tta"):
+        scores = [r["score"] for r in rows]
+        assert scores == sorted(scores, reverse=True) and scores[0] > 0
+
+
+def test_rounds_import_checks_and_later_suggestions(tiny_run, pool, tmp_path):
+    labels = tmp_path / "labelling"
+    suggest(tiny_run, pool, n=5, strategy="entropy", output=tmp_path / "r1", labels=labels)
+    csv_path = tmp_path / "r1" / "suggestions.csv"
+    rows = read_rows(csv_path)
+    bad = [{**rows[0], "label": "pneumothorax"}, *rows[1:]]
+    write(tmp_path / "bad.csv", bad)
+    with pytest.raises(DataError, match=r"bad.csv: line 2 .*'pneumothorax' is not one of the run's labels.*correct"):
+        import_labels(tiny_run, tmp_path / "bad.csv", labels)
+    assert not (labels / "labels.csv").exists()  # nothing recorded
+    done = import_labels(tiny_run, csv_path, labels)
+    assert done["round"] == 1 and done["added"] == 5 and open_labels(labels).next_round == 2
+    again = suggest(tiny_run, pool, n=100, strategy="random", output=tmp_path / "r2", labels=labels)
+    assert len(again) == 15 and not {r["case"] for r in again} & {r["case"] for r in rows}
+    flipped = [{**rows[0], "label": next(n for n in tiny_run.label_names if n != rows[0]["label"])}]
+    write(tmp_path / "flip.csv", flipped)
+    with pytest.raises(DataError, match="already labelled .* in round 1; give --overwrite"):
+        import_labels(tiny_run, tmp_path / "flip.csv", labels)
+    assert import_labels(tiny_run, tmp_path / "flip.csv", labels, overwrite=True)["replaced"] == 1
+    assert [r["round"] for r in open_labels(labels).rounds] == [1, 2]
+    with pytest.raises(ConfigError, match="strategy 'bald'"):
+        suggest(tiny_run, pool, strategy="bald", output=tmp_path / "x")
+
+
+def write(path, rows):
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_mask_geometry_and_unknown_labels_are_refused(tmp_path):
+    from lepton.data.io import read_image
+
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    names = ["background", "liver"]
+
+    def nifti(name, data, aff=affine):
+        nib.save(nib.Nifti1Image(data, aff), tmp_path / name)
+        return name
+
+    (frame,) = read_image(tmp_path / nifti("image.nii.gz", np.random.default_rng(0).random((6, 6, 4), np.float32)),
+                          slices="volume")
+    pixels, image_affine = frame.pixels, frame.affine
+
+    def check(mask, where="x"):
+        return _check_mask(mask, tmp_path, pixels, image_affine, names, where)[1]
+
+    good = nifti("good.nii.gz", np.ones((6, 6, 4), np.uint8))
+    assert check(good) is None
+    problem = check(nifti("spacing.nii.gz", np.ones((6, 6, 4), np.uint8), np.diag([1.0, 1.0, 3.0, 1.0])),
+                    "rows.csv: line 2")
+    assert "rows.csv: line 2" in problem and "spacing" in problem and "resample the mask" in problem
+    assert "shapes differ" in check(nifti("shape.nii.gz", np.ones((6, 5, 4), np.uint8)))
+    problem = check(nifti("values.nii.gz", np.full((6, 6, 4), 3, np.uint8)))
+    assert "label value(s) [3]" in problem and "relabel" in problem
+    (tmp_path / "labels.json").write_text('{"0": "background", "1": "spleen"}')
+    assert "spleen" in check(good) and "the run's are" in check(good)
+
+
+def test_k_center_picks_the_far_cases_first():
+    labelled = np.zeros((3, 2))
+    pool = np.array([[0.1, 0.0], [5.0, 5.0], [5.1, 5.0], [-4.0, 0.0]])
+    picks, gaps = k_center(pool, labelled, 3)
+    assert picks.tolist()[:2] == [2, 3] and gaps[0] > gaps[1] > gaps[2]  # the far pair once, then the other side
+
+
+@pytest.mark.slow
+def test_segmentation_preannotations_on_the_image_grid_and_back(tmp_path):
+    import shutil
+
+    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.train import train
+
+    root = write_segmentation_cases(tmp_path / "seg", n=6, dims=3, shape=(16, 16, 16), seed=0)
+    run = train(str(root), name="seg", output_dir=str(tmp_path / "runs"), epochs=1, batch_size=2, quiet=True,
+                model="unet", threads=1, data_engine="memory")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for p in sorted((write_segmentation_cases(tmp_path / "new", n=2, dims=3, shape=(16, 16, 16), seed=5)
+                     / "imagesTr").glob("*.nii.gz")):
+        shutil.copy(p, pool / f"new_{p.name}")
+    shutil.copy(root / "imagesTr" / "case000.nii.gz", pool / "case000.nii.gz")  # labelled: never proposed
+    rows = suggest(run, pool, n=10, strategy="tta", output=tmp_path / "sugg")
+    assert sorted(r["case"] for r in rows) == ["new_case000.nii.gz", "new_case001.nii.gz"]
+    mask, image = (nib.as_closest_canonical(nib.load(rows[0][k])) for k in ("mask", "path"))
+    assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)  # the same voxels in space
+    done = import_labels(run, tmp_path / "sugg" / "suggestions.csv", tmp_path / "labelling")
+    assert done["added"] == 2 and done["round"] == 1
+    assert suggest(run, pool, n=10, strategy="entropy", output=tmp_path / "s2", labels=tmp_path / "labelling") == []
