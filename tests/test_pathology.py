@@ -184,6 +184,7 @@ SMALL = TileSpec(mpp=1.0, size=64, min_tissue=0.5)
 def test_mil_recovers_tumour_slides_and_writes_heatmap_geojson_and_report(tmp_path, slide_set):
     import csv
     import json
+    from pathlib import Path
 
     from PIL import Image
 
@@ -195,7 +196,8 @@ def test_mil_recovers_tumour_slides_and_writes_heatmap_geojson_and_report(tmp_pa
     result = train_slides(slide_set, tmp_path / "model", spec=SMALL, backbone=Backbone.random(input_size=32),
                           epochs=25, cache=cache, n_bootstrap=100, quiet=True)
     assert result["slides"]["test"] >= 3 and result["test"]["auc"] >= 0.99, result["test"]
-    rows = list(csv.DictReader(open(tmp_path / "model" / "splits.csv")))
+    with open(tmp_path / "model" / "splits.csv") as fh:
+        rows = list(csv.DictReader(fh))
     by_patient = {}
     for row in rows:  # no patient in two splits
         by_patient.setdefault(row["patient"], set()).add(row["split"])
@@ -205,7 +207,8 @@ def test_mil_recovers_tumour_slides_and_writes_heatmap_geojson_and_report(tmp_pa
     report = predict_slide(model, tumour, tmp_path / "pred", cache=cache)
     assert report["prediction"]["probability"] > 0.5 and report["tiles"] > 10
     assert Image.open(report["files"]["heatmap"]).size[0] > 300
-    collection = json.loads(open(report["files"]["geojson"]).read())
+    files = {k: Path(v) for k, v in report["files"].items()}
+    collection = json.loads(files["geojson"].read_text())
     assert collection["type"] == "FeatureCollection" and collection["features"]
     width, height = report["slide"]["width"], report["slide"]["height"]
     for feature in collection["features"]:
@@ -213,12 +216,12 @@ def test_mil_recovers_tumour_slides_and_writes_heatmap_geojson_and_report(tmp_pa
         assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
         assert all(-64 <= x <= width + 64 and -64 <= y <= height + 64 for x, y in ring)
         assert feature["properties"]["objectType"] == "annotation"
-    assert "Slide report" in open(report["files"]["markdown"]).read()
+    assert "Slide report" in files["markdown"].read_text()
     # the regions the model attended to lie on the generated tumour
     from lepton.data.slidegen import plan_slide
 
     idx = int(tumour.rsplit("slide", 1)[1][:3])
-    side = int(json.loads(open(report["files"]["report"]).read())["slide"]["width"])
+    side = int(json.loads(files["report"].read_text())["slide"]["width"])
     plan = plan_slide(side, 1024, tumour=True, seed=3 * 100_003 + idx)
     xs = [x for x, _ in collection["features"][0]["geometry"]["coordinates"][0]]
     ys = [y for _, y in collection["features"][0]["geometry"]["coordinates"][0]]
@@ -239,3 +242,44 @@ def test_top_regions_join_touching_tiles():
     xs, ys = [p[0] for p in ring], [p[1] for p in ring]
     assert (min(xs), max(xs), min(ys), max(ys)) == (400, 500, 400, 500)  # tile (4, 4)'s square, to the pixel
     assert geojson(regions)["features"][0]["properties"]["measurements"]["tiles"] == 3
+
+
+def test_a_tile_set_is_plain_classification():
+    """Tile classification is the classification task on a tile set: PathMNIST's tiles (RGB, 9 tissue classes)."""
+    from pathlib import Path
+
+    from lepton.data import load_dataset
+    from lepton.tasks import choose_task
+
+    tiles = Path(__file__).resolve().parents[2] / "shared" / "data" / "pathmnist_tiles" / "pathmnist_tiles1000.npz"
+    if not tiles.is_file():
+        pytest.skip("no ../shared/data/pathmnist_tiles")
+    task, layout = choose_task(tiles)
+    data = load_dataset(tiles)
+    assert task == "classification" and layout.name == "medmnist"
+    assert len(data) == 1000 and data.images[0].shape == (3, 28, 28) and len(data.label_names) == 9
+
+
+@pytest.mark.slow
+def test_a_trained_tile_classifier_is_a_backbone(tmp_path):
+    """Tiles cut from generated slides, trained as a two-class folder by `train` (tile classification), then
+    embedding slide tiles as a backbone."""
+    from PIL import Image
+
+    from lepton.pathology.embed import Backbone
+    from lepton.train import train
+
+    for label, tumour in (("normal", False), ("tumour", True)):
+        plan = plan_slide(768, 768, tumour=tumour, seed=11, pen=False)
+        (tmp_path / "tiles" / label).mkdir(parents=True)
+        for i in range(24):
+            x, y = (i % 6) * 64 + 192, (i // 6) * 64 + 192
+            Image.fromarray(render(plan, 2, x // 2, y // 2, 32, 32)).save(tmp_path / "tiles" / label / f"{i}.png")
+    run = train(tmp_path / "tiles", preset="default", output_dir=str(tmp_path / "runs"), name="tiles", epochs=1,
+                batch_size=16, quiet=True, seed=0)
+    backbone = Backbone.from_run(run.path)
+    assert backbone.identity["kind"] == "run" and len(backbone.identity["weights"]) == 16
+    tiles = [render(plan, 1, 300, 300, 64, 64), render(plan, 1, 10, 10, 64, 64)]
+    features = backbone(tiles)
+    assert features.shape == (2, backbone.dim) and np.isfinite(features).all()
+    assert Backbone.from_identity(backbone.identity).identity == backbone.identity

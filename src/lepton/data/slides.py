@@ -143,12 +143,65 @@ class Slide:
 
 # -- backends -----------------------------------------------------------------------------------------------------
 class _TiffHandle:
+    """One thread's reader of a TIFF slide. A level stored as one tiled, interleaved RGB page is read by decoding
+    its stored tiles directly (tifffile's ``TiffPage.decode``), each once per call, with the last few kept for the
+    next call; anything else goes through tiffslide's ``read_region``. Measured on a JPEG pyramid: a row of 16 tiles
+    decoded directly takes ~1/15 of tiffslide's read of the same band (benchmarks/pathology.py)."""
+
+    #: Decoded stored tiles kept per handle (a few rows of a wide slide): a band overlapping the last one reuses them.
+    KEEP = 256
+
     def __init__(self, path: Path):
+        from collections import OrderedDict
+
         from tiffslide import TiffSlide
 
         self.slide = TiffSlide(path)
+        self.kept: OrderedDict = OrderedDict()
+        self.pages = []
+        try:
+            series = self.slide.ts_tifffile.series[int(self.slide.properties.get("tiffslide.series-index") or 0)]
+            for lv in series.levels:
+                page = lv.keyframe if len(lv.pages) == 1 else None
+                direct = (page is not None and page.is_tiled and series.axes == "YXS" and page.samplesperpixel in (3, 4)
+                          and page.planarconfig == 1 and page.dtype == np.uint8 and page.imagedepth == 1)
+                self.pages.append(page if direct else None)
+        except Exception:  # kerchunk-backed or an unusual layout: tiffslide reads it
+            self.pages = []
+
+    def _tile(self, page: Any, level: int, index: int) -> np.ndarray:
+        key = (level, index)
+        tile = self.kept.get(key)
+        if tile is not None:
+            self.kept.move_to_end(key)
+            return tile
+        count = page.databytecounts[index]
+        if not count:  # a tile the scanner never wrote: glass
+            tile = np.full((page.tilelength, page.tilewidth, 3), BACKGROUND, np.uint8)
+        else:
+            decode, tables = page.decode, page.jpegtables  # first use reads tags: before the seek, not between
+            fh = page.parent.filehandle
+            fh.seek(page.dataoffsets[index])
+            data, _, _ = decode(fh.read(count), index, jpegtables=tables)
+            tile = data.reshape(page.tilelength, page.tilewidth, -1)[..., :3]
+        self.kept[key] = tile
+        if len(self.kept) > self.KEEP:
+            self.kept.popitem(last=False)
+        return tile
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        page = self.pages[level] if level < len(self.pages) else None
+        if page is not None:
+            th, tw = page.tilelength, page.tilewidth
+            across = -(-page.imagewidth // tw)
+            out = np.empty((h, w, 3), np.uint8)
+            for ty in range(y // th, (y + h - 1) // th + 1):
+                for tx in range(x // tw, (x + w - 1) // tw + 1):
+                    tile = self._tile(page, level, ty * across + tx)
+                    y0, x0 = max(y, ty * th), max(x, tx * tw)
+                    y1, x1 = min(y + h, (ty + 1) * th), min(x + w, (tx + 1) * tw)
+                    out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty * th:y1 - ty * th, x0 - tx * tw:x1 - tx * tw]
+            return out
         ds = self.slide.level_downsamples[level]
         # tiffslide takes level-0 coordinates and divides them again: exact for the integer downsamples it reports
         # for power-of-two pyramids, and rounded to the pixel otherwise.

@@ -32,9 +32,9 @@ from lepton.errors import ConfigError, DataError
 TILING_VERSION = 1
 #: The longest run of adjacent tiles read as one band.
 MAX_RUN = 32
-#: H&E's hues (degrees): purples and pinks from hematoxylin to eosin, wrapping through red. Saturated pixels outside
-#: are ink.
-HE_HUES = (250.0, 20.0)
+#: Stain hues (degrees): H&E's purples and pinks from hematoxylin to eosin, wrapping through red to IHC's DAB brown.
+#: Saturated pixels outside (green and blue ink) are pen.
+HE_HUES = (250.0, 50.0)
 
 
 @dataclass(frozen=True)

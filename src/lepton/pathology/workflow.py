@@ -117,6 +117,11 @@ def predict_slide(model: str | Path | SlideModel, slide_path: str | Path, output
     out.mkdir(parents=True, exist_ok=True)
     with open_slide(slide_path, mpp=mpp) as slide:
         feats = embed_slide(slide, spec, backbone, cache=cache, workers=workers)
+        if not len(feats.coords):
+            w0, h0 = slide.dimensions
+            raise DataError(f"{slide.path}: no tile of {spec.size} px at {spec.mpp} µm/px ({feats.size0:.0f} px of "
+                            f"the slide's {w0}x{h0}) is at least {spec.min_tissue:.0%} tissue: nothing to classify "
+                            "(a slide smaller than a tile, no stained tissue, or a wrong --mpp)")
         answer = model.predict(feats.features)
         thumb, thumb_ds = slide.thumbnail(1024)
         info = slide.describe()
