@@ -111,6 +111,35 @@ def test_subgroups_of_size_zero_and_one_are_reported_and_flagged():
     assert frame.by_group.loc["40-59", "sensitivity"] == pytest.approx(big["metrics"]["sensitivity"])
 
 
+@pytest.mark.slow  # alone it pays MONAI's import (the surface distances); in the suite that is paid already
+def test_segmentation_subgroups_average_each_cases_dice_from_the_task_report():
+    from lepton.tasks import get_task
+    from lepton.tasks.seg_metrics import dice_iou
+    from lepton.validation.clinical import case_dice
+    from lepton.validation.subgroups import mean_scorer, subgroup_metrics
+
+    rng = np.random.default_rng(0)
+    labels = ["background", "lesion"]
+    truths, outputs = [], []
+    for i in range(8):
+        truth = np.zeros((16, 16), np.int64)
+        truth[4:10, 4:10] = 1
+        pred = np.roll(truth, i % 4, axis=1)  # shifted further in some cases: lower Dice
+        probs = np.stack([1.0 - pred, pred]).astype(np.float32) * 0.9 + 0.05
+        truths.append(truth[None])
+        outputs.append(probs + rng.uniform(0, 0.01, probs.shape).astype(np.float32))
+    body, _ = get_task("segmentation").report(truths, outputs, labels, {}, n_bootstrap=0, plots=None)
+    dice = case_dice(body, labels)
+    expected = [dice_iou(o.argmax(0), t[0], 1)[0] for o, t in zip(outputs, truths, strict=True)]
+    np.testing.assert_allclose(dice, expected, atol=1e-4)  # the report rounds to 4 decimals
+    site = np.array(["A", "B"] * 4, dtype=object)
+    table = subgroup_metrics({"site": site}, mean_scorer(dice, "dice"), n_bootstrap=100, min_size=2, unit="case")
+    a = table["columns"]["site"]["groups"][0]
+    assert table["unit"] == "case" and a["group"] == "A" and a["n"] == 4
+    assert a["metrics"]["dice"] == pytest.approx(np.mean(dice[site == "A"]))
+    assert a["gap"]["dice"] == pytest.approx(np.mean(dice[site == "A"]) - np.mean(dice[site == "B"]))
+
+
 def test_decision_curve_and_operating_points_match_a_hand_computed_case():
     from lepton.validation.decision import decision_curve, operating_points
 

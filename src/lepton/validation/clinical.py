@@ -35,9 +35,7 @@ def clinical_sections(run, subset, y, outputs, body: dict[str, Any], *, by: list
             scorer = subgroups.binary_scorer(np.asarray(y), p, pred)
             events = np.asarray(y)
         elif task.dense:
-            case_dice = [float(np.nanmean([r.get(f"{c}/dice") if r.get(f"{c}/dice") is not None else np.nan
-                                           for c in run.label_names[1:]])) for r in body["cases"]]
-            scorer, events = subgroups.mean_scorer(np.asarray(case_dice), "dice"), None
+            scorer, events = subgroups.mean_scorer(case_dice(body, run.label_names), "dice"), None
         else:
             scorer, events = subgroups.task_scorer(task, y, outputs, run.info), None
         unit = "case" if task.dense else "image"
@@ -75,6 +73,12 @@ def clinical_sections(run, subset, y, outputs, body: dict[str, Any], *, by: list
             sections["_plots"].append(str(plot_calibration_curves(
                 {"external": (np.asarray(y), np.asarray(outputs)[:, 1])}, plots / "calibration_external.png")))
     return sections, lines
+
+
+def case_dice(body: dict[str, Any], labels: list[str]) -> np.ndarray:
+    """Each case's Dice averaged over the foreground classes, from a dense task's report (its per-case rows)."""
+    return np.asarray([np.nanmean([np.nan if r.get(f"{c}/dice") is None else r[f"{c}/dice"] for c in labels[1:]])
+                       for r in body["cases"]], dtype=np.float64)
 
 
 def _forest(table: dict[str, Any], path: Path) -> Path:
