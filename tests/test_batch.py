@@ -229,3 +229,29 @@ def test_batch_options_need_a_results_file(tiny_run, tmp_path):
     result = subprocess.run(lepton_cmd("predict", str(tiny_run.path), str(tmp_path), "--workers", "2"),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "batch options" in result.stderr
+
+
+def test_streaming_evaluation_scores_class_folders_as_evaluate_does(tiny_run, tmp_path):
+    from lepton.batch import evaluate_stream
+    from lepton.data.synthetic import make_synthetic
+    from lepton.evaluate import evaluate
+
+    images, y, _ = make_synthetic(60, 32, seed=5)
+    clean = tmp_path / "clean"
+    for i, (image, label) in enumerate(zip(images, y, strict=True)):
+        folder = clean / tiny_run.label_names[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    expected = evaluate(tiny_run, clean, n_bootstrap=0, plots=False, output=tmp_path / "in-memory", track=[])
+    held_out = tmp_path / "held-out"
+    import shutil
+
+    shutil.copytree(clean, held_out)
+    (held_out / "normal" / "broken.png").write_bytes(b"broken")
+    (held_out / "other").mkdir()
+    Image.fromarray(images[0]).save(held_out / "other" / "x.png")  # not one of the run's classes
+    report = evaluate_stream(tiny_run, held_out, output=tmp_path / "streamed", n_bootstrap=0, plots=False,
+                             workers=0, progress=False)
+    assert (report["images"], report["unreadable"], report["unlabelled"]) == (60, 1, 1)
+    assert report["summary"] == expected["summary"]
+    assert (tmp_path / "streamed" / "predictions.parquet").exists() and (tmp_path / "streamed" / "report.md").exists()

@@ -14,6 +14,7 @@ _EXPORTS = {
     "BatchSummary": "lepton.batch.engine",
     "iter_inputs": "lepton.batch.sources",
     "PartStore": "lepton.batch.store",
+    "evaluate_stream": "lepton.batch.scoring",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -42,10 +42,30 @@ def evaluate(
                                                           "sample's).")] = None,
     min_size: Annotated[int, typer.Option(help="Subgroups smaller than this are flagged too small to judge.",
                                           min=1)] = 30,
+    stream: Annotated[bool, typer.Option("--stream", help="A held-out set too large for memory (a CSV manifest "
+                                                          "path,label or class folders, as --data): streamed "
+                                                          "through the batch engine into predictions.parquet in "
+                                                          "the report folder (resumable), then scored.")] = False,
+    workers: Annotated[int | None, typer.Option(min=0, help="With --stream: decoding processes (default cores - 1)."
+                                                )] = None,
 ) -> None:
     """Metrics with 95 % CIs, calibration and plots; writes report.json and report.md (and logs them to the run's
     trackers, or to --track). --by adds metrics per subgroup, --external a comparison with the training data; a
     two-class run also gets its decision curve."""
+    if stream:
+        from lepton.batch.scoring import evaluate_stream
+
+        if data is None or by or external or skip_bad or prevalence is not None:
+            raise ConfigError("--stream scores a whole held-out set given with --data (its unreadable images are "
+                              "counted, not fatal); --by, --external and --prevalence are not streamed")
+        report = evaluate_stream(run, data, output=output, n_bootstrap=bootstrap, workers=workers)
+        if as_json:
+            console.print_json(json.dumps(report))
+            return
+        for line in report["summary"]:
+            console.print(f"{report['images']} images streamed, {line}", highlight=False)
+        console.print(f"report: {Path(report['output']) / 'report.md'}")
+        return
     from lepton.evaluate import evaluate as evaluate_fn
 
     report = evaluate_fn(run, data, split=split, output=output, n_bootstrap=bootstrap, skip_bad=skip_bad,
