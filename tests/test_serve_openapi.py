@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from conftest import auth, png_bytes, running
@@ -49,6 +50,41 @@ def test_the_document_lists_what_the_server_answers(spec):
     assert spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
     assert "security" in predict and "security" not in paths["/healthz"]["get"]
     assert "HTTPValidationError" not in str(spec)  # FastAPI's validation body is never sent
+
+
+def test_the_infer_schema_states_what_the_server_refuses(live, spec, served):
+    """Each structural refusal of the infer parser (answered 400) is a request the document already calls invalid,
+    so schemathesis' "schema-valid request rejected" check is left with the per-model facts a schema shared by
+    every model cannot state (the model's input size; `data`'s length against `shape`)."""
+    import jsonschema
+
+    meta = httpx.get(f"{live}/v2/models/cxr", headers=auth(served["keys"]["admin"])).json()
+    shape = [1, *meta["inputs"][0]["shape"][1:]]
+    n = int(np.prod(shape))
+    good = {"name": "input", "datatype": "FP32", "shape": shape, "data": [0.5] * n}
+    schema = spec["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert spec["paths"]["/v2/models/{name}/versions/{version}/infer"]["post"]["requestBody"] == \
+        spec["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]
+    refused = {
+        "an empty input name": {"inputs": [{**good, "name": ""}]},
+        "a datatype outside the protocol": {"inputs": [{**good, "datatype": "FP8"}]},
+        "an empty shape": {"inputs": [{**good, "shape": []}]},
+        "a shape of rank 1": {"inputs": [{**good, "shape": [n]}]},
+        "a shape of rank 6": {"inputs": [{**good, "shape": [*shape, 1, 1]}]},
+        "an empty dimension": {"inputs": [{**good, "shape": [0, *shape[1:]], "data": []}]},
+        "data and binary_data_size": {"inputs": [{**good, "parameters": {"binary_data_size": 4 * n}}]},
+        "neither data nor binary_data_size": {"inputs": [{k: v for k, v in good.items() if k != "data"}]},
+        "no inputs": {"inputs": []},
+        "an empty output name": {"inputs": [good], "outputs": [{"name": ""}]},
+    }
+    validator = jsonschema.Draft202012Validator(schema)
+    for why, body in refused.items():
+        assert not validator.is_valid(body), why
+        r = httpx.post(f"{live}/v2/models/cxr/infer", json=body, headers=auth(served["keys"]["admin"]))
+        assert r.status_code == 400, (why, r.text)
+    assert validator.is_valid({"inputs": [good]})
+    r = httpx.post(f"{live}/v2/models/cxr/infer", json={"inputs": [good]}, headers=auth(served["keys"]["admin"]))
+    assert r.status_code == 200, r.text
 
 
 def test_a_wrong_method_is_405_with_allow(live):

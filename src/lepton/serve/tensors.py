@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,8 +150,11 @@ def _tensor(tensor: dict[str, Any], head: _Header, binary: memoryview, offset: i
     return arr.reshape(shape), offset
 
 
-def parse_infer_request(body: bytes, header_length: str | None, *, max_elements: int) -> InferRequest:
-    """Parse an infer request body (JSON, or JSON plus binary tensors); ApiError 400/413 for anything malformed."""
+def parse_infer_request(body: bytes, header_length: str | None, *, max_elements: int,
+                        expect: Callable[[str, str, list[int]], str | None] | None = None) -> InferRequest:
+    """Parse an infer request body (JSON, or JSON plus binary tensors); ApiError 400/413 for anything malformed.
+    ``expect(name, datatype, shape)`` names what the server cannot take in a tensor's header (an unknown input, a
+    datatype or rank it does not serve), checked with the structure: 400 before any size limit (413)."""
     if header_length is not None:
         if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
             raise _bad(f"Inference-Header-Content-Length {header_length!r} must be a number of bytes between 1 and "
@@ -180,6 +184,10 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_elements:
     binary = memoryview(body)[split:]
     request = InferRequest(request_id, outputs=outputs, binary_output=binary_output)
     heads = [_header(tensor, i) for i, tensor in enumerate(inputs)]  # every tensor's structure first (400) …
+    for head in heads:
+        why = expect(head.name, head.datatype, head.shape) if expect else None
+        if why:
+            raise _bad(f"{head.where}: {why}")
     names = [head.name for head in heads]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

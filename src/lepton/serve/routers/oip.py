@@ -27,18 +27,25 @@ INPUT = "input"
 
 
 _NOT_FOUND = schemas.errors(401, 404, oip=True)
+#: A tensor as the server checks it before reading any data: a non-empty name, a protocol datatype, a shape of rank 2
+#: (a covariate, [N, 1]) to 5 (an image or volume, [N, C, …its size]) with no dimension empty; its values in
+#: ``data`` or (binary extension) announced by ``binary_data_size``, one, never both.
 _TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
-    "name": {"type": "string"}, "datatype": {"type": "string", "enum": list(DATATYPES)},
-    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "name": {"type": "string", "minLength": 1}, "datatype": {"type": "string", "enum": list(DATATYPES)},
+    "shape": {"type": "array", "minItems": 2, "maxItems": 5, "items": {"type": "integer", "minimum": 1}},
     "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
     "data": {"type": "array", "items": {}, "description": "Row-major values, flat or nested (absent with "
-                                                         "binary_data_size)."}}}
+                                                         "binary_data_size)."}},
+    "oneOf": [{"required": ["data"], "not": {"required": ["parameters"], "properties": {
+                  "parameters": {"required": ["binary_data_size"]}}}},
+              {"required": ["parameters"], "not": {"required": ["data"]},
+               "properties": {"parameters": {"required": ["binary_data_size"]}}}]}
 _INFER_REQUEST = {"type": "object", "required": ["inputs"], "properties": {
     "id": {"type": "string"},
     "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
     "inputs": {"type": "array", "minItems": 1, "items": _TENSOR},
     "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-        "name": {"type": "string"},
+        "name": {"type": "string", "minLength": 1},
         "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}}}}
 #: The infer request: JSON tensors, or (binary tensor data extension) the JSON header followed by the binary
 #: tensors, its length in ``Inference-Header-Content-Length``.
@@ -181,7 +188,19 @@ async def _infer(name: str, request: Request, target: Target) -> Response:
     adapter = dep.handles[v].adapter
     spec = adapter.preprocessing
     named = tuple(adapter.covariates.names) if adapter.covariates is not None else ()
-    parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH),
+    expected = f"[N, {spec.channels}, {', '.join(map(str, spec.size))}]"
+
+    def expect(name: str, datatype: str, shape: list[int]) -> str | None:
+        """The image input's name, datatype and rank, checked before any size limit (covariates: later)."""
+        if name != INPUT and name not in named:
+            return f"unknown input: this model has one input, {INPUT!r} (FP32 {expected})"
+        if name == INPUT and datatype != "FP32":
+            return f"datatype must be FP32 (got {datatype})"
+        if name == INPUT and len(shape) != 2 + len(spec.size):
+            return f"shape must be {expected} with 1 <= N <= {MAX_BATCH} (got {shape})"
+        return None
+
+    parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), expect=expect,
                                  max_elements=MAX_BATCH * spec.channels * int(np.prod(spec.size)))
     data = _input_batch(parsed, spec.channels, spec.size, named)
     items = list(data)
