@@ -76,6 +76,12 @@ def lepton_cnn(in_channels: int, num_classes: int, image_size: int, spatial_dims
     return LeptonCNN(in_channels, num_classes, spatial_dims=spatial_dims)
 
 
+@register_model("lepton_cnn_tiny", "the compact CNN at a quarter of the width (8-64 channels, 74 k parameters): "
+                "CPU benchmarks and very small data sets", head="fc", cam_layer="features", spatial_dims=(2, 3))
+def lepton_cnn_tiny(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
+    return LeptonCNN(in_channels, num_classes, width=8, spatial_dims=spatial_dims)
+
+
 def _resnet(block: str, layers: list[int], in_channels: int, num_classes: int, image_size: int, spatial_dims: int):
     from monai.networks.nets import ResNet
 
