@@ -169,6 +169,8 @@ def test_data_inspect_reports_dicom_series_geometry(tmp_path):
     (["dicom-node", "--pacs", "http://h/dicom-web", "--model", "m@1", "--backoff", "nan"], "--backoff"),
     (["export", "run", "--prune", "1"], "--prune"),
     (["evaluate", "run", "--bootstrap", "-1"], "--bootstrap"),
+    (["evaluate", "run", "--prevalence", "nan"], "--prevalence"),
+    (["validate", "report", "run", "--prevalence", "0"], "--prevalence"),
 ])
 def test_numeric_options_are_bounded_and_finite(args, option):
     """Refused while parsing (exit 2, naming the option), before anything is read or started."""

@@ -12,6 +12,7 @@ import typer
 from lepton.cli.common import (
     RegistryOpt,
     TrackOpt,
+    _finite,
     _registry,
     _state,
     _track,
@@ -39,7 +40,8 @@ def evaluate(
     external: Annotated[bool, typer.Option("--external", help="--data is another site's: compare it with the "
                                                               "training data and report calibration there.")] = False,
     prevalence: Annotated[float | None, typer.Option(help="Prevalence for PPV, NPV and net benefit (default: the "
-                                                          "sample's).")] = None,
+                                                          "sample's).", click_type=_finite(0, 1, open_low=True))
+                          ] = None,
     min_size: Annotated[int, typer.Option(help="Subgroups smaller than this are flagged too small to judge.",
                                           min=1)] = 30,
     stream: Annotated[bool, typer.Option("--stream", help="A held-out set too large for memory (a CSV manifest "

@@ -10,7 +10,7 @@ from typing import Annotated
 import click
 import typer
 
-from lepton.cli.common import RegistryOpt, _registry, app, console
+from lepton.cli.common import RegistryOpt, _finite, _registry, app, console
 from lepton.cli.models import models_app
 
 validate_app = typer.Typer(help="Clinical validation: the validation report.", no_args_is_help=True)
@@ -57,7 +57,8 @@ def validate_report(
                   ] = None,
     external: Annotated[str | None, typer.Option(help="Another site's labelled data (external validation).")
                         ] = None,
-    prevalence: Annotated[float | None, typer.Option(help="Prevalence for PPV, NPV and net benefit.")] = None,
+    prevalence: Annotated[float | None, typer.Option(help="Prevalence for PPV, NPV and net benefit.",
+                                                     click_type=_finite(0, 1, open_low=True))] = None,
     output: Annotated[Path | None, typer.Option(help="Report folder (default RUN/validation).")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.", min=0, max=100_000)] = 1000,
     failures: Annotated[int, typer.Option(help="Failure cases shown with Grad-CAM.", min=0, max=50)] = 4,
