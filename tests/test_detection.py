@@ -328,3 +328,18 @@ def test_3d_boxes_end_to_end(tmp_path):
     assert {"z0", "z1", "y0", "x1"} <= set(loose["boxes"][0]["box"]) and answer["count"] <= loose["count"]
     report = evaluate(run, split="test", n_bootstrap=20, plots=False)
     assert report["task"] == "detection" and report["images"] >= 1 and "cpm" in report
+
+
+def test_detection_refuses_what_boxes_do_not_allow(tmp_path):
+    from lepton.config import TrainConfig
+    from lepton.errors import ConfigError
+    from lepton.tasks import choose_task, get_task
+
+    task = get_task("detection")
+    with pytest.raises(ConfigError, match="ensemble members' boxes cannot be averaged"):
+        task.criterion(None, TrainConfig(task="detection", model="retinanet", ensemble=2))
+    with pytest.raises(ConfigError, match="preprocessing steps move voxels, not boxes"):
+        task.load("x.csv", window=None, slices="middle", steps=[{"step": "spacing"}], skip_bad=False)
+    source = _csv(_images(tmp_path / "d"))
+    with pytest.raises(ConfigError, match="--task segmentation contradicts the data"):
+        choose_task(source, "segmentation")

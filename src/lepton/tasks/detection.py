@@ -147,6 +147,12 @@ class Detection(Task):
         return data.normalized_targets()
 
     def criterion(self, y_train, config) -> Loss:
+        """RetinaNet's loss; refuses what averages or attacks outputs, which boxes do not allow."""
+        for flag, why in ((config.ensemble > 1, "ensemble members' boxes cannot be averaged"),
+                          (bool(config.adversarial), "adversarial training attacks class scores"),
+                          (bool(config.slab), "a 2.5-D slab network answers per image, not boxes")):
+            if flag:
+                raise ConfigError(f"the detection task does not train this way: {why}; drop that option")
         return self.loss
 
     def loss(self, logits, y):
