@@ -97,25 +97,25 @@ def loops(tmp: Path, quick: bool) -> None:
     from lepton.data.cine import write_cine_set
     from lepton.data.covariates import encode, fit_schema, parse_covariates
 
-    n, epochs, frames = (30, 1, 6) if quick else (80, 5, 8)
+    n, epochs, frames = (30, 1, 8) if quick else (80, 6, 8)
     manifest = write_cine_set(tmp / "loops", n=n, size=64, seed=1)
-    base = {"fps": 12, "frames": frames, "size": 32, "target": "value"}
-    print(f"\n## Generated cine loops: {n} clips (multi-frame US DICOM, 30 fps, 2 s), read at 12 fps x {frames} "
-          f"frames of 32 px; {epochs} epochs, batch 16, lr 1e-3, fp32; split 60/20/20 by patient (seed 0)")
+    base = {"fps": 8, "frames": frames, "size": 32, "target": "value"}  # 1 s: a whole beat at 60-100 bpm
+    print(f"\n## Generated cine loops: {n} clips (multi-frame US DICOM, 30 fps, 2 s), read at 8 fps x {frames} "
+          f"frames of 32 px; {epochs} epochs, batch 4, lr 1e-3, fp32; split 60/20/20 by patient (seed 0)")
     cov = "age:numeric:years,sex:categorical"
     y, rows, names, data, splits = test_rows(manifest, {**base, "covariates": cov}, 0)
     results = {}
     print("| model | covariates | test MAE [95 % CI] | R² | s / epoch | train wall s |")
     print("|---|---|---|---|---|---|")
     for model in HEADS:
-        run, per_epoch, wall = fit(manifest, tmp / "runs", f"{model}-img", model, base, epochs, 16, 0)
+        run, per_epoch, wall = fit(manifest, tmp / "runs", f"{model}-img", model, base, epochs, 4, 0)
         pred = predict(run, names, [])[:, 0]
         mae, ci, r2 = mae_ci(y, pred)
         results[model] = (mae, per_epoch)
         print(f"| {model} | none | {mae:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] | {r2:.3f} | {per_epoch:.1f} | {wall:.0f} |")
     for fusion in ("late", "film"):
         options = {**base, "covariates": cov, "fusion": fusion}
-        run, per_epoch, wall = fit(manifest, tmp / "runs", f"att-{fusion}", "seq_attention", options, epochs, 16, 0)
+        run, per_epoch, wall = fit(manifest, tmp / "runs", f"att-{fusion}", "seq_attention", options, epochs, 4, 0)
         pred = predict(run, names, rows)[:, 0]
         mae, ci, r2 = mae_ci(y, pred)
         results[f"att+{fusion}"] = (mae, per_epoch)

@@ -247,3 +247,20 @@ def test_phantom_contraction_follows_the_ejection_fraction():
     weak = beating_chamber(20, period_s=0.8, rng=np.random.default_rng(0), size=48)
     dark = [float((f < 30).mean()) for f in strong], [float((f < 30).mean()) for f in weak]
     assert (max(dark[0]) - min(dark[0])) > 2 * (max(dark[1]) - min(dark[1]))
+
+
+def test_cli_task_options_and_covariates():
+    import typer
+
+    from lepton.cli.train import _task_options
+
+    assert _task_options(["fps=8", "frames=16", "target=value", "fusion=film"], "age:numeric:years") == {
+        "fps": 8, "frames": 16, "target": "value", "fusion": "film", "covariates": "age:numeric:years"}
+    with pytest.raises(typer.BadParameter, match="KEY=VALUE"):
+        _task_options(["fps"], None)
+    from lepton.tasks.sequence import sequence_options
+
+    with pytest.raises(ConfigError, match="unknown key"):
+        sequence_options({"fsp": 8})
+    with pytest.raises(ConfigError, match="target='score'"):
+        sequence_options({"target": "score"})

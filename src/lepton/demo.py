@@ -189,9 +189,9 @@ def run_sequence_demo(output_dir: str | Path = "runs", *, quick: bool = False, s
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     n = 40 if quick else 96
     manifest = write_cine_set(out / "demo-sequence" / f"cine_{n}", n=n, size=64, seed=seed)
-    options = {"fps": 12, "frames": 8 if quick else 10, "size": 32, "target": "value", "fusion": "film",
+    options = {"fps": 8, "frames": 8, "size": 32, "target": "value", "fusion": "film",  # 1 s: a whole beat
                "covariates": "age:numeric:years,sex:categorical"}
-    run = train(manifest, task="sequence", model="seq_attention", epochs=3 if quick else 8, batch_size=16,
+    run = train(manifest, task="sequence", model="seq_attention", epochs=4 if quick else 8, batch_size=4,
                 augment="none", precision="fp32", task_options=options, name=f"demo-sequence-{stamp}",
                 output_dir=str(out), seed=seed, quiet=quiet)
     train_seconds = time.perf_counter() - started

@@ -77,7 +77,7 @@ def beating_chamber(ef: float, *, period_s: float, fps: float = 30.0, seconds: f
     n = round(seconds * fps)
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     cy, cx = size * (0.55 + rng.uniform(-0.05, 0.05)), size * (0.5 + rng.uniform(-0.05, 0.05))
-    rd = size * rng.uniform(0.20, 0.26)  # end-diastolic radius
+    rd = size * rng.uniform(0.24, 0.30)  # end-diastolic radius
     rs = rd * (1.0 - ef / 100.0) ** (1.0 / 3.0)  # end-systolic radius for that EF
     phase, aspect = rng.uniform(0, 2 * np.pi), rng.uniform(1.2, 1.5)
     wall = size * 0.07
@@ -87,7 +87,7 @@ def beating_chamber(ef: float, *, period_s: float, fps: float = 30.0, seconds: f
         r = rd - (rd - rs) * squeeze
         d = np.sqrt(((xx - cx) / r) ** 2 + ((yy - cy) / (r * aspect)) ** 2)
         img = np.where(d < 1.0, 12.0, np.where(d < 1.0 + wall / r, 170.0, 70.0))  # dark pool, bright wall, tissue
-        img = img * rng.gamma(4.0, 0.25, size=(size, size))  # speckle
+        img = img * rng.gamma(9.0, 1 / 9.0, size=(size, size))  # speckle
         img[: size // 10, : size // 2] = 255  # burned-in annotation outside the scan region
         out[t] = np.clip(img, 0, 255).astype(np.uint8)
     return out
