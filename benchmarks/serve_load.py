@@ -184,6 +184,72 @@ def precision_peaks(reg, precisions: list[str], batch: int, seconds: float = 2.0
     return out
 
 
+def segmentation_rows(tmp: Path, clients: int, seconds: float, rounds: int, env: dict[str, str],
+                      max_wait_ms: float) -> None:
+    """Dense serving, same run: a 2-D segmentation model (a UNet on synthetic chest images, 64 px windows) served
+    with its sliding windows batched across requests (d) and one window per forward pass (e), 128 px uploads (nine
+    windows each), the two servers taking turns; requests/s, latency percentiles, windows per forward pass."""
+    from PIL import Image
+
+    import lepton
+    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.registry import Registry
+
+    cases = write_segmentation_cases(tmp / "seg-cases", n=16, dims=2, seed=0)
+    run = lepton.train(cases, task="segmentation", epochs=1, batch_size=8, time_budget_s=0, quiet=True,
+                       output_dir=str(tmp / "seg-runs"), name="seg")
+    reg = Registry.open(tmp / "seg-reg")
+    reg.register_run(run.path, "seg")
+    image = np.asarray(Image.open(sorted((cases / "images").iterdir())[0]).resize((128, 128)))
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    body = buf.getvalue()
+    servers = {"d) segmentation, windows batched": ["--max-batch-size", str(4 * clients), "--max-wait-ms",
+                                                    str(max_wait_ms)],
+               "e) segmentation, one window per forward": ["--max-batch-size", "1"]}
+    procs, urls = [], {}
+    try:
+        for label, extra in servers.items():
+            port = free_port()
+            log = tmp / f"seg-server-{port}.log"
+            with open(log, "wb") as log_fh:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "lepton.cli", "serve", "--model", "seg", "--registry", str(tmp / "seg-reg"),
+                     "--port", str(port), "--no-auth", "--rate-limit", "0", "--max-queue", "65536", *extra],
+                    stdout=subprocess.DEVNULL, stderr=log_fh, env=env))
+            wait_ready(f"http://127.0.0.1:{port}/readyz", procs[-1], log)
+            url = f"http://127.0.0.1:{port}/v1/models/seg/predict"
+            asyncio.run(load(url, body, clients, 2.0, {"content-type": "image/png"}))  # warm-up
+            urls[label] = (url, f"http://127.0.0.1:{port}/metrics")
+        acc = {label: {"latencies": [], "errors": 0, "elapsed": 0.0, "windows": 0.0, "batches": 0.0}
+               for label in servers}
+        for _ in range(max(1, rounds)):
+            for label, (url, metrics) in urls.items():
+                before = batch_totals(metrics)
+                got = asyncio.run(load(url, body, clients, seconds / max(1, rounds), {"content-type": "image/png"}))
+                windows, batches = (a - b for a, b in zip(batch_totals(metrics), before, strict=True))
+                a = acc[label]
+                a["latencies"] += got["latencies"]
+                a["errors"] += got["errors"]
+                a["elapsed"] += got["elapsed"]
+                a["windows"] += windows
+                a["batches"] += batches
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+    print(f"\nDense serving: a UNet on 128 x 128 uploads (64 px windows, overlap 0.25: 9 windows a request), {clients} "
+          f"concurrent clients for {seconds:.0f} s each in {max(1, rounds)} turns; ratio against (e)")
+    print(f"{'server':<44}{'req/s':>9}{'ratio':>7}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'windows/pass':>14}")
+    results = {label: summarise(a["latencies"], a["errors"], a["elapsed"]) for label, a in acc.items()}
+    unbatched = results["e) segmentation, one window per forward"]["requests_per_s"]
+    for label, r in results.items():
+        per_pass = acc[label]["windows"] / acc[label]["batches"] if acc[label]["batches"] else float("nan")
+        print(f"{label:<44}{r['requests_per_s']:>9.1f}{r['requests_per_s'] / unbatched:>6.2f}x{r['p50_ms']:>9.1f}"
+              f"{r['p99_ms']:>9.1f}{r['errors']:>8d}{per_pass:>14.1f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=64)
@@ -202,6 +268,8 @@ def main() -> int:
     parser.add_argument("--batch-idle-ms", type=float, default=0.0, help="batching servers' idle gap (0: off)")
     parser.add_argument("--only", default="", help="comma-separated row letters to run, e.g. a,a2,c (default: all)")
     parser.add_argument("--quick", action="store_true", help="8 clients, 4 s each, lepton_cnn")
+    parser.add_argument("--no-segmentation", dest="segmentation", action="store_false",
+                        help="skip the dense rows (d, e): a segmentation model with and without window batching")
     parser.add_argument("--precisions", default="fp32,bf16,int8",
                         help="a row (a) per serving precision (`lepton serve --precision P`), each checked on the "
                              "version's val set first; its AUC delta against fp32 is printed")
@@ -355,6 +423,8 @@ def main() -> int:
     print(f"the model alone, one batch of {args.clients} on {cores} cores: {np.median(peaks):.1f} images/s "
           f"(median over the turns, {min(peaks):.1f}-{max(peaks):.1f}) = {np.median(peaks) / plain:.2f}x (c): "
           "no server can answer more requests/s than that on this machine")
+    if args.segmentation:
+        segmentation_rows(tmp, args.clients, args.seconds, args.rounds, env, args.max_wait_ms)
     out = Path(__file__).resolve().parents[1] / "runs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"serve-load-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(

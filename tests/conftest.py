@@ -109,6 +109,19 @@ def tiny_run(tmp_path_factory, synthetic_npz):
                  lr=2e-3, quiet=True, seed=0)
 
 
+@pytest.fixture(scope="session")
+def seg_run(tmp_path_factory):
+    """A small 2-D segmentation run (synthetic chest images with opacity masks, a few epochs) and its cases."""
+    import lepton
+    from lepton.data.synthetic import write_segmentation_cases
+
+    root = tmp_path_factory.mktemp("seg-run")
+    cases = write_segmentation_cases(root / "cases", n=16, dims=2, seed=0)
+    run = lepton.train(cases, task="segmentation", epochs=4, batch_size=8, time_budget_s=0, quiet=True,
+                       output_dir=str(root / "runs"), name="seg", seed=0)
+    return run, cases
+
+
 # -- serving helpers: a real uvicorn server on a free 127.0.0.1 port ----------------------------------
 @contextmanager
 def running(config):

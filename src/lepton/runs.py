@@ -55,10 +55,10 @@ def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta:
 
 
 def segment_probs(model, spec: Preprocessing, pixels: np.ndarray, activate: Callable, *, tta: bool = False,
-                  device: str = "cpu", overlap: float = 0.25) -> np.ndarray:
+                  device: str = "cpu", overlap: float = 0.25, sw_batch_size: int = 2) -> np.ndarray:
     """A dense task's outputs (K, …) for one decoded image (C, …) in [0, 1] at its own size: MONAI's sliding-window
-    inference with windows of the network's input size (Gaussian-weighted, ``overlap``), smaller inputs padded as
-    in training, flip TTA flipped back."""
+    inference with windows of the network's input size (Gaussian-weighted, ``overlap``; ``sw_batch_size`` windows
+    per call of ``model``), smaller inputs padded as in training, flip TTA flipped back."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -75,7 +75,8 @@ def segment_probs(model, spec: Preprocessing, pixels: np.ndarray, activate: Call
     if hasattr(model, "eval"):
         model.eval()
     with torch.inference_mode():
-        probs = sliding_window_inference(x.to(device), roi_size=spec.size, sw_batch_size=2, predictor=predictor,
+        probs = sliding_window_inference(x.to(device), roi_size=spec.size, sw_batch_size=sw_batch_size,
+                                         predictor=predictor,
                                          overlap=overlap, mode="gaussian", cval=pad_value)
     return probs[0].float().cpu().numpy()
 
@@ -101,7 +102,7 @@ def resample_probs(probs: np.ndarray, src_affine: np.ndarray, dst_affine: np.nda
 
 
 def segment_image(model, spec: Preprocessing, pixels: np.ndarray, affine: np.ndarray | None, activate: Callable, *,
-                  tta: bool = False, device: str = "cpu", stepped: bool = False) -> np.ndarray:
+                  tta: bool = False, device: str = "cpu", stepped: bool = False, sw_batch_size: int = 2) -> np.ndarray:
     """A dense task's outputs (K, …) for one decoded image (C, …) as read, on the image's own grid: the run's steps
     are applied, the network slides over the result (``segment_probs``), and the probabilities are resampled back
     when the steps moved the grid. ``stepped``: the image went through the steps already; outputs stay on its grid.
@@ -110,11 +111,11 @@ def segment_image(model, spec: Preprocessing, pixels: np.ndarray, affine: np.nda
 
     if spec.steps and pixels.ndim == 4 and not stepped:
         moved, moved_affine, _ = apply_steps(pixels, affine, spec.steps, "input")
-        probs = segment_probs(model, spec, moved, activate, tta=tta, device=device)
+        probs = segment_probs(model, spec, moved, activate, tta=tta, device=device, sw_batch_size=sw_batch_size)
         if affine is None or moved_affine is None:
             raise RunError("a volume without geometry cannot be put back on its grid after spacing steps")
         return resample_probs(probs, moved_affine, affine, tuple(pixels.shape[1:]))
-    return segment_probs(model, spec, pixels, activate, tta=tta, device=device)
+    return segment_probs(model, spec, pixels, activate, tta=tta, device=device, sw_batch_size=sw_batch_size)
 
 
 @dataclass
@@ -133,11 +134,11 @@ class Run:
     def __post_init__(self) -> None:
         if self.task is None:
             self.task = get_task(self.config.task, self.config.task_options)
+        if self.info.get("calibration"):  # a local recalibration: every path's probabilities go through activate
+            self.task = self.task.with_calibration(self.info["calibration"])
 
     @property
     def threshold(self) -> float | None:
-        if self.info.get("calibration"):  # a local recalibration: every path's probabilities go through activate
-            self.task = self.task.with_calibration(self.info["calibration"])
         """The val-selected decision threshold on P(positive class) for binary tasks."""
         return self.info.get("threshold")
 

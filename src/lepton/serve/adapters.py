@@ -19,6 +19,10 @@ from lepton.tasks import Task, get_task
 MAX_SERVE_PIXELS = 4096 * 4096
 
 
+def _identity(outputs):
+    return outputs
+
+
 class ModelAdapter:
     """Turns request payloads into the task's outputs (probabilities for classification) for one version."""
 
@@ -140,13 +144,34 @@ class ModelAdapter:
     def encode_response(self, outputs: np.ndarray) -> dict[str, Any]:
         return self.task.encode(outputs, self.labels, self.info)
 
-    def segment(self, frame: Frame) -> np.ndarray:
+    def segment(self, frame: Frame, windows=None, sw_batch_size: int = 2) -> np.ndarray:
         """A dense task's outputs (K, …) for one decoded frame, on its own grid (sliding windows, the run's steps
-        applied and undone)."""
+        applied and undone). ``windows``: a callable from a batch of normalised windows to their activated outputs
+        (the server's window batcher, shared by requests) instead of this adapter's own forward pass."""
         from lepton.runs import segment_image
 
-        return segment_image(self._segment_model(), self.preprocessing, frame.pixels, frame.affine,
-                             self._segment_activation(), tta=self._tta)
+        model, activate = self._segment_model(), self._segment_activation()
+        if windows is not None:
+            model, activate = windows, _identity
+        return segment_image(model, self.preprocessing, frame.pixels, frame.affine, activate, tta=self._tta,
+                             sw_batch_size=sw_batch_size)
+
+    def prepare_windows(self, windows: list[np.ndarray]) -> np.ndarray:
+        """Sliding windows of any number of requests (each (C, …) at the network's size, normalised) as a batch."""
+        return np.stack(windows).astype(np.float32, copy=False)
+
+    def predict_windows(self, batch: np.ndarray) -> np.ndarray:
+        """A dense task's activated outputs (N, K, …) for a batch of windows: one forward pass (flip TTA is the
+        caller's, as two windows)."""
+        import torch
+
+        from lepton.models.layout import fast_layout
+
+        model, activate = self._segment_model(), self._segment_activation()
+        if hasattr(model, "eval"):
+            model.eval()
+        with torch.inference_mode():
+            return activate(model(fast_layout(torch.from_numpy(batch)))).float().numpy()
 
     def segment_response(self, frame: Frame, probs: np.ndarray) -> dict[str, Any]:
         """The answer for a dense task: sizes and lesions (``describe``) and the label map as a base64 file — NIfTI
@@ -210,12 +235,12 @@ class TorchAdapter(ModelAdapter):
 
     def setup(self) -> None:
         self.run = self._registry.load_run(self._ref)
+        self.task = self.run.task  # with the version's recalibration, if it has one
         self.predict(self.prepare([np.zeros((self.preprocessing.channels, *self.preprocessing.size), np.float32)]))
 
     def predict(self, batch: np.ndarray | tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         from lepton.precision import torch_outputs
 
-        return torch_outputs(self.run.model, batch, self.task.activate, self.run.config.tta, self.precision)
         if isinstance(batch, tuple):  # images with covariates: the network's second input (fp32)
             import torch
 
@@ -223,6 +248,7 @@ class TorchAdapter(ModelAdapter):
 
             x, e = (torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in batch)
             return predict_outputs(self.run.model, x, self.task.activate, tta=self.run.config.tta, extras=e)
+        return torch_outputs(self.run.model, batch, self.task.activate, self.run.config.tta, self.precision)
 
     def _segment_model(self):
         self._tta = self.run.config.tta
@@ -239,7 +265,6 @@ class TorchAdapter(ModelAdapter):
         with torch.enable_grad():  # executor threads may have autograd off
             maps, _ = saliency_maps(self.run, [pixels], method=method, class_idx=class_idx)
         shown = self.preprocessing.resize([pixels]).mean(1).numpy()[0]
-        self.task = self.run.task  # with the version's recalibration, if it has one
         overlay = overlay_png(shown, maps[0]) if maps[0].ndim == 2 else montage_png(shown, maps[0])
         image, heatmap = layer_pngs(shown, maps[0])
         return {"overlay": overlay, "image": image, "heatmap": heatmap}
@@ -255,8 +280,8 @@ class OnnxAdapter(ModelAdapter):
         super().__init__(*self._fields(v))
         self._registry, self._sha, self.session = registry, onnx_sha or v.artifacts["onnx"], None
         self._foreign = v.format == "onnx"  # trained elsewhere: its output may be logits or probabilities
-        self._tta = bool((v.config or {}).get("tta"))  # dense answers flip as the run did
         self.cost = v.metrics.get("cost")
+        self._tta = bool((v.config or {}).get("tta"))  # dense answers flip as the run did
 
     def setup(self) -> None:
         import onnxruntime as ort

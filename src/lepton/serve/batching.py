@@ -1,6 +1,7 @@
 """Dynamic batching: requests are grouped up to ``max_batch_size`` or ``max_wait_ms`` (or, with ``idle_ms``,
 until arrivals pause) and run off the event loop in worker threads (one per model version unless ``concurrency``
-says more); a bounded queue sheds load with QueueFull."""
+says more); a bounded queue sheds load with QueueFull. A dense task's requests batch their sliding windows instead
+(``window_submitter``): the windows of every request in flight share forward passes."""
 
 from __future__ import annotations
 
@@ -156,6 +157,20 @@ class Batcher:
 
     def _run(self, images: list[np.ndarray]) -> np.ndarray:
         return self.predict(self.prepare(images))
+
+    def window_submitter(self, loop: asyncio.AbstractEventLoop) -> Callable:
+        """A callable for a thread that slides over one request's image (MONAI's sliding-window inference): each
+        batch of windows it is given joins this batcher's queue, window by window, so windows of concurrent
+        requests share forward passes; it blocks until their outputs are back (QueueFull when the queue is full)."""
+
+        def run(windows):
+            import torch
+
+            arrays = np.ascontiguousarray(windows.detach().float().cpu().numpy())
+            futures = [asyncio.run_coroutine_threadsafe(self.submit(w), loop) for w in arrays]
+            return torch.from_numpy(np.stack([f.result() for f in futures]))
+
+        return run
 
     async def drain_and_stop(self, timeout: float = 30.0) -> None:
         """Wait until queued and running requests are answered, then stop (used by hot swaps)."""

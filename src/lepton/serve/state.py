@@ -51,6 +51,10 @@ def freeze_heap() -> None:
 class Handle:
     adapter: ModelAdapter
     batcher: Batcher
+    windows: Batcher | None = None  # a dense task's sliding windows, batched across requests
+
+    def batchers(self) -> list[Batcher]:
+        return [b for b in (self.batcher, self.windows) if b is not None]
 
 
 @dataclass
@@ -119,7 +123,6 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self._heap_grew = False  # a version was loaded since the heap was last frozen
         self._explain_lock = threading.Lock()
-        self._segment_lock = threading.Lock()
 
     # -- models -------------------------------------------------------------------------------------------
     async def reload(self) -> dict[str, Any]:
@@ -164,7 +167,8 @@ class Server:
         dep.weights = dict(route.weights) if route else {}
         dep.shadow = route.shadow if route else None
         for v, h in old.items():
-            asyncio.get_running_loop().create_task(h.batcher.drain_and_stop())
+            for b in h.batchers():
+                asyncio.get_running_loop().create_task(b.drain_and_stop())
             log.info("%s@%s retired", dep.name, v)
         return {"primary": dep.primary, "previous": before or None, "weights": dep.weights, "shadow": dep.shadow,
                 "loaded": sorted(dep.handles)}
@@ -180,21 +184,27 @@ class Server:
             m.model_latency.labels(name, str(version)).observe(seconds)
             m.queue_depth.labels(name, str(version)).set(batcher.depth)  # kept current for other workers' scrapes
 
-        batcher = Batcher(adapter.prepare, adapter.predict, max_batch_size=self.config.max_batch_size,
-                          max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue,
-                          idle_ms=self.config.batch_idle_ms, on_batch=on_batch,
-                          concurrency=self.config.model_concurrency or model_concurrency(self.config.max_batch_size))
-        batcher.start()
+        def make(prepare, predict) -> Batcher:
+            made = Batcher(prepare, predict, max_batch_size=self.config.max_batch_size,
+                           max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue,
+                           idle_ms=self.config.batch_idle_ms, on_batch=on_batch,
+                           concurrency=self.config.model_concurrency or model_concurrency(self.config.max_batch_size))
+            made.start()
+            return made
+
+        batcher = make(adapter.prepare, adapter.predict)
+        windows = make(adapter.prepare_windows, adapter.predict_windows) if adapter.task.dense else None
         self._heap_grew = True
         log.info("%s@%s loaded (%s) in process %d, %s", name, version, adapter.platform, os.getpid(),
                  adapter.precision)
-        return Handle(adapter, batcher)
+        return Handle(adapter, batcher, windows)
 
     async def close(self) -> None:
         """Drain every batcher and release the shared files."""
         for dep in self.deployments.values():
             for handle in dep.handles.values():
-                await handle.batcher.drain_and_stop(timeout=5)
+                for b in handle.batchers():
+                    await b.drain_and_stop(timeout=5)
         self.limiter.close()
 
     # -- access ------------------------------------------------------------------------------------------
@@ -247,12 +257,12 @@ class Server:
             asyncio.get_running_loop().create_task(self._shadow(dep, pixels, outputs))
         return chosen, outputs
 
-    async def _shadow(self, dep: Deployment, pixels: np.ndarray, served: np.ndarray) -> None:
+    async def _shadow(self, dep: Deployment, pixels, served: np.ndarray, dense: bool = False) -> None:
         handle = dep.handles.get(dep.shadow)
         if handle is None:
             return
         try:
-            outputs = await handle.batcher.submit(pixels)
+            outputs = await (self._windows(dep, handle, pixels) if dense else handle.batcher.submit(pixels))
         except Exception as exc:  # shadow failures are recorded, never surfaced to clients
             self.metrics.shadow.labels(dep.name, str(dep.shadow), "error").inc()
             log.warning("shadow %s@%s failed: %s", dep.name, dep.shadow, type(exc).__name__)
@@ -263,17 +273,17 @@ class Server:
 
     async def segment(self, dep: Deployment, frame, client: str | None,
                       upload: bytes | None = None) -> tuple[int, dict]:
-        """A dense task's answer for one decoded frame with the routed version (one segmentation at a time: the
-        sliding windows use every core), with a base64 DICOM SEG when given the ``upload`` (a zipped series) it
-        references; returns (version, response body)."""
+        """A dense task's answer for one decoded frame with the routed version — its sliding windows batched with
+        those of every request in flight (the version's window batcher: queue limit, batch metrics) — with a base64
+        DICOM SEG when given the ``upload`` (a zipped series) it references; returns (version, response body). A
+        shadow version segments the same frame in the background and is counted as agreeing or not."""
         chosen = dep.choose(client)
         handle = dep.handles.get(chosen)
         if handle is None:
             raise ApiError(404, "version_not_served", f"{dep.name} version {chosen} is not being served")
+        probs = await self._windows(dep, handle, frame)
 
         def work() -> dict:
-            with self._segment_lock:
-                probs = handle.adapter.segment(frame)
             body = handle.adapter.segment_response(frame, probs)
             if upload is not None:
                 import base64
@@ -285,7 +295,24 @@ class Server:
         body = await asyncio.to_thread(work)
         mean = float(frame.pixels.mean())
         dep.drift_mean = mean if dep.drift_mean is None else 0.98 * dep.drift_mean + 0.02 * mean
+        if dep.shadow is not None and dep.shadow != chosen and dep.shadow in dep.handles:
+            asyncio.get_running_loop().create_task(self._shadow(dep, frame, probs, dense=True))
         return chosen, body
+
+    async def _windows(self, dep: Deployment, handle: Handle, frame) -> np.ndarray:
+        """One frame's probabilities through the version's window batcher (503 when its queue is full)."""
+        batcher = handle.windows
+        if batcher.depth >= batcher.max_queue:
+            self.metrics.rejected.labels(dep.name).inc()
+            raise ApiError(503, "overloaded", f"{dep.name} is at capacity; retry shortly", {"Retry-After": "1"})
+        try:
+            return await asyncio.to_thread(handle.adapter.segment, frame,
+                                           batcher.window_submitter(asyncio.get_running_loop()),
+                                           batcher.max_batch_size)
+        except QueueFull:
+            self.metrics.rejected.labels(dep.name).inc()
+            raise ApiError(503, "overloaded", f"{dep.name} is at capacity; retry shortly", {"Retry-After": "1"}) \
+                from None
 
     def explain(self, adapter, pixels: np.ndarray, method: str, index: int) -> dict[str, bytes]:
         with self._explain_lock:  # Grad-CAM hooks the shared model: one explanation at a time
