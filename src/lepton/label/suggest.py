@@ -157,7 +157,7 @@ def _suggest_classes(run: Run, pool: UnlabelledSet, known: set[str], data, n: in
                 images.append(pixels)
         if not idx:
             continue
-        x = spec(images)
+        x = spec.resize(images)  # in [0, 1]: class_scores and features normalise
         p, s = class_scores(run, x, strategy, seed + start)
         keep += idx
         probs.append(p)
@@ -168,7 +168,7 @@ def _suggest_classes(run: Run, pool: UnlabelledSet, known: set[str], data, n: in
         return [], len(pool)
     probs, scores = np.concatenate(probs), np.concatenate(scores)
     if strategy == "coreset":
-        labelled = features(run, spec(data.images))
+        labelled = features(run, spec.resize(data.images))
         order, gaps = k_center(np.concatenate(feats), labelled, n)
         scores[order] = gaps
     elif strategy == "random":
