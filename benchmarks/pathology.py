@@ -49,6 +49,15 @@ def naive_tiles(path: Path, grid):
             yield i, tile
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ``ru_maxrss``: Linux carries the parent's peak into a child
+    across fork and exec, so a child started by a big parent would report the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def extract(args: argparse.Namespace) -> None:
     """One extraction in this process: print tiles, seconds, a checksum and the peak RSS as JSON."""
     from lepton.data.slides import open_slide
@@ -58,7 +67,7 @@ def extract(args: argparse.Namespace) -> None:
     with open_slide(args.slide) as slide:
         grid = plan_tiles(slide, spec, cache=args.cache)
         assert grid.cached, "the grid is planned before the timed runs"
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_before = peak_rss_mb()
         started = time.perf_counter()
         tiles = naive_tiles(slide.path, grid) if args.engine == "naive" else \
             iter_tiles(slide, grid, workers=1 if args.engine == "engine-1" else None)
@@ -69,8 +78,7 @@ def extract(args: argparse.Namespace) -> None:
                 check += int(tile[::37, ::37].sum())
         seconds = time.perf_counter() - started
     print(json.dumps({"engine": args.engine, "tiles": count, "seconds": seconds, "checksum": check,
-                      "rss_before_mb": rss_before / 1024,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb()}))
 
 
 def tiling(folder: Path, size: int) -> list[dict]:
@@ -80,9 +88,10 @@ def tiling(folder: Path, size: int) -> list[dict]:
 
     path = folder / f"slide_{size}.tiff"
     started = time.perf_counter()
-    write_slide(path, plan_slide(size, size, tumour=True, seed=1, pen=True), compression="jpeg")
+    if not path.is_file():  # kept from an earlier run with --keep: the same plan, the same bytes
+        write_slide(path, plan_slide(size, size, tumour=True, seed=1, pen=True), compression="jpeg")
     print(f"generated {path.name}: {size} x {size} px, {path.stat().st_size / 1e6:.0f} MB, "
-          f"{time.perf_counter() - started:.0f} s")
+          f"{time.perf_counter() - started:.0f} s, generator's peak RSS {peak_rss_mb():.0f} MB")
     rows = []
     for spec in (TileSpec(mpp=0.5, size=256), TileSpec(mpp=0.5, size=224, overlap=32)):
         with open_slide(path) as slide:
@@ -139,6 +148,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
+    parser.add_argument("--tiling-only", action="store_true", help="the tiling figures only")
     parser.add_argument("--extract", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--slide", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
@@ -154,6 +164,8 @@ def main() -> None:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         tiling(folder, size)
+        if args.tiling_only:
+            return
         from lepton.pathology.demo import run_pathology_demo
 
         demo = run_pathology_demo(folder / "demo", quick=args.quick, quiet=True)

@@ -23,8 +23,9 @@ def demo(
                                                             "network.")] = False,
     task: Annotated[str, typer.Option(help="classification, segmentation (CT nodules: a 3-D U-Net, a DICOM SEG "
                                            "written and read back) or detection (boxes on radiograph-like images "
-                                           "and CT-like volumes: RetinaNet) or sequence (cine loops as multi-frame "
-                                           "DICOM with age and sex: an EF-like score).")] = "classification",
+                                           "and CT-like volumes: RetinaNet), sequence (cine loops as multi-frame "
+                                           "DICOM with age and sex: an EF-like score) or pathology (generated "
+                                           "slide pyramids: attention MIL, heatmaps).")] = "classification",
     seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Synthetic chest X-rays (or CT volumes) → train → evaluate → predict, end to end on CPU."""
@@ -76,6 +77,3 @@ def demo(
         f"AUC {result['test_auc']:.3f} on {result['test_images']} images.\n"
         f"  run directory: {result['run']}\n  report: {result['report']}\n"
         f"  next: lepton predict {result['run']} {'SERIES_FOLDER' if volumes else 'IMAGE.png'}")
-
-
-
