@@ -228,3 +228,98 @@ def test_pages_fit_a_tablet(browser, site, path):
     assert page.locator(".notice").is_visible()
     page.screenshot(path=str(ARTIFACTS / f"tablet-{path.rsplit('/', 1)[1]}.png"), full_page=True)
     assert watch.problems == [], watch.problems
+
+
+def test_route_change_and_rollback_by_clicking(browser, site):
+    """An admin promotes version 3, rolls back to the previous production version, then routes traffic with a
+    shadow version: every change by clicking and confirming, each checked against the server's own answer."""
+    key = auth(site["keys"]["admin"])
+    before = httpx.get(site["url"] + "/v1/models/cxr", headers=key, timeout=30).json()["version"]
+    page, watch = _page(browser, site, "admin")
+    page.goto(site["url"] + "/ui/models")
+    page.wait_for_selector("#versions tbody tr[data-version='3']")
+    if before != 3:
+        page.locator("#versions tbody tr[data-version='3']").get_by_role("button", name="Promote to production").click()
+        page.locator("#confirm-ok").click()
+        _until(page, "document.getElementById('summary').textContent.includes('serving version 3')")
+    previous = before if before != 3 else None
+    page.get_by_role("button", name="Roll back production").click()
+    assert "previous production version" in page.locator("#confirm-text").inner_text()
+    page.locator("#confirm-ok").click()
+    _until(page, "!document.getElementById('summary').textContent.includes('serving version 3')")
+    served = httpx.get(site["url"] + "/v1/models/cxr", headers=key, timeout=30).json()
+    assert served["version"] != 3 and (previous is None or served["version"] == previous)
+    assert page.locator("tr[data-version='3'] .stage").inner_text() != "production"
+    page.get_by_label("Weights (version=weight, comma-separated)").fill("1=80, 3=20")
+    page.get_by_label("Shadow version").fill("2")
+    page.get_by_role("button", name="Set route").click()
+    assert '{"1":80,"3":20}' in page.locator("#confirm-text").inner_text()
+    page.locator("#confirm-ok").click()
+    _until(page, "document.getElementById('route-now').textContent.includes('shadow: version 2')")
+    assert "version 1: 80 %" in page.locator("#route-now").inner_text()
+    routed = httpx.get(site["url"] + "/v1/models/cxr", headers=key, timeout=30).json()
+    assert routed["route"] == {"1": 80.0, "3": 20.0} and routed["shadow"] == 2
+    page.screenshot(path=str(ARTIFACTS / "models-route.png"), full_page=True)
+    # back to one version, so the other tests see the registry as they expect
+    page.get_by_label("Weights (version=weight, comma-separated)").fill(f"{served['version']}=1")
+    page.get_by_label("Shadow version").fill("")
+    page.get_by_role("button", name="Set route").click()
+    page.locator("#confirm-ok").click()
+    _until(page, "!document.getElementById('route-now').textContent.includes('shadow')")
+    assert watch.problems == [], watch.problems
+
+
+@pytest.fixture(scope="module")
+def seg_site(seg_run, tmp_path_factory):
+    """A served 2-D segmentation model (``seg_run``)."""
+    from lepton.registry import Registry
+    from lepton.serve import ServeConfig
+
+    run, cases = seg_run
+    root = tmp_path_factory.mktemp("seg-console")
+    reg = Registry.open(root / "reg")
+    reg.register_run(run.path, "lungseg")
+    keys = {"admin": reg.create_key("ops", "admin")}
+    with running(ServeConfig(models=["lungseg"], registry=str(root / "reg"), rate_limit=0)) as base:
+        yield {"url": base, "keys": keys, "cases": cases}
+
+
+@pytest.mark.slow
+def test_a_segmentation_mask_over_the_image_with_class_toggles_and_opacity(browser, seg_site):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    images = sorted((seg_site["cases"] / "images").iterdir())
+    key = auth(seg_site["keys"]["admin"])
+    chosen, expected = None, 0
+    for path in images:  # an image the model finds opacity in
+        r = httpx.post(seg_site["url"] + "/v1/models/lungseg/predict", content=path.read_bytes(), headers=key,
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        label_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["label_map"]["data"]))))
+        if (label_map == 1).sum() > 0:
+            chosen, expected = path, int((label_map == 1).sum())
+            break
+    assert chosen is not None, "the model found no opacity in any training image"
+    page, watch = _page(browser, seg_site, "admin")
+    page.set_input_files("#files", str(chosen))
+    _until(page, "document.getElementById('mask-canvas').dataset.painted !== undefined")
+    assert "lesion" in page.locator("#results tbody tr td").nth(1).inner_text()
+    assert int(page.locator("#mask-canvas").get_attribute("data-painted")) == expected
+    _until(page, "document.getElementById('mask-base').naturalWidth > 0")
+    size = page.evaluate("[document.getElementById('mask-canvas').width, document.getElementById('mask-base')"
+                         ".naturalWidth]")
+    assert size[0] == size[1]  # the map on the image's own grid
+    toggle = page.get_by_label("opacity", exact=False).and_(page.locator("input[type=checkbox]"))
+    toggle.uncheck()
+    assert page.locator("#mask-canvas").get_attribute("data-painted") == "0"
+    toggle.check()
+    assert int(page.locator("#mask-canvas").get_attribute("data-painted")) == expected
+    page.locator("#mask-opacity").fill("30")
+    assert page.locator("#mask-canvas").evaluate("e => e.style.opacity") == "0.3"
+    _labelled(page)
+    page.screenshot(path=str(ARTIFACTS / "predict-segmentation.png"), full_page=True)
+    assert watch.problems == [], watch.problems

@@ -1,6 +1,7 @@
 "use strict";
 // Predict: several images at once as a table; a viewer for the chosen one (CT window presets, a slice scroller
-// for volumes) and its explanation with an opacity slider.
+// for volumes) and its explanation with an opacity slider; a segmentation's label map drawn over the image, each
+// class with its own colour and toggle, and an opacity slider.
 document.addEventListener("DOMContentLoaded", async () => {
   const { api, el, fmt, showError } = Lepton;
   const models = document.getElementById("model");
@@ -13,13 +14,25 @@ document.addEventListener("DOMContentLoaded", async () => {
   const viewImage = document.getElementById("view-image");
   const heat = document.getElementById("overlay-heat");
   const opacity = document.getElementById("opacity");
+  const maskFigure = document.getElementById("mask-figure");
+  const maskCanvas = document.getElementById("mask-canvas");
+  const maskClasses = document.getElementById("mask-classes");
+  const maskOpacity = document.getElementById("mask-opacity");
+  const labelsOf = {};  // model name -> its class labels
+  const taskOf = {};  // model name -> its task (explanations are for classifiers)
+  // One colour per class index (background, 0, is never drawn): distinct hues that stay visible over greyscale.
+  const PALETTE = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]];
   let current = null;  // {file, result, slices}
+  let mask = null;  // {indices: Uint8Array, width, height, shown: Set of class indices}
 
   try {
     await Lepton.start();
     const listed = await api("/v1/models");
     for (const m of listed.models) {
       models.append(el("option", { value: m.name, text: m.name + "@" + m.version + " (" + m.task + ")" }));
+      labelsOf[m.name] = m.labels || [];
+      taskOf[m.name] = m.task;
     }
     if (!listed.models.length) showError("No model this key may use is being served.");
   } catch (err) {
@@ -27,8 +40,15 @@ document.addEventListener("DOMContentLoaded", async () => {
     return;
   }
 
+  function sizes(result) {
+    const unit = ["area_mm2", "volume_ml", "voxels"].find((k) => result[k]);
+    if (!unit) return "";
+    const name = { area_mm2: "mm²", volume_ml: "mL", voxels: "voxels" }[unit];
+    return Object.entries(result[unit]).map(([k, v]) => k + " " + fmt(v, 1) + " " + name).join(", ");
+  }
+
   function probabilities(result) {
-    if (!result.probabilities) return "";
+    if (!result.probabilities) return sizes(result);
     return Object.entries(result.probabilities).map(([k, v]) => k + " " + fmt(v)).join(", ");
   }
 
@@ -38,12 +58,14 @@ document.addEventListener("DOMContentLoaded", async () => {
     tbody.append(row);
     const form = new FormData();
     form.append("file", file, file.name);
-    const query = method.value ? "?explain=" + encodeURIComponent(method.value) : "";
+    const explain = method.value && taskOf[models.value] === "classification";
+    const query = explain ? "?explain=" + encodeURIComponent(method.value) : "";
     try {
       const result = await api("/v1/models/" + encodeURIComponent(models.value) + "/predict" + query,
         { method: "POST", body: form });
       const cells = row.children;
-      cells[1].textContent = result.label !== undefined ? String(result.label) : result.task || "–";
+      cells[1].textContent = result.label !== undefined ? String(result.label)
+        : Array.isArray(result.lesions) ? result.lesions.length + " lesion(s)" : result.task || "–";
       cells[2].textContent = probabilities(result);
       cells[3].textContent = result.threshold === null || result.threshold === undefined ? "arg-max"
         : fmt(result.threshold);
@@ -52,6 +74,7 @@ document.addEventListener("DOMContentLoaded", async () => {
       const show = el("button", { type: "button", text: "Show" });
       show.addEventListener("click", () => open(file, result));
       cells[6].append(show);
+      result.labels = labelsOf[models.value] || [];
       if (!current) open(file, result);
     } catch (err) {
       row.children[1].textContent = "error";
@@ -85,6 +108,7 @@ document.addEventListener("DOMContentLoaded", async () => {
     const i = Number(slice.value);
     sliceOut.textContent = (i + 1) + " / " + current.slices.length;
     viewImage.src = "data:image/png;base64," + current.slices[i];
+    if (!maskFigure.hidden) document.getElementById("mask-base").src = viewImage.src;  // the map's own grid
   }
 
   function open(file, result) {
@@ -101,10 +125,75 @@ document.addEventListener("DOMContentLoaded", async () => {
         explanation.method + " for " + explanation.class + " (on the model's input)";
       setOpacity();
     }
+    showMask(result);
     loadView();
   }
 
   function setOpacity() { heat.style.opacity = String(Number(opacity.value) / 100); }
+
+  // A 2-D segmentation's label map (a PNG of class indices on the image's own grid) over the image: decoded once
+  // into indices, then painted with the classes switched on. (A volume's map comes as NIfTI and is not drawn.)
+  function showMask(result) {
+    const map = result.label_map;
+    mask = null;
+    maskFigure.hidden = !(map && map.format === "png");
+    if (maskFigure.hidden) return;
+    const image = new Image();
+    image.addEventListener("load", () => {
+      const scratch = document.createElement("canvas");
+      scratch.width = image.naturalWidth;
+      scratch.height = image.naturalHeight;
+      const ctx = scratch.getContext("2d", { willReadFrequently: true });
+      ctx.drawImage(image, 0, 0);
+      const rgba = ctx.getImageData(0, 0, scratch.width, scratch.height).data;
+      const indices = new Uint8Array(scratch.width * scratch.height);
+      for (let i = 0; i < indices.length; i++) indices[i] = rgba[4 * i];  // grey PNG: R = G = B = class
+      const labels = result.labels.length ? result.labels : ["background"];
+      const present = new Set(indices);
+      mask = { indices, width: scratch.width, height: scratch.height, shown: new Set() };
+      const toggles = [];
+      for (let k = 1; k < Math.max(labels.length, Math.max(...present) + 1); k++) {
+        const name = labels[k] || "class " + k;
+        const box = el("input", { type: "checkbox", id: "mask-class-" + k, name: "mask-class", value: k,
+          checked: true });
+        box.addEventListener("change", () => {
+          if (box.checked) mask.shown.add(k); else mask.shown.delete(k);
+          paintMask();
+        });
+        const swatch = el("span", { class: "swatch", "aria-hidden": "true" });
+        swatch.style.background = "rgb(" + PALETTE[k % PALETTE.length].join(",") + ")";
+        toggles.push(el("label", { for: "mask-class-" + k }, box, swatch,
+          name + (present.has(k) ? "" : " (none found)")));
+        mask.shown.add(k);
+      }
+      maskClasses.replaceChildren(el("legend", { text: "Classes shown" }), ...toggles);
+      document.getElementById("mask-caption").textContent = "Segmentation (" + scratch.width + " × " +
+        scratch.height + ")";
+      paintMask();
+    });
+    image.src = "data:image/png;base64," + map.data;
+  }
+
+  function paintMask() {
+    if (!mask) return;
+    maskCanvas.width = mask.width;
+    maskCanvas.height = mask.height;
+    const ctx = maskCanvas.getContext("2d");
+    const out = ctx.createImageData(mask.width, mask.height);
+    let painted = 0;
+    for (let i = 0; i < mask.indices.length; i++) {
+      const k = mask.indices[i];
+      if (k === 0 || !mask.shown.has(k)) continue;
+      const [r, g, b] = PALETTE[k % PALETTE.length];
+      out.data.set([r, g, b, 255], 4 * i);
+      painted++;
+    }
+    ctx.putImageData(out, 0, 0);
+    maskCanvas.dataset.painted = String(painted);
+    setMaskOpacity();
+  }
+
+  function setMaskOpacity() { maskCanvas.style.opacity = String(Number(maskOpacity.value) / 100); }
 
   document.getElementById("files").addEventListener("change", (e) => handle([...e.target.files]));
   const drop = document.getElementById("drop");
@@ -121,4 +210,5 @@ document.addEventListener("DOMContentLoaded", async () => {
   windowSel.addEventListener("change", () => current && loadView());
   slice.addEventListener("input", () => current && current.slices.length && showSlice());
   opacity.addEventListener("input", setOpacity);
+  maskOpacity.addEventListener("input", setMaskOpacity);
 });
