@@ -85,10 +85,9 @@ class Slide:
         """Pixels (height, width, 3) uint8 of ``level`` from (x, y) in that level's pixels; outside the slide is
         white. Raises DataError, naming the region, when the file's tiles there do not decode."""
         lv = self.levels[level]
-        out = np.full((height, width, 3), BACKGROUND, np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, lv.width), min(y + height, lv.height)
         if x1 <= x0 or y1 <= y0:
-            return out
+            return np.full((height, width, 3), BACKGROUND, np.uint8)
         handle = getattr(self._local, "handle", None)
         if handle is None:
             handle = self._local.handle = self._opener()
@@ -101,6 +100,9 @@ class Slide:
             raise DataError(f"{self.path}: level {level} region x={x0}, y={y0}, {x1 - x0}x{y1 - y0} px does not decode "
                             f"({type(exc).__name__}: {exc}); the file is corrupt or truncated — copy or export the "
                             "slide again") from exc
+        if (x0, y0, x1, y1) == (x, y, x + width, y + height):
+            return pixels  # inside the level: no white canvas, no copy
+        out = np.full((height, width, 3), BACKGROUND, np.uint8)
         out[y0 - y:y1 - y, x0 - x:x1 - x] = pixels
         return out
 

@@ -220,7 +220,7 @@ def _read_run(slide: Slide, grid: TileGrid, run: np.ndarray) -> list[np.ndarray]
         if grid.read_size != grid.spec.size:
             tile = np.asarray(Image.fromarray(tile).resize((grid.spec.size, grid.spec.size),
                                                            Image.Resampling.BILINEAR, reducing_gap=2.0))
-        out.append(np.ascontiguousarray(tile))
+        out.append(tile)  # a view of the band: the band lives as long as its tiles
     return out
 
 
