@@ -152,3 +152,21 @@ def test_refusals(teacher, tmp_path):
         distill(teacher.path, student="unet", output_dir=str(tmp_path), name="seg")
     with pytest.raises(RunError, match="not a distillation"):
         distill(resume=teacher.path)
+
+
+def test_cli_distils_and_registers_with_the_teachers_version(teacher, tmp_path):
+    from typer.testing import CliRunner
+
+    from lepton.cli import app
+    from lepton.registry import Registry
+
+    reg = Registry.open(tmp_path / "reg")
+    reg.register_run(teacher.path, "cxr")
+    result = CliRunner().invoke(app, ["distill", str(teacher.path), "--epochs", "1", "--name", "cli", "--output-dir",
+                                      str(tmp_path), "--register", "cxr", "--registry", str(tmp_path / "reg"),
+                                      "--bootstrap", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "| student |" in result.output and '"forward_passes_per_image": 1' in result.output
+    assert "(registered as cxr@1)" in Registry.open(tmp_path / "reg").card("cxr@2")
+    refused = CliRunner().invoke(app, ["distill"])
+    assert refused.exit_code != 0 and "--resume" in refused.output

@@ -120,8 +120,8 @@ def cost_lines(cost: dict[str, Any] | None) -> list[str]:
     for precision, row in cost.get("precisions", {}).items():
         b = cost["serving_batch"]
         lines.append(f"- {precision}: {row['ms_per_image_b1']:.3f} ms/{unit} at batch 1 "
-                     f"({row['images_per_s_b1']:.0f}/s), {row[f'ms_per_image_b{b}']:.3f} ms/{unit} at batch {b} "
-                     f"({row[f'images_per_s_b{b}']:.0f}/s)")
+                     f"({row['images_per_s_b1']:.3g}/s), {row[f'ms_per_image_b{b}']:.3f} ms/{unit} at batch {b} "
+                     f"({row[f'images_per_s_b{b}']:.3g}/s)")
     lines.append(f"- Measured on {cost.get('cpu', 'unknown')} ({cost.get('device')}, {cost.get('threads')} threads, "
                  f"torch {cost.get('torch')})")
     return lines
