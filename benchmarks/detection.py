@@ -6,10 +6,11 @@
    the same truth boxes and the same metrics — the lesions a segmentation model (the ``segmentation`` preset's U-Net
    trained on the masks the boxes were cut from, the same train/val/test cases) finds as connected components, each
    scored by its highest voxel probability: the segmentation-derived detector boxed.
-3. BCCD (``../shared/data/bccd``, Pascal VOC, three cell classes), images downscaled to 256×192 for two cores: trained
-   on its ``train`` list (a seeded val carved from it for model selection and the threshold), scored on its ``val``
-   list, which nothing was tuned on; its ``test`` list is never read. Its two zero-size boxes are dropped
-   (``skip_bad``), as the output says. Absent data is skipped with a message.
+3. BCCD (``../shared/data/bccd``, Pascal VOC, three cell classes), images downscaled for two cores (``--bccd-size``,
+   256×192 by default): trained on its ``train`` list (``--bccd-train N``: its first N images), a seeded val carved
+   from it for model selection and the threshold; scored on its ``val`` list, which nothing was tuned on; its
+   ``test`` list is never read. Its two zero-size boxes are dropped (``skip_bad``), as the output says. Absent data
+   is skipped with a message.
 
 ``--quick`` trains a few epochs on small sets (minutes). Prints the CPU line and writes the figures as JSON.
 """
@@ -151,7 +152,8 @@ def bccd(args, out: Path, tmp: Path, results: dict) -> None:
         w = csv.writer(fh)
         w.writerow(["path", "x0", "y0", "x1", "y1", "label", "split"])
         for e in entries:
-            if e.split not in kept or (args.quick and kept[e.split] >= (40 if e.split == "train" else 20)):
+            limit = {"train": args.bccd_train or (40 if args.quick else None), "val": 20 if args.quick else None}
+            if e.split not in kept or (limit[e.split] is not None and kept[e.split] >= limit[e.split]):
                 continue  # the test list is never read
             kept[e.split] += 1
             split = "train" if e.split == "train" else "test"
@@ -159,17 +161,18 @@ def bccd(args, out: Path, tmp: Path, results: dict) -> None:
                 w.writerow([str(e.path), x0, y0, x1, y1, label, split])
             if not e.boxes:
                 w.writerow([str(e.path), "", "", "", "", "", split])
-    run, rep, secs = train_and_score(manifest, "bccd", out, epochs=3 if args.quick else 60,
-                                     budget=0 if args.quick else args.bccd_budget, n_boot=100 if args.quick else 1000,
-                                     image_size=256, skip_bad=True)
+    run, rep, secs = train_and_score(manifest, "bccd", out, epochs=args.bccd_epochs or (3 if args.quick else 60),
+                                     budget=0 if args.quick or args.bccd_epochs else args.bccd_budget,
+                                     n_boot=100 if args.quick else 1000, image_size=args.bccd_size, skip_bad=True)
+    side = f"{args.bccd_size}×{args.bccd_size * 3 // 4}"
     print(f"\nBCCD: trained on {kept['train']} train-list images (val carved from them), scored on "
-          f"{rep['images']} val-list images at 256×192 px; {run.info['epochs']} epochs in {secs:.0f} s, peak "
+          f"{rep['images']} val-list images at {side} px; {run.info['epochs']} epochs in {secs:.0f} s, peak "
           f"{peak_mib():.0f} MiB (two zero-size boxes dropped by skip_bad):")
     print(line("RetinaNet", rep))
     for c, m in rep["per_class"].items():
         print(f"    {c:<10} AP@0.5 {m['ap50']:.3f}  AP@0.1:0.5 {m['ap']:.3f}  ({m['findings']} boxes)")
     results["bccd"] = {"train_images": kept["train"], "scored_images": rep["images"], "train_seconds": secs,
-                       "epochs": run.info["epochs"], "image_size": "256x192",
+                       "epochs": run.info["epochs"], "image_size": side,
                        **{k: rep[k] for k in ("map", "map_ci95", "ap50", "ap50_ci95", "cpm", "cpm_ci95",
                                               "per_class")}}
 
@@ -180,6 +183,9 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench-detection")
     parser.add_argument("--budget", type=float, default=300.0, help="training seconds per generated set")
     parser.add_argument("--bccd-budget", type=float, default=600.0, help="training seconds on BCCD")
+    parser.add_argument("--bccd-train", type=int, help="the first N images of BCCD's train list (default: all)")
+    parser.add_argument("--bccd-size", type=int, default=256, help="BCCD's longest side after downscaling (px)")
+    parser.add_argument("--bccd-epochs", type=int, help="train BCCD this many epochs, without a time budget")
     parser.add_argument("--only", choices=["generated", "bccd"], help="one part only")
     parser.add_argument("--quick", action="store_true", help="a few epochs on small sets")
     args = parser.parse_args()
