@@ -88,10 +88,12 @@ def tiling(folder: Path, size: int) -> list[dict]:
 
     path = folder / f"slide_{size}.tiff"
     started = time.perf_counter()
-    if not path.is_file():  # kept from an earlier run with --keep: the same plan, the same bytes
+    if path.is_file():  # kept from an earlier run with --keep: the same plan, the same bytes
+        print(f"kept {path.name}: {size} x {size} px, {path.stat().st_size / 1e6:.0f} MB")
+    else:
         write_slide(path, plan_slide(size, size, tumour=True, seed=1, pen=True), compression="jpeg")
-    print(f"generated {path.name}: {size} x {size} px, {path.stat().st_size / 1e6:.0f} MB, "
-          f"{time.perf_counter() - started:.0f} s, generator's peak RSS {peak_rss_mb():.0f} MB")
+        print(f"generated {path.name}: {size} x {size} px, {path.stat().st_size / 1e6:.0f} MB, "
+              f"{time.perf_counter() - started:.0f} s, the generating process's peak RSS {peak_rss_mb():.0f} MB")
     rows = []
     for spec in (TileSpec(mpp=0.5, size=256), TileSpec(mpp=0.5, size=224, overlap=32)):
         with open_slide(path) as slide:
