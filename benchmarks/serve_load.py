@@ -217,7 +217,7 @@ def segmentation_rows(tmp: Path, clients: int, seconds: float, rounds: int, env:
                     [sys.executable, "-m", "lepton.cli", "serve", "--model", "seg", "--registry", str(tmp / "seg-reg"),
                      "--port", str(port), "--no-auth", "--rate-limit", "0", "--max-queue", "65536", *extra],
                     stdout=subprocess.DEVNULL, stderr=log_fh, env=env))
-            wait_ready(f"http://127.0.0.1:{port}/readyz", procs[-1], log)
+            wait_ready(f"http://127.0.0.1:{port}/readyz", procs[-1], log, timeout=600)
             url = f"http://127.0.0.1:{port}/v1/models/seg/predict"
             asyncio.run(load(url, body, clients, 2.0, {"content-type": "image/png"}))  # warm-up
             urls[label] = (url, f"http://127.0.0.1:{port}/metrics")
