@@ -65,7 +65,11 @@ def test_a_pool_sharing_a_patient_with_val_is_refused(tmp_path):
                       semi="fixmatch", epochs=1, batch_size=4)
     with pytest.raises(DataError, match=r"1 unlabelled case\(s\) belong to patients in the val/test.*u3.png"):
         prepare_data(cfg, quiet=True)
-    assert len(load_unlabelled(tmp_path / "pool.csv")) == 4
+    pool = load_unlabelled(tmp_path / "pool.csv")
+    assert len(pool) == 4
+    spec = prepare_data(make_config("default", data=str(tmp_path / "labelled.csv"), epochs=1), quiet=True).spec
+    x = pool.batch([0, 3], spec)  # decoded and sized, in [0, 1]: the steps augment, then normalise
+    assert x.shape == (2, 1, 12, 12) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.max()) > 0.5
 
 
 def test_semi_needs_both_settings_and_a_known_method(sets):

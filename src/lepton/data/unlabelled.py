@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,14 +78,8 @@ class UnlabelledSet:
         """The cases at ``indices`` decoded and preprocessed with ``spec`` (in [0, 1], not normalised)."""
         idx = [int(i) for i in indices]
         if self.arrays is not None:
-            return spec(self.arrays[idx])
-        return spec([self.read(i)[0] for i in idx])
-
-    def batches(self, spec: Preprocessing, batch_size: int = 64) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Every case in order, ``batch_size`` at a time: (indices, preprocessed images)."""
-        for start in range(0, len(self), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(self)))
-            yield idx, self.batch(idx, spec)
+            return spec.resize(self.arrays[idx])
+        return spec.resize([self.read(i)[0] for i in idx])
 
     def scan(self, progress: bool = False) -> list[str]:
         """Decode every case once (streamed, nothing kept): the pixel hashes, filling patients from DICOM headers."""
