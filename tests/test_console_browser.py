@@ -230,6 +230,7 @@ def test_pages_fit_a_tablet(browser, site, path):
     assert watch.problems == [], watch.problems
 
 
+@pytest.mark.slow
 def test_route_change_and_rollback_by_clicking(browser, site):
     """An admin promotes version 3, rolls back to the previous production version, then routes traffic with a
     shadow version: every change by clicking and confirming, each checked against the server's own answer."""
