@@ -170,3 +170,18 @@ def test_cli_distils_and_registers_with_the_teachers_version(teacher, tmp_path):
     assert "(registered as cxr@1)" in Registry.open(tmp_path / "reg").card("cxr@2")
     refused = CliRunner().invoke(app, ["distill"])
     assert refused.exit_code != 0 and "--resume" in refused.output
+
+
+def test_unlabelled_images_are_read_at_the_teachers_size(tmp_path, png_folder):
+    from lepton.data.transforms import Preprocessing
+    from lepton.distill import _unlabelled_images
+    from lepton.errors import DataError
+
+    spec = Preprocessing((16, 16), 1, [0.5], [0.5], None, "middle", [], "resize")
+    x = _unlabelled_images(str(png_folder), spec)  # class folders or not: every image file, labels ignored
+    assert tuple(x.shape) == (24, 1, 16, 16) and float(x.min()) >= 0 and float(x.max()) <= 1
+    np.savez(tmp_path / "pool.npz", train_images=np.zeros((5, 20, 20), np.uint8),
+             test_images=np.zeros((3, 20, 20), np.uint8))
+    assert tuple(_unlabelled_images(str(tmp_path / "pool.npz"), spec).shape) == (5, 1, 16, 16)  # never test_*
+    with pytest.raises(DataError, match="folder of image files"):
+        _unlabelled_images(str(tmp_path / "missing"), spec)
