@@ -16,7 +16,7 @@ import torch
 from conftest import lepton_cmd
 from lepton.errors import ModelError, RunError
 from lepton.models import create_model
-from lepton.pretrain import patch_mask, pretrain
+from lepton.pretrain import nt_xent, patch_mask, pretrain
 
 OPTS = {"epochs": 3, "batch_size": 8, "image_size": 16, "lr": 1e-3}
 
@@ -100,3 +100,15 @@ def test_patch_mask_blanks_about_the_ratio():
     mask = patch_mask((64, 1, 32, 32), 0.6, torch.Generator().manual_seed(0))
     assert mask.shape == (64, 1, 32, 32) and 0.5 < float(mask.mean()) < 0.7
     assert set(mask.unique().tolist()) == {0.0, 1.0}
+
+
+def test_nt_xent_is_monais_contrastive_loss():
+    from monai.losses import ContrastiveLoss
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 8, generator=gen, requires_grad=True), torch.randn(16, 8, generator=gen)
+    ours, monai = nt_xent(a, b, 0.2), ContrastiveLoss(temperature=0.2)(a, b)
+    assert float(ours) == pytest.approx(float(monai), rel=1e-5)
+    (g_ours,) = torch.autograd.grad(ours, a)
+    (g_monai,) = torch.autograd.grad(ContrastiveLoss(temperature=0.2)(a, b), a)
+    assert torch.allclose(g_ours, g_monai, atol=1e-5)

@@ -2,9 +2,10 @@
 images alone, and ``lepton train --pretrained OUT/backbone.pt`` starts from it.
 
 Two methods. ``contrastive`` (SimCLR): two augmented views of each image, the backbone's pooled features through a
-projection head, MONAI's ``ContrastiveLoss`` (NT-Xent) pulling the two views together and pushing the batch's other
-images away. ``masked`` (masked-image modelling): a random 60 % of patches blanked, a light decoder reconstructs
-them from the backbone's features, mean squared error on the blanked pixels only.
+projection head, NT-Xent (``nt_xent``: MONAI's ``ContrastiveLoss`` as a matrix product) pulling the two views
+together and pushing the batch's other images away. ``masked`` (masked-image modelling): a random 60 % of patches
+blanked, a light decoder reconstructs them from the backbone's features, mean squared error on the blanked pixels
+only.
 
 The source is read through ``lepton.data.unlabelled`` and decoded batch by batch (folders and manifests stream).
 Every epoch's order and every step's augmentation derive from (seed, epoch, step), and ``last.pt`` is written
@@ -109,6 +110,17 @@ class _Pretext(nn.Module):
         return out
 
 
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over two views' projections (N, F): each view's partner is its positive, the other 2N - 2
+    its negatives. The same value as MONAI's ``ContrastiveLoss`` (tested), as one matrix product and a cross-entropy
+    instead of MONAI's (2N, 2N, F) broadcast, whose backward pass dominated a CPU step."""
+    z = nn.functional.normalize(torch.cat([a, b]).float(), dim=1)
+    n = len(a)
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return nn.functional.cross_entropy(sim, partner)
+
+
 def patch_mask(shape: tuple[int, ...], ratio: float, generator: torch.Generator) -> torch.Tensor:
     """(N, 1, …) of 1 where a patch is blanked: a grid of 8 patches per axis (at least 2 px each), ``ratio`` of
     them drawn per image."""
@@ -178,9 +190,6 @@ def pretrain(source: str | Path, output: str | Path, *, quiet: bool = False, che
         schedule.load_state_dict(state["schedule"])
         epoch, step, history = state["epoch"], state["step"], state["history"]
         log.info("resuming %s at epoch %d, step %d", out, epoch, step)
-    from monai.losses import ContrastiveLoss
-
-    nt_xent = ContrastiveLoss(temperature=config.temperature)
     meta = {"model": config.model, "spatial_dims": dims, "in_channels": config.channels, "image_size": size[-1],
             "size": list(size), "method": config.method, "source": str(source), "images": len(data),
             "normalize": {"mean": spec.mean, "std": spec.std}}
@@ -207,7 +216,7 @@ def pretrain(source: str | Path, output: str | Path, *, quiet: bool = False, che
                 gen = torch.Generator().manual_seed(seed)
                 torch.manual_seed(seed)  # dropout: the same draws whether or not the run was resumed
                 x = data.batch(idx.numpy(), spec)
-                loss = _loss(model, config, spec, x, gen, nt_xent, device)
+                loss = _loss(model, config, spec, x, gen, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -235,11 +244,11 @@ def pretrain(source: str | Path, output: str | Path, *, quiet: bool = False, che
 
 
 def _loss(model: _Pretext, config: PretrainConfig, spec: Preprocessing, x: torch.Tensor, gen: torch.Generator,
-          nt_xent, device: str) -> torch.Tensor:
+          device: str) -> torch.Tensor:
     if config.method == "contrastive":
         a = spec.normalize(augment_batch(x, VIEW_AUGMENT, gen)).to(device)
         b = spec.normalize(augment_batch(x, VIEW_AUGMENT, gen)).to(device)
-        return nt_xent(model(a), model(b))
+        return nt_xent(model(a), model(b), config.temperature)
     target = spec.normalize(augment_batch(x, AUGMENT_PRESETS["light"], gen)).to(device)
     mask = patch_mask(tuple(target.shape), config.mask_ratio, gen).to(device)
     recon = model(target * (1 - mask))
