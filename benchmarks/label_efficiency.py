@@ -14,9 +14,10 @@ and reports val AUC with a 95 % bootstrap CI for each. Then an **active-learning
 rounds of 50 labels chosen by ``lepton.label.suggest``'s entropy score or at random, the model retrained each round,
 val AUC with CIs per round at equal labels.
 
-The budget is a number of optimiser steps (``STEPS``, batch 32) for every low-label model, epochs for 100 %; the
-network is ``lepton_cnn_tiny`` in one PyTorch thread, so that the whole run fits a shared 2-core CPU (about 25
-minutes). Val selects nothing: the figure is the last epoch's. ``--quick`` runs a slice for a smoke test.
+The budget is a number of optimiser steps (``FULL``: 100 at batch 32) for every low-label model, epochs for 100 %;
+the network is ``lepton_cnn_tiny`` in one PyTorch thread, so that the whole run fits a shared 2-core CPU (4 and 9
+minutes for the two parts side by side at a load average of ~20). Val selects nothing: the figure is the last
+step's. ``--quick`` runs a slice for a smoke test.
 Goals (issue #35): with 10 % of the labels, within 0.01 val AUC of 100 % supervised; with 1 %, at least 0.05 above
 supervised-only at 1 %.
 """
@@ -41,7 +42,7 @@ MODEL = "lepton_cnn_tiny"
 FRACTIONS = (0.01, 0.05, 0.10, 1.0)
 #: Sized for a 2-core CPU shared with other jobs (the figures in docs/benchmarks.md: load average ~25, so one thread
 #: got a small share of a core): about 30 minutes with the two parts run side by side (``--part table``, ``--part al``).
-FULL = {"steps": 100, "full_epochs": 2, "pretrain_epochs": 1, "rounds": 4, "per_round": 50, "train": None,
+FULL = {"steps": 100, "full_epochs": 2, "pretrain_epochs": 10, "rounds": 4, "per_round": 50, "train": None,
         "semi_ratio": 1}
 QUICK = {"steps": 40, "full_epochs": 1, "pretrain_epochs": 1, "rounds": 2, "per_round": 20, "train": 600,
          "semi_ratio": 1}
