@@ -132,7 +132,7 @@ def _test_columns(run, subgroup_columns) -> dict[str, np.ndarray]:
     return subgroup_columns(subset, ["sex", "age_band", "view"])
 
 
-def shifted_copy(source: Path, out: Path, labels: list[str], seed: int = 0) -> Path:
+def shifted_copy(source: Path, out: Path, names: list[str], seed: int = 0) -> Path:
     """The val split under contrast loss and Gaussian noise (severity 3 each), halves as ``val`` (to fit a
     recalibration) and ``test`` (held apart)."""
     import torch
@@ -148,7 +148,7 @@ def shifted_copy(source: Path, out: Path, labels: list[str], seed: int = 0) -> P
     half = len(order) // 2
     arrays = {"val_images": images[order[:half]], "val_labels": labels[order[:half]],
               "test_images": images[order[half:]], "test_labels": labels[order[half:]]}
-    arrays["label_names"] = np.array(labels)  # the run's names (the shared file has none)
+    arrays["label_names"] = np.array(names)  # the run's names (the shared file has none)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     out.write_bytes(buf.getvalue())
@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer epochs and resamples")
     parser.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default 1000, quick 200)")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--only", choices=["nih", "pneumoniamnist"], help="run one part")
     args = parser.parse_args()
     args.bootstrap = args.bootstrap or (200 if args.quick else 1000)
     import torch
@@ -235,7 +236,9 @@ def main() -> None:
     print(cpu_summary())
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        figures = {"nih": part_nih(args, Path(tmp)), "pneumoniamnist": part_pneumonia(args, Path(tmp))}
+        figures = {"nih": part_nih(args, Path(tmp)) if args.only in (None, "nih") else None,
+                   "pneumoniamnist": part_pneumonia(args, Path(tmp)) if args.only in (None, "pneumoniamnist")
+                   else None}
     figures["wall_s"] = time.perf_counter() - start
     figures["peak_rss_mb"] = peak_rss_mb()
     print(f"\nwall {figures['wall_s']:.0f} s, peak RSS {figures['peak_rss_mb']:.0f} MB")
