@@ -64,7 +64,9 @@ def train(
                                                   "→ segmentation; class folders, a label CSV or .npz → "
                                                   "classification); a contradicting --task is refused.")] = None,
     model: Annotated[str | None, typer.Option(help="Network name (`lepton models available`).")] = None,
-    pretrained: Annotated[str | None, typer.Option(help="Local state-dict file for transfer learning.")] = None,
+    pretrained: Annotated[str | None, typer.Option(
+        help="Local weights: an ImageNet state dict (ResNets) or a backbone.pt from `lepton pretrain` for the same "
+             "network.")] = None,
     freeze_backbone: Annotated[bool | None, typer.Option("--freeze-backbone", help="Train the head only.")] = None,
     backbone_lr: Annotated[float | None, typer.Option(help="Learning rate of the backbone.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
