@@ -91,7 +91,7 @@ def auc_ci(y: np.ndarray, p: np.ndarray, n: int = 1000) -> tuple[float, list[flo
     return auc_score(y, probs), bootstrap_ci(y, probs, (p >= 0.5).astype(int), n=n)["auc"]
 
 
-def loops(tmp: Path, quick: bool) -> None:
+def loops(tmp: Path, quick: bool, only: tuple[str, ...] = ()) -> None:
     from sklearn.linear_model import RidgeCV
 
     from lepton.data.cine import write_cine_set
@@ -108,12 +108,16 @@ def loops(tmp: Path, quick: bool) -> None:
     print("| model | covariates | test MAE [95 % CI] | R² | s / epoch | train wall s |")
     print("|---|---|---|---|---|---|")
     for model in HEADS:
+        if only and model not in only:
+            continue
         run, per_epoch, wall = fit(manifest, tmp / "runs", f"{model}-img", model, base, epochs, 4, 0)
         pred = predict(run, names, [])[:, 0]
         mae, ci, r2 = mae_ci(y, pred)
         results[model] = (mae, per_epoch)
         print(f"| {model} | none | {mae:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] | {r2:.3f} | {per_epoch:.1f} | {wall:.0f} |")
     for fusion in ("late", "film"):
+        if only and f"att+{fusion}" not in only:
+            continue
         options = {**base, "covariates": cov, "fusion": fusion}
         run, per_epoch, wall = fit(manifest, tmp / "runs", f"att-{fusion}", "seq_attention", options, epochs, 4, 0)
         pred = predict(run, names, rows)[:, 0]
@@ -130,6 +134,8 @@ def loops(tmp: Path, quick: bool) -> None:
     print(f"| ridge regression | age, sex only | {mae:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] | {r2:.3f} | - | - |")
     print(f"| predicting the train mean | - | {np.abs(y - data.values[splits == 'train'].mean()).mean():.2f} | - | - "
           "| - |")
+    if "seq_attention" not in results:
+        return
     ref_mae, ref_speed = results["seq_attention"]
     print("\nSame-run ratios against seq_attention (image only): " + ", ".join(
         f"{k} MAE x{v[0] / ref_mae:.2f}, s/epoch x{v[1] / ref_speed:.2f}" for k, v in results.items()))
@@ -262,6 +268,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer clips, images and epochs")
     parser.add_argument("--only", choices=("loops", "nih", "ecg"), help="run one part")
+    parser.add_argument("--rows", default="", help="loops: only these rows, comma-separated (seq_gru, seq_lstm, "
+                                                   "seq_attention, r2plus1d, att+late, att+film); the ridge always")
     args = parser.parse_args()
     import torch
 
@@ -270,7 +278,7 @@ def main() -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "loops"):
-            loops(Path(tmp), args.quick)
+            loops(Path(tmp), args.quick, tuple(r for r in args.rows.split(",") if r))
         if args.only in (None, "nih"):
             nih(Path(tmp), args.quick)
         if args.only in (None, "ecg"):
