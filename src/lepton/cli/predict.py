@@ -78,7 +78,6 @@ def evaluate(
         return
     for line in report["summary"]:
         console.print(f"{report['split']} ({report['images']} images), {line}", highlight=False)
-    console.print(f"report: {Path(report['output']) / 'report.md'}")
     for column, entry in (report.get("subgroups") or {}).get("columns", {}).items():
         for metric, gap in entry["largest_gap"].items():
             if gap:
@@ -89,6 +88,7 @@ def evaluate(
         console.print(f"external: domain classifier AUC {dc['auc'] if dc.get('auc') is None else round(dc['auc'], 3)}"
                       f", shift {'flagged' if report['external']['shift_flagged'] else 'not flagged'}",
                       highlight=False)
+    console.print(f"report: {Path(report['output']) / 'report.md'}")
 
 
 @app.command()

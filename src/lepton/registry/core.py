@@ -276,8 +276,8 @@ class Registry(AccessMixin, JobsMixin, ValidationMixin):
         """Move a version to ``staging`` or ``production``; the previous holder of that stage is archived."""
         if stage not in ("staging", "production"):
             raise RegistryError(f"stage must be staging or production (got {stage!r})")
-        return self._set_stage(f"{name}@{version}", stage)
         self.check_promotion(f"{name}@{version}", stage)  # the registry's rules (a validation report for production)
+        return self._set_stage(f"{name}@{version}", stage)
 
     def archive(self, name: str, version: int) -> ModelVersion:
         return self._set_stage(f"{name}@{version}", "archived")

@@ -155,6 +155,11 @@ class Task:
         """Raw network outputs → the task's outputs (probabilities, values); averaged under flip TTA."""
         return logits
 
+    def with_calibration(self, record: Mapping[str, Any]) -> Task:
+        """A copy of this task whose ``activate`` applies a probability recalibration (``lepton.tasks.calibration``)
+        fitted at a local site; tasks without calibrated probabilities refuse."""
+        raise ConfigError(f"the {self.name} task has no probability recalibration")
+
     def val_metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
         """Per-epoch validation figures; must hold ``val_loss`` and ``selection_metric``."""
         raise NotImplementedError
@@ -174,11 +179,6 @@ class Task:
 
     def label(self, row: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> str | None:
         """A short categorical answer for metrics and logs, or None when the task has none."""
-    def with_calibration(self, record: Mapping[str, Any]) -> Task:
-        """A copy of this task whose ``activate`` applies a probability recalibration (``lepton.tasks.calibration``)
-        fitted at a local site; tasks without calibrated probabilities refuse."""
-        raise ConfigError(f"the {self.name} task has no probability recalibration")
-
         return None
 
     def agrees(self, a: np.ndarray, b: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> bool:
