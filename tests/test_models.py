@@ -4,7 +4,8 @@ import torch
 from lepton.errors import ModelError
 from lepton.models import create_model, head_parameters, list_models
 
-NAMES = ["lepton_cnn", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0"]
+NAMES = ["lepton_cnn", "lepton_cnn_tiny", "frame_cnn", "resnet18", "resnet34", "resnet50", "densenet121",
+         "efficientnet_b0"]
 
 
 def test_registry_lists_every_network():

@@ -27,8 +27,9 @@ def _finite(low: float, high: float, open_low: bool = False) -> click.FloatRange
     return Finite(low, high, min_open=open_low)
 
 app = typer.Typer(help="Lepton: medical images to trained, evaluated, explained and served models. Tasks: "
-                       "classification (2-D images, 2.5-D and 3-D volumes) and segmentation (2-D and 3-D label "
-                       "maps); the data's layout picks the task.",
+                       "classification (2-D images, 2.5-D and 3-D volumes), segmentation (2-D and 3-D label maps), "
+                       "detection (boxes) and sequence (cine loops, signals; with clinical covariates); the data's "
+                       "layout picks the task. Whole slides: lepton slides.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 console = Console(soft_wrap=True)

@@ -58,11 +58,11 @@ def train(
                                              "medmnist, medmnist3d, segmentation.")] = "auto",
     name: Annotated[str | None, typer.Option(help="Run name (default: data-model-time).")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Parent folder of run directories.")] = None,
-    task: Annotated[str | None, typer.Option(help="What the model learns: classification or segmentation (or a task "
-                                                  "registered in lepton.tasks). Default: the data's layout picks it "
-                                                  "(a Decathlon folder, images/ + masks/ or a CSV with a mask column "
-                                                  "→ segmentation; class folders, a label CSV or .npz → "
-                                                  "classification); a contradicting --task is refused.")] = None,
+    task: Annotated[str | None, typer.Option(help=(
+        "What the model learns: classification, segmentation, detection or sequence (or a task registered in "
+        "lepton.tasks). Default: the data's layout picks it (a Decathlon folder, images/ + masks/ or a CSV with a "
+        "mask column → segmentation; COCO JSON, Pascal VOC or a box CSV → detection; class folders, a label CSV or "
+        ".npz → classification); a contradicting --task is refused."))] = None,
     model: Annotated[str | None, typer.Option(help="Network name (`lepton models available`).")] = None,
     pretrained: Annotated[str | None, typer.Option(
         help="Local weights: an ImageNet state dict (ResNets) or a backbone.pt from `lepton pretrain` for the same "
@@ -151,8 +151,8 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     track: TrackOpt = None,
 ) -> None:
-    """Train a model for the task the data's layout picks (classification or segmentation; --task to say it);
-    writes a run directory with checkpoints, history and curves."""
+    """Train a model for the task the data's layout picks (classification, segmentation, detection, sequence;
+    --task to say it); writes a run directory with checkpoints, history and curves."""
     import os
 
     from lepton.config import TrainConfig, make_config
