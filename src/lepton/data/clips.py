@@ -7,7 +7,6 @@ frame resized to the network's square size when read, so memory holds (C, T, S, 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 from lepton.data.base import pseudonymize
 from lepton.data.covariates import CovariateSchema, check_table
 from lepton.data.dataset import SPLITS
+from lepton.data.manifest import read_rows
 from lepton.errors import DataError
 
 log = logging.getLogger("lepton.data")
@@ -128,17 +128,7 @@ def load_clips(source: str | Path, *, fps: float, length: int, size: int, target
         raise DataError(f"{source}: no clip manifest (a CSV file, or a folder holding manifest.csv)")
     if target not in ("class", "value"):
         raise DataError(f"target={target!r} is not one of class, value")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = []
-            for i, row in enumerate(reader):
-                if i >= MAX_ROWS:
-                    raise DataError(f"{path}: more than {MAX_ROWS} rows")
-                rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: not a readable UTF-8 CSV file ({exc})") from exc
+    header, rows = read_rows(path, MAX_ROWS)
     missing = {"path", "label"} - set(header)
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}; the header must be "

@@ -13,6 +13,24 @@ from lepton.errors import DataError
 MAX_ROWS = 2_000_000
 
 
+def read_rows(path: Path, max_rows: int = MAX_ROWS) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV file's header and rows, names and values stripped; at most ``max_rows`` rows, UTF-8 (a BOM allowed)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = []
+            for i, row in enumerate(reader):
+                if i >= max_rows:
+                    raise DataError(f"{path}: more than {max_rows} rows")
+                rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 CSV file ({exc})") from exc
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({exc})") from exc
+    return header, rows
+
+
 def read_manifest(
     path: Path, *, window: str | None = None, slices: str = "middle", skip_bad: bool = False,
     steps: list[dict] | None = None,
@@ -24,19 +42,7 @@ def read_manifest(
 
     Patient ids are pseudonymised on read and used only to keep each patient in one split.
     """
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = []
-            for i, row in enumerate(reader):
-                if i >= MAX_ROWS:
-                    raise DataError(f"{path}: more than {MAX_ROWS} rows")
-                rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not a UTF-8 CSV file ({exc})") from exc
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV ({exc})") from exc
+    header, rows = read_rows(path)
     missing = {"path", "label"} - set(header)
     if missing:
         raise DataError(
