@@ -76,6 +76,17 @@ def resume_and_rerun(args: list[str], root: Path) -> tuple[list[dict], list[dict
     return tuple(list(csv.DictReader((root / name / "history.csv").open())) for name in ("killed", "clean"))
 
 
+@pytest.fixture
+def one_thread():
+    """One PyTorch thread for the test: on a machine shared by other jobs it is several times faster than two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synthetic_npz(tmp_path_factory) -> Path:
     from lepton.data.synthetic import write_synthetic_npz

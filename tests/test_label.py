@@ -8,7 +8,6 @@ import csv
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from lepton.data.synthetic import make_synthetic
 from lepton.errors import ConfigError, DataError
@@ -18,11 +17,8 @@ from lepton.label.suggest import STRATEGIES, k_center, suggest
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here on one PyTorch thread (conftest's ``one_thread``)."""
 
 
 @pytest.fixture(scope="module")

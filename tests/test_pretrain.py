@@ -22,12 +22,8 @@ OPTS = {"epochs": 3, "batch_size": 8, "image_size": 16, "lr": 1e-3}
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One PyTorch thread: on a machine shared by other jobs it is several times faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here on one PyTorch thread (conftest's ``one_thread``)."""
 
 
 @pytest.fixture(scope="module")

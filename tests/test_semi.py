@@ -18,11 +18,8 @@ from lepton.train.semi import SemiTrainer, make_trainer
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here on one PyTorch thread (conftest's ``one_thread``)."""
 
 
 @pytest.fixture(scope="module")
