@@ -78,30 +78,28 @@ def kd_loss(hard_loss, temperature: float, alpha: float):
 
 def _unlabelled_images(source: str, spec) -> Any:
     """Images without labels, in [0, 1] at the teacher's input size: a folder (every readable image file under it,
-    recursively) or a MedMNIST-format ``.npz`` (its ``train_images``, never its val or test images)."""
+    recursively; unreadable ones skipped with a warning) or a MedMNIST-format ``.npz`` (its ``train_images``, never
+    its val or test images), listed by ``lepton.data.unlabelled``."""
     import torch
 
     from lepton.data.io import read_image
+    from lepton.data.unlabelled import load_unlabelled
 
     path = Path(source)
-    if path.is_file() and path.suffix.lower() == ".npz":
-        with np.load(path) as z:
-            if "train_images" not in z.files:
-                raise DataError(f"{path}: an unlabelled .npz must hold train_images (MedMNIST format)")
-            arr = z["train_images"]
-        images = [(a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0)) for a in arr]
-        images = [im[None] if im.ndim == spec.spatial_dims else np.moveaxis(im, -1, 0) for im in images]
-    elif path.is_dir():
+    if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".npz")):
+        raise DataError(f"{source}: unlabelled images are a folder of image files or a MedMNIST-format .npz")
+    pool = load_unlabelled(path, window=spec.window, slices=spec.slices, steps=spec.steps)
+    if pool.arrays is not None:
+        images = list(pool.arrays)
+    else:
         images = []
-        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for file in pool.paths:
             try:
                 frames = read_image(file, window=spec.window, slices=spec.slices, steps=spec.steps)
             except DataError as exc:
                 log.warning("unlabelled: skipped %s (%s)", file, exc)
                 continue
             images += [f.pixels for f in frames]
-    else:
-        raise DataError(f"{source}: unlabelled images are a folder of image files or a MedMNIST-format .npz")
     if not images:
         raise DataError(f"{source}: no readable images")
     return torch.cat([spec.resize(images[i:i + 512]) for i in range(0, len(images), 512)])
