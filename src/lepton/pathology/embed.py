@@ -13,6 +13,7 @@ Embeddings are cached in the case cache under the slide's bytes, the tiling opti
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,9 @@ class SlideFeatures:
 
 
 def embed_slide(slide: Slide, spec: TileSpec, backbone: Backbone, *, cache: Any = None, workers: int | None = None,
-                progress: bool = False) -> SlideFeatures:
-    """Every tissue tile of ``slide`` through ``backbone``, streamed in batches; from the cache when done before."""
+                progress: bool = False, on_progress: Callable[[int, int], None] | None = None) -> SlideFeatures:
+    """Every tissue tile of ``slide`` through ``backbone``, streamed in batches; from the cache when done before.
+    ``on_progress(done, total)`` is called after each batch of tiles (a server job's progress)."""
     from lepton.data.cache import CaseCache, default_cache_dir
 
     store = None if cache is False else (cache if isinstance(cache, CaseCache) else
@@ -143,8 +145,12 @@ def embed_slide(slide: Slide, spec: TileSpec, backbone: Backbone, *, cache: Any 
         if len(batch) == BATCH:
             features[index] = backbone(batch)
             batch, index = [], []
+            if on_progress is not None:
+                on_progress(i + 1, len(grid))
     if batch:
         features[index] = backbone(batch)
+    if on_progress is not None:
+        on_progress(len(grid), len(grid))
     out = SlideFeatures(grid.coords, features, grid.size0, grid.stride0)
     if store is not None:
         store.put(key, {"coords": grid.coords, "features": features},

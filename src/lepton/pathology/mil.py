@@ -83,15 +83,28 @@ class SlideModel:
 
     @classmethod
     def load(cls, folder: str | Path) -> SlideModel:
-        import torch
 
         folder = Path(folder)
         try:
-            config = json.loads((folder / CONFIG_FILE).read_text())
-            state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=False)
-        except (OSError, ValueError) as exc:
+            return cls.from_bytes((folder / CONFIG_FILE).read_bytes(), (folder / MODEL_FILE).read_bytes())
+        except (OSError, RunError) as exc:
             raise RunError(f"{folder}: not a slide model folder ({CONFIG_FILE} and {MODEL_FILE} from `lepton slides "
                            f"train`): {exc}") from exc
+
+    @classmethod
+    def from_bytes(cls, config_json: bytes, weights: bytes) -> SlideModel:
+        """A slide model from its two files' contents (as the registry stores them)."""
+        import io
+
+        import torch
+
+        try:
+            config = json.loads(config_json)
+            state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=False)
+        except (ValueError, RuntimeError, EOFError, OSError) as exc:
+            raise RunError(f"not a slide model ({exc})") from exc
+        if not isinstance(config, dict) or config.get("kind") != "lepton-slide-model":
+            raise RunError(f"{CONFIG_FILE} does not describe a Lepton slide model (kind lepton-slide-model)")
         net = abmil(config["dim"], len(config["labels"]))
         net.load_state_dict(state["net"])
         return cls(net.eval(), state["mean"], state["std"], config["labels"], config["threshold"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -104,19 +105,24 @@ def train_slides(manifest: str | Path, output: str | Path, *, spec: TileSpec = T
 
 def predict_slide(model: str | Path | SlideModel, slide_path: str | Path, output: str | Path, *,
                   mpp: float | None = None, cache: Any = None, backbone: Backbone | None = None,
-                  workers: int | None = None) -> dict[str, Any]:
+                  workers: int | None = None, on_progress: Callable[[int, int], None] | None = None,
+                  model_name: str | None = None, model_version: str = "local") -> dict[str, Any]:
     """One slide through a slide model: the prediction, a heatmap PNG over its thumbnail, GeoJSON regions and a
-    report (JSON and Markdown) in ``output``; returns the report."""
+    report (JSON and Markdown) in ``output`` — and, for a DICOM whole-slide image, the report as a DICOM SR that
+    references it (``model_name``/``model_version`` name the algorithm there); returns the report.
+    ``on_progress(done, total)`` follows the tiles."""
     from lepton.pathology.outputs import geojson, heatmap_png, report_markdown, top_regions
     from lepton.utils import atomic_write_json, atomic_write_text
 
+    if model_name is None:
+        model_name = Path(model).name if not isinstance(model, SlideModel) else "slide-model"
     model = model if isinstance(model, SlideModel) else SlideModel.load(model)
     backbone = backbone or Backbone.from_identity(model.backbone)
     spec = TileSpec(**model.spec)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     with open_slide(slide_path, mpp=mpp) as slide:
-        feats = embed_slide(slide, spec, backbone, cache=cache, workers=workers)
+        feats = embed_slide(slide, spec, backbone, cache=cache, workers=workers, on_progress=on_progress)
         if not len(feats.coords):
             w0, h0 = slide.dimensions
             raise DataError(f"{slide.path}: no tile of {spec.size} px at {spec.mpp} µm/px ({feats.size0:.0f} px of "
@@ -137,6 +143,11 @@ def predict_slide(model: str | Path | SlideModel, slide_path: str | Path, output
     report = {"slide": info, "labels": model.labels, "spec": model.spec, "tiles": len(feats.coords),
               "prediction": {"label": label, "probability": round(p, 5), "threshold": model.threshold},
               "regions": regions, "files": files}
+    if info["container"] == "dicom":
+        from lepton.pathology.slide_sr import write_slide_sr
+
+        files["sr"] = str(out / f"{stem}_sr.dcm")
+        write_slide_sr(files["sr"], slide_path, report, model=model_name, version=model_version)
     atomic_write_json(Path(files["report"]), report)
     atomic_write_text(Path(files["markdown"]), report_markdown(report))
     return report
