@@ -13,7 +13,7 @@ import pytest
 from conftest import lepton_cmd, orthanc_server, upload_to_orthanc
 from lepton.data import dicomweb
 from lepton.data.synthetic import ct_phantom, write_dicom_series
-from lepton.errors import DataError
+from lepton.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,11 @@ def test_wado_fetches_into_the_cache_once(pacs, tmp_path, monkeypatch):
     assert frames[0].pixels.shape[1] == first["slices"]  # the series reader reads it as a volume
 
 
-def test_an_unreachable_pacs_and_an_empty_search_are_clear_errors(pacs, tmp_path):
+def test_an_unreachable_pacs_and_an_empty_search_are_clear_errors(pacs, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEPTON_DICOMWEB_RETRIES", "many")
+    with pytest.raises(ConfigError, match="LEPTON_DICOMWEB_RETRIES='many'"):
+        dicomweb.Source.parse("dicomweb+http://127.0.0.1:9/dicom-web").client()
+    monkeypatch.setenv("LEPTON_DICOMWEB_RETRIES", "1")  # a refused connection is an error at once, not after back-off
     with pytest.raises(DataError, match="DICOMweb search at http://127.0.0.1:9/dicom-web failed"):
         dicomweb.fetch(dicomweb.Source.parse("dicomweb+http://127.0.0.1:9/dicom-web?Modality=CT"), tmp_path)
     with pytest.raises(DataError, match="no series"):

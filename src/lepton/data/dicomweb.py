@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from lepton.errors import DataError
+from lepton.errors import ConfigError, DataError
 
 # dicomweb-client logs every search and retrieval at INFO with the study, series and instance UIDs: kept quiet, so
 # nothing Lepton prints carries them (warnings and errors still show).
@@ -77,7 +77,19 @@ class Source:
     def client(self):
         from dicomweb_client.api import DICOMwebClient
 
-        return DICOMwebClient(url=self.base)
+        client = DICOMwebClient(url=self.base)
+        attempts = retries()
+        client.set_http_retry_params(retry=attempts > 1, max_attempts=attempts)
+        return client
+
+
+def retries() -> int:
+    """Attempts per DICOMweb request (``LEPTON_DICOMWEB_RETRIES``, default 5): a refused connection or a 429/503/504
+    answer is retried with exponential back-off (1 s, 2 s, 4 s, …); 1 fails at the first error."""
+    text = os.environ.get("LEPTON_DICOMWEB_RETRIES", "5").strip()
+    if not text.isdigit() or not 1 <= int(text) <= 20:
+        raise ConfigError(f"LEPTON_DICOMWEB_RETRIES={text!r}: give a number of attempts from 1 to 20")
+    return int(text)
 
 
 @dataclass(frozen=True)
