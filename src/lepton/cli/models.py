@@ -38,8 +38,8 @@ def models_available() -> None:
 
 @models_app.command("register")
 def models_register(
-    run: Annotated[str, typer.Argument(help="A finished run directory, or the MLflow run it was tracked to: "
-                                            "runs:/RUN_ID "
+    run: Annotated[str, typer.Argument(help="A finished run directory, a slide model folder (`lepton slides "
+                                            "train`), or the MLflow run it was tracked to: runs:/RUN_ID "
                                             "(tracking URI from $MLFLOW_TRACKING_URI).")],
     name: Annotated[str, typer.Option("--name", help="Model name.")],
     description: Annotated[str, typer.Option(help="Model description.")] = "",
@@ -61,6 +61,8 @@ def models_register(
         with tempfile.TemporaryDirectory() as tmp:
             v = reg.register_run(download_run(run, Path(tmp)), name, description=description, onnx=onnx,
                                  source=run)
+    elif (Path(run) / "slide_model.json").is_file():  # a `lepton slides train` folder: served as slide jobs
+        v = reg.register_slide_model(Path(run), name, description=description)
     else:
         v = reg.register_run(Path(run), name, description=description, onnx=onnx)
     if tenant is not None:
@@ -71,13 +73,15 @@ def models_register(
 
 
 def _check_precisions(reg, ref: str, precisions: list[str]) -> None:
-    from lepton.precision import PrecisionError, check_precision, refusal
+    from lepton.precision import PrecisionError, check_precision, describe, refusal
 
     refused = []
     for p in precisions:
         record = check_precision(reg, ref, p)
-        line = (f"{ref} {p}: val AUC {record['val_auc']:.4f} (fp32 {record['fp32_val_auc']:.4f}, "
-                f"delta {record['auc_delta']:+.4f}), threshold {record['threshold']}")
+        name, value, fp32, _ = describe(record)
+        line = f"{ref} {p}: {name} {value:.4f} (fp32 {fp32:.4f}, delta {value - fp32:+.4f})"
+        if record["threshold"] is not None:
+            line += f", threshold {record['threshold']}"
         if record["accepted"]:
             console.print(f"{line}: accepted")
         else:
@@ -92,8 +96,9 @@ def models_precision(
     precision: Annotated[list[str], typer.Option(help="bf16, int8 or fp32 (repeatable).")],
     registry: RegistryOpt = None,
 ) -> None:
-    """Check serving precisions of a version on its stored val set (AUC at most 0.005 below fp32) and record each
-    with its own val-selected threshold; exits non-zero naming both AUCs when one is refused."""
+    """Check serving precisions of a version on its stored val set (classifiers: AUC at most 0.005 below fp32;
+    segmentation: mean Dice at most 0.01 below) and record each; exits non-zero naming both values when one is
+    refused."""
     reg = _registry(registry)
     _check_precisions(reg, reg.get(ref).ref, precision)
 

@@ -13,6 +13,10 @@ def _fmt(x: Any) -> str:
 
 def render_card(v) -> str:
     """A model card for a registered version: intended use, data, metrics with CIs, calibration, limits."""
+    if v.format == "slide-mil":  # a whole-slide MIL model (lepton.registry.slides) is described by its own card
+        from lepton.registry.slides import slide_card
+
+        return slide_card(v)
     cfg, fp, m = v.config, v.data_fingerprint, v.metrics
     link, cost, teacher = m.get("mlflow_run"), m.get("cost"), m.get("teacher")
     m = {k: val for k, val in m.items() if k not in ("mlflow_run", "cost", "teacher")}

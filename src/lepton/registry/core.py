@@ -420,6 +420,12 @@ class Registry(AccessMixin, JobsMixin, ValidationMixin):
         return Run(Path(v.source_run or v.ref), config, Preprocessing.from_dict(v.preprocessing), v.labels,
                    info, model, device)  # the task comes from the config
 
+    def register_slide_model(self, folder: str | Path, name: str, *, description: str = "") -> ModelVersion:
+        """Register a ``lepton slides train`` folder (format ``slide-mil``), served as slide jobs."""
+        from lepton.registry.slides import register_slide_model
+
+        return register_slide_model(self, folder, name, description=description)
+
     def export_bundle(self, ref: str, path: str | Path) -> Path:
         from lepton.registry.bundle import export_bundle
 
