@@ -177,6 +177,13 @@ class CaseStore:
         """The same SHA-256 per case as ``MaskSet.content_hashes`` (decoded image and mask), from the metadata."""
         return [e.meta["content_sha256"] for e in self.entries]
 
+    def image_hashes(self) -> list[str]:
+        """SHA-256 of each case's image alone, as ``MaskSet.image_hashes`` (read from the cache, one case at a
+        time)."""
+        return [hashlib.sha256(str(tuple(e.meta["shape"])).encode()
+                               + np.ascontiguousarray(self.image(i), np.float32).tobytes()).hexdigest()
+                for i, e in enumerate(self.entries)]
+
     def class_counts(self) -> np.ndarray:
         """Voxels per class over all cases."""
         out = np.zeros(self.num_classes, np.int64)

@@ -89,6 +89,10 @@ class ImageSet:
             for img in self.images
         ]
 
+    def image_hashes(self) -> list[str]:
+        """The images' hashes (``content_hashes``: an image set's cases are their pixels)."""
+        return self.content_hashes()
+
     def validate(self) -> ImageSet:
         """Raise DataError for an empty set, a single class, empty classes (except in a site's share, see
         ``partial_labels``) or bad labels."""

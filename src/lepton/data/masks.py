@@ -83,6 +83,11 @@ class MaskSet:
                                + np.ascontiguousarray(m, np.uint8).tobytes()).hexdigest()
                 for im, m in zip(self.images, self.masks, strict=True)]
 
+    def image_hashes(self) -> list[str]:
+        """SHA-256 of each case's decoded image alone (the key an unlabelled pool is checked by)."""
+        return [hashlib.sha256(str(im.shape).encode() + np.ascontiguousarray(im, np.float32).tobytes()).hexdigest()
+                for im in self.images]
+
     def missing_classes(self, chosen: np.ndarray) -> list[str]:
         """Foreground classes that no chosen case shows (a network cannot learn them)."""
         seen = np.zeros(self.num_classes, bool)

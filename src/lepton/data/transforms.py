@@ -32,6 +32,8 @@ AUGMENT_PRESETS: dict[str, dict[str, float]] = {
 }
 AUGMENT_KEYS = ("hflip", "vflip", "rotate", "translate", "scale", "shear", "brightness",
                 "contrast", "gamma", "noise", "corrupt")
+#: The options that move pixels (masks move with them); the rest change intensities only.
+GEOMETRY_KEYS = ("rotate", "shear", "scale", "translate", "hflip", "vflip")
 
 
 def augment_options(preset: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
@@ -76,7 +78,7 @@ def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
     scl = torch.stack([torch.stack([1 / sx, zero], 1), torch.stack([zero, 1 / sy], 1)], 1)
     linear = rot @ shr @ scl
     theta = torch.cat([linear, torch.stack([tx, ty], 1)[:, :, None]], 2).to(x.dtype)
-    if any(opts.get(k, 0.0) for k in ("rotate", "shear", "scale", "translate", "hflip", "vflip")):
+    if any(opts.get(k, 0.0) for k in GEOMETRY_KEYS):
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         masks = _move_masks(masks, grid)

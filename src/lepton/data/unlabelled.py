@@ -184,7 +184,8 @@ def check_pool(pool: UnlabelledSet, pool_hashes: list[str], labelled, splits: np
     held = np.isin(splits, held_out)
     if not held.any():
         return
-    held_hashes = {h: n for h, n, keep in zip(labelled.content_hashes(), labelled.names, held, strict=True) if keep}
+    held_set = labelled.subset(held)  # images alone: a segmentation case's hash would include its mask
+    held_hashes = dict(zip(held_set.image_hashes(), held_set.names, strict=True))
     same = [(pool.names[i], held_hashes[h]) for i, h in enumerate(pool_hashes) if h in held_hashes]
     if same:
         shown = "; ".join(f"{a} = {b}" for a, b in same[:5]) + (f" (+{len(same) - 5} more)" if len(same) > 5 else "")

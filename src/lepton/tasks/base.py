@@ -51,6 +51,15 @@ class Task:
     #: The kind of registered network (``ModelInfo.task``) this task trains; None: segmentation networks for dense
     #: tasks, classifiers otherwise.
     network_kind: ClassVar[str | None] = None
+    #: Lower serving precisions (bf16, int8; ``lepton.precision``) are checked against fp32 on this validation metric
+    #: (a key of ``val_metrics``, higher is better) and refused when it falls more than ``precision_tolerance`` below
+    #: fp32's on the version's stored val set (``precision_val_set``); None: versions of this task serve in fp32 only.
+    precision_metric: ClassVar[str | None] = None
+    precision_tolerance: ClassVar[float] = 0.0
+    #: Whether the task learns from unlabelled cases beside labelled ones (``--semi``): its outputs are class scores
+    #: along axis 1, so a teacher's answer on one view can guide the network on another (``unlabelled_views``,
+    #: ``consistency``).
+    semi_supervised: ClassVar[bool] = False
 
     # -- data -----------------------------------------------------------------------------------------------
     def load(self, source: str | Path, *, window: str | None, slices: str, steps: list[dict] | None,
@@ -168,6 +177,20 @@ class Task:
         """Decision parameters chosen on validation after training (stored in ``run.json``)."""
         return {}
 
+    # -- serving precisions (``lepton.precision``) -----------------------------------------------------------
+    def precision_val_set(self, x_val, y_val, x_train, spec, seed: int = 0) -> dict[str, np.ndarray] | None:
+        """The arrays a run stores (``val_set.npz``) for checking lower precisions: a bounded subset of the val
+        inputs (in [0, 1], before normalisation) with their targets, and ``x_calib``, training inputs at the network's
+        size for int8 calibration; None (the default) when the task's precisions are not checked."""
+        return None
+
+    def precision_outputs(self, val: Mapping[str, np.ndarray], predictor, spec) -> tuple[Any, Any]:
+        """The targets and the task's outputs on a stored val set (``precision_val_set``), the network run by
+        ``predictor`` in the precision under check: ``predictor.batch(x)`` for a normalised batch at the network's
+        size, ``predictor.image(pixels)`` for one image in [0, 1] at its own size (sliding windows). ``val_metrics``
+        of the pair holds ``precision_metric``."""
+        raise NotImplementedError
+
     # -- predictions ----------------------------------------------------------------------------------------
     def decide(self, outputs: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
         """One decision per row: a class index, a value, …"""
@@ -192,6 +215,34 @@ class Task:
         """The network output a saliency map explains by default."""
         return int(np.argmax(row))
 
+    # -- semi-supervised training ---------------------------------------------------------------------------
+    def unlabelled_views(self, x: torch.Tensor, weak: dict[str, float], strong: dict[str, float],
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """An unlabelled batch in [0, 1] as two views: the weak one the guide (teacher, pseudo-labeller) sees and the
+        strong one the network learns on. By default two independent augmentations: the answer of a task that scores
+        whole images does not move with the image."""
+        from lepton.data.transforms import augment_batch
+
+        return augment_batch(x, weak, generator), augment_batch(x, strong, generator)
+
+    def consistency(self, student: torch.Tensor, guide: torch.Tensor, method: str,
+                    threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unlabelled loss between the network's raw outputs on the strong view and the guide's on the weak view
+        (class scores on axis 1: (N, K) or (N, K, …) for a dense task, where every pixel counts on its own), and the
+        fraction of outputs it counts. ``fixmatch``: cross-entropy to the guide's arg-max where its probability
+        reaches ``threshold``; ``mean-teacher``: squared difference of the class probabilities."""
+        import torch
+
+        target = torch.softmax(guide.float(), dim=1)
+        student = student.float()
+        if method == "fixmatch":
+            confidence, pseudo = target.max(dim=1)
+            mask = (confidence >= threshold).float()
+            loss = (torch.nn.functional.cross_entropy(student, pseudo, reduction="none") * mask).mean()
+            return loss, mask.mean()
+        loss = ((torch.softmax(student, dim=1) - target) ** 2).sum(dim=1).mean()
+        return loss, torch.ones((), device=student.device)
+
     # -- evaluation -----------------------------------------------------------------------------------------
     def scores(self, y: np.ndarray, outputs: np.ndarray, info: Mapping[str, Any]) -> dict[str, float]:
         """Headline figures under the decision rule in ``info`` (robustness and export tables compare them)."""
@@ -202,6 +253,22 @@ class Task:
         """The evaluation report's body (JSON-ready, with ``summary``: a few headline lines for the terminal) and
         its Markdown lines; figures go to the folder ``plots`` if given."""
         raise NotImplementedError
+
+    def headline(self, report: Mapping[str, Any]) -> tuple[str, float, list[float] | None]:
+        """An evaluation report's headline figure as (name, value, 95 % CI or None): what the distillation report
+        sets the teacher and the student side by side on."""
+        raise NotImplementedError
+
+    # -- distillation (lepton.distill) -----------------------------------------------------------------------
+    def distill_targets(self, y_train: Any, teacher: Any, temperature: float) -> Any:
+        """The targets a student trains on: the labels ``y_train`` beside the teacher's outputs (a tensor of rows,
+        or a folder of per-case soft masks for dense tasks), indexable by a batch's indices as ``y_train`` is."""
+        raise ConfigError(f"the {self.name} task has no distillation (classification and segmentation runs have)")
+
+    def distill_loss(self, hard_loss: Loss, temperature: float, alpha: float) -> Loss:
+        """The student's loss on ``distill_targets``: the teacher's outputs at ``temperature`` (weight ``alpha``)
+        and the task's own loss ``hard_loss`` on the labels."""
+        raise ConfigError(f"the {self.name} task has no distillation (classification and segmentation runs have)")
 
     # -- protocols and the registry --------------------------------------------------------------------------
     def oip_outputs(self, labels: list[str]) -> list[dict[str, Any]]:

@@ -18,6 +18,11 @@ from lepton.tasks.metrics import (
     youden_threshold,
 )
 
+#: The stored val set holds at most this many image values (float16): a seeded subset of larger val splits.
+MAX_VAL_VALUES = 16 << 20
+#: Training images kept beside it to calibrate int8 quantization.
+CALIBRATION_IMAGES = 256
+
 
 @register_task
 class Classification(Task):
@@ -28,6 +33,10 @@ class Classification(Task):
     selection_metric = "val_auc"
     higher_is_better = True
     layouts = ("class-folders", "label-manifest", "manifest", "medmnist", "partition", "files", "file")
+    semi_supervised = True
+    #: bf16/int8 serving is refused when its val AUC is more than this below fp32's on the same images.
+    precision_metric = "val_auc"
+    precision_tolerance = 0.005
 
     # -- training -----------------------------------------------------------------------------------------
     def num_outputs(self, label_names: list[str]) -> int:
@@ -99,6 +108,26 @@ class Classification(Task):
         threshold = youden_threshold(y_val, outputs[:, 1]) if outputs.shape[1] == 2 else None
         return {"threshold": threshold, "threshold_rule": "Youden J on val" if threshold is not None else None}
 
+    # -- serving precisions -----------------------------------------------------------------------------------
+    def precision_val_set(self, x_val, y_val, x_train, spec, seed: int = 0) -> dict[str, np.ndarray] | None:
+        """The val images and labels (a seeded subset of at most ``MAX_VAL_VALUES`` float16 values) and up to
+        ``CALIBRATION_IMAGES`` training images, all in [0, 1]."""
+        x_val, y_val, x_train = (np.asarray(a) for a in (x_val, y_val, x_train))
+        if y_val.ndim != 1 or len(y_val) == 0:
+            return None
+        rng = np.random.default_rng(seed)
+        keep = max(1, MAX_VAL_VALUES // max(int(np.prod(x_val.shape[1:])), 1))
+        pick = np.sort(rng.permutation(len(y_val))[:keep]) if len(y_val) > keep else np.arange(len(y_val))
+        calib = rng.permutation(len(x_train))[:CALIBRATION_IMAGES]
+        return {"x_val": x_val[pick].astype(np.float16), "y_val": y_val[pick].astype(np.int64),
+                "x_calib": x_train[calib].astype(np.float16)}
+
+    def precision_outputs(self, val, predictor, spec):
+        import torch
+
+        x = spec.normalize(torch.from_numpy(val["x_val"].astype(np.float32))).numpy()
+        return val["y_val"], predictor.batch(x)
+
     # -- predictions ----------------------------------------------------------------------------------------
     def decide(self, outputs: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
         """Class index per row: the stored threshold on P(class 1) for two classes, arg-max otherwise."""
@@ -128,6 +157,23 @@ class Classification(Task):
     # -- evaluation -----------------------------------------------------------------------------------------
     def scores(self, y: np.ndarray, outputs: np.ndarray, info: Mapping[str, Any]) -> dict[str, float]:
         return {"acc": float((self.decide(outputs, info) == y).mean()), "auc": auc_score(y, outputs)}
+
+    def headline(self, report):
+        m = report["metrics"][report["primary_threshold"]]
+        return "auc", m["auc"], (m.get("ci95") or {}).get("auc")
+
+    # -- distillation -----------------------------------------------------------------------------------------
+    def distill_targets(self, y_train, teacher, temperature):
+        """Rows ``[teacher probabilities at T …, label]``; rows of ``teacher`` past the labels are unlabelled
+        images (label -1)."""
+        from lepton.tasks.distillation import class_targets
+
+        return class_targets(y_train, teacher, temperature)
+
+    def distill_loss(self, hard_loss, temperature, alpha):
+        from lepton.tasks.distillation import kd_loss
+
+        return kd_loss(hard_loss, temperature, alpha)
 
     def report(self, y, outputs, labels, info, *, n_bootstrap, plots):
         thresholds: dict[str, float | None] = {"argmax": None} if len(labels) != 2 else {"0.5": 0.5}

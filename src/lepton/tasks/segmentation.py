@@ -17,6 +17,12 @@ from lepton.tasks.seg_metrics import case_metrics, detection, lesions, mean_ci, 
 
 #: Largest network input per axis chosen from the data (larger cases are cut to it; predictions slide over them).
 MAX_SIDE = {2: 512, 3: 128}
+#: The val set stored for checking serving precisions: at most this many val cases (a seeded pick) holding at most
+#: this many voxels in all (float16 images, uint8 masks); a case larger than its share is cut around its foreground.
+PRECISION_CASES = 16
+PRECISION_VOXELS = 32 << 20
+#: Training windows at the network's size kept for int8 calibration: at most 64, and at most this many voxels.
+CALIBRATION_VOXELS = 4 << 20
 
 
 def _dice_per_class(pred: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
@@ -37,6 +43,11 @@ class Segmentation(Task):
     higher_is_better = True
     dense = True
     layouts = ("decathlon", "paired-folders", "mask-manifest")
+    #: bf16/int8 serving is refused when its mean foreground Dice on the stored val cases (sliding windows, as
+    #: served) is more than this below fp32's.
+    precision_metric = "val_dice"
+    precision_tolerance = 0.01
+    semi_supervised = True
 
     # -- data -----------------------------------------------------------------------------------------------
     def load(self, source, *, window, slices, steps, skip_bad, validate=True):
@@ -118,6 +129,16 @@ class Segmentation(Task):
     def num_outputs(self, label_names: list[str]) -> int:
         return len(label_names)
 
+    def unlabelled_views(self, x, weak, strong, generator):
+        """Views on one grid, so the guide's map and the network's compare voxel by voxel: the weak view's geometry
+        (flips, shifts) once, then the strong view's intensity changes (exposure, gamma, noise, corruptions) alone
+        on top of it."""
+        from lepton.data.transforms import GEOMETRY_KEYS, augment_batch
+
+        weak_view = augment_batch(x, weak, generator)
+        return weak_view, augment_batch(weak_view, {k: v for k, v in strong.items() if k not in GEOMETRY_KEYS},
+                                        generator)
+
     def targets(self, data) -> list[np.ndarray]:
         """The label maps (1, …) of a data set, each at its own size."""
         return list(data.masks)
@@ -179,6 +200,53 @@ class Segmentation(Task):
         out = {"val_loss": nll / max(voxels, 1), "val_dice": float(np.mean(dices))}
         out.update({f"val_dice_{c}": d for c, d in enumerate(dices, start=1)})
         return out
+
+    # -- serving precisions -----------------------------------------------------------------------------------
+    def precision_val_set(self, x_val, y_val, x_train, spec, seed: int = 0) -> dict[str, np.ndarray] | None:
+        """Up to ``PRECISION_CASES`` val cases (``PRECISION_VOXELS`` in all) as flat float16 images and uint8 masks
+        with their shapes, and up to 64 training windows of the network's size for int8 calibration."""
+        import torch
+
+        from lepton.data.cases import CaseStore
+
+        n = len(x_val)
+        if n == 0:
+            return None
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.permutation(n)[:PRECISION_CASES])
+        share = PRECISION_VOXELS // len(pick)
+        images, masks = [], []
+        for i in pick:
+            if isinstance(x_val, CaseStore):
+                image, mask = x_val.image(int(i)), x_val.mask(int(i))
+            else:
+                image, mask = np.asarray(x_val[int(i)]), np.asarray(y_val[int(i)])
+            image, mask = _cut(image, mask, share, tuple(spec.size))
+            images.append(image.astype(np.float16))
+            masks.append(mask.astype(np.uint8))
+        windows = int(max(1, min(64, CALIBRATION_VOXELS // int(np.prod(spec.size)))))
+        gen = torch.Generator().manual_seed(seed)
+        idx = np.sort(rng.integers(len(x_train), size=windows))
+        if isinstance(x_train, CaseStore):
+            calib = x_train[idx].patches(tuple(spec.size), gen)[0]
+        else:
+            xs = x_train[torch.from_numpy(idx)]
+            calib = self.batch(xs, torch.zeros((len(xs), 1, *xs.shape[2:]), dtype=torch.int64), spec, gen)[0]
+        return {"x_val": np.concatenate([a.ravel() for a in images]),
+                "x_shapes": np.array([a.shape for a in images], np.int64),
+                "y_val": np.concatenate([m.ravel() for m in masks]),
+                "x_calib": np.asarray(calib, np.float16)}
+
+    def precision_outputs(self, val, predictor, spec):
+        shapes = [tuple(int(v) for v in row) for row in val["x_shapes"]]
+        ends = np.cumsum([0, *(int(np.prod(s)) for s in shapes)])
+        mask_ends = np.cumsum([0, *(int(np.prod(s[1:])) for s in shapes)])
+        truth, outputs = [], []
+        for k, shape in enumerate(shapes):
+            image = val["x_val"][ends[k]:ends[k + 1]].reshape(shape).astype(np.float32)
+            truth.append(val["y_val"][mask_ends[k]:mask_ends[k + 1]].reshape(1, *shape[1:]))
+            outputs.append(predictor.image(image))
+        return truth, outputs
 
     # -- predictions ----------------------------------------------------------------------------------------
     def decide(self, outputs: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
@@ -270,6 +338,22 @@ class Segmentation(Task):
         body["detection"].pop("curve")  # plotted; the FROC points at fixed rates stay
         return body, self._markdown(body)
 
+    def headline(self, report):
+        return "dice", report["mean_dice"], report.get("mean_dice_ci95")
+
+    # -- distillation -----------------------------------------------------------------------------------------
+    def distill_targets(self, y_train, teacher, temperature):
+        """The label maps and the teacher's soft masks in the folder ``teacher`` (one compressed file per case),
+        read per batch (``lepton.tasks.distillation.SoftMasks``); the temperature is applied by the loss."""
+        from lepton.tasks.distillation import SoftMasks
+
+        return SoftMasks(y_train, teacher)
+
+    def distill_loss(self, hard_loss, temperature, alpha):
+        from lepton.tasks.distillation import soft_mask_loss
+
+        return soft_mask_loss(hard_loss, temperature, alpha)
+
     def _markdown(self, body: dict[str, Any]) -> list[str]:
         def ci(values):
             return " – ".join(fmt(v) for v in values) if values else "-"
@@ -326,6 +410,21 @@ class Segmentation(Task):
                     lines.append(f"  - {c}: Dice {fmt(m['dice'])}" + (" [{:.4f}, {:.4f}]".format(*cci) if cci else "")
                                  + f", HD95 {fmt(m['hd95'], 2)} mm")
         return {"use": use, "decision": ["- Decision rule: arg-max class per voxel"], "metrics": lines}
+
+
+def _cut(image: np.ndarray, mask: np.ndarray, voxels: int, window: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A case (C, …) and its mask (1, …) cut to about ``voxels`` (never below the network's ``window``) around the
+    centre of its foreground; unchanged when it fits."""
+    shape = np.array(mask.shape[1:])
+    if int(shape.prod()) <= voxels:
+        return image, mask
+    side = np.minimum(shape, np.maximum(np.array(window), (shape * (voxels / shape.prod()) ** (1 / len(shape)))
+                                        .astype(int)))
+    fg = np.argwhere(mask[0] > 0)
+    centre = fg.mean(0).astype(int) if len(fg) else shape // 2
+    start = np.clip(centre - side // 2, 0, shape - side)
+    region = tuple(slice(int(a), int(a + b)) for a, b in zip(start, side, strict=True))
+    return image[(slice(None), *region)], mask[(slice(None), *region)]
 
 
 def _voxel_calibration(cases, limit: int = 200_000, seed: int = 0) -> dict[str, Any]:

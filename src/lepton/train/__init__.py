@@ -44,7 +44,7 @@ from lepton.train.data import (
 from lepton.train.distributed import Dist
 from lepton.train.loop import Trainer, seed_epoch
 from lepton.train.progress import Reporter
-from lepton.train.semi import make_trainer
+from lepton.train.semi import SEMI_FIELDS, make_trainer
 from lepton.utils import atomic_torch_save, atomic_write_json
 
 __all__ = ["Prepared", "Trainer", "data_fingerprint", "finish_run", "intensity_stats", "prepare_data",
@@ -305,7 +305,8 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
             trained = trainer.train_epoch(epoch, on_step=_on_step(reporter, tracker, prefix,
                                                                   (epoch - 1) * trainer.steps_per_epoch + 1))
             metrics = trainer.validate()
-            row = {"epoch": epoch, **tag, "lr": trained["lr"], "train_loss": trained["train_loss"], **metrics,
+            row = {"epoch": epoch, **tag, "lr": trained["lr"], "train_loss": trained["train_loss"],
+                   **{k: trained[k] for k in SEMI_FIELDS if k in trained}, **metrics,
                    "images_per_s": trained["seen"] / trained["train_seconds"], "seconds": time.perf_counter() - t0}
             history.append(row)
             tracker.log_metrics({prefix + k: v for k, v in row.items() if k not in ("epoch", "member")}, epoch)
@@ -401,8 +402,9 @@ def finish_run(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepare
     model.load_state_dict(ckpt["model"])
     model = model_layout(model.to(device))
     outputs = val_outputs(model, prepared, task.activate, tta=config.tta, device=device)
-    if not task.dense:  # for checking lower serving precisions of this run once registered
-        save_val_set(run_dir / VAL_SET_FILE, prepared.x_val, prepared.y_val, prepared.x_train, seed=config.seed)
+    # for checking lower serving precisions of this run once registered (lepton.precision)
+    save_val_set(run_dir / VAL_SET_FILE, task, prepared.x_val, prepared.y_val, prepared.x_train, prepared.spec,
+                 seed=config.seed)
     if chosen is None:
         best_row = next(h for h in history if h["epoch"] == best["epoch"] and h.get("member", 1) == 1)
         selected = {k: v for k, v in best_row.items() if k.startswith("val_") and k != "val_loss"}

@@ -146,10 +146,12 @@ def unlabelled_pool(config: TrainConfig, task: Task, data, splits: np.ndarray, s
     a patient with the labelled source's val or test split (``check_pool``); returns it with its fingerprint."""
     from lepton.data.unlabelled import check_pool, load_unlabelled
 
-    if task.name != "classification" or not isinstance(data, ImageSet):
-        raise ConfigError(f"semi-supervised training (unlabelled, semi) is built for classification; the {task.name} "
-                          "task trains on labelled cases only")
-    pool = load_unlabelled(config.unlabelled, window=config.window, slices=config.slices, steps=steps)
+    if not task.semi_supervised:
+        raise ConfigError(f"semi-supervised training (unlabelled, semi) is built for classification and "
+                          f"segmentation; the {task.name} task trains on labelled cases only")
+    # a dense task reads volumes whole and 2-D images as they are, as its labelled cases were read
+    pool = load_unlabelled(config.unlabelled, window=config.window, slices="auto" if task.dense else config.slices,
+                           steps=steps)
     hashes = pool.scan(progress=not quiet)
     check_pool(pool, hashes, data, splits)
     digest = sha256_bytes("\n".join(sorted(hashes)).encode())

@@ -134,13 +134,8 @@ class Trainer:
                 xb, yb = next(patches)
                 x01, yb = augment_batch(xb, self.augment, gen, masks=yb)
                 x01, yb = x01.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            elif self.task.dense:  # patches from large cases; masks move with their images
-                xb, yb = self.task.batch(data.x_train[idx], data.y_train[idx], data.spec, gen)
-                x01, yb = augment_batch(xb, self.augment, gen, masks=yb)
-                x01, yb = x01.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             else:
-                x01, yb = self.task.augment(data.x_train[idx], data.y_train[idx], self.augment, gen)
-                x01, yb = x01.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                x01, yb = self.labelled_batch(idx, gen)
             eb = None if data.e_train is None else data.e_train[idx].to(device, non_blocking=True)
             if config.adversarial:
                 adv = attack(self.module, data.spec.normalize, x01, yb, config.adv_epsilon, config.adversarial,
@@ -157,6 +152,17 @@ class Trainer:
         seconds = time.perf_counter() - t0
         return {"lr": self.optimizer.param_groups[-1]["lr"], "train_loss": loss_sum / max(1, seen),
                 "seen": seen, "train_seconds": seconds}
+
+    def labelled_batch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images at ``idx`` (held in memory) augmented with their targets, in [0, 1], on the device: a dense
+        task's patches cut from larger cases with the masks moved along."""
+        data = self.data
+        if self.task.dense:
+            xb, yb = self.task.batch(data.x_train[idx], data.y_train[idx], data.spec, gen)
+            x01, yb = augment_batch(xb, self.augment, gen, masks=yb)
+        else:
+            x01, yb = self.task.augment(data.x_train[idx], data.y_train[idx], self.augment, gen)
+        return x01.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
 
     def _patches(self, epoch: int, planned: list[tuple[int, torch.Tensor]]):
         """For cases in the cache: an iterator over this epoch's patch batches, each step's drawn from its own seed

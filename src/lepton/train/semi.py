@@ -1,15 +1,18 @@
-"""Semi-supervised classification: a few labelled images and a pool of unlabelled ones in every step.
+"""Semi-supervised training: a few labelled cases and a pool of unlabelled ones in every step, for any task that
+declares ``semi_supervised`` (classification, segmentation).
 
-``fixmatch`` (Sohn et al., 2020): the network's prediction on a weakly augmented unlabelled image (flip, shift)
-becomes its pseudo-label where the top probability reaches ``semi_threshold``, and the network learns that label on
-a strongly augmented copy of the same image. ``mean-teacher`` (Tarvainen & Valpola, 2017): an exponential moving
-average of the network (the teacher, decay 0.99) predicts on a weak view, and the network is pulled towards it on a
-strong view (mean squared difference of the class probabilities, ramped up over the first 30 % of the steps).
+``fixmatch`` (Sohn et al., 2020): the network's prediction on a weakly augmented unlabelled case becomes its
+pseudo-label where the top probability reaches ``semi_threshold`` (per image, or per voxel for a dense task), and the
+network learns that label on a strongly augmented copy. ``mean-teacher`` (Tarvainen & Valpola, 2017): an
+exponential moving average of the network (the teacher, decay 0.99) predicts on a weak view, and the network is
+pulled towards it on a strong view (mean squared difference of the class probabilities, ramped up over the first
+30 % of the steps). The task makes the two views (``Task.unlabelled_views``: a dense task keeps them on one grid)
+and the loss between them (``Task.consistency``).
 
-An epoch is one pass over the unlabelled pool, ``semi_ratio`` unlabelled images per labelled one in each step; the
-labelled images cycle in their own seeded order. The pool never holds val or test images or patients
+An epoch is one pass over the unlabelled pool, ``semi_ratio`` unlabelled cases per labelled one in each step; the
+labelled cases cycle in their own seeded order. The pool never holds val or test images or patients
 (``lepton.data.unlabelled.check_pool`` refused it before training), and pseudo-labels live only inside the step:
-validation and the stored val set see labelled images alone.
+validation and the stored val set see labelled cases alone.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 import torch
 
 from lepton.config import TrainConfig
-from lepton.data.transforms import AUGMENT_PRESETS, augment_batch
+from lepton.data.cases import CaseStore
+from lepton.data.transforms import AUGMENT_PRESETS
 from lepton.errors import ConfigError, RunError
 from lepton.models.layout import fast_layout
 from lepton.tasks import Task
@@ -35,6 +39,8 @@ WEAK = {"hflip": 0.5, "translate": 0.0625}
 #: The strong view: heavy geometry, exposure, noise and, on half the batches, a corruption family.
 STRONG = {**AUGMENT_PRESETS["strong"], "corrupt": 0.5}
 TEACHER_DECAY = 0.99
+#: What a semi-supervised epoch reports beside the training loss (into ``history.csv``).
+SEMI_FIELDS = ("sup_loss", "unsup_loss", "pseudo_fraction")
 RAMP_UP = 0.3
 
 
@@ -50,12 +56,16 @@ class SemiTrainer(Trainer):
 
     def __init__(self, config: TrainConfig, task: Task, prepared: Prepared, device: str, *,
                  pretrained: str | None = None, dist: Dist = SINGLE):
-        if prepared.unlabelled is None or task.name != "classification":
-            raise ConfigError("semi-supervised training needs a classification task and an unlabelled pool "
+        if prepared.unlabelled is None or not task.semi_supervised:
+            raise ConfigError(f"semi-supervised training needs a task that learns from unlabelled cases "
+                              f"(classification, segmentation; not {task.name}) and an unlabelled pool "
                               "(unlabelled: SOURCE)")
         if dist.enabled or config.adversarial or prepared.e_train is not None:
             raise ConfigError("semi-supervised training runs in one process, without adversarial training or "
                               "covariates")
+        if isinstance(prepared.x_train, CaseStore):
+            raise ConfigError("semi-supervised training holds the labelled cases in memory; these would not fit "
+                              "(data_engine=cache); raise memory_limit_gb or label fewer, smaller cases")
         super().__init__(config, task, prepared, device, pretrained=pretrained, dist=dist)
         self.pool = prepared.unlabelled
         self.unlabelled_batch = config.batch_size * config.semi_ratio
@@ -71,7 +81,7 @@ class SemiTrainer(Trainer):
 
     def train_epoch(self, epoch: int, on_step=None) -> dict[str, float]:
         """One pass over the unlabelled pool; the labelled images cycle beside it."""
-        config, data, device, spec = self.config, self.data, self.device, self.data.spec
+        config, device, spec = self.config, self.device, self.data.spec
         order, gen = self.epoch_order(epoch)
         pool_order = torch.randperm(len(self.pool), generator=gen)
         labelled = order
@@ -85,12 +95,10 @@ class SemiTrainer(Trainer):
             ui = pool_order[step * self.unlabelled_batch:(step + 1) * self.unlabelled_batch]
             if len(li) < 2 or len(ui) < 2:
                 continue
-            xl = augment_batch(data.x_train[li], self.augment, gen).to(device, non_blocking=True)
-            yl = data.y_train[li].to(device, non_blocking=True)
-            xu = self.pool.batch(ui.numpy(), spec)
-            weak = augment_batch(xu, WEAK, gen).to(device)
-            strong = augment_batch(xu, STRONG, gen).to(device)
-            parts = self.semi_step(spec.normalize(xl), yl, spec.normalize(weak), spec.normalize(strong), epoch)
+            xl, yl = self.labelled_batch(li, gen)
+            weak, strong = self.task.unlabelled_views(self.pool.batch(ui.numpy(), spec), WEAK, STRONG, gen)
+            parts = self.semi_step(spec.normalize(xl), yl, spec.normalize(weak.to(device)),
+                                   spec.normalize(strong.to(device)), epoch)
             seen += len(li)
             for key in totals:
                 totals[key] += parts[key] * len(li)
@@ -114,20 +122,11 @@ class SemiTrainer(Trainer):
         dtype = self.amp_dtype
         with torch.autocast(self.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             with torch.no_grad():
-                guide = self.teacher.module if self.teacher is not None else self.model
-                target = torch.softmax(guide(fast_layout(weak)).float(), dim=1)
+                guide = (self.teacher.module if self.teacher is not None else self.model)(fast_layout(weak))
             logits = self.model(fast_layout(torch.cat([xl, strong])))
             sup = self.loss_fn(logits[:len(xl)], yl)
-            student = logits[len(xl):].float()
-            if self.teacher is None:  # FixMatch: confident pseudo-labels on the strong view
-                confidence, pseudo = target.max(dim=1)
-                mask = (confidence >= self.config.semi_threshold).float()
-                unsup = (torch.nn.functional.cross_entropy(student, pseudo, reduction="none") * mask).mean()
-                weight = self.config.semi_weight
-            else:  # Mean Teacher: the student's probabilities towards the teacher's
-                mask = torch.ones(len(student), device=student.device)
-                unsup = ((torch.softmax(student, dim=1) - target) ** 2).sum(dim=1).mean()
-                weight = self.config.semi_weight * self.ramp()
+            unsup, mask = self.task.consistency(logits[len(xl):], guide, self.config.semi, self.config.semi_threshold)
+            weight = self.config.semi_weight * (self.ramp() if self.teacher is not None else 1.0)
             loss = sup + weight * unsup
         if not torch.isfinite(loss):
             raise RunError(f"loss became {loss.item()} at epoch {epoch}; lower --lr or --semi-weight")
