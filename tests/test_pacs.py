@@ -76,8 +76,10 @@ def test_a_report_reads_back():
     assert group.get_qualitative_evaluations()[0].value.meaning == "nodule"
 
 
-def test_the_node_reports_new_studies_once_and_survives_the_pacs_going_away(model, tmp_path):
+def test_the_node_reports_new_studies_once_and_survives_the_pacs_going_away(model, tmp_path, monkeypatch):
     from lepton.pacs.node import DicomNode
+
+    monkeypatch.setenv("LEPTON_DICOMWEB_RETRIES", "2")  # one retry after 1 s when the PACS is away, not 15 s of them
 
     registry, root = model["registry"], tmp_path
     first, study1, series1 = _study(root, 1, "PAT-1")
@@ -228,9 +230,10 @@ def test_a_segmentation_model_stores_a_dicom_seg(tmp_path):
     assert [d.SegmentLabel for d in seg.SegmentSequence] == ["nodule"]
 
 
-def test_the_pacs_going_away_mid_study_loses_nothing(model, tmp_path):
+def test_the_pacs_going_away_mid_study_loses_nothing(model, tmp_path, monkeypatch):
     """Orthanc stops after the node fetched a study and before it stores the report: that attempt fails and is
     recorded for a retry; with the PACS back, the next poll stores exactly one report."""
+    monkeypatch.setenv("LEPTON_DICOMWEB_RETRIES", "2")
     from conftest import ORTHANC_PROCS
     from lepton.pacs.node import DicomNode
 
