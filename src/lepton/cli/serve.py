@@ -59,6 +59,13 @@ def serve(
     research_notice: Annotated[bool, typer.Option(
         "--research-notice/--no-research-notice",
         help="The web console's 'research use — not for diagnosis' notice on every page.")] = True,
+    slide_dir: Annotated[Path | None, typer.Option(
+        help="Slide models: where slide jobs keep their state and files (default: $LEPTON_HOME/slide-jobs).")] = None,
+    slide_root: Annotated[Path | None, typer.Option(
+        help="Slide models: clients may name slides under this folder instead of uploading them.")] = None,
+    slide_workers: Annotated[int, typer.Option(help="Slide jobs run at once.", min=1, max=64)] = 1,
+    slide_queue: Annotated[int, typer.Option(help="Slide jobs waiting or running before 503.", min=1,
+                                             max=100_000)] = 8,
 ) -> None:
     """Serve registered models over HTTP (native API, Open Inference Protocol v2, /metrics, the web console at
     /ui)."""
@@ -95,7 +102,9 @@ def serve(
                          max_queue=max_queue, model_concurrency=model_concurrency,
                          batch_idle_ms=batch_idle_ms, rate_limit=rate_limit, rate_burst=rate_burst,
                          poll_seconds=poll_seconds, redis=redis or None, redis_prefix=redis_prefix,
-                         ui_notice=research_notice),
+                         ui_notice=research_notice, slide_dir=str(slide_dir) if slide_dir else None,
+                         slide_root=str(slide_root) if slide_root else None, slide_workers=slide_workers,
+                         slide_queue=slide_queue),
              host=host, port=port, workers=workers)
 
 

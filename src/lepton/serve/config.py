@@ -19,6 +19,10 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "rate_burst": (1, 1_000_000_000, True),
     "poll_seconds": (0, 86_400, False),
     "key_cache_seconds": (0, 3_600, False),
+    "max_slide_bytes": (1, 1 << 40, True),
+    "slide_workers": (1, 64, True),
+    "slide_queue": (1, 100_000, True),
+    "slide_job_hours": (0.001, 24 * 365, False),
 }
 
 
@@ -52,6 +56,15 @@ class ServeConfig:
     redis_prefix: str = "lepton"
     ui_notice: bool = True  # the console's "research use — not for diagnosis" notice on every page
     freeze_heap: bool = True  # gc.freeze() after models load: no full-heap garbage collection pauses under load
+    # Whole-slide jobs (slide models, lepton.serve.slides): their folder (default $LEPTON_HOME/slide-jobs), a folder
+    # clients may name slides under (None: uploads only), the largest upload, jobs run at once, jobs waiting or
+    # running per process before 503, and how long an ended job's files are kept.
+    slide_dir: str | None = None
+    slide_root: str | None = None
+    max_slide_bytes: int = 4 << 30
+    slide_workers: int = 1
+    slide_queue: int = 8
+    slide_job_hours: float = 24.0
 
     def __post_init__(self) -> None:
         """Every number finite and within BOUNDS (3.0 taken as 3 where a whole number is meant); ConfigError naming

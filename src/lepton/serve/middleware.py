@@ -113,6 +113,8 @@ class AccessMiddleware:
         status = 500
         started = False
         limit = self.server.config.max_upload_bytes
+        if scope["path"].startswith("/v1/slide-models/"):  # a whole slide: its own, larger limit
+            limit = self.server.config.max_slide_bytes
         length = headers.get(b"content-length", b"")
         gate = None
         if length not in (b"", b"0") or b"transfer-encoding" in headers:  # a body: gated

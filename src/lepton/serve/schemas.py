@@ -257,6 +257,7 @@ _WHY = {
     404: "No such served model or version (or not visible to this key's tenant).",
     409: "The registry refuses the change in its current state (e.g. nothing to roll back to).",
     413: "The body, or a tensor in it, is over the server's limits.",
+    415: "The body is not a kind this route takes (a slide job: not a whole-slide file, or a multipart form).",
     422: "The request is well formed but its content cannot be used (not a decodable image, values out of range).",
     429: "Over this key's rate limit; retry after `Retry-After` seconds.",
     503: "Not ready, or the model's queue is full; retry shortly.",

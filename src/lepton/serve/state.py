@@ -29,6 +29,7 @@ from lepton.serve.metrics import Metrics
 from lepton.serve.monitor import Monitor
 from lepton.serve.monitor import parse as parse_metrics
 from lepton.serve.shared import ReloadSignal
+from lepton.serve.slides import SlideJobs
 
 log = logging.getLogger("lepton.serve")
 
@@ -102,6 +103,7 @@ class Server:
         self.metrics = Metrics()
         self.monitor = Monitor()
         self.deployments: dict[str, Deployment] = {}
+        self.slides = SlideJobs(self.registry, config)  # slide models: served as jobs, not through batchers
         # Several workers: token buckets in a shared file (a key's limit holds whichever worker answers) and a
         # reload generation that carries an admin reload to every worker.
         # Replicas on several hosts: both in Redis instead.
@@ -132,14 +134,17 @@ class Server:
             for ref in self.config.models:
                 name, _, selector = ref.partition("@")
                 dep = self.deployments.get(name) or Deployment(name, selector or None)
+                slide = None
                 try:
-                    changes[name] = await self._refresh(dep)
+                    slide = None if name in self.deployments else await self.slides.refresh(ref)
+                    changes[name] = slide or await self._refresh(dep)
                 except LeptonError as exc:
-                    if name not in self.deployments:
+                    if name not in self.deployments and name not in self.slides.models:
                         raise
                     log.error("reload of %s failed, keeping version %s: %s", name, dep.primary, exc)
                     changes[name] = {"error": str(exc)}
-                self.deployments[name] = dep
+                if slide is None and name not in self.slides.models:
+                    self.deployments[name] = dep
             if self._heap_grew and self.config.freeze_heap:
                 freeze_heap()
                 self._heap_grew = False
@@ -205,6 +210,7 @@ class Server:
             for handle in dep.handles.values():
                 for b in handle.batchers():
                     await b.drain_and_stop(timeout=5)
+        self.slides.close()
         self.limiter.close()
 
     # -- access ------------------------------------------------------------------------------------------
