@@ -324,3 +324,40 @@ def test_a_segmentation_mask_over_the_image_with_class_toggles_and_opacity(brows
     _labelled(page)
     page.screenshot(path=str(ARTIFACTS / "predict-segmentation.png"), full_page=True)
     assert watch.problems == [], watch.problems
+
+
+@pytest.fixture(scope="module")
+def slide_site(tmp_path_factory):
+    """A server with one slide model (and no image model) and a generated slide."""
+    from lepton.data.slidegen import plan_slide, write_slide
+    from lepton.registry import Registry
+    from lepton.serve import ServeConfig
+    from test_serve_slides import _slide_model
+
+    root = tmp_path_factory.mktemp("slide-console")
+    reg = Registry.open(root / "reg")
+    reg.register_slide_model(_slide_model(root / "model"), "wsi")
+    keys = {"admin": reg.create_key("ops", "admin")}
+    slide = write_slide(root / "case.tiff", plan_slide(1024, 896, tumour=True, seed=5), tile=128)
+    config = ServeConfig(models=["wsi"], registry=str(root / "reg"), rate_limit=0, slide_dir=str(root / "jobs"))
+    with running(config) as base:
+        yield {"url": base, "keys": keys, "slide": slide}
+
+
+@pytest.mark.slow
+def test_a_slide_job_shows_the_heatmap_over_the_thumbnail_and_the_probability(browser, slide_site):
+    page, watch = _page(browser, slide_site, "admin")
+    page.get_by_role("link", name="Slides").click()
+    page.wait_for_url("**/ui/slides")
+    page.wait_for_selector("#slide-model option", state="attached")
+    page.set_input_files("#slide-file", str(slide_site["slide"]))
+    _until(page, "document.getElementById('job-heatmap').naturalWidth > 0", timeout=60)
+    assert "done" in page.locator("#job-status").inner_text()
+    probability = page.locator("#job-probability").inner_text()
+    assert probability.startswith("P(tumour) = 0.") or probability == "P(tumour) = 1.000"
+    assert page.locator("#job-label").inner_text() in ("normal", "tumour")
+    assert page.evaluate("document.getElementById('job-progress').value") == page.evaluate(
+        "document.getElementById('job-progress').max") > 1
+    _labelled(page)
+    page.screenshot(path=str(ARTIFACTS / "slides.png"), full_page=True)
+    assert watch.problems == [], watch.problems

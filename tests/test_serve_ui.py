@@ -77,7 +77,7 @@ def _post(console, path: str, key: str | None = "clinic", **kw) -> httpx.Respons
     return httpx.post(console["url"] + path, headers=headers, timeout=60, **kw)
 
 
-@pytest.mark.parametrize("page", ["/ui/", "/ui/predict", "/ui/models", "/ui/monitor"])
+@pytest.mark.parametrize("page", ["/ui/", "/ui/predict", "/ui/models", "/ui/monitor", "/ui/slides"])
 def test_pages_are_local_strict_and_carry_the_notice(console, page):
     r = _get(console, page, key=None)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")

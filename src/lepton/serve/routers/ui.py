@@ -30,7 +30,7 @@ router = APIRouter(tags=["console"])
 
 UI = Path(__file__).resolve().parent.parent / "ui"
 PAGES = {"": ("Sign in", "signin"), "predict": ("Predict", "predict"), "models": ("Models", "models"),
-         "monitor": ("Monitor", "monitor")}
+         "monitor": ("Monitor", "monitor"), "slides": ("Slides", "slides")}
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
                 ".svg": "image/svg+xml"}
 #: The console's security headers: its own scripts, styles and API only; images also from data:/blob: URLs (the
