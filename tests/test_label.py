@@ -4,6 +4,7 @@ mask geometry and values, and earlier labels, and records rounds."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -136,3 +137,96 @@ def test_segmentation_preannotations_on_the_image_grid_and_back(tmp_path):
     done = import_labels(run, tmp_path / "sugg" / "suggestions.csv", tmp_path / "labelling")
     assert done["added"] == 2 and done["round"] == 1
     assert suggest(run, pool, n=10, strategy="entropy", output=tmp_path / "s2", labels=tmp_path / "labelling") == []
+
+
+# -- shapes: COCO and GeoJSON pre-annotations and corrected shapes back --------------------------------------------
+NAMES = ["background", "lesion", "vessel"]
+
+
+def _label_map():
+    labels = np.zeros((20, 24), np.uint8)
+    labels[2:9, 3:11] = 1
+    labels[4:7, 5:8] = 0  # a hole: COCO carries it as RLE
+    labels[12:20, 0:5] = 2  # touching the image's left and bottom edges
+    labels[14:17, 15:22] = 1
+    return labels
+
+
+def test_shapes_round_trip_through_coco_and_geojson(tmp_path):
+    import json
+
+    from lepton.label.shapes import coco_document, geojson_document, read_coco, read_geojson
+
+    labels = _label_map()
+    doc = coco_document([("a.png", labels)], NAMES)
+    assert [c["name"] for c in doc["categories"]] == ["lesion", "vessel"] and len(doc["annotations"]) == 3
+    holed = [a for a in doc["annotations"] if isinstance(a["segmentation"], dict)]
+    assert len(holed) == 1 and holed[0]["bbox"] == [3, 2, 8, 7] and holed[0]["area"] == 7 * 8 - 9
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    [(_, name, size, build)] = read_coco(tmp_path / "a.json", NAMES)
+    assert name == "a.png" and size == (20, 24) and np.array_equal(build((20, 24))[0], labels)
+    gj = geojson_document(labels, NAMES)
+    assert {f["properties"]["classification"]["name"] for f in gj["features"]} == {"lesion", "vessel"}
+    assert all(f["properties"]["objectType"] == "annotation" for f in gj["features"])
+    (tmp_path / "a.geojson").write_text(json.dumps(gj))
+    assert np.array_equal(read_geojson(tmp_path / "a.geojson", (20, 24), NAMES)[0], labels)
+
+
+def test_shapes_with_unknown_labels_or_outside_the_image_are_refused(tmp_path):
+    import json
+
+    from lepton.label.shapes import coco_document, geojson_document, read_coco, read_geojson
+
+    labels = _label_map()
+    gj = geojson_document(labels, NAMES)
+    gj["features"][0]["properties"]["classification"]["name"] = "tumour"
+    (tmp_path / "bad.geojson").write_text(json.dumps(gj))
+    with pytest.raises(DataError, match=r"bad.geojson: feature 1: label 'tumour' is not one of the run's labels"):
+        read_geojson(tmp_path / "bad.geojson", (20, 24), NAMES)
+    gj = geojson_document(labels, NAMES)
+    gj["features"][1]["geometry"]["coordinates"][0][0] = [30.0, 5.0]
+    (tmp_path / "out.geojson").write_text(json.dumps(gj))
+    with pytest.raises(DataError, match=r"out.geojson: feature 2: the shape reaches outside the image \(24 x 20"):
+        read_geojson(tmp_path / "out.geojson", (20, 24), NAMES)
+    doc = coco_document([("a.png", labels)], NAMES)
+    doc["categories"].append({"id": 7, "name": "tumour"})
+    (tmp_path / "cat.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"cat.json: category 7: label 'tumour' is not one of the run's labels"):
+        read_coco(tmp_path / "cat.json", NAMES)
+    doc = coco_document([("a.png", labels)], NAMES)
+    (tmp_path / "size.json").write_text(json.dumps(doc))
+    [(_, _, _, build)] = read_coco(tmp_path / "size.json", NAMES)
+    with pytest.raises(DataError, match=r"is 24 x 20 px in the COCO file but 32 x 32 px on disk"):
+        build((32, 32))
+
+
+@pytest.mark.slow
+def test_2d_preannotations_as_coco_and_geojson_and_back(tmp_path):
+    import json
+    import shutil
+
+    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.train import train
+
+    root = write_segmentation_cases(tmp_path / "seg", n=6, dims=2, shape=(32,), seed=0)
+    run = train(str(root), name="seg", output_dir=str(tmp_path / "runs"), epochs=1, batch_size=2, quiet=True,
+                threads=1, data_engine="memory", image_size=32)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    new = write_segmentation_cases(tmp_path / "new", n=2, dims=2, shape=(32,), seed=5)
+    for p in sorted((new / "images").glob("*.png")):
+        shutil.copy(p, pool / f"new_{p.name}")
+    rows = suggest(run, pool, n=5, strategy="entropy", output=tmp_path / "sugg")
+    coco = json.loads((tmp_path / "sugg" / "preannotations.coco.json").read_text())
+    assert [i["file_name"] for i in coco["images"]] == [r["path"] for r in rows] and len(rows) == 2
+    assert all(r["geojson"].endswith(".geojson") for r in rows)
+    done = import_labels(run, tmp_path / "sugg" / "preannotations.coco.json", tmp_path / "labelling")
+    assert done["added"] == 2
+    done = import_labels(run, tmp_path / "sugg" / "suggestions.csv", tmp_path / "labelling2", column="geojson")
+    assert done["added"] == 2
+    gj = json.loads(Path(rows[0]["geojson"]).read_text())
+    gj["features"].append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [5, 1],
+                           [5, 5], [1, 1]]]}, "properties": {"classification": {"name": "tumour"}}})
+    Path(rows[0]["geojson"]).write_text(json.dumps(gj))
+    with pytest.raises(DataError, match=r"(?s)1 row\(s\) refused.*label 'tumour' is not one of the run's labels"):
+        import_labels(run, tmp_path / "sugg" / "suggestions.csv", tmp_path / "labelling3", column="geojson")

@@ -44,14 +44,18 @@ def label_suggest(
 @label_app.command("import")
 def label_import(
     run: Annotated[Path, typer.Argument(help="The run the labels are for.")],
-    file: Annotated[Path, typer.Argument(help="The corrected suggestions.csv (path and label, or path and mask).")],
+    file: Annotated[Path, typer.Argument(help="The corrected suggestions.csv (path and label, or path and mask), or "
+                                              "a corrected COCO JSON file (segmentation).")],
     labels: Annotated[Path, typer.Option("--labels", help="The labelling folder to record the round in.")]
     = Path("labelling"),
     round_no: Annotated[int | None, typer.Option("--round", help="Round number (default: the next).", min=1)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace labels given before.")] = False,
+    column: Annotated[str | None, typer.Option(help="The CSV column holding the corrected labels (default: label, or "
+                                                    "mask for segmentation; geojson for QuPath's shapes).")] = None,
 ) -> None:
     """Check corrected labels (label names, mask geometry and values, earlier labels) and record them as a round;
     every refused row is named with its fix and nothing is recorded then."""
     from lepton.label.importer import import_labels
 
-    console.print_json(json.dumps(import_labels(run, file, labels, round_no=round_no, overwrite=overwrite)))
+    console.print_json(json.dumps(import_labels(run, file, labels, round_no=round_no, overwrite=overwrite,
+                                                column=column)))

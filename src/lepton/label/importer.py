@@ -2,7 +2,10 @@
 
 The file is the ``suggestions.csv`` that ``lepton label suggest`` wrote, corrected (or any CSV with the same
 columns): ``path`` (the image: a file, a DICOM series folder, or ``file.npz#i``) and ``label`` (a class name of the
-run) for classifiers, or ``mask`` (a label map: NIfTI, PNG/TIFF or DICOM SEG) for segmentation. Nothing is recorded
+run) for classifiers, or ``mask`` (a label map: NIfTI, PNG/TIFF or DICOM SEG; or a GeoJSON file of polygons, as
+QuPath exports them) for segmentation — ``column`` picks another column, such as the ``geojson`` one. A COCO JSON file
+(``preannotations.coco.json``, corrected) is read directly: each image's polygons, RLE masks or boxes rasterised onto
+the image it names (``lepton.label.shapes``). Nothing is recorded
 unless every row passes: the label is one of the run's (mask values within its classes, and the names of a
 ``labels.json`` beside the mask equal to the run's), a mask lies on its image's grid (shape, spacing, orientation,
 origin), and no case already labelled — in the run's data or an earlier round — gets a different label without
@@ -52,7 +55,7 @@ def read_case(text: str, base: Path, slices: str = "middle", window: str | None 
 
 
 def import_labels(run: str | Path | Run, file: str | Path, labels: str | Path, *, round_no: int | None = None,
-                  overwrite: bool = False) -> dict[str, Any]:
+                  overwrite: bool = False, column: str | None = None) -> dict[str, Any]:
     """Check the corrected labels in ``file`` against ``run`` and record them in the labelling folder ``labels`` as
     round ``round_no`` (default: the next). Returns the round's record with ``added``, ``unchanged`` and
     ``replaced`` counts. Raises DataError listing every refused row and its fix; nothing is recorded then.
@@ -63,7 +66,17 @@ def import_labels(run: str | Path | Run, file: str | Path, labels: str | Path, *
 
     run = run if isinstance(run, Run) else load_run(run)
     file = Path(file)
-    rows = _rows(file, "mask" if run.task.dense else "label")
+    column = column or ("mask" if run.task.dense else "label")
+    built: dict[int, Any] = {}
+    if run.task.dense and file.suffix.lower() == ".json":  # a COCO file: its images and their shapes
+        from lepton.label.shapes import read_coco
+
+        rows = []
+        for n, (image_id, name, _, build) in enumerate(read_coco(file, run.label_names), start=1):
+            rows.append((n, {"path": name, "case": name, column: f"{file}#image {image_id}"}))
+            built[n] = build
+    else:
+        rows = _rows(file, column)
     known = open_labels(labels)
     _, data = labelled_set(run, None)
     hashes = [pixel_hash(image) for image in data.images]
@@ -80,9 +93,10 @@ def import_labels(run: str | Path | Run, file: str | Path, labels: str | Path, *
             continue
         digest = pixel_hash(pixels)
         if run.task.dense:
-            label, problem = _check_mask(row["mask"], file.parent, pixels, affine, run.label_names, where)
+            label, problem = _check_mask(row[column], file.parent, pixels, affine, run.label_names, where,
+                                         built.get(line))
         else:
-            label = row["label"]
+            label = row[column]
             problem = None if label in run.label_names else (
                 f"{where}: label {label!r} is not one of the run's labels ({', '.join(run.label_names)}); "
                 "correct the label column")
@@ -126,14 +140,21 @@ def _rows(file: Path, column: str) -> list[tuple[int, dict[str, str]]]:
 
 
 def _check_mask(text: str, base: Path, pixels: np.ndarray, affine: np.ndarray | None, names: list[str],
-                where: str) -> tuple[str, str | None]:
-    """A mask's identity (its content hash) or the reason it is refused."""
+                where: str, build=None) -> tuple[str, str | None]:
+    """A mask's identity (its content hash) or the reason it is refused. ``build``: a COCO image's shapes, drawn onto
+    the image's grid; a ``.geojson`` file's polygons are drawn the same way."""
     from lepton.data.masks import check_geometry, read_mask
 
     path = Path(text) if Path(text).is_absolute() else base / text
     try:
-        mask, mask_affine = read_mask(path)
-        check_geometry(pixels, affine, mask, mask_affine, str(path))
+        if build is not None or path.suffix.lower() == ".geojson":
+            from lepton.label.shapes import read_geojson
+
+            grid = tuple(pixels.shape[1:])
+            mask = build(grid) if build is not None else read_geojson(path, grid, names)
+        else:
+            mask, mask_affine = read_mask(path)
+            check_geometry(pixels, affine, mask, mask_affine, str(path))
     except DataError as exc:
         return "", f"{where}: {exc}"
     values = sorted(int(v) for v in np.unique(mask))

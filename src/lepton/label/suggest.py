@@ -9,13 +9,16 @@ folder are never proposed.
 
 Pre-annotations: for classifiers ``suggestions.csv`` with the predicted class in its ``label`` column (annotators
 correct that column); for segmentation a label map per case in ``preannotations/`` (NIfTI for volumes, PNG for 2-D
-images, and a DICOM SEG beside it when the case is a DICOM series folder), named in the CSV's ``mask`` column.
+images, and a DICOM SEG beside it when the case is a DICOM series folder), named in the CSV's ``mask`` column. 2-D
+cases also get their shapes as a GeoJSON file each (QuPath; the CSV's ``geojson`` column) and together as one COCO
+JSON file, ``preannotations.coco.json`` (``lepton.label.shapes``).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +211,8 @@ def _suggest_dense(run: Run, pool: UnlabelledSet, known: set[str], n: int, strat
         scored = [scored[k] for k in rng.permutation(len(scored))]
     else:
         scored.sort(key=lambda t: -t[1])
-    rows = []
+    rows, flat = [], []
+    shapes_ok = _shapes_available()
     for rank, (i, score) in enumerate(scored[:n], start=1):
         pixels, affine = pool.read(i)
         labels = run.segment(pixels, affine).argmax(0).astype(np.uint8)
@@ -216,13 +220,35 @@ def _suggest_dense(run: Run, pool: UnlabelledSet, known: set[str], n: int, strat
         mask = write_label_map(labels, affine, out / "preannotations" / f"{rank:04d}_{stem}_seg")
         row = {"rank": rank, "case": pool.names[i], "path": _where(pool, i), "score": round(score, 6),
                "mask": str(mask.resolve())}
+        if labels.ndim == 2 and shapes_ok:  # shapes for the 2-D tools: QuPath's GeoJSON per case, one COCO file
+            from lepton.label.shapes import geojson_document
+
+            path = out / "preannotations" / f"{rank:04d}_{stem}_seg.geojson"
+            atomic_write_json(path, geojson_document(labels, run.label_names))
+            row["geojson"] = str(path.resolve())
+            flat.append((row["path"], labels))
         if dicom_seg and pool.paths and pool.paths[i].is_dir():
             from lepton.data.dicomseg import write_seg
 
             row["dicom_seg"] = str(write_seg(labels, affine, pool.paths[i], run.label_names,
                                              out / "preannotations" / f"{rank:04d}_{stem}_seg.dcm"))
         rows.append(row)
+    if flat:
+        from lepton.label.shapes import coco_document
+
+        atomic_write_json(out / "preannotations.coco.json", coco_document(flat, run.label_names))
     return rows, excluded
+
+
+def _shapes_available() -> bool:
+    """Whether COCO/GeoJSON shapes can be traced (scikit-image, the ``label`` extra); warns once when not."""
+    import importlib.util
+
+    if importlib.util.find_spec("skimage") is not None:
+        return True
+    logging.getLogger("lepton.label").warning("COCO and GeoJSON pre-annotations need scikit-image (pip install "
+                                              "'lepton[label]'); writing label maps only")
+    return False
 
 
 def write_label_map(labels: np.ndarray, affine: np.ndarray | None, stem: Path) -> Path:
