@@ -21,7 +21,8 @@ def plan():
 
 
 @pytest.mark.parametrize(("container", "compression"), [("tiff", "jpeg"), ("tiff", "deflate"), ("ome-tiff", "jpeg"),
-                                                         ("svs", "jpeg"), ("dicom", "jpeg"), ("dicom", "deflate")])
+                                                         ("svs", "jpeg"), ("ndpi", "jpeg"), ("dicom", "jpeg"),
+                                                         ("dicom", "deflate")])
 def test_generated_slides_open_in_every_container(tmp_path, plan, container, compression):
     path = write_slide(tmp_path / f"s.{container}", plan, container=container, compression=compression, tile=128)
     with open_slide(path) as slide:
@@ -29,8 +30,8 @@ def test_generated_slides_open_in_every_container(tmp_path, plan, container, com
         assert slide.mpp == pytest.approx(0.5) and slide.mpp_source == "file"
         assert len(slide.levels) == 2 and slide.levels[1].downsample == pytest.approx(4, rel=0.01)
         assert slide.levels[1].mpp == pytest.approx(2.0, rel=0.01)
-        if container in ("svs", "dicom"):
-            assert slide.magnification == 20
+        if container in ("svs", "ndpi", "dicom"):
+            assert slide.magnification == 20 and slide.container == container
         region = slide.read(0, 600, 500, 200, 150)
         truth = render(plan, 1, 600, 500, 200, 150).astype(float)
         tolerance = 0.5 if compression == "deflate" else 12  # lossless, or JPEG's error
@@ -39,8 +40,30 @@ def test_generated_slides_open_in_every_container(tmp_path, plan, container, com
         assert outside[-1, -1].tolist() == [255, 255, 255]
 
 
+def test_an_ndpi_slide_has_the_hamamatsu_layout(tmp_path, plan):
+    """The NDPI extension (64-bit next-IFD offsets, high bits after the entries), one JPEG strip per level cut into
+    tiles by its McuStarts, and the Hamamatsu tags — read by tifffile as an NDPI pyramid, by tiffslide as
+    Hamamatsu's."""
+    import tifffile
+    from tiffslide import TiffSlide
+
+    path = write_slide(tmp_path / "s.ndpi", plan, container="ndpi")
+    raw = path.read_bytes()
+    assert raw[:4] == b"II*\0" and int.from_bytes(raw[4:12], "little") < len(raw)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ndpi and tif.tiff.is_ndpi and tif.series[0].kind == "ndpi" and tif.series[0].is_pyramidal
+        page = tif.pages[0]
+        assert page.compression == 7 and len(page.tags["StripOffsets"].value) == 1
+        assert page.tags[65420].value == 1 and page.tags[65421].value == 20.0 and page.tags["Make"].value == "Hamamatsu"
+        assert (page.tilelength, page.tilewidth) == (8, 256) and len(page.dataoffsets) == len(page.tags[65426].value)
+    with TiffSlide(path) as ts:
+        assert ts.properties["tiffslide.vendor"] == "hamamatsu" and ts.level_count == 2
+    with pytest.raises(DataError, match="JPEG-compressed"):
+        write_slide(tmp_path / "d.ndpi", plan, container="ndpi", compression="deflate")
+
+
 def test_a_slide_without_resolution_is_refused_unless_given(tmp_path, plan):
-    for container in ("svs", "dicom", "tiff"):
+    for container in ("svs", "ndpi", "dicom", "tiff"):
         path = write_slide(tmp_path / f"nores.{container}", plan, container=container, resolution=False, tile=128)
         with pytest.raises(DataError, match=r"no microns per pixel.*--mpp"):
             open_slide(path)

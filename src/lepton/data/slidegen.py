@@ -21,9 +21,9 @@ import numpy as np
 
 from lepton.errors import DataError
 
-CONTAINERS = ("tiff", "ome-tiff", "svs", "dicom")
+CONTAINERS = ("tiff", "ome-tiff", "svs", "ndpi", "dicom")
 COMPRESSIONS = {"jpeg": "jpeg", "deflate": "zlib"}
-SUFFIX = {"tiff": ".tiff", "ome-tiff": ".ome.tiff", "svs": ".svs", "dicom": ".dcm"}
+SUFFIX = {"tiff": ".tiff", "ome-tiff": ".ome.tiff", "svs": ".svs", "ndpi": ".ndpi", "dicom": ".dcm"}
 #: Texture tiles are this many level-0 pixels a side, and repeat.
 TEXTURE = 512
 #: Coarse fields are sampled on every STEP-th output pixel and repeated (edges stay smooth at that scale).
@@ -195,8 +195,8 @@ def _tiles(plan: SlidePlan, ds: int, tile: int) -> Iterator[np.ndarray]:
 
 def write_slide(path: str | Path, plan: SlidePlan, *, container: str = "tiff", compression: str = "jpeg",
                 tile: int = 256, resolution: bool = True, quality: int = 85) -> Path:
-    """Write ``plan`` as a tiled pyramid in ``container`` (``tiff``, ``ome-tiff``, ``svs`` or ``dicom``) with JPEG
-    or deflate tiles; ``resolution=False`` leaves the µm/px out (a slide a reader must refuse)."""
+    """Write ``plan`` as a tiled pyramid in ``container`` (``tiff``, ``ome-tiff``, ``svs``, ``ndpi`` (JPEG only) or
+    ``dicom``) with JPEG or deflate tiles; ``resolution=False`` leaves the µm/px out (a slide a reader must refuse)."""
     if container not in CONTAINERS:
         raise DataError(f"container {container!r}: choose one of {', '.join(CONTAINERS)}")
     if compression not in COMPRESSIONS:
@@ -209,6 +209,13 @@ def write_slide(path: str | Path, plan: SlidePlan, *, container: str = "tiff", c
 
         return write_dicom_slide(path, plan, levels, tile=tile, compression=compression, quality=quality,
                                  resolution=resolution, render_tiles=_tiles)
+    if container == "ndpi":  # JPEG strips with restart markers, as Hamamatsu scanners write them
+        if compression != "jpeg":
+            raise DataError("an NDPI slide is JPEG-compressed: leave --compression at jpeg")
+        from lepton.data.slidendpi import write_ndpi_slide
+
+        return write_ndpi_slide(path, plan, levels, quality=quality, resolution=resolution,
+                                render_level=lambda p, ds, w, h: render(p, ds, 0, 0, w, h))
     _write_tiff(path, plan, levels, container, compression, tile, resolution, quality)
     return path
 

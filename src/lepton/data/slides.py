@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,11 @@ class _TiffHandle:
         self.slide = TiffSlide(path)
         self.kept: OrderedDict = OrderedDict()
         self.pages = []
+        with warnings.catch_warnings():  # tiffslide says on every NDPI that it reads a part of Hamamatsu's metadata
+            warnings.filterwarnings("ignore", message="hamamatsu-format metadata", category=UserWarning)
+            props = self.slide.properties
         try:
-            series = self.slide.ts_tifffile.series[int(self.slide.properties.get("tiffslide.series-index") or 0)]
+            series = self.slide.ts_tifffile.series[int(props.get("tiffslide.series-index") or 0)]
             for lv in series.levels:
                 page = lv.keyframe if len(lv.pages) == 1 else None
                 direct = (page is not None and page.is_tiled and series.axes == "YXS" and page.samplesperpixel in (3, 4)
@@ -181,10 +185,11 @@ class _TiffHandle:
         if not count:  # a tile the scanner never wrote: glass
             tile = np.full((page.tilelength, page.tilewidth, 3), BACKGROUND, np.uint8)
         else:
-            decode, tables = page.decode, page.jpegtables  # first use reads tags: before the seek, not between
+            # first use reads tags: before the seek, not between; an NDPI strip's tiles share its JPEG header
+            decode, tables, header = page.decode, page.jpegtables, getattr(page, "jpegheader", None)
             fh = page.parent.filehandle
             fh.seek(page.dataoffsets[index])
-            data, _, _ = decode(fh.read(count), index, jpegtables=tables)
+            data, _, _ = decode(fh.read(count), index, jpegtables=tables, jpegheader=header)
             tile = data.reshape(page.tilelength, page.tilewidth, -1)[..., :3]
         self.kept[key] = tile
         if len(self.kept) > self.KEEP:
@@ -333,6 +338,8 @@ def _tiff_kind(path: Path, props: Any) -> str:
         return "qptiff"
     if props.get("tiffslide.vendor") == "aperio":
         return "svs"
+    if props.get("tiffslide.vendor") == "hamamatsu":
+        return "ndpi"
     if path.name.lower().endswith((".ome.tif", ".ome.tiff")):
         return "ome-tiff"
     return "tiff"
