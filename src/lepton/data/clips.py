@@ -1,5 +1,5 @@
-"""Labelled clips: a CSV manifest of sequences (multi-frame DICOM, frame folders, still images as one-frame clips)
-with a class or a value per clip and, optionally, clinical covariates from its other columns.
+"""Labelled clips: a CSV manifest of sequences (multi-frame DICOM, videos, frame folders, still images as one-frame
+clips) with a class or a value per clip and, optionally, clinical covariates from its other columns.
 
 Each clip is read at a fixed frame rate and length (``lepton.data.sequence``: only those frames are decoded) and each
 frame resized to the network's square size when read, so memory holds (C, T, S, S) per clip and no more.
@@ -94,8 +94,10 @@ def read_clip(path: Path, *, fps: float, length: int, size: int, mode: str = "un
 
     from lepton.data.io import read_image, sniff_format
     from lepton.data.sequence import read_sequence
+    from lepton.data.video import is_video
 
-    if path.is_dir() or path.suffix.lower() == ".hea" or (path.is_file() and sniff_format(path) == "dicom"):
+    if path.is_dir() or path.suffix.lower() == ".hea" or (path.is_file() and (
+            is_video(path) or sniff_format(path) == "dicom")):
         clip = read_sequence(path, fps=fps, length=length, mode=mode, rng=rng)
         if clip.frames.ndim != 4:
             raise DataError(f"{path}: a signal record, not frames; read it with lepton.data.sequence.read_wfdb")
@@ -112,23 +114,53 @@ def read_clip(path: Path, *, fps: float, length: int, size: int, mode: str = "un
     return x.permute(1, 0, 2, 3).contiguous().numpy(), modality, patient
 
 
+def _video_folder_rows(root: Path, target: str, covariates: CovariateSchema | None
+                       ) -> tuple[list[str], list[dict[str, str]]]:
+    """Class folders of videos (``root/CLASS/*.mp4``, or ``root/SPLIT/CLASS/…``) as manifest rows."""
+    from lepton.data.video import VIDEO_SUFFIXES
+
+    if target != "class" or covariates is not None:
+        raise DataError(f"{root}: class folders of videos give a class per clip and no covariates; for values or "
+                        "covariates list the clips in a manifest.csv (path,label,…)")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_layout = bool(subdirs) and {p.name for p in subdirs} <= set(SPLITS)
+    rows = []
+    for base in subdirs if split_layout else [root]:
+        for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for file in sorted(folder.iterdir()):
+                if file.is_file() and file.suffix.lower() in VIDEO_SUFFIXES:
+                    rows.append({"path": str(file), "label": folder.name,
+                                 "split": base.name if split_layout else ""})
+    if not rows:
+        raise DataError(f"{root}: no manifest.csv and no class folders of videos "
+                        f"({', '.join(VIDEO_SUFFIXES)}) to read clips from")
+    if len(rows) > MAX_ROWS:
+        raise DataError(f"{root}: more than {MAX_ROWS} videos")
+    return ["path", "label", "split"], rows
+
+
 def load_clips(source: str | Path, *, fps: float, length: int, size: int, target: str = "class",
                covariates: CovariateSchema | None = None, skip_bad: bool = False) -> ClipSet:
     """The clips a CSV manifest lists (``path,label[,patient_id][,split]`` and covariate columns; a folder holding
-    ``manifest.csv`` names that file). ``target``: ``class`` (labels are class names) or ``value`` (labels are
+    ``manifest.csv`` names that file), or class folders of videos (``root/CLASS/*.mp4``, optionally under
+    ``train/``, ``val/``, ``test/``). ``target``: ``class`` (labels are class names) or ``value`` (labels are
     numbers: a regression target)."""
     from rich.progress import Progress
 
     from lepton.data.dataset import report_bad
 
     path = Path(source)
-    if path.is_dir():
-        path = path / "manifest.csv"
-    if not path.is_file():
-        raise DataError(f"{source}: no clip manifest (a CSV file, or a folder holding manifest.csv)")
     if target not in ("class", "value"):
         raise DataError(f"target={target!r} is not one of class, value")
-    header, rows = read_rows(path, MAX_ROWS)
+    if path.is_dir() and not (path / "manifest.csv").is_file():
+        header, rows = _video_folder_rows(path, target, covariates)
+        path = path / "manifest.csv"  # relative paths below are taken from here: the folder itself
+    else:
+        path = path / "manifest.csv" if path.is_dir() else path
+        if not path.is_file():
+            raise DataError(f"{source}: no clip manifest (a CSV file, a folder holding manifest.csv, or class "
+                            "folders of videos)")
+        header, rows = read_rows(path, MAX_ROWS)
     missing = {"path", "label"} - set(header)
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}; the header must be "

@@ -29,6 +29,8 @@ METADATA_FILES = ("dataset.json", "labels.json")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".qptiff", ".svslide")
 #: Column sets of a box-annotation manifest.
 BOX_COLUMNS = ({"x0", "y0", "x1", "y1"}, {"xmin", "ymin", "xmax", "ymax"})
+#: A manifest whose first this-many paths are all videos or signal records is a clip manifest (the sequence task's).
+CLIP_SAMPLE = 20
 #: At most this many files are listed per folder while looking (the readers list them all later).
 SCAN_LIMIT = 100_000
 #: A label map holds whole numbers and at most this many distinct values.
@@ -95,14 +97,25 @@ def _npz(path: Path) -> Layout:
 
 
 def _manifest(path: Path) -> Layout:
+    paths: list[str] = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             header = [h.strip().lower() for h in next(reader, [])]
-            rows = sum(1 for row in reader if any(cell.strip() for cell in row))
+            at = header.index("path") if "path" in header else None
+            rows = 0
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    rows += 1
+                    if at is not None and len(paths) < CLIP_SAMPLE and at < len(row):
+                        paths.append(row[at].strip())
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: not a readable UTF-8 CSV file ({exc})") from exc
     columns = set(header)
+    kinds = _clip_kinds(paths)
+    if "label" in columns and kinds:
+        return Layout("clip-manifest", "sequence", f"a CSV manifest of {' and '.join(kinds)} with a label column, "
+                      f"{rows} clips", cases=rows)
     if "mask" in columns:
         return Layout("mask-manifest", "segmentation", f"a CSV manifest with a mask column, {rows} cases", cases=rows)
     if any(box <= columns for box in BOX_COLUMNS):
@@ -112,6 +125,22 @@ def _manifest(path: Path) -> Layout:
         return Layout("label-manifest", "classification", f"a CSV manifest with a label column, {rows} images",
                       cases=rows)
     return Layout("manifest", "classification", f"a CSV manifest ({', '.join(header) or 'no header'})", cases=rows)
+
+
+def _clip_kinds(paths: list[str]) -> list[str]:
+    """What a manifest's first paths name when they are all sequences by their endings: videos, signal records."""
+    from lepton.data.video import VIDEO_SUFFIXES
+
+    kinds = set()
+    for text in paths:
+        suffix = Path(text).suffix.lower()
+        if suffix in VIDEO_SUFFIXES:
+            kinds.add("videos")
+        elif suffix == ".hea":
+            kinds.add("WFDB signal records")
+        else:
+            return []
+    return sorted(kinds, reverse=True)
 
 
 def _json_file(path: Path) -> Layout:
@@ -162,6 +191,10 @@ def _folder(root: Path) -> Layout:
 
     if (root / "dataset.json").is_file():
         return _decathlon(root)
+    if (root / "manifest.csv").is_file():
+        listed = _manifest(root / "manifest.csv")
+        if listed.name == "clip-manifest":
+            return listed
     names = {p.name for p in _subdirs(root)}
     image_dir = next((d for d in IMAGE_DIRS if d in names), None)
     mask_dir = next((d for d in MASK_DIRS if d in names), None)
@@ -188,9 +221,20 @@ def _folder(root: Path) -> Layout:
     _refuse_traps(root, classes)
     counts = {name: sum(len(_stems(f)) for f in folders) for name, folders in classes.items()}
     where = f"{'/'.join(sorted(names))} split folders of " if split_layout else ""
+    if _all_videos(classes):
+        return Layout("video-folders", "sequence", f"{where}class folders of videos, {sum(counts.values())} "
+                      f"videos, classes {', '.join(sorted(classes))}", sorted(classes), sum(counts.values()))
     return Layout("class-folders", "classification",
                   f"{where}class folders, {sum(counts.values())} images, classes {', '.join(sorted(classes))}",
                   sorted(classes), sum(counts.values()))
+
+
+def _all_videos(classes: dict[str, list[Path]]) -> bool:
+    """Whether every class folder's files (the first few of each) are video files."""
+    from lepton.data.video import VIDEO_SUFFIXES
+
+    files = [p for folders in classes.values() for f in folders for p in list(_stems(f).values())[:CLIP_SAMPLE]]
+    return bool(files) and all(p.suffix.lower() in VIDEO_SUFFIXES for p in files)
 
 
 def _decathlon(root: Path) -> Layout:

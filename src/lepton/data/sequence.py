@@ -1,5 +1,5 @@
-"""Sequences: multi-frame DICOM (ultrasound cine, XA, cine MR), folders of frames and WFDB signal records as clips
-with frame timing, and the sampling of a clip at a fixed frame rate and length.
+"""Sequences: multi-frame DICOM (ultrasound cine, XA, cine MR), video files, folders of frames and WFDB signal records
+as clips with frame timing, and the sampling of a clip at a fixed frame rate and length.
 
 A ``Clip`` holds frames (T, C, H, W) in [0, 1] — or, for a physiological signal, samples (T, C) in physical units —
 with the time of each frame in seconds. Frame timing is read from the DICOM header (FrameTime, FrameTimeVector,
@@ -269,6 +269,26 @@ def read_frame_folder(folder: str | Path, *, source_fps: float | None = None, fp
     return Clip(frames, out_times, folder.name, "OT", "source_fps" if source_fps is not None else "assumed")
 
 
+# -- video files ----------------------------------------------------------------------------------------------------
+def read_video(path: str | Path, *, fps: float | None = None, length: int | None = None, mode: str = "uniform",
+               max_frames: int = MAX_FRAMES, max_pixels: int = MAX_PIXELS,
+               rng: np.random.Generator | None = None) -> Clip:
+    """A video file (MP4, AVI, MOV, MKV, WebM; ``lepton.data.video``) as a clip timed by its frames' presentation
+    timestamps; with ``fps`` and ``length`` sampled as ``read_dicom_sequence`` samples, only the kept frames
+    converted. Frames are RGB unless the stream stores grey. Header limits are checked before decoding."""
+    from lepton.data.video import decode_video, probe_video
+
+    path = Path(path)
+    info = probe_video(path, max_frames=max_frames, max_pixels=max_pixels)
+    if not FPS_RANGE[0] <= info.fps <= FPS_RANGE[1]:
+        raise DataError(f"{path}: the video declares {info.fps:g} frames per second, outside {FPS_RANGE[0]:g}-"
+                        f"{FPS_RANGE[1]:g}: bad frame timing")
+    wanted = sample_times(info.duration, fps, length, mode, rng) if fps is not None and length is not None else None
+    stack, times = decode_video(path, wanted, max_frames=max_frames, max_pixels=max_pixels)
+    frames = (stack.astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
+    return Clip(np.ascontiguousarray(frames), times, path.name, "OT", "pts")
+
+
 # -- physiological signals (WFDB) ------------------------------------------------------------------------------------
 def read_wfdb(record: str | Path, *, channels: list[str] | None = None, start: int = 0,
               stop: int | None = None) -> Clip:
@@ -329,8 +349,8 @@ def _fill_gaps(signal: np.ndarray) -> np.ndarray:
 def read_sequence(path: str | Path, *, fps: float | None = None, length: int | None = None,
                   mode: str = "uniform", crop_region: bool = True, max_frames: int = MAX_FRAMES,
                   source_fps: float | None = None, rng: np.random.Generator | None = None) -> Clip:
-    """Any sequence source as a clip: a folder of frames (taken at ``source_fps``), a WFDB record (``.hea``) or a
-    (multi-frame) DICOM file.
+    """Any sequence source as a clip: a folder of frames (taken at ``source_fps``), a WFDB record (``.hea``), a video
+    file (MP4, AVI, …) or a (multi-frame) DICOM file.
 
     With ``fps`` and ``length`` the result holds exactly ``length`` frames at ``fps`` (only those decoded)."""
     path = Path(path)
@@ -342,5 +362,9 @@ def read_sequence(path: str | Path, *, fps: float | None = None, length: int | N
     if path.suffix.lower() == ".hea":
         clip = read_wfdb(path)
         return resample(clip, fps, length, mode, rng) if fps and length else clip
+    from lepton.data.video import is_video
+
+    if is_video(path):
+        return read_video(path, fps=fps, length=length, mode=mode, max_frames=max_frames, rng=rng)
     return read_dicom_sequence(path, fps=fps, length=length, mode=mode, crop_region=crop_region,
                                max_frames=max_frames, rng=rng)

@@ -55,6 +55,9 @@ class Sequence(Task):
     value; MAE, RMSE, R² with bootstrap CIs); covariates fused in the network (``lepton.models.sequence``)."""
 
     name = "sequence"
+    #: Manifests of videos or signal records and class folders of videos pick this task; a manifest of other files
+    #: (multi-frame DICOM, frame folders) is read as clips when ``--task sequence`` says so.
+    layouts = ("clip-manifest", "video-folders", "label-manifest", "manifest")
     #: The networks this task trains: the ``seq_*`` frame networks and ``r2plus1d`` (registered as "sequence").
     network_kind = "sequence"
 
