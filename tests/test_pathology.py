@@ -62,6 +62,26 @@ def test_an_ndpi_slide_has_the_hamamatsu_layout(tmp_path, plan):
         write_slide(tmp_path / "d.ndpi", plan, container="ndpi", compression="deflate")
 
 
+def test_openslide_reads_the_generated_ndpi_as_tiffslide_does_and_refuses_a_broken_mirax(tmp_path, plan,
+                                                                                          monkeypatch):
+    import sys
+
+    pytest.importorskip("openslide", reason="the openslide extra (a dev dependency)")
+    path = write_slide(tmp_path / "s.ndpi", plan, container="ndpi")
+    with open_slide(path) as tiff, open_slide(path, backend="openslide") as osl:
+        assert osl.container == "ndpi" and osl.vendor == "hamamatsu" and osl.magnification == 20
+        assert osl.dimensions == tiff.dimensions and osl.mpp == pytest.approx(tiff.mpp)
+        diff = np.abs(osl.read(0, 600, 500, 200, 150).astype(int) - tiff.read(0, 600, 500, 200, 150).astype(int))
+        assert diff.mean() < 2  # one JPEG stream, two decoders
+    mirax = tmp_path / "slide.mrxs"
+    mirax.write_text("[GENERAL]\n")
+    with pytest.raises(DataError, match="OpenSlide cannot open it"):
+        open_slide(mirax)
+    monkeypatch.setitem(sys.modules, "openslide", None)  # the extra not installed
+    with pytest.raises(DataError, match=r"needs OpenSlide: pip install 'lepton\[openslide\]'"):
+        open_slide(mirax)
+
+
 def test_a_slide_without_resolution_is_refused_unless_given(tmp_path, plan):
     for container in ("svs", "ndpi", "dicom", "tiff"):
         path = write_slide(tmp_path / f"nores.{container}", plan, container=container, resolution=False, tile=128)

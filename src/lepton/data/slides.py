@@ -282,21 +282,49 @@ def _is_dicom(path: Path) -> bool:
         return fh.read(4) == b"DICM"
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None, max_pixels: int | None = None) -> Slide:
-    """Open a whole-slide image (pyramidal TIFF, SVS, OME-TIFF, QPTIFF or a DICOM VL WSI file or folder).
+def open_slide(path: str | Path, *, mpp: float | None = None, max_pixels: int | None = None,
+               backend: str = "auto") -> Slide:
+    """Open a whole-slide image (pyramidal TIFF, SVS, OME-TIFF, QPTIFF, NDPI or a DICOM VL WSI file or folder; MIRAX
+    and the other formats only OpenSlide reads when its wheels are installed).
 
     ``mpp`` overrides, or supplies when the file has none, level 0's µm/px. ``max_pixels`` (default
-    ``max_slide_pixels()``) bounds the declared level-0 size. Raises DataError, with the fix, for a missing file, a file
-    that is not a slide, a slide without resolution, or a declared size over the limit.
+    ``max_slide_pixels()``) bounds the declared level-0 size. ``backend="openslide"`` reads a file through OpenSlide
+    instead of tiffslide. Raises DataError, with the fix, for a missing file, a file that is not a slide, a slide
+    without resolution, or a declared size over the limit.
     """
+    from lepton.data.slideopenslide import OPENSLIDE_SUFFIXES
+
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    if backend not in ("auto", "openslide"):
+        raise DataError(f"slide backend {backend!r}: auto or openslide")
     if mpp is not None:
         _check_mpp(path, mpp, " given")
+    if backend == "openslide" or path.suffix.lower() in OPENSLIDE_SUFFIXES:
+        return _open_openslide(path, mpp, max_pixels)
     if path.is_dir() or _is_dicom(path):
         return _open_dicom(path, mpp, max_pixels)
     return _open_tiff(path, mpp, max_pixels)
+
+
+def _open_openslide(path: Path, mpp: float | None, max_pixels: int | None) -> Slide:
+    from lepton.data.slideopenslide import OpenSlideHandle
+
+    handle = OpenSlideHandle(path)
+    try:
+        props = handle.properties
+        _check_size(path, *handle.dimensions[0], max_pixels)
+        found = props.get("openslide.mpp-x")
+        level0 = mpp if mpp is not None else _check_mpp(path, float(found) if found else None, "")
+        levels = [Level(w, h, d, level0 * d) for (w, h), d in zip(handle.dimensions, handle.downsamples, strict=True)]
+        power = props.get("openslide.objective-power")
+        vendor = props.get("openslide.vendor")
+        container = {"mirax": "mrxs", "hamamatsu": "ndpi", "aperio": "svs"}.get(vendor or "", vendor or "openslide")
+        return Slide(path, container, levels, level0, "user" if mpp is not None else "file",
+                     float(power) if power else None, vendor, "RGB", lambda: OpenSlideHandle(path))
+    finally:
+        handle.close()
 
 
 def _open_tiff(path: Path, mpp: float | None, max_pixels: int | None) -> Slide:
