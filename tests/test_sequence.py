@@ -104,6 +104,35 @@ def test_scan_region_crops_the_burned_in_strip(tmp_path):
     assert clip.frames.max() < 1.0  # the strip is gone
 
 
+def test_several_regions_masked_overlays_masked_and_burned_in_reported(tmp_path):
+    """Two side-by-side 2-D regions with text between and above them: cropped to the box around both, the text
+    between zeroed; a graphics overlay plane's pixels zeroed; BurnedInAnnotation YES reported by inspection."""
+    from lepton.tasks import get_task
+
+    frames = np.full((3, 20, 40), 100, np.uint8)
+    frames[:, :4, :] = 255  # text above both regions: cropped away
+    frames[:, 8:12, 18:22] = 255  # text between the regions: inside the box, masked
+    overlay = np.zeros((20, 40), bool)
+    overlay[15, 5:10] = True  # a caliper drawn as a graphics overlay inside the left region
+    path = write_cine(tmp_path / "dual.dcm", frames, frame_time_ms=40, regions=[(0, 4, 17, 19), (22, 4, 39, 19)],
+                      overlay=overlay, burned_in="YES")
+    clip = read_sequence(path)
+    assert clip.region == (0, 4, 39, 19) and clip.frames.shape == (3, 1, 16, 40)
+    assert clip.frames[:, 0, 4:8, 18:22].max() == 0  # between the regions (rows 8-11 → 4-7 after the crop)
+    assert clip.frames[:, 0, 11, 5:10].max() == 0  # the overlay (row 15 → 11)
+    assert clip.frames[:, 0, 11, 10:17].min() > 0 and clip.frames[:, 0, 0, 25:].min() > 0  # the image stays
+    assert any("outside the 2 scan regions" in m for m in clip.masked) and any("6000" in m for m in clip.masked)
+    plain = read_sequence(path, mask_annotations=False)
+    assert plain.frames[:, 0, 4:8, 18:22].min() > 0 and plain.masked == ()
+    manifest = tmp_path / "clips.csv"
+    write_cine(tmp_path / "other.dcm", frames, frame_time_ms=40, region=(0, 4, 39, 19), burned_in="NO")
+    manifest.write_text("path,label\ndual.dcm,a\nother.dcm,b\n")
+    report = get_task("sequence", {"fps": 10, "frames": 2, "size": 16}).inspect(str(manifest), window=None,
+                                                                                 slices="middle")["annotations"]
+    assert report["burned_in_yes"] == 1 and report["burned_in_files"] == [str(path)]
+    assert report["several_regions_masked"] == 1 and report["overlays_masked"] == 1 and "warning" in report
+
+
 def test_frame_folder_and_wfdb_signal(tmp_path):
     from PIL import Image
 

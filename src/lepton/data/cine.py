@@ -22,15 +22,19 @@ ULTRASOUND_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 def write_cine(path: str | Path, frames: np.ndarray, *, frame_time_ms: float | None = None,
                frame_time_vector: list[float] | None = None, cine_rate: float | None = None,
                region: tuple[int, int, int, int] | None = None, patient_id: str = "PHANTOM",
-               modality: str = "US", number_of_frames: int | None = None) -> Path:
+               modality: str = "US", number_of_frames: int | None = None,
+               regions: list[tuple[int, int, int, int]] | None = None, overlay: np.ndarray | None = None,
+               burned_in: str | None = None) -> Path:
     """Write grey frames (T, H, W) uint8 as one multi-frame DICOM file (explicit VR little endian), atomically, with
     the frame timing given (FrameTime in ms, FrameTimeVector in ms, or CineRate in frames per second; none: a file
-    without timing) and an ultrasound scan region (x0, y0, x1, y1) when given. ``number_of_frames`` overrides the
-    header's count (to write a deliberately broken file)."""
+    without timing) and an ultrasound scan region (x0, y0, x1, y1) — or several, ``regions`` — when given.
+    ``overlay`` (H, W) bool is written as graphics overlay plane 6000, ``burned_in`` as BurnedInAnnotation (YES/NO).
+    ``number_of_frames`` overrides the header's count (to write a deliberately broken file)."""
     import io
 
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import pack_bits
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     frames = np.ascontiguousarray(frames, np.uint8)
@@ -55,14 +59,28 @@ def write_cine(path: str | Path, frames: np.ndarray, *, frame_time_ms: float | N
         ds.FrameIncrementPointer = pydicom.tag.Tag("FrameTimeVector")
     elif cine_rate is not None:
         ds.CineRate = round(cine_rate)
-    if region is not None:
+    items = []
+    for box in ([region] if region is not None else []) + list(regions or []):
         item = Dataset()
         item.RegionSpatialFormat, item.RegionDataType, item.RegionFlags = 1, 1, 0
-        item.RegionLocationMinX0, item.RegionLocationMinY0 = int(region[0]), int(region[1])
-        item.RegionLocationMaxX1, item.RegionLocationMaxY1 = int(region[2]), int(region[3])
+        item.RegionLocationMinX0, item.RegionLocationMinY0 = int(box[0]), int(box[1])
+        item.RegionLocationMaxX1, item.RegionLocationMaxY1 = int(box[2]), int(box[3])
         item.PhysicalUnitsXDirection = item.PhysicalUnitsYDirection = 3  # cm
         item.PhysicalDeltaX = item.PhysicalDeltaY = 0.05
-        ds.SequenceOfUltrasoundRegions = [item]
+        items.append(item)
+    if items:
+        ds.SequenceOfUltrasoundRegions = items
+    if burned_in is not None:
+        ds.BurnedInAnnotation = burned_in
+    if overlay is not None:
+        plane = np.asarray(overlay, bool)
+        ds.add_new(0x60000010, "US", plane.shape[0])  # OverlayRows
+        ds.add_new(0x60000011, "US", plane.shape[1])  # OverlayColumns
+        ds.add_new(0x60000040, "CS", "G")  # OverlayType: graphics
+        ds.add_new(0x60000050, "SS", [1, 1])  # OverlayOrigin (row, column), 1-based
+        ds.add_new(0x60000100, "US", 1)  # OverlayBitsAllocated
+        ds.add_new(0x60000102, "US", 0)  # OverlayBitPosition
+        ds.add_new(0x60003000, "OW", pack_bits(plane.ravel()))
     ds.PixelData = frames.tobytes()
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)

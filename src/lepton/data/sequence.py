@@ -6,8 +6,9 @@ with the time of each frame in seconds. Frame timing is read from the DICOM head
 CineRate, RecommendedDisplayFrameRate, in that order); a header without any is read at an assumed rate and says so
 (``Clip.timing``). ``sample_times``/``frame_indices`` choose which frames a network sees — at ``fps`` frames per second,
 ``length`` of them, from the clip's middle (``uniform``) or from a random start (``random``) — so only those frames
-are decoded. Ultrasound frames are cropped to the scan region of ``SequenceOfUltrasoundRegions``; YBR and palette
-colour become RGB. Patient identifiers are reduced to a pseudonym, never kept.
+are decoded. Ultrasound frames are cropped to the scan region of ``SequenceOfUltrasoundRegions`` and what the header
+locates as annotation is masked (``lepton.data.annotations``); YBR and palette colour become RGB. Patient identifiers
+are reduced to a pseudonym, never kept.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Clip:
     timing: str  # where the times come from: "FrameTime", "FrameTimeVector", "CineRate", …, "fps", "assumed"
     patient: str | None = None
     region: tuple[int, int, int, int] | None = None  # the scan region cropped to: (x0, y0, x1, y1), inclusive
+    masked: tuple[str, ...] = ()  # what was masked as annotation (pixels outside the regions, overlay planes)
 
     @property
     def fps(self) -> float:
@@ -135,7 +137,7 @@ def resample(clip: Clip, fps: float, length: int, mode: str = "uniform",
     wanted = sample_times(clip.duration, fps, length, mode, rng)
     idx = frame_indices(clip.times, wanted)
     return Clip(clip.frames[idx], wanted - wanted[0] if length > 1 else wanted * 0, clip.name, clip.modality,
-                clip.timing, clip.patient, clip.region)
+                clip.timing, clip.patient, clip.region, clip.masked)
 
 
 # -- DICOM --------------------------------------------------------------------------------------------------------
@@ -143,33 +145,29 @@ def scan_region(ds, rows: int, cols: int) -> tuple[int, int, int, int] | None:
     """The largest 2-D scan region of ``SequenceOfUltrasoundRegions`` as (x0, y0, x1, y1), inclusive and clipped to
     the image; None when the header has none. Regions of 2-D spatial format (tissue, colour flow) are preferred
     over spectral and waveform strips."""
-    regions = []
-    for item in ds.get("SequenceOfUltrasoundRegions", None) or []:
-        try:
-            x0, y0 = int(item.RegionLocationMinX0), int(item.RegionLocationMinY0)
-            x1, y1 = int(item.RegionLocationMaxX1), int(item.RegionLocationMaxY1)
-        except (AttributeError, TypeError, ValueError):
-            continue
-        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(cols - 1, x1), min(rows - 1, y1)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        planar = int(item.get("RegionSpatialFormat", 0) or 0) == 1
-        regions.append((planar, (x1 - x0 + 1) * (y1 - y0 + 1), (x0, y0, x1, y1)))
-    return max(regions)[2] if regions else None
+    from lepton.data.annotations import regions
+
+    found = regions(ds, rows, cols)
+    return max(found)[2] if found else None
 
 
 def read_dicom_sequence(path: str | Path, *, fps: float | None = None, length: int | None = None,
-                        mode: str = "uniform", crop_region: bool = True, max_frames: int = MAX_FRAMES,
-                        max_pixels: int = MAX_PIXELS, rng: np.random.Generator | None = None) -> Clip:
+                        mode: str = "uniform", crop_region: bool = True, mask_annotations: bool = True,
+                        max_frames: int = MAX_FRAMES, max_pixels: int = MAX_PIXELS,
+                        rng: np.random.Generator | None = None) -> Clip:
     """A multi-frame DICOM file as a clip (a single-frame file is a clip of one frame).
 
     With ``fps`` and ``length`` the clip is sampled first (``sample_times``) and only the frames it needs are decoded;
-    without them every frame is. ``crop_region`` crops ultrasound frames to their scan region. Bounded: more than
-    ``max_frames`` frames, or more than ``max_pixels`` decoded pixels, is a DataError.
+    without them every frame is. ``crop_region`` crops ultrasound frames to their scan region (several 2-D regions: to
+    the box around them); ``mask_annotations`` zeroes what the header locates as annotation inside the crop — pixels
+    outside every region, graphics overlay planes (``lepton.data.annotations``) — and overlay bits stored above
+    BitsStored. Bounded: more than ``max_frames`` frames, or more than ``max_pixels`` decoded pixels, is a DataError.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_rescale, iter_pixels
+
+    from lepton.data.annotations import crop_box, keep_mask
 
     path = Path(path)
     label = str(path)
@@ -197,8 +195,12 @@ def read_dicom_sequence(path: str | Path, *, fps: float | None = None, length: i
         out_times = wanted - wanted[0]
     else:
         chosen, out_times = np.arange(n_frames), times
-    region = scan_region(ds, rows, cols) if crop_region else None
+    region, inside = crop_box(ds, rows, cols) if crop_region else (None, [])
     x0, y0, x1, y1 = region or (0, 0, cols - 1, rows - 1)
+    keep, masked = keep_mask(ds, rows, cols, n_frames, (x0, y0, x1, y1), inside) if mask_annotations \
+        else (None, [])
+    bits, stored = int(ds.get("BitsAllocated", 8) or 8), int(ds.get("BitsStored", 0) or 0)
+    high_bits = mask_annotations and 0 < stored < bits and int(ds.get("PixelRepresentation", 0) or 0) == 0
     unique = np.unique(chosen)
     if len(unique) * (x1 - x0 + 1) * (y1 - y0 + 1) > max_pixels:
         raise DataError(f"{label}: {len(unique)} frame(s) of {y1 - y0 + 1}x{x1 - x0 + 1} is over the limit of "
@@ -208,6 +210,8 @@ def read_dicom_sequence(path: str | Path, *, fps: float | None = None, length: i
     decoded = {}
     try:
         for i, arr in zip(unique.tolist(), iter_pixels(path, indices=unique.tolist()), strict=True):
+            if high_bits and np.issubdtype(arr.dtype, np.unsignedinteger):
+                arr = arr & np.asarray((1 << stored) - 1, arr.dtype)  # retired overlays in the unused high bits
             if photometric == "PALETTE COLOR":
                 arr = apply_color_lut(arr, ds)
             elif samples == 1:
@@ -220,17 +224,23 @@ def read_dicom_sequence(path: str | Path, *, fps: float | None = None, length: i
         raise DataError(f"{label}: cannot decode the frames (transfer syntax {getattr(syntax, 'name', syntax)}): "
                         f"{exc}. Compressed DICOM needs a decoder plugin such as pylibjpeg") from exc
     stack = np.stack([decoded[i] for i in chosen.tolist()])
+    drop = None if keep is None else ~(keep[chosen] if keep.shape[0] > 1 else np.broadcast_to(keep, stack.shape[:3]))
     if stack.ndim == 3:  # (T, H, W) grey: one scale for the whole clip, so brightness changes over time survive
+        if drop is not None and drop.any() and not drop.all():  # masked pixels leave the scale alone
+            stack = np.where(drop, stack[~drop].min(), stack)
         frames = to_unit_range(stack.astype(np.float32) if stack.dtype != np.uint8 else stack)
         if photometric == "MONOCHROME1":
             frames = 1.0 - frames
         frames = frames[:, None]
     else:
-        bits = 16 if stack.dtype == np.uint16 else 8
-        frames = (stack.astype(np.float32) / float(2 ** bits - 1)).clip(0, 1).transpose(0, 3, 1, 2)
+        depth = 16 if stack.dtype == np.uint16 else 8
+        frames = (stack.astype(np.float32) / float(2 ** depth - 1)).clip(0, 1).transpose(0, 3, 1, 2)
+    if drop is not None:
+        frames = np.where(drop[:, None], np.float32(0), frames)
     patient = str(ds.get("PatientID", "") or "")
     return Clip(np.ascontiguousarray(frames, np.float32), np.asarray(out_times, np.float64), path.name,
-                str(ds.get("Modality", "OT") or "OT"), timing, pseudonymize(patient) if patient else None, region)
+                str(ds.get("Modality", "OT") or "OT"), timing, pseudonymize(patient) if patient else None, region,
+                tuple(masked))
 
 
 # -- frame folders ------------------------------------------------------------------------------------------------
@@ -347,7 +357,8 @@ def _fill_gaps(signal: np.ndarray) -> np.ndarray:
 
 
 def read_sequence(path: str | Path, *, fps: float | None = None, length: int | None = None,
-                  mode: str = "uniform", crop_region: bool = True, max_frames: int = MAX_FRAMES,
+                  mode: str = "uniform", crop_region: bool = True, mask_annotations: bool = True,
+                  max_frames: int = MAX_FRAMES,
                   source_fps: float | None = None, rng: np.random.Generator | None = None) -> Clip:
     """Any sequence source as a clip: a folder of frames (taken at ``source_fps``), a WFDB record (``.hea``), a video
     file (MP4, AVI, …) or a (multi-frame) DICOM file.
@@ -367,4 +378,4 @@ def read_sequence(path: str | Path, *, fps: float | None = None, length: int | N
     if is_video(path):
         return read_video(path, fps=fps, length=length, mode=mode, max_frames=max_frames, rng=rng)
     return read_dicom_sequence(path, fps=fps, length=length, mode=mode, crop_region=crop_region,
-                               max_frames=max_frames, rng=rng)
+                               mask_annotations=mask_annotations, max_frames=max_frames, rng=rng)

@@ -49,6 +49,36 @@ def sequence_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def annotation_summary(names: list[str]) -> dict[str, Any]:
+    """What the DICOM clips' headers say about burned-in annotations (``lepton.data.annotations``): how many declare
+    BurnedInAnnotation YES (listed: text may remain inside the scan region, where no header locates it), and how many
+    have several scan regions or overlay planes, which reading masks."""
+    import pydicom
+
+    from lepton.data.annotations import annotation_report
+    from lepton.data.io import sniff_format
+
+    yes, regions, overlays = [], 0, 0
+    for name in names:
+        path = Path(name)
+        if not path.is_file() or sniff_format(path) != "dicom":
+            continue
+        try:
+            report = annotation_report(pydicom.dcmread(path, stop_before_pixels=True))
+        except Exception:  # unreadable headers are reported by the reader itself
+            continue
+        yes += [name] if report["burned_in"] else []
+        regions += report["planar_regions"] > 1
+        overlays += bool(report["overlays"])
+    out: dict[str, Any] = {"burned_in_yes": len(yes), "several_regions_masked": regions,
+                           "overlays_masked": overlays}
+    if yes:
+        out["burned_in_files"] = yes[:20]
+        out["warning"] = (f"{len(yes)} clip(s) declare BurnedInAnnotation YES: text outside the scan regions is "
+                          "cropped or masked, text inside them is not located by the header and stays")
+    return out
+
+
 @register_task
 class Sequence(Task):
     """Clips (N, C, T, H, W) to a class (cross-entropy, as classification) or a value (Huber loss on the standardised
@@ -101,6 +131,7 @@ class Sequence(Task):
                              "max": float(data.values.max())}
         else:
             out["classes"] = {n: int((data.labels == i).sum()) for i, n in enumerate(data.label_names)}
+        out["annotations"] = annotation_summary(data.names)
         return out
 
     def input_size(self, train, config) -> tuple[int, ...]:
