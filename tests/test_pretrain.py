@@ -108,3 +108,44 @@ def test_nt_xent_is_monais_contrastive_loss():
     (g_ours,) = torch.autograd.grad(ours, a)
     (g_monai,) = torch.autograd.grad(ContrastiveLoss(temperature=0.2)(a, b), a)
     assert torch.allclose(g_ours, g_monai, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_registered_backbone_trains_by_name_and_is_refused_where_it_does_not_fit(pool, tmp_path):
+    from typer.testing import CliRunner
+
+    from lepton.cli import app
+    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.errors import RegistryError
+    from lepton.registry import Registry
+
+    out = tmp_path / "ssl"
+    backbone = pretrain(pool, out, method="masked", quiet=True, model="lepton_cnn_tiny", **{**OPTS, "epochs": 1})
+    reg = Registry.open(tmp_path / "reg")
+    v = reg.register_backbone(out, "ssl")
+    assert v.format == "backbone" and v.config["model"] == "lepton_cnn_tiny" and v.preprocessing["channels"] == 1
+    reg.promote("ssl", v.version, "production")
+    assert "A pretrained backbone" in reg.card("ssl@production")
+    path = reg.backbone_file("ssl@production")
+    assert path.read_bytes() == backbone.read_bytes()  # the very file, verified
+    model = create_model("lepton_cnn_tiny", in_channels=1, num_classes=2, image_size=16, pretrained=path)
+    state = torch.load(backbone, weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], w) for k, w in state.items())
+
+    data = write_synthetic_npz(tmp_path / "data.npz", n=48, size=16, seed=0)
+    common = ["train", str(data), "--registry", str(tmp_path / "reg"), "--epochs", "1", "--batch-size", "16",
+              "--threads", "1", "--output-dir", str(tmp_path / "runs"), "--quiet"]
+    done = CliRunner().invoke(app, [*common, "--model", "lepton_cnn_tiny", "--pretrained", "ssl@production",
+                                    "--name", "fits"])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "runs" / "fits" / "config.yaml").read_text().count(str(path)) == 1
+    refused = CliRunner().invoke(app, [*common, "--model", "resnet18", "--pretrained", "ssl@production",
+                                       "--name", "other"])
+    assert isinstance(refused.exception, ModelError)
+    assert str(refused.exception).startswith("the registered backbone ssl@production: ")
+    assert "train with --model lepton_cnn_tiny" in str(refused.exception)
+    missing = CliRunner().invoke(app, [*common, "--pretrained", "nosuch@1", "--name", "x"])
+    assert isinstance(missing.exception, RegistryError) and "nosuch" in str(missing.exception)
+    reg.register_run(tmp_path / "runs" / "fits", "classifier")
+    with pytest.raises(RegistryError, match="classifier@1 is a pytorch model, not a pretrained backbone"):
+        reg.backbone_file("classifier@1")

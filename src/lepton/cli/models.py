@@ -39,8 +39,9 @@ def models_available() -> None:
 @models_app.command("register")
 def models_register(
     run: Annotated[str, typer.Argument(help="A finished run directory, a slide model folder (`lepton slides "
-                                            "train`), or the MLflow run it was tracked to: runs:/RUN_ID "
-                                            "(tracking URI from $MLFLOW_TRACKING_URI).")],
+                                            "train`), a pretraining folder (`lepton pretrain`: a backbone for "
+                                            "`train --pretrained NAME@STAGE`), or the MLflow run it was tracked "
+                                            "to: runs:/RUN_ID (tracking URI from $MLFLOW_TRACKING_URI).")],
     name: Annotated[str, typer.Option("--name", help="Model name.")],
     description: Annotated[str, typer.Option(help="Model description.")] = "",
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys may see and call the model.")] = None,
@@ -63,6 +64,8 @@ def models_register(
                                  source=run)
     elif (Path(run) / "slide_model.json").is_file():  # a `lepton slides train` folder: served as slide jobs
         v = reg.register_slide_model(Path(run), name, description=description)
+    elif (Path(run) / "backbone.pt").is_file() or Path(run).name == "backbone.pt":  # `lepton pretrain`'s output
+        v = reg.register_backbone(Path(run), name, description=description)
     else:
         v = reg.register_run(Path(run), name, description=description, onnx=onnx)
     if tenant is not None:

@@ -10,13 +10,23 @@ from typing import Annotated
 import typer
 
 from lepton.cli.common import (
+    RegistryOpt,
     TrackOpt,
     _parse_steps,
+    _registry,
     _track,
     app,
     console,
     err,
 )
+
+
+def _registry_ref(value: str) -> bool:
+    """Whether ``--pretrained`` names a registry version (``NAME``, ``NAME@3``, ``NAME@production``) rather than a
+    weight file: no such file, no folder in it, no weight-file suffix."""
+    path = Path(value).expanduser()
+    return not path.exists() and "/" not in value and "\\" not in value and \
+        path.suffix.lower() not in (".pt", ".pth", ".bin", ".safetensors")
 
 
 def _task_options(values: list[str] | None, covariates: str | None) -> dict[str, object]:
@@ -66,7 +76,8 @@ def train(
     model: Annotated[str | None, typer.Option(help="Network name (`lepton models available`).")] = None,
     pretrained: Annotated[str | None, typer.Option(
         help="Local weights: an ImageNet state dict (ResNets) or a backbone.pt from `lepton pretrain` for the same "
-             "network.")] = None,
+             "network; or a backbone registered in the registry: NAME, NAME@VERSION or NAME@STAGE.")] = None,
+    registry: RegistryOpt = None,
     freeze_backbone: Annotated[bool | None, typer.Option("--freeze-backbone", help="Train the head only.")] = None,
     backbone_lr: Annotated[float | None, typer.Option(help="Learning rate of the backbone.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
@@ -156,10 +167,14 @@ def train(
     import os
 
     from lepton.config import TrainConfig, make_config
+    from lepton.errors import ModelError
     from lepton.train import run_name, summary
     from lepton.train import train as train_fn
 
     launching = nproc != 1 and "LOCAL_RANK" not in os.environ
+    ref = None
+    if pretrained and _registry_ref(pretrained):  # a registered backbone's name, resolved to its verified file
+        ref, pretrained = pretrained, str(_registry(registry).backbone_file(pretrained))
     _track(track)
     if not launching and max_restarts:
         raise typer.BadParameter("--max-restarts needs --nproc N (or torchrun's own --max-restarts)")
@@ -202,7 +217,12 @@ def train(
             cfg = make_config(preset, data=data, **overrides)
         if launching:  # every worker and every restart must agree on the run directory: name it now
             raise typer.Exit(_launch(nproc, max_restarts, None if name else run_name(cfg)))
-        run = train_fn(config=cfg, quiet=quiet, track=track)
+        try:
+            run = train_fn(config=cfg, quiet=quiet, track=track)
+        except ModelError as exc:
+            if ref is None:
+                raise
+            raise ModelError(str(exc).replace(pretrained, f"the registered backbone {ref}")) from None
     if os.environ.get("RANK", "0") == "0":
         console.print_json(json.dumps(summary(run)))
 

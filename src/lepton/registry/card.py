@@ -17,6 +17,10 @@ def render_card(v) -> str:
         from lepton.registry.slides import slide_card
 
         return slide_card(v)
+    if v.format == "backbone":  # a pretrained backbone (lepton.registry.backbones): starting weights, no answers
+        from lepton.registry.backbones import backbone_card
+
+        return backbone_card(v)
     cfg, fp, m = v.config, v.data_fingerprint, v.metrics
     link, cost, teacher = m.get("mlflow_run"), m.get("cost"), m.get("teacher")
     m = {k: val for k, val in m.items() if k not in ("mlflow_run", "cost", "teacher")}

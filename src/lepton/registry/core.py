@@ -408,6 +408,8 @@ class Registry(AccessMixin, JobsMixin, ValidationMixin):
         from lepton.runs import Run
 
         v = self.get(ref)
+        if v.format == "slide-mil":
+            raise RegistryError(f"{v.ref} is a slide model: load it with lepton.registry.slides.load_slide_model")
         if v.format != "pytorch":
             raise RegistryError(f"{v.ref} is an {v.format} model; load it with an ONNX runtime")
         blobs = {k: self.store.get(sha, f"{v.ref} {k}") for k, sha in v.artifacts.items()}
@@ -425,6 +427,18 @@ class Registry(AccessMixin, JobsMixin, ValidationMixin):
         from lepton.registry.slides import register_slide_model
 
         return register_slide_model(self, folder, name, description=description)
+
+    def register_backbone(self, path: str | Path, name: str, *, description: str = "") -> ModelVersion:
+        """Register a ``lepton pretrain`` folder or its ``backbone.pt`` (format ``backbone``)."""
+        from lepton.registry.backbones import register_backbone
+
+        return register_backbone(self, path, name, description=description)
+
+    def backbone_file(self, ref: str) -> Path:
+        """The verified weight file of a registered backbone, for ``lepton train --pretrained NAME@STAGE``."""
+        from lepton.registry.backbones import backbone_file
+
+        return backbone_file(self, ref)
 
     def export_bundle(self, ref: str, path: str | Path) -> Path:
         from lepton.registry.bundle import export_bundle

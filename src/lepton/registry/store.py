@@ -46,5 +46,9 @@ class ArtifactStore:
             )
         return data
 
+    def path(self, sha: str) -> Path:
+        """Where a blob lies (read it with ``get`` first to verify it)."""
+        return self._path(sha)
+
     def exists(self, sha: str) -> bool:
         return self._path(sha).is_file()
