@@ -42,6 +42,9 @@ class ImageSet:
     # One site's share of a larger set (``lepton data partition``): the label set is the whole set's, and a class
     # may have no image here (label skew).
     partial_labels: bool = False
+    #: Each image's checked clinical covariates by name (``lepton.data.covariates``), when a manifest's columns are
+    #: declared as covariates; empty otherwise.
+    covariates: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,6 +76,7 @@ class ImageSet:
             source=self.source,
             has_patient_ids=self.has_patient_ids,
             partial_labels=self.partial_labels,
+            covariates=[self.covariates[i] for i in idx] if self.covariates else [],
         )
 
     def missing_classes(self, chosen: np.ndarray) -> list[str]:
@@ -81,13 +85,15 @@ class ImageSet:
         return [self.label_names[i] for i in np.flatnonzero(counts == 0)]
 
     def content_hashes(self) -> list[str]:
-        """SHA-256 of each image's decoded pixels (exact-duplicate and fingerprint key)."""
-        return [
-            hashlib.sha256(
-                str(np.shape(img)).encode() + np.ascontiguousarray(img, dtype=np.float32).tobytes()
-            ).hexdigest()
-            for img in self.images
-        ]
+        """SHA-256 of each image's decoded pixels (exact-duplicate and fingerprint key), with its covariates when
+        there are any."""
+        out = []
+        for i, img in enumerate(self.images):
+            h = hashlib.sha256(str(np.shape(img)).encode() + np.ascontiguousarray(img, dtype=np.float32).tobytes())
+            if self.covariates:
+                h.update(repr(sorted(self.covariates[i].items())).encode())
+            out.append(h.hexdigest())
+        return out
 
     def image_hashes(self) -> list[str]:
         """The images' hashes (``content_hashes``: an image set's cases are their pixels)."""
@@ -143,13 +149,16 @@ def from_files(
     slices: str,
     skip_bad: bool,
     steps: list[dict] | None = None,
+    covariates: list[dict] | None = None,
 ) -> ImageSet:
     """Read (path, label, split, patient[, series]) records into an ImageSet, collecting bad files; ``series``
-    picks one DICOM series of a folder by UID, or ``*`` every one as its own case."""
+    picks one DICOM series of a folder by UID, or ``*`` every one as its own case. ``covariates``, one mapping per
+    record, go with every image its file gives."""
     images, labels, splits, groups, names, modalities = [], [], [], [], [], []
+    kept: list[dict] = []
     bad: list[tuple[str, str]] = []
     has_patient = False
-    for path, label, split, patient, *rest in records:
+    for k, (path, label, split, patient, *rest) in enumerate(records):
         try:
             frames = read_image(path, window=window, slices=slices, steps=steps, series=rest[0] if rest else None)
         except DataError as exc:
@@ -164,6 +173,8 @@ def from_files(
             groups.append(group or f"file:{path}")
             names.append(str(path) if frame.name == path.name else f"{path}{frame.name[len(path.name):]}")
             modalities.append(frame.modality)
+            if covariates is not None:
+                kept.append(covariates[k])
     report_bad(source, bad, skip_bad)
     return ImageSet(
         images=images,
@@ -176,4 +187,5 @@ def from_files(
         source=source,
         has_patient_ids=has_patient,
         bad_files=bad,
+        covariates=kept,
     )

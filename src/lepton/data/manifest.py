@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 from lepton.data.base import pseudonymize
+from lepton.data.covariates import CovariateSchema, check_table
 from lepton.data.dataset import SPLITS, ImageSet, from_files
 from lepton.errors import DataError
 
@@ -33,9 +34,11 @@ def read_rows(path: Path, max_rows: int = MAX_ROWS) -> tuple[list[str], list[dic
 
 def read_manifest(
     path: Path, *, window: str | None = None, slices: str = "middle", skip_bad: bool = False,
-    steps: list[dict] | None = None,
+    steps: list[dict] | None = None, covariates: CovariateSchema | None = None,
 ) -> ImageSet:
-    """Read the images a CSV manifest lists; relative paths are taken from the CSV's folder.
+    """Read the images a CSV manifest lists; relative paths are taken from the CSV's folder. ``covariates`` declares
+    other columns as clinical covariates (``lepton.data.covariates``), checked before any image is read and kept
+    beside each image.
 
     ``path`` may name a folder of DICOM files; when it holds several series, ``series_uid`` picks one by its
     SeriesInstanceUID, or ``*`` takes each series as its own case (same label, split and patient).
@@ -69,6 +72,7 @@ def read_manifest(
     raw_labels = sorted({r["label"] for r in rows})
     if all(x.lstrip("-").isdigit() for x in raw_labels):
         raw_labels = sorted(raw_labels, key=int)
+    table = check_table(covariates, header, rows, str(path)) if covariates is not None else None
     index = {name: i for i, name in enumerate(raw_labels)}
     records = [
         (
@@ -81,7 +85,7 @@ def read_manifest(
         for line, r in enumerate(rows, start=2)
     ]
     return from_files(str(path), records, raw_labels, window=window, slices=slices, skip_bad=skip_bad,
-                      steps=steps)
+                      steps=steps, covariates=table)
 
 
 def _resolve(manifest: Path, text: str, line: int) -> Path:

@@ -141,16 +141,6 @@ def resample(clip: Clip, fps: float, length: int, mode: str = "uniform",
 
 
 # -- DICOM --------------------------------------------------------------------------------------------------------
-def scan_region(ds, rows: int, cols: int) -> tuple[int, int, int, int] | None:
-    """The largest 2-D scan region of ``SequenceOfUltrasoundRegions`` as (x0, y0, x1, y1), inclusive and clipped to
-    the image; None when the header has none. Regions of 2-D spatial format (tissue, colour flow) are preferred
-    over spectral and waveform strips."""
-    from lepton.data.annotations import regions
-
-    found = regions(ds, rows, cols)
-    return max(found)[2] if found else None
-
-
 def read_dicom_sequence(path: str | Path, *, fps: float | None = None, length: int | None = None,
                         mode: str = "uniform", crop_region: bool = True, mask_annotations: bool = True,
                         max_frames: int = MAX_FRAMES, max_pixels: int = MAX_PIXELS,

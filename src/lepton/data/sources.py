@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lepton.data.covariates import CovariateSchema
 from lepton.data.dataset import ImageSet
 from lepton.errors import DataError
 
@@ -22,6 +23,7 @@ def load_dataset(
     skip_bad: bool = False,
     validate: bool = True,
     steps: list[dict] | None = None,
+    covariates: CovariateSchema | None = None,
 ) -> ImageSet:
     """Load a labelled image source into memory.
 
@@ -30,7 +32,8 @@ def load_dataset(
     ``lepton data partition``), or a folder with one sub-folder per class
     (optionally under ``train/``, ``val/``, ``test/``) holding PNG, JPEG, BMP, TIFF, DICOM, NIfTI
     or NPY files. Unreadable files fail the load with a list of every one, unless ``skip_bad``. ``steps`` are
-    volume preprocessing steps (``lepton.data.pipeline``) applied to every volume as it is read.
+    volume preprocessing steps (``lepton.data.pipeline``) applied to every volume as it is read. ``covariates``
+    declares a CSV manifest's other columns as clinical covariates (``ImageSet.covariates``); other sources have none.
 
     >>> data = load_dataset("chest_xrays/")             # doctest: +SKIP
     >>> data.label_names, len(data)                     # doctest: +SKIP
@@ -42,6 +45,9 @@ def load_dataset(
     from lepton.data.partition import is_partition, read_partition
 
     text = str(source)
+    if covariates is not None and Path(text).suffix.lower() not in (".csv", ".tsv"):
+        raise DataError(f"{text}: covariates ({', '.join(covariates.names)}) are read from a CSV manifest's columns; "
+                        "list the images in a manifest (path,label,…) with those columns")
     if text.startswith("medmnist:"):
         data = _npz_steps(read_npz(resolve_medmnist(text.split(":", 1)[1]), source=text), steps)
     else:
@@ -55,7 +61,8 @@ def load_dataset(
         elif path.suffix.lower() == ".npz":
             data = _npz_steps(read_npz(path), steps)
         elif path.suffix.lower() in (".csv", ".tsv"):
-            data = read_manifest(path, window=window, slices=slices, skip_bad=skip_bad, steps=steps)
+            data = read_manifest(path, window=window, slices=slices, skip_bad=skip_bad, steps=steps,
+                                 covariates=covariates)
         else:
             raise DataError(
                 f"{path}: a labelled data source must be a .npz file, a .csv manifest or a folder "

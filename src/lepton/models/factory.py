@@ -50,6 +50,14 @@ def create_model(
     if in_channels < 1 or num_classes < 1:
         raise ModelError(f"need in_channels >= 1 and num_classes >= 1 outputs (got {in_channels}, {num_classes})")
     info = model_info(name)
+    if options.get("covariates") and info.task == "classification":  # a classifier fused with clinical covariates
+        from lepton.models.fusion import FEATURES, ImageCovariateNet
+
+        if members is not None and members > 1:
+            raise ModelError("an ensemble (members > 1) takes images alone, not covariates")
+        fused = {k: options.pop(k) for k in ("covariates", "fusion") if k in options}
+        encoder = create_model(name, in_channels, FEATURES, pretrained, image_size, spatial_dims, slab_depth, **options)
+        return ImageCovariateNet(encoder, num_classes, **fused)
     if members is not None and members > 1:
         from lepton.models.networks import Ensemble
 
@@ -89,7 +97,8 @@ def create_model(
 def head_parameters(model, name: str) -> tuple[list, list]:
     """Split parameters into (backbone, head) for freezing or a separate backbone learning rate."""
     prefix = ("net." if hasattr(model, "depth") and hasattr(model, "net") else "") + model_info(name).head + "."
+    prefixes = ("fusion.", "encoder." + prefix) if getattr(model, "wraps_classifier", False) else (prefix,)
     head, backbone = [], []
     for pname, param in model.named_parameters():
-        (head if pname.startswith(prefix) else backbone).append(param)
+        (head if pname.startswith(prefixes) else backbone).append(param)
     return backbone, head

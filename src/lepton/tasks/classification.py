@@ -8,7 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from lepton.errors import ConfigError
 from lepton.tasks.base import Loss, Task, register_task
+from lepton.tasks.covariates import COVARIATE_OPTIONS, check_options, declared
+from lepton.tasks.covariates import fit as fit_covariates
+from lepton.tasks.covariates import inputs as covariate_inputs
+from lepton.tasks.covariates import model_options as covariate_model_options
 from lepton.tasks.metrics import (
     auc_score,
     bootstrap_ci,
@@ -24,15 +29,46 @@ MAX_VAL_VALUES = 16 << 20
 CALIBRATION_IMAGES = 256
 
 
+def classification_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The classification task's options — clinical covariates from a manifest's columns (``covariates``,
+    ``covariate_missing``, ``fusion``: ``lepton.tasks.covariates``) — with defaults filled; an unknown key or a bad
+    value is a ConfigError."""
+    unknown = sorted(set(options) - set(COVARIATE_OPTIONS))
+    if unknown:
+        raise ConfigError(f"task_options: unknown key(s) {', '.join(unknown)} for the classification task; known: "
+                          f"{', '.join(COVARIATE_OPTIONS)}")
+    out = {**COVARIATE_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
+    check_options(out)
+    return out
+
+
 @register_task
 class Classification(Task):
     """Softmax over classes with cross-entropy (class-weighted, label smoothing); model selection on val AUC;
-    for two classes a decision threshold on P(class 1) chosen on val by Youden's J."""
+    for two classes a decision threshold on P(class 1) chosen on val by Youden's J. A manifest's columns declared as
+    covariates (task options) are fused with the image embedding by the network (late fusion or FiLM)."""
 
     name = "classification"
     selection_metric = "val_auc"
     higher_is_better = True
     layouts = ("class-folders", "label-manifest", "manifest", "medmnist", "partition", "files", "file")
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def load(self, source, *, window, slices, steps, skip_bad, validate=True):
+        from lepton.data import load_dataset
+
+        schema = declared(classification_options(self.options))
+        return load_dataset(source, window=window, slices=slices, steps=steps, skip_bad=skip_bad,
+                            validate=validate, **({"covariates": schema} if schema is not None else {}))
+
+    def fit_inputs(self, train, spec) -> None:
+        fit_covariates(classification_options(self.options), train, spec)
+
+    def side_inputs(self, data, spec):
+        return covariate_inputs(data, spec)
+
+    def model_options(self, spec) -> dict[str, Any]:
+        return covariate_model_options(spec)
     semi_supervised = True
     #: bf16/int8 serving is refused when its val AUC is more than this below fp32's on the same images.
     precision_metric = "val_auc"

@@ -19,10 +19,14 @@ import numpy as np
 from lepton.errors import ConfigError
 from lepton.tasks.base import Loss, Task, register_task
 from lepton.tasks.classification import Classification
+from lepton.tasks.covariates import COVARIATE_OPTIONS, check_options, declared
+from lepton.tasks.covariates import fit as fit_covariates
+from lepton.tasks.covariates import inputs as covariate_inputs
+from lepton.tasks.covariates import model_options as covariate_model_options
 from lepton.tasks.metrics import bootstrap_regression_ci, fmt, regression_metrics
 
-DEFAULTS: dict[str, Any] = {"fps": 15.0, "frames": 16, "size": 64, "target": "class", "covariates": None,
-                            "covariate_missing": "error", "fusion": "late", "encoder": "frame_cnn"}
+DEFAULTS: dict[str, Any] = {"fps": 15.0, "frames": 16, "size": 64, "target": "class", **COVARIATE_OPTIONS,
+                            "encoder": "frame_cnn"}
 
 
 def sequence_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,10 +46,9 @@ def sequence_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"task_options.frames must be from 1 to 512 (got {out['frames']})")
     if not 8 <= out["size"] <= 512:
         raise ConfigError(f"task_options.size must be from 8 to 512 pixels (got {out['size']})")
-    for key, allowed in (("target", ("class", "value")), ("covariate_missing", ("error", "impute")),
-                         ("fusion", ("late", "film"))):
-        if out[key] not in allowed:
-            raise ConfigError(f"task_options.{key}={out[key]!r} is not one of {', '.join(allowed)}")
+    if out["target"] not in ("class", "value"):
+        raise ConfigError(f"task_options.target={out['target']!r} is not one of class, value")
+    check_options(out)
     return out
 
 
@@ -109,10 +112,7 @@ class Sequence(Task):
 
     # -- data -----------------------------------------------------------------------------------------------
     def schema(self):
-        from lepton.data.covariates import parse_covariates
-
-        opts = sequence_options(self.options)
-        return parse_covariates(opts["covariates"], opts["covariate_missing"])
+        return declared(sequence_options(self.options))
 
     def load(self, source, *, window, slices, steps, skip_bad, validate=True):
         from lepton.data.clips import load_clips
@@ -150,14 +150,9 @@ class Sequence(Task):
         return x, torch.from_numpy(np.asarray(data.labels, np.int64))
 
     def fit_inputs(self, train, spec) -> None:
-        from lepton.data.covariates import fit_schema
-
         opts = sequence_options(self.options)
         spec.options = {k: opts[k] for k in ("fps", "frames", "size", "target")}
-        schema = self.schema()
-        if schema is not None:
-            spec.options["covariates"] = fit_schema(schema, train.covariates, train.source).to_dict()
-            spec.options["fusion"] = opts["fusion"]
+        fit_covariates(opts, train, spec)
         if self.regression:
             values = np.asarray(train.values, np.float64)
             spec.options["target_mean"] = float(values.mean())
@@ -166,29 +161,12 @@ class Sequence(Task):
             spec.options["encoder"] = opts["encoder"]
 
     def side_inputs(self, data, spec):
-        import torch
-
-        from lepton.data.covariates import CovariateSchema, check_values, encode
-
-        stored = spec.options.get("covariates")
-        if not stored:
-            return None
-        schema = CovariateSchema.from_dict(stored)
-        if isinstance(data, list):  # prediction: one mapping (or None) per input
-            rows = [check_values(schema, row, f"covariates of input {i + 1}") for i, row in enumerate(data)]
-        else:
-            rows = data.covariates
-        return torch.from_numpy(encode(schema, rows))
+        return covariate_inputs(data, spec)
 
     def model_options(self, spec) -> dict[str, Any]:
-        from lepton.data.covariates import CovariateSchema
-
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = covariate_model_options(spec)
         if spec.options.get("encoder"):
             out["encoder"] = spec.options["encoder"]
-        if spec.options.get("covariates"):
-            out["covariates"] = CovariateSchema.from_dict(spec.options["covariates"]).width
-            out["fusion"] = spec.options.get("fusion", "late")
         if spec.options.get("target") == "value":
             out["target_mean"], out["target_std"] = spec.options["target_mean"], spec.options["target_std"]
         return out
