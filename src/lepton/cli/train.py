@@ -154,11 +154,11 @@ def train(
     max_restarts: Annotated[int, typer.Option(
         help="With --nproc: torchrun restarts a failed job up to N times; it resumes from last.pt.")] = 0,
     task_option: Annotated[list[str] | None, typer.Option(
-        help="A task option, KEY=VALUE (the sequence task: fps, frames, size, target=class|value, fusion=late|film, "
-             "covariate_missing=error|impute, encoder).")] = None,
+        help="A task option, KEY=VALUE (the sequence task: fps, frames, size, target=class|value, encoder; with "
+             "covariates, both tasks: fusion=late|film, covariate_missing=error|impute).")] = None,
     covariates: Annotated[str | None, typer.Option(
         help="Manifest columns fused with the image: NAME:numeric[:UNIT] or NAME:categorical, comma-separated "
-             "(e.g. age:numeric:years,sex:categorical; the sequence task).")] = None,
+             "(e.g. age:numeric:years,sex:categorical; classification and sequence tasks).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     track: TrackOpt = None,
 ) -> None:
