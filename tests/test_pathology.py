@@ -78,7 +78,7 @@ def test_openslide_reads_the_generated_ndpi_as_tiffslide_does_and_refuses_a_brok
     with pytest.raises(DataError, match="OpenSlide cannot open it"):
         open_slide(mirax)
     monkeypatch.setitem(sys.modules, "openslide", None)  # the extra not installed
-    with pytest.raises(DataError, match=r"needs OpenSlide: pip install 'lepton\[openslide\]'"):
+    with pytest.raises(DataError, match=r"needs OpenSlide: pip install 'lepton-imaging\[openslide\]'"):
         open_slide(mirax)
 
 

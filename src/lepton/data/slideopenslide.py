@@ -14,7 +14,8 @@ from lepton.errors import DataError
 
 #: Suffixes only OpenSlide reads (tiffslide reads the TIFF-based formats).
 OPENSLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
-INSTALL = "pip install 'lepton[openslide]' (openslide-bin and openslide-python wheels: no system package needed)"
+INSTALL = ("pip install 'lepton-imaging[openslide]' (openslide-bin and openslide-python wheels: no system package "
+           "needed)")
 
 
 def load_openslide() -> Any:
