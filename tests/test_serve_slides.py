@@ -58,7 +58,7 @@ def slide_server(tmp_path_factory):
     keys = {"clinic": reg.create_key("clinic"), "other": reg.create_key("other")}
     plan = plan_slide(1024, 896, tumour=True, seed=5)
     slides = root / "slides"
-    tiff = write_slide(slides / "case.tiff", plan, tile=128, compression="deflate")
+    tiff = write_slide(slides / "case.tiff", plan, tile=128)
     dicom = write_slide(slides / "case_dcm", plan, container="dicom", tile=128)
     config = ServeConfig(models=["wsi@production"], registry=str(root / "reg"), rate_limit=0,
                          slide_dir=str(root / "jobs"), slide_root=str(slides), slide_queue=1,
