@@ -1,5 +1,6 @@
 """Precision: the hardware rule of ``auto``, training in bf16 and fp32, and serving precisions checked on the
-version's stored val set (records, thresholds, int8 graphs, refusals) through a real server."""
+version's stored val set (records, thresholds, int8 graphs, refusals) through a real server — classifiers on val AUC,
+segmentation on mean Dice over stored val cases."""
 
 from __future__ import annotations
 
@@ -81,8 +82,10 @@ def registry(tiny_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_each_precision_is_checked_on_the_stored_val_set(registry):
-    from lepton.precision import MAX_AUC_DROP, check_precision
+    from lepton.precision import check_precision
+    from lepton.tasks.classification import Classification
 
+    MAX_AUC_DROP = Classification.precision_tolerance
     records = {p: check_precision(registry, "cxr@1", p) for p in ("fp32", "bf16", "int8")}
     v = registry.get("cxr@1")
     assert set(v.metrics["precisions"]) == {"fp32", "bf16", "int8"}
@@ -99,8 +102,10 @@ def test_each_precision_is_checked_on_the_stored_val_set(registry):
 @pytest.mark.slow
 def test_a_refused_precision_names_both_aucs(registry, monkeypatch):
     import lepton.precision as lp
+    from lepton.tasks.classification import Classification
 
-    monkeypatch.setattr(lp, "MAX_AUC_DROP", -1.0)  # demands a gain of a whole AUC point: every check fails
+    # demands a gain of a whole AUC point: every check fails
+    monkeypatch.setattr(Classification, "precision_tolerance", -1.0)
     for p in ("bf16", "int8"):
         assert lp.check_precision(registry, "cxr@1", p)["accepted"] is False
     with pytest.raises(lp.PrecisionError, match=r"cxr@1 in bf16: val AUC 0\.\d{4} against fp32 0\.\d{4}"):
@@ -184,3 +189,61 @@ def test_cli_registers_with_precisions_and_checks_them_again(tiny_run, tmp_path)
     bad = subprocess.run(lepton_cmd("models", "precision", "cxr@1", "--precision", "fp8", "--registry", reg),
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "fp8" in bad.stderr and "fp32, bf16, int8" in bad.stderr
+
+
+# -- segmentation: the same check on mean foreground Dice ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def seg_registry(seg_run, tmp_path_factory):
+    from lepton.registry import Registry
+
+    run, _ = seg_run
+    root = tmp_path_factory.mktemp("seg-precision")
+    shutil.copytree(run.path, root / "run")
+    reg = Registry.open(root / "reg")
+    reg.register_run(root / "run", "seg")
+    return reg
+
+
+def test_a_segmentation_run_keeps_a_bounded_val_set(seg_run):
+    """Training stores the val cases (flat, with their shapes) and calibration windows of the network's size."""
+    from lepton.tasks.segmentation import PRECISION_CASES, PRECISION_VOXELS
+
+    run, _ = seg_run
+    with np.load(run.path / "val_set.npz") as z:
+        shapes = z["x_shapes"]
+        assert 0 < len(shapes) <= min(PRECISION_CASES, run.info["val_images"])
+        assert len(z["x_val"]) == int(np.prod(shapes, axis=1).sum()) <= PRECISION_VOXELS
+        assert len(z["y_val"]) == int(np.prod(shapes[:, 1:], axis=1).sum()) and z["y_val"].dtype == np.uint8
+        assert set(np.unique(z["y_val"])) <= set(range(len(run.label_names))) and z["y_val"].any()
+        spec = run.preprocessing
+        assert z["x_calib"].shape[1:] == (spec.channels, *spec.size) and len(z["x_calib"]) > 0
+
+
+@pytest.mark.slow
+def test_segmentation_precisions_are_checked_on_val_dice(seg_registry, seg_run, monkeypatch):
+    """bf16 gets a Dice record (fp32's Dice on the stored cases is the run's val Dice) and, once accepted, the served
+    windows run in it; a tolerance no precision can meet refuses it, naming both Dice values."""
+    import lepton.precision as lp
+    from lepton.serve.adapters import make_adapter
+    from lepton.tasks.segmentation import Segmentation
+
+    run, _ = seg_run
+    r = lp.check_precision(seg_registry, "seg@1", "bf16")
+    assert r["metric"] == "val_dice" and r["max_dice_drop"] == Segmentation.precision_tolerance
+    assert abs(r["fp32_val_dice"] - run.info["val_dice"]) < 1e-3  # the same cases, windows as served
+    assert r["accepted"] == (r["fp32_val_dice"] - r["val_dice"] <= Segmentation.precision_tolerance)
+    assert r["threshold"] is None and 0 < r["max_prob_diff"] < 0.2 and r["images_per_s"] > 0
+    assert seg_registry.get("seg@1").metrics["precisions"]["bf16"]["val_dice"] == r["val_dice"]
+    if r["accepted"]:  # the server's window batches run in bf16: close to fp32, not identical
+        windows = np.random.default_rng(0).random((2, 1, *run.preprocessing.size), dtype=np.float32)
+        outs = {}
+        for p in ("fp32", "bf16"):
+            adapter = make_adapter(seg_registry, "seg@1", "auto", p)
+            adapter.setup()
+            assert adapter.precision == p
+            outs[p] = adapter.predict_windows(windows)
+        assert 0 < np.abs(outs["bf16"] - outs["fp32"]).max() < 0.1
+    monkeypatch.setattr(Segmentation, "precision_tolerance", -1.0)
+    assert lp.check_precision(seg_registry, "seg@1", "bf16")["accepted"] is False
+    with pytest.raises(lp.PrecisionError, match=r"seg@1 in bf16: val Dice 0\.\d{4} against fp32 0\.\d{4}"):
+        lp.choose_precision(seg_registry, "seg@1", "bf16")

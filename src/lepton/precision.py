@@ -1,10 +1,12 @@
 """Serving precisions of a registered version — fp32, bf16 (PyTorch autocast) and int8 (ONNX Runtime, static
-calibration) — each accepted only after it is checked on the version's stored val set: its val AUC may fall at most
-``MAX_AUC_DROP`` below fp32's, and it gets its own val-selected decision threshold, stored per version and precision.
+calibration) — each accepted only after it is checked on the version's stored val set: the task's precision metric
+(``Task.precision_metric``: val AUC for classifiers, mean foreground Dice for segmentation) may fall at most the
+task's ``precision_tolerance`` below fp32's, and a precision gets its own val-selected decision threshold where the
+task has one, stored per version and precision.
 
-The val set (and a calibration slice of the training set) is written by training as ``val_set.npz``
-(``lepton.train.checkpoint.save_val_set``) and stored with the version at registration; records live in the
-version's ``metrics["precisions"]``.
+The val set (and calibration inputs from the training set) is written by training as ``val_set.npz``
+(``Task.precision_val_set`` through ``lepton.train.checkpoint.save_val_set``) and stored with the version at
+registration; records live in the version's ``metrics["precisions"]``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +27,8 @@ from lepton.errors import ConfigError, RegistryError
 log = logging.getLogger("lepton.precision")
 
 SERVE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
-#: A lower precision is refused when its val AUC is more than this below fp32's on the same images.
-MAX_AUC_DROP = 0.005
+#: How metrics are named in messages.
+_METRIC_NAMES = {"val_auc": "val AUC", "val_dice": "val Dice"}
 
 
 class PrecisionError(RegistryError):
@@ -59,14 +63,16 @@ def int8_model(onnx_bytes: bytes, calibration: np.ndarray) -> bytes:
 
 
 def onnx_outputs(session, x: np.ndarray, tta: bool, chunk: int = 256) -> np.ndarray:
-    """A Lepton-exported classifier's probabilities from ONNX Runtime, flip TTA averaged as PyTorch does."""
+    """A Lepton-exported model's activated outputs from ONNX Runtime, flip TTA averaged as PyTorch does (a dense
+    task's flipped outputs flipped back first)."""
     name = session.get_inputs()[0].name
     out = []
     for i in range(0, len(x), chunk):
         xb = np.ascontiguousarray(x[i:i + chunk], np.float32)
         p = session.run(None, {name: xb})[0]
         if tta:
-            p = (p + session.run(None, {name: np.ascontiguousarray(xb[..., ::-1])})[0]) / 2
+            flipped = session.run(None, {name: np.ascontiguousarray(xb[..., ::-1])})[0]
+            p = (p + (flipped[..., ::-1] if flipped.ndim > 2 else flipped)) / 2
         out.append(p)
     return np.concatenate(out)
 
@@ -83,10 +89,46 @@ def torch_outputs(model, x: np.ndarray, activate, tta: bool, precision: str) -> 
     return np.asarray(out, np.float32)
 
 
+@dataclass
+class Predictor:
+    """The network in the precision under check, as a task's ``precision_outputs`` runs it: ``forward`` maps a
+    normalised batch at the network's size to activated outputs (flip TTA included)."""
+
+    forward: Callable[[np.ndarray], np.ndarray]
+    spec: Any
+
+    def batch(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x)
+
+    def image(self, pixels: np.ndarray) -> np.ndarray:
+        """Outputs (K, …) for one image (C, …) in [0, 1] at its own size: sliding windows of the network's size,
+        as a dense task is served (``lepton.runs.segment_probs``)."""
+        import torch
+
+        from lepton.runs import segment_probs
+
+        def windows(xb):
+            return torch.from_numpy(self.forward(xb.numpy()))
+
+        return segment_probs(windows, self.spec, pixels, _identity)
+
+
+def _identity(outputs):
+    return outputs
+
+
+def _max_diff(outputs, reference) -> float:
+    if isinstance(outputs, np.ndarray) and isinstance(reference, np.ndarray):
+        return float(np.abs(outputs - reference).max()) if outputs.size else 0.0
+    return max((float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(outputs, reference, strict=True)),
+               default=0.0)
+
+
 def check_precision(registry, ref: str, precision: str) -> dict[str, Any]:
-    """Check ``precision`` of a version on its stored val set against fp32 and record the result (its val AUC,
-    fp32's, the delta, its own threshold, whether it is accepted); int8 stores its quantized ONNX graph too.
-    Returns the record; raises ``PrecisionError`` when the version cannot be checked."""
+    """Check ``precision`` of a version on its stored val set against fp32 on the task's precision metric and record
+    the result (its value, fp32's, the delta, the tolerance, its own threshold where the task has one, whether it is
+    accepted); int8 stores its quantized ONNX graph too. Returns the record; raises ``PrecisionError`` when the
+    version cannot be checked."""
     import torch
 
     from lepton.export import export_onnx
@@ -100,60 +142,71 @@ def check_precision(registry, ref: str, precision: str) -> dict[str, Any]:
                              "in a lower precision")
     run = registry.load_run(version.ref)
     task = run.task
-    if task.dense or task.name != "classification":
-        raise PrecisionError(f"{version.ref} is a {task.name} model: lower precisions are checked for classifiers "
-                             "(on val AUC); serve it in fp32")
+    metric, tolerance = task.precision_metric, float(task.precision_tolerance)
+    if metric is None:
+        raise PrecisionError(f"{version.ref} is a {task.name} model: its task declares no metric to check lower "
+                             "precisions on; serve it in fp32")
     val = _val_set(registry, version)
     spec = run.preprocessing
-    x = spec.normalize(torch.from_numpy(val["x_val"].astype(np.float32))).numpy()
-    y = val["y_val"]
     tta = run.config.tta
-    reference = torch_outputs(run.model, x, task.activate, tta, "fp32")
-    fp32_auc = task.val_metrics(y, reference)["val_auc"]
+    calib = spec.normalize(torch.from_numpy(val["x_calib"].astype(np.float32))).numpy()
+
+    def in_torch(p: str) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda xb: torch_outputs(run.model, xb, task.activate, tta, p)
+
+    y, reference = task.precision_outputs(val, Predictor(in_torch("fp32"), spec), spec)
+    fp32_value = task.val_metrics(y, reference)[metric]
     artifacts: dict[str, str] = {}
     if precision in ("fp32", "bf16"):
-        def predict(xb: np.ndarray) -> np.ndarray:
-            return torch_outputs(run.model, xb, task.activate, tta, precision)
-
-        outputs = reference if precision == "fp32" else predict(x)
+        forward = in_torch(precision)
+        outputs = reference if precision == "fp32" else task.precision_outputs(val, Predictor(forward, spec), spec)[1]
     else:
         import onnxruntime as ort
 
+        # Fixed spatial axes: the graph takes inputs of the network's size (a dense task's sliding windows), and ONNX
+        # Runtime's quantization pre-processing cannot infer shapes through symbolic spatial axes.
         with tempfile.TemporaryDirectory() as tmp:
             path = export_onnx(run.model, (spec.channels, *spec.size), Path(tmp) / "model.onnx",
                                activate=task.activate, output_name=task.oip_outputs(run.label_names)[0]["name"])
-            calib = spec.normalize(torch.from_numpy(val["x_calib"].astype(np.float32))).numpy()
-            data = int8_model(path.read_bytes(), calib)
+            try:
+                data = int8_model(path.read_bytes(), calib)
+            except Exception as exc:  # ONNX Runtime raises bare Exceptions for graphs it cannot quantize
+                raise PrecisionError(f"{version.ref} cannot be quantized to int8 by ONNX Runtime "
+                                     f"({type(exc).__name__}: {exc}); serve it in fp32 or bf16") from exc
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
 
-        def predict(xb: np.ndarray) -> np.ndarray:
+        def forward(xb: np.ndarray) -> np.ndarray:
             return onnx_outputs(session, xb, tta)
 
-        outputs = predict(x)
+        outputs = task.precision_outputs(val, Predictor(forward, spec), spec)[1]
         artifacts["onnx_int8"] = registry.store.put(data)
-    auc = task.val_metrics(y, outputs)["val_auc"]
-    decision = task.fit_decision(y, outputs)
-    threshold = version.threshold if precision == "fp32" else decision["threshold"]
-    record = {"val_auc": round(float(auc), 6), "fp32_val_auc": round(float(fp32_auc), 6),
-              "auc_delta": round(float(auc - fp32_auc), 6), "max_prob_diff": float(np.abs(outputs - reference).max()),
-              "threshold": threshold, "val_images": len(y), "images_per_s": round(_throughput(predict, x), 1),
-              "accepted": bool(fp32_auc - auc <= MAX_AUC_DROP), "max_auc_drop": MAX_AUC_DROP,
+    value = task.val_metrics(y, outputs)[metric]
+    threshold = version.threshold if precision == "fp32" else task.fit_decision(y, outputs).get("threshold")
+    short = metric.removeprefix("val_")
+    record = {"metric": metric, metric: round(float(value), 6), f"fp32_{metric}": round(float(fp32_value), 6),
+              f"{short}_delta": round(float(value - fp32_value), 6), f"max_{short}_drop": tolerance,
+              "max_prob_diff": _max_diff(outputs, reference), "threshold": threshold, "val_images": len(y),
+              "images_per_s": round(_throughput(forward, calib), 1),
+              "accepted": bool(fp32_value - value <= tolerance),
               "cpu": {"model": cpu_model(), "flags": matrix_flags()},
               "checked": datetime.now(UTC).isoformat(timespec="seconds")}
     registry.set_precision(version.ref, precision, record, artifacts)
-    log.info("%s in %s: val AUC %.4f against fp32 %.4f (%s)", version.ref, precision, auc, fp32_auc,
-             "accepted" if record["accepted"] else "refused")
+    log.info("%s in %s: %s %.4f against fp32 %.4f (%s)", version.ref, precision, _METRIC_NAMES.get(metric, metric),
+             value, fp32_value, "accepted" if record["accepted"] else "refused")
     return record
 
 
-def _throughput(predict, x: np.ndarray, batch: int = 64, seconds: float = 0.3) -> float:
-    """Images per second of ``predict`` at ``batch`` on this machine (after a warm-up call)."""
+def _throughput(predict, x: np.ndarray, seconds: float = 0.3) -> float:
+    """Inputs per second of ``predict`` on this machine (after a warm-up call), at batch 64 — fewer for inputs of
+    over 64 K values (about 4 M values a batch: a large 3-D window or two); timed over ``seconds``, or one call when a
+    call takes longer."""
     import time
 
+    batch = max(1, min(64, (1 << 22) // max(1, int(np.prod(x.shape[1:])))))
     xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
     predict(xb)
     n, start = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - start < seconds:
+    while n < 1 or time.perf_counter() - start < seconds:
         predict(xb)
         n += 1
     return n * batch / (time.perf_counter() - start)
@@ -166,17 +219,26 @@ def _this_machine(record: dict[str, Any] | None) -> bool:
             and record.get("cpu") == {"model": cpu_model(), "flags": matrix_flags()})
 
 
+def describe(record: dict[str, Any]) -> tuple[str, float, float, float]:
+    """A record's metric as (name in words, value, fp32's value, the drop allowed); records made before tasks
+    declared their metric are on val AUC."""
+    metric = record.get("metric", "val_auc")
+    short = metric.removeprefix("val_")
+    return (_METRIC_NAMES.get(metric, metric), record[metric], record[f"fp32_{metric}"],
+            record.get(f"max_{short}_drop", 0.005))
+
+
 def refusal(ref: str, precision: str, record: dict[str, Any]) -> str:
-    return (f"{ref} in {precision}: val AUC {record['val_auc']:.4f} against fp32 {record['fp32_val_auc']:.4f} "
-            f"(a drop of {record['fp32_val_auc'] - record['val_auc']:.4f}, over the {MAX_AUC_DROP} allowed) on "
-            f"{record['val_images']} val images; serve it in fp32")
+    name, value, fp32, allowed = describe(record)
+    return (f"{ref} in {precision}: {name} {value:.4f} against fp32 {fp32:.4f} (a drop of {fp32 - value:.4f}, over "
+            f"the {allowed} allowed) on {record['val_images']} stored val samples; serve it in fp32")
 
 
 def choose_precision(registry, ref: str, requested: str, backend: str = "auto") -> tuple[str, dict[str, Any] | None]:
     """The precision a server runs a version in, and its record (None for fp32 without one). An explicit precision
-    that fails its check raises ``PrecisionError`` with both AUCs. ``auto`` takes the accepted precision with the
-    highest throughput measured on this machine (checks made elsewhere are redone here), fp32 when none is faster
-    or the version cannot be checked (logged)."""
+    that fails its check raises ``PrecisionError`` with both values of the task's metric. ``auto`` takes the accepted
+    precision with the highest throughput measured on this machine (checks made elsewhere are redone here), fp32
+    when none is faster or the version cannot be checked (logged)."""
     if requested not in SERVE_PRECISIONS:
         raise ConfigError(f"precision={requested!r} is not one of {', '.join(SERVE_PRECISIONS)}")
     if requested == "bf16" and backend == "onnx":

@@ -251,8 +251,19 @@ class TorchAdapter(ModelAdapter):
         return torch_outputs(self.run.model, batch, self.task.activate, self.run.config.tta, self.precision)
 
     def _segment_model(self):
+        """The network for sliding windows, in the precision it is served in (bf16: under autocast)."""
         self._tta = self.run.config.tta
-        return self.run.model
+        if self.precision == "fp32":
+            return self.run.model
+        from lepton.models.precision import autocast
+
+        model = self.run.model.eval()
+
+        def forward(x):
+            with autocast(self.precision):
+                return model(x).float()
+
+        return forward
 
     def explain(self, pixels: np.ndarray, method: str, class_idx: int) -> dict[str, bytes]:
         """Grad-CAM PNGs for one decoded image — a montage of slices for a volume —: ``overlay`` (blended),

@@ -16,9 +16,6 @@ from lepton.utils import atomic_torch_save, atomic_write_text
 
 BASE_FIELDS = ("epoch", "lr", "train_loss")
 VAL_SET_FILE = "val_set.npz"
-#: The stored val set holds at most this many values (float16): a random subset of larger val splits.
-MAX_VAL_VALUES = 16 << 20
-CALIBRATION_IMAGES = 256
 TAIL_FIELDS = ("images_per_s", "seconds")
 
 
@@ -51,21 +48,16 @@ def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / "history.csv", buf.getvalue())
 
 
-def save_val_set(path: Path, x_val, y_val, x_train, seed: int = 0) -> Path | None:
-    """Write the val images and targets (a random subset if large) and a calibration slice of the training images,
-    all in [0, 1] before normalisation, as float16; None for tasks with dense targets."""
+def save_val_set(path: Path, task, x_val, y_val, x_train, spec, seed: int = 0) -> Path | None:
+    """Write what the task keeps for checking lower serving precisions (``Task.precision_val_set``: a bounded subset
+    of the val split and calibration inputs, in [0, 1] before normalisation), compressed; None for tasks whose
+    precisions are not checked."""
     from lepton.utils import atomic_write_bytes
 
-    x_val, y_val, x_train = (np.asarray(a) for a in (x_val, y_val, x_train))
-    if y_val.ndim != 1 or len(y_val) == 0:
+    arrays = task.precision_val_set(x_val, y_val, x_train, spec, seed=seed)
+    if arrays is None:
         return None
-    rng = np.random.default_rng(seed)
-    per_image = int(np.prod(x_val.shape[1:]))
-    keep = max(1, MAX_VAL_VALUES // max(per_image, 1))
-    pick = np.sort(rng.permutation(len(y_val))[:keep]) if len(y_val) > keep else np.arange(len(y_val))
-    calib = rng.permutation(len(x_train))[:CALIBRATION_IMAGES]
     buf = io.BytesIO()
-    np.savez_compressed(buf, x_val=x_val[pick].astype(np.float16), y_val=y_val[pick].astype(np.int64),
-                        x_calib=x_train[calib].astype(np.float16))
+    np.savez_compressed(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
     return path
