@@ -1,5 +1,6 @@
 """Labelled clips: a CSV manifest of sequences (multi-frame DICOM, videos, frame folders, still images as one-frame
-clips) with a class or a value per clip and, optionally, clinical covariates from its other columns.
+clips, WFDB signal records) with a class or a value per clip and, optionally, clinical covariates from its other
+columns.
 
 Each clip is read at a fixed frame rate and length (``lepton.data.sequence``: only those frames are decoded) and each
 frame resized to the network's square size when read, so memory holds (C, T, S, S) per clip and no more.
@@ -52,7 +53,8 @@ class ClipSet:
 
     @property
     def spatial_dims(self) -> int:
-        return 3
+        """3 for clips of frames (C, T, H, W), 1 for signals (C, T)."""
+        return 1 if self.images and self.images[0].ndim == 2 else 3
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -88,7 +90,8 @@ class ClipSet:
 def read_clip(path: Path, *, fps: float, length: int, size: int, mode: str = "uniform",
               rng: np.random.Generator | None = None) -> tuple[np.ndarray, str, str | None]:
     """One clip as (C, T, size, size) float32 in [0, 1], its modality and patient pseudonym: a sequence source read
-    at ``fps`` and ``length`` (``read_sequence``), or a still image repeated ``length`` times."""
+    at ``fps`` and ``length`` (``read_sequence``), or a still image repeated ``length`` times. A signal record
+    (WFDB) is (C, T) in its physical units, resampled to ``fps`` samples per second, ``length`` of them."""
     import torch
     import torch.nn.functional as F
 
@@ -99,8 +102,8 @@ def read_clip(path: Path, *, fps: float, length: int, size: int, mode: str = "un
     if path.is_dir() or path.suffix.lower() == ".hea" or (path.is_file() and (
             is_video(path) or sniff_format(path) == "dicom")):
         clip = read_sequence(path, fps=fps, length=length, mode=mode, rng=rng)
-        if clip.frames.ndim != 4:
-            raise DataError(f"{path}: a signal record, not frames; read it with lepton.data.sequence.read_wfdb")
+        if clip.frames.ndim == 2:  # a signal record: samples (T, C) in physical units, as (C, T)
+            return np.ascontiguousarray(clip.frames.T, np.float32), clip.modality, clip.patient
         frames, modality, patient = clip.frames, clip.modality, clip.patient
     else:
         frame = read_image(path)[0]
@@ -210,6 +213,11 @@ def load_clips(source: str | Path, *, fps: float, length: int, size: int, target
     report_bad(str(path), bad, skip_bad)
     if not images:
         raise DataError(f"{path}: no clip could be read")
+    kinds = {(im.ndim, im.shape[0]) if im.ndim == 2 else (im.ndim,) for im in images}
+    if len(kinds) > 1:
+        signals = [n for n, im in zip(names, images, strict=True) if im.ndim == 2][:3]
+        raise DataError(f"{path}: the manifest mixes signal records with different channel counts, or signals with "
+                        f"frame clips (e.g. {', '.join(signals)}); one data set holds one kind")
     kept = [rows[i] for i in keep]
     if target == "value":
         values = np.asarray([float(r["label"]) for r in kept], np.float32)

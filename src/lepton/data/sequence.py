@@ -133,11 +133,15 @@ def frame_indices(times: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 def resample(clip: Clip, fps: float, length: int, mode: str = "uniform",
              rng: np.random.Generator | None = None) -> Clip:
-    """The clip at ``fps`` frames per second, ``length`` frames long (see ``sample_times``)."""
+    """The clip at ``fps`` frames per second, ``length`` frames long (see ``sample_times``): frames are the ones shown
+    at each time; signal samples (T, C) are interpolated linearly between the recorded ones."""
     wanted = sample_times(clip.duration, fps, length, mode, rng)
-    idx = frame_indices(clip.times, wanted)
-    return Clip(clip.frames[idx], wanted - wanted[0] if length > 1 else wanted * 0, clip.name, clip.modality,
-                clip.timing, clip.patient, clip.region, clip.masked)
+    if clip.frames.ndim == 2:
+        values = np.stack([np.interp(wanted, clip.times, clip.frames[:, c]) for c in range(clip.frames.shape[1])], 1)
+    else:
+        values = clip.frames[frame_indices(clip.times, wanted)]
+    return Clip(np.asarray(values, clip.frames.dtype), wanted - wanted[0] if length > 1 else wanted * 0, clip.name,
+                clip.modality, clip.timing, clip.patient, clip.region, clip.masked)
 
 
 # -- DICOM --------------------------------------------------------------------------------------------------------

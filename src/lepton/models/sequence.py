@@ -136,11 +136,12 @@ class SignalNet(nn.Module):
     """A 1-D signal classifier/regressor through the same temporal heads as the frame networks."""
 
     def __init__(self, in_channels: int, num_outputs: int, head: str = "gru", target_mean: float = 0.0,
-                 target_std: float = 1.0):
+                 target_std: float = 1.0, covariates: int = 0, fusion: str = "late"):
         super().__init__()
         self.encoder = SignalEncoder(in_channels)
         self.head = temporal_head(head, self.encoder.out_features)
-        self.fusion = Fusion(self.head.out_features, 0, num_outputs, target_mean=target_mean, target_std=target_std)
+        self.fusion = Fusion(self.head.out_features, covariates, num_outputs, fusion, target_mean=target_mean,
+                             target_std=target_std)
 
     def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
         return self.fusion(self.head(self.encoder(x)), covariates)
@@ -205,8 +206,12 @@ def _frame_net(head: str, in_channels: int, num_classes: int, image_size: int, s
     from lepton.errors import ModelError
     from lepton.models.registry import registered, registered_names
 
+    if spatial_dims == 1:  # signals (N, C, T): the same temporal head behind the 1-D convolution encoder
+        if encoder != "frame_cnn":
+            raise ModelError(f"encoder {encoder!r} is a per-frame image network; signals use the 1-D encoder")
+        return SignalNet(in_channels, num_classes, head, target_mean, target_std, covariates, fusion)
     if spatial_dims != 3:
-        raise ModelError("sequence networks take clips (N, C, T, H, W): spatial_dims=3")
+        raise ModelError("sequence networks take clips (N, C, T, H, W) or signals (N, C, T): spatial_dims 3 or 1")
     info = registered(encoder)
     if info is None or info.task != "classification" or 2 not in info.spatial_dims:
         fitting = [n for n in registered_names() if (i := registered(n)) and i.task == "classification"
@@ -218,20 +223,21 @@ def _frame_net(head: str, in_channels: int, num_classes: int, image_size: int, s
                             target_std)
 
 
-@register_model("seq_gru", "2-D encoder per frame (encoder option, default frame_cnn) + bidirectional GRU over time",
-                head="fusion.fc", spatial_dims=(3,), task="sequence")
+@register_model("seq_gru", "2-D encoder per frame (encoder option, default frame_cnn; signals: a 1-D convolution "
+                "encoder) + bidirectional GRU over time", head="fusion.fc", spatial_dims=(3, 1), task="sequence")
 def seq_gru(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 3, **options) -> nn.Module:
     return _frame_net("gru", in_channels, num_classes, image_size, spatial_dims, **options)
 
 
-@register_model("seq_lstm", "2-D encoder per frame (encoder option, default frame_cnn) + bidirectional LSTM over "
-                "time", head="fusion.fc", spatial_dims=(3,), task="sequence")
+@register_model("seq_lstm", "2-D encoder per frame (encoder option, default frame_cnn; signals: a 1-D convolution "
+                "encoder) + bidirectional LSTM over time", head="fusion.fc", spatial_dims=(3, 1), task="sequence")
 def seq_lstm(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 3, **options) -> nn.Module:
     return _frame_net("lstm", in_channels, num_classes, image_size, spatial_dims, **options)
 
 
-@register_model("seq_attention", "2-D encoder per frame (encoder option, default frame_cnn) + temporal attention "
-                "pooling", head="fusion.fc", spatial_dims=(3,), task="sequence")
+@register_model("seq_attention", "2-D encoder per frame (encoder option, default frame_cnn; signals: a 1-D "
+                "convolution encoder) + temporal attention pooling",
+                head="fusion.fc", spatial_dims=(3, 1), task="sequence")
 def seq_attention(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 3,
                   **options) -> nn.Module:
     return _frame_net("attention", in_channels, num_classes, image_size, spatial_dims, **options)

@@ -136,6 +136,8 @@ class Sequence(Task):
 
     def input_size(self, train, config) -> tuple[int, ...]:
         opts = sequence_options(self.options)
+        if train.spatial_dims == 1:  # signals (C, T): frames samples at fps
+            return (opts["frames"],)
         if config.image_size and config.image_size != opts["size"]:
             raise ConfigError(f"the sequence task reads frames at task_options.size={opts['size']}; set that "
                               f"instead of image_size={config.image_size}")
@@ -152,6 +154,11 @@ class Sequence(Task):
     def fit_inputs(self, train, spec) -> None:
         opts = sequence_options(self.options)
         spec.options = {k: opts[k] for k in ("fps", "frames", "size", "target")}
+        if train.spatial_dims == 1:  # signals in physical units: every lead kept, standardised by the training split
+            samples = np.concatenate(train.images, axis=1).astype(np.float64)
+            spec.channels = int(samples.shape[0])
+            spec.mean = samples.mean(1).tolist()
+            spec.std = np.maximum(samples.std(1), 1e-6).tolist()
         fit_covariates(opts, train, spec)
         if self.regression:
             values = np.asarray(train.values, np.float64)
@@ -192,6 +199,10 @@ class Sequence(Task):
             path = Path(tmp) / f"upload{suffix}"
             path.write_bytes(data)
             return self.read(path, spec)[0][1]
+
+    def augment(self, x, y, options, generator):
+        """Clips are augmented as volumes (in-plane rotation and scaling, flips); signals (N, C, T) are not."""
+        return (x, y) if x.ndim == 3 else super().augment(x, y, options, generator)
 
     # -- training -----------------------------------------------------------------------------------------
     def num_outputs(self, label_names: list[str]) -> int:
