@@ -125,7 +125,7 @@ def test_a_slide_job_answers_what_predict_slide_answers(slide_server, tmp_path):
     assert sorted(p.name for p in (s["jobs"] / job).iterdir()) == ["job.json", "out"]  # the upload is gone
     # another tenant sees no such job; the owner deletes it
     assert httpx.get(f"{s['url']}/v1/slide-jobs/{job}", headers=auth(s["keys"]["other"])).status_code == 404
-    assert httpx.delete(f"{s['url']}/v1/slide-jobs/{job}", headers=auth(key)).status_code == 204
+    assert httpx.delete(f"{s['url']}/v1/slide-jobs/{job}/files", headers=auth(key)).status_code == 204
     assert not (s["jobs"] / job).exists()
 
 

@@ -183,13 +183,19 @@ class SlideJobs:
         if not self.config.slide_root:
             raise ApiError(403, "forbidden", "this server takes no slide paths (start it with --slide-root DIR to "
                            "allow slides under DIR); upload the file instead")
-        if not isinstance(given, str) or not given or "\x00" in given:
+        if not isinstance(given, str) or not given:
             raise ApiError(400, "invalid_request", 'the JSON body needs "path": a slide under the slide root')
+        if "\x00" in given:  # no file name holds one
+            raise ApiError(404, "not_found", "no such slide under the server's slide root")
         root = Path(self.config.slide_root).expanduser().resolve()
-        path = (root / given).resolve()
-        if not path.is_relative_to(root):
+        try:
+            path = (root / given).resolve()
+            outside, found = not path.is_relative_to(root), path.exists()
+        except (OSError, ValueError) as exc:  # a name the file system cannot hold (lone surrogates, too long)
+            raise ApiError(404, "not_found", f"no slide {given!r} under the server's slide root") from exc
+        if outside:
             raise ApiError(403, "forbidden", f"{given!r} is outside the server's slide root")
-        if not path.exists():
+        if not found:
             raise ApiError(404, "not_found", f"no slide {given!r} under the server's slide root")
         return path
 

@@ -170,8 +170,10 @@ async def slide_job_file(job_id: str, kind: str, request: Request, key: KeyInfo 
     return FileResponse(path, media_type=MEDIA[kind], headers={"Cache-Control": "no-store"})
 
 
-@router.delete("/v1/slide-jobs/{job_id}", status_code=204, responses=schemas.errors(401, 404, 409))
+# Not DELETE on the job's own path: Starlette's 405 names the methods of the first route matching a path, so one path
+# is served by one route.
+@router.delete("/v1/slide-jobs/{job_id}/files", status_code=204, responses=schemas.errors(401, 404, 409))
 async def delete_slide_job(job_id: str, request: Request, key: KeyInfo | None = Depends(api_key)):
-    """Remove an ended job and its files (409 while it waits or runs)."""
+    """Remove an ended job's files and the job with them (409 while it waits or runs)."""
     await asyncio.to_thread(request.app.state.server.slides.delete, job_id, key)
     return Response(status_code=204)
