@@ -327,6 +327,79 @@ def test_a_segmentation_mask_over_the_image_with_class_toggles_and_opacity(brows
 
 
 @pytest.fixture(scope="module")
+def seg3d_site(tmp_path_factory):
+    """A served 3-D segmentation model (a Decathlon folder of CT phantoms, one short epoch) and its cases."""
+    import lepton
+    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.registry import Registry
+    from lepton.serve import ServeConfig
+
+    root = tmp_path_factory.mktemp("seg3d-console")
+    cases = write_segmentation_cases(root / "Task01", n=6, dims=3, seed=0)
+    run = lepton.train(cases, task="segmentation", epochs=1, batch_size=2, time_budget_s=0, quiet=True,
+                       output_dir=str(root / "runs"), name="seg3d", seed=0)
+    reg = Registry.open(root / "reg")
+    reg.register_run(run.path, "nodules")
+    keys = {"admin": reg.create_key("ops", "admin")}
+    with running(ServeConfig(models=["nodules"], registry=str(root / "reg"), rate_limit=0)) as base:
+        yield {"url": base, "keys": keys, "cases": cases}
+
+
+@pytest.mark.slow
+def test_a_volume_mask_follows_the_slice_slider_and_keys(browser, seg3d_site):
+    """A 3-D segmentation's label map (NIfTI) drawn slice by slice: the painted voxels of each slice the slider or
+    the arrow keys reach match the served map's slice; class toggle and opacity work as in 2-D."""
+    import base64
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    case = sorted((seg3d_site["cases"] / "imagesTr").iterdir())[0]
+    r = httpx.post(seg3d_site["url"] + "/v1/models/nodules/predict", files={"file": (case.name, case.read_bytes())},
+                   headers=auth(seg3d_site["keys"]["admin"]), timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["label_map"]["format"] == "nifti"
+    raw = gzip.decompress(base64.b64decode(r.json()["label_map"]["data"]))
+    labels = np.asarray(nib.Nifti1Image.from_bytes(raw).dataobj)  # (D, H, W): the viewer's slices along D
+    per_slice = [int((labels[d] == 1).sum()) for d in range(labels.shape[0])]
+    assert max(per_slice) > 0, "the model found no nodule voxel in the case"
+    page, watch = _page(browser, seg3d_site, "admin")
+    page.set_input_files("#files", str(case))
+    _until(page, f"document.getElementById('slice').max === '{labels.shape[0] - 1}'")
+    _until(page, "document.getElementById('mask-canvas').dataset.slice !== undefined")
+    assert "lesion" in page.locator("#results tbody tr td").nth(1).inner_text()
+
+    def painted() -> int:
+        return int(page.locator("#mask-canvas").get_attribute("data-painted"))
+
+    start = int(page.locator("#mask-canvas").get_attribute("data-slice"))
+    assert start == int(page.locator("#slice").input_value()) and painted() == per_slice[start]
+    d = int(np.argmax(per_slice))
+    page.locator("#slice").fill(str(d))
+    assert page.locator("#mask-canvas").get_attribute("data-slice") == str(d) and painted() == per_slice[d]
+    assert page.locator("#slice-out").inner_text() == f"{d + 1} / {labels.shape[0]}"
+    step = -1 if d == labels.shape[0] - 1 else 1
+    page.locator("#slice").press("ArrowLeft" if step < 0 else "ArrowRight")
+    assert page.locator("#mask-canvas").get_attribute("data-slice") == str(d + step)
+    assert painted() == per_slice[d + step]
+    size = page.evaluate("[document.getElementById('mask-canvas').width, document.getElementById('mask-canvas')"
+                         ".height]")
+    assert size == [labels.shape[2], labels.shape[1]]  # columns W, rows H: the viewer's slice
+    _until(page, f"document.getElementById('mask-base').naturalWidth === {labels.shape[2]}")
+    toggle = page.get_by_label("nodule", exact=False).and_(page.locator("input[type=checkbox]"))
+    toggle.uncheck()
+    assert painted() == 0
+    toggle.check()
+    assert painted() == per_slice[d + step]
+    page.locator("#mask-opacity").fill("40")
+    assert page.locator("#mask-canvas").evaluate("e => e.style.opacity") == "0.4"
+    _labelled(page)
+    page.screenshot(path=str(ARTIFACTS / "predict-segmentation-volume.png"), full_page=True)
+    assert watch.problems == [], watch.problems
+
+
+@pytest.fixture(scope="module")
 def slide_site(tmp_path_factory):
     """A server with one slide model (and no image model) and a generated slide."""
     from lepton.data.slidegen import plan_slide, write_slide

@@ -195,6 +195,7 @@ def test_view_shows_an_upload_under_a_window(console, tmp_path):
     lung = _post(console, "/v1/view?window=lung&filename=ct.zip", content=series)
     bone = _post(console, "/v1/view?window=bone&filename=ct.zip", content=series)
     assert lung.status_code == 200 and lung.json()["slices"] == 6 and lung.json()["window"] == "lung"
+    assert lung.json()["indices"] == list(range(6))  # where each image's row of a volume's label map lies
     assert lung.json()["images"] != bone.json()["images"]
     assert _post(console, "/v1/view", content=b"not an image at all").status_code == 422
     assert _post(console, "/v1/view", content=b"").status_code == 400

@@ -191,6 +191,8 @@ class View(BaseModel):
     window: str | None
     slices: int
     images: list[str]
+    indices: list[int] = Field(description="Each image's slice index along the volume's first axis (every slice, or "
+                               "an even subset of a deep volume): where a volume's label map is read for it.")
 
 
 class MonitorSummary(BaseModel):

@@ -117,10 +117,13 @@ async def view(request: Request, key: KeyInfo | None = Depends(api_key)):
         frames = await asyncio.to_thread(read_image_bytes, body, name, window=window, slices="all")
     except DataError as exc:
         raise ApiError(422, "unreadable_image", str(exc)) from None
+    indices = list(range(len(frames)))
     if len(frames) > MAX_VIEW_SLICES:
-        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, MAX_VIEW_SLICES).round().astype(int)]
+        indices = np.linspace(0, len(frames) - 1, MAX_VIEW_SLICES).round().astype(int).tolist()
+        frames = [frames[i] for i in indices]
     images = await asyncio.to_thread(lambda: [_png(f.pixels) for f in frames])
-    return JSONResponse({"name": name, "window": window, "slices": len(images), "images": images})
+    return JSONResponse({"name": name, "window": window, "slices": len(images), "images": images,
+                         "indices": indices})
 
 
 def _png(pixels: np.ndarray) -> str:

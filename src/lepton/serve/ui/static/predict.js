@@ -1,7 +1,7 @@
 "use strict";
 // Predict: several images at once as a table; a viewer for the chosen one (CT window presets, a slice scroller
 // for volumes) and its explanation with an opacity slider; a segmentation's label map drawn over the image, each
-// class with its own colour and toggle, and an opacity slider.
+// class with its own colour and toggle, and an opacity slider — a volume's map slice by slice with the scroller.
 document.addEventListener("DOMContentLoaded", async () => {
   const { api, el, fmt, showError } = Lepton;
   const models = document.getElementById("model");
@@ -24,7 +24,8 @@ document.addEventListener("DOMContentLoaded", async () => {
   const PALETTE = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]];
   let current = null;  // {file, result, slices}
-  let mask = null;  // {indices: Uint8Array, width, height, shown: Set of class indices}
+  // {indices: Uint8Array, width, height, shown: Set of class indices}; a volume's also {volume, depth, slice}
+  let mask = null;
 
   try {
     await Lepton.start();
@@ -95,6 +96,7 @@ document.addEventListener("DOMContentLoaded", async () => {
       const view = await api("/v1/view?" + params, { method: "POST", body: current.file,
         headers: { "Content-Type": "application/octet-stream" } });
       current.slices = view.images;
+      current.indices = view.indices || view.images.map((_, i) => i);
       slice.max = String(view.slices - 1);
       slice.value = String(Math.floor((view.slices - 1) / 2));
       slice.disabled = view.slices < 2;
@@ -109,10 +111,11 @@ document.addEventListener("DOMContentLoaded", async () => {
     sliceOut.textContent = (i + 1) + " / " + current.slices.length;
     viewImage.src = "data:image/png;base64," + current.slices[i];
     if (!maskFigure.hidden) document.getElementById("mask-base").src = viewImage.src;  // the map's own grid
+    if (mask && mask.volume) showVolumeSlice(current.indices[i]);
   }
 
   function open(file, result) {
-    current = { file, result, slices: [] };
+    current = { file, result, slices: [], indices: [] };
     viewer.hidden = false;
     document.getElementById("viewer-title").textContent = "Viewer: " + file.name;
     const figure = document.getElementById("overlay-figure");
@@ -131,13 +134,25 @@ document.addEventListener("DOMContentLoaded", async () => {
 
   function setOpacity() { heat.style.opacity = String(Number(opacity.value) / 100); }
 
-  // A 2-D segmentation's label map (a PNG of class indices on the image's own grid) over the image: decoded once
-  // into indices, then painted with the classes switched on. (A volume's map comes as NIfTI and is not drawn.)
+  // A segmentation's label map over the image: a 2-D map (a PNG of class indices on the image's own grid) decoded
+  // once into indices, a volume's (gzipped NIfTI, uint8, on the volume's grid as the viewer slices it) into a
+  // volume whose slice under the scroller is drawn; painted with the classes switched on.
   function showMask(result) {
     const map = result.label_map;
     mask = null;
-    maskFigure.hidden = !(map && map.format === "png");
+    maskFigure.hidden = !(map && (map.format === "png" || map.format === "nifti"));
     if (maskFigure.hidden) return;
+    if (map.format === "nifti") {
+      readNifti(map.data).then((vol) => {
+        if (current.result !== result) return;  // another file was opened meanwhile
+        mask = { volume: vol.data, depth: vol.dims[0], height: vol.dims[1], width: vol.dims[2], shown: new Set(),
+          indices: new Uint8Array(vol.dims[1] * vol.dims[2]), slice: -1 };
+        classToggles(result, new Set(vol.data));
+        const i = Number(slice.value);
+        showVolumeSlice(current.indices.length ? current.indices[i] : Math.floor((mask.depth - 1) / 2));
+      }).catch((err) => { maskFigure.hidden = true; showError("Segmentation: " + err.message); });
+      return;
+    }
     const image = new Image();
     image.addEventListener("load", () => {
       const scratch = document.createElement("canvas");
@@ -148,30 +163,68 @@ document.addEventListener("DOMContentLoaded", async () => {
       const rgba = ctx.getImageData(0, 0, scratch.width, scratch.height).data;
       const indices = new Uint8Array(scratch.width * scratch.height);
       for (let i = 0; i < indices.length; i++) indices[i] = rgba[4 * i];  // grey PNG: R = G = B = class
-      const labels = result.labels.length ? result.labels : ["background"];
-      const present = new Set(indices);
       mask = { indices, width: scratch.width, height: scratch.height, shown: new Set() };
-      const toggles = [];
-      for (let k = 1; k < Math.max(labels.length, Math.max(...present) + 1); k++) {
-        const name = labels[k] || "class " + k;
-        const box = el("input", { type: "checkbox", id: "mask-class-" + k, name: "mask-class", value: k,
-          checked: true });
-        box.addEventListener("change", () => {
-          if (box.checked) mask.shown.add(k); else mask.shown.delete(k);
-          paintMask();
-        });
-        const swatch = el("span", { class: "swatch", "aria-hidden": "true" });
-        swatch.style.background = "rgb(" + PALETTE[k % PALETTE.length].join(",") + ")";
-        toggles.push(el("label", { for: "mask-class-" + k }, box, swatch,
-          name + (present.has(k) ? "" : " (none found)")));
-        mask.shown.add(k);
-      }
-      maskClasses.replaceChildren(el("legend", { text: "Classes shown" }), ...toggles);
+      classToggles(result, new Set(indices));
       document.getElementById("mask-caption").textContent = "Segmentation (" + scratch.width + " × " +
         scratch.height + ")";
       paintMask();
     });
     image.src = "data:image/png;base64," + map.data;
+  }
+
+  // One toggle per class (its colour, its name, whether the map holds any of it), all switched on.
+  function classToggles(result, present) {
+    const labels = result.labels.length ? result.labels : ["background"];
+    const toggles = [];
+    for (let k = 1; k < Math.max(labels.length, Math.max(...present) + 1); k++) {
+      const name = labels[k] || "class " + k;
+      const box = el("input", { type: "checkbox", id: "mask-class-" + k, name: "mask-class", value: k,
+        checked: true });
+      box.addEventListener("change", () => {
+        if (box.checked) mask.shown.add(k); else mask.shown.delete(k);
+        paintMask();
+      });
+      const swatch = el("span", { class: "swatch", "aria-hidden": "true" });
+      swatch.style.background = "rgb(" + PALETTE[k % PALETTE.length].join(",") + ")";
+      toggles.push(el("label", { for: "mask-class-" + k }, box, swatch,
+        name + (present.has(k) ? "" : " (none found)")));
+      mask.shown.add(k);
+    }
+    maskClasses.replaceChildren(el("legend", { text: "Classes shown" }), ...toggles);
+  }
+
+  // A gzipped NIfTI-1 label map (uint8, 3-D, as the server writes it) read in the browser: dims and voxels. NIfTI
+  // stores the first axis fastest, so voxel (d, h, w) sits at d + D * (h + H * w).
+  async function readNifti(b64) {
+    const packed = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const stream = new Blob([packed]).stream().pipeThrough(new DecompressionStream("gzip"));
+    const bytes = new Uint8Array(await new Response(stream).arrayBuffer());
+    const view = new DataView(bytes.buffer);
+    const little = view.getInt32(0, true) === 348;
+    if (!little && view.getInt32(0, false) !== 348) throw new Error("the label map is not a NIfTI-1 file");
+    const dims = [1, 2, 3].map((i) => view.getInt16(40 + 2 * i, little));
+    if (view.getInt16(40, little) < 3 || view.getInt16(70, little) !== 2) {
+      throw new Error("the label map is not a 3-D uint8 NIfTI volume");
+    }
+    const offset = Math.round(view.getFloat32(108, little));
+    const count = dims[0] * dims[1] * dims[2];
+    if (offset + count > bytes.length) throw new Error("the label map is truncated");
+    return { dims, data: bytes.subarray(offset, offset + count) };
+  }
+
+  // Slice d of a volume's label map (rows H, columns W, as the viewer shows slice d) into the painted indices.
+  function showVolumeSlice(d) {
+    if (!mask || !mask.volume || d === undefined) return;
+    const { depth, height, width } = mask;
+    const k = Math.min(Math.max(0, d), depth - 1);
+    for (let h = 0; h < height; h++) {
+      for (let w = 0; w < width; w++) mask.indices[h * width + w] = mask.volume[k + depth * (h + height * w)];
+    }
+    mask.slice = k;
+    maskCanvas.dataset.slice = String(k);
+    document.getElementById("mask-caption").textContent = "Segmentation (" + width + " × " + height + " × " +
+      depth + "), slice " + (k + 1);
+    paintMask();
   }
 
   function paintMask() {
