@@ -35,7 +35,7 @@ AUC_TOLERANCE, SPEEDUP_GOAL = 0.005, 3.5
 #: epochs (each member), student epochs. Small enough to finish on a shared 2-core CPU (the figures in
 #: docs/benchmarks.md were taken so); the options override them. --quick uses QUICK instead.
 BUDGETS = {"pneumoniamnist": {"train_images": 500, "members": 3, "epochs": 2, "student_epochs": 4},
-           "adrenalmnist3d": {"train_images": 150, "members": 2, "epochs": 2, "student_epochs": 4}}
+           "adrenalmnist3d": {"train_images": 150, "members": 2, "epochs": 2, "student_epochs": 30}}
 QUICK = {"train_images": 600, "members": 2, "epochs": 2, "student_epochs": 2}
 
 
@@ -50,6 +50,12 @@ def train_val_only(src: Path, dst: Path, n_train: int | None = None, n_val: int 
             arrays |= {f"{split}_images": npz[f"{split}_images"][idx], f"{split}_labels": npz[f"{split}_labels"][idx]}
     np.savez(dst, **arrays)
     return dst
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15-minute load averages (other processes on the cores), or n/a."""
+    path = Path("/proc/loadavg")
+    return " ".join(path.read_text().split()[:3]) if path.exists() else "n/a"
 
 
 def peak_rss_mb() -> float:
@@ -96,11 +102,12 @@ def run_one(name: str, data: Path, out: Path, budget: dict, bootstrap: int) -> d
           f"{stages['teacher_train_s']:.0f} s", flush=True)
     t0 = time.perf_counter()
     student = distill(teacher.path, epochs=budget["student_epochs"], name=f"{name}-student", output_dir=str(out),
-                      n_bootstrap=bootstrap, quiet=True)
+                      consistent=budget.get("consistent", False), n_bootstrap=bootstrap, quiet=True)
     stages["student_distill_s"] = time.perf_counter() - t0
     report = json.loads((student.path / "distill_report.json").read_text())
-    print(f"  student: {budget['student_epochs']} epochs, {stages['student_distill_s']:.0f} s (teacher outputs, "
-          "training, both evaluations)", flush=True)
+    print(f"  student: {budget['student_epochs']} epochs (best {student.info.get('best_epoch')}), "
+          f"{'consistent teaching' if budget.get('consistent') else 'cached teacher outputs'}, "
+          f"{stages['student_distill_s']:.0f} s (teacher outputs, training, both evaluations)", flush=True)
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     runs = {"teacher": teacher, "student": student}
@@ -118,7 +125,8 @@ def run_one(name: str, data: Path, out: Path, budget: dict, bootstrap: int) -> d
            "auc_delta": s["val_auc"] - t["val_auc"], "int8_auc": int8["val_auc"],
            "int8_auc_delta": int8["val_auc"] - t["val_auc"],
            "images_per_s": speed, "speedup": {b: v["student"] / v["teacher"] for b, v in speed.items()},
-           "stages": stages, "peak_rss_mb": peak_rss_mb(), "budget": budget}
+           "stages": stages, "peak_rss_mb": peak_rss_mb(), "budget": budget, "loadavg_end": loadavg(),
+           "best_epoch": student.info.get("best_epoch")}
     row["goals"] = {"auc": row["auc_delta"] >= -AUC_TOLERANCE, "int8_auc": row["int8_auc_delta"] >= -AUC_TOLERANCE,
                     "speed": all(v >= SPEEDUP_GOAL for v in row["speedup"].values())}
     return row
@@ -140,7 +148,7 @@ def show(name: str, row: dict) -> None:
     print(f"  speed-up {row['speedup']['b1']:.2f}x at batch 1, {row['speedup']['b64']:.2f}x at batch 64 (goal >= "
           f"{SPEEDUP_GOAL}x: {'met' if row['goals']['speed'] else 'NOT met'})")
     print("  stages: " + ", ".join(f"{k} {v:.0f}" for k, v in row["stages"].items())
-          + f"; peak RSS {row['peak_rss_mb']:.0f} MB")
+          + f"; peak RSS {row['peak_rss_mb']:.0f} MB; load average at the end {row['loadavg_end']}")
 
 
 def main() -> int:
@@ -156,6 +164,8 @@ def main() -> int:
     parser.add_argument("--members", type=int, help="teacher members (default: the set's budget)")
     parser.add_argument("--epochs", type=int, help="teacher epochs per member (default: the set's budget)")
     parser.add_argument("--student-epochs", type=int, help="student epochs (default: the set's budget)")
+    parser.add_argument("--consistent", action=argparse.BooleanOptionalAction, default=None,
+                        help="the teacher answers on each augmented batch (default: the set's budget)")
     args = parser.parse_args()
     import torch
 
@@ -170,13 +180,14 @@ def main() -> int:
             print(f"SKIP {name}: {source} not found (the benchmark reads ../shared/data)")
             continue
         budget = dict(QUICK if args.quick else BUDGETS[name])
-        for key in ("train_images", "members", "epochs", "student_epochs"):
+        for key in ("train_images", "members", "epochs", "student_epochs", "consistent"):
             if getattr(args, key) is not None:
                 budget[key] = getattr(args, key)
         data = train_val_only(source, out / f"{name}-trainval.npz", budget["train_images"], 200 if args.quick else None)
         budget["train_images"] = int(np.load(data)["train_labels"].shape[0])
         print(f"{name}: {budget['train_images']} train images; teacher {budget['members']} members x "
-              f"{budget['epochs']} epochs, student {budget['student_epochs']} epochs", flush=True)
+              f"{budget['epochs']} epochs, student {budget['student_epochs']} epochs"
+              f"{' (consistent teaching)' if budget.get('consistent') else ''}; load average {loadavg()}", flush=True)
         row = run_one(name, data, out, budget, args.bootstrap)
         results["sets"][name] = row
         show(name, row)

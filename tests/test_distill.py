@@ -1,5 +1,6 @@
 """Distillation (lepton.distill): an ensemble with flip TTA taught to one network that is a run like any other —
-resumable after a SIGKILL, evaluated beside its teacher, registered with its teacher named, served through OIP."""
+resumable after a SIGKILL, evaluated beside its teacher, registered with its teacher named, served through OIP; a
+segmentation ensemble's soft masks (cached per case on disk) taught to one network and compared by Dice."""
 
 import csv
 import json
@@ -35,6 +36,26 @@ def student(teacher, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("s")
     return distill(teacher.path, **_distill_args(teacher, out, "student"))
+
+
+@pytest.fixture(scope="module")
+def seg_teacher(tmp_path_factory):
+    """A 2-D segmentation ensemble of two U-Nets with flip TTA (one epoch each) on 10 generated 32-px cases."""
+    import lepton
+    from lepton.data.synthetic import write_segmentation_cases
+
+    root = tmp_path_factory.mktemp("seg-teacher")
+    cases = write_segmentation_cases(root / "cases", n=10, dims=2, seed=0, shape=(32,))
+    return lepton.train(cases, task="segmentation", epochs=1, batch_size=4, ensemble=2, tta=True, time_budget_s=0,
+                        quiet=True, output_dir=str(root), name="teacher", seed=0)
+
+
+@pytest.fixture(scope="module")
+def seg_student(seg_teacher, tmp_path_factory):
+    from lepton.distill import distill
+
+    return distill(seg_teacher.path, **{**_distill_args(seg_teacher, tmp_path_factory.mktemp("seg-s"), "student"),
+                                        "epochs": 1})
 
 
 def test_soft_targets_and_the_loss():
@@ -124,7 +145,8 @@ def test_a_student_served_through_oip_answers_as_offline(student, tmp_path):
 @pytest.mark.slow
 def test_distillation_resumes_after_a_kill(teacher, student, tmp_path):
     """SIGKILL a distillation in its own process after two epochs; the resumed run repeats the uninterrupted one,
-    reading the teacher's outputs from its cache."""
+    reading the teacher's outputs from its cache. (A segmentation student resumes through the same epochs and
+    checkpoints; its per-case soft-mask cache picking up after a kill is tested below without a process.)"""
     from lepton.distill import TEACHER_FILE, distill
 
     args = _distill_args(teacher, tmp_path, "killed")
@@ -185,3 +207,112 @@ def test_unlabelled_images_are_read_at_the_teachers_size(tmp_path, png_folder):
     assert tuple(_unlabelled_images(str(tmp_path / "pool.npz"), spec).shape) == (5, 1, 16, 16)  # never test_*
     with pytest.raises(DataError, match="folder of image files"):
         _unlabelled_images(str(tmp_path / "missing"), spec)
+
+
+def test_segmentation_losses_and_consistent_targets():
+    """Voxel-wise KL + soft Dice against the teacher's masks, mixed with the labels' Dice + CE; a batch's targets take
+    the teacher's outputs on that batch (consistent teaching) for both tasks."""
+    from lepton.tasks import get_task
+    from lepton.tasks.distillation import soft_mask_loss
+
+    seg, cls = get_task("segmentation"), get_task("classification")
+    gen = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(2, 3, 8, 8, generator=gen) * 3
+    probs = torch.softmax(teacher_logits, 1)
+    label = probs.argmax(1, keepdim=True).float()
+    target = torch.cat([label, probs], 1)
+    kd_only = soft_mask_loss(seg.loss, 2.0, 1.0)
+    same, other = kd_only(teacher_logits, target), kd_only(-teacher_logits, target)
+    assert float(other) > float(same) + 0.5
+    # at alpha = 1 only the teacher counts: the KL part vanishes when the student is the teacher
+    kl_only = soft_mask_loss(lambda logits, y: logits.sum() * 0, 2.0, 1.0)
+    from monai.losses import DiceLoss
+
+    dice = DiceLoss(include_background=False, softmax=True, batch=True)(teacher_logits, probs)
+    assert float(kl_only(teacher_logits, target)) == pytest.approx(float(dice), abs=1e-5)
+    # alpha = 0: the task's own loss on the label channel alone
+    assert float(soft_mask_loss(seg.loss, 2.0, 0.0)(teacher_logits, target)) == pytest.approx(
+        float(seg.loss(teacher_logits, label.long())), rel=1e-5)
+    # voxels moved in from outside the case (all channels 0) count as background, not as NaN
+    outside = target.clone()
+    outside[:, :, :2] = 0
+    assert torch.isfinite(kd_only(teacher_logits, outside))
+    fresh = torch.softmax(torch.randn(2, 3, 8, 8, generator=gen), 1)
+    torch.testing.assert_close(seg.distill_batch(target, fresh, 2.0), torch.cat([label, fresh], 1))
+    rows = torch.tensor([[0.6, 0.4, 1.0], [0.5, 0.5, -1.0]])
+    moved = cls.distill_batch(rows, torch.tensor([[0.1, 0.9], [0.8, 0.2]]), 1.0)
+    torch.testing.assert_close(moved, torch.tensor([[0.1, 0.9, 1.0], [0.8, 0.2, -1.0]]))
+    with pytest.raises(ConfigError, match="no distillation"):
+        get_task("detection").distill_loss(seg.loss, 2.0, 0.5)
+
+
+def test_consistent_teaching_asks_the_teacher_on_each_batch(teacher):
+    """With consistent teaching a step's soft targets are the teacher's answers (members, TTA) on the batch the
+    student trains on, not the cached ones."""
+    from types import SimpleNamespace
+
+    from lepton.distill import _teach_on_each_batch
+    from lepton.runs import predict_outputs
+
+    seen = []
+    trainer = SimpleNamespace(task=teacher.task, device="cpu", step=lambda xb, yb, epoch, weight=1.0, extras=None:
+                              seen.append(yb) or 0.0)
+    _teach_on_each_batch(trainer, teacher, 2.0)
+    xb = teacher.preprocessing.normalize(torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1)))
+    cached = torch.tensor([[0.5, 0.5, 1.0]] * 4)
+    trainer.step(xb, cached, 1)
+    expected = predict_outputs(teacher.model, xb, teacher.task.activate, tta=True)
+    from lepton.tasks.distillation import soft_targets
+
+    torch.testing.assert_close(seen[0][:, :2], soft_targets(torch.from_numpy(expected), 2.0))
+    assert seen[0][:, 2].tolist() == [1.0] * 4
+
+
+@pytest.mark.slow
+def test_a_segmentation_ensemble_is_distilled_by_its_soft_masks(seg_teacher, seg_student, tmp_path, monkeypatch):
+    """One network from a 2-member, 2-view segmentation teacher: its soft masks cached per case as uint8 on disk and
+    read a batch at a time, the student evaluated by Dice beside it and registered with the teacher named."""
+    from lepton import distill as mod
+
+    t_cost, s_info = seg_teacher.info["cost"], seg_student.info
+    assert t_cost["forward_passes_per_image"] == 2 * seg_teacher.info.get("members", 1) >= 2
+    assert (seg_student.config.tta, seg_student.config.ensemble, s_info["cost"]["forward_passes_per_image"]) == \
+        (False, 1, 1)
+    assert s_info["teacher"]["run"] == str(seg_teacher.path.resolve()) and "val_dice" in s_info["teacher"]
+    report = json.loads((seg_student.path / "distill_report.json").read_text())
+    assert report["metric"] == "dice" and report["teacher"]["images"] == report["student"]["images"] == 2
+    assert report["dice_delta"] == pytest.approx(report["student"]["val_dice"] - report["teacher"]["val_dice"])
+    assert report["student"]["val_dice"] == pytest.approx(
+        json.loads((seg_student.path / "eval" / "val" / "report.json").read_text())["mean_dice"])
+    assert "| teacher |" in (seg_student.path / "distill_report.md").read_text()
+    # one compressed uint8 file per training case, probabilities on the padded case grid
+    folder = seg_student.path / mod.TEACHER_MASKS
+    files = sorted(folder.iterdir())
+    assert len(files) == s_info["train_images"]
+    with np.load(files[0]) as z:
+        q = z["probs"]
+    assert q.dtype == np.uint8 and q.shape[0] == 2 and np.abs(q.sum(0).astype(int) - 255).max() <= 2
+    # read per batch: only the cases asked for, the label map first
+    targets = seg_student.task.distill_targets(torch.zeros((len(files), 1, *q.shape[1:])), folder, 4.0)
+    batch = targets[torch.tensor([0, 2])]
+    assert tuple(batch.shape) == (2, 3, *q.shape[1:])
+    np.testing.assert_allclose(batch[0, 1:].numpy(), q / q.sum(0, keepdims=True), atol=1e-6)
+    # the cache is per case: a torn file and a missing one are computed again, the rest read back
+    files[0].write_bytes(b"torn")
+    files[1].unlink()
+    key = str(np.load(files[2])["key"])
+    calls = []
+    real = mod.write_soft_mask
+    monkeypatch.setattr(mod, "write_soft_mask", lambda f, i, p, k: calls.append(i) or real(f, i, p, k))
+    x = torch.rand(len(files), 1, *q.shape[1:])
+    mod.teacher_masks(seg_teacher, x, seg_student.path, key, quiet=True)
+    assert calls == [0, 1]
+    # registered as a version whose card names its teacher; export takes it like any run
+    from lepton.registry import Registry
+
+    reg = Registry.open(tmp_path / "reg")
+    reg.register_run(seg_teacher.path, "seg")
+    card = reg.card(reg.register_run(seg_student.path, "seg").ref)
+    assert f"Distilled from teacher `{seg_teacher.path.resolve()}`" in card and "Dice" in card
+    with pytest.raises(ConfigError, match="unlabelled images are taken for classifiers"):
+        mod.distill(seg_teacher.path, unlabelled=str(tmp_path), output_dir=str(tmp_path), name="u")

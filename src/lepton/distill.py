@@ -9,8 +9,12 @@ its measured cost). The student is then evaluated on val beside its teacher (``l
 calibration) in ``distill_report.json``/``.md``; export, quantisation, serving and registration take it like any
 run, and its card names its teacher.
 
-Classification only: a segmentation teacher's soft masks would need per-patch targets that follow the random
-patches and augmentation of dense training (not built).
+What differs by task goes through the task seam (``Task.distill_targets``, ``Task.distill_loss``,
+``Task.headline``; ``lepton.tasks.distillation``). A segmentation teacher's soft masks (its members' mean with flip
+TTA, on each training case) are cached on disk one compressed uint8 file per case (``teacher_masks/``) and read per
+batch, stacked behind the label map so that patches and augmentation move them with the image; the student learns
+them by voxel-wise KL at the temperature and a soft Dice, mixed with the task's Dice + cross-entropy, and is compared
+with its teacher by Dice. Tasks without these hooks (detection, sequences) are refused.
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ from typing import Any
 import numpy as np
 
 from lepton.errors import ConfigError, DataError, RunError
+from lepton.tasks.distillation import has_soft_mask, kd_loss, soft_targets, write_soft_mask
+
+__all__ = ["DistillSettings", "compare", "distill", "kd_loss", "soft_targets", "teacher_masks", "teacher_outputs"]
 
 log = logging.getLogger("lepton.distill")
 
 SETTINGS_FILE = "distill.json"
 TEACHER_FILE = "teacher_outputs.npz"
+TEACHER_MASKS = "teacher_masks"
 REPORT_FILE = "distill_report.json"
 
 
@@ -43,6 +51,10 @@ class DistillSettings:
     alpha: float = 0.7  # weight of the soft-target (KL) loss; 1 - alpha goes to the hard labels
     unlabelled: str | None = None
     teacher_version: str | None = None
+    #: The teacher answers on every augmented batch as the student sees it (consistent teaching, Beyer et al. 2022:
+    #: the student matches the teacher's function on new views, not one fixed output per image), at the cost of the
+    #: teacher's forward passes each step; otherwise the cached outputs on the un-augmented images are the targets.
+    consistent: bool = False
 
     def check(self) -> DistillSettings:
         if not 0.5 <= self.temperature <= 50:
@@ -50,30 +62,6 @@ class DistillSettings:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha (the soft-target weight) must be in [0, 1] (got {self.alpha})")
         return self
-
-
-def soft_targets(probs, temperature: float):
-    """Probabilities sharpened or softened at ``temperature``: softmax(log p / T), the teacher's logits being the
-    log of its (ensemble-mean) probabilities."""
-    import torch
-
-    return torch.softmax(torch.log(probs.float().clamp_min(1e-8)) / temperature, dim=1)
-
-
-def kd_loss(hard_loss, temperature: float, alpha: float):
-    """The student's loss on a target row ``[teacher probabilities at T …, hard label]`` (label -1: unlabelled):
-    ``alpha · T² · KL(teacher_T ‖ student_T) + (1 - alpha) · hard_loss`` over the labelled rows."""
-    import torch.nn.functional as F
-
-    def loss(logits, target):
-        logits = logits.float()
-        soft, hard = target[:, :-1].float(), target[:, -1].long()
-        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean") * temperature ** 2
-        labelled = hard >= 0
-        ce = hard_loss(logits[labelled], hard[labelled]) if bool(labelled.any()) else logits.sum() * 0.0
-        return alpha * kd + (1.0 - alpha) * ce
-
-    return loss
 
 
 def _unlabelled_images(source: str, spec) -> Any:
@@ -146,6 +134,35 @@ def teacher_outputs(teacher, x, run_dir: Path, key: str, quiet: bool = False) ->
     return probs
 
 
+def teacher_masks(teacher, x, run_dir: Path, key: str, quiet: bool = False) -> Path:
+    """A dense teacher's soft masks (its members' mean, flip TTA as it predicts) for the cases ``x`` (N, C, …) in
+    [0, 1], one case at a time, each written to ``RUN/teacher_masks/`` as a compressed uint8 file as soon as it is
+    computed: a case already there from the same teacher and data is not computed again (a killed distillation
+    picks up where it stopped), and no more than one case's outputs are ever in memory."""
+    import torch
+    from rich.progress import Progress
+
+    from lepton.runs import predict_outputs
+
+    folder = run_dir / TEACHER_MASKS
+    folder.mkdir(parents=True, exist_ok=True)
+    spec, shape = teacher.preprocessing, tuple(x.shape[2:])
+    todo = [i for i in range(len(x)) if not has_soft_mask(folder, i, key, shape)]
+    t0 = time.perf_counter()
+    with Progress(disable=quiet, transient=True) as progress:
+        bar = progress.add_task("teacher soft masks", total=len(todo))
+        for i in todo:
+            xb = spec.normalize(torch.as_tensor(x[i:i + 1]).float())
+            probs = predict_outputs(teacher.model, xb, teacher.task.activate, tta=teacher.config.tta,
+                                    device=teacher.device)[0]
+            write_soft_mask(folder, i, probs, key)
+            progress.advance(bar)
+    if todo and not quiet:
+        log.info("teacher soft masks for %d of %d cases in %.1f s, cached in %s", len(todo), len(x),
+                 time.perf_counter() - t0, folder)
+    return folder
+
+
 def distill(
     teacher: str | Path | None = None,
     *,
@@ -153,6 +170,7 @@ def distill(
     temperature: float = 4.0,
     alpha: float = 0.7,
     unlabelled: str | None = None,
+    consistent: bool = False,
     epochs: int | None = None,
     lr: float | None = None,
     batch_size: int | None = None,
@@ -198,11 +216,8 @@ def distill(
         if teacher is None:
             raise ConfigError("give the teacher RUN to distil, or --resume STUDENT_RUN")
         teacher_run = load_run(teacher)
-        if teacher_run.task.dense or teacher_run.task.name != "classification":
-            raise ConfigError(f"{teacher}: a {teacher_run.task.name} run; distillation takes classifiers "
-                              "(segmentation soft masks are not built)")
         settings = DistillSettings(str(Path(teacher).resolve()), student or teacher_run.config.model, temperature,
-                                   alpha, unlabelled, teacher_version).check()
+                                   alpha, unlabelled, teacher_version, consistent).check()
         base = teacher_run.config
         values = {**base.to_dict(), "task": base.task, "model": settings.student, "ensemble": 1, "tta": False,
                   "time_budget_s": 0.0, "pretrained": None, "freeze_backbone": False, "adversarial": None,
@@ -217,17 +232,23 @@ def distill(
         if (run_dir / "config.yaml").exists():
             raise RunError(f"{run_dir} already holds a run; pass resume={str(run_dir)!r} (--resume) or another name")
         spec = teacher_run.preprocessing
-    from lepton.models import model_info
-
-    if model_info(config.model).task == "segmentation":
-        raise ConfigError(f"{config.model} is a segmentation network; choose a classifier as the student")
+    task = teacher_run.task
+    try:  # tasks without distillation refuse here, before any data are read
+        task.distill_loss(task.loss, settings.temperature, settings.alpha)
+    except ConfigError as exc:
+        raise ConfigError(f"{settings.teacher}: a {task.name} run; {exc}") from None
+    if settings.unlabelled and task.dense:
+        raise ConfigError("unlabelled images are taken for classifiers; a segmentation student learns the "
+                          "teacher's soft masks on its training cases")
     device = resolve_device(config.device)
     teacher_run.device = device
     teacher_run.model = teacher_run.model.to(device)
     if config.threads:
         torch.set_num_threads(config.threads)
-    task = teacher_run.task
     prepared = prepare_data(dataclasses.replace(config, data_engine="memory"), spec, task, quiet=quiet)
+    from lepton.train.loop import model_spec
+
+    model_spec(config, task, prepared)  # the student's network fits the task (a classifier for classification, …)
     if state is not None and state["fingerprint"]["sha256"] != prepared.fingerprint["sha256"]:
         raise RunError(f"{run_dir}: the data at {config.data} changed since distillation started")
     if state is None:
@@ -240,8 +261,12 @@ def distill(
     extra_x = _unlabelled_images(settings.unlabelled, prepared.spec) if settings.unlabelled else None
     x_all = prepared.x_train if extra_x is None else torch.cat([prepared.x_train, extra_x.to(prepared.x_train.dtype)])
     key = _key(Path(settings.teacher), prepared.fingerprint, 0 if extra_x is None else len(extra_x))
-    probs = torch.from_numpy(teacher_outputs(teacher_run, x_all, run_dir, key, quiet))
-    history, best, t0 = _fit(config, task, prepared, device, run_dir, settings, probs, x_all, state, quiet)
+    if task.dense:  # soft masks: on disk, one case at a time
+        outputs: Any = teacher_masks(teacher_run, x_all, run_dir, key, quiet)
+    else:
+        outputs = torch.from_numpy(teacher_outputs(teacher_run, x_all, run_dir, key, quiet))
+    history, best, t0 = _fit(config, task, prepared, device, run_dir, settings, outputs, x_all, state, quiet,
+                             teacher_run if settings.consistent else None)
     from lepton.cost import run_cost
     from lepton.models.precision import resolve_precision
 
@@ -251,22 +276,26 @@ def distill(
     record = {"run": settings.teacher, "version": settings.teacher_version, "model": teacher_run.config.model,
               "members": teacher_cost["members"], "tta_views": teacher_cost["tta_views"],
               "forward_passes_per_image": teacher_cost["forward_passes_per_image"],
-              "val_auc": teacher_run.info.get("val_auc"), "temperature": settings.temperature,
-              "alpha": settings.alpha, "unlabelled_images": 0 if extra_x is None else len(extra_x)}
+              task.selection_metric: teacher_run.info.get(task.selection_metric),
+              "temperature": settings.temperature, "alpha": settings.alpha, "consistent": settings.consistent,
+              "unlabelled_images": 0 if extra_x is None else len(extra_x)}
     precision = resolve_precision(config.precision if config.amp else "fp32", device, spec.spatial_dims)
     run = finish_run(run_dir, config, task, prepared, history, best, None, time.perf_counter() - t0, device, precision,
                      extra={"teacher": record})
     report = compare(teacher_run, run, teacher_cost, n_bootstrap=n_bootstrap)
-    log.info("student %s: val AUC %.4f against the teacher's %.4f; %.1fx its throughput at batch %d",
-             config.model, report["student"]["val_auc"], report["teacher"]["val_auc"],
+    metric = report["metric"]
+    log.info("student %s: val %s %.4f against the teacher's %.4f; %.1fx its throughput at batch %d",
+             config.model, metric, report["student"][f"val_{metric}"], report["teacher"][f"val_{metric}"],
              report["speedup"][f"b{report['serving_batch']}"], report["serving_batch"])
     return run
 
 
-def _fit(config, task, prepared, device: str, run_dir: Path, settings: DistillSettings, probs, x_all,
-         state: dict[str, Any] | None, quiet: bool):
-    """The student's epochs: ``Trainer``'s steps on the teacher's soft targets, best/last checkpoints and history
-    each epoch (as training writes them), from ``state`` when resuming."""
+def _fit(config, task, prepared, device: str, run_dir: Path, settings: DistillSettings, outputs, x_all,
+         state: dict[str, Any] | None, quiet: bool, teacher=None):
+    """The student's epochs: ``Trainer``'s steps on the teacher's soft targets (``outputs``: probabilities per image,
+    or a dense teacher's folder of soft masks), best/last checkpoints and history each epoch (as training writes
+    them), from ``state`` when resuming. With ``teacher`` (consistent teaching) each step's targets are its answers on
+    that step's augmented batch."""
     import torch
 
     from lepton.train.checkpoint import save_best, save_last, write_history
@@ -277,13 +306,22 @@ def _fit(config, task, prepared, device: str, run_dir: Path, settings: DistillSe
     seed_epoch(config.seed, 0)
     trainer = Trainer(config, task, prepared, device)
     n_labelled = len(prepared.y_train)
-    hard = torch.cat([prepared.y_train.float(), torch.full((len(x_all) - n_labelled,), -1.0)])
-    targets = torch.cat([soft_targets(probs, settings.temperature), hard[:, None]], dim=1)
-    trainer.loss_fn = kd_loss(trainer.loss_fn, settings.temperature, settings.alpha)
+    targets = task.distill_targets(prepared.y_train, outputs, settings.temperature)
+    trainer.loss_fn = task.distill_loss(trainer.loss_fn, settings.temperature, settings.alpha)
     trainer.data = dataclasses.replace(prepared, x_train=x_all, y_train=targets)
+    if teacher is not None:
+        _teach_on_each_batch(trainer, teacher, settings.temperature)
+    steps = trainer.steps_per_epoch * config.epochs
+    horizon = 1.0 / (1.0 - config.ema_decay) if config.ema_decay > 0 else 0.0
+    if steps < 2 * horizon:
+        # AdrenalMNIST3D (150 volumes, 4 epochs of 3 steps): the averaged weights stayed near the first steps' and the
+        # student fell 0.033 AUC short of its teacher; 30 epochs closed the gap (docs/benchmarks.md).
+        log.warning("the student trains %d optimiser steps, fewer than twice the EMA horizon (1/(1 - %.3g) = %.0f "
+                    "steps): its averaged weights will lag; give more --epochs (a student learns the teacher's "
+                    "function slowly) or a smaller batch size", steps, config.ema_decay, horizon)
     if len(x_all) != n_labelled:  # unlabelled images lengthen the epoch: the schedule follows
         if trainer.sample_weight is not None:  # balanced sampling by the teacher's classes where labels are absent
-            trainer.sample_weight = task.sample_weights(probs.argmax(1), config)
+            trainer.sample_weight = task.sample_weights(outputs.argmax(1), config)
         trainer.steps_per_epoch = -(-len(x_all) // trainer.global_batch)
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer,
                                                               lr_lambda(config, trainer.steps_per_epoch))
@@ -315,6 +353,24 @@ def _fit(config, task, prepared, device: str, run_dir: Path, settings: DistillSe
     if not history:
         raise RunError(f"{run_dir}: no epoch was trained")
     return history, best, t0
+
+
+def _teach_on_each_batch(trainer, teacher, temperature: float) -> None:
+    """Make ``trainer``'s steps take their soft targets from ``teacher`` on the very batch the student trains on (after
+    augmentation and patch cutting; normalised as both networks see it), its members and flip TTA as it predicts."""
+    import torch
+
+    from lepton.runs import predict_outputs
+
+    step, task = trainer.step, trainer.task
+
+    def consistent_step(xb, yb, epoch, weight=1.0, extras=None):
+        probs = predict_outputs(teacher.model, xb, teacher.task.activate, tta=teacher.config.tta,
+                                device=trainer.device, batch_size=len(xb))
+        return step(xb, task.distill_batch(yb, torch.from_numpy(probs).to(yb.device), temperature), epoch, weight,
+                    extras)
+
+    trainer.step = consistent_step
 
 
 def _measured_here(cost: dict[str, Any] | None) -> bool:
@@ -353,29 +409,33 @@ def compare(teacher, student, teacher_cost: dict[str, Any] | None = None, *, n_b
                                    n_bootstrap=n_bootstrap, plots=False, track=[]),
                "student": evaluate(student, split=split, output=out / "eval" / split, n_bootstrap=n_bootstrap)}
     batch = costs["student"]["serving_batch"]
+    unit = costs["student"].get("unit", "image")  # a dense task is timed per sliding window
     rows: dict[str, dict[str, Any]] = {}
+    metric = "auc"
     for who, rep in reports.items():
-        m = rep["metrics"][rep["primary_threshold"]]
+        metric, value, ci = student.task.headline(rep)
         fp32 = costs[who]["precisions"]["fp32"]
         rows[who] = {"run": str((teacher if who == "teacher" else student).path), "images": rep["images"],
-                     "val_auc": m["auc"], "auc_ci95": (m.get("ci95") or {}).get("auc"), "val_acc": m["acc"],
-                     "ece": rep.get("ece"), "forward_passes_per_image": costs[who]["forward_passes_per_image"],
+                     f"val_{metric}": value, f"{metric}_ci95": ci, "ece": rep.get("ece"),
+                     "forward_passes_per_image": costs[who]["forward_passes_per_image"],
                      **{f"{k}_b{b}": fp32[f"{k}_b{b}"] for k in ("ms_per_image", "images_per_s") for b in (1, batch)}}
     speed = {f"b{b}": rows["teacher"][f"ms_per_image_b{b}"] / rows["student"][f"ms_per_image_b{b}"] for b in (1, batch)}
-    report = {"split": split, "teacher": rows["teacher"], "student": rows["student"],
-              "auc_delta": rows["student"]["val_auc"] - rows["teacher"]["val_auc"], "speedup": speed,
-              "serving_batch": batch, "cost": costs}
+    report = {"split": split, "metric": metric, "teacher": rows["teacher"], "student": rows["student"],
+              f"{metric}_delta": rows["student"][f"val_{metric}"] - rows["teacher"][f"val_{metric}"],
+              "speedup": speed, "serving_batch": batch, "unit": unit, "cost": costs}
     atomic_write_json(out / REPORT_FILE, report)
+    name = metric.upper() if metric == "auc" else metric.capitalize()
     lines = [f"# Distillation: {student.path.name}", "", f"Split **{split}** ({rows['student']['images']} images), "
-             f"fp32 timings on {costs['student'].get('cpu')} ({costs['student'].get('threads')} threads).", "",
-             f"| | AUC [95% CI] | ACC | ECE | passes/image | ms/image b1 | ms/image b{batch} |", "|---" * 7 + "|"]
+             f"fp32 timings per {unit} on {costs['student'].get('cpu')} ({costs['student'].get('threads')} "
+             "threads).", "",
+             f"| | {name} [95% CI] | ECE | passes/{unit} | ms/{unit} b1 | ms/{unit} b{batch} |", "|---" * 6 + "|"]
     for who in ("teacher", "student"):
         r = rows[who]
-        ci = " [{:.4f}, {:.4f}]".format(*r["auc_ci95"]) if r["auc_ci95"] else ""
-        lines.append(f"| {who} | {r['val_auc']:.4f}{ci} | {r['val_acc']:.4f} | {r['ece']:.4f} | "
+        ci = " [{:.4f}, {:.4f}]".format(*r[f"{metric}_ci95"]) if r[f"{metric}_ci95"] else ""
+        lines.append(f"| {who} | {r[f'val_{metric}']:.4f}{ci} | {r['ece']:.4f} | "
                      f"{r['forward_passes_per_image']} | {r['ms_per_image_b1']:.3f} | "
                      f"{r[f'ms_per_image_b{batch}']:.3f} |")
-    lines += ["", f"- AUC student − teacher: {report['auc_delta']:+.4f}",
+    lines += ["", f"- {name} student − teacher: {report[f'{metric}_delta']:+.4f}",
               f"- Student speed-up: {speed['b1']:.1f}× at batch 1, {speed[f'b{batch}']:.1f}× at batch {batch}"]
     atomic_write_text(out / "distill_report.md", "\n".join(lines) + "\n")
     return report

@@ -31,6 +31,10 @@ def distill(
     unlabelled: Annotated[str | None, typer.Option(help="More images without labels for the soft targets: a folder "
                                                         "of image files, or a MedMNIST-format .npz (its "
                                                         "train_images).")] = None,
+    consistent: Annotated[bool, typer.Option("--consistent", help="The teacher answers on every augmented batch as "
+                                                                  "the student sees it (costs its forward passes each "
+                                                                  "step), instead of its cached outputs on the "
+                                                                  "un-augmented images.")] = False,
     epochs: Annotated[int | None, typer.Option(help="Student epochs (default: the teacher's).", min=1,
                                                max=100_000)] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: the teacher's).",
@@ -63,8 +67,9 @@ def distill(
         source = str(run.resolve())
         teacher_version = next((v.ref for v in reversed(reg.list()) if v.source_run == source), None)
     student_run = distill_fn(run, student=student, temperature=temperature, alpha=alpha, unlabelled=unlabelled,
-                             epochs=epochs, lr=lr, batch_size=batch_size, name=name, output_dir=output_dir,
-                             resume=resume, teacher_version=teacher_version, n_bootstrap=bootstrap, quiet=quiet)
+                             consistent=consistent, epochs=epochs, lr=lr, batch_size=batch_size, name=name,
+                             output_dir=output_dir, resume=resume, teacher_version=teacher_version,
+                             n_bootstrap=bootstrap, quiet=quiet)
     err.print((student_run.path / "distill_report.md").read_text(), highlight=False)
     if reg is not None:
         v = reg.register_run(student_run.path, register)

@@ -42,8 +42,8 @@ def create_model(
     ``spatial_dims=3`` builds the volume version (inputs (N, C, D, H, W)) of networks that have one.
     ``slab_depth=D`` builds the 2.5-D version instead: the 2-D network over volumes of D slices, read as
     ``in_channels * D`` channels (``SliceChannels``). ``members=K`` (K > 1) builds an ``Ensemble`` of K such networks
-    (a classifier answering their mean probabilities). ``options`` go to networks that take more (the sequence
-    networks: ``encoder``, ``covariates``, ``fusion``); the others refuse them.
+    (answering their mean class probabilities, per voxel for segmentation networks). ``options`` go to networks that
+    take more (the sequence networks: ``encoder``, ``covariates``, ``fusion``); the others refuse them.
 
     >>> model = create_model("resnet18", in_channels=1, num_classes=2, image_size=28)
     """
@@ -61,8 +61,10 @@ def create_model(
     if members is not None and members > 1:
         from lepton.models.networks import Ensemble
 
-        if info.task != "classification" or pretrained is not None:
-            raise ModelError("members > 1 builds an ensemble of classifiers trained from scratch")
+        # the members' mean softmax over axis 1: class probabilities, or a segmentation network's per voxel
+        if info.task not in ("classification", "segmentation") or pretrained is not None:
+            raise ModelError("members > 1 builds an ensemble of classifiers or segmentation networks trained from "
+                             "scratch")
         return Ensemble([create_model(name, in_channels, num_classes, image_size=image_size, spatial_dims=spatial_dims,
                                       slab_depth=slab_depth) for _ in range(members)])
     if slab_depth is not None:

@@ -118,6 +118,12 @@ class Task:
             out.append((name, frame.pixels))
         return out
 
+    def answer_file(self, run, path: str | Path) -> list[dict[str, Any]] | None:
+        """The answers (one dict per frame, with ``path``) for a file this task predicts other than frame by frame
+        at the network's input size (``Run.predict``; ``run`` is the loaded run); None (the default): read it with
+        ``read`` and batch its frames with the other files'."""
+        return None
+
     def read_bytes(self, data: bytes, name: str, spec) -> np.ndarray | None:
         """An uploaded file decoded as ``read`` decodes a path, for the server; None (the default): the server's own
         image decoding."""
@@ -268,6 +274,11 @@ class Task:
     def distill_loss(self, hard_loss: Loss, temperature: float, alpha: float) -> Loss:
         """The student's loss on ``distill_targets``: the teacher's outputs at ``temperature`` (weight ``alpha``)
         and the task's own loss ``hard_loss`` on the labels."""
+        raise ConfigError(f"the {self.name} task has no distillation (classification and segmentation runs have)")
+
+    def distill_batch(self, targets: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """One augmented batch's ``targets`` with the teacher's outputs on that very batch (as the student sees it)
+        in place of the cached ones: consistent teaching."""
         raise ConfigError(f"the {self.name} task has no distillation (classification and segmentation runs have)")
 
     # -- protocols and the registry --------------------------------------------------------------------------

@@ -211,6 +211,13 @@ class Classification(Task):
 
         return kd_loss(hard_loss, temperature, alpha)
 
+    def distill_batch(self, targets, teacher, temperature):
+        import torch
+
+        from lepton.tasks.distillation import soft_targets
+
+        return torch.cat([soft_targets(teacher, temperature), targets[:, -1:]], dim=1)
+
     def report(self, y, outputs, labels, info, *, n_bootstrap, plots):
         thresholds: dict[str, float | None] = {"argmax": None} if len(labels) != 2 else {"0.5": 0.5}
         if len(labels) == 2 and info.get("threshold") is not None:

@@ -354,6 +354,11 @@ class Segmentation(Task):
 
         return soft_mask_loss(hard_loss, temperature, alpha)
 
+    def distill_batch(self, targets, teacher, temperature):
+        import torch
+
+        return torch.cat([targets[:, :1], teacher.to(targets.dtype)], dim=1)
+
     def _markdown(self, body: dict[str, Any]) -> list[str]:
         def ci(values):
             return " – ".join(fmt(v) for v in values) if values else "-"
