@@ -186,6 +186,8 @@ def distill(
     teacher's probabilities at ``temperature`` as soft targets (weight ``alpha``) and the hard labels. Returns the
     student as a loaded ``Run`` in ``output_dir/name`` (default: beside the teacher, ``<teacher>-distilled``).
 
+    A segmentation teacher's soft masks are the targets (cached per case in ``teacher_masks/``; no
+    ``unlabelled``). ``consistent`` asks the teacher on every augmented batch instead of using its cached outputs.
     ``resume`` continues a killed distillation from its run directory. The student predicts without TTA (one
     forward pass per image); ``epochs`` defaults to the teacher's schedule, ``teacher_version`` names the teacher's
     registered version for the card.
