@@ -20,6 +20,16 @@ minutes for the two parts side by side at a load average of ~20). Val selects no
 step's. ``--quick`` runs a slice for a smoke test.
 Goals (issue #35): with 10 % of the labels, within 0.01 val AUC of 100 % supervised; with 1 %, at least 0.05 above
 supervised-only at 1 %.
+
+``--part hippo``: **hippocampus segmentation** (MSD Task04, ``../shared/data/hippocampus``: its training cases only —
+the held-out cases are never read) with 5 and 20 labelled cases. A seeded draw of 40 cases is the val set every model
+is scored on; the labelled cases are drawn from the rest, and every other case is the unlabelled pool (its labels
+never read). Per labelled count: **supervised** (the labelled cases alone), **mean-teacher** and **fixmatch**
+(``--semi``, the pool as unlabelled volumes, checked against val by ``check_pool``) and, unless ``--no-pretrain``,
+**pretrained** (the U-Net pretrained once by masked-volume reconstruction on the labelled + unlabelled cases, then
+supervised). Every model gets the same number of optimiser steps at batch 2 (the semi-supervised ones see 2 x 2
+unlabelled volumes beside each batch); the figure is the last step's, Dice per class with 95 % bootstrap CIs over the
+val cases.
 """
 
 from __future__ import annotations
@@ -127,6 +137,122 @@ class Bench:
         self.times["pretrain"] = time.perf_counter() - t0
 
 
+HIPPO = ROOT.parent / "shared" / "data" / "hippocampus"
+HIPPO_FULL = {"steps": 200, "val": 40, "labelled": (5, 20), "pretrain_epochs": 4}
+HIPPO_QUICK = {"steps": 12, "val": 8, "labelled": (5,), "pretrain_epochs": 1, "cases": 40}
+HIPPO_LABELS = ["background", "anterior", "posterior"]
+
+
+class Hippo:
+    """The hippocampus cases split once (val, then the labelled draws), and the files each training reads: a mask
+    manifest of the labelled cases + val, and a CSV of the unlabelled volumes' paths."""
+
+    def __init__(self, tmp: Path, budget: dict):
+        spec = json.loads((HIPPO / "dataset.json").read_text())
+        cases = [(HIPPO / c["image"], HIPPO / c["label"]) for c in spec["training"]][:budget.get("cases")]
+        order = np.random.default_rng(0).permutation(len(cases))
+        self.val = [cases[i] for i in order[:budget["val"]]]
+        self.rest = [cases[i] for i in order[budget["val"]:]]
+        self.tmp, self.budget, self.backbone = tmp, budget, None
+        self.times: dict[str, float] = {}
+
+    def files(self, n: int) -> tuple[Path, Path]:
+        folder = self.tmp / f"hippo-{n}"
+        folder.mkdir(exist_ok=True)
+        rows = ["path,mask,split"] + [f"{i},{m},train" for i, m in self.rest[:n]] + \
+            [f"{i},{m},val" for i, m in self.val]
+        (folder / "labelled.csv").write_text("\n".join(rows) + "\n")
+        (folder / "labels.json").write_text(json.dumps(HIPPO_LABELS))
+        (folder / "pool.csv").write_text("\n".join(["path"] + [str(i) for i, _ in self.rest[n:]]) + "\n")
+        return folder / "labelled.csv", folder / "pool.csv"
+
+    def pretrain(self) -> None:
+        from lepton.pretrain import pretrain
+
+        t0 = time.perf_counter()
+        source = self.tmp / "hippo-all.csv"
+        source.write_text("\n".join(["path"] + [str(i) for i, _ in self.rest]) + "\n")
+        self.backbone = pretrain(source, self.tmp / "hippo-ssl", model="unet", method="masked",
+                                 epochs=self.budget["pretrain_epochs"], batch_size=8, lr=1e-3, slices="volume",
+                                 image_size=self.size, threads=1, quiet=True)
+        self.times["pretrain"] = time.perf_counter() - t0
+
+    def fit(self, n: int, method: str):
+        """Train with ``n`` labelled cases by ``method``; the prepared data and the val probabilities."""
+        import torch
+
+        from lepton.config import make_config
+        from lepton.tasks import get_task
+        from lepton.train.data import prepare_data
+        from lepton.train.semi import make_trainer
+
+        t0 = time.perf_counter()
+        lab, pool = self.files(n)
+        semi = method in ("mean-teacher", "fixmatch")
+        batch, ratio = 2, 2
+        # optimiser steps per epoch (a last batch of one is skipped: BatchNorm-free or not, the loop needs two)
+        per_epoch = (len(self.rest) - n) // (batch * ratio) if semi else n // batch
+        epochs = max(1, -(-self.budget["steps"] // max(1, per_epoch)))
+        extra = {"unlabelled": str(pool), "semi": method, "semi_ratio": ratio, "semi_threshold": 0.9} if semi else {}
+        config = make_config("segmentation", data=str(lab), epochs=epochs, batch_size=batch, threads=1,
+                             precision="fp32", seed=0, warmup_epochs=0.0, tta=False,
+                             output_dir=str(self.tmp / "runs"), **extra)
+        torch.manual_seed(0)
+        prepared = prepare_data(config, quiet=True)
+        self.size = int(prepared.spec.size[-1])
+        trainer = make_trainer(config, get_task("segmentation"), prepared, "cpu",
+                               pretrained=str(self.backbone) if method == "pretrained" else None)
+        rows = [trainer.train_epoch(epoch) for epoch in range(1, epochs + 1)]
+        probs = trainer.predict_val()
+        self.times[f"{method}-{n}"] = time.perf_counter() - t0
+        return prepared, probs, epochs * per_epoch, rows[-1]
+
+
+def dice_scores(y, probs) -> dict[str, dict]:
+    """Dice per foreground class over the val cases: mean and 95 % bootstrap CI (1,000 resamples of the cases)."""
+    from lepton.tasks.seg_metrics import mean_ci
+
+    y, probs = np.asarray(y), np.asarray(probs)
+    pred = probs.argmax(1)
+    out = {}
+    for k, name in enumerate(HIPPO_LABELS[1:], start=1):
+        p, t = pred == k, y[:, 0] == k
+        axes = tuple(range(1, p.ndim))
+        inter, total = (p & t).sum(axes), p.sum(axes) + t.sum(axes)
+        dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+        mean, ci = mean_ci(dice.tolist(), 1000)
+        out[name] = {"dice": round(mean, 4), "ci": [round(v, 4) for v in ci] if ci else None}
+    return out
+
+
+def hippocampus(budget: dict, methods: tuple[str, ...]) -> dict[str, dict]:
+    """Supervised, pretrained, Mean Teacher and FixMatch with 5 and 20 labelled cases: val Dice per class."""
+    table: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        hippo = Hippo(Path(tmp), budget)
+        print(f"hippocampus: {len(hippo.val)} val cases, {len(hippo.rest)} others (labelled + unlabelled); "
+              f"{budget['steps']} steps per model at batch 2", flush=True)
+        for n in budget["labelled"]:
+            row = table.setdefault(f"{n} labelled", {"unlabelled": len(hippo.rest) - n})
+            for method in methods:
+                if method == "pretrained" and hippo.backbone is None:
+                    hippo.pretrain()
+                    print(f"  pretraining (masked, {budget['pretrain_epochs']} epochs): "
+                          f"{hippo.times['pretrain']:.0f} s", flush=True)
+                prepared, probs, steps, last = hippo.fit(n, method)
+                tag = f"{method}-{n}"
+                row[method] = {**dice_scores(prepared.y_val.numpy(), probs), "steps": steps,
+                               "seconds": round(hippo.times[tag], 1),
+                               **({"unsup_loss": round(last["unsup_loss"], 4),
+                                   "pseudo_fraction": round(last["pseudo_fraction"], 3)} if "unsup_loss" in last
+                                  else {})}
+                cells = "  ".join(f"{c} {row[method][c]['dice']:.4f} {row[method][c]['ci']}" for c in HIPPO_LABELS[1:])
+                print(f"  {n:3d} labelled {method:12s} {cells}  {steps} steps  {hippo.times[tag]:.0f} s  "
+                      f"load {Path('/proc/loadavg').read_text().split()[0]}", flush=True)
+        table["times"] = hippo.times
+    return table
+
+
 def score(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     from lepton.tasks.metrics import auc_score, bootstrap_ci
 
@@ -217,10 +343,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small slice, one-epoch budgets (smoke test)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.add_argument("--part", choices=("all", "table", "al"), default="all",
-                        help="the label-fraction table, the active-learning simulation, or both (default)")
+    parser.add_argument("--part", choices=("all", "table", "al", "hippo"), default="all",
+                        help="the label-fraction table, the active-learning simulation, both (default), or the "
+                             "hippocampus segmentation part")
+    parser.add_argument("--no-pretrain", action="store_true", help="hippocampus: leave out the pretrained models")
     args = parser.parse_args()
     print(f"CPU: {cpu_summary()}")
+    if args.part == "hippo":
+        return main_hippo(args)
     if not DATA.is_file():
         print(f"skipped: {DATA} is absent (see ../shared/data/README.md)")
         return 0
@@ -248,6 +378,37 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_summary(), "budget": budget, "table": table, "al": al,
                                          "goals": goals, "times": bench.times}, indent=1))
+    return 0
+
+
+def main_hippo(args) -> int:
+    """The hippocampus part on its own: its table and the peak memory."""
+    if not (HIPPO / "dataset.json").is_file():
+        print(f"skipped: {HIPPO} is absent (see ../shared/data/README.md)")
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    budget = HIPPO_QUICK if args.quick else HIPPO_FULL
+    methods = ("supervised", *(() if args.no_pretrain else ("pretrained",)), "mean-teacher", "fixmatch")
+    t0 = time.perf_counter()
+    table = hippocampus(budget, methods)
+    print("\nval Dice per class [95 % CI over val cases]:")
+    for key, row in table.items():
+        if key == "times":
+            continue
+        for method in methods:
+            m = row[method]
+            print(f"  {key:12s} ({row['unlabelled']} unlabelled) {method:12s} "
+                  + "  ".join(f"{c} {m[c]['dice']:.4f} {m[c]['ci']}" for c in HIPPO_LABELS[1:]))
+        base = row["supervised"]
+        for method in methods[1:]:
+            gain = {c: round(row[method][c]["dice"] - base[c]["dice"], 4) for c in HIPPO_LABELS[1:]}
+            print(f"  {key:12s} {method} - supervised: {gain}")
+    print(f"wall {time.perf_counter() - t0:.0f} s, peak RSS {peak_rss_mb():.0f} MB, "
+          f"load {Path('/proc/loadavg').read_text().strip()}")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu_summary(), "budget": budget, "hippocampus": table}, indent=1))
     return 0
 
 
