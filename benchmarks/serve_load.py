@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -184,17 +185,72 @@ def precision_peaks(reg, precisions: list[str], batch: int, seconds: float = 2.0
     return out
 
 
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A live process's peak resident memory (VmHWM), MB; NaN where /proc has no such figure."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def count_forward_passes(registry: Path, body: bytes, clients: int, max_batch_size: int,
+                         max_wait_ms: float) -> tuple[int, int]:
+    """In this process: ``clients`` concurrent segmentation requests through the server's own code path (the window
+    batcher), the network's forward calls counted by a hook on the module itself. Returns (forward calls, windows)."""
+    from lepton.data.io import read_image_bytes
+    from lepton.serve import ServeConfig
+    from lepton.serve.state import Server
+
+    frame = read_image_bytes(body, "upload.png")[0]
+
+    async def main() -> tuple[int, int]:
+        srv = Server(ServeConfig(models=["seg"], registry=str(registry), max_batch_size=max_batch_size,
+                                 max_wait_ms=max_wait_ms, rate_limit=0, max_queue=65536))
+        await srv.reload()
+        dep = srv.deployments["seg"]
+        handle = dep.handles[dep.primary]
+        calls, windows, lock = [0], [0], threading.Lock()
+
+        def hook(module, inputs, output) -> None:  # model threads run side by side without batching
+            with lock:
+                calls[0] += 1
+                windows[0] += int(inputs[0].shape[0])
+
+        remove = handle.adapter.run.model.register_forward_hook(hook)
+        try:
+            await asyncio.gather(*(srv.segment(dep, frame, None) for _ in range(clients)))
+        finally:
+            remove.remove()
+            await srv.close()
+        return calls[0], windows[0]
+
+    return asyncio.run(main())
+
+
 def segmentation_rows(tmp: Path, clients: int, seconds: float, rounds: int, env: dict[str, str],
                       max_wait_ms: float) -> None:
     """Dense serving, same run: a 2-D segmentation model (a UNet on synthetic chest images, 64 px windows) served
     with its sliding windows batched across requests (d) and one window per forward pass (e), 128 px uploads (nine
-    windows each), the two servers taking turns; requests/s, latency percentiles, windows per forward pass."""
+    windows each), the two servers taking turns; requests/s, latency percentiles, windows and forward passes per
+    request (from each server's batch-size histogram: one forward pass per batch), the servers' peak RSS — and, in
+    this process, the network's forward calls counted by a module hook for ``clients`` concurrent requests."""
     from PIL import Image
 
     import lepton
     from lepton.data.synthetic import write_segmentation_cases
     from lepton.registry import Registry
 
+    load_before = _loadavg()
     cases = write_segmentation_cases(tmp / "seg-cases", n=16, dims=2, seed=0)
     run = lepton.train(cases, task="segmentation", epochs=1, batch_size=8, time_budget_s=0, quiet=True,
                        output_dir=str(tmp / "seg-runs"), name="seg")
@@ -207,7 +263,11 @@ def segmentation_rows(tmp: Path, clients: int, seconds: float, rounds: int, env:
     servers = {"d) segmentation, windows batched": ["--max-batch-size", str(4 * clients), "--max-wait-ms",
                                                     str(max_wait_ms)],
                "e) segmentation, one window per forward": ["--max-batch-size", "1"]}
-    procs, urls = [], {}
+    counted = {"d) segmentation, windows batched": count_forward_passes(tmp / "seg-reg", body, clients, 4 * clients,
+                                                                         max_wait_ms),
+               "e) segmentation, one window per forward": count_forward_passes(tmp / "seg-reg", body, clients, 1,
+                                                                                max_wait_ms)}
+    procs, urls, rss = [], {}, {}
     try:
         for label, extra in servers.items():
             port = free_port()
@@ -234,20 +294,32 @@ def segmentation_rows(tmp: Path, clients: int, seconds: float, rounds: int, env:
                 a["elapsed"] += got["elapsed"]
                 a["windows"] += windows
                 a["batches"] += batches
+        rss = {label: peak_rss_mb(proc.pid) for label, proc in zip(servers, procs, strict=True)}
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
-    print(f"\nDense serving: a UNet on 128 x 128 uploads (64 px windows, overlap 0.25: 9 windows a request), {clients} "
-          f"concurrent clients for {seconds:.0f} s each in {max(1, rounds)} turns; ratio against (e)")
-    print(f"{'server':<44}{'req/s':>9}{'ratio':>7}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'windows/pass':>14}")
+    print(f"\nCPU: {cpu_summary()}; load average before: {load_before}, after: {_loadavg()}")
+    per_request = counted["e) segmentation, one window per forward"][1] / clients
+    print(f"Dense serving: a UNet on 128 x 128 uploads (64 px windows, overlap 0.25: {per_request:.0f} windows a "
+          f"request with the run's flip TTA), {clients} concurrent clients for {seconds:.0f} s each in "
+          f"{max(1, rounds)} turns; ratio against (e)")
+    print(f"{'server':<42}{'req/s':>8}{'ratio':>7}{'p50 ms':>9}{'p99 ms':>9}{'errors':>7}{'windows/pass':>13}"
+          f"{'passes/req':>11}{'peak RSS MB':>12}")
     results = {label: summarise(a["latencies"], a["errors"], a["elapsed"]) for label, a in acc.items()}
     unbatched = results["e) segmentation, one window per forward"]["requests_per_s"]
     for label, r in results.items():
         per_pass = acc[label]["windows"] / acc[label]["batches"] if acc[label]["batches"] else float("nan")
-        print(f"{label:<44}{r['requests_per_s']:>9.1f}{r['requests_per_s'] / unbatched:>6.2f}x{r['p50_ms']:>9.1f}"
-              f"{r['p99_ms']:>9.1f}{r['errors']:>8d}{per_pass:>14.1f}")
+        per_request = acc[label]["batches"] / r["ok"] if r["ok"] else float("nan")
+        print(f"{label:<42}{r['requests_per_s']:>8.1f}{r['requests_per_s'] / unbatched:>6.2f}x{r['p50_ms']:>9.1f}"
+              f"{r['p99_ms']:>9.1f}{r['errors']:>7d}{per_pass:>13.1f}{per_request:>11.2f}"
+              f"{rss.get(label, float('nan')):>12.0f}")
+    print(f"forward calls counted by a hook on the network, {clients} concurrent requests in this process "
+          "(the servers' code path):")
+    for label, (calls, windows) in counted.items():
+        print(f"  {label:<42}{calls:>6d} forward calls for {windows} windows = {calls / clients:.2f} per request, "
+              f"{windows / max(calls, 1):.1f} windows per call")
 
 
 def main() -> int:
@@ -270,6 +342,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="8 clients, 4 s each, lepton_cnn")
     parser.add_argument("--no-segmentation", dest="segmentation", action="store_false",
                         help="skip the dense rows (d, e): a segmentation model with and without window batching")
+    parser.add_argument("--segmentation-only", action="store_true",
+                        help="only the dense rows (d, e) and the forward-pass count (a few minutes)")
     parser.add_argument("--precisions", default="fp32,bf16,int8",
                         help="a row (a) per serving precision (`lepton serve --precision P`), each checked on the "
                              "version's val set first; its AUC delta against fp32 is printed")
@@ -281,6 +355,11 @@ def main() -> int:
         args.clients, args.seconds, args.model = 8, 4.0, "lepton_cnn"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = args.workers or cores
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    if args.segmentation_only:
+        segmentation_rows(Path(tempfile.mkdtemp(prefix="lepton-serve-bench-")), args.clients, args.seconds,
+                          args.rounds, env, args.max_wait_ms)
+        return 0
 
     from PIL import Image
 
@@ -302,8 +381,7 @@ def main() -> int:
     buf = io.BytesIO()
     Image.fromarray(images[0]).save(buf, format="PNG")
     body = buf.getvalue()
-    # The same OpenMP policy for every server (`lepton serve` defaults to passive waiting).
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    # The same OpenMP policy for every server (`lepton serve` defaults to passive waiting): ``env`` above.
     batching = ["--max-batch-size", str(args.max_batch_size or args.clients), "--max-wait-ms", str(args.max_wait_ms),
                 "--batch-idle-ms", str(args.batch_idle_ms)]
     # label -> (lepton serve options or None for the plain server, torch threads per process, extra environment)
