@@ -423,6 +423,7 @@ def test_a_slide_job_shows_the_heatmap_over_the_thumbnail_and_the_probability(br
     page.get_by_role("link", name="Slides").click()
     page.wait_for_url("**/ui/slides")
     page.wait_for_selector("#slide-model option", state="attached")
+    _until(page, "document.getElementById('slide-card').textContent.includes('gated-attention MIL')")
     page.set_input_files("#slide-file", str(slide_site["slide"]))
     _until(page, "document.getElementById('job-heatmap').naturalWidth > 0", timeout=60)
     assert "done" in page.locator("#job-status").inner_text()
@@ -433,4 +434,58 @@ def test_a_slide_job_shows_the_heatmap_over_the_thumbnail_and_the_probability(br
         "document.getElementById('job-progress').max") > 1
     _labelled(page)
     page.screenshot(path=str(ARTIFACTS / "slides.png"), full_page=True)
+    assert watch.problems == [], watch.problems
+
+
+@pytest.fixture(scope="module")
+def det_site(tmp_path_factory):
+    """A served 2-D detector (one short epoch on generated radiographs), every box answered (threshold 0)."""
+    import json
+
+    import lepton
+    from lepton.data.synthetic import write_detection_cases
+    from lepton.registry import Registry
+    from lepton.serve import ServeConfig
+
+    root = tmp_path_factory.mktemp("det-console")
+    boxes = write_detection_cases(root / "cxr", 12, dims=2, seed=0)
+    run = lepton.train(boxes, epochs=1, batch_size=6, time_budget_s=0, image_size=32, tta=False, quiet=True,
+                       output_dir=str(root / "runs"), name="det", seed=0)
+    info = json.loads((run.path / "run.json").read_text())
+    (run.path / "run.json").write_text(json.dumps({**info, "threshold": 0.0}))  # an untrained model's boxes too
+    reg = Registry.open(root / "reg")
+    reg.register_run(run.path, "boxes")
+    keys = {"admin": reg.create_key("ops", "admin")}
+    with running(ServeConfig(models=["boxes"], registry=str(root / "reg"), rate_limit=0)) as base:
+        yield {"url": base, "keys": keys, "images": sorted((root / "cxr" / "images").iterdir())}
+
+
+@pytest.mark.slow
+def test_boxes_drawn_over_the_image_with_labels_and_scores(browser, det_site):
+    import json
+
+    import numpy as np
+
+    image = det_site["images"][0]
+    r = httpx.post(det_site["url"] + "/v1/models/boxes/predict", content=image.read_bytes(),
+                   headers=auth(det_site["keys"]["admin"]), timeout=60)
+    assert r.status_code == 200, r.text
+    served = r.json()["boxes"]
+    assert served, "no box at threshold 0"
+    page, watch = _page(browser, det_site, "admin")
+    page.set_input_files("#files", str(image))
+    _until(page, "document.getElementById('boxes-canvas').dataset.boxes !== undefined")
+    assert page.locator("#results tbody tr td").nth(1).inner_text() == f"{len(served)} box(es)"
+    assert f"{served[0]['label']} " in page.locator("#results tbody tr td").nth(2).inner_text()
+    size = 64  # the generated radiographs' side
+    drawn = json.loads(page.locator("#boxes-canvas").get_attribute("data-boxes"))
+    expected = [[round(b["box"][k] * size, 2) for k in ("x0", "y0", "x1", "y1")] for b in served]
+    np.testing.assert_allclose(drawn, expected, atol=0.011)
+    scale = int(page.locator("#boxes-canvas").get_attribute("data-scale"))
+    x, y = int(expected[0][0] * scale), int((expected[0][1] + expected[0][3]) / 2 * scale)  # the left edge
+    alpha = page.evaluate(f"document.getElementById('boxes-canvas').getContext('2d').getImageData({x}, {y}, 1, 1)"
+                          ".data[3]")
+    assert alpha > 0
+    _labelled(page)
+    page.screenshot(path=str(ARTIFACTS / "predict-boxes.png"), full_page=True)
     assert watch.problems == [], watch.problems

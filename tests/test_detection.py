@@ -255,6 +255,81 @@ def test_box_augmentation_moves_boxes_with_the_image():
     assert torch.equal(ya[:, 1], y[:, 1])  # padding stays padding
 
 
+def test_world_boxes_round_trip_through_the_affine(tmp_path):
+    from lepton.data.boxes import load_boxes, voxel_to_world_boxes, world_to_voxel_boxes
+    from lepton.data.io import read_image
+    from lepton.data.synthetic import write_detection_cases
+
+    csv_path = write_detection_cases(tmp_path / "vol", 4, dims=3, seed=3)
+    voxel = load_boxes(csv_path)
+    # case000's one nodule: its world box from the NIfTI mask and nibabel's affine, independent of Lepton's reader
+    import nibabel as nib
+
+    label = nib.load(str(voxel.names[0]).replace("imagesTr", "labelsTr"))
+    ijk = np.argwhere(np.asarray(label.dataobj) > 0)
+    ends = np.concatenate([ijk - 0.5, ijk + 0.5]) @ label.affine[:3, :3].T + label.affine[:3, 3]
+    affine = read_image(voxel.names[0], slices="volume")[0].affine
+    assert len(voxel.boxes[0]) == 1
+    np.testing.assert_allclose(voxel_to_world_boxes(voxel.boxes[0], affine)[0],
+                               [*ends.min(0), *ends.max(0)])
+    np.testing.assert_allclose(voxel_to_world_boxes(voxel.boxes[0], affine, "lps")[0],
+                               [-ends[:, 0].max(), -ends[:, 1].max(), ends[:, 2].min(), -ends[:, 0].min(),
+                                -ends[:, 1].min(), ends[:, 2].max()])
+    oblique = np.array([[0.0, 0.8, -0.6, 5], [0.0, 0.6, 0.8, -2], [2.5, 0, 0, 7], [0, 0, 0, 1]])
+    box = np.array([[2.0, 3.0, 4.0, 6.0, 9.0, 12.0]])
+    np.testing.assert_allclose(world_to_voxel_boxes(voxel_to_world_boxes(box, oblique), oblique)[0, [0, 3]],
+                               box[0, [0, 3]])  # the slice axis lies along z: exact; the rotated ones grow
+    rows = [["path", "x0", "y0", "z0", "x1", "y1", "z1", "label", "space"]]
+    for name, boxes in zip(voxel.names, voxel.boxes, strict=True):
+        a = read_image(name, slices="volume")[0].affine
+        for space in ("ras", "lps"):
+            rows += [[name, *np.round(w, 4), "nodule", space] for w in voxel_to_world_boxes(boxes, a, space)]
+        if not len(boxes):
+            rows.append([name, "", "", "", "", "", "", "", ""])
+    world_csv = tmp_path / "world.csv"
+    with open(world_csv, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    world = load_boxes(world_csv)
+    assert world.names == voxel.names
+    for v, w in zip(voxel.boxes, world.boxes, strict=True):  # each box once per space, back where it was
+        np.testing.assert_allclose(w, np.repeat(v, 2, axis=0) if len(v) else w, atol=1e-3)
+    with open(world_csv, "a", newline="") as fh:
+        csv.writer(fh).writerow([voxel.names[0], -3, -9, 7, -8, -14, 3, "nodule", "ras"])
+    with pytest.raises(DataError, match=r"world.csv row \d+: world box with x1 ≤ x0"):
+        load_boxes(world_csv)
+    flat = _csv(_images(tmp_path / "flat"), extra=[["a.png", 1, 1, 5, 5, "cell"]])
+    text = flat.read_text().splitlines()
+    flat.write_text("\n".join([text[0] + ",space"] + [t + ",ras" for t in text[1:]]) + "\n")
+    with pytest.raises(DataError, match="world .* boxes are 3-D"):
+        load_boxes(flat)
+
+
+@pytest.mark.slow
+def test_sliding_windows_put_boxes_where_the_volume_has_them(one_thread):
+    import torch
+
+    from lepton.models.detection import BoxDetector
+
+    torch.manual_seed(0)
+    model = BoxDetector(1, 1, 3).eval()
+    model.detector.set_box_selector_parameters(score_thresh=0.0, topk_candidates_per_level=100, nms_thresh=0.3,
+                                               detections_per_img=100)  # an untrained network's weak boxes
+    gen = torch.Generator().manual_seed(1)
+    patch = torch.randn(1, 1, 16, 16, 16, generator=gen)
+    big = torch.cat([torch.randn(1, 1, 16, 16, 16, generator=gen), patch], dim=-1)  # the patch as the right half
+    with torch.no_grad():
+        alone = model(patch)[0]
+    rows = model.detect_windows(big, (16, 16, 16), overlap=0.0)[0]  # two windows, side by side
+    assert rows.shape == alone.shape
+    alone, rows = alone[alone[:, -1] >= 0], rows[rows[:, -1] >= 0]
+    voxels = rows[:, :6] * torch.tensor([16, 16, 32.0] * 2)
+    right = voxels[:, 2] >= 16
+    shifted = voxels[right] - torch.tensor([0, 0, 16.0] * 2)
+    torch.testing.assert_close(shifted[:2], alone[:2, :6] * 16)
+    torch.testing.assert_close(rows[right][:2, -2], alone[:2, -2])
+    assert bool((voxels[:, 3:] <= torch.tensor([16, 16, 32.0]) + 1e-4).all())
+
+
 @pytest.fixture(scope="module")
 def flat_run(tmp_path_factory):
     from lepton.data.synthetic import write_detection_cases
@@ -328,6 +403,29 @@ def test_3d_boxes_end_to_end(tmp_path):
     assert {"z0", "z1", "y0", "x1"} <= set(loose["boxes"][0]["box"]) and answer["count"] <= loose["count"]
     report = evaluate(run, split="test", n_bootstrap=20, plots=False)
     assert report["task"] == "detection" and report["images"] >= 1 and "cpm" in report
+    # a volume twice the training size on each in-plane axis: slid over at the training scale, not shrunk
+    import nibabel as nib
+
+    from lepton.data.boxes import voxel_to_world_boxes
+    from lepton.data.synthetic import nodule_phantom
+
+    hu, _ = nodule_phantom(np.random.default_rng(4), (16, 64, 64), count=3)
+    affine = np.diag([-0.5, -0.5, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0).copy(), affine), tmp_path / "big.nii.gz")
+    run.info["threshold"] = 0.0  # every detection, so an untrained network's boxes are there to check
+    (big,) = run.predict([tmp_path / "big.nii.gz"])
+    (small,) = run.predict([tmp_path / "vol" / "imagesTr" / "case000.nii.gz"])
+    assert big["windows"] > 1 and small["windows"] == 1 and big["count"] > 0
+    assert small["count"] == loose["count"] and big["world_coordinates"] == "RAS mm"
+    from lepton.data.io import read_image
+
+    frame = read_image(tmp_path / "big.nii.gz", slices="volume")[0]
+    voxels = np.array([[b["voxels"][k] for k in ("z0", "y0", "x0", "z1", "y1", "x1")] for b in big["boxes"]])
+    assert voxels.min() >= 0 and (voxels[:, 3:] <= [16, 64, 64]).all()
+    np.testing.assert_allclose(voxels[:, [1, 2, 4, 5]] / 64, [[b["box"][k] for k in ("y0", "x0", "y1", "x1")]
+                                                           for b in big["boxes"]], atol=1e-4)
+    world = np.array([[b["world"][k] for k in ("x0", "y0", "z0", "x1", "y1", "z1")] for b in big["boxes"]])
+    np.testing.assert_allclose(world, voxel_to_world_boxes(voxels, frame.affine), atol=2e-3)
 
 
 def test_detection_refuses_what_boxes_do_not_allow(tmp_path):
@@ -343,3 +441,38 @@ def test_detection_refuses_what_boxes_do_not_allow(tmp_path):
     source = _csv(_images(tmp_path / "d"))
     with pytest.raises(ConfigError, match="--task segmentation contradicts the data"):
         choose_task(source, "segmentation")
+
+
+def test_boxes_as_a_dicom_sr_parse_back_with_highdicom(tmp_path):
+    import pydicom
+
+    from lepton.data.boxes import voxel_to_world_boxes
+    from lepton.data.io import read_image
+    from lepton.data.synthetic import write_dicom_series
+    from lepton.pacs.sr import answer_sr, read_boxes
+
+    hu = np.full((6, 20, 24), -1000.0, np.float32)
+    hu[3, 7, 15] = 1000.0  # slice 3, row 7, column 15 of the series
+    files = write_dicom_series(tmp_path / "series", hu, spacing=(0.7, 0.8, 2.5), origin=(-50.0, -60.0, 10.0))
+    frame = read_image(tmp_path / "series", slices="volume", window="0,4000")[0]
+    d, h, w = np.unravel_index(np.argmax(frame.pixels[0]), frame.pixels.shape[1:])
+    world = voxel_to_world_boxes(np.array([[d, h, w, d + 1, h + 1, w + 1]]), frame.affine)[0]
+    evidence = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    answer = {"threshold": 0.5, "count": 1, "boxes": [{"label": "nodule", "score": 0.8, "box": {},
+                                                       "world": dict(zip(["x0", "y0", "z0", "x1", "y1", "z1"],
+                                                                         world.tolist(), strict=True))}]}
+    answer_sr(evidence, answer, model="nodules", version=2).save_as(tmp_path / "sr.dcm")
+    (box,) = read_boxes(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert box["label"] == "nodule" and box["score"] == pytest.approx(0.8)
+    assert box["series"] == str(evidence[0].SeriesInstanceUID)
+    centre = [-50.0 + 15 * 0.7, -60.0 + 7 * 0.8, 10.0 + 3 * 2.5]  # the voxel's centre from the DICOM geometry (LPS)
+    np.testing.assert_allclose(box["lps"], [*(np.subtract(centre, [0.35, 0.4, 1.25])),
+                                            *(np.add(centre, [0.35, 0.4, 1.25]))], atol=1e-4)
+    flat = {"threshold": 0.5, "count": 2, "boxes": [
+        {"label": "nodule", "score": 0.9, "box": {"y0": 0.25, "x0": 0.5, "y1": 0.5, "x1": 0.75}},
+        {"label": "mass", "score": 0.6, "box": {"y0": 0.0, "x0": 0.0, "y1": 0.1, "x1": 0.125}}]}
+    answer_sr(evidence[:1], flat, model="cxr", version=1).save_as(tmp_path / "flat.dcm")
+    said = sorted(read_boxes(pydicom.dcmread(tmp_path / "flat.dcm")), key=lambda b: -b["score"])
+    assert [(b["label"], b["score"]) for b in said] == [("nodule", pytest.approx(0.9)), ("mass", pytest.approx(0.6))]
+    np.testing.assert_allclose([b["pixels"] for b in said], [[12, 5, 18, 10], [0, 0, 3, 2]], atol=1e-4)
+    assert said[0]["image"] == str(evidence[0].SOPInstanceUID)

@@ -174,19 +174,27 @@ class Run:
         frames, names, rows = [], [], []
         if covariates is not None and len(covariates) != len(paths):
             raise RunError(f"{len(covariates)} covariate rows for {len(paths)} files: give one per file")
+        parts: list[list[dict[str, Any]] | tuple[int, int]] = []  # a file's own answers, or its frames' span
         for i, p in enumerate(paths):
+            own = self.task.answer_file(self, p) if covariates is None else None
+            if own is not None:
+                parts.append(own)
+                continue
+            start = len(frames)
             for name, pixels in self.task.read(p, self.preprocessing):
                 frames.append(pixels)
                 names.append(name)
                 rows.append(covariates[i] if covariates is not None else None)
-        if not frames:
-            return []
-        extras = self.task.side_inputs(rows, self.preprocessing)
-        if extras is None and covariates is not None:
-            raise RunError(f"{self.path}: this model takes no covariates")
-        outputs = self.predict_proba(frames, extras)
-        return [{"path": name, **self.task.encode(row, self.label_names, self.info)}
-                for name, row in zip(names, outputs, strict=True)]
+            parts.append((start, len(frames)))
+        answers: list[dict[str, Any]] = []
+        if frames:
+            extras = self.task.side_inputs(rows, self.preprocessing)
+            if extras is None and covariates is not None:
+                raise RunError(f"{self.path}: this model takes no covariates")
+            outputs = self.predict_proba(frames, extras)
+            answers = [{"path": name, **self.task.encode(row, self.label_names, self.info)}
+                       for name, row in zip(names, outputs, strict=True)]
+        return [a for part in parts for a in (part if isinstance(part, list) else answers[part[0]:part[1]])]
 
     def _segment_file(self, path: Path, output: str | Path | None, dicom_seg: bool) -> dict[str, Any]:
         from lepton.data.io import read_image

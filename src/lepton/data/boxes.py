@@ -10,7 +10,9 @@ Coordinate conventions of the formats: COCO ``bbox`` is ``[x, y, width, height]`
 ``xmin…ymax`` are 1-based inclusive pixel indices (``x0 = xmin - 1``, ``x1 = xmax``); a CSV's ``x0,y0,x1,y1``
 (and ``z0,z1`` for volumes) are 0-based continuous pixel coordinates of the image as Lepton reads it (for a volume:
 ``z`` the slice axis, the array's first axis for ``.npy`` files). A CSV row with empty coordinates is an image
-without findings. World (mm) coordinates are not read.
+without findings. A CSV may give volume boxes in world coordinates instead: a ``space`` column of ``ras`` (mm, the
+NIfTI convention) or ``lps`` (mm, DICOM patient coordinates) per row, converted through the volume's affine to the
+voxel box that holds the world box (``world_to_voxel_boxes``; ``voxel_to_world_boxes`` goes back).
 """
 
 from __future__ import annotations
@@ -118,14 +120,49 @@ class BoxSet:
         return out
 
 
+# -- world coordinates ----------------------------------------------------------------------------------------------
+#: World coordinate systems a box may be given in: the sign of (x, y, z) that takes it to RAS.
+SPACES = {"ras": (1.0, 1.0, 1.0), "lps": (-1.0, -1.0, 1.0)}
+
+
+def _corners(boxes: np.ndarray) -> np.ndarray:
+    """The 8 corners (n, 8, 3) of 3-D boxes (n, 6) given as (lo…, hi…)."""
+    lo, hi = boxes[:, None, :3], boxes[:, None, 3:]
+    pick = np.array([[(k >> a) & 1 for a in range(3)] for k in range(8)], bool)[None]
+    return np.where(pick, hi, lo)
+
+
+def voxel_to_world_boxes(boxes: np.ndarray, affine: np.ndarray, space: str = "ras") -> np.ndarray:
+    """Volume boxes (n, 6) in continuous voxel coordinates, ``(z0, y0, x0, z1, y1, x1)`` of the array's (d, h, w)
+    axes, as world boxes (n, 6) ``(x0, y0, z0, x1, y1, z1)`` in mm (``space``: ``ras`` or ``lps``): the axis-aligned
+    box around the voxel box's corners, through ``affine`` (voxel index (d, h, w) → RAS mm; a voxel's centre is its
+    index + 0.5 in continuous coordinates). Exact for volumes whose axes lie along the world's."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 6)
+    corners = _corners(boxes) - 0.5
+    world = corners @ np.asarray(affine, np.float64)[:3, :3].T + np.asarray(affine, np.float64)[:3, 3]
+    world = world * np.asarray(SPACES[space])
+    return np.concatenate([world.min(1), world.max(1)], axis=1)
+
+
+def world_to_voxel_boxes(boxes: np.ndarray, affine: np.ndarray, space: str = "ras") -> np.ndarray:
+    """World boxes (n, 6) ``(x0, y0, z0, x1, y1, z1)`` in mm as the voxel boxes (n, 6) ``(z0, y0, x0, z1, y1, x1)``
+    that hold them (the inverse of ``voxel_to_world_boxes``)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 6)
+    corners = _corners(boxes) * np.asarray(SPACES[space])
+    inv = np.linalg.inv(np.asarray(affine, np.float64))
+    voxel = corners @ inv[:3, :3].T + inv[:3, 3] + 0.5
+    return np.concatenate([voxel.min(1), voxel.max(1)], axis=1)
+
+
 # -- one annotated image ------------------------------------------------------------------------------------------
 @dataclass
 class _Entry:
     path: Path
-    boxes: list[tuple[float, ...]]  # image axis order, pixels
+    boxes: list[tuple[float, ...]]  # image axis order, pixels; world (x0, y0, z0, x1, y1, z1) where spaces says so
     labels: list[str]
     where: list[str]  # "row 7", "object 3" per box, for errors
     split: str = ""
+    spaces: list[str] = field(default_factory=list)  # per box: "" (pixels) or a key of SPACES
 
 
 def check_box(box: tuple[float, ...], shape: tuple[int, ...], where: str) -> str | None:
@@ -166,7 +203,13 @@ def _build(entries: list[_Entry], source: str, *, window: str | None, skip_bad: 
         pixels = frames[0].pixels
         shape = tuple(pixels.shape[1:])
         good_boxes, good_classes = [], []
-        for box, label, where in zip(e.boxes, e.labels, e.where, strict=True):
+        spaces = e.spaces or [""] * len(e.boxes)
+        for box, label, where, space in zip(e.boxes, e.labels, e.where, spaces, strict=True):
+            if space:
+                box, why = _from_world(box, space, frames[0].affine, len(shape), where)
+                if why is not None:
+                    bad_boxes.append(f"{e.path}: {why}")
+                    continue
             if len(box) != 2 * len(shape):
                 why = (f"{where}: a {len(box) // 2}-D box on a {len(shape)}-D image"
                        + (" (give z0,z1 for volumes)" if len(shape) == 3 else " (drop z0,z1 for 2-D images)"))
@@ -194,6 +237,18 @@ def _build(entries: list[_Entry], source: str, *, window: str | None, skip_bad: 
     data = BoxSet(images, boxes, classes, names, np.array(splits, dtype=object), groups, kept, source,
                   bad_files=bad)
     return data
+
+
+def _from_world(box: tuple[float, ...], space: str, affine: np.ndarray | None, dims: int,
+                where: str) -> tuple[tuple[float, ...], str | None]:
+    """A world box ``(x0, y0, z0, x1, y1, z1)`` as the voxel box holding it, or why it cannot be."""
+    if dims != 3 or affine is None:
+        return box, f"{where}: {space} (world) coordinates need a volume with a geometry (NIfTI or a DICOM series)"
+    for name, a, b in zip("xyz", box[:3], box[3:], strict=True):
+        if not b > a:
+            return box, f"{where}: world box with {name}1 ≤ {name}0 ({a:g} ≥ {b:g} mm)"
+    voxel = world_to_voxel_boxes(np.asarray(box), affine, space)[0]
+    return tuple(float(v) for v in np.round(voxel, 4)), None
 
 
 # -- formats --------------------------------------------------------------------------------------------------
@@ -238,11 +293,19 @@ def read_box_csv(path: Path) -> list[_Entry]:
             raise DataError(f"{where}: some box coordinates are empty; give all of {', '.join(keys)} or none "
                             "(an image without findings)")
         x0, y0, x1, y1 = (_number(v, where) for v in coords[:4])
+        space = cell("space").lower()
+        if space in ("pixel", "voxel"):
+            space = ""
+        if space and space not in SPACES:
+            raise DataError(f"{where}: space {space!r} is not one of voxel, {', '.join(SPACES)} (world mm)")
         if zkeys and all(coords[4:]):
             z0, z1 = (_number(v, where) for v in coords[4:])
-            box: tuple[float, ...] = (z0, y0, x0, z1, y1, x1)
+            box: tuple[float, ...] = (x0, y0, z0, x1, y1, z1) if space else (z0, y0, x0, z1, y1, x1)
+        elif space:
+            raise DataError(f"{where}: world ({space}) boxes are 3-D; give z0,z1 in mm too")
         else:
             box = (y0, x0, y1, x1)
+        entry.spaces.append(space)
         entry.boxes.append(box)
         entry.labels.append(cell("label") or DEFAULT_LABEL)
         entry.where.append(f"{path.name} row {n}")

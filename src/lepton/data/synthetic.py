@@ -227,7 +227,7 @@ def nodule_phantom(rng: np.random.Generator, shape: tuple[int, int, int] = (16, 
     vol = ct_phantom(rng, shape, nodule=False)
     k, rows, cols = shape
     z, y, x = np.mgrid[:k, :rows, :cols].astype(np.float32)
-    lungs = vol < -600
+    lungs = np.abs(vol + 850.0) < 75.0  # lung (-850 HU), not the air around the body (-1000 HU)
     mask = np.zeros(shape, np.uint8)
     for _ in range(count):
         inside = np.argwhere(lungs & (z >= 2) & (z < k - 2))

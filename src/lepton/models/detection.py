@@ -98,6 +98,8 @@ class BoxDetector(nn.Module):
         for head in (network.classification_head, network.regression_head):  # two of the four conv blocks: CPU cost
             head.conv = nn.Sequential(*list(head.conv.children())[:3 * HEAD_BLOCKS])
         self.register_buffer("anchor_shapes", _default_shapes(spatial_dims))
+        # the median training image shape (zeros: unknown); with the input size it gives the scale training saw
+        self.register_buffer("source_shape", torch.zeros(spatial_dims))
         self.detector = RetinaNetDetector(network, self._generator(self.anchor_shapes))
         self.detector.set_box_selector_parameters(score_thresh=0.02, topk_candidates_per_level=100, nms_thresh=0.3,
                                                   detections_per_img=MAX_DETECTIONS)
@@ -117,6 +119,10 @@ class BoxDetector(nn.Module):
         """Use base anchor shapes (k, dims) in pixels (``fit_anchor_shapes``)."""
         self.anchor_shapes.copy_(torch.as_tensor(np.asarray(shapes), dtype=torch.float32))
         self._sync()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "source_shape", self.source_shape.clone())  # runs saved before it existed
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _sync(self) -> None:
         if self._key() != self._built:  # new shapes fitted or loaded with the state dict
@@ -140,6 +146,32 @@ class BoxDetector(nn.Module):
             found = det.postprocess_detections({k: v.detach() for k, v in flat.items()}, anchors,
                                                [list(x.shape[2:])] * len(x), locs)
         return pack_detections(found, size.to(x.device), self.spatial_dims)
+
+    def detect_windows(self, x: torch.Tensor, roi: tuple[int, ...], *, overlap: float = 0.25,
+                       cval: float = 0.0) -> torch.Tensor:
+        """Detections on inputs larger than the network's input (eval mode), padded as ``forward`` answers them
+        (coordinates as fractions of ``x``'s axes): MONAI's sliding-window inferer runs the network over windows of
+        ``roi`` (``overlap``; ``cval`` pads the input to a multiple of the network's divisor) and stitches its head
+        maps, anchors cover the whole input, and one per-class NMS over the whole input merges boxes that windows
+        share."""
+        import torch.nn.functional as F
+        from monai.apps.detection.utils.predict_utils import predict_with_inferer
+
+        self._sync()
+        det = self.detector
+        size = torch.tensor(x.shape[2:], dtype=torch.float32, device=x.device)
+        pad = [(-int(n)) % DIVISOR for n in x.shape[2:]]
+        if any(pad):
+            x = F.pad(x, [v for p in reversed(pad) for v in (0, p)], value=cval)
+        det.set_sliding_window_inferer(roi_size=list(roi), sw_batch_size=1, overlap=overlap, mode="constant",
+                                       padding_mode="constant", cval=cval)
+        with torch.no_grad():
+            maps = predict_with_inferer(x, det.network, keys=[det.cls_key, det.box_reg_key], inferer=det.inferer)
+            anchors = det.anchor_generator(x, maps[det.cls_key])
+            locs = [m.shape[2:].numel() for m in maps[det.cls_key]]
+            flat = {key: det._reshape_maps(maps[key]) for key in maps}
+            found = det.postprocess_detections(flat, anchors, [[int(n) for n in size.tolist()]] * len(x), locs)
+        return pack_detections(found, size, self.spatial_dims)
 
     def merge_flipped(self, outputs: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         """Flip TTA: the detections on the input flipped along its last axis, mapped back and fused with those on the

@@ -252,14 +252,14 @@ class DicomNode:
         return (datetime.now(UTC) - since).total_seconds() >= self.settle
 
     def process(self, study: str, series: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
-        """Fetch each watched series and store the model's answer with STOW-RS: a classifier's as one SR per answer
-        (a volume model: the series; a 2-D model: each image), a segmentation model's as a DICOM SEG of the
-        series."""
+        """Fetch each watched series and store the model's answer with STOW-RS: a classifier's or a detector's as one
+        SR per answer (a volume model: the series; a 2-D model: each image; a detector's boxes as ROIs,
+        ``pacs.sr.answer_sr``), a segmentation model's as a DICOM SEG of the series."""
         import tempfile
 
         import pydicom
 
-        from lepton.pacs.sr import classification_sr
+        from lepton.pacs.sr import answer_sr
 
         run = self.run_model()
         client = Source.parse(f"dicomweb+{self.base}").client() if self.results_to is None else None
@@ -285,10 +285,10 @@ class DicomNode:
                 evidence = [pydicom.dcmread(f, stop_before_pixels=True) for f in (files if item == folder
                                                                                    else [item])]
                 for row in rows:
-                    sr = classification_sr(evidence, row, model=self.model_ref.split("@")[0],
-                                           version=self.version)
+                    sr = answer_sr(evidence, row, model=self.model_ref.split("@")[0], version=self.version)
                     self._store(client, sr)
-                    reports.append({"label": row["label"], "kind": "SR", "series": pseudonym(series_uid),
+                    label = row["label"] if "label" in row else f"{row.get('count', 0)} box(es)"
+                    reports.append({"label": label, "kind": "SR", "series": pseudonym(series_uid),
                                     "report": pseudonym(str(sr.SOPInstanceUID))})
                 if self.explain:
                     sc = self._overlay(run, item, evidence[0])

@@ -55,6 +55,133 @@ def classification_sr(evidence: Sequence, result: dict[str, Any], *, model: str,
                                    manufacturer="Lepton", is_complete=True, series_description=f"AI: {model}"[:64])
 
 
+def answer_sr(evidence: Sequence, result: dict[str, Any], *, model: str, version: int | str):
+    """The SR for one answer of a model that is not a segmentation: its boxes as ROIs (``boxes_sr``) where it
+    answers boxes, else its classification (``classification_sr``)."""
+    build = boxes_sr if "boxes" in result else classification_sr
+    return build(evidence, result, model=model, version=version)
+
+
+def boxes_sr(evidence: Sequence, result: dict[str, Any], *, model: str, version: int | str):
+    """A detector's answer as a TID 1500 Measurement Report: one ROI measurement group per box, its label as the
+    finding type and its score as a measurement. A volume's box (``world``, RAS mm, from a series with a geometry) is
+    a volumetric ROI — a volume surface of the box's six faces as SCOORD3D polygons in the series' frame of reference
+    (DICOM patient coordinates, LPS) — referencing the source series; a 2-D image's box (``box``: fractions of the
+    image) a planar ROI, a closed SCOORD polyline in the referenced image's pixels."""
+    import highdicom as hd
+    import numpy as np
+    from pydicom.sr.codedict import codes
+
+    evidence = [_with_sop_class(ds) for ds in evidence]
+    threshold = result.get("threshold")
+    algorithm = hd.sr.AlgorithmIdentification(name=f"lepton:{model}", version=str(version), parameters=[
+        f"decision: boxes scoring at least {threshold:.4f}" if threshold is not None else "decision: all boxes"])
+    groups = []
+    for k, box in enumerate(result["boxes"]):
+        common = {"tracking_identifier": hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"box {k + 1}"),
+                  "finding_type": hd.sr.CodedConcept(f"LPT-F{_slug(box['label'])}", SCHEME,
+                                                     str(box["label"])[:64]),
+                  "algorithm_id": algorithm,
+                  "measurements": [hd.sr.Measurement(
+                      name=hd.sr.CodedConcept("LPT-SCORE", SCHEME, "Detection score"), value=float(box["score"]),
+                      unit=codes.UCUM.NoUnits, algorithm_id=algorithm)]}
+        if "world" in box:
+            w = box["world"]
+            lo = np.array([-w["x1"], -w["y1"], w["z0"]])  # RAS -> LPS: x and y change sign (and ends)
+            hi = np.array([-w["x0"], -w["y0"], w["z1"]])
+            surface = hd.sr.VolumeSurface(
+                graphic_type=hd.sr.GraphicTypeValues3D.POLYGON, graphic_data=_faces(lo, hi),
+                frame_of_reference_uid=str(evidence[0].FrameOfReferenceUID),
+                source_series=hd.sr.SourceSeriesForSegmentation(str(evidence[0].SeriesInstanceUID)))
+            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_volume_surface=surface, **common))
+        else:
+            if len(evidence) != 1:
+                from lepton.errors import DataError
+
+                raise DataError("a 2-D box refers to one image; the report was given "
+                                f"{len(evidence)} instances")
+            ref = evidence[0]
+            b = box["box"]
+            x0, x1 = b["x0"] * int(ref.Columns), b["x1"] * int(ref.Columns)
+            y0, y1 = b["y0"] * int(ref.Rows), b["y1"] * int(ref.Rows)
+            region = hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float64),
+                source_image=hd.sr.SourceImageForRegion(str(ref.SOPClassUID), str(ref.SOPInstanceUID)))
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region,
+                                                                               **common))
+    return _report(evidence, groups, model, version)
+
+
+def _slug(label: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(label).encode()).hexdigest()[:8].upper()
+
+
+def _faces(lo, hi) -> list:
+    """The six faces of the box ``lo``…``hi`` (3-D points) as closed polygons (5 points each)."""
+    import numpy as np
+
+    faces = []
+    for axis in range(3):
+        u, v = [a for a in range(3) if a != axis]
+        for end in (lo[axis], hi[axis]):
+            ring = []
+            for a, b in ((lo[u], lo[v]), (hi[u], lo[v]), (hi[u], hi[v]), (lo[u], hi[v]), (lo[u], lo[v])):
+                p = np.zeros(3)
+                p[axis], p[u], p[v] = end, a, b
+                ring.append(p)
+            faces.append(np.array(ring, np.float64))
+    return faces
+
+
+def _report(evidence: list, groups: list, model: str, version: int | str):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(), name=f"Lepton {model}@{version}"[:64], manufacturer_name="Lepton", model_name=model[:64]))
+    modality = str(getattr(evidence[0], "Modality", ""))
+    procedure = codes.LN.CTUnspecifiedBodyRegion if modality == "CT" else hd.sr.CodedConcept(
+        "LPT-IMAGING", SCHEME, "Imaging procedure")
+    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
+                                     procedure_reported=procedure, imaging_measurements=groups or None)
+    return hd.sr.Comprehensive3DSR(evidence=list(evidence), content=report, series_instance_uid=hd.UID(),
+                                   series_number=SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+                                   manufacturer="Lepton", is_complete=True, series_description=f"AI: {model}"[:64])
+
+
+def read_boxes(sr) -> list[dict[str, Any]]:
+    """The boxes a Lepton detection SR holds, parsed with highdicom: per ROI group its label, score and either
+    ``lps`` (a volume box, (x0, y0, z0, x1, y1, z1) mm in DICOM patient coordinates) with the referenced series, or
+    ``pixels`` (a 2-D box, (x0, y0, x1, y1)) with the referenced image."""
+    import highdicom as hd
+    import numpy as np
+
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    out = []
+    for group in parsed.content.get_volumetric_roi_measurement_groups():
+        faces = [np.asarray(item.value) for item in group.roi if item.ValueType == "SCOORD3D"]
+        points = np.concatenate(faces)
+        source = [item for item in group.roi if item.ValueType == "UIDREF"]
+        out.append({**_finding(group), "lps": [*points.min(0).tolist(), *points.max(0).tolist()],
+                    "series": str(source[0].value) if source else None})
+    for group in parsed.content.get_planar_roi_measurement_groups():
+        points = np.asarray(group.roi.value)
+        out.append({**_finding(group), "pixels": [*points.min(0).tolist(), *points.max(0).tolist()],
+                    "image": str(group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)})
+    return out
+
+
+def _finding(group) -> dict[str, Any]:
+    (score,) = [m for m in group.get_measurements() if m.name.value == "LPT-SCORE"]
+    return {"label": group.finding_type.meaning, "score": float(score.value)}
+
+
 def _with_sop_class(ds):
     """An instance whose SOP Class UID was blanked (some de-identification tools do; the shared real CT is one) takes
     it from its file meta, as a PACS does; without either it cannot be referenced."""

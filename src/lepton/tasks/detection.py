@@ -34,6 +34,40 @@ def _round(n: float, div: int) -> int:
     return max(div, round(n / div) * div)
 
 
+def detect_volume(run, pixels: np.ndarray) -> tuple[np.ndarray, int]:
+    """A 3-D run's padded detections (MAX_DETECTIONS, 8) for one volume (C, D, H, W) in [0, 1], coordinates as
+    fractions of its axes, and the number of windows it took (1: resized to the network's input size, as
+    ``Run.predict_proba`` and the server do). A volume that at the scale training saw (the network's input size over
+    the median training shape) exceeds the input size is resampled to that scale and slid over with windows of the
+    input size (``BoxDetector.detect_windows``: MONAI's sliding-window inferer, one NMS over the whole volume), flip
+    TTA as the run applies it."""
+    import torch
+    import torch.nn.functional as F
+
+    from lepton.models.detection import DIVISOR
+
+    spec, model = run.preprocessing, run.model
+    size = np.asarray(spec.size, np.float64)
+    source = model.source_shape.cpu().numpy() if hasattr(model, "source_shape") else np.zeros(3)
+    target = np.maximum(np.round(np.asarray(pixels.shape[1:]) * size / source), 1).astype(int) if source.all() \
+        else size
+    if np.all(target <= size):
+        return run.predict_proba([pixels])[0], 1
+    x = spec.normalize(spec.convert_channels(torch.from_numpy(np.ascontiguousarray(pixels, np.float32)[None])))
+    if tuple(target) != tuple(pixels.shape[1:]):
+        x = F.interpolate(x, size=tuple(int(n) for n in target), mode="trilinear", align_corners=False)
+    cval = float(-spec.mean[0] / spec.std[0])  # zero intensity, as training padded
+    roi = tuple(int(n) for n in size)
+    model.eval()
+    x = x.to(run.device)
+    rows = model.detect_windows(x, roi, cval=cval)
+    if run.config.tta:
+        rows = model.merge_flipped(rows, model.detect_windows(torch.flip(x, dims=[-1]), roi, cval=cval))
+    padded = [int(np.ceil(t / DIVISOR)) * DIVISOR for t in target]  # as detect_windows pads; MONAI's 0.25 overlap
+    steps = [int(np.ceil((t - r) / (r * 0.75))) + 1 if t > r else 1 for t, r in zip(padded, roi, strict=True)]
+    return rows[0].float().cpu().numpy(), int(np.prod(steps))
+
+
 @register_task
 class Detection(Task):
     """Boxes. Model selection on mAP over IoU 0.1…0.5 on val; answers above the val-chosen score threshold."""
@@ -69,6 +103,39 @@ class Detection(Task):
             return [(str(path), f.pixels) for f in read_image(path, window=spec.window, slices="volume")]
         return super().read(path, spec)
 
+    def answer_file(self, run, path) -> list[dict[str, Any]] | None:
+        """Volumes for a 3-D model (2-D images: None, the default path): each volume is detected as training saw
+        its data — resized to the network's input size when, at the scale of training (the input size over the
+        median training shape), it fits in it; else brought to that scale and slid over with windows of the input
+        size (``detect_volume``). Answers add the boxes in voxels (``voxels``) and, where the volume has a geometry,
+        in world coordinates (``world``: RAS mm, as NIfTI; LPS is x and y negated)."""
+        from lepton.data.boxes import voxel_to_world_boxes
+        from lepton.data.io import read_image
+
+        spec = run.preprocessing
+        if spec.spatial_dims != 3:
+            return None
+        answers = []
+        for frame in read_image(path, window=spec.window, slices="volume"):
+            name = str(path) if frame.name == Path(path).name else f"{path}{frame.name[len(Path(path).name):]}"
+            row, windows = detect_volume(run, frame.pixels)
+            answer = {"path": name, **self.encode(row, run.label_names, run.info), "windows": windows}
+            shape = np.asarray(frame.pixels.shape[1:], np.float64)
+            kept = self.decide(row[None], run.info)[0]
+            kept = kept[kept[:, -1] >= 0]
+            kept = kept[np.argsort(-kept[:, -2], kind="stable")]
+            voxels = kept[:, :6] * np.concatenate([shape, shape])
+            world = voxel_to_world_boxes(voxels, frame.affine) if frame.affine is not None else None
+            for k, box in enumerate(answer["boxes"]):
+                box["voxels"] = {f"{a}{e}": round(float(voxels[k, 3 * e + j]), 3)
+                                 for e in (0, 1) for j, a in enumerate("zyx")}
+                if world is not None:
+                    box["world"] = {f"{a}{e}": round(float(world[k, 3 * e + j]), 3)
+                                    for e in (0, 1) for j, a in enumerate("xyz")}
+            answer["world_coordinates"] = "RAS mm" if world is not None else None
+            answers.append(answer)
+        return answers
+
     def input_size(self, train, config) -> tuple[int, ...]:
         """The median image shape scaled so its longest side is ``image_size`` (else at most 512 px / 64 voxels),
         each side a multiple of 16 (the network's divisor)."""
@@ -76,6 +143,7 @@ class Detection(Task):
 
         dims = train.spatial_dims
         median = np.median([s[1:] for s in train.shapes], axis=0)
+        self._source_shape = median
         cap = config.image_size or min(MAX_SIDE[dims], float(median.max()))
         scale = cap / float(median.max())
         return tuple(_round(float(n) * scale, DIVISOR) for n in median)
@@ -128,6 +196,8 @@ class Detection(Task):
 
     def prepare_model(self, model, y_train, spec, config) -> None:
         """Fit the network's anchor shapes to the training boxes at the network's input size."""
+        import torch
+
         from lepton.models.detection import fit_anchor_shapes
 
         if not hasattr(model, "set_anchor_shapes"):
@@ -138,6 +208,9 @@ class Detection(Task):
         size = np.asarray(spec.size, np.float64)
         sizes = (rows[:, dims:2 * dims] - rows[:, :dims]) * size
         model.set_anchor_shapes(fit_anchor_shapes(sizes))
+        source = getattr(self, "_source_shape", None)  # set by input_size from the training images
+        if hasattr(model, "source_shape") and source is not None and len(source) == dims:
+            model.source_shape.copy_(torch.as_tensor(source, dtype=torch.float32))
 
     # -- training -----------------------------------------------------------------------------------------
     def num_outputs(self, label_names: list[str]) -> int:

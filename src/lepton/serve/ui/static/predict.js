@@ -1,7 +1,8 @@
 "use strict";
 // Predict: several images at once as a table; a viewer for the chosen one (CT window presets, a slice scroller
 // for volumes) and its explanation with an opacity slider; a segmentation's label map drawn over the image, each
-// class with its own colour and toggle, and an opacity slider — a volume's map slice by slice with the scroller.
+// class with its own colour and toggle, and an opacity slider — a volume's map slice by slice with the scroller;
+// a detector's boxes drawn with their labels and scores (a volume's boxes on the slices they span).
 document.addEventListener("DOMContentLoaded", async () => {
   const { api, el, fmt, showError } = Lepton;
   const models = document.getElementById("model");
@@ -49,6 +50,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   }
 
   function probabilities(result) {
+    if (Array.isArray(result.boxes)) return result.boxes.map((b) => b.label + " " + fmt(b.score)).join(", ");
     if (!result.probabilities) return sizes(result);
     return Object.entries(result.probabilities).map(([k, v]) => k + " " + fmt(v)).join(", ");
   }
@@ -66,7 +68,8 @@ document.addEventListener("DOMContentLoaded", async () => {
         { method: "POST", body: form });
       const cells = row.children;
       cells[1].textContent = result.label !== undefined ? String(result.label)
-        : Array.isArray(result.lesions) ? result.lesions.length + " lesion(s)" : result.task || "–";
+        : Array.isArray(result.lesions) ? result.lesions.length + " lesion(s)"
+          : Array.isArray(result.boxes) ? result.boxes.length + " box(es)" : result.task || "–";
       cells[2].textContent = probabilities(result);
       cells[3].textContent = result.threshold === null || result.threshold === undefined ? "arg-max"
         : fmt(result.threshold);
@@ -112,6 +115,7 @@ document.addEventListener("DOMContentLoaded", async () => {
     viewImage.src = "data:image/png;base64," + current.slices[i];
     if (!maskFigure.hidden) document.getElementById("mask-base").src = viewImage.src;  // the map's own grid
     if (mask && mask.volume) showVolumeSlice(current.indices[i]);
+    paintBoxes();
   }
 
   function open(file, result) {
@@ -129,7 +133,53 @@ document.addEventListener("DOMContentLoaded", async () => {
       setOpacity();
     }
     showMask(result);
+    document.getElementById("boxes-figure").hidden = !Array.isArray(result.boxes);
     loadView();
+  }
+
+  // A detector's boxes (fractions of the image's width x, height y and depth z) over the viewer's slice, each with
+  // its label and score; a volume's box where the slice's centre lies within its z extent. The canvas is the image
+  // scaled up so the labels stay legible; data-boxes holds the drawn boxes in image pixels.
+  function paintBoxes() {
+    const figure = document.getElementById("boxes-figure");
+    const base = document.getElementById("boxes-base");
+    if (!current || figure.hidden || !current.slices.length) return;
+    const i = Number(slice.value);
+    base.src = viewImage.src;
+    base.decode().then(() => {
+      const width = base.naturalWidth, height = base.naturalHeight;
+      const scale = Math.max(1, Math.ceil(320 / width));
+      const canvas = document.getElementById("boxes-canvas");
+      canvas.width = width * scale;
+      canvas.height = height * scale;
+      const ctx = canvas.getContext("2d");
+      const depth = current.indices.length ? current.indices[current.indices.length - 1] + 1 : 1;
+      const centre = (current.indices.length ? current.indices[i] + 0.5 : 0.5) / depth;
+      const drawn = [];
+      const labels = current.result.labels || [];
+      for (const b of current.result.boxes) {
+        const box = b.box;
+        if (box.z0 !== undefined && !(box.z0 <= centre && centre <= box.z1)) continue;
+        const k = Math.max(1, labels.indexOf(b.label) + 1);  // the palette's first entry is background
+        const colour = "rgb(" + PALETTE[k % PALETTE.length].join(",") + ")";
+        const [x0, y0, x1, y1] = [box.x0 * width, box.y0 * height, box.x1 * width, box.y1 * height];
+        ctx.strokeStyle = colour;
+        ctx.lineWidth = 2;
+        ctx.strokeRect(x0 * scale, y0 * scale, (x1 - x0) * scale, (y1 - y0) * scale);
+        ctx.font = "12px sans-serif";
+        const text = b.label + " " + fmt(b.score);
+        const top = Math.max(12, y0 * scale - 2);
+        ctx.fillStyle = "rgba(0,0,0,0.6)";
+        ctx.fillRect(x0 * scale, top - 12, ctx.measureText(text).width + 4, 14);
+        ctx.fillStyle = colour;
+        ctx.fillText(text, x0 * scale + 2, top);
+        drawn.push([x0, y0, x1, y1].map((v) => Math.round(v * 100) / 100));
+      }
+      canvas.dataset.boxes = JSON.stringify(drawn);
+      canvas.dataset.scale = String(scale);
+      document.getElementById("boxes-caption").textContent = drawn.length + " of " +
+        current.result.boxes.length + " box(es) on this " + (current.slices.length > 1 ? "slice" : "image");
+    }).catch(() => {});
   }
 
   function setOpacity() { heat.style.opacity = String(Number(opacity.value) / 100); }
