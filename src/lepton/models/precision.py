@@ -89,6 +89,20 @@ def torch_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def in_precision(model, precision: str):
+    """``model`` as a callable that runs in ``precision`` under ``autocast`` with float32 outputs (the server's
+    sliding windows); the module itself for fp32."""
+    if torch_dtype(precision) is None:
+        return model
+    model.eval()
+
+    def forward(x):
+        with autocast(precision):
+            return model(x).float()
+
+    return forward
+
+
 def autocast(precision: str, device: str = "cpu") -> contextlib.AbstractContextManager:
     """The context that runs matrix products and convolutions in ``precision`` (a no-op for fp32); normalisation,
     softmax and losses stay fp32 under PyTorch's autocast rules."""

@@ -252,18 +252,10 @@ class TorchAdapter(ModelAdapter):
 
     def _segment_model(self):
         """The network for sliding windows, in the precision it is served in (bf16: under autocast)."""
+        from lepton.models.precision import in_precision
+
         self._tta = self.run.config.tta
-        if self.precision == "fp32":
-            return self.run.model
-        from lepton.models.precision import autocast
-
-        model = self.run.model.eval()
-
-        def forward(x):
-            with autocast(self.precision):
-                return model(x).float()
-
-        return forward
+        return in_precision(self.run.model, self.precision)
 
     def explain(self, pixels: np.ndarray, method: str, class_idx: int) -> dict[str, bytes]:
         """Grad-CAM PNGs for one decoded image — a montage of slices for a volume —: ``overlay`` (blended),
