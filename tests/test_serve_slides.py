@@ -97,6 +97,8 @@ def test_a_slide_model_registers_with_its_card_and_is_promoted(slide_server):
         reg.register_slide_model(slide_server["root"] / "slides", "nope")
     listed = httpx.get(f"{slide_server['url']}/v1/slide-models", headers=auth(slide_server["keys"]["other"])).json()
     assert [m["name"] for m in listed["models"]] == ["wsi"] and listed["models"][0]["tile"] == SPEC
+    shown = httpx.get(f"{slide_server['url']}/v1/slide-models/wsi/card", headers=auth(slide_server["keys"]["other"]))
+    assert shown.json()["markdown"] == card and "<h1>Model card: wsi v1</h1>" in shown.json()["html"]
     assert httpx.get(f"{slide_server['url']}/v1/models/wsi", headers=auth(slide_server["keys"]["clinic"])) \
         .status_code == 404  # not an image model: no batcher behind it
 

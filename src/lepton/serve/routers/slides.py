@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from lepton.registry.access import KeyInfo
 from lepton.serve import schemas
 from lepton.serve.deps import api_key
-from lepton.serve.errors import ApiError
+from lepton.serve.errors import ApiError, registry_call
 from lepton.serve.slides import FILES, MEDIA
 
 router = APIRouter(tags=["slides"])
@@ -80,6 +80,17 @@ class JobState(BaseModel):
 async def list_slide_models(request: Request, key: KeyInfo | None = Depends(api_key)):
     """The served slide models this key may see."""
     return JSONResponse({"models": [d.describe() for d in request.app.state.server.slides.visible(key)]})
+
+
+@router.get("/v1/slide-models/{name}/card", response_model=schemas.Card, responses=schemas.errors(401, 404))
+async def slide_model_card(name: str, request: Request, key: KeyInfo | None = Depends(api_key)):
+    """The served slide model's card as Markdown and as safe HTML (raw HTML in the card is shown as text)."""
+    from lepton.registry.card import card_html
+
+    srv = request.app.state.server
+    dep = srv.slides.model(name, key)
+    markdown = await registry_call(request, "card", f"{name}@{dep.version}")
+    return JSONResponse({"name": name, "version": dep.version, "markdown": markdown, "html": card_html(markdown)})
 
 
 @router.post("/v1/slide-models/{name}/jobs", status_code=202, response_model=JobAccepted,

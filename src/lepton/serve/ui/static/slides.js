@@ -22,10 +22,19 @@ document.addEventListener("DOMContentLoaded", async () => {
         ", tiles " + m.tile.size + " px at " + m.tile.mpp + " µm/px)" }));
     }
     if (!listed.models.length) showError("No slide model this key may use is being served.");
+    else await showCard();
   } catch (err) {
     showError(err.message);
     return;
   }
+
+  async function showCard() {
+    const card = await api("/v1/slide-models/" + encodeURIComponent(models.value) + "/card");
+    // Rendered by the server from Markdown with raw HTML off: any tag a card holds arrives as text.
+    document.getElementById("slide-card").innerHTML = card.html;
+  }
+
+  models.addEventListener("change", () => showCard().catch((err) => showError(err.message)));
 
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
