@@ -221,8 +221,8 @@ def test_a_segmentation_run_keeps_a_bounded_val_set(seg_run):
 
 @pytest.mark.slow
 def test_segmentation_precisions_are_checked_on_val_dice(seg_registry, seg_run, monkeypatch):
-    """bf16 gets a Dice record (fp32's Dice on the stored cases is the run's val Dice) and, once accepted, the served
-    windows run in it; a tolerance no precision can meet refuses it, naming both Dice values."""
+    """bf16 and int8 get Dice records (fp32's Dice on the stored cases is the run's val Dice) and, once accepted, the
+    served windows run in them; a tolerance no precision can meet refuses bf16, naming both Dice values."""
     import lepton.precision as lp
     from lepton.serve.adapters import make_adapter
     from lepton.tasks.segmentation import Segmentation
@@ -234,15 +234,19 @@ def test_segmentation_precisions_are_checked_on_val_dice(seg_registry, seg_run, 
     assert r["accepted"] == (r["fp32_val_dice"] - r["val_dice"] <= Segmentation.precision_tolerance)
     assert r["threshold"] is None and 0 < r["max_prob_diff"] < 0.2 and r["images_per_s"] > 0
     assert seg_registry.get("seg@1").metrics["precisions"]["bf16"]["val_dice"] == r["val_dice"]
-    if r["accepted"]:  # the server's window batches run in bf16: close to fp32, not identical
-        windows = np.random.default_rng(0).random((2, 1, *run.preprocessing.size), dtype=np.float32)
-        outs = {}
-        for p in ("fp32", "bf16"):
-            adapter = make_adapter(seg_registry, "seg@1", "auto", p)
-            adapter.setup()
-            assert adapter.precision == p
-            outs[p] = adapter.predict_windows(windows)
-        assert 0 < np.abs(outs["bf16"] - outs["fp32"]).max() < 0.1
+    q = lp.check_precision(seg_registry, "seg@1", "int8")  # the U-Net's graph at its window size, quantized
+    assert q["metric"] == "val_dice" and q["accepted"] == (q["fp32_val_dice"] - q["val_dice"] <= 0.01)
+    assert "onnx_int8" in seg_registry.get("seg@1").artifacts and 0 < q["max_prob_diff"] < 0.2
+    # served windows run in each accepted precision: close to fp32, not identical
+    windows = np.random.default_rng(0).random((2, 1, *run.preprocessing.size), dtype=np.float32)
+    outs = {}
+    for p in ("fp32", *(p for p, rec in (("bf16", r), ("int8", q)) if rec["accepted"])):
+        adapter = make_adapter(seg_registry, "seg@1", "auto", p)
+        adapter.setup()
+        assert adapter.precision == p
+        outs[p] = adapter.predict_windows(windows)
+    for p in outs.keys() - {"fp32"}:
+        assert 0 < np.abs(outs[p] - outs["fp32"]).max() < 0.1, p
     monkeypatch.setattr(Segmentation, "precision_tolerance", -1.0)
     assert lp.check_precision(seg_registry, "seg@1", "bf16")["accepted"] is False
     with pytest.raises(lp.PrecisionError, match=r"seg@1 in bf16: val Dice 0\.\d{4} against fp32 0\.\d{4}"):
