@@ -44,6 +44,8 @@ def test_an_ndpi_slide_has_the_hamamatsu_layout(tmp_path, plan):
     """The NDPI extension (64-bit next-IFD offsets, high bits after the entries), one JPEG strip per level cut into
     tiles by its McuStarts, and the Hamamatsu tags — read by tifffile as an NDPI pyramid, by tiffslide as
     Hamamatsu's."""
+    import warnings
+
     import tifffile
     from tiffslide import TiffSlide
 
@@ -56,7 +58,8 @@ def test_an_ndpi_slide_has_the_hamamatsu_layout(tmp_path, plan):
         assert page.compression == 7 and len(page.tags["StripOffsets"].value) == 1
         assert page.tags[65420].value == 1 and page.tags[65421].value == 20.0 and page.tags["Make"].value == "Hamamatsu"
         assert (page.tilelength, page.tilewidth) == (8, 256) and len(page.dataoffsets) == len(page.tags[65426].value)
-    with TiffSlide(path) as ts:
+    with TiffSlide(path) as ts, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tiffslide: Hamamatsu metadata "only partially" parsed
         assert ts.properties["tiffslide.vendor"] == "hamamatsu" and ts.level_count == 2
     with pytest.raises(DataError, match="JPEG-compressed"):
         write_slide(tmp_path / "d.ndpi", plan, container="ndpi", compression="deflate")
@@ -80,6 +83,26 @@ def test_openslide_reads_the_generated_ndpi_as_tiffslide_does_and_refuses_a_brok
     monkeypatch.setitem(sys.modules, "openslide", None)  # the extra not installed
     with pytest.raises(DataError, match=r"needs OpenSlide: pip install 'lepton-imaging\[openslide\]'"):
         open_slide(mirax)
+
+
+def test_a_generated_mirax_slide_reads_through_openslide(tmp_path, plan):
+    """MIRAX: Slidedat.ini, Index.dat and the camera images in a data file, read by OpenSlide (levels every 2x)."""
+    pytest.importorskip("openslide", reason="the openslide extra (a dev dependency)")
+    path = write_slide(tmp_path / "s.mrxs", plan, container="mrxs")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["Data0000.dat", "Index.dat", "Slidedat.ini"]
+    with open_slide(path) as slide:
+        assert slide.container == "mrxs" and slide.vendor == "mirax" and slide.magnification == 20
+        assert slide.dimensions == (SIDE, 1280) and slide.mpp == pytest.approx(0.5)
+        assert [lv.downsample for lv in slide.levels] == [1, 2, 4]
+        region = slide.read(0, 600, 500, 200, 150).astype(float)
+        assert np.abs(region - render(plan, 1, 600, 500, 200, 150)).mean() < 12
+        half = slide.read(1, 300, 250, 100, 75).astype(float)
+        assert np.abs(half - render(plan, 2, 300, 250, 100, 75)).mean() < 12
+    nores = write_slide(tmp_path / "nores.mrxs", plan, container="mrxs", resolution=False)
+    with pytest.raises(DataError, match="no microns per pixel"):
+        open_slide(nores)
+    with open_slide(nores, mpp=0.25) as slide:
+        assert slide.mpp == 0.25 and slide.levels[2].mpp == pytest.approx(1.0)
 
 
 def test_a_slide_without_resolution_is_refused_unless_given(tmp_path, plan):

@@ -62,7 +62,7 @@ def slides_generate(
     folder: Annotated[Path, typer.Argument(help="Where the slides and slides.csv go.")],
     n: Annotated[int, typer.Option("--n", min=2, max=10_000, help="How many slides (half with tumour).")] = 20,
     size: Annotated[int, typer.Option(min=512, max=200_000, help="Slide height in pixels (width varies).")] = 3072,
-    container: Annotated[str, typer.Option(help="tiff, ome-tiff, svs, ndpi or dicom.")] = "tiff",
+    container: Annotated[str, typer.Option(help="tiff, ome-tiff, svs, ndpi, mrxs or dicom.")] = "tiff",
     compression: Annotated[str, typer.Option(help="jpeg or deflate.")] = "jpeg",
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
 ) -> None:

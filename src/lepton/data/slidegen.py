@@ -21,9 +21,9 @@ import numpy as np
 
 from lepton.errors import DataError
 
-CONTAINERS = ("tiff", "ome-tiff", "svs", "ndpi", "dicom")
+CONTAINERS = ("tiff", "ome-tiff", "svs", "ndpi", "mrxs", "dicom")
 COMPRESSIONS = {"jpeg": "jpeg", "deflate": "zlib"}
-SUFFIX = {"tiff": ".tiff", "ome-tiff": ".ome.tiff", "svs": ".svs", "ndpi": ".ndpi", "dicom": ".dcm"}
+SUFFIX = {"tiff": ".tiff", "ome-tiff": ".ome.tiff", "svs": ".svs", "ndpi": ".ndpi", "mrxs": ".mrxs", "dicom": ".dcm"}
 #: Texture tiles are this many level-0 pixels a side, and repeat.
 TEXTURE = 512
 #: Coarse fields are sampled on every STEP-th output pixel and repeated (edges stay smooth at that scale).
@@ -195,8 +195,9 @@ def _tiles(plan: SlidePlan, ds: int, tile: int) -> Iterator[np.ndarray]:
 
 def write_slide(path: str | Path, plan: SlidePlan, *, container: str = "tiff", compression: str = "jpeg",
                 tile: int = 256, resolution: bool = True, quality: int = 85) -> Path:
-    """Write ``plan`` as a tiled pyramid in ``container`` (``tiff``, ``ome-tiff``, ``svs``, ``ndpi`` (JPEG only) or
-    ``dicom``) with JPEG or deflate tiles; ``resolution=False`` leaves the µm/px out (a slide a reader must refuse)."""
+    """Write ``plan`` as a tiled pyramid in ``container`` (``tiff``, ``ome-tiff``, ``svs``, ``ndpi``, ``mrxs`` (both
+    JPEG only) or ``dicom``) with JPEG or deflate tiles; ``resolution=False`` leaves the µm/px out (a slide a reader
+    must refuse)."""
     if container not in CONTAINERS:
         raise DataError(f"container {container!r}: choose one of {', '.join(CONTAINERS)}")
     if compression not in COMPRESSIONS:
@@ -216,6 +217,12 @@ def write_slide(path: str | Path, plan: SlidePlan, *, container: str = "tiff", c
 
         return write_ndpi_slide(path, plan, levels, quality=quality, resolution=resolution,
                                 render_level=lambda p, ds, w, h: render(p, ds, 0, 0, w, h))
+    if container == "mrxs":  # MIRAX: a folder of camera images, its index and Slidedat.ini
+        if compression != "jpeg":
+            raise DataError("a MIRAX slide is JPEG-compressed: leave --compression at jpeg")
+        from lepton.data.slidemirax import write_mirax_slide
+
+        return write_mirax_slide(path, plan, tile=tile, quality=quality, resolution=resolution, render=render)
     _write_tiff(path, plan, levels, container, compression, tile, resolution, quality)
     return path
 
