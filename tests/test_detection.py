@@ -330,6 +330,25 @@ def test_sliding_windows_put_boxes_where_the_volume_has_them(one_thread):
     assert bool((voxels[:, 3:] <= torch.tensor([16, 16, 32.0]) + 1e-4).all())
 
 
+@pytest.mark.slow
+def test_box_saliency_stays_with_its_box(one_thread):
+    import torch
+
+    from lepton.models.detection import BoxDetector
+
+    torch.manual_seed(0)
+    model = BoxDetector(1, 2, 2)
+    x = torch.randn(1, 1, 128, 128)
+    rows = torch.tensor([[8 / 128, 8 / 128, 24 / 128, 24 / 128, 0.9, 0],  # top left, class 0
+                         [100 / 128, 96 / 128, 120 / 128, 120 / 128, 0.8, 1]])  # bottom right, class 1
+    maps = model.box_saliency(x, rows)
+    assert maps.shape == (2, 128, 128) and float(maps.max()) == 1.0 and model.training  # its mode restored
+    for m, (lo, hi), far in ((maps[0], (0, 32), slice(88, None)), (maps[1], (88, 128), slice(None, 40))):
+        y, x_ = divmod(int(m.argmax()), 128)
+        assert lo <= y < hi and lo <= x_ < hi  # the peak in the box's corner of the image
+        assert float(m[lo:hi, lo:hi].mean()) > 20 * float(m[far, far].mean())  # little in the opposite corner
+
+
 @pytest.fixture(scope="module")
 def flat_run(tmp_path_factory):
     from lepton.data.synthetic import write_detection_cases
@@ -360,6 +379,14 @@ def test_tiny_2d_train_predict_evaluate_and_serve_the_same_boxes(flat_run, tmp_p
     loose = {**run.info, "threshold": 0.0}  # every detection, to compare more than the thresholded few
     rows = run.predict_proba([np.asarray(Image.open(image), np.float32)[None] / 255])
     assert len(run.task.encode(rows[0], run.label_names, loose)["boxes"]) > 0
+    from lepton.tasks.detection import explain_boxes
+
+    kept_info, run.info = run.info, loose
+    try:  # one Grad-CAM-style map per listed box, at the network's input size
+        answer, maps = explain_boxes(run, np.asarray(Image.open(image), np.float32)[None] / 255)
+    finally:
+        run.info = kept_info
+    assert maps.shape == (answer["count"], *run.preprocessing.size) and maps.min() >= 0 and maps.max() == 1
     report = evaluate(run, split="test", n_bootstrap=50, output=tmp_path / "eval")
     assert 0 <= report["map"] <= 1 and "opacity" in report["per_class"] and (tmp_path / "eval" / "froc.png").is_file()
     reg = Registry.open(tmp_path / "reg")

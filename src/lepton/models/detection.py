@@ -173,6 +173,47 @@ class BoxDetector(nn.Module):
             found = det.postprocess_detections(flat, anchors, [[int(n) for n in size.tolist()]] * len(x), locs)
         return pack_detections(found, size, self.spatial_dims)
 
+    def box_saliency(self, x: torch.Tensor, rows: torch.Tensor, *, iou: float = 0.5) -> torch.Tensor:
+        """A Grad-CAM-style map per detection (HiResCAM: gradient times activation summed over channels, so each
+        map stays within the receptive field of its box's anchors) on the first backbone stage (stride 4), for one
+        input ``x`` (1, C, …) and its detections ``rows`` (n, 2·dims + 2; fractions, score, class): the gradient
+        is of the box's class logit summed over the anchors whose decoded boxes overlap the box with IoU ≥ ``iou``
+        (else the best-overlapping one). Returns (n, *x's spatial shape), each map scaled to [0, 1]."""
+        import torch.nn.functional as F
+        from monai.data.box_utils import box_iou
+
+        self._sync()
+        det, dims = self.detector, self.spatial_dims
+        stage = det.network.feature_extractor.layer1
+        size = torch.tensor(x.shape[2:], dtype=torch.float32, device=x.device)
+        kept: dict[str, torch.Tensor] = {}
+        hook = stage.register_forward_hook(lambda _m, _i, out: kept.__setitem__("act", out))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.enable_grad():
+                head = det.network(x)
+                maps = {key: list(head[key]) for key in (det.cls_key, det.box_reg_key)}
+                anchors = det.anchor_generator(x, maps[det.cls_key])[0]
+                cls = det._reshape_maps(maps[det.cls_key])[0]
+                found = det.box_coder.decode_single(det._reshape_maps(maps[det.box_reg_key])[0].detach().float(),
+                                                    anchors)
+                act = kept["act"]
+                out = []
+                for row in rows:
+                    target = (row[:2 * dims] * torch.cat([size, size]))[None]
+                    overlap = box_iou(found, target)[:, 0]
+                    chosen = overlap >= iou if bool((overlap >= iou).any()) else overlap == overlap.max()
+                    (grad,) = torch.autograd.grad(cls[chosen, int(row[-1])].sum(), act, retain_graph=True)
+                    cam = F.relu((grad * act).sum(1, keepdim=True))
+                    mode = "bilinear" if dims == 2 else "trilinear"
+                    cam = F.interpolate(cam, size=tuple(x.shape[2:]), mode=mode, align_corners=False)[0, 0]
+                    out.append((cam / cam.max().clamp_min(1e-12)).detach())
+        finally:
+            hook.remove()
+            self.train(was_training)
+        return torch.stack(out) if out else torch.zeros(0, *x.shape[2:])
+
     def merge_flipped(self, outputs: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         """Flip TTA: the detections on the input flipped along its last axis, mapped back and fused with those on the
         input (weighted box fusion per class; a box seen in one view only keeps half its score)."""

@@ -34,6 +34,23 @@ def _round(n: float, div: int) -> int:
     return max(div, round(n / div) * div)
 
 
+def explain_boxes(run, pixels: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """Grad-CAM-style maps per box for one decoded image or volume (C, …) in [0, 1]: the run's answer (the boxes
+    above its threshold, highest score first, as ``Run.predict`` lists them) and one map per box (n, *the network's
+    input size) in [0, 1] (``BoxDetector.box_saliency``: the gradient of the box's class logit at its anchors times
+    the first backbone stage's activations), on the input as the network saw it, without the flipped view."""
+    import torch
+
+    row = run.predict_proba([pixels])[0]
+    answer = run.task.encode(row, run.label_names, run.info)
+    kept = run.task.decide(row[None], run.info)[0]
+    kept = kept[kept[:, -1] >= 0]
+    kept = kept[np.argsort(-kept[:, -2], kind="stable")]
+    x = run.preprocessing([pixels]).to(run.device)
+    maps = run.model.box_saliency(x, torch.from_numpy(kept).to(run.device))
+    return answer, maps.cpu().numpy()
+
+
 def detect_volume(run, pixels: np.ndarray) -> tuple[np.ndarray, int]:
     """A 3-D run's padded detections (MAX_DETECTIONS, 8) for one volume (C, D, H, W) in [0, 1], coordinates as
     fractions of its axes, and the number of windows it took (1: resized to the network's input size, as
@@ -293,7 +310,8 @@ class Detection(Task):
         return ",".join(found) or "none"
 
     def explain_index(self, row, info) -> int:
-        raise ConfigError("a detection model answers boxes; Grad-CAM explains classifiers")
+        raise ConfigError("a detection model answers boxes; Grad-CAM explains classifiers (one map per box: "
+                          "lepton.tasks.detection.explain_boxes)")
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def scores(self, y, outputs, info) -> dict[str, float]:
