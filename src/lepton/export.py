@@ -87,8 +87,10 @@ def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray) -> Path:
 
     prepared, tmp = dst.with_suffix(".prep.onnx"), dst.with_suffix(".tmp.onnx")
     try:
-        # ONNX Runtime's own pre-processing (shape inference, graph optimisation) before calibration.
-        quant_pre_process(str(src), str(prepared))
+        # ONNX Runtime's own pre-processing (ONNX shape inference, graph optimisation) before calibration. Its
+        # symbolic shape inference (made for transformer graphs) is skipped: on a network with free spatial axes it
+        # fails and, failing, leaves sym_shape_infer_temp.onnx and a .data file in the working directory.
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "MatMul", "Gemm"],
