@@ -32,16 +32,29 @@ class AttentionPool(nn.Module):
 
 
 class RecurrentPool(nn.Module):
-    """A GRU or LSTM over time (bidirectional), read as its last hidden states in both directions."""
+    """A GRU or LSTM over time (bidirectional), read as its last hidden states in both directions.
+
+    The per-frame embeddings come from a linear layer of any scale, which the recurrent gates (sigmoids and tanh)
+    saturate on or barely move with; a LayerNorm puts every time step on one scale first (attention pooling, a
+    weighted mean, needs none). The LSTM's forget gates start open (bias 1, Jozefowicz et al. 2015), so the state
+    carries the early frames through the clip from the first step."""
 
     def __init__(self, kind: str, features: int, hidden: int = 64):
         super().__init__()
         cls = nn.GRU if kind == "gru" else nn.LSTM
+        self.norm = nn.LayerNorm(features)
         self.rnn = cls(features, hidden, batch_first=True, bidirectional=True)
+        if kind == "lstm":
+            with torch.no_grad():  # gate order i, f, g, o: the second quarter of each bias is the forget gate's
+                for name, bias in self.rnn.named_parameters():
+                    if name.startswith("bias_ih"):
+                        bias[hidden:2 * hidden] = 1.0
+                    elif name.startswith("bias_hh"):
+                        bias[hidden:2 * hidden] = 0.0
         self.out_features = 2 * hidden
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        _, state = self.rnn(h)
+        _, state = self.rnn(self.norm(h))
         last = state[0] if isinstance(state, tuple) else state  # (2, N, hidden): forward and backward
         return torch.cat([last[0], last[1]], dim=1)
 
