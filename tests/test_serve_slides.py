@@ -60,12 +60,15 @@ def slide_server(tmp_path_factory):
     slides = root / "slides"
     tiff = write_slide(slides / "case.tiff", plan, tile=128)
     dicom = write_slide(slides / "case_dcm", plan, container="dicom", tile=128)
+    with socket.socket() as sock:  # the port a test's Orthanc will take: the one DICOMweb service trusted
+        sock.bind(("127.0.0.1", 0))
+        pacs_port = sock.getsockname()[1]
     config = ServeConfig(models=["wsi@production"], registry=str(root / "reg"), rate_limit=0,
                          slide_dir=str(root / "jobs"), slide_root=str(slides), slide_queue=1,
-                         max_slide_bytes=8 << 20)
+                         max_slide_bytes=8 << 20, dicomweb_allow=[f"http://127.0.0.1:{pacs_port}/dicom-web/"])
     with running(config) as base:
         yield {"url": base, "keys": keys, "model": model, "tiff": tiff, "dicom": dicom, "jobs": root / "jobs",
-               "root": root}
+               "root": root, "pacs_port": pacs_port}
 
 
 def _wait(url: str, job: str, key: str, timeout: float = 60) -> dict:
@@ -163,6 +166,58 @@ def test_a_dicom_slide_job_writes_an_sr_that_references_the_slide(slide_server):
     assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
     assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert region.PixelOriginInterpretation == "VOLUME"
+
+
+@pytest.mark.slow
+def test_a_slide_job_by_dicomweb_reference_answers_what_predict_slide_answers(slide_server, tmp_path):
+    """A DICOM slide STOWed into Orthanc, named by reference: the job retrieves it (progress in instances), answers
+    what predict_slide answers on the files, keeps no UID or patient identifier and no instance; an untrusted
+    service is 403 before any request, a reference that is not one series by UID 422, a CT series a failed job."""
+    import pydicom
+
+    from conftest import orthanc_server, upload_to_orthanc
+    from lepton.data.dicomweb import Source
+    from lepton.data.synthetic import ct_phantom, write_dicom_series
+    from lepton.pathology.workflow import predict_slide
+
+    s, key = slide_server, slide_server["keys"]["clinic"]
+    instances = [pydicom.dcmread(f) for f in sorted(s["dicom"].iterdir())]
+    for ds in instances:
+        ds.PatientID = "PAT-WSI-4711"
+    study, series = str(instances[0].StudyInstanceUID), str(instances[0].SeriesInstanceUID)
+    ct = write_dicom_series(tmp_path / "ct", ct_phantom(np.random.default_rng(0), (2, 16, 16)))
+
+    def submit(reference: str) -> httpx.Response:
+        return httpx.post(f"{s['url']}/v1/slide-models/wsi/jobs", json={"dicomweb": reference},
+                          headers=auth(key), timeout=60)
+
+    with orthanc_server(tmp_path / "orthanc", port=s["pacs_port"]) as base:
+        Source.parse(f"dicomweb+{base}/dicom-web").client().store_instances(instances)  # STOW-RS
+        upload_to_orthanc(base, ct)
+        query = f"?StudyInstanceUID={study}&SeriesInstanceUID={series}"
+        for untrusted in (f"http://localhost:{s['pacs_port']}/dicom-web", f"{base}/other", f"{base}@evil/dicom-web",
+                          "http://169.254.169.254/dicom-web"):
+            r = submit(untrusted + query)
+            assert r.status_code == 403 and "trust" in r.json()["error"]["message"], (untrusted, r.text)
+        assert submit(f"{base}/dicom-web?StudyInstanceUID={study}").status_code == 422  # a study, not one series
+        assert submit(f"{base}/dicom-web?PatientID=PAT-WSI-4711&SeriesInstanceUID={series}").status_code == 422
+        ct_series = str(pydicom.dcmread(ct[0]).SeriesInstanceUID)
+        failed = _wait(s["url"], submit(f"{base}/dicom-web?SeriesInstanceUID={ct_series}").json()["id"], key)
+        assert failed["status"] == "failed" and "not a VL whole-slide series" in failed["error"], failed
+        r = submit(f"{base}/dicom-web{query}")
+        assert r.status_code == 202, r.text
+        state = _wait(s["url"], r.json()["id"], key)
+    assert state["status"] == "done", state
+    progress = state["progress"]
+    assert progress["instances_done"] == progress["instances"] == len(instances)
+    assert progress["tiles_done"] == progress["tiles"] == state["result"]["tiles"] > 10
+    offline = predict_slide(s["model"], s["dicom"], tmp_path / "offline", cache=False)
+    assert state["result"]["probability"] == offline["prediction"]["probability"]
+    assert state["result"]["regions"] == json.loads(json.dumps(offline["regions"])) and "sr" in state["files"]
+    folder = s["jobs"] / r.json()["id"]
+    assert sorted(p.name for p in folder.iterdir()) == ["job.json", "out"]  # the retrieved instances are gone
+    stored = (folder / "job.json").read_text() + json.dumps(state)
+    assert not any(x in stored for x in (study, series, "PAT-WSI-4711", ct_series))
 
 
 def test_bad_input_is_refused_with_a_4xx_and_leaves_nothing(slide_server):

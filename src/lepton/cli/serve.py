@@ -67,6 +67,9 @@ def serve(
     slide_workers: Annotated[int, typer.Option(help="Slide jobs run at once.", min=1, max=64)] = 1,
     slide_queue: Annotated[int, typer.Option(help="Slide jobs waiting or running before 503.", min=1,
                                              max=100_000)] = 8,
+    dicomweb_allow: Annotated[list[str] | None, typer.Option(
+        "--dicomweb-allow", help="Slide models: a DICOMweb service (http(s)://HOST:PORT/dicom-web) slide jobs may "
+                                 "name a slide series on (repeatable); no other is contacted.")] = None,
 ) -> None:
     """Serve registered models over HTTP (native API, Open Inference Protocol v2, /metrics, the web console at
     /ui)."""
@@ -105,7 +108,7 @@ def serve(
                          poll_seconds=poll_seconds, redis=redis or None, redis_prefix=redis_prefix,
                          ui_notice=research_notice, slide_dir=str(slide_dir) if slide_dir else None,
                          slide_root=str(slide_root) if slide_root else None, slide_workers=slide_workers,
-                         slide_queue=slide_queue),
+                         slide_queue=slide_queue, dicomweb_allow=dicomweb_allow or []),
              host=host, port=port, workers=workers)
 
 

@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -122,30 +123,37 @@ def find_series(source: Source) -> list[Series]:
     return out[: source.limit] if source.limit else out
 
 
-def fetch(source: Source, cache: Path | None = None) -> list[Path]:
+def fetch(source: Source, cache: Path | None = None, *, max_bytes: int | None = None,
+          on_progress: Callable[[int, int], None] | None = None) -> list[Path]:
     """WADO-RS: every instance of every selected series into the cache (only those not there yet); returns one
-    folder per series, named by the series' pseudonym."""
+    folder per series, named by the series' pseudonym. ``max_bytes`` bounds what this call writes (DataError beyond
+    it); ``on_progress(done, total)`` is called after each instance of a series."""
     from lepton.utils import atomic_write_bytes
 
     cache = cache or cache_root()
     series_list = find_series(source)
-    if not series_list:
-        raise DataError(f"no series at {source.base} match {source.filters or 'the source'}")
-    client, folders = source.client(), []
+    if not series_list:  # the filters' names only: their values may be UIDs or a patient's identifier
+        raise DataError(f"no series at {source.base} match the given {', '.join(source.filters) or 'source'}")
+    client, folders, written = source.client(), [], 0
     for s in series_list:
         folder = cache / pseudonym(s.series)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             instances = client.search_for_instances(study_instance_uid=s.study, series_instance_uid=s.series)
-            for record in instances:
+            for done, record in enumerate(instances, 1):
                 sop = _value(record, "00080018")
                 target = folder / f"{pseudonym(sop)}.dcm"
-                if target.exists():
-                    continue
-                ds = client.retrieve_instance(s.study, s.series, sop)
-                buf = io.BytesIO()
-                ds.save_as(buf, enforce_file_format=True)
-                atomic_write_bytes(target, buf.getvalue())
+                if not target.exists():
+                    ds = client.retrieve_instance(s.study, s.series, sop)
+                    buf = io.BytesIO()
+                    ds.save_as(buf, enforce_file_format=True)
+                    written += buf.tell()
+                    if max_bytes is not None and written > max_bytes:
+                        raise DataError(f"series {pseudonym(s.series)} from {source.base} is larger than the "
+                                        f"limit of {max_bytes} bytes")
+                    atomic_write_bytes(target, buf.getvalue())
+                if on_progress is not None:
+                    on_progress(done, len(instances))
         except DataError:
             raise
         except Exception as exc:

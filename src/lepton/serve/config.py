@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: Environment variable that carries the ServeConfig (JSON) to worker processes started by uvicorn.
 CONFIG_ENV = "LEPTON_SERVE_CONFIG"
@@ -65,6 +65,9 @@ class ServeConfig:
     slide_workers: int = 1
     slide_queue: int = 8
     slide_job_hours: float = 24.0
+    # DICOMweb services (base URLs, http(s)://HOST:PORT/PATH) a slide job may name its slide on; the server fetches
+    # from no other (a reference to any other is refused 403). Empty: no slide by reference.
+    dicomweb_allow: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         """Every number finite and within BOUNDS (3.0 taken as 3 where a whole number is meant); ConfigError naming
@@ -73,3 +76,24 @@ class ServeConfig:
 
         for key, (low, high, whole) in BOUNDS.items():
             setattr(self, key, check_number(key, getattr(self, key), low, high, whole))
+        self.dicomweb_allow = dicomweb_bases(self.dicomweb_allow)
+
+
+def dicomweb_bases(urls: list[str]) -> list[str]:
+    """Trusted DICOMweb base URLs as ``lepton.data.dicomweb.Source`` spells a source's base (so a reference matches
+    by equality); ConfigError for one that is not an http(s) URL with a host, or that carries a query."""
+    from lepton.data.dicomweb import SCHEME, Source
+    from lepton.errors import ConfigError, DataError
+
+    bases = []
+    for url in urls or []:
+        text = str(url).strip()
+        try:
+            source = Source.parse(text if text.startswith(SCHEME) else SCHEME + text)
+        except DataError as exc:
+            raise ConfigError(f"dicomweb_allow: {exc}") from None
+        if source.filters or source.limit or "?" in text:
+            raise ConfigError(f"dicomweb_allow: {text!r} carries a query; give the service's base URL only "
+                              "(http://HOST:PORT/dicom-web)")
+        bases.append(source.base)
+    return bases

@@ -1,7 +1,11 @@
 """Whole-slide jobs: the served slide models (registry format ``slide-mil``) and the jobs that run them.
 
 A slide takes longer than a request, so a slide is a job: the route stores the upload (or names a file under the
-configured ``slide_root``) in the job's folder, checks that it opens as a slide, and queues it; a bounded pool of
+configured ``slide_root``) in the job's folder, checks that it opens as a slide, and queues it — or, for a DICOMweb
+reference to one VL whole-slide series on a service in ``dicomweb_allow`` (any other is refused 403: the server
+contacts no service it was not told to trust), queues the job, which retrieves the series' instances into its folder
+(``lepton.data.dicomweb.fetch``, bounded by ``max_slide_bytes``, status ``retrieving`` with instances done) before
+tiling; nothing of the reference but the service's base URL is kept or logged. A bounded pool of
 worker threads (``slide_workers``) tiles it and runs the MIL model (``lepton.pathology.workflow.predict_slide``, the
 same code as ``lepton slides predict``); at most ``slide_queue`` jobs wait or run per process, beyond which a
 submission is refused 503 with Retry-After. A job's state is a ``job.json`` in its folder under ``slide_dir``,
@@ -41,7 +45,9 @@ MAX_ZIP_MEMBERS = 10_000
 FILES = ("heatmap", "geojson", "report", "markdown", "sr")
 MEDIA = {"heatmap": "image/png", "geojson": "application/geo+json", "report": "application/json",
          "markdown": "text/markdown; charset=utf-8", "sr": "application/dicom"}
-ACTIVE = ("receiving", "queued", "running")
+ACTIVE = ("receiving", "queued", "retrieving", "running")
+#: The QIDO filters a slide reference may carry: it names one series by its UIDs (never by patient).
+REFERENCE_FILTERS = ("StudyInstanceUID", "SeriesInstanceUID")
 
 
 @dataclass
@@ -199,18 +205,74 @@ class SlideJobs:
             raise ApiError(404, "not_found", f"no slide {given!r} under the server's slide root")
         return path
 
-    def start(self, job: str, dep: SlideDeployment, slide: Path, owned: bool) -> None:
-        """Queue the job on the worker pool; ``owned`` inputs (uploads) are deleted when it ends."""
+    def resolve_dicomweb(self, given: Any):
+        """A slide named by DICOMweb reference (``http(s)://HOST/PATH?StudyInstanceUID=…&SeriesInstanceUID=…``) as
+        a ``Source``: 403 unless its service is one of ``dicomweb_allow``; 422 unless it names one series by UID."""
+        from lepton.data.dicomweb import SCHEME, Source
+        from lepton.errors import DataError
+
+        if not isinstance(given, str) or not given or len(given) > 4096:
+            raise ApiError(400, "invalid_request", '"dicomweb" must be a URL: http(s)://HOST:PORT/dicom-web?'
+                           'StudyInstanceUID=…&SeriesInstanceUID=…')
+        if not self.config.dicomweb_allow:
+            raise ApiError(403, "forbidden", "this server fetches slides from no DICOMweb service (start it with "
+                           "--dicomweb-allow URL to trust one); upload the slide instead")
+        try:
+            source = Source.parse(given if given.startswith(SCHEME) else SCHEME + given)
+        except DataError as exc:
+            raise ApiError(422, "invalid_reference", str(exc)) from None
+        if source.base not in self.config.dicomweb_allow:
+            raise ApiError(403, "forbidden", f"{source.base} is not a DICOMweb service this server trusts "
+                           "(--dicomweb-allow)")
+        if source.limit or set(source.filters) - set(REFERENCE_FILTERS) or "SeriesInstanceUID" not in source.filters:
+            raise ApiError(422, "invalid_reference", "a slide reference names one series: give SeriesInstanceUID "
+                           "(and StudyInstanceUID), no other filter")
+        return source
+
+    def start(self, job: str, dep: SlideDeployment, slide: Path | None, owned: bool, source: Any = None) -> None:
+        """Queue the job on the worker pool; ``owned`` inputs (uploads, retrieved series) are deleted when it ends.
+        With a DICOMweb ``source`` (and no ``slide``) the job retrieves the series first."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.slide_workers, thread_name_prefix="lepton-slide")
         self._update(job, status="queued")
-        self._pool.submit(self._run, job, dep, slide, owned)
+        self._pool.submit(self._run, job, dep, slide, owned, source)
 
     def discard(self, folder: Path) -> None:
         """A job refused before it was queued: nothing of it stays."""
         shutil.rmtree(folder, ignore_errors=True)
 
-    def _run(self, job: str, dep: SlideDeployment, slide: Path, owned: bool) -> None:
+    def _retrieve(self, job: str, source: Any) -> Path:
+        """The referenced series' instances into the job's folder (exactly one VL whole-slide series, at most
+        ``max_slide_bytes``), its progress in instances; the folder the slide reader opens."""
+        from lepton.data.dicomweb import fetch, find_series
+        from lepton.errors import DataError
+
+        self._update(job, status="retrieving", progress={"instances_done": 0, "instances": None, "tiles_done": 0,
+                                                         "tiles": None})
+        found = find_series(source)
+        if len(found) != 1:
+            raise DataError(f"the reference selects {len(found)} series at {source.base}: a slide job takes "
+                            "exactly one VL whole-slide series")
+        if found[0].modality != "SM":
+            raise DataError(f"the referenced series is modality {found[0].modality or 'unknown'}, not a VL "
+                            "whole-slide series (SM)")
+        if found[0].instances > MAX_ZIP_MEMBERS:
+            raise DataError(f"the referenced series holds {found[0].instances} instances (at most "
+                            f"{MAX_ZIP_MEMBERS})")
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.5 or done == total:
+                last[0] = now
+                self._update(job, progress={"instances_done": done, "instances": total, "tiles_done": 0,
+                                            "tiles": None})
+
+        (folder,) = fetch(source, self.root / job / "dicomweb", max_bytes=self.config.max_slide_bytes,
+                          on_progress=progress)
+        return folder
+
+    def _run(self, job: str, dep: SlideDeployment, slide: Path | None, owned: bool, source: Any = None) -> None:
         from lepton.pathology.workflow import predict_slide
 
         folder = self.root / job
@@ -220,10 +282,15 @@ class SlideJobs:
             now = time.monotonic()
             if now - last[0] >= 0.5 or done == total:
                 last[0] = now
-                self._update(job, progress={"tiles_done": done, "tiles": total})
+                self._update(job, progress={**retrieved, "tiles_done": done, "tiles": total})
 
+        retrieved: dict[str, Any] = {}
         try:
-            self._update(job, status="running", started=time.time())
+            self._update(job, started=time.time())
+            if source is not None:
+                slide = self._retrieve(job, source)
+                retrieved = {k: v for k, v in self.read(job, None)["progress"].items() if k.startswith("instances")}
+            self._update(job, status="running")
             report = predict_slide(dep.model, slide, folder / "out", cache=False, backbone=dep.backbone,
                                    on_progress=progress, model_name=dep.name, model_version=str(dep.version))
             geojson = json.loads(Path(report["files"]["geojson"]).read_text())

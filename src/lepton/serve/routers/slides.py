@@ -1,7 +1,7 @@
-"""Whole-slide jobs over HTTP: list the served slide models, submit a slide (the file as the raw body, or JSON naming
-a file under the server's slide root) as a job (202 and its id), follow it (status, tiles done) and read its answer:
-the slide probability, the regions the model attended to with their GeoJSON, and the heatmap, reports and DICOM SR as
-files. The work itself is ``lepton.serve.slides``."""
+"""Whole-slide jobs over HTTP: list the served slide models, submit a slide (the file as the raw body, JSON naming
+a file under the server's slide root, or JSON naming a series on a trusted DICOMweb service) as a job (202 and its
+id), follow it (status, tiles done) and read its answer: the slide probability, the regions the model attended to
+with their GeoJSON, and the heatmap, reports and DICOM SR as files. The work itself is ``lepton.serve.slides``."""
 
 from __future__ import annotations
 
@@ -29,12 +29,16 @@ SUBMIT_BODY = {
     "requestBody": {"required": True, "description": (
         "A whole slide: the file as the raw body (a pyramidal TIFF, SVS, OME-TIFF, QPTIFF or NDPI, a DICOM VL "
         "whole-slide instance, or a zip of a DICOM slide's instances; recognised by content), or JSON naming a file "
-        "under the server's slide root (`--slide-root`). A file that is not a readable slide is answered 415 or "
-        "422; over the server's slide size limit, 413."), "content": {
+        "under the server's slide root (`--slide-root`), or JSON naming a VL whole-slide series on a DICOMweb "
+        "service the server trusts (`--dicomweb-allow`; any other is 403), which the job retrieves. A file that is "
+        "not a readable slide is answered 415 or 422; over the server's slide size limit, 413."), "content": {
             "application/octet-stream": _BINARY, "image/tiff": _BINARY, "application/dicom": _BINARY,
             "application/zip": _BINARY,
-            "application/json": {"schema": {"type": "object", "required": ["path"], "properties": {
-                "path": {"type": "string", "minLength": 1, "description": "Relative to the slide root."}}}}}},
+            "application/json": {"schema": {"type": "object", "properties": {
+                "path": {"type": "string", "minLength": 1, "description": "Relative to the slide root."},
+                "dicomweb": {"type": "string", "minLength": 1, "description": (
+                    "http(s)://HOST:PORT/dicom-web?StudyInstanceUID=…&SeriesInstanceUID=…: one VL whole-slide "
+                    "series on a trusted service.")}}}}}},
     "parameters": [{"name": "filename", "in": "query", "required": False, "schema": {"type": "string"},
                     "description": "The file's name (its suffix tells QPTIFF and OME-TIFF apart)."}]}
 
@@ -62,8 +66,10 @@ class JobState(BaseModel):
     id: str
     model: str
     version: int
-    status: Literal["receiving", "queued", "running", "done", "failed"]
-    progress: dict[str, int | None] = Field(description="tiles_done of tiles (null until the grid is planned).")
+    status: Literal["receiving", "queued", "retrieving", "running", "done", "failed"]
+    progress: dict[str, int | None] = Field(description=(
+        "tiles_done of tiles (null until the grid is planned); for a DICOMweb reference also instances_done of "
+        "instances retrieved."))
     created: float
     started: float | None = None
     finished: float | None = None
@@ -111,10 +117,15 @@ async def submit_slide(name: str, request: Request, key: KeyInfo | None = Depend
                 given = json.loads(body)
             except ValueError:
                 raise ApiError(400, "invalid_json", "the body is not JSON") from None
-            path = jobs.resolve_path(given.get("path") if isinstance(given, dict) else None)
-            await asyncio.to_thread(_check_slide, path)
-            job, folder = jobs.create(dep, key)
-            jobs.start(job, dep, path, owned=False)
+            if isinstance(given, dict) and "dicomweb" in given:  # retrieved by the job: 202 before any request
+                source = jobs.resolve_dicomweb(given["dicomweb"])
+                job, folder = jobs.create(dep, key)
+                jobs.start(job, dep, None, owned=True, source=source)
+            else:
+                path = jobs.resolve_path(given.get("path") if isinstance(given, dict) else None)
+                await asyncio.to_thread(_check_slide, path)
+                job, folder = jobs.create(dep, key)
+                jobs.start(job, dep, path, owned=False)
         elif kind.startswith("multipart/"):
             raise ApiError(415, "unsupported_media_type", "send the slide as the raw body (Content-Type "
                            "application/octet-stream), not as a multipart form")
