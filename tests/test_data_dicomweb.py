@@ -96,8 +96,14 @@ def test_an_unreachable_pacs_and_an_empty_search_are_clear_errors(pacs, tmp_path
     monkeypatch.setenv("LEPTON_DICOMWEB_RETRIES", "1")  # a refused connection is an error at once, not after back-off
     with pytest.raises(DataError, match="DICOMweb search at http://127.0.0.1:9/dicom-web failed"):
         dicomweb.fetch(dicomweb.Source.parse("dicomweb+http://127.0.0.1:9/dicom-web?Modality=CT"), tmp_path)
-    with pytest.raises(DataError, match="no series"):
+    with pytest.raises(DataError, match="no series") as info:
         dicomweb.fetch(dicomweb.Source.parse(f"{pacs['web']}?PatientID=NOBODY"), tmp_path)
+    assert "NOBODY" not in str(info.value)  # the filter's name, never its value
+    seen = []
+    with pytest.raises(DataError, match="larger than the limit of 1000 bytes"):  # bounded: stops at the first
+        dicomweb.fetch(dicomweb.Source.parse(f"{pacs['web']}?PatientID=PAT-A"), tmp_path / "small", max_bytes=1000,
+                       on_progress=lambda done, total: seen.append((done, total)))
+    assert seen == [] and not list((tmp_path / "small").rglob("*.dcm"))
 
 
 def test_predict_takes_a_dicomweb_source(pacs, tmp_path):
