@@ -1,9 +1,23 @@
 """Tasks: what differs between classification, segmentation, … behind one small contract (``Task``).
 
-Importing this package registers the built-in tasks; ``get_task(name)`` returns one.
+``get_task(name)`` returns one; the built-in tasks' modules are imported (and so registered) the first time a task
+is looked up. The names below are handed on lazily from ``lepton.tasks.base``, so the package is in no import circle
+with its own modules.
 """
 
-from lepton.tasks import classification, detection, segmentation, sequence  # noqa: F401  (registers the built-in tasks)
-from lepton.tasks.base import Task, choose_task, get_task, inspect_data, list_tasks, register_task
+from __future__ import annotations
 
-__all__ = ["Task", "choose_task", "get_task", "inspect_data", "list_tasks", "register_task"]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {"Task": "lepton.tasks.base", "choose_task": "lepton.tasks.base", "get_task": "lepton.tasks.base",
+            "inspect_data": "lepton.tasks.base", "list_tasks": "lepton.tasks.base",
+            "register_task": "lepton.tasks.base"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = globals()[name] = getattr(import_module(_EXPORTS[name]), name)
+        return value
+    raise AttributeError(f"module 'lepton.tasks' has no attribute {name!r}")

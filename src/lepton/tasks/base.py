@@ -304,6 +304,18 @@ class Task:
 
 
 _TASKS: dict[str, type[Task]] = {}
+#: The built-in tasks' modules, imported (and so registered) the first time a task is looked up.
+BUILTIN = ("classification", "detection", "segmentation", "sequence")
+
+
+def _registered() -> dict[str, type[Task]]:
+    """The task table, with the built-in tasks' modules imported first (their ``@register_task`` fills it)."""
+    if not all(name in _TASKS for name in BUILTIN):
+        from importlib import import_module
+
+        for name in BUILTIN:
+            import_module(f"lepton.tasks.{name}")
+    return _TASKS
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -318,15 +330,16 @@ def get_task(name: str | None, options: Mapping[str, Any] | None = None) -> Task
     """A task instance by name (None or empty means classification, the default of older runs), holding the run's
     task ``options``."""
     key = name or "classification"
-    if key not in _TASKS:
-        raise ConfigError(f"unknown task {key!r}; available: {', '.join(sorted(_TASKS))}")
-    task = _TASKS[key]()
+    tasks = _registered()
+    if key not in tasks:
+        raise ConfigError(f"unknown task {key!r}; available: {', '.join(sorted(tasks))}")
+    task = tasks[key]()
     task.options = dict(options or {})
     return task
 
 
 def list_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return sorted(_registered())
 
 
 def choose_task(source: str | Path, task: str | None = None) -> tuple[str, Layout]:
@@ -339,7 +352,7 @@ def choose_task(source: str | Path, task: str | None = None) -> tuple[str, Layou
     from lepton.data.layout import detect_layout
 
     layout = detect_layout(source)
-    readers = [name for name, cls in sorted(_TASKS.items()) if layout.name in cls.layouts]
+    readers = [name for name, cls in sorted(_registered().items()) if layout.name in cls.layouts]
     if task:
         chosen = get_task(task)
         if layout.name in chosen.layouts or not chosen.layouts or (not readers and layout.task == chosen.name):
