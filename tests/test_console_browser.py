@@ -420,8 +420,14 @@ def slide_site(tmp_path_factory):
 @pytest.mark.slow
 def test_a_slide_job_shows_the_heatmap_over_the_thumbnail_and_the_probability(browser, slide_site):
     page, watch = _page(browser, slide_site, "admin")
-    page.get_by_role("link", name="Slides").click()
-    page.wait_for_url("**/ui/slides")
+    page.get_by_role("link", name="Models").click()  # listed like an image model, its format, stage, card
+    page.wait_for_url("**/ui/models")
+    _until(page, "document.getElementById('card').textContent.includes('gated-attention MIL')")
+    assert "wsi: slide model (slide-mil" in page.locator("#summary").inner_text()
+    assert page.locator("#versions tbody tr td").all_inner_texts()[:3] == ["1 (served)", "none", "slide-mil"]
+    assert page.locator("#route-form").is_hidden() and page.locator("#diff-form").is_hidden()
+    page.get_by_role("link", name="Run it on a whole slide on the Slides page").click()
+    page.wait_for_url("**/ui/slides?model=wsi")
     page.wait_for_selector("#slide-model option", state="attached")
     _until(page, "document.getElementById('slide-card').textContent.includes('gated-attention MIL')")
     page.set_input_files("#slide-file", str(slide_site["slide"]))

@@ -104,6 +104,16 @@ def test_a_slide_model_registers_with_its_card_and_is_promoted(slide_server):
     assert shown.json()["markdown"] == card and "<h1>Model card: wsi v1</h1>" in shown.json()["html"]
     assert httpx.get(f"{slide_server['url']}/v1/models/wsi", headers=auth(slide_server["keys"]["clinic"])) \
         .status_code == 404  # not an image model: no batcher behind it
+    info = httpx.get(f"{slide_server['url']}/v1/slide-models/wsi", headers=auth(slide_server["keys"]["other"])).json()
+    assert info["kind"] == "slide" and info["format"] == "slide-mil" and info["version"] == 1
+    assert [(x["version"], x["stage"], x["format"]) for x in info["versions"]] == [(1, "production", "slide-mil")]
+    assert info["versions"][0]["metrics"]["test_auc"] == 0.75
+    from typer.testing import CliRunner
+
+    from lepton.cli import app
+
+    listed = CliRunner().invoke(app, ["models", "list", "--registry", str(slide_server["root"] / "reg")])
+    assert listed.exit_code == 0 and "slide-mil" in listed.output and "0.7500 (test)" in listed.output, listed.output
 
 
 @pytest.mark.slow

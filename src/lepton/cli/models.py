@@ -134,14 +134,19 @@ def models_list(
     name: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
     registry: RegistryOpt = None,
 ) -> None:
-    """List registered versions with stage and headline metrics."""
+    """List registered versions with stage and headline metrics (a slide model's are its test slides', marked)."""
     from rich.table import Table
+
+    def figure(v, key: str) -> str:
+        value, split = v.metrics.get(f"val_{key}"), ""
+        if value is None and v.metrics.get(f"test_{key}") is not None:  # slide models: test slides only
+            value, split = v.metrics[f"test_{key}"], " (test)"
+        return f"{value:.4f}{split}" if value is not None else "-"
 
     table = Table("model", "version", "stage", "format", "val AUC", "val ACC", "created", "parent")
     for v in _registry(registry).list(name):
-        auc, acc = v.metrics.get("val_auc"), v.metrics.get("val_acc")
-        table.add_row(v.name, str(v.version), v.stage, v.format, f"{auc:.4f}" if auc is not None else "-",
-                      f"{acc:.4f}" if acc is not None else "-", v.created_at[:19], str(v.parent_version or "-"))
+        table.add_row(v.name, str(v.version), v.stage, v.format, figure(v, "auc"), figure(v, "acc"),
+                      v.created_at[:19], str(v.parent_version or "-"))
     console.print(table)
 
 

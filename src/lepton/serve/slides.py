@@ -1,11 +1,9 @@
 """Whole-slide jobs: the served slide models (registry format ``slide-mil``) and the jobs that run them.
 
 A slide takes longer than a request, so a slide is a job: the route stores the upload (or names a file under the
-configured ``slide_root``) in the job's folder, checks that it opens as a slide, and queues it — or, for a DICOMweb
-reference to one VL whole-slide series on a service in ``dicomweb_allow`` (any other is refused 403: the server
-contacts no service it was not told to trust), queues the job, which retrieves the series' instances into its folder
-(``lepton.data.dicomweb.fetch``, bounded by ``max_slide_bytes``, status ``retrieving`` with instances done) before
-tiling; nothing of the reference but the service's base URL is kept or logged. A bounded pool of
+configured ``slide_root``) in the job's folder, checks that it opens as a slide, and queues it; a job given a
+DICOMweb reference (to a trusted service only) first retrieves the series into its folder, its status
+``retrieving`` (``lepton.serve.slideinputs`` holds what a job reads). A bounded pool of
 worker threads (``slide_workers``) tiles it and runs the MIL model (``lepton.pathology.workflow.predict_slide``, the
 same code as ``lepton slides predict``); at most ``slide_queue`` jobs wait or run per process, beyond which a
 submission is refused 503 with Retry-After. A job's state is a ``job.json`` in its folder under ``slide_dir``,
@@ -24,7 +22,6 @@ import shutil
 import threading
 import time
 import uuid
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,21 +30,16 @@ from typing import Any
 from lepton.errors import LeptonError
 from lepton.registry.slides import SLIDE_FORMAT, load_slide_model
 from lepton.serve.errors import ApiError
+from lepton.serve.slideinputs import hide_paths, retrieve
 from lepton.utils import atomic_write_json
 
 log = logging.getLogger("lepton.serve")
 
-#: TIFF-based slide suffixes kept from an upload's name (the reader tells QPTIFF and OME-TIFF by them).
-TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".qptiff", ".svs", ".tiff", ".tif", ".ndpi", ".scn", ".bif")
-#: A zipped DICOM slide: at most this many members.
-MAX_ZIP_MEMBERS = 10_000
 #: Files a finished job offers, by name in the URL.
 FILES = ("heatmap", "geojson", "report", "markdown", "sr")
 MEDIA = {"heatmap": "image/png", "geojson": "application/geo+json", "report": "application/json",
          "markdown": "text/markdown; charset=utf-8", "sr": "application/dicom"}
 ACTIVE = ("receiving", "queued", "retrieving", "running")
-#: The QIDO filters a slide reference may carry: it names one series by its UIDs (never by patient).
-REFERENCE_FILTERS = ("StudyInstanceUID", "SeriesInstanceUID")
 
 
 @dataclass
@@ -61,8 +53,9 @@ class SlideDeployment:
     tenant: str | None
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "task": "slide-classification",
-                "labels": self.model.labels, "threshold": self.model.threshold, "tile": self.model.spec}
+        return {"name": self.name, "version": self.version, "kind": "slide", "format": SLIDE_FORMAT,
+                "task": "slide-classification", "labels": self.model.labels, "threshold": self.model.threshold,
+                "tile": self.model.spec}
 
 
 def _visible(tenant: str | None, key) -> bool:
@@ -136,99 +129,6 @@ class SlideJobs:
                              "pid": os.getpid(), "progress": {"tiles_done": 0, "tiles": None}})
         return job, folder
 
-    def prepare_upload(self, folder: Path, filename: str | None) -> Path:
-        """The uploaded bytes (``upload.part``) as a slide the readers open: a DICOM file, a zip of a DICOM slide's
-        instances (unpacked, names flattened), or a TIFF-based file (its suffix kept); then opened and its
-        thumbnail decoded, so a file that is not a readable slide is refused now (ApiError 415/422)."""
-        from lepton.data.slides import open_slide
-
-        part = folder / "upload.part"
-        with open(part, "rb") as fh:
-            head = fh.read(132)
-        if head[:4] == b"PK\x03\x04":
-            path = self._unzip(part, folder / "slide")
-        elif head[128:132] == b"DICM":
-            path = part.rename(folder / "slide.dcm")
-        elif head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-            name = (filename or "").lower()
-            suffix = next((s for s in TIFF_SUFFIXES if name.endswith(s)), ".tiff")
-            path = part.rename(folder / f"slide{suffix}")
-        else:
-            raise ApiError(415, "not_a_slide", "the upload is not a whole-slide file: send a pyramidal TIFF (SVS, "
-                           "OME-TIFF, QPTIFF, NDPI), a DICOM VL whole-slide instance, or a zip of a DICOM slide's "
-                           "instances")
-        try:
-            with open_slide(path) as slide:
-                slide.thumbnail(256)
-        except LeptonError as exc:
-            raise ApiError(422, "unreadable_slide", self._hide(str(exc), folder)) from None
-        return path
-
-    def _unzip(self, part: Path, target: Path) -> Path:
-        target.mkdir()
-        limit = self.config.max_slide_bytes
-        try:
-            with zipfile.ZipFile(part) as zf:
-                members = [m for m in zf.infolist() if not m.is_dir()]
-                if not members or len(members) > MAX_ZIP_MEMBERS:
-                    raise ApiError(422, "unreadable_slide", f"the zip holds {len(members)} files: a zipped DICOM "
-                                   f"slide holds 1 to {MAX_ZIP_MEMBERS} instances")
-                if sum(m.file_size for m in members) > limit:
-                    raise ApiError(413, "payload_too_large", f"the zip unpacks to more than {limit} bytes")
-                for i, member in enumerate(members):  # flattened: no member names reach the file system
-                    with zf.open(member) as src, open(target / f"{i:05d}.dcm", "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as exc:
-            raise ApiError(422, "unreadable_slide", f"the zip does not unpack ({type(exc).__name__})") from None
-        finally:
-            part.unlink(missing_ok=True)
-        return target
-
-    def resolve_path(self, given: Any) -> Path:
-        """A server-side slide named by the client: only under ``slide_root`` (403 otherwise, or when unset)."""
-        if not self.config.slide_root:
-            raise ApiError(403, "forbidden", "this server takes no slide paths (start it with --slide-root DIR to "
-                           "allow slides under DIR); upload the file instead")
-        if not isinstance(given, str) or not given:
-            raise ApiError(400, "invalid_request", 'the JSON body needs "path": a slide under the slide root')
-        if "\x00" in given:  # no file name holds one
-            raise ApiError(404, "not_found", "no such slide under the server's slide root")
-        root = Path(self.config.slide_root).expanduser().resolve()
-        try:
-            path = (root / given).resolve()
-            outside, found = not path.is_relative_to(root), path.exists()
-        except (OSError, ValueError) as exc:  # a name the file system cannot hold (lone surrogates, too long)
-            raise ApiError(404, "not_found", f"no slide {given!r} under the server's slide root") from exc
-        if outside:
-            raise ApiError(403, "forbidden", f"{given!r} is outside the server's slide root")
-        if not found:
-            raise ApiError(404, "not_found", f"no slide {given!r} under the server's slide root")
-        return path
-
-    def resolve_dicomweb(self, given: Any):
-        """A slide named by DICOMweb reference (``http(s)://HOST/PATH?StudyInstanceUID=…&SeriesInstanceUID=…``) as
-        a ``Source``: 403 unless its service is one of ``dicomweb_allow``; 422 unless it names one series by UID."""
-        from lepton.data.dicomweb import SCHEME, Source
-        from lepton.errors import DataError
-
-        if not isinstance(given, str) or not given or len(given) > 4096:
-            raise ApiError(400, "invalid_request", '"dicomweb" must be a URL: http(s)://HOST:PORT/dicom-web?'
-                           'StudyInstanceUID=…&SeriesInstanceUID=…')
-        if not self.config.dicomweb_allow:
-            raise ApiError(403, "forbidden", "this server fetches slides from no DICOMweb service (start it with "
-                           "--dicomweb-allow URL to trust one); upload the slide instead")
-        try:
-            source = Source.parse(given if given.startswith(SCHEME) else SCHEME + given)
-        except DataError as exc:
-            raise ApiError(422, "invalid_reference", str(exc)) from None
-        if source.base not in self.config.dicomweb_allow:
-            raise ApiError(403, "forbidden", f"{source.base} is not a DICOMweb service this server trusts "
-                           "(--dicomweb-allow)")
-        if source.limit or set(source.filters) - set(REFERENCE_FILTERS) or "SeriesInstanceUID" not in source.filters:
-            raise ApiError(422, "invalid_reference", "a slide reference names one series: give SeriesInstanceUID "
-                           "(and StudyInstanceUID), no other filter")
-        return source
-
     def start(self, job: str, dep: SlideDeployment, slide: Path | None, owned: bool, source: Any = None) -> None:
         """Queue the job on the worker pool; ``owned`` inputs (uploads, retrieved series) are deleted when it ends.
         With a DICOMweb ``source`` (and no ``slide``) the job retrieves the series first."""
@@ -241,42 +141,11 @@ class SlideJobs:
         """A job refused before it was queued: nothing of it stays."""
         shutil.rmtree(folder, ignore_errors=True)
 
-    def _retrieve(self, job: str, source: Any) -> Path:
-        """The referenced series' instances into the job's folder (exactly one VL whole-slide series, at most
-        ``max_slide_bytes``), its progress in instances; the folder the slide reader opens."""
-        from lepton.data.dicomweb import fetch, find_series
-        from lepton.errors import DataError
-
-        self._update(job, status="retrieving", progress={"instances_done": 0, "instances": None, "tiles_done": 0,
-                                                         "tiles": None})
-        found = find_series(source)
-        if len(found) != 1:
-            raise DataError(f"the reference selects {len(found)} series at {source.base}: a slide job takes "
-                            "exactly one VL whole-slide series")
-        if found[0].modality != "SM":
-            raise DataError(f"the referenced series is modality {found[0].modality or 'unknown'}, not a VL "
-                            "whole-slide series (SM)")
-        if found[0].instances > MAX_ZIP_MEMBERS:
-            raise DataError(f"the referenced series holds {found[0].instances} instances (at most "
-                            f"{MAX_ZIP_MEMBERS})")
-        last = [0.0]
-
-        def progress(done: int, total: int) -> None:
-            now = time.monotonic()
-            if now - last[0] >= 0.5 or done == total:
-                last[0] = now
-                self._update(job, progress={"instances_done": done, "instances": total, "tiles_done": 0,
-                                            "tiles": None})
-
-        (folder,) = fetch(source, self.root / job / "dicomweb", max_bytes=self.config.max_slide_bytes,
-                          on_progress=progress)
-        return folder
-
     def _run(self, job: str, dep: SlideDeployment, slide: Path | None, owned: bool, source: Any = None) -> None:
         from lepton.pathology.workflow import predict_slide
 
         folder = self.root / job
-        last = [0.0]
+        last, retrieved = [0.0], {}
 
         def progress(done: int, total: int) -> None:
             now = time.monotonic()
@@ -284,12 +153,14 @@ class SlideJobs:
                 last[0] = now
                 self._update(job, progress={**retrieved, "tiles_done": done, "tiles": total})
 
-        retrieved: dict[str, Any] = {}
+        def fetched(**changes: Any) -> None:  # the retrieval's progress, kept beside the tiles'
+            retrieved.update({k: v for k, v in changes["progress"].items() if k.startswith("instances")})
+            self._update(job, **changes)
+
         try:
             self._update(job, started=time.time())
             if source is not None:
-                slide = self._retrieve(job, source)
-                retrieved = {k: v for k, v in self.read(job, None)["progress"].items() if k.startswith("instances")}
+                slide = retrieve(source, folder / "dicomweb", self.config.max_slide_bytes, fetched)
             self._update(job, status="running")
             report = predict_slide(dep.model, slide, folder / "out", cache=False, backbone=dep.backbone,
                                    on_progress=progress, model_name=dep.name, model_version=str(dep.version))
@@ -300,7 +171,7 @@ class SlideJobs:
             files = {k: Path(v).name for k, v in report["files"].items()}
             self._update(job, status="done", finished=time.time(), result=result, files=files)
         except LeptonError as exc:
-            self._update(job, status="failed", finished=time.time(), error=self._hide(str(exc), folder))
+            self._update(job, status="failed", finished=time.time(), error=hide_paths(str(exc), folder))
         except Exception as exc:  # a fault of ours: logged by kind (never the slide's path or content), job failed
             log.error("slide job %s failed: %s", job, type(exc).__name__)
             self._update(job, status="failed", finished=time.time(), error="internal error while processing the "
@@ -346,11 +217,6 @@ class SlideJobs:
         with self._lock:
             state = json.loads((folder / "job.json").read_text())
             self._write(folder, {**state, **changes})
-
-    @staticmethod
-    def _hide(message: str, folder: Path) -> str:
-        """An error without the server's paths: the job folder reads as "the slide"."""
-        return message.replace(str(folder / "upload.part"), "the slide").replace(str(folder), "the upload")
 
     def _recover(self) -> None:
         """Jobs an ended process left waiting or running: failed, inputs removed; old jobs pruned."""

@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from lepton.registry.access import KeyInfo
-from lepton.serve import schemas
+from lepton.serve import schemas, slideinputs
 from lepton.serve.deps import api_key
 from lepton.serve.errors import ApiError, registry_call
 from lepton.serve.slides import FILES, MEDIA
@@ -46,6 +46,8 @@ SUBMIT_BODY = {
 class SlideModelInfo(BaseModel):
     name: str
     version: int
+    kind: Literal["slide"]
+    format: str
     task: str
     labels: list[str]
     threshold: float
@@ -54,6 +56,11 @@ class SlideModelInfo(BaseModel):
 
 class SlideModelList(BaseModel):
     models: list[SlideModelInfo]
+
+
+class SlideModelVersions(SlideModelInfo):
+    versions: list[schemas.VersionSummary] = Field(description="Every registered version with its stage, format and "
+                                                                "test figures.")
 
 
 class JobAccepted(BaseModel):
@@ -88,15 +95,30 @@ async def list_slide_models(request: Request, key: KeyInfo | None = Depends(api_
     return JSONResponse({"models": [d.describe() for d in request.app.state.server.slides.visible(key)]})
 
 
-@router.get("/v1/slide-models/{name}/card", response_model=schemas.Card, responses=schemas.errors(401, 404))
-async def slide_model_card(name: str, request: Request, key: KeyInfo | None = Depends(api_key)):
-    """The served slide model's card as Markdown and as safe HTML (raw HTML in the card is shown as text)."""
+@router.get("/v1/slide-models/{name}", response_model=SlideModelVersions, responses=schemas.errors(401, 404))
+async def slide_model_info(name: str, request: Request, key: KeyInfo | None = Depends(api_key)):
+    """A served slide model and its versions in the registry (stage, format, test figures), as the console's Models
+    page lists them beside image models."""
+    srv = request.app.state.server
+    dep = srv.slides.model(name, key)
+    versions = await asyncio.to_thread(srv.registry.list, name)
+    return JSONResponse({**dep.describe(), "versions": [
+        {"version": v.version, "stage": v.stage, "format": v.format, "created_at": v.created_at,
+         "metrics": {k: m for k, m in v.metrics.items() if isinstance(m, int | float)}} for v in versions]})
+
+
+@router.get("/v1/slide-models/{name}/card", response_model=schemas.Card, responses=schemas.errors(401, 404, 422))
+async def slide_model_card(name: str, request: Request, key: KeyInfo | None = Depends(api_key),
+                           version: Annotated[int | None, Query(ge=1, le=schemas.MAX_VERSION,
+                                                                description="Default: the served version.")] = None):
+    """A slide model version's card as Markdown and as safe HTML (raw HTML in the card is shown as text)."""
     from lepton.registry.card import card_html
 
     srv = request.app.state.server
     dep = srv.slides.model(name, key)
-    markdown = await registry_call(request, "card", f"{name}@{dep.version}")
-    return JSONResponse({"name": name, "version": dep.version, "markdown": markdown, "html": card_html(markdown)})
+    number = dep.version if version is None else version
+    markdown = await registry_call(request, "card", f"{name}@{number}")
+    return JSONResponse({"name": name, "version": number, "markdown": markdown, "html": card_html(markdown)})
 
 
 @router.post("/v1/slide-models/{name}/jobs", status_code=202, response_model=JobAccepted,
@@ -118,11 +140,11 @@ async def submit_slide(name: str, request: Request, key: KeyInfo | None = Depend
             except ValueError:
                 raise ApiError(400, "invalid_json", "the body is not JSON") from None
             if isinstance(given, dict) and "dicomweb" in given:  # retrieved by the job: 202 before any request
-                source = jobs.resolve_dicomweb(given["dicomweb"])
+                source = slideinputs.resolve_reference(jobs.config.dicomweb_allow, given["dicomweb"])
                 job, folder = jobs.create(dep, key)
                 jobs.start(job, dep, None, owned=True, source=source)
             else:
-                path = jobs.resolve_path(given.get("path") if isinstance(given, dict) else None)
+                path = slideinputs.resolve_path(jobs.config, given.get("path") if isinstance(given, dict) else None)
                 await asyncio.to_thread(_check_slide, path)
                 job, folder = jobs.create(dep, key)
                 jobs.start(job, dep, path, owned=False)
@@ -133,7 +155,7 @@ async def submit_slide(name: str, request: Request, key: KeyInfo | None = Depend
             job, folder = jobs.create(dep, key)
             await _receive(request, folder / "upload.part")
             filename = Path(request.query_params.get("filename") or "").name[:200]
-            slide = await asyncio.to_thread(jobs.prepare_upload, folder, filename)
+            slide = await asyncio.to_thread(slideinputs.prepare_upload, jobs.config, folder, filename)
             jobs.start(job, dep, slide, owned=True)
         queued = True
     finally:

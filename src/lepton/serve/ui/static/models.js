@@ -1,13 +1,16 @@
 "use strict";
 // Models: versions with stage and metrics (95 % CIs), the model card as safe HTML, a diff between versions,
 // routing; with an admin key promote, roll back and route, each behind a confirmation (the server checks the key
-// again).
+// again). Slide models (run as jobs on the Slides page) are listed beside image models with their format, stages,
+// test figures and card, and a link to the Slides page; routing, diffs and stage changes are the image models'.
 document.addEventListener("DOMContentLoaded", async () => {
   const { api, el, fmt, showError } = Lepton;
   const models = document.getElementById("model");
   const tbody = document.querySelector("#versions tbody");
   const dialog = document.getElementById("confirm");
   let info = null;
+  let slide = false;  // the chosen model is a slide model (GET /v1/slide-models/{name})
+  const base = () => (slide ? "/v1/slide-models/" : "/v1/models/") + encodeURIComponent(models.value);
 
   function confirmAction(text) {
     document.getElementById("confirm-text").textContent = text;
@@ -50,7 +53,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   function versionRow(v) {
     const actions = el("td", { class: "admin-only" });
     for (const stage of ["staging", "production"]) {
-      if (v.stage === stage) continue;
+      if (v.stage === stage || slide) continue;
       const button = el("button", { type: "button", text: "Promote to " + stage, "data-version": v.version,
         "data-stage": stage });
       button.addEventListener("click", () => act(
@@ -72,17 +75,31 @@ document.addEventListener("DOMContentLoaded", async () => {
   }
 
   async function showCard(version) {
-    const card = await api("/v1/models/" + encodeURIComponent(info.name) + "/card?version=" + version);
+    const card = await api(base() + "/card?version=" + version);
     // Rendered by the server from Markdown with raw HTML off: any tag a card holds arrives as text.
     document.getElementById("card").innerHTML = card.html;
   }
 
   async function load() {
     showError("");
-    info = await api("/v1/models/" + encodeURIComponent(models.value));
-    document.getElementById("summary").textContent = info.name + ": serving version " + info.version + " (" +
-      info.task + ", " + info.platform + ", " + info.precision + "), labels " + (info.labels || []).join(", ");
+    slide = models.selectedOptions[0].dataset.kind === "slide";
+    info = await api(base());
+    document.getElementById("summary").textContent = slide
+      ? info.name + ": slide model (" + info.format + ", " + info.task + "), serving version " + info.version +
+        ", labels " + info.labels.join(", ") + ", tiles " + info.tile.size + " px at " + info.tile.mpp + " µm/px"
+      : info.name + ": serving version " + info.version + " (" + info.task + ", " + info.platform + ", " +
+        info.precision + "), labels " + (info.labels || []).join(", ");
+    const link = document.getElementById("slide-link");
+    link.hidden = !slide;
+    link.querySelector("a").href = "/ui/slides?model=" + encodeURIComponent(info.name);
+    for (const id of ["routing-title", "diff-title"]) document.getElementById(id).closest("section").hidden = slide;
+    document.getElementById("rollback").parentElement.hidden = slide;
     tbody.replaceChildren(...info.versions.map(versionRow));
+    if (slide) {
+      fillVersions(document.getElementById("card-version"), info.version);
+      await showCard(info.version);
+      return;
+    }
     const route = info.route ? Object.entries(info.route).map(([v, w]) => "version " + v + ": " + w + " %").join(", ")
       : "all traffic to version " + info.version;
     document.getElementById("route-now").textContent = "Now: " + route +
@@ -95,9 +112,12 @@ document.addEventListener("DOMContentLoaded", async () => {
 
   try {
     await Lepton.start();
-    const listed = await api("/v1/models");
+    const [listed, slides] = await Promise.all([api("/v1/models"), api("/v1/slide-models")]);
     for (const m of listed.models) models.append(el("option", { value: m.name, text: m.name }));
-    if (!listed.models.length) { showError("No model this key may see is being served."); return; }
+    for (const m of slides.models) {
+      models.append(el("option", { value: m.name, "data-kind": "slide", text: m.name + " (slide model)" }));
+    }
+    if (!models.options.length) { showError("No model this key may see is being served."); return; }
     await load();
   } catch (err) {
     showError(err.message);

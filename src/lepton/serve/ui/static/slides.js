@@ -21,6 +21,8 @@ document.addEventListener("DOMContentLoaded", async () => {
       models.append(el("option", { value: m.name, text: m.name + "@" + m.version + " (" + m.labels.join(" / ") +
         ", tiles " + m.tile.size + " px at " + m.tile.mpp + " µm/px)" }));
     }
+    const wanted = new URLSearchParams(location.search).get("model");  // the Models page's link names one
+    if (listed.models.some((m) => m.name === wanted)) models.value = wanted;
     if (!listed.models.length) showError("No slide model this key may use is being served.");
     else await showCard();
   } catch (err) {
