@@ -64,6 +64,10 @@ def test_classifier_fuses_covariates_and_predicts_with_them(fused_run):
         run.predict([image], covariates=[{"age": 30, "sex": "F", "bmi": 22}])
     with pytest.raises(DataError, match="age is missing"):
         run.predict([image], covariates=[{"sex": "F"}])
+    from lepton.explain import explain
+
+    with pytest.raises(ConfigError, match="fuses clinical covariates"):
+        explain(run, [image], output=manifest.parent / "maps")
 
 
 @pytest.mark.slow

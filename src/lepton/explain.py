@@ -29,6 +29,9 @@ def saliency_maps(run, images: list[np.ndarray] | np.ndarray, *, method: str = "
 
     if method not in METHODS:
         raise ConfigError(f"unknown explanation method {method!r}; use {' or '.join(METHODS)}")
+    if run.preprocessing.options.get("covariates"):  # as the server: a map of the image alone would mislead
+        raise ConfigError("explanations are for models of the image alone; this run fuses clinical covariates with "
+                          "the image, and a saliency map without them would explain a different answer")
     layer = model_info(run.config.model).cam_layer
     x = run.preprocessing(images).to(run.device)
     if class_idx is None:
