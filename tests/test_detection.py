@@ -503,3 +503,63 @@ def test_boxes_as_a_dicom_sr_parse_back_with_highdicom(tmp_path):
     assert [(b["label"], b["score"]) for b in said] == [("nodule", pytest.approx(0.9)), ("mass", pytest.approx(0.6))]
     np.testing.assert_allclose([b["pixels"] for b in said], [[12, 5, 18, 10], [0, 0, 3, 2]], atol=1e-4)
     assert said[0]["image"] == str(evidence[0].SOPInstanceUID)
+
+
+@pytest.mark.slow
+def test_suggest_writes_box_preannotations_that_read_back_and_import(flat_run, tmp_path):
+    import shutil
+
+    from lepton.data.boxes import load_boxes
+    from lepton.data.synthetic import write_detection_cases
+    from lepton.errors import ConfigError
+    from lepton.label.importer import import_labels
+    from lepton.label.suggest import suggest
+
+    run, root = flat_run
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    new = write_detection_cases(tmp_path / "new", 6, dims=2, seed=7).parent
+    for p in sorted((new / "images").glob("*.png")):
+        shutil.copy(p, pool / f"new_{p.name}")
+    shutil.copy(root / "images" / "case000.png", pool / "case000.png")  # in the run's data: never proposed
+    kept_info, run.info = run.info, {**run.info, "threshold": 0.05}  # a tiny run: enough boxes to check
+    try:
+        rows = suggest(run, pool, n=10, strategy="entropy", output=tmp_path / "s")
+        assert sorted(r["case"] for r in rows) == [f"new_case{i:03d}.png" for i in range(6)]
+        scores = [r["score"] for r in rows]
+        assert scores == sorted(scores, reverse=True) and scores[0] > 0
+        by_csv, by_coco = (load_boxes(tmp_path / "s" / f, validate=False)
+                           for f in ("preannotations.csv", "preannotations.coco.json"))
+        assert by_coco.label_names == run.label_names and sum(r["boxes"] for r in rows) > 0
+        for data in (by_csv, by_coco):  # the run's own boxes, in the image's pixels, in both files
+            assert data.names == [r["path"] for r in rows]
+            for name, boxes, classes in zip(data.names, data.boxes, data.classes, strict=True):
+                (answer,) = run.predict([name])
+                w, h = Image.open(name).size
+                want = sorted((b["box"]["y0"] * h, b["box"]["x0"] * w, b["box"]["y1"] * h, b["box"]["x1"] * w,
+                               b["label"]) for b in answer["boxes"])
+                got = sorted((*b, data.label_names[c]) for b, c in zip(boxes.tolist(), classes, strict=True))
+                assert [g[4] for g in got] == [w[4] for w in want]
+                np.testing.assert_allclose([g[:4] for g in got], [w[:4] for w in want], atol=0.02)
+        tta = suggest(run, pool, n=3, strategy="tta", output=tmp_path / "t")
+        assert len(tta) == 3 and [r["score"] for r in tta] == sorted((r["score"] for r in tta), reverse=True)
+        with pytest.raises(ConfigError, match="coreset"):
+            suggest(run, pool, n=3, strategy="coreset", output=tmp_path / "c")
+    finally:
+        run.info = kept_info
+    lines = (tmp_path / "s" / "preannotations.csv").read_text().splitlines()
+    first = rows[0]["path"]
+    for extra, message in (([f"{first},1,1,999,9,opacity,"], r"box outside the image \(x 1…999"),
+                           ([f"{first},1,1,9,9,tumour,"], r"label\(s\) \['tumour'\] are not the run's"),
+                           ([f"{root / 'images' / 'case000.png'},1,1,9,9,opacity,"], "already labelled .* in the "
+                                                                                      "run's data")):
+        (tmp_path / "bad.csv").write_text("\n".join([*lines, *extra]) + "\n")
+        with pytest.raises(DataError, match=message):
+            import_labels(run, tmp_path / "bad.csv", tmp_path / "labelling")
+        assert not (tmp_path / "labelling" / "labels.csv").exists()  # nothing recorded
+    (tmp_path / "fixed.csv").write_text("\n".join([*lines, f"{first},2,3,12,14,opacity,"]) + "\n")
+    done = import_labels(run, tmp_path / "fixed.csv", tmp_path / "labelling")
+    assert done["round"] == 1 and done["added"] == 6
+    assert import_labels(run, tmp_path / "s" / "preannotations.coco.json", tmp_path / "labelling",
+                         overwrite=True)["replaced"] == 1  # the first image's boxes as the run gave them
+    assert suggest(run, pool, n=10, output=tmp_path / "s2", labels=tmp_path / "labelling") == []

@@ -5,7 +5,8 @@ columns): ``path`` (the image: a file, a DICOM series folder, or ``file.npz#i``)
 run) for classifiers, or ``mask`` (a label map: NIfTI, PNG/TIFF or DICOM SEG; or a GeoJSON file of polygons, as
 QuPath exports them) for segmentation — ``column`` picks another column, such as the ``geojson`` one. A COCO JSON file
 (``preannotations.coco.json``, corrected) is read directly: each image's polygons, RLE masks or boxes rasterised onto
-the image it names (``lepton.label.shapes``). Nothing is recorded
+the image it names (``lepton.label.shapes``). For a detection run the file is a corrected box CSV or COCO JSON
+(``preannotations.csv`` / ``preannotations.coco.json``; ``lepton.label.boxes``). Nothing is recorded
 unless every row passes: the label is one of the run's (mask values within its classes, and the names of a
 ``labels.json`` beside the mask equal to the run's), a mask lies on its image's grid (shape, spacing, orientation,
 origin), and no case already labelled — in the run's data or an earlier round — gets a different label without
@@ -62,13 +63,17 @@ def import_labels(run: str | Path | Run, file: str | Path, labels: str | Path, *
 
     >>> import_labels("runs/cxr", "suggestions/suggestions.csv", "labelling")   # doctest: +SKIP
     """
+    from lepton.label.boxes import box_cases, reads_boxes
     from lepton.label.suggest import labelled_set
 
     run = run if isinstance(run, Run) else load_run(run)
     file = Path(file)
     column = column or ("mask" if run.task.dense else "label")
     built: dict[int, Any] = {}
-    if run.task.dense and file.suffix.lower() == ".json":  # a COCO file: its images and their shapes
+    boxes = reads_boxes(run)
+    if boxes:  # a box CSV or COCO file, read by the detection readers
+        rows = []
+    elif run.task.dense and file.suffix.lower() == ".json":  # a COCO file: its images and their shapes
         from lepton.label.shapes import read_coco
 
         rows = []
@@ -80,10 +85,11 @@ def import_labels(run: str | Path | Run, file: str | Path, labels: str | Path, *
     known = open_labels(labels)
     _, data = labelled_set(run, None)
     hashes = [pixel_hash(image) for image in data.images]
-    own = {h: run.label_names[int(y)] for h, y in zip(hashes, data.labels, strict=True)} \
-        if not run.task.dense else dict.fromkeys(hashes, "(the run's own mask)")
+    own = dict.fromkeys(hashes, "(the run's own boxes)") if boxes else \
+        dict.fromkeys(hashes, "(the run's own mask)") if run.task.dense else \
+        {h: run.label_names[int(y)] for h, y in zip(hashes, data.labels, strict=True)}
     spec = run.preprocessing
-    problems, accepted, unchanged, replaced = [], [], 0, 0
+    cases, problems = box_cases(run, file) if boxes else ([], [])
     for line, row in rows:
         where = f"{file}: line {line} ({row['path']})"
         try:
@@ -103,6 +109,9 @@ def import_labels(run: str | Path | Run, file: str | Path, labels: str | Path, *
         if problem:
             problems.append(problem)
             continue
+        cases.append((where, row.get("case") or row["path"], digest, label))
+    accepted, unchanged, replaced = [], 0, 0
+    for where, case, digest, label in cases:
         before = known.rows.get(digest, {}).get("label") or own.get(digest)
         if before is not None and before == label:
             unchanged += 1
@@ -114,7 +123,7 @@ def import_labels(run: str | Path | Run, file: str | Path, labels: str | Path, *
                             "replace that label, or drop the row")
             continue
         replaced += before is not None
-        accepted.append({"case": row.get("case") or row["path"], "sha256": digest, "label": label})
+        accepted.append({"case": case, "sha256": digest, "label": label})
     if problems:
         more = f"\n  (+{len(problems) - MAX_PROBLEMS} more)" if len(problems) > MAX_PROBLEMS else ""
         raise DataError(f"{file}: {len(problems)} row(s) refused, nothing recorded:\n  "

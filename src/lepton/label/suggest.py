@@ -11,7 +11,8 @@ Pre-annotations: for classifiers ``suggestions.csv`` with the predicted class in
 correct that column); for segmentation a label map per case in ``preannotations/`` (NIfTI for volumes, PNG for 2-D
 images, and a DICOM SEG beside it when the case is a DICOM series folder), named in the CSV's ``mask`` column. 2-D
 cases also get their shapes as a GeoJSON file each (QuPath; the CSV's ``geojson`` column) and together as one COCO
-JSON file, ``preannotations.coco.json`` (``lepton.label.shapes``).
+JSON file, ``preannotations.coco.json`` (``lepton.label.shapes``). Detection runs rank and write boxes
+(``lepton.label.boxes``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from lepton.data.transforms import augment_batch, augment_options
 from lepton.data.unlabelled import UnlabelledSet, load_unlabelled, pixel_hash
 from lepton.errors import ConfigError, DataError
+from lepton.label.boxes import reads_boxes, suggest_boxes
 from lepton.label.rounds import open_labels
 from lepton.runs import Run, load_run, predict_outputs
 from lepton.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -137,8 +139,10 @@ def suggest(run: str | Path | Run, source: str | Path, *, n: int = 50, strategy:
         rows, excluded = _suggest_dense(run, pool, known, n, strategy, seed, out, dicom_seg)
     elif run.task.name == "classification":
         rows, excluded = _suggest_classes(run, pool, known, data, n, strategy, seed, batch_size)
+    elif reads_boxes(run):
+        rows, excluded = suggest_boxes(run, pool, known, n, strategy, seed, out, batch_size)
     else:
-        raise ConfigError(f"suggest ranks classification and segmentation cases; not {run.task.name}")
+        raise ConfigError(f"suggest ranks classification, segmentation and detection cases; not {run.task.name}")
     _write_csv(out / "suggestions.csv", rows)
     atomic_write_json(out / "suggest.json", {
         "run": str(run.path), "source": str(source), "strategy": strategy, "n": len(rows), "pool": len(pool),

@@ -304,6 +304,38 @@ class Detection(Task):
         return {"boxes": boxes, "count": len(boxes), "threshold": self._threshold(info),
                 "coordinates": "fractions of the image's width (x), height (y) and depth (z)"}
 
+    # -- active learning (lepton.label) ----------------------------------------------------------------------
+    def uncertainty(self, outputs: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
+        """How unsure the run is of each image's boxes (``lepton label suggest --strategy entropy``): the largest
+        binary entropy (nats) among its candidate detections' scores, each score first raised to the power that takes
+        the decision threshold to 0.5 — a box at the threshold is the most uncertain, one scoring 0 or 1 certain; 0
+        for an image without candidates."""
+        out = np.asarray(outputs, np.float64)
+        t = min(max(self._threshold(info), 1e-6), 1 - 1e-6)
+        p = np.clip(np.clip(out[..., -2], 0, 1) ** (np.log(0.5) / np.log(t)), 1e-12, 1 - 1e-12)
+        h = -(p * np.log(p) + (1 - p) * np.log1p(-p))
+        h[out[..., -1] < 0] = 0
+        return h.max(axis=-1, initial=0.0)
+
+    def disagreement(self, outputs: np.ndarray, flipped: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
+        """How much each image's answer changes when the image is mirrored (``--strategy tta``): over the boxes
+        above the threshold in either answer (``flipped``: the mirrored image's outputs, coordinates already mirrored
+        back), the mean of 1 − the best IoU with a box of the same class in the other answer; 0 when neither has a
+        box."""
+        from lepton.tasks.det_metrics import box_iou
+
+        a, b = self.decide(outputs, info), self.decide(flipped, info)
+        scores = np.zeros(len(a))
+        for i, (ra, rb) in enumerate(zip(a, b, strict=True)):
+            ra, rb = ra[ra[:, -1] >= 0], rb[rb[:, -1] >= 0]
+            if not len(ra) and not len(rb):
+                continue
+            same = ra[:, -1][:, None] == rb[:, -1][None]
+            iou = box_iou(ra[:, :-2], rb[:, :-2]) * same if len(ra) and len(rb) else np.zeros((len(ra), len(rb)))
+            best = np.concatenate([iou.max(1, initial=0.0), iou.max(0, initial=0.0)])
+            scores[i] = float((1 - best).mean())
+        return scores
+
     def label(self, row, labels, info) -> str:
         kept = self.decide(np.asarray(row)[None], info)[0]
         found = sorted({labels[int(c)] for c in kept[:, -1] if c >= 0})
