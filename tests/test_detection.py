@@ -505,6 +505,26 @@ def test_boxes_as_a_dicom_sr_parse_back_with_highdicom(tmp_path):
     assert said[0]["image"] == str(evidence[0].SOPInstanceUID)
 
 
+def test_box_uncertainty_peaks_at_the_threshold_and_mirrored_answers_agree():
+    from lepton.tasks.detection import Detection
+
+    def rows(*boxes):
+        out = np.zeros((1, 3, 6), np.float32)
+        out[..., -1] = -1
+        for k, box in enumerate(boxes):
+            out[0, k] = box
+        return out
+
+    task, info = Detection(), {"threshold": 0.3}
+    near, sure, faint = (rows((0.1, 0.1, 0.3, 0.3, s, 0)) for s in (0.3, 0.95, 0.03))
+    h = task.uncertainty(np.concatenate([near, sure, faint, rows()]), info)
+    assert h[0] == pytest.approx(np.log(2)) and h[0] > h[1] > 0 and h[0] > h[2] > 0 and h[3] == 0
+    moved, other = rows((0.1, 0.6, 0.3, 0.8, 0.5, 0)), rows((0.1, 0.1, 0.3, 0.3, 0.5, 1))
+    d = task.disagreement(np.concatenate([near, near, near, rows()]),
+                          np.concatenate([near, moved, other, rows()]), info)
+    assert d.tolist() == pytest.approx([0, 1, 1, 0])  # the same box; moved away; another class; no boxes
+
+
 @pytest.mark.slow
 def test_suggest_writes_box_preannotations_that_read_back_and_import(flat_run, tmp_path):
     import shutil

@@ -33,7 +33,8 @@ def label_suggest(
 ) -> None:
     """Rank unlabelled cases (never one labelled in the run's data or the labelling folder) and write the first N with
     pre-annotations: the predicted class in suggestions.csv's label column, or a label map per case (NIfTI, PNG
-    for 2-D, DICOM SEG for DICOM series) named in its mask column. Correct them, then `lepton label import`."""
+    for 2-D, DICOM SEG for DICOM series) named in its mask column, or for a detection run its boxes as
+    preannotations.csv and preannotations.coco.json. Correct them, then `lepton label import`."""
     from lepton.label.suggest import suggest
 
     rows = suggest(run, source, n=n, strategy=strategy, output=output, labels=labels, seed=seed)
@@ -45,7 +46,8 @@ def label_suggest(
 def label_import(
     run: Annotated[Path, typer.Argument(help="The run the labels are for.")],
     file: Annotated[Path, typer.Argument(help="The corrected suggestions.csv (path and label, or path and mask), or "
-                                              "a corrected COCO JSON file (segmentation).")],
+                                              "a corrected COCO JSON file (segmentation); for a detection run the "
+                                              "corrected box CSV or COCO JSON.")],
     labels: Annotated[Path, typer.Option("--labels", help="The labelling folder to record the round in.")]
     = Path("labelling"),
     round_no: Annotated[int | None, typer.Option("--round", help="Round number (default: the next).", min=1)] = None,
