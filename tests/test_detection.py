@@ -526,7 +526,7 @@ def test_box_uncertainty_peaks_at_the_threshold_and_mirrored_answers_agree():
 
 
 @pytest.mark.slow
-def test_suggest_writes_box_preannotations_that_read_back_and_import(flat_run, tmp_path):
+def test_suggest_writes_box_preannotations_that_read_back_and_import(flat_run, tmp_path, one_thread):
     import shutil
 
     from lepton.data.boxes import load_boxes

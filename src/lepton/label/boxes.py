@@ -49,7 +49,8 @@ def suggest_boxes(run: Run, pool: UnlabelledSet, known: set[str], n: int, strate
     if not pool.paths:
         raise DataError(f"{pool.source}: box pre-annotations name image files; give a folder or a CSV of image "
                         "files, not an array file")
-    keep, outputs, scores, shapes = [], [], [], []
+    keep: list[int] = []
+    scores: list[np.ndarray] = []
     for start in range(0, len(pool), batch_size):
         idx, images = [], []
         for i in range(start, min(start + batch_size, len(pool))):
@@ -67,20 +68,22 @@ def suggest_boxes(run: Run, pool: UnlabelledSet, known: set[str], n: int, strate
         else:
             scores.append(run.task.uncertainty(rows, run.info))
         keep += idx
-        outputs.append(rows)
-        shapes += [p.shape[1:] for p in images]
     if not keep:
         return [], len(pool)
-    outputs, score = np.concatenate(outputs), np.concatenate(scores)
+    score = np.concatenate(scores)
     order = np.random.default_rng(seed).permutation(len(keep))[:n] if strategy == "random" \
         else np.argsort(-score, kind="stable")[:n]
     rows, boxes = [], []
-    for rank, i in enumerate(order, start=1):
-        path = str(pool.paths[keep[i]].resolve())
-        found = pixel_boxes(run.task.decide(outputs[i][None], run.info)[0], shapes[i], run.label_names)
-        boxes.append((path, shapes[i], found))
-        rows.append({"rank": rank, "case": pool.names[keep[i]], "path": path, "score": round(float(score[i]), 6),
-                     "boxes": len(found)})
+    for start in range(0, len(order), batch_size):  # only the scores were kept: the chosen images detected again
+        chosen = order[start:start + batch_size]
+        images = [pool.read(keep[i])[0] for i in chosen]
+        decided = run.task.decide(run.predict_proba(images), run.info)
+        for i, pixels, kept in zip(chosen, images, decided, strict=True):
+            path = str(pool.paths[keep[i]].resolve())
+            found = pixel_boxes(kept, pixels.shape[1:], run.label_names)
+            boxes.append((path, pixels.shape[1:], found))
+            rows.append({"rank": len(rows) + 1, "case": pool.names[keep[i]], "path": path,
+                         "score": round(float(score[i]), 6), "boxes": len(found)})
     atomic_write_text(out / "preannotations.csv", box_csv(boxes))
     atomic_write_json(out / "preannotations.coco.json", coco_boxes(boxes, run.label_names))
     return rows, len(pool) - len(keep)
