@@ -563,6 +563,7 @@ def test_suggest_writes_box_preannotations_that_read_back_and_import(flat_run, t
                 np.testing.assert_allclose([g[:4] for g in got], [w[:4] for w in want], atol=0.02)
         tta = suggest(run, pool, n=3, strategy="tta", output=tmp_path / "t")
         assert len(tta) == 3 and [r["score"] for r in tta] == sorted((r["score"] for r in tta), reverse=True)
+        assert tta[0]["score"] > 0.01  # the two views apart, not the run's flip TTA fused into one answer
         with pytest.raises(ConfigError, match="coreset"):
             suggest(run, pool, n=3, strategy="coreset", output=tmp_path / "c")
     finally:
@@ -574,8 +575,9 @@ def test_suggest_writes_box_preannotations_that_read_back_and_import(flat_run, t
                            ([f"{root / 'images' / 'case000.png'},1,1,9,9,opacity,"], "already labelled .* in the "
                                                                                       "run's data")):
         (tmp_path / "bad.csv").write_text("\n".join([*lines, *extra]) + "\n")
-        with pytest.raises(DataError, match=message):
+        with pytest.raises(DataError, match=message) as refused:
             import_labels(run, tmp_path / "bad.csv", tmp_path / "labelling")
+        assert "--skip-bad" not in str(refused.value)
         assert not (tmp_path / "labelling" / "labels.csv").exists()  # nothing recorded
     (tmp_path / "fixed.csv").write_text("\n".join([*lines, f"{first},2,3,12,14,opacity,"]) + "\n")
     done = import_labels(run, tmp_path / "fixed.csv", tmp_path / "labelling")

@@ -60,13 +60,17 @@ def suggest_boxes(run: Run, pool: UnlabelledSet, known: set[str], n: int, strate
                 images.append(pixels)
         if not idx:
             continue
-        rows = run.predict_proba(images)
-        if strategy == "tta":
-            flipped = np.array(run.predict_proba([np.ascontiguousarray(p[..., ::-1]) for p in images]), copy=True)
+        if strategy == "tta":  # each view alone: the run's own flip TTA would fuse them into one answer
+            from lepton.runs import predict_outputs
+
+            def detect(views: list[np.ndarray]) -> np.ndarray:
+                return predict_outputs(run.model, run.preprocessing(views), run.task.activate, device=run.device)
+
+            flipped = np.array(detect([np.ascontiguousarray(p[..., ::-1]) for p in images]), copy=True)
             flipped[..., 1], flipped[..., 3] = 1 - flipped[..., 3], 1 - flipped[..., 1].copy()  # x0, x1 mirrored back
-            scores.append(run.task.disagreement(rows, flipped, run.info))
+            scores.append(run.task.disagreement(detect(images), flipped, run.info))
         else:
-            scores.append(run.task.uncertainty(rows, run.info))
+            scores.append(run.task.uncertainty(run.predict_proba(images), run.info))
         keep += idx
     if not keep:
         return [], len(pool)
@@ -136,7 +140,10 @@ def box_cases(run: Run, file: Path) -> tuple[list[tuple[str, str, str, str]], li
     problems found: labels that are not the run's."""
     from lepton.data.boxes import load_boxes
 
-    data = load_boxes(file, window=run.preprocessing.window, skip_bad=False, validate=False)
+    try:
+        data = load_boxes(file, window=run.preprocessing.window, skip_bad=False, validate=False)
+    except DataError as exc:  # the readers' own message, less training's --skip-bad way out
+        raise DataError(str(exc).replace(", or pass --skip-bad to drop them with a warning", "")) from None
     cases, problems = [], []
     for name, pixels, boxes, classes in zip(data.names, data.images, data.boxes, data.classes, strict=True):
         where = f"{file}: image {name}"
