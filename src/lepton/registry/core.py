@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import re
 import time
@@ -19,12 +17,11 @@ from lepton.errors import RegistryError
 from lepton.registry.access import AccessMixin
 from lepton.registry.db import STAGES, ModelRow, StageEvent, VersionRow, make_engine, migrate, undefined_as_null
 from lepton.registry.jobs import JobsMixin
+from lepton.registry.runs import RunsMixin
 from lepton.registry.store import ArtifactStore
 from lepton.registry.validation import ValidationMixin
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
-_RUN_ARTIFACTS = {"weights": "best.pt", "config": "config.yaml", "preprocessing": "preprocessing.json",
-                  "labels": "labels.json", "run": "run.json", "data": "data.json"}
 
 
 def lepton_home() -> Path:
@@ -77,7 +74,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, selector or None
 
 
-class Registry(AccessMixin, JobsMixin, ValidationMixin):
+class Registry(RunsMixin, AccessMixin, JobsMixin, ValidationMixin):
     """Versioned models in SQLite (default) or PostgreSQL, artifacts in a content-addressed store.
 
     >>> reg = Registry.open()                                  # ~/.lepton, or $LEPTON_HOME / $LEPTON_DB_URL
@@ -162,84 +159,6 @@ class Registry(AccessMixin, JobsMixin, ValidationMixin):
             return _as_version(row)
 
         return self._retrying(write)
-
-    def register_run(self, run_dir: str | Path, name: str, *, description: str = "",
-                     onnx: bool = False, source: str | None = None) -> ModelVersion:
-        """Register a finished run directory as the next version of ``name``, with a model card.
-
-        ``onnx=True`` also stores an ONNX export, so the server can run it with ONNX Runtime. ``source`` names where
-        the run came from when not from its folder (an MLflow ``runs:/ID``). A run tracked to MLflow is linked both
-        ways: the version's ``mlflow_run`` (in its metrics record), and the card and a tag on the MLflow run.
-        """
-        run_dir = Path(run_dir)
-        missing = [f for f in _RUN_ARTIFACTS.values() if not (run_dir / f).is_file()]
-        if missing:
-            raise RegistryError(f"{run_dir}: not a complete run (missing {', '.join(missing)})")
-        import yaml
-
-        artifacts = {key: self.store.put((run_dir / f).read_bytes()) for key, f in _RUN_ARTIFACTS.items()}
-        if (run_dir / "val_set.npz").is_file():  # for checking lower serving precisions (lepton.precision)
-            artifacts["val_set"] = self.store.put((run_dir / "val_set.npz").read_bytes())
-        from lepton.config import TrainConfig
-        from lepton.tasks import get_task
-
-        run_config = TrainConfig.from_yaml(run_dir / "config.yaml")
-        task = get_task(run_config.task, run_config.task_options)
-        if onnx:
-            import tempfile
-
-            from lepton.export import export_onnx
-            from lepton.runs import load_run
-
-            run = load_run(run_dir)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = export_onnx(run.model, (run.preprocessing.channels, *run.preprocessing.size),
-                                   Path(tmp) / "model.onnx", activate=run.task.activate, dense=task.dense,
-                                   output_name=task.oip_outputs(run.label_names)[0]["name"])
-                artifacts["onnx"] = self.store.put(path.read_bytes())
-        info = json.loads((run_dir / "run.json").read_text())
-        reports = {r.parent.name: json.loads(r.read_text()) for r in sorted(run_dir.glob("eval/*/report.json"))}
-        metrics = task.card_metrics(info, reports)
-        for key in ("cost", "teacher"):  # what an answer costs (measured at training's end); a student's teacher
-            if info.get(key):
-                metrics[key] = info[key]
-        from lepton.tracking.mlflow_tracker import mlflow_link, note_registration
-
-        link = mlflow_link(run_dir)
-        if link:
-            metrics["mlflow_run"] = link
-        fields = dict(
-            format="pytorch", source_run=source or str(run_dir.resolve()), artifacts=artifacts,
-            labels=json.loads((run_dir / "labels.json").read_text()),
-            preprocessing=json.loads((run_dir / "preprocessing.json").read_text()),
-            config=yaml.safe_load((run_dir / "config.yaml").read_text()), metrics=metrics,
-            data_fingerprint=json.loads((run_dir / "data.json").read_text()), threshold=info.get("threshold"),
-        )
-        version = self.add_version(name, fields, description)
-        if link:
-            note_registration(run_dir, version.ref, self.card(version.ref))
-        return version
-
-    def register_onnx(
-        self, path: str | Path, name: str, *, labels: list[str], image_size: int, channels: int = 1,
-        mean: list[float] | None = None, std: list[float] | None = None, threshold: float | None = None,
-        description: str = "",
-    ) -> ModelVersion:
-        """Register an ONNX model trained elsewhere with its input spec and labels, so it serves like
-        a native one. The graph must take (N, channels, size, size) float input and give (N, classes)."""
-        path = Path(path)
-        data = path.read_bytes() if path.is_file() else b""
-        if not data:
-            raise RegistryError(f"{path}: ONNX file not found or empty")
-        _check_onnx(path, data, len(labels), channels)
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise RegistryError(f"labels must be 2 or more distinct names (got {labels})")
-        spec = {"size": [image_size, image_size], "channels": channels, "mean": mean or [0.5] * channels,
-                "std": std or [0.5] * channels, "window": None, "slices": "middle"}
-        fields = dict(format="onnx", source_run=str(path.resolve()), artifacts={"onnx": self.store.put(data)},
-                      labels=list(labels), preprocessing=spec, config={}, metrics={}, data_fingerprint={},
-                      threshold=threshold)
-        return self.add_version(name, fields, description)
 
     def set_card(self, ref: str, markdown: str) -> ModelVersion:
         """Replace a version's model card (Markdown)."""
@@ -396,32 +315,6 @@ class Registry(AccessMixin, JobsMixin, ValidationMixin):
                 "metrics": changed(va.metrics, vb.metrics),
                 "data_changed": va.data_fingerprint.get("sha256") != vb.data_fingerprint.get("sha256")}
 
-    def load_run(self, ref: str, device: str = "cpu"):
-        """Materialise a PyTorch version as a ``lepton.runs.Run`` after verifying every artifact hash."""
-        import torch
-        import yaml
-
-        from lepton.config import TrainConfig
-        from lepton.data.transforms import Preprocessing
-        from lepton.models import create_model
-        from lepton.models.layout import model_layout
-        from lepton.runs import Run
-
-        v = self.get(ref)
-        if v.format == "slide-mil":
-            raise RegistryError(f"{v.ref} is a slide model: load it with lepton.registry.slides.load_slide_model")
-        if v.format != "pytorch":
-            raise RegistryError(f"{v.ref} is an {v.format} model; load it with an ONNX runtime")
-        blobs = {k: self.store.get(sha, f"{v.ref} {k}") for k, sha in v.artifacts.items()}
-        ckpt = torch.load(io.BytesIO(blobs["weights"]), map_location="cpu", weights_only=True)
-        model = create_model(**ckpt["spec"])
-        model.load_state_dict(ckpt["model"])
-        model = model_layout(model.to(device)).eval()
-        config = TrainConfig.from_dict(yaml.safe_load(blobs["config"]))
-        info = json.loads(blobs["run"])
-        return Run(Path(v.source_run or v.ref), config, Preprocessing.from_dict(v.preprocessing), v.labels,
-                   info, model, device)  # the task comes from the config
-
     def register_slide_model(self, folder: str | Path, name: str, *, description: str = "") -> ModelVersion:
         """Register a ``lepton slides train`` folder (format ``slide-mil``), served as slide jobs."""
         from lepton.registry.slides import register_slide_model
@@ -460,24 +353,3 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def _check_onnx(path: Path, data: bytes, num_classes: int, channels: int) -> None:
-    try:
-        import onnx
-    except ModuleNotFoundError:  # pragma: no cover - onnx is a dependency
-        return
-    try:
-        model = onnx.load_from_string(data)
-        onnx.checker.check_model(model)
-    except Exception as exc:
-        raise RegistryError(f"{path}: not a valid ONNX model ({exc})") from exc
-    inputs = [i for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
-    if len(inputs) != 1 or len(model.graph.output) < 1:
-        raise RegistryError(f"{path}: expected one image input and a class-score output")
-    dims = [d.dim_value or None for d in inputs[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or dims[1] not in (None, channels):
-        raise RegistryError(f"{path}: input shape {dims} is not (N, {channels}, H, W)")
-    out_dims = [d.dim_value or None for d in model.graph.output[0].type.tensor_type.shape.dim]
-    if len(out_dims) != 2 or out_dims[1] not in (None, num_classes):
-        raise RegistryError(f"{path}: output shape {out_dims} does not match {num_classes} labels")
