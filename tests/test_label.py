@@ -230,3 +230,53 @@ def test_2d_preannotations_as_coco_and_geojson_and_back(tmp_path):
     Path(rows[0]["geojson"]).write_text(json.dumps(gj))
     with pytest.raises(DataError, match=r"(?s)1 row\(s\) refused.*label 'tumour' is not one of the run's labels"):
         import_labels(run, tmp_path / "sugg" / "suggestions.csv", tmp_path / "labelling3", column="geojson")
+
+
+@pytest.mark.slow
+def test_suggest_ranks_unlabelled_slides_by_entropy_with_qupath_geojson(tmp_path):
+    """A slide model trained for an epoch on 12 tiny slides ranks three new slides (its own 12, in the same folder,
+    left out) by entropy around its threshold and writes each chosen slide's attended regions as QuPath GeoJSON."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lepton.cli import app
+    from lepton.data.slidegen import write_slide_set
+    from lepton.data.tiling import TileSpec
+    from lepton.label.slides import suggest_slides, threshold_entropy
+    from lepton.pathology.embed import Backbone
+    from lepton.pathology.workflow import train_slides
+
+    slides = tmp_path / "slides"
+    manifest = write_slide_set(slides / "train", 12, size=768, seed=1)
+    write_slide_set(slides / "new", 3, size=768, seed=2)
+    cache = tmp_path / "cache"
+    model = tmp_path / "model"
+    train_slides(manifest, model, spec=TileSpec(mpp=1.0, size=64, min_tissue=0.5),
+                 backbone=Backbone.random(input_size=32), epochs=1, cache=cache, n_bootstrap=10, quiet=True)
+    rows = suggest_slides(model, slides, n=2, strategy="entropy", output=tmp_path / "out", cache=cache)
+    report = json.loads((tmp_path / "out" / "suggest.json").read_text())
+    assert report["pool"] == 15 and report["labelled_excluded"] == 12 and report["training_slides_known"]
+    assert [r["rank"] for r in rows] == [1, 2] and all("/new/" in r["path"] for r in rows)
+    everything = suggest_slides(model, slides / "new", n=5, strategy="entropy", output=tmp_path / "all", cache=cache)
+    scores = [r["score"] for r in everything]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    threshold = json.loads((model / "slide_model.json").read_text())["threshold"]
+    assert np.allclose(threshold_entropy([threshold, 0.0, 1.0], threshold), [np.log(2), 0, 0], atol=1e-6)
+    assert all(abs(r["score"] - float(threshold_entropy(r["probability"], threshold))) < 1e-4 for r in everything)
+    with open(tmp_path / "all" / "suggestions.csv") as fh:
+        assert [r["path"] for r in csv.DictReader(fh)] == [r["path"] for r in everything]
+    for row in everything:
+        collection = json.loads(Path(row["geojson"]).read_text())
+        assert collection["type"] == "FeatureCollection" and collection["features"]
+        for feature in collection["features"]:
+            ring = feature["geometry"]["coordinates"][0]
+            assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
+            assert all(-64 <= x <= row["width"] + 64 and -64 <= y <= row["height"] + 64 for x, y in ring)
+            assert feature["properties"]["classification"]["name"] == "tumour (attention)"
+    with pytest.raises(ConfigError, match="does not rank whole slides"):
+        suggest_slides(model, slides / "new", strategy="tta", output=tmp_path / "tta")
+    result = CliRunner().invoke(app, ["label", "suggest", str(model), str(slides / "new"), "--n", "1", "--strategy",
+                                      "random", "-o", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "cli" / "preannotations").glob("*.geojson"))) == 1

@@ -20,7 +20,8 @@ LabelsOpt = Annotated[Path | None, typer.Option("--labels", help="The labelling 
 
 @label_app.command("suggest")
 def label_suggest(
-    run: Annotated[Path, typer.Argument(help="A trained run directory.")],
+    run: Annotated[Path, typer.Argument(help="A trained run directory, or a slide model folder (lepton slides "
+                                             "train): then SOURCE holds whole slides.")],
     source: Annotated[str, typer.Argument(help="Unlabelled cases: a folder, a CSV with a path column, or a .npz.")],
     n: Annotated[int, typer.Option("--n", help="How many cases to suggest.", min=1, max=1_000_000)] = 50,
     strategy: Annotated[str, typer.Option(help="entropy (uncertain answers), tta (disagreement under test-time "
@@ -30,11 +31,27 @@ def label_suggest(
                                                                 "preannotations/.")] = Path("suggestions"),
     labels: LabelsOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of random and tta.")] = 0,
+    mpp: Annotated[float | None, typer.Option(help="Slides: level-0 µm/px for slides that do not state it "
+                                                   "(default: the model's).", min=0.01)] = None,
 ) -> None:
     """Rank unlabelled cases (never one labelled in the run's data or the labelling folder) and write the first N with
     pre-annotations: the predicted class in suggestions.csv's label column, or a label map per case (NIfTI, PNG
     for 2-D, DICOM SEG for DICOM series) named in its mask column, or for a detection run its boxes as
-    preannotations.csv and preannotations.coco.json. Correct them, then `lepton label import`."""
+    preannotations.csv and preannotations.coco.json; for a slide model the regions it attended to per slide as QuPath
+    GeoJSON (entropy or random). Correct them, then `lepton label import`."""
+    from lepton.label.slides import is_slide_model
+
+    if is_slide_model(run):
+        from lepton.errors import ConfigError
+        from lepton.label.slides import suggest_slides
+
+        if labels is not None:
+            raise ConfigError("--labels records image cases; a slide model's labelled slides are its manifest's "
+                              "(splits.csv), which suggest already leaves out: drop --labels")
+        rows = suggest_slides(run, source, n=n, strategy=strategy, output=output, seed=seed, mpp=mpp)
+        console.print_json(json.dumps({"suggested": len(rows), "csv": str(output / "suggestions.csv"),
+                                       "first": rows[:5]}))
+        return
     from lepton.label.suggest import suggest
 
     rows = suggest(run, source, n=n, strategy=strategy, output=output, labels=labels, seed=seed)
