@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lepton.batch.rows import Decoded, Predictor, decode, decode_chunk, schema, worker_init
+from lepton.batch.rows import Decoded, Predictor, answer_chunk, decode, decode_chunk, schema, worker_init
 from lepton.batch.sources import Input, count_inputs, iter_inputs
 from lepton.batch.store import PartStore, key_hash
 from lepton.errors import ConfigError, RunError
@@ -52,9 +52,11 @@ class BatchSummary:
         return {**asdict(self), "rate": round(self.rate, 2)}
 
 
-def default_workers() -> int:
-    """Decoding processes: every core but the one the forward pass runs on (at most 8)."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def default_workers(answering: bool = False) -> int:
+    """Worker processes (at most 8): one a core when the workers answer (a classifier on the CPU: each decodes and
+    runs the model on one thread); every core but the one the forward pass runs on when they only decode."""
+    cores = os.cpu_count() or 2
+    return max(1, min(8, cores if answering else cores - 1))
 
 
 def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str | Path, *, engine: str = "local",
@@ -108,7 +110,9 @@ def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str |
     predictor = Predictor(run, model_id=model_id, precision=precision, masks=masks, batch_size=batch_size)
     started = time.monotonic()
     if engine == "local":
-        batches = _local(predictor, pending, workers=default_workers() if workers is None else workers)
+        answering = not dense and str(run.device) == "cpu" and workers != 0
+        batches = _local(predictor, pending, workers=default_workers(answering) if workers is None else workers,
+                         answering=answering)
     else:
         from lepton.batch.cluster import ray_batches
 
@@ -197,9 +201,16 @@ def _progress(total: int | None, skipped: int):
     return bar, task
 
 
-def _local(predictor: Predictor, pending: Iterator[Input], *, workers: int) -> Iterator[list[dict[str, Any]]]:
-    """Rows for ``pending`` on this machine: decoded by ``workers`` processes (in order, a bounded number of chunks
-    in flight), answered here a forward batch at a time."""
+def _local(predictor: Predictor, pending: Iterator[Input], *, workers: int,
+           answering: bool = False) -> Iterator[list[dict[str, Any]]]:
+    """Rows for ``pending`` on this machine, in order. ``answering`` (a classifier on the CPU): ``workers``
+    processes each decode a chunk of a forward batch's inputs and answer it with the model on one thread — on a CPU,
+    single-threaded forward passes side by side outrun one multi-threaded pass sharing its cores with decoders.
+    Otherwise ``workers`` processes decode (a bounded number of chunks in flight) and the forward batches run here."""
+    if answering:
+        yield from _pooled(pending, answer_chunk, (), predictor.batch_size, workers, (predictor,),
+                           lambda item, reason: [predictor.error_row(item, reason)])
+        return
     decoded = _decode_stream(pending, predictor.spec, predictor.dense, workers)
     if predictor.dense:
         for d in decoded:
@@ -218,23 +229,31 @@ def _local(predictor: Predictor, pending: Iterator[Input], *, workers: int) -> I
 
 
 def _decode_stream(pending: Iterator[Input], spec: dict, dense: bool, workers: int) -> Iterator[Decoded]:
-    """Decoded inputs in order. ``workers`` = 0 decodes here; otherwise chunks go to a process pool, at most
-    ``3 × workers`` chunks in flight. A worker that dies (a decoder crash) costs its chunk a retry one input at a
-    time; an input that kills a worker again is an error row."""
+    """Decoded inputs in order. ``workers`` = 0 decodes here; otherwise chunks go to a process pool (``_pooled``)."""
+    if workers <= 0:
+        for item in pending:
+            yield decode(item, spec, dense)
+        return
+    for results in _pooled(pending, decode_chunk, (spec, dense), 1 if dense else 16, workers, (),
+                           lambda item, reason: [Decoded(item, error=reason)]):
+        yield from results
+
+
+def _pooled(pending: Iterator[Input], job, args: tuple, chunk: int, workers: int, initargs: tuple,
+            crashed) -> Iterator[list]:
+    """``job(items, *args)`` over chunks of ``pending`` in a pool of ``workers`` spawned processes (started by
+    ``worker_init(*initargs)``), results yielded in input order, at most ``3 × workers`` chunks in flight. A worker
+    that dies (a decoder crash) costs its chunk a retry one input at a time; an input that kills a worker again gets
+    ``crashed(item, reason)`` as its result."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
     from itertools import islice
 
-    if workers <= 0:
-        for item in pending:
-            yield decode(item, spec, dense)
-        return
-    chunk = 1 if dense else 16
     ctx = mp.get_context("spawn")  # never fork a process that holds PyTorch's thread pools
 
     def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init, initargs=initargs)
 
     pool = new_pool()
     stillborn = 0  # pools in a row that broke before answering a chunk
@@ -245,7 +264,7 @@ def _decode_stream(pending: Iterator[Input], spec: dict, dense: bool, workers: i
                 items = list(islice(pending, chunk))
                 if not items:
                     break
-                inflight.append((items, pool.submit(decode_chunk, items, spec, dense)))
+                inflight.append((items, pool.submit(job, items, *args)))
             if not inflight:
                 return
             items, future = inflight.popleft()
@@ -261,13 +280,13 @@ def _decode_stream(pending: Iterator[Input], spec: dict, dense: bool, workers: i
                                    "re-imports it); or decode in this process with workers=0") from None
                 pool = new_pool()
                 if len(items) == 1:
-                    results = [Decoded(items[0], error="the decoder crashed on this input (its process died)")]
+                    results = crashed(items[0], "the decoder crashed on this input (its process died)")
                 else:
-                    retry = [([it], pool.submit(decode_chunk, [it], spec, dense)) for it in items]
-                    rest = [(its, pool.submit(decode_chunk, its, spec, dense)) for its, _ in inflight]
+                    retry = [([it], pool.submit(job, [it], *args)) for it in items]
+                    rest = [(its, pool.submit(job, its, *args)) for its, _ in inflight]
                     inflight = deque(retry + rest)
                     continue
-                inflight = deque((its, pool.submit(decode_chunk, its, spec, dense)) for its, _ in inflight)
-            yield from results
+                inflight = deque((its, pool.submit(job, its, *args)) for its, _ in inflight)
+            yield results
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

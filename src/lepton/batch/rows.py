@@ -83,10 +83,12 @@ def decode_chunk(items: list[Input], spec: dict[str, Any], dense: bool) -> list[
     return [decode(item, spec, dense) for item in items]
 
 
-def worker_init() -> None:
-    """A decoding process: one thread for PyTorch and its libraries (the processes are the parallelism)."""
+def worker_init(predictor: Predictor | None = None) -> None:
+    """A worker process: one thread for PyTorch and its libraries (the processes are the parallelism); with a
+    ``predictor``, the model this process answers its chunks with (``answer_chunk``)."""
     import os
 
+    global _PREDICTOR
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         import torch
@@ -94,6 +96,18 @@ def worker_init() -> None:
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+    _PREDICTOR = predictor
+
+
+_PREDICTOR: Predictor | None = None
+
+
+def answer_chunk(items: list[Input]) -> list[dict[str, Any]]:
+    """Rows for a chunk of classifier inputs, decoded and answered in this worker process by the model it was started
+    with (one forward pass over the chunk's frames): what each of Ray's fused actors does, without Ray."""
+    if _PREDICTOR is None:  # pragma: no cover - a pool started without its model
+        raise RuntimeError("answer_chunk needs a worker started by worker_init(predictor)")
+    return _PREDICTOR.classify([decode(item, _PREDICTOR.spec, False) for item in items])
 
 
 def error_text(exc: BaseException) -> str:
