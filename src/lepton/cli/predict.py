@@ -48,8 +48,8 @@ def evaluate(
                                                           "path,label or class folders, as --data): streamed "
                                                           "through the batch engine into predictions.parquet in "
                                                           "the report folder (resumable), then scored.")] = False,
-    workers: Annotated[int | None, typer.Option(min=0, help="With --stream: decoding processes (default cores - 1)."
-                                                )] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="With --stream: worker processes that decode and "
+                                                            "answer (default one a core).")] = None,
 ) -> None:
     """Metrics with 95 % CIs, calibration and plots; writes report.json and report.md (and logs them to the run's
     trackers, or to --track). --by adds metrics per subgroup, --external a comparison with the training data; a
@@ -110,9 +110,11 @@ def predict(
     engine: Annotated[str, typer.Option(click_type=click.Choice(["local", "ray"]),
                                         help="Batch mode: this machine, or Ray Data (an actor pool of the model).")
                       ] = "local",
-    workers: Annotated[int | None, typer.Option(min=0, help="Batch mode: decoding processes (local; 0 decodes in "
-                                                            "the main process; default cores - 1) or model actors "
-                                                            "(ray; default 2).")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Batch mode: worker processes (local: a classifier on "
+                                                            "the CPU is decoded and answered in them, default one a "
+                                                            "core; otherwise they decode, default cores - 1; 0 does "
+                                                            "it all in the main process) or model actors (ray; "
+                                                            "default 2).")] = None,
     address: Annotated[str | None, typer.Option(help="Batch mode, Ray: the cluster (auto, ray://HOST:10001); "
                                                      "default a local Ray.")] = None,
     cpus_per_actor: Annotated[float, typer.Option(min=0.1, help="Batch mode, Ray: CPUs per model actor.")] = 1.0,
