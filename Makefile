@@ -25,7 +25,7 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks docs
 	$(MKDOCS) build --strict -d site
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks docs
