@@ -41,18 +41,7 @@ def classification_sr(evidence: Sequence, result: dict[str, Any], *, model: str,
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{model}@{version}"),
         algorithm_id=algorithm, measurements=measurements, qualitative_evaluations=[finding],
         source_images=[hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID) for ds in evidence])
-    device = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name=f"Lepton {model}@{version}"[:64], manufacturer_name="Lepton", model_name=model[:64]))
-    modality = str(getattr(evidence[0], "Modality", ""))
-    procedure = codes.LN.CTUnspecifiedBodyRegion if modality == "CT" else hd.sr.CodedConcept(
-        "LPT-IMAGING", SCHEME, "Imaging procedure")
-    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
-                                     procedure_reported=procedure, imaging_measurements=[group])
-    return hd.sr.Comprehensive3DSR(evidence=list(evidence), content=report, series_instance_uid=hd.UID(),
-                                   series_number=SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
-                                   manufacturer="Lepton", is_complete=True, series_description=f"AI: {model}"[:64])
+    return _report(evidence, [group], model, version)
 
 
 def answer_sr(evidence: Sequence, result: dict[str, Any], *, model: str, version: int | str):
