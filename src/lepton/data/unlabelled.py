@@ -74,6 +74,19 @@ class UnlabelledSet:
             self.patients[i] = frames[0].patient
         return frames[0].pixels, frames[0].affine
 
+    def unseen(self, known: set[str], batch_size: int):
+        """The pool a batch at a time, without the images whose pixel hash is in ``known`` (cases labelled already):
+        ``(start, indices, images)`` per batch of ``batch_size`` positions that keeps at least one image."""
+        for start in range(0, len(self), batch_size):
+            idx, images = [], []
+            for i in range(start, min(start + batch_size, len(self))):
+                pixels = self.read(i)[0]
+                if pixel_hash(pixels) not in known:
+                    idx.append(i)
+                    images.append(pixels)
+            if idx:
+                yield start, idx, images
+
     def batch(self, indices, spec: Preprocessing) -> torch.Tensor:
         """The cases at ``indices`` decoded and preprocessed with ``spec`` (in [0, 1], not normalised)."""
         idx = [int(i) for i in indices]

@@ -51,15 +51,7 @@ def suggest_boxes(run: Run, pool: UnlabelledSet, known: set[str], n: int, strate
                         "files, not an array file")
     keep: list[int] = []
     scores: list[np.ndarray] = []
-    for start in range(0, len(pool), batch_size):
-        idx, images = [], []
-        for i in range(start, min(start + batch_size, len(pool))):
-            pixels = pool.read(i)[0]
-            if pixel_hash(pixels) not in known:
-                idx.append(i)
-                images.append(pixels)
-        if not idx:
-            continue
+    for _, idx, images in pool.unseen(known, batch_size):
         if strategy == "tta":  # each view alone: the run's own flip TTA would fuse them into one answer
             from lepton.runs import predict_outputs
 

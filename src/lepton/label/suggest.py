@@ -155,15 +155,7 @@ def _suggest_classes(run: Run, pool: UnlabelledSet, known: set[str], data, n: in
                      batch_size: int) -> tuple[list[dict[str, Any]], int]:
     spec, names = run.preprocessing, run.label_names
     keep, probs, scores, feats = [], [], [], []
-    for start in range(0, len(pool), batch_size):
-        idx, images = [], []
-        for i in range(start, min(start + batch_size, len(pool))):
-            pixels = pool.read(i)[0]
-            if pixel_hash(pixels) not in known:
-                idx.append(i)
-                images.append(pixels)
-        if not idx:
-            continue
+    for start, idx, images in pool.unseen(known, batch_size):
         x = spec.resize(images)  # in [0, 1]: class_scores and features normalise
         p, s = class_scores(run, x, strategy, seed + start)
         keep += idx
