@@ -12,7 +12,7 @@ import pytest
 
 from lepton.data.synthetic import make_synthetic
 from lepton.errors import ConfigError, DataError
-from lepton.label.importer import _check_mask, import_labels
+from lepton.label.importer import _check_mask, import_labels, read_case
 from lepton.label.rounds import open_labels
 from lepton.label.suggest import STRATEGIES, k_center, suggest
 
@@ -280,3 +280,62 @@ def test_suggest_ranks_unlabelled_slides_by_entropy_with_qupath_geojson(tmp_path
                                       "random", "-o", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "cli" / "preannotations").glob("*.geojson"))) == 1
+
+
+@pytest.mark.slow
+def test_round_report_prices_each_rounds_gain_with_cis_and_a_plot(tiny_run, synthetic_npz, tmp_path):
+    import shutil
+
+    from lepton.data.synthetic import LABEL_NAMES
+    from lepton.data.unlabelled import pixel_hash
+    from lepton.errors import RunError
+    from lepton.label.report import round_report
+    from lepton.train import train
+
+    new, ys, _ = make_synthetic(16, 32, seed=11)
+    np.savez(tmp_path / "new.npz", images=new)
+    record = open_labels(tmp_path / "labelling")  # two rounds recorded as import records them (the decoded pixels)
+    for no, part in ((1, range(10)), (2, range(10, 16))):
+        record.add_round([{"case": f"new.npz#{i}", "sha256": pixel_hash(read_case(f"new.npz#{i}", tmp_path)[0]),
+                           "label": LABEL_NAMES[ys[i]]} for i in part], f"round{no}.csv", no)
+    # round 0: a copy of the session's run (its val report is written below); round 1: retrained with round 1's labels
+    start = shutil.copytree(tiny_run.path, tmp_path / "r0")
+    source = dict(np.load(synthetic_npz))
+    source["train_images"] = np.concatenate([source["train_images"], new[:10]])
+    source["train_labels"] = np.concatenate([source["train_labels"], ys[:10, None]])
+    np.savez(tmp_path / "round1.npz", **source)
+    after = train(tmp_path / "round1.npz", preset="default", name="r1", output_dir=str(tmp_path), epochs=1,
+                  batch_size=32, quiet=True, seed=0).path
+
+    # given in either order, the runs are paired with rounds by the rounds' cases found in their data
+    report = round_report(tmp_path / "labelling", [after, start], tmp_path / "report", evaluate_missing=True)
+    r0, r1 = report["rounds"]
+    assert (Path(r0["run"]), Path(r1["run"])) == (start, after) and r1["round_cases_found"] == {1: 10, 2: 0}
+    assert report["metric"] == "auc" and report["rounds_trained"] == 1 and report["rounds_recorded"] == 2
+    assert (r0["labels_added"], r1["labels_added"]) == (0, 10)
+    assert r1["labels_total"] - r0["labels_total"] == 10 and r1["check"] == "ok"
+    for r in (r0, r1):
+        assert r["ci95"][0] <= r["auc"] <= r["ci95"][1]
+        assert r["from"] == str(Path(r["run"]) / "eval" / "val" / "report.json")
+    assert r0["gain"] is None and r1["gain"] == pytest.approx(r1["auc"] - r0["auc"])
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert f"| 1 | 10 | {r1['labels_total']} | {r1['auc']:.4f} [" in table
+    assert "| 0 | 0 |" in table and "1 recorded round(s) have no run" in table
+    assert (tmp_path / "report" / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # by position (--no-match) the order given stands: swapped, the round-1 row's training images fail the check
+    swapped = round_report(tmp_path / "labelling", [after, start], tmp_path / "report3", match=False)["rounds"]
+    assert swapped[1]["gain"] == pytest.approx(-r1["gain"]) and "trained on 168 images" in swapped[1]["check"]
+    up, down = sorted((r1, swapped[1]), key=lambda r: r["gain"], reverse=True)  # one of the two orders gains
+    assert up["labels_per_point"] == pytest.approx(10 / (up["gain"] / 0.01)) and down["labels_per_point"] is None
+    # without a val report the stored figure stands, without a CI
+    shutil.rmtree(start / "eval")
+    assert round_report(tmp_path / "labelling", [start], tmp_path / "report2")["rounds"][0]["ci95"] is None
+
+    with pytest.raises(ConfigError, match="4 runs for 2 round"):
+        round_report(tmp_path / "labelling", [start, after, after, after], tmp_path / "x")
+    with pytest.raises(DataError, match="no rounds recorded.*lepton label import"):
+        round_report(tmp_path / "nothing", [start], tmp_path / "x")
+    (tmp_path / "half").mkdir()
+    shutil.copy(start / "config.yaml", tmp_path / "half" / "config.yaml")
+    with pytest.raises(RunError, match="half: not a complete run"):
+        round_report(tmp_path / "labelling", [start, tmp_path / "half"], tmp_path / "x")

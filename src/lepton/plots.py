@@ -181,3 +181,20 @@ def plot_calibration_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], pa
     ax.legend()
     _save(plt, fig, path)
     return path
+
+
+def plot_rounds(rows: list[dict[str, Any]], metric: str, path: Path) -> Path:
+    """Active-learning rounds: the run's ``metric`` (with its 95 % CI as error bars, where known) against the labels
+    in total after each round, each point marked with its round."""
+    plt, fig, ax = _figure(size=(6, 4))
+    x = [r["labels_total"] for r in rows]
+    y = [r[metric] for r in rows]
+    low = [r[metric] - r["ci95"][0] if r["ci95"] else 0.0 for r in rows]
+    high = [r["ci95"][1] - r[metric] if r["ci95"] else 0.0 for r in rows]
+    ax.errorbar(x, y, yerr=[low, high], fmt="o-", capsize=4)
+    for r, xi, yi in zip(rows, x, y, strict=True):
+        ax.annotate(f"round {r['round']}", (xi, yi), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    ax.set_xlabel("labels in total")
+    ax.set_ylabel(f"val {metric.upper() if metric == 'auc' else metric} (95 % CI)")
+    _save(plt, fig, path)
+    return path

@@ -78,3 +78,26 @@ def label_import(
 
     console.print_json(json.dumps(import_labels(run, file, labels, round_no=round_no, overwrite=overwrite,
                                                 column=column)))
+
+
+@label_app.command("report")
+def label_report(
+    labels: Annotated[Path, typer.Argument(help="The labelling folder (rounds.json) the rounds were imported into.")],
+    runs: Annotated[list[Path], typer.Argument(help="The runs trained after each round, in round order: the starting "
+                                                    "run (round 0) first.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.md, report.json and "
+                                                                "rounds.png.")] = Path("label-report"),
+    match: Annotated[bool, typer.Option("--match/--no-match", help="Pair runs with rounds by each round's cases found "
+                                                                   "in the run's data (reads each run's source), "
+                                                                   "or by position.")] = True,
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="Evaluate on val (with CIs; writes RUN/eval/val) the "
+                                                              "runs that have no val report yet.")] = False,
+) -> None:
+    """What each round cost (labels added) and gained (the run's validation headline figure with its 95 % CI): a
+    table, a JSON report and a plot against the labels in total. Runs without an evaluation on val show run.json's
+    figure without a CI unless --evaluate."""
+    from lepton.label.report import round_report
+
+    report = round_report(labels, runs, output, match=match, evaluate_missing=evaluate)
+    console.print((output / "report.md").read_text(), markup=False)
+    console.print(f"report: {output / 'report.json'}, plot: {report['plot']}")

@@ -1,5 +1,6 @@
 """Active learning: which unlabelled cases an expert should label next (``suggest``), pre-annotations in the formats
-annotation tools open, and corrected labels brought back with checks, round by round (``importer``).
+annotation tools open, corrected labels brought back with checks, round by round (``importer``), and what each
+round cost and gained (``report``).
 
 A labelling folder (``--labels DIR``) holds what has been labelled: ``labels.csv`` (one row per case: its name, pixel
 hash, label, round) and ``rounds.json`` (per round: cases added, when, from which file). A case is labelled when its
