@@ -1,12 +1,16 @@
 """Segmentation metrics: overlap and surface distances per case and class (MONAI's distance metrics, in mm),
-lesions as connected components with their size and position, lesion-level detection and FROC, bootstrap CIs."""
+lesions as connected components with their size and position, lesion-level detection and FROC, bootstrap CIs,
+voxel calibration and the report's figures."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lepton.tasks.metrics import calibration
 
 
 def dice_iou(pred: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, float]:
@@ -151,3 +155,32 @@ def detection(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], labels: li
             "sensitivity": float((found >= 0).sum() / n_true) if n_true else float("nan"),
             "fp_per_case": float(len(fps) / n_cases), "froc": froc,
             "froc_mean": float(np.mean(list(froc.values()))) if froc else float("nan"), "curve": curve}
+
+
+def voxel_calibration(cases, limit: int = 200_000, seed: int = 0) -> dict[str, Any]:
+    """Reliability of voxel probabilities on a seeded sample of voxels from every case."""
+    rng = np.random.default_rng(seed)
+    ys, ps = [], []
+    per_case = max(1, limit // max(1, len(cases)))
+    for _, truth, probs in cases:
+        flat_t, flat_p = truth.reshape(-1), probs.reshape(probs.shape[0], -1)
+        pick = rng.choice(flat_t.size, size=min(per_case, flat_t.size), replace=False)
+        ys.append(flat_t[pick])
+        ps.append(flat_p[:, pick].T)
+    return calibration(np.concatenate(ys).astype(np.int64), np.concatenate(ps))
+
+
+def report_plots(body, cases, case_dice, meta, labels, folder: Path) -> list[str]:
+    """Overlay montages of the best, median and worst cases, the reliability diagram and the FROC curve."""
+    from lepton.plots import plot_froc, plot_reliability, plot_segmentation_cases
+
+    order = np.argsort(case_dice)
+    picks = {"worst": int(order[0]), "median": int(order[len(order) // 2]), "best": int(order[-1])}
+    images = meta.get("images")
+    out = []
+    if images is not None:
+        shown = [(name, np.asarray(images[i])[0], cases[i][1], cases[i][0], case_dice[i]) for name, i in picks.items()]
+        out.append(str(plot_segmentation_cases(shown, labels, folder / "cases.png")))
+    plot_reliability(body["calibration"], folder / "reliability.png")
+    out += [str(folder / "reliability.png"), str(plot_froc(body["detection"]["curve"], folder / "froc.png"))]
+    return out

@@ -12,8 +12,16 @@ import numpy as np
 
 from lepton.errors import ConfigError
 from lepton.tasks.base import Loss, Task, register_task
-from lepton.tasks.metrics import calibration, fmt
-from lepton.tasks.seg_metrics import case_metrics, detection, lesions, mean_ci, voxel_volume
+from lepton.tasks.metrics import fmt
+from lepton.tasks.seg_metrics import (
+    case_metrics,
+    detection,
+    lesions,
+    mean_ci,
+    report_plots,
+    voxel_calibration,
+    voxel_volume,
+)
 
 #: Largest network input per axis chosen from the data (larger cases are cut to it; predictions slide over them).
 MAX_SIDE = {2: 512, 3: 128}
@@ -326,7 +334,7 @@ class Segmentation(Task):
             "empty_masks": {"true": int(sum(empty_truth)), "predicted": int(sum(empty_pred)),
                             "both": int(sum(a and b for a, b in zip(empty_truth, empty_pred, strict=True)))},
             "detection": detection(cases, labels),
-            "calibration": _voxel_calibration(cases),
+            "calibration": voxel_calibration(cases),
         }
         body["ece"] = body["calibration"]["ece"]
         ci_text = " [{:.3f}, {:.3f}]".format(*dice_ci) if dice_ci else ""
@@ -334,7 +342,7 @@ class Segmentation(Task):
             f"{c}: Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  HD95 {m['hd95']:.2f} mm  ASD {m['asd']:.2f} mm"
             for c, m in per_class.items()] + [f"voxel ECE {body['ece']:.4f}"]
         if plots is not None:
-            body["plots"] = _plots(body, cases, case_dice, meta, labels, plots)
+            body["plots"] = report_plots(body, cases, case_dice, meta, labels, plots)
         body["detection"].pop("curve")  # plotted; the FROC points at fixed rates stay
         return body, self._markdown(body)
 
@@ -430,32 +438,3 @@ def _cut(image: np.ndarray, mask: np.ndarray, voxels: int, window: tuple[int, ..
     start = np.clip(centre - side // 2, 0, shape - side)
     region = tuple(slice(int(a), int(a + b)) for a, b in zip(start, side, strict=True))
     return image[(slice(None), *region)], mask[(slice(None), *region)]
-
-
-def _voxel_calibration(cases, limit: int = 200_000, seed: int = 0) -> dict[str, Any]:
-    """Reliability of voxel probabilities on a seeded sample of voxels from every case."""
-    rng = np.random.default_rng(seed)
-    ys, ps = [], []
-    per_case = max(1, limit // max(1, len(cases)))
-    for _, truth, probs in cases:
-        flat_t, flat_p = truth.reshape(-1), probs.reshape(probs.shape[0], -1)
-        pick = rng.choice(flat_t.size, size=min(per_case, flat_t.size), replace=False)
-        ys.append(flat_t[pick])
-        ps.append(flat_p[:, pick].T)
-    return calibration(np.concatenate(ys).astype(np.int64), np.concatenate(ps))
-
-
-def _plots(body, cases, case_dice, meta, labels, folder: Path) -> list[str]:
-    """Overlay montages of the best, median and worst cases, the reliability diagram and the FROC curve."""
-    from lepton.plots import plot_froc, plot_reliability, plot_segmentation_cases
-
-    order = np.argsort(case_dice)
-    picks = {"worst": int(order[0]), "median": int(order[len(order) // 2]), "best": int(order[-1])}
-    images = meta.get("images")
-    out = []
-    if images is not None:
-        shown = [(name, np.asarray(images[i])[0], cases[i][1], cases[i][0], case_dice[i]) for name, i in picks.items()]
-        out.append(str(plot_segmentation_cases(shown, labels, folder / "cases.png")))
-    plot_reliability(body["calibration"], folder / "reliability.png")
-    out += [str(folder / "reliability.png"), str(plot_froc(body["detection"]["curve"], folder / "froc.png"))]
-    return out
