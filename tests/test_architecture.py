@@ -34,12 +34,6 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 
 
-#: Packages whose ``__init__`` still imports its own modules (issue #32: hand names on lazily, as ``lepton``,
-#: ``lepton.data`` and ``lepton.models`` do), so each sits in a circle with its modules. Nothing else may; a package
-#: fixed leaves this list (the test below says so).
-EAGER_PACKAGES = {"lepton.serve"}
-
-
 def modules(src: Path = SRC) -> dict[str, Path]:
     found = {}
     for path in (src / "lepton").rglob("*.py"):
@@ -90,11 +84,6 @@ def import_graph(src: Path = SRC) -> dict[str, set[str]]:
                 continue
             graph[name] |= {t for t in targets if t in mods and t != name}
     return graph
-
-
-def without_own_package(graph: dict[str, set[str]], packages: set[str]) -> dict[str, set[str]]:
-    """``graph`` without the arrows from the modules of ``packages`` to the package itself."""
-    return {m: {t for t in targets if not (t in packages and m.startswith(t + "."))} for m, targets in graph.items()}
 
 
 def layer(module: str) -> int:
@@ -178,10 +167,8 @@ def test_a_planted_circle_and_an_upward_arrow_are_caught():
 
 def test_no_import_circles():
     graph = import_graph()
-    assert cycles(without_own_package(graph, EAGER_PACKAGES)) == []
-    # each package still listed really is in a circle with its own modules: one made lazy leaves the list
-    circled = {m for circle in cycles(graph) for m in circle}
-    assert circled >= EAGER_PACKAGES, f"{sorted(EAGER_PACKAGES - circled)} hand names on lazily now: drop them"
+    # every package's __init__ counts as a module: one importing its own modules would sit in a circle with them
+    assert cycles(graph) == []
 
 
 def test_data_and_models_hand_names_on_lazily():
