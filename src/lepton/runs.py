@@ -18,6 +18,7 @@ import numpy as np
 
 from lepton.config import TrainConfig
 from lepton.data.transforms import Preprocessing
+from lepton.data.volume import spacing_of
 from lepton.errors import RunError
 from lepton.models.layout import fast_layout, model_layout
 from lepton.tasks import Task, get_task
@@ -206,7 +207,7 @@ class Run:
             raise RunError(f"{path}: holds {len(frames)} frames; a segmentation model takes one image or volume")
         frame = frames[0]
         probs = self.segment(frame.pixels, frame.affine)
-        spacing = tuple(np.linalg.norm(frame.affine[:3, :3], axis=0)) if frame.affine is not None else None
+        spacing = spacing_of(frame.affine)
         answer = {"path": str(path), **self.task.describe(probs, self.label_names, spacing, frame.affine)}
         if output is not None:
             out = Path(output)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lepton.batch.sources import Input
+from lepton.data.volume import spacing_of
 
 #: Decode a file into at most this many frames (a multi-frame input beyond it is an error row, not a memory spike).
 MAX_FRAMES = 4096
@@ -203,7 +204,7 @@ class Predictor:
 
             with autocast(self.precision, self.run.device):
                 probs = np.asarray(self.run.segment(d.pixels, d.affine), np.float32)
-            spacing = tuple(np.linalg.norm(d.affine[:3, :3], axis=0)) if d.affine is not None else None
+            spacing = spacing_of(d.affine)
             answer = self.run.task.describe(probs, self.run.label_names, spacing, d.affine)
             labels = probs.argmax(0).astype(np.uint8)
             row = {**self._base(d.item), "shape": "x".join(map(str, labels.shape)), "lesions": len(answer["lesions"])}

@@ -32,7 +32,7 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along the array's three axes."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return spacing_of(self.affine)  # type: ignore[return-value]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -50,6 +50,13 @@ class Volume:
         img = nib.Nifti1Image(np.asarray(self.data, dtype=np.float32), self.affine)
         img.header.set_xyzt_units("mm")
         return img
+
+
+def spacing_of(affine: np.ndarray | None) -> tuple[float, ...] | None:
+    """Voxel size in mm along the array's axes: the lengths of an affine's first three columns (None without one)."""
+    if affine is None:
+        return None
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
 def canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

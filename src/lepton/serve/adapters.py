@@ -12,6 +12,7 @@ import numpy as np
 
 from lepton.data.io import Frame, read_image_bytes
 from lepton.data.transforms import Preprocessing
+from lepton.data.volume import spacing_of
 from lepton.errors import DataError
 from lepton.tasks import Task, get_task
 
@@ -180,7 +181,7 @@ class ModelAdapter:
         import gzip
 
         affine = frame.affine
-        spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)) if affine is not None else None
+        spacing = spacing_of(affine)
         body = self.task.describe(probs, self.labels, spacing, affine)
         labels = probs.argmax(0).astype(np.uint8)
         if labels.ndim == 3:
