@@ -52,3 +52,15 @@ def test_incomplete_and_missing_runs(tmp_path, tiny_run):
     with pytest.raises(DataError, match="empty"):
         (tmp_path / "empty.png").write_bytes(b"")
         tiny_run.predict([tmp_path / "empty.png"])
+
+
+def test_flip_tta_flips_dense_outputs_back_and_averages_class_scores():
+    import torch
+
+    from lepton.runs import flip_mean
+
+    dense = np.arange(24.0).reshape(1, 2, 3, 4)
+    assert np.array_equal(flip_mean(dense, dense[..., ::-1]), dense)  # a mirrored answer, mirrored back, agrees
+    t = torch.from_numpy(dense)
+    assert torch.equal(flip_mean(t, t.flip(-1)), t)
+    np.testing.assert_allclose(flip_mean(np.array([[0.2, 0.8]]), np.array([[0.4, 0.6]])), [[0.3, 0.7]])

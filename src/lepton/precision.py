@@ -71,8 +71,9 @@ def onnx_outputs(session, x: np.ndarray, tta: bool, chunk: int = 256) -> np.ndar
         xb = np.ascontiguousarray(x[i:i + chunk], np.float32)
         p = session.run(None, {name: xb})[0]
         if tta:
-            flipped = session.run(None, {name: np.ascontiguousarray(xb[..., ::-1])})[0]
-            p = (p + (flipped[..., ::-1] if flipped.ndim > 2 else flipped)) / 2
+            from lepton.runs import flip_mean
+
+            p = flip_mean(p, session.run(None, {name: np.ascontiguousarray(xb[..., ::-1])})[0])
         out.append(p)
     return np.concatenate(out)
 

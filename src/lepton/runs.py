@@ -47,12 +47,19 @@ def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta:
             probs = activate(model(xb, *side))
             if tta:
                 flipped = activate(model(torch.flip(xb, dims=[-1]), *side))
-                probs = merge(probs, flipped) if merge is not None else \
-                    (probs + (torch.flip(flipped, dims=[-1]) if flipped.ndim > 2 else flipped)) / 2
+                probs = merge(probs, flipped) if merge is not None else flip_mean(probs, flipped)
             out.append(probs.float().cpu())  # fp32 whatever precision the forward pass ran in
     if not out:
         return np.zeros((0, 0), np.float32)
     return torch.cat(out).numpy()
+
+
+def flip_mean(outputs, flipped):
+    """Flip TTA's answer: the mean of the outputs for an input and for its horizontal mirror, a dense task's mirrored
+    outputs (on the input's grid: more than two axes) flipped back first. PyTorch tensors or NumPy arrays."""
+    if flipped.ndim > 2:
+        flipped = flipped[..., ::-1] if isinstance(flipped, np.ndarray) else flipped.flip(-1)
+    return (outputs + flipped) / 2
 
 
 def segment_probs(model, spec: Preprocessing, pixels: np.ndarray, activate: Callable, *, tta: bool = False,
@@ -70,7 +77,7 @@ def segment_probs(model, spec: Preprocessing, pixels: np.ndarray, activate: Call
         xb = fast_layout(xb)
         p = activate(model(xb))
         if tta:
-            p = (p + torch.flip(activate(model(torch.flip(xb, dims=[-1]))), dims=[-1])) / 2
+            p = flip_mean(p, activate(model(torch.flip(xb, dims=[-1]))))
         return p
 
     if hasattr(model, "eval"):
