@@ -193,8 +193,9 @@ def test_a_segmentation_run_writes_nifti_masks_and_volumes_per_class(tmp_path_fa
 
     import lepton
     from lepton.batch import predict_batch
+    from lepton.data.dicomseg import read_seg
     from lepton.data.io import read_image
-    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.data.synthetic import nodule_phantom, write_dicom_series, write_segmentation_cases
 
     root = write_segmentation_cases(tmp_path_factory.mktemp("dec") / "Task01", n=6, dims=3, seed=2)
     run = lepton.train(root, task="segmentation", epochs=2, batch_size=2, time_budget_s=0, quiet=True,
@@ -204,11 +205,20 @@ def test_a_segmentation_run_writes_nifti_masks_and_volumes_per_class(tmp_path_fa
     spec = json.loads((root / "dataset.json").read_text())
     spec["test"] = ["./imagesTr/case999.nii.gz"]
     (root / "dataset.json").write_text(json.dumps(spec))
+    hu, _ = nodule_phantom(np.random.default_rng(77), (16, 32, 32), count=2)
+    series = tmp_path / "series" / "ct1"
+    write_dicom_series(series, hu, spacing=(1.0, 1.0, 2.0))
     out = tmp_path / "seg.parquet"
-    summary = predict_batch(loaded, root, out, workers=1, progress=False)  # a Decathlon folder: training + test
-    assert (summary.rows, summary.errors) == (7, 1)
+    # a Decathlon folder (training + test), then a DICOM series folder: its label map also as a DICOM SEG
+    summary = predict_batch(loaded, [root, series.parent], out, workers=1, progress=False, dicom_seg=True)
+    assert (summary.rows, summary.errors) == (8, 1)
     table = rows(out)
-    assert table[-1]["path"].endswith("case999.nii.gz") and table[-1]["error"]
+    dicom = table[-1]
+    assert dicom["path"] == str(series) and dicom["dicom_seg"].endswith("_seg.dcm") and not dicom["error"]
+    seg, _ = read_seg(dicom["dicom_seg"])
+    np.testing.assert_array_equal(seg[0], np.asarray(nib.load(dicom["mask"]).dataobj))  # SEG and NIfTI agree
+    table = table[:-1]
+    assert table[-1]["path"].endswith("case999.nii.gz") and table[-1]["error"] and table[0]["dicom_seg"] is None
     first = table[0]
     assert first["path"] == str(root / "imagesTr" / "case000.nii.gz")
     mask = Path(first["mask"])

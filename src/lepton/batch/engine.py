@@ -64,7 +64,7 @@ def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str |
                   precision: str = "fp32", masks: str | Path | None = None, overwrite: bool = False,
                   progress: bool = True, labelled: bool = False, address: str | None = None,
                   cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, flush_rows: int | None = None,
-                  flush_seconds: float = 10.0) -> BatchSummary:
+                  flush_seconds: float = 10.0, dicom_seg: bool = False) -> BatchSummary:
     """Run ``run`` (a ``Run``, or a run directory) over every input of ``sources`` into ``output`` (``.parquet``, or
     ``.csv``): one row per input (per frame of a multi-frame input), errors as rows. Restarted with the same
     arguments after a kill, it skips what is written and ends with each input exactly once.
@@ -73,7 +73,9 @@ def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str |
     forward pass's batch (default the run's). ``model_id``: what the ``model`` column says (default the run's
     folder). ``masks``: a dense task's label maps (default ``<output stem>_masks/`` beside the output).
     ``labelled``: class folders give each input its ``truth``. ``address``: the Ray cluster (``auto``,
-    ``ray://host:10001``; default a local Ray). ``overwrite``: drop an earlier output and its parts first."""
+    ``ray://host:10001``; default a local Ray). ``overwrite``: drop an earlier output and its parts first.
+    ``dicom_seg``: a dense task's input that is a DICOM series also gets a DICOM SEG referencing it, beside its label
+    map (the ``dicom_seg`` column)."""
     from lepton.runs import Run, load_run
 
     if engine not in ENGINES:
@@ -88,11 +90,14 @@ def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str |
     if output.suffix.lower() not in (".parquet", ".csv"):
         raise ConfigError(f"{output}: the output must end in .parquet or .csv")
     dense = run.task.dense
+    if dicom_seg and not dense:
+        raise ConfigError(f"dicom_seg: a {run.task.name} run writes no label maps; a DICOM SEG is for segmentation")
     if dense and masks is None:
         masks = output.with_name(output.name.rsplit(".", 1)[0] + "_masks")
     model_id = model_id or str(run.path)
     job = {"model": model_id, "task": run.task.name, "sources": [str(s) for s in sources], "precision": precision,
-           "tta": bool(run.config.tta), "masks": str(masks) if masks is not None else None, "labelled": labelled}
+           "tta": bool(run.config.tta), "masks": str(masks) if masks is not None else None, "labelled": labelled,
+           **({"dicom_seg": True} if dicom_seg else {})}
     out_schema = schema(run)
     store = PartStore(output, job, out_schema, overwrite=overwrite)
     done = store.done()
@@ -107,7 +112,8 @@ def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str |
         rows = store.count_rows()
         return BatchSummary(str(output), engine, len(done), len(done), 0, rows, _errors(store), 0.0)
     total = count_inputs(sources, series=series, labelled=labelled) if progress else None
-    predictor = Predictor(run, model_id=model_id, precision=precision, masks=masks, batch_size=batch_size)
+    predictor = Predictor(run, model_id=model_id, precision=precision, masks=masks, batch_size=batch_size,
+                          dicom_seg=dicom_seg)
     started = time.monotonic()
     if engine == "local":
         answering = not dense and str(run.device) == "cpu" and workers != 0

@@ -4,7 +4,8 @@ a run's answers become. The forward pass is the run's own (``lepton.runs.predict
 
 A classifier's row: ``path``, ``frame`` (the frame's index in a multi-frame input), ``truth`` (a manifest's label),
 ``label``, ``prob_<class>`` per class, ``threshold``, ``model``, ``precision``, ``error``. A segmentation row:
-``path``, ``frame``, ``truth``, ``mask`` (the label map written: NIfTI for volumes, PNG for images), ``shape``,
+``path``, ``frame``, ``truth``, ``mask`` (the label map written: NIfTI for volumes, PNG for images), ``dicom_seg``
+(with ``dicom_seg``, a DICOM SEG referencing an input that is a DICOM series), ``shape``,
 ``voxels_<class>``, ``volume_ml_<class>`` (volumes with geometry), ``area_mm2_<class>`` (images with a pixel
 spacing), ``lesions``, ``model``, ``precision``, ``error``. An input that cannot be read or predicted is one row with
 its ``error`` and no answer.
@@ -126,7 +127,7 @@ def schema(run, *, dense: bool | None = None):
     tail = [pa.field("model", pa.string()), pa.field("precision", pa.string()), pa.field("error", pa.string())]
     if dense:
         classes = run.label_names[1:]
-        body = [pa.field("mask", pa.string()), pa.field("shape", pa.string()),
+        body = [pa.field("mask", pa.string()), pa.field("dicom_seg", pa.string()), pa.field("shape", pa.string()),
                 *[pa.field(f"voxels_{c}", pa.int64()) for c in classes],
                 *[pa.field(f"volume_ml_{c}", pa.float64()) for c in classes],
                 *[pa.field(f"area_mm2_{c}", pa.float64()) for c in classes],
@@ -141,8 +142,9 @@ class Predictor:
     """A loaded run answering decoded inputs as rows: held by the local engine and by each Ray actor."""
 
     def __init__(self, run, *, model_id: str, precision: str = "fp32", masks: str | Path | None = None,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, dicom_seg: bool = False) -> None:
         self.run = run
+        self.dicom_seg = dicom_seg
         self.model_id = model_id
         self.precision = precision
         self.masks = Path(masks) if masks is not None else None
@@ -219,6 +221,12 @@ class Predictor:
                 target = mask_path(self.masks, d.item, volume=labels.ndim == 3)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 row["mask"] = str(_write_label_map(labels, d.affine, target))  # atomic: a rerun rewrites it whole
+                if self.dicom_seg and Path(d.item.path).is_dir():  # a DICOM series: a SEG that references it
+                    from lepton.data.dicomseg import write_seg
+
+                    row["dicom_seg"] = str(write_seg(labels, d.affine, d.item.path, self.run.label_names,
+                                                     target.with_name(target.name.replace(".nii.gz", ".dcm")),
+                                                     algorithm=Path(self.model_id).name[:64]))
             return row
         except Exception as exc:
             return self.error_row(d.item, error_text(exc))

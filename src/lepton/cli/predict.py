@@ -105,7 +105,8 @@ def predict(
                                                      "Otherwise, for segmentation, the folder each label map is "
                                                      "written to (NIfTI for volumes, PNG for images).")] = None,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Segmentation of DICOM series folders: also write a "
-                                                                 "DICOM SEG referencing the series (needs --output).")
+                                                                 "DICOM SEG referencing the series (needs --output; "
+                                                                 "in batch mode beside the label maps).")
                          ] = False,
     engine: Annotated[str, typer.Option(click_type=click.Choice(["local", "ray"]),
                                         help="Batch mode: this machine, or Ray Data (an actor pool of the model).")
@@ -152,8 +153,6 @@ def predict(
         raise ConfigError("--dicom-seg writes files: give --output DIR")
     if batch and covariates is not None:
         raise ConfigError("--covariates is for predicting files one by one, not batch mode (--output)")
-    if batch and dicom_seg:
-        raise ConfigError("--dicom-seg is not written in batch mode (label maps go to --masks as NIfTI/PNG)")
     if Path(model).is_dir():  # a run directory wins over a registry name that happens to match
         loaded, model_id = load_run(model, device=device), str(Path(model))
     else:
@@ -165,7 +164,7 @@ def predict(
         summary = predict_batch(loaded, images, output, engine=engine, workers=workers, address=address,
                                 cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
                                 model_id=model_id, precision=precision, masks=masks, overwrite=overwrite,
-                                progress=not quiet, flush_rows=flush_rows)
+                                progress=not quiet, flush_rows=flush_rows, dicom_seg=dicom_seg)
         print(json.dumps(summary.to_dict()))
         if summary.errors:
             err.print(f"{summary.errors} input(s) could not be predicted: their rows hold the reason (error column)",
