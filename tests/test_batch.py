@@ -124,6 +124,23 @@ def test_a_kill_during_the_merge_is_finished_by_the_next_start(tiny_run, tmp_pat
 
 
 @pytest.mark.slow
+def _children(pid: int) -> list[int]:
+    """A process's child processes, from /proc (Linux)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
+    except (OSError, StopIteration):
+        return False
+    return "Z" not in state.split()[1]
+
+
 def test_sigkill_mid_run_then_the_same_command_ends_with_each_input_once(tiny_run, tmp_path):
     paths = write_pngs(tmp_path / "archive", 600, nested=True)
     (tmp_path / "archive" / "sub0" / "zz_corrupt.dcm").write_bytes(b"DICM" * 40)
@@ -139,12 +156,18 @@ def test_sigkill_mid_run_then_the_same_command_ends_with_each_input_once(tiny_ru
                 break
             time.sleep(0.02)
         assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read().decode()}"
+        workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
+    assert workers  # its worker processes end with it (none left holding the model)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)]
     assert not out.exists()
     written = sum(pq.read_metadata(p).num_rows for p in parts.glob("part-*.parquet"))
     assert 0 < written < 601

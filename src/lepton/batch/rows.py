@@ -89,8 +89,16 @@ def worker_init(predictor: Predictor | None = None) -> None:
     """A worker process: one thread for PyTorch and its libraries (the processes are the parallelism); with a
     ``predictor``, the model this process answers its chunks with (``answer_chunk``)."""
     import os
+    import sys
 
     global _PREDICTOR
+    if sys.platform.startswith("linux"):  # end with the job: a SIGKILLed job leaves no worker holding its model
+        import contextlib
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):  # a libc without prctl: workers outlive a killed job
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         import torch
