@@ -6,6 +6,7 @@ Screenshots go to ``test-artifacts/console/`` (``$LEPTON_ARTIFACTS`` overrides).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -270,18 +271,26 @@ def test_route_change_and_rollback_by_clicking(browser, site):
     assert watch.problems == [], watch.problems
 
 
-@pytest.fixture(scope="module")
-def seg_site(seg_run, tmp_path_factory):
-    """A served 2-D segmentation model (``seg_run``)."""
+@contextlib.contextmanager
+def _served(run_path, name: str, root):
+    """A run registered as ``name`` in a registry under ``root`` and served: yields the base URL and an admin key."""
     from lepton.registry import Registry
     from lepton.serve import ServeConfig
 
+    reg = Registry.open(root / "reg")
+    reg.register_run(run_path, name)
+    keys = {"admin": reg.create_key("ops", "admin")}
+    with running(ServeConfig(models=[name], registry=str(root / "reg"), rate_limit=0)) as base:
+        yield base, keys
+
+
+@pytest.fixture(scope="module")
+def seg_site(seg_run, tmp_path_factory):
+    """A served 2-D segmentation model (``seg_run``)."""
+
     run, cases = seg_run
     root = tmp_path_factory.mktemp("seg-console")
-    reg = Registry.open(root / "reg")
-    reg.register_run(run.path, "lungseg")
-    keys = {"admin": reg.create_key("ops", "admin")}
-    with running(ServeConfig(models=["lungseg"], registry=str(root / "reg"), rate_limit=0)) as base:
+    with _served(run.path, "lungseg", root) as (base, keys):
         yield {"url": base, "keys": keys, "cases": cases}
 
 
@@ -331,17 +340,12 @@ def seg3d_site(tmp_path_factory):
     """A served 3-D segmentation model (a Decathlon folder of CT phantoms, one short epoch) and its cases."""
     import lepton
     from lepton.data.synthetic import write_segmentation_cases
-    from lepton.registry import Registry
-    from lepton.serve import ServeConfig
 
     root = tmp_path_factory.mktemp("seg3d-console")
     cases = write_segmentation_cases(root / "Task01", n=6, dims=3, seed=0)
     run = lepton.train(cases, task="segmentation", epochs=1, batch_size=2, time_budget_s=0, quiet=True,
                        output_dir=str(root / "runs"), name="seg3d", seed=0)
-    reg = Registry.open(root / "reg")
-    reg.register_run(run.path, "nodules")
-    keys = {"admin": reg.create_key("ops", "admin")}
-    with running(ServeConfig(models=["nodules"], registry=str(root / "reg"), rate_limit=0)) as base:
+    with _served(run.path, "nodules", root) as (base, keys):
         yield {"url": base, "keys": keys, "cases": cases}
 
 
@@ -450,8 +454,6 @@ def det_site(tmp_path_factory):
 
     import lepton
     from lepton.data.synthetic import write_detection_cases
-    from lepton.registry import Registry
-    from lepton.serve import ServeConfig
 
     root = tmp_path_factory.mktemp("det-console")
     boxes = write_detection_cases(root / "cxr", 12, dims=2, seed=0)
@@ -459,10 +461,7 @@ def det_site(tmp_path_factory):
                        output_dir=str(root / "runs"), name="det", seed=0)
     info = json.loads((run.path / "run.json").read_text())
     (run.path / "run.json").write_text(json.dumps({**info, "threshold": 0.0}))  # an untrained model's boxes too
-    reg = Registry.open(root / "reg")
-    reg.register_run(run.path, "boxes")
-    keys = {"admin": reg.create_key("ops", "admin")}
-    with running(ServeConfig(models=["boxes"], registry=str(root / "reg"), rate_limit=0)) as base:
+    with _served(run.path, "boxes", root) as (base, keys):
         yield {"url": base, "keys": keys, "images": sorted((root / "cxr" / "images").iterdir())}
 
 
