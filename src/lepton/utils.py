@@ -59,3 +59,20 @@ def _json_default(obj: Any) -> Any:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A package's module-level ``__getattr__`` handing on ``exports`` (name → module) lazily: the module is imported
+    the first time the name is asked for, and the name kept on the package. A package whose ``__init__`` imports
+    none of its own modules is in no import circle with them."""
+    import sys
+    from importlib import import_module
+
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            value = getattr(import_module(exports[name]), name)
+            setattr(sys.modules[package], name, value)
+            return value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

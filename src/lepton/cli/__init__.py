@@ -6,15 +6,9 @@ comes back here.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from lepton.utils import lazy_exports
 
 _EXPORTS = {"app": "lepton.cli.app", "main": "lepton.cli.app"}
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = globals()[name] = getattr(import_module(_EXPORTS[name]), name)
-        return value
-    raise AttributeError(f"module 'lepton.cli' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,8 +6,7 @@ imports none of its own modules, so importing one of them (which runs this file 
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from lepton.utils import lazy_exports
 
 _EXPORTS = {
     "DataError": "lepton.errors",
@@ -18,9 +17,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = globals()[name] = getattr(import_module(_EXPORTS[name]), name)
-        return value
-    raise AttributeError(f"module 'lepton.data' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

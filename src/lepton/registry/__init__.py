@@ -6,16 +6,10 @@ no import circle with its own modules.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from lepton.utils import lazy_exports
 
 _EXPORTS = {"ModelVersion": "lepton.registry.core", "Registry": "lepton.registry.core",
             "parse_ref": "lepton.registry.core"}
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = globals()[name] = getattr(import_module(_EXPORTS[name]), name)
-        return value
-    raise AttributeError(f"module 'lepton.registry' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,16 +6,10 @@ configuration alone, not FastAPI, and the package is in no import circle with it
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from lepton.utils import lazy_exports
 
 _EXPORTS = {"ServeConfig": "lepton.serve.config", "create_app": "lepton.serve.app", "serve": "lepton.serve.server",
             "worker_config": "lepton.serve.server"}
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = globals()[name] = getattr(import_module(_EXPORTS[name]), name)
-        return value
-    raise AttributeError(f"module 'lepton.serve' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -7,17 +7,11 @@ with its own modules.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from lepton.utils import lazy_exports
 
 _EXPORTS = {"Task": "lepton.tasks.base", "choose_task": "lepton.tasks.base", "get_task": "lepton.tasks.base",
             "inspect_data": "lepton.tasks.base", "list_tasks": "lepton.tasks.base",
             "register_task": "lepton.tasks.base"}
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = globals()[name] = getattr(import_module(_EXPORTS[name]), name)
-        return value
-    raise AttributeError(f"module 'lepton.tasks' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

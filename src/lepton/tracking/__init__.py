@@ -11,8 +11,7 @@ run asks for it, so ``lepton --help`` stays fast and both stay optional (``pip i
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from lepton.utils import lazy_exports
 
 _EXPORTS = {
     "Tracker": "lepton.tracking.base",
@@ -25,9 +24,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = globals()[name] = getattr(import_module(_EXPORTS[name]), name)
-        return value
-    raise AttributeError(f"module 'lepton.tracking' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -10,8 +10,7 @@ below are handed on lazily (as ``lepton.data`` does), so the package is in no im
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from lepton.utils import lazy_exports
 
 _EXPORTS = {"Prepared": "lepton.train.data", "Trainer": "lepton.train.loop", "data_fingerprint": "lepton.train.data",
             "finish_run": "lepton.train.finish", "intensity_stats": "lepton.train.data",
@@ -19,9 +18,4 @@ _EXPORTS = {"Prepared": "lepton.train.data", "Trainer": "lepton.train.loop", "da
             "summary": "lepton.train.finish", "train": "lepton.train.job"}
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = globals()[name] = getattr(import_module(_EXPORTS[name]), name)
-        return value
-    raise AttributeError(f"module 'lepton.train' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
