@@ -22,6 +22,13 @@ def read_folder(
     steps: list[dict] | None = None,
 ) -> ImageSet:
     """Read ``root/<class>/*`` or ``root/<split>/<class>/*`` (PNG, JPEG, BMP, TIFF, DICOM, NIfTI, NPY)."""
+    records, label_names = folder_records(root)
+    return from_files(str(root), records, label_names, window=window, slices=slices, skip_bad=skip_bad,
+                      steps=steps)
+
+
+def folder_records(root: Path) -> tuple[list[tuple[Path, int, str, None]], list[str]]:
+    """The (path, label, split, patient) records of an image folder and its class names, no file read."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
     if not subdirs:
         raise DataError(
@@ -44,5 +51,4 @@ def read_folder(
             if not files and split in ("", "train"):
                 raise DataError(f"{folder}: class folder '{name}' has no files")
             records.extend((f, label, split, None) for f in files)
-    return from_files(str(root), records, label_names, window=window, slices=slices, skip_bad=skip_bad,
-                      steps=steps)
+    return records, label_names

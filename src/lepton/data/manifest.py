@@ -45,6 +45,14 @@ def read_manifest(
 
     Patient ids are pseudonymised on read and used only to keep each patient in one split.
     """
+    records, raw_labels, table = manifest_records(path, covariates)
+    return from_files(str(path), records, raw_labels, window=window, slices=slices, skip_bad=skip_bad,
+                      steps=steps, covariates=table)
+
+
+def manifest_records(path: Path, covariates: CovariateSchema | None = None):
+    """A manifest checked and listed without reading an image: its (path, label, split, patient, series) records,
+    label names, and the covariate table (None without ``covariates``)."""
     header, rows = read_rows(path)
     missing = {"path", "label"} - set(header)
     if missing:
@@ -84,8 +92,7 @@ def read_manifest(
         )
         for line, r in enumerate(rows, start=2)
     ]
-    return from_files(str(path), records, raw_labels, window=window, slices=slices, skip_bad=skip_bad,
-                      steps=steps, covariates=table)
+    return records, raw_labels, table
 
 
 def _resolve(manifest: Path, text: str, line: int) -> Path:

@@ -102,6 +102,21 @@ def write_synthetic_npz(
     return path
 
 
+def write_png_classes(root: str | Path, n: int = 100, size: int = 64, seed: int = 0, start: int = 0) -> Path:
+    """Write ``n`` synthetic chest radiographs (``make_synthetic``) as 8-bit PNGs in a class folder
+    (``root/normal``, ``root/pneumonia``); ``start`` numbers the files, so that a larger set can grow from a smaller
+    one."""
+    from PIL import Image
+
+    images, labels, _ = make_synthetic(n, size, seed=seed)
+    root = Path(root)
+    for name in LABEL_NAMES:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(img).save(root / LABEL_NAMES[int(label)] / f"img{start + i:06d}.png")
+    return root
+
+
 def write_dicom_series(folder: str | Path, slices: np.ndarray, *, spacing: tuple[float, float, float] = (1.0, 1.0, 2.0),
                        origin: tuple[float, float, float] = (-100.0, -100.0, 0.0),
                        orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0), series_uid: str | None = "auto",
