@@ -6,153 +6,167 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, NamedTuple
 
 from lepton.errors import ConfigError
+from lepton.presets import PRESETS
+
+#: The concerns a field belongs to (its ``group``), in the order ``lepton train --help`` shows them, with titles.
+GROUPS: dict[str, str] = {
+    "run": "Run", "data": "Data and preprocessing", "model": "Model", "optimisation": "Optimisation",
+    "augmentation": "Augmentation, TTA and adversarial training", "budget": "Precision, time budget and ensembles",
+    "semi": "Semi-supervised", "hardware": "Hardware, data engine and reproducibility", "task": "Task options",
+}
+
+
+class Bounds(NamedTuple):
+    """A number's range, inclusive unless an end is open; ``whole``: an integer (3.0 is taken as 3)."""
+
+    low: float
+    high: float
+    whole: bool = False
+    open_low: bool = False
+    open_high: bool = False
+
+
+def setting(default: Any, help: str, group: str, *, bounds: Bounds | None = None,
+            choices: tuple[Any, ...] | None = None, cli: str | bool | None = None, user: bool = True) -> Any:
+    """A ``TrainConfig`` field declared once: its default, help, group, bounds or choices, and its ``lepton train``
+    option (``cli``: the option's flags, e.g. ``"--tta/--no-tta"``; None: ``--field-name``; False: set by an option
+    of its own syntax or not from the command line). ``user=False``: kept for old configs, not for users to set."""
+    meta = {"help": help, "group": group, "bounds": bounds, "choices": choices, "cli": cli, "user": user}
+    if isinstance(default, dict | list):
+        return field(default_factory=type(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run; saved as ``config.yaml`` in the run directory."""
+    """Everything that determines a training run; saved as ``config.yaml`` in the run directory. Each field is
+    declared once with its help, group, bounds and choices: ``lepton train``'s options, the federation's settings
+    and ``validate`` are derived from these declarations."""
 
-    data: str = ""
-    name: str = ""
-    output_dir: str = "runs"
-    task: str = "classification"  # a name registered in lepton.tasks
-    # Options the task reads (``Task.options``), e.g. the sequence task's {fps: 15, frames: 16, target: value,
-    # covariates: "age:numeric:years,sex:categorical", fusion: film}; checked by the task when it reads the data.
-    task_options: dict[str, Any] = field(default_factory=dict)
-    # model
-    model: str = "lepton_cnn"
-    pretrained: str | None = None
-    freeze_backbone: bool = False
-    backbone_lr: float | None = None
-    # preprocessing
-    image_size: int | None = None
-    channels: int | None = None
-    normalize: str = "dataset"  # "dataset" (train mean/std) or "half" (mean 0.5, std 0.5)
-    window: str | None = None
-    slices: str = "middle"  # volumes and multi-frame files: the middle slice, all slices, or "volume" (3-D)
-    # Volume preprocessing steps (MONAI dictionary transforms, see lepton.data.pipeline), e.g.
-    # [{"name": "spacing", "mm": [1.5, 1.5, 3.0]}, {"name": "crop_foreground", "margin": 4}].
-    preprocess: list[dict[str, Any]] = field(default_factory=list)
-    slab: bool = False  # 2.5-D: a 2-D network reads a volume's slices as input channels
-    augment: str = "light"
-    augment_options: dict[str, float] = field(default_factory=dict)
-    # splits
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    skip_bad: bool = False
-    # Where decoded cases live while training (tasks that read through the case cache, such as segmentation):
-    # "memory" holds them all as tensors, "cache" reads patches from memory-mapped cases in the on-disk cache (memory
-    # does not grow with the data set), "auto" picks memory while the padded tensors fit in ``memory_limit_gb``.
-    data_engine: str = "auto"
-    memory_limit_gb: float = 2.0
-    cache_dir: str | None = None  # default: $LEPTON_CACHE, else ~/.cache/lepton
-    workers: int = 0  # processes that decode cases into the cache; 0 = one per core
-    loader_workers: int = 0  # DataLoader processes reading cached patches ahead of the step; 0 = in the loop
-    # optimisation
-    epochs: int = 20
-    batch_size: int = 64  # per process: several processes (torchrun) step on batch_size x processes together
-    lr: float = 1e-3
-    # The learning rate for that effective batch under several processes: none (lr as given), linear (lr x
-    # processes, Goyal et al. 2017) or sqrt (lr x sqrt(processes), for adaptive optimisers). One process: lr.
-    lr_scaling: str = "none"
-    # Several processes: BatchNorm statistics over the global batch (what one process would compute; costs one
-    # all-reduce per BatchNorm layer each way), or over each process's share (DDP's default, faster on CPUs).
-    sync_batchnorm: bool = True
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"  # cosine | step | none
-    warmup_epochs: float = 1.0
-    step_size: int = 10
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    imbalance: str = "weighted"  # none | weighted | balanced
-    ema_decay: float = 0.0
-    early_stopping: int = 0  # patience in epochs; 0 disables
-    # Wall-clock budget of the training loop in seconds (0 = none): after the second epoch the run is
-    # re-planned to the epochs that fit (the LR schedule is rescaled), and no epoch starts that would end late.
-    time_budget_s: float = 0.0
-    # Up to this many members (the same network from other seeds) trained one after another while the time budget
-    # has room for whole ones; the run keeps their mean probabilities unless they score below a typical member on
-    # val (then the best member).
-    ensemble: int = 1
-    tta: bool = False
-    adversarial: str | None = None  # fgsm | pgd: train on clean plus adversarial copies of each batch
-    adv_epsilon: float = 2 / 255
-    adv_steps: int = 3
-    # Semi-supervised training (lepton.train.semi): unlabelled images (a folder, a CSV of paths or a .npz; never
-    # val/test images or patients) learnt from by mean-teacher (consistency with an EMA teacher) or fixmatch
-    # (pseudo-labels above a confidence threshold); semi_ratio unlabelled images per labelled one in each step.
-    unlabelled: str | None = None
-    semi: str | None = None
-    semi_threshold: float = 0.95
-    semi_weight: float = 1.0
-    semi_ratio: int = 2
-    # reproducibility and hardware
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    amp: bool = True  # False: train in fp32 whatever ``precision`` says (configs written before precision)
-    # Training precision: auto (bf16 autocast on CPUs with AMX/AVX512-BF16 and on bf16 GPUs, fp16 on older
-    # CUDA GPUs, fp32 elsewhere), fp32, bf16 or fp16 (CUDA only, with loss scaling).
-    precision: str = "auto"
-    threads: int | None = None
-    preset: str = "default"
+    data: str = setting("", "Training data source (see `lepton data inspect`).", "run", cli=False)
+    name: str = setting("", "Run name (default: data-model-time).", "run")
+    output_dir: str = setting("runs", "Parent folder of run directories.", "run")
+    task: str = setting("classification", (
+        "What the model learns: classification, segmentation, detection or sequence (or a task registered in "
+        "lepton.tasks). Default: the data's layout picks it (a Decathlon folder, images/ + masks/ or a CSV with a "
+        "mask column → segmentation; COCO JSON, Pascal VOC or a box CSV → detection; class folders, a label CSV or "
+        ".npz → classification); a contradicting --task is refused."), "run")
+    task_options: dict[str, Any] = setting({}, (  # noqa: RUF009 (a field() with a default factory)
+        "Options the task reads (Task.options), e.g. the sequence task's {fps: 15, frames: 16, target: value, "
+        "covariates: 'age:numeric:years,sex:categorical', fusion: film}; checked by the task when it reads the "
+        "data. From the command line: --task-option KEY=VALUE and --covariates."), "task", cli=False)
+    model: str = setting("lepton_cnn", "Network name (`lepton models available`).", "model")
+    pretrained: str | None = setting(None, (
+        "Local weights: an ImageNet state dict (ResNets) or a backbone.pt from `lepton pretrain` for the same "
+        "network; or a backbone registered in the registry: NAME, NAME@VERSION or NAME@STAGE."), "model")
+    freeze_backbone: bool = setting(False, "Train the head only.", "model", cli="--freeze-backbone")
+    backbone_lr: float | None = setting(None, "Learning rate of the backbone.", "model",
+                                        bounds=Bounds(0, 10, open_low=True))
+    image_size: int | None = setting(None, "Square input size (default: data's native).", "data",
+                                     bounds=Bounds(8, 1024, whole=True))
+    channels: int | None = setting(None, "Input channels, 1 or 3.", "data", choices=(1, 3))
+    normalize: str = setting("dataset", "dataset (the training split's mean/std) or half (mean 0.5, std 0.5).",
+                             "data", choices=("dataset", "half"))
+    window: str | None = setting(None, "CT window for DICOM/NIfTI: lung, mediastinum, bone, brain, soft-tissue or "
+                                       "C,W.", "data")
+    slices: str = setting("middle", "Volumes and multi-frame files: the middle slice, all slices, or volume (whole "
+                                    "volumes for 3-D networks).", "data", choices=("middle", "all", "volume"))
+    preprocess: list[dict[str, Any]] = setting([], (  # noqa: RUF009 (likewise)
+        "Volume preprocessing steps (MONAI dictionary transforms, lepton.data.pipeline), in order, e.g. "
+        "[{name: spacing, mm: [1.5, 1.5, 3.0]}, {name: crop_foreground, margin: 4}]. Saved with the run; predict "
+        "and serve apply them."), "data", cli=False)
+    slab: bool = setting(False, "2.5-D: a 2-D network reads a volume's slices as channels (cheaper than 3-D).",
+                         "data", cli="--slab")
+    augment: str = setting("light", "Augmentation preset: none, light, xray, corrupt, strong.", "augmentation")
+    augment_options: dict[str, float] = setting(  # noqa: RUF009 (likewise)
+        {}, "Augmentation options over the preset's (--aug KEY=VALUE).", "augmentation", cli=False)
+    val_fraction: float = setting(0.15, "Val share when the data has no val split.", "data",
+                                  bounds=Bounds(0, 0.5, open_high=True))
+    test_fraction: float = setting(0.15, "Test share when the data has no splits.", "data",
+                                   bounds=Bounds(0, 0.5, open_high=True))
+    skip_bad: bool = setting(False, "Skip unreadable files.", "data", cli="--skip-bad")
+    data_engine: str = setting("auto", (
+        "Where decoded cases live while training (segmentation): memory (all cases as tensors), cache (patches "
+        "read from memory-mapped cases in the on-disk case cache; memory does not grow with the data) or auto "
+        "(memory while it fits --memory-limit)."), "hardware", choices=("auto", "memory", "cache"))
+    memory_limit_gb: float = setting(2.0, "GB the in-memory path may take before auto switches to the cache.",
+                                     "hardware", bounds=Bounds(0, 4096, open_low=True), cli="--memory-limit")
+    cache_dir: str | None = setting(None, "The case cache's folder (default $LEPTON_CACHE, else ~/.cache/lepton).",
+                                    "hardware")
+    workers: int = setting(0, "Processes that decode cases into the cache (0 = one per core).", "hardware",
+                           bounds=Bounds(0, 256, whole=True))
+    loader_workers: int = setting(0, "With the cache: DataLoader processes reading patches ahead of each step (0 = "
+                                     "in the loop).", "hardware", bounds=Bounds(0, 64, whole=True))
+    epochs: int = setting(20, "Epochs.", "optimisation", bounds=Bounds(1, 100_000, whole=True))
+    batch_size: int = setting(64, "Batch size, per process (several processes step on batch size x processes).",
+                              "optimisation", bounds=Bounds(1, 65_536, whole=True))
+    lr: float = setting(1e-3, "Peak learning rate (AdamW).", "optimisation", bounds=Bounds(0, 10, open_low=True))
+    lr_scaling: str = setting("none", (
+        "With several processes: none (--lr as given), linear (x processes, Goyal et al. 2017) or sqrt (for "
+        "adaptive optimisers)."), "optimisation", choices=("none", "linear", "sqrt"))
+    sync_batchnorm: bool = setting(True, (
+        "With several processes: BatchNorm over the global batch (what one process would compute) or over each "
+        "process's share (faster on CPUs)."), "hardware", cli="--sync-bn/--no-sync-bn")
+    weight_decay: float = setting(1e-4, "AdamW weight decay.", "optimisation", bounds=Bounds(0, 10))
+    schedule: str = setting("cosine", "Learning-rate schedule: cosine, step or none.", "optimisation",
+                            choices=("cosine", "step", "none"))
+    warmup_epochs: float = setting(1.0, "Linear warm-up epochs.", "optimisation", bounds=Bounds(0, 100_000))
+    step_size: int = setting(10, "schedule step: epochs between learning-rate drops.", "optimisation",
+                             bounds=Bounds(1, 100_000, whole=True))
+    gamma: float = setting(0.1, "schedule step: the factor of each drop.", "optimisation",
+                           bounds=Bounds(0, 1, open_low=True))
+    label_smoothing: float = setting(0.0, "Label smoothing.", "optimisation", bounds=Bounds(0, 1, open_high=True))
+    imbalance: str = setting("weighted", "Class imbalance: none, weighted (loss) or balanced (sampling).",
+                             "optimisation", choices=("none", "weighted", "balanced"))
+    ema_decay: float = setting(0.0, "EMA of weights (0 = off).", "optimisation", bounds=Bounds(0, 1, open_high=True))
+    early_stopping: int = setting(0, "Patience in epochs (0 = off).", "optimisation",
+                                  bounds=Bounds(0, 100_000, whole=True))
+    time_budget_s: float = setting(0.0, (
+        "Seconds the training loop may take (0 = none): after epoch 2 the run is re-planned to the epochs that fit "
+        "(the schedule rescaled), and no epoch starts that would end late."), "budget",
+        bounds=Bounds(0, 366 * 86_400), cli="--time-budget")
+    ensemble: int = setting(1, (
+        "Up to N members (other seeds) while the time budget has room for whole ones; their mean is kept unless "
+        "it scores below a typical member on val."), "budget", bounds=Bounds(1, 16, whole=True))
+    tta: bool = setting(False, "Flip test-time augmentation.", "augmentation", cli="--tta/--no-tta")
+    adversarial: str | None = setting(None, "Adversarial training on clean plus adversarial copies of each batch: "
+                                            "fgsm or pgd.", "augmentation", choices=("fgsm", "pgd"))
+    adv_epsilon: float = setting(2 / 255, "Attack budget on the 0-1 pixel scale.", "augmentation",
+                                 bounds=Bounds(0, 0.5, open_low=True))
+    adv_steps: int = setting(3, "PGD: attack steps.", "augmentation", bounds=Bounds(1, 1_000, whole=True))
+    unlabelled: str | None = setting(None, (
+        "Semi-supervised: unlabelled images (a folder, a CSV with a path column, or a .npz's train images), "
+        "refused if any is a val/test image or patient of DATA; with --semi."), "semi")
+    semi: str | None = setting(None, "Semi-supervised method: fixmatch (confident pseudo-labels on strong views) or "
+                                     "mean-teacher (EMA teacher consistency).", "semi",
+                               choices=("mean-teacher", "fixmatch"))
+    semi_threshold: float = setting(0.95, "FixMatch: the confidence a pseudo-label needs.", "semi",
+                                    bounds=Bounds(0, 1, open_low=True, open_high=True))
+    semi_weight: float = setting(1.0, "Weight of the unlabelled loss.", "semi", bounds=Bounds(0, 100))
+    semi_ratio: int = setting(2, "Unlabelled images per labelled image in a step.", "semi",
+                              bounds=Bounds(1, 64, whole=True))
+    seed: int = setting(0, "Random seed.", "hardware", bounds=Bounds(0, 2**32 - 1, whole=True))
+    deterministic: bool = setting(False, "Deterministic kernels.", "hardware", cli="--deterministic")
+    device: str = setting("auto", "auto, cpu or cuda.", "hardware")
+    amp: bool = setting(True, "False: train in fp32 whatever precision says (configs written before precision).",
+                        "budget", cli=False, user=False)
+    precision: str = setting("auto", (
+        "Training precision: auto (bf16 on CPUs with AMX/AVX512-BF16 and bf16 GPUs, fp16 on older CUDA GPUs, else "
+        "fp32), fp32, bf16, fp16 (CUDA, with loss scaling)."), "budget", choices=("auto", "fp32", "bf16", "fp16"))
+    threads: int | None = setting(None, "CPU threads.", "hardware", bounds=Bounds(1, 4_096, whole=True))
+    preset: str = setting("default", "The named recipe the defaults came from (lepton.presets).", "run", cli=False)
 
     def validate(self) -> TrainConfig:
-        """Check value ranges and choices; raise ConfigError naming the field and the fix."""
-        _check_numbers(self)
-        choices = {
-            "schedule": ("cosine", "step", "none"),
-            "imbalance": ("none", "weighted", "balanced"),
-            "normalize": ("dataset", "half"),
-            "slices": ("middle", "all", "volume"),
-            "precision": ("auto", "fp32", "bf16", "fp16"),
-            "lr_scaling": ("none", "linear", "sqrt"),
-            "data_engine": ("auto", "memory", "cache"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if self.adversarial not in (None, "fgsm", "pgd"):
-            raise ConfigError(f"adversarial={self.adversarial!r} is not one of fgsm, pgd")
-        if not 0.0 < self.adv_epsilon <= 0.5:
-            raise ConfigError(f"adv_epsilon must be in (0, 0.5] on the 0-1 pixel scale (got {self.adv_epsilon})")
-        if self.semi not in (None, "mean-teacher", "fixmatch"):
-            raise ConfigError(f"semi={self.semi!r} is not one of mean-teacher, fixmatch")
+        """Check every field against its declaration (finite numbers within bounds, choices) and the fields
+        against each other; ConfigError naming the field and the fix."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_field(f.name, getattr(self, f.name)))
         if bool(self.semi) != bool(self.unlabelled):
             raise ConfigError("semi-supervised training needs both unlabelled (a source of unlabelled images) and "
                               "semi (mean-teacher or fixmatch)")
-        if not 0.0 < self.semi_threshold < 1.0:
-            raise ConfigError(f"semi_threshold must be in (0, 1) (got {self.semi_threshold})")
-        if not 1 <= self.ensemble <= 16:
-            raise ConfigError(f"ensemble must be between 1 and 16 members (got {self.ensemble})")
-        positive = ("epochs", "batch_size", "lr")
-        for key in positive:
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be > 0 (got {getattr(self, key)})")
-        for key in ("val_fraction", "test_fraction"):
-            if not 0.0 <= getattr(self, key) < 0.5:
-                raise ConfigError(f"{key} must be in [0, 0.5) (got {getattr(self, key)})")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
-        if not self.time_budget_s >= 0:
-            raise ConfigError(f"time_budget_s must be >= 0 seconds, 0 for none (got {self.time_budget_s})")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
-        if self.image_size is not None and not 8 <= self.image_size <= 1024:
-            raise ConfigError(f"image_size must be between 8 and 1024 (got {self.image_size})")
-        if not 0.0 < self.memory_limit_gb <= 4096:
-            raise ConfigError(f"memory_limit_gb must be in (0, 4096] (got {self.memory_limit_gb})")
-        if not 0 <= self.workers <= 256:
-            raise ConfigError(f"workers must be between 0 (one per core) and 256 (got {self.workers})")
-        if not 0 <= self.loader_workers <= 64:
-            raise ConfigError(f"loader_workers must be between 0 and 64 (got {self.loader_workers})")
-        if self.channels not in (None, 1, 3):
-            raise ConfigError(f"channels must be 1 or 3 (got {self.channels})")
         if self.slab and self.slices != "volume" and not str(self.data).lower().endswith(".npz"):
             raise ConfigError("slab (2.5-D) reads volumes: set slices='volume' (or use a .npz of volumes)")
         if not isinstance(self.preprocess, list):
@@ -181,12 +195,18 @@ class TrainConfig:
         return values
 
     def to_yaml(self, path: Path) -> None:
+        """``config.yaml``, flat (one key per field): readable by every Lepton version, including those older than
+        groups that share a registry with this one."""
+        import yaml
+
         from lepton.utils import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config from flat fields or fields grouped by concern (``{optimisation: {lr: 0.01}, ...}``)."""
+        values = flatten_config(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -199,34 +219,52 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: Path) -> TrainConfig:
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of config fields")
-        return cls.from_dict(values)
+        return cls.from_dict(read_yaml(path))
 
 
-#: Bounds of the numeric fields, inclusive unless the low end is open: (low, high, whole number, low end open).
-#: Fields checked elsewhere in ``validate`` (fractions, ema_decay, image_size, ensemble, adv_epsilon) are not here.
-NUMBER_BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
-    "epochs": (1, 100_000, True, False),
-    "batch_size": (1, 65_536, True, False),
-    "lr": (0, 10, False, True),
-    "backbone_lr": (0, 10, False, True),
-    "weight_decay": (0, 10, False, False),
-    "warmup_epochs": (0, 100_000, False, False),
-    "step_size": (1, 100_000, True, False),
-    "gamma": (0, 1, False, True),
-    "early_stopping": (0, 100_000, True, False),
-    "time_budget_s": (0, 366 * 86_400, False, False),
-    "adv_steps": (1, 1_000, True, False),
-    "semi_weight": (0, 100, False, False),
-    "semi_ratio": (1, 64, True, False),
-    "seed": (0, 2**32 - 1, True, False),
-    "threads": (1, 4_096, True, False),
-}
+#: Every field's declaration by name.
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding a mapping; ConfigError naming the file otherwise."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of config fields")
+    return values
+
+
+def flatten_config(values: dict[str, Any]) -> dict[str, Any]:
+    """Config fields from a mapping that may group them by concern (a group's name, one of ``GROUPS``, holding a
+    mapping; ``data`` and ``task`` are groups only when they hold one), as one flat mapping."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        grouped = key in GROUPS and isinstance(value, dict)  # no group is named after a mapping field
+        for name, item in (value.items() if grouped else [(key, value)]):
+            if name in out:
+                raise ConfigError(f"config field {name} is given twice (flat and in a group, or in two groups)")
+            out[name] = item
+    return out
+
+
+def check_field(name: str, value: Any, label: str | None = None) -> Any:
+    """``value`` checked against field ``name``'s declaration — a finite number within its bounds (a whole number
+    given as 3.0 taken as 3), one of its choices — or ConfigError naming ``label`` (default: the field)."""
+    f, label = FIELDS[name], label or name
+    _check_finite(value, label)
+    if value is None and f.default is None:
+        return value
+    meta = f.metadata
+    if meta["bounds"] is not None:
+        value = check_number(label, value, *meta["bounds"])
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{label}={value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    return value
 
 
 def _check_finite(value: Any, where: str) -> None:
@@ -242,123 +280,21 @@ def _check_finite(value: Any, where: str) -> None:
 
 
 def check_number(name: str, value: Any, low: float, high: float, whole: bool = False,
-                 open_low: bool = False) -> int | float:
-    """``value`` if it is a finite number from ``low`` (above it with ``open_low``) to ``high``, and a whole number
-    with ``whole`` (3.0 is taken as 3, as JSON Schema has it); ConfigError naming ``name`` and the bounds otherwise.
-    The one check behind every bounded number a user sets: config files, federation settings, server settings."""
+                 open_low: bool = False, open_high: bool = False) -> int | float:
+    """``value`` if it is a finite number from ``low`` (above it with ``open_low``) to ``high`` (below it with
+    ``open_high``), and a whole number with ``whole`` (3.0 is taken as 3, as JSON Schema has it); ConfigError naming
+    ``name`` and the bounds otherwise. The one check behind every bounded number a user sets: config files,
+    federation settings, server settings."""
     if whole and isinstance(value, float) and value.is_integer():
         value = int(value)
     number = not isinstance(value, bool) and isinstance(value, int if whole else int | float)
-    if not (number and math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+    if not (number and math.isfinite(value) and (value > low if open_low else value >= low)
+            and (value < high if open_high else value <= high)):
         kind = "a whole number" if whole else "a number"
         raise ConfigError(f"{name} must be {kind} {'above' if open_low else 'from'} {low:g} "
-                          f"{'and at most' if open_low else 'to'} {high:g} (got {value!r})")
+                          f"{'and below' if open_high else 'and at most' if open_low else 'to'} {high:g} "
+                          f"(got {value!r})")
     return value
-
-
-def _check_numbers(config: TrainConfig) -> None:
-    """Every number finite and within NUMBER_BOUNDS; a whole number given as 3.0 (YAML, JSON) is taken as 3."""
-    for f in dataclasses.fields(config):
-        _check_finite(getattr(config, f.name), f.name)
-    for key, (low, high, whole, open_low) in NUMBER_BOUNDS.items():
-        value = getattr(config, key)
-        if value is None and key in ("backbone_lr", "threads"):
-            continue
-        setattr(config, key, check_number(key, value, low, high, whole, open_low))
-
-
-# Named recipes. A preset sets defaults; explicit arguments override them.
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {},
-    # Small synthetic demo: fast on 2 CPU cores.
-    "demo": {
-        "model": "lepton_cnn",
-        "epochs": 8,
-        "batch_size": 64,
-        "lr": 1e-3,
-        "augment": "light",
-        "imbalance": "weighted",
-    },
-    # MedMNIST-format data (28-px gray or RGB): the default for .npz and medmnist: sources. Tuned on
-    # PneumoniaMNIST train/val only, to train within 10 minutes on 2 CPU cores (see benchmarks/).
-    "medmnist": {
-        "model": "lepton_cnn",
-        "epochs": 40,
-        "batch_size": 128,
-        "lr": 2e-3,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 1.0,
-        "augment": "xray",
-        "label_smoothing": 0.05,
-        "normalize": "half",
-        "ema_decay": 0.995,
-        "tta": True,
-        "imbalance": "weighted",
-        # The 10-minute budget of `lepton train`, less start-up, data loading and the final evaluation
-        # (about 10 s on PneumoniaMNIST) and a margin.
-        "time_budget_s": 580.0,
-        # Small sets finish the 40 epochs in a fraction of the budget (546 images: ~20 s), and longer schedules
-        # only overfit them (benchmarks/preset_adapt.py): the spare budget trains up to 4 more members from other
-        # seeds, kept as an ensemble unless it scores below a typical member on val.
-        "ensemble": 5,
-    },
-    # MedMNIST-3D volumes (28^3 grey, e.g. AdrenalMNIST3D, VesselMNIST3D): the default for .npz files holding
-    # volumes. The 3-D lepton_cnn on whole volumes with flips, small rotations and shifts; chosen on the shared
-    # AdrenalMNIST3D train/val split only, to train within 10 minutes on 2 CPU cores (benchmarks/volumes.py).
-    "medmnist3d": {
-        "model": "lepton_cnn",
-        "epochs": 40,
-        "batch_size": 64,
-        "lr": 2e-3,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 1.0,
-        "augment": "light",
-        "label_smoothing": 0.05,
-        "normalize": "half",
-        "ema_decay": 0.99,
-        "tta": True,
-        "imbalance": "weighted",
-        # 3-D evaluation and start-up take longer than 2-D: a wider margin under the 10 minutes.
-        "time_budget_s": 540.0,
-    },
-    # Segmentation (2-D or 3-D): MONAI's residual U-Net with Dice + cross-entropy on whole cases (padded to the
-    # largest), flips, small rotations and intensity changes, EMA and flip TTA; chosen on the shared hippocampus
-    # train cases only (a seeded case split), to train within 15 minutes on 2 CPU cores
-    # (benchmarks/segmentation.py).
-    "segmentation": {
-        "task": "segmentation",
-        "model": "unet",
-        "epochs": 200,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "weight_decay": 1e-4,
-        "warmup_epochs": 2.0,
-        "augment": "light",
-        "normalize": "dataset",
-        "ema_decay": 0.99,
-        "tta": True,
-        "imbalance": "weighted",
-        # 15 minutes less start-up, loading and the final evaluation
-        "time_budget_s": 840.0,
-    },
-    # Detection (2-D or 3-D boxes): MONAI's RetinaNet on a small ResNet + FPN with anchors fitted to the training
-    # boxes, box-aware flips, scaling and intensity changes, flip TTA merged by weighted box fusion; model selection on
-    # val mAP (benchmarks/detection.py).
-    "detection": {
-        "task": "detection",
-        "model": "retinanet",
-        "epochs": 60,
-        "batch_size": 8,
-        "lr": 1e-3,
-        "weight_decay": 1e-4,
-        "warmup_epochs": 2.0,
-        "augment": "light",
-        "augment_options": {"rotate": 0.0, "vflip": 0.5},
-        "normalize": "dataset",
-        "tta": True,
-        "time_budget_s": 840.0,
-    },
-}
 
 
 def _npz_holds_volumes(path: str) -> bool:

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 
-def _finite(low: float, high: float, open_low: bool = False) -> click.FloatRange:
+def _finite(low: float, high: float, open_low: bool = False, open_high: bool = False) -> click.FloatRange:
     """A float option's bounds for typer's ``click_type`` (stated in --help). NaN and infinities are refused: click's
     FloatRange alone lets NaN through every bound."""
 
@@ -24,7 +24,7 @@ def _finite(low: float, high: float, open_low: bool = False) -> click.FloatRange
                 self.fail(f"{value!r} is not a finite number", param, ctx)
             return number
 
-    return Finite(low, high, min_open=open_low)
+    return Finite(low, high, min_open=open_low, max_open=open_high)
 
 app = typer.Typer(help="Lepton: medical images to trained, evaluated, explained and served models. Tasks: "
                        "classification (2-D images, 2.5-D and 3-D volumes), segmentation (2-D and 3-D label maps), "

@@ -14,12 +14,15 @@ from typing import Any
 
 import torch
 
+from lepton import rundir
 from lepton.federated.site import SiteSettings
 from lepton.tracking.base import Tracker, code_version, flat_params
-from lepton.utils import atomic_torch_save, atomic_write_json, atomic_write_text
+from lepton.utils import atomic_write_text
 
 #: Metric names a site reports that identify it rather than measure anything (left out of the pooled figures).
 SITE_KEY = "site"
+#: Every site's figures every round, beside the run directory's own files.
+SITES_FILE = "sites.csv"
 
 
 class Recorder:
@@ -101,7 +104,7 @@ class Recorder:
         from lepton.train.checkpoint import write_history
 
         name, run_dir = self.name, self.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
+        files = rundir.RunDir(run_dir).create()
         history = []
         for r in sorted(result.evaluate_metrics_clientapp):
             ev = dict(result.evaluate_metrics_clientapp[r])
@@ -116,17 +119,17 @@ class Recorder:
             history, key=lambda h: h["val_loss"])
         config = self.settings.train_config(f"federated:{len(self.summaries)} sites")
         config.name, config.output_dir, config.epochs = name, str(run_dir.parent), len(history)
-        config.to_yaml(run_dir / "config.yaml")
-        atomic_write_json(run_dir / "preprocessing.json", self.agreed["spec"])
-        atomic_write_json(run_dir / "labels.json", self.agreed["label_names"])
-        atomic_write_json(run_dir / "data.json", {
+        files.write_config(config)
+        files.write_preprocessing(self.agreed["spec"])
+        files.write_labels(self.agreed["label_names"])
+        files.write_data({
             "source": "federated", "sites": len(self.summaries),
             "counts": {site: {"train": s["train"], "val": s["val"]} for site, s in self.summaries.items()}})
         metrics = {k: v for k, v in best.items() if k.startswith("val_")}
-        atomic_torch_save(run_dir / "best.pt", {"model": self.weights[best["epoch"]], "spec": self.model_spec,
-                                                "epoch": best["epoch"], "val": metrics})
+        files.save_checkpoint({"model": self.weights[best["epoch"]], "spec": self.model_spec, "epoch": best["epoch"],
+                               "val": metrics})
         write_history(run_dir, history)
-        plot_curves(history, run_dir / "curves.png")
+        plot_curves(history, files.file(rundir.CURVES))
         self._write_sites(run_dir)
         info = {
             "status": "complete", "name": name, "task": "classification", "model": self.settings.model,
@@ -145,18 +148,13 @@ class Recorder:
                           "selection": "round with the best sites' pooled val AUC (weighted by val images)",
                           "differential_privacy": self.dp, "secure_aggregation": self.secure},
         }
-        atomic_write_json(run_dir / "run.json", info)
+        files.write_info(info)
         self.tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if math.isfinite(v)}, len(history))
-        self.tracker.log_artifacts([run_dir / f for f in ("config.yaml", "run.json", "best.pt", "labels.json",
-                                                          "preprocessing.json", "data.json", "history.csv",
-                                                          "curves.png", "sites.csv")], "run")
+        self.tracker.log_artifacts([files.file(f) for f in (*rundir.TRACKED, SITES_FILE) if f != rundir.VAL_SET],
+                                   "run")
         self.tracker.log_artifacts([run_dir / "tracking" / "tracking.json"], "run/tracking")
         if self.tracker.backend != "none":
-            from lepton.models import create_model
-
-            model = create_model(**self.model_spec)
-            model.load_state_dict(self.weights[best["epoch"]])
-            self.tracker.log_model(model)
+            self.tracker.log_model(files.load_model())
         return run_dir
 
     def _write_sites(self, run_dir: Path) -> None:
@@ -166,4 +164,4 @@ class Recorder:
         writer.writeheader()
         for row in self.site_rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        atomic_write_text(run_dir / "sites.csv", buf.getvalue())
+        atomic_write_text(run_dir / SITES_FILE, buf.getvalue())

@@ -23,6 +23,7 @@ def simulate(source: str, sites: int, settings: dict[str, Any], scheme: str = "i
     from lepton.data.partition import write_partition
     from lepton.federated import check_settings
     from lepton.federated.apps import build_client_app, build_server_app
+    from lepton.rundir import INFO, RunDir
 
     settings = check_settings(settings)
     if not settings.get("name"):
@@ -42,6 +43,6 @@ def simulate(source: str, sites: int, settings: dict[str, Any], scheme: str = "i
     run_simulation(server_app=build_server_app(settings), client_app=build_client_app(data_for),
                    num_supernodes=sites,
                    backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0}})
-    if not (run_dir / "run.json").is_file():
+    if not RunDir(run_dir).has(INFO):
         raise ConfigError(f"the simulation ended without writing {run_dir}; see Flower's log above")
     return run_dir

@@ -14,16 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from lepton.config import TrainConfig, make_config
+from lepton.config import FIELDS, TrainConfig, make_config
 from lepton.data.transforms import Preprocessing
 from lepton.errors import DataError
+from lepton.federated import CONFIG_FIELDS
 from lepton.tasks import get_task
 from lepton.train.data import Prepared, prepare_data
 from lepton.train.loop import Trainer, model_spec, seed_epoch
 
-#: Settings a server sends with every round (run config), and their defaults.
-DEFAULTS: dict[str, Any] = {"model": "lepton_cnn", "lr": 1e-3, "batch-size": 64, "local-epochs": 1,
-                            "augment": "light", "seed": 0, "proximal-mu": 0.0, "image-size": 0}
+#: Settings a server sends with every round (run config), and their defaults: those of the config fields they are
+#: (``CONFIG_FIELDS``), one local epoch a round, the sites' native size, no proximal term.
+DEFAULTS: dict[str, Any] = {**{key: FIELDS[name].default for key, name in CONFIG_FIELDS.items()},
+                            "local-epochs": 1, "image-size": 0, "proximal-mu": 0.0}
 
 _cache: dict[tuple[str, str], Prepared] = {}
 
@@ -32,14 +34,14 @@ _cache: dict[tuple[str, str], Prepared] = {}
 class SiteSettings:
     """The recipe every site trains with (the same for all; the data are each site's own)."""
 
-    model: str = "lepton_cnn"
-    lr: float = 1e-3
-    batch_size: int = 64
-    local_epochs: int = 1
-    augment: str = "light"
-    seed: int = 0
-    proximal_mu: float = 0.0
-    image_size: int = 0
+    model: str = DEFAULTS["model"]
+    lr: float = DEFAULTS["lr"]
+    batch_size: int = DEFAULTS["batch-size"]
+    local_epochs: int = DEFAULTS["local-epochs"]
+    augment: str = DEFAULTS["augment"]
+    seed: int = DEFAULTS["seed"]
+    proximal_mu: float = DEFAULTS["proximal-mu"]
+    image_size: int = DEFAULTS["image-size"]
 
     @classmethod
     def from_config(cls, values: dict[str, Any]) -> SiteSettings:

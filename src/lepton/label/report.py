@@ -17,6 +17,7 @@ from typing import Any
 
 from lepton.errors import ConfigError, DataError, RunError
 from lepton.label.rounds import open_labels
+from lepton.rundir import CONFIG, INFO, LAST, RunDir
 from lepton.utils import atomic_write_json, atomic_write_text
 
 #: A gain is priced per point: 0.01 of the metric (one percentage point of AUC or Dice).
@@ -24,25 +25,24 @@ POINT = 0.01
 
 
 def _run_record(path: Path) -> dict[str, Any]:
-    info_file = path / "run.json"
-    if not (path / "config.yaml").is_file():
+    run_dir = RunDir(path)
+    if not run_dir.has(CONFIG):
         raise RunError(f"{path}: not a run directory (no config.yaml); give the runs trained after each round")
     try:
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{info_file}: unreadable ({exc}); train the run again") from exc
+        info = run_dir.read_info(default={})
+    except RunError as exc:
+        raise RunError(f"{exc}; train the run again") from exc
     if info.get("status") != "complete":
-        hint = "resume it with `lepton train --resume`" if (path / "last.pt").is_file() else "train it to the end"
+        hint = "resume it with `lepton train --resume`" if run_dir.has(LAST) else "train it to the end"
         raise RunError(f"{path}: not a complete run (run.json has no status 'complete'); {hint}")
     return info
 
 
 def _headline(path: Path, info: dict[str, Any], evaluate_missing: bool, n_bootstrap: int):
     """(metric, value, CI or None, where from) of a run's validation split."""
-    from lepton.config import TrainConfig
     from lepton.tasks import Task, get_task
 
-    config = TrainConfig.from_yaml(path / "config.yaml")
+    config = RunDir(path).read_config()
     task = get_task(config.task, config.task_options)
     if type(task).headline is Task.headline:
         raise ConfigError(f"{path}: the {task.name} task has no headline figure to report rounds on "
@@ -68,7 +68,7 @@ def _headline(path: Path, info: dict[str, Any], evaluate_missing: bool, n_bootst
                 if k.startswith("val_") and isinstance(v, int | float)), None)
     if key is None:
         raise RunError(f"{path}: run.json holds no validation figure; run `lepton evaluate {path} --split val`")
-    return key.removeprefix("val_"), float(info[key]), None, str(path / "run.json")
+    return key.removeprefix("val_"), float(info[key]), None, str(path / INFO)
 
 
 def _matched_round(path: Path, by_round: dict[int, set[str]]) -> tuple[int, dict[int, int]]:

@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lepton.errors import RunError
+from lepton.rundir import CONFIG, HISTORY, LAST, RunDir
 from lepton.tracking.base import flat_params, read_record
 
 #: Configuration keys that name a run rather than say how it was trained.
@@ -27,9 +26,24 @@ def _json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _info(run_dir: Path) -> dict[str, Any]:
+    """``run.json``, or nothing while the run has none (still training) or an unreadable one."""
+    try:
+        return RunDir(run_dir).read_info(default={})
+    except RunError:
+        return {}
+
+
+def _config(run_dir: Path) -> dict[str, Any]:
+    """What a run's ``config.yaml`` says, flat (a grouped one flattened), unvalidated."""
+    if not (run_dir / CONFIG).is_file():
+        raise RunError(f"{run_dir}: not a run directory (no config.yaml)")
+    return RunDir(run_dir).read_config_values()
+
+
 def read_history(run_dir: Path) -> list[dict[str, float]]:
     """``history.csv`` as rows of numbers (empty cells and non-numbers left out)."""
-    path = Path(run_dir) / "history.csv"
+    path = Path(run_dir) / HISTORY
     if not path.is_file():
         return []
     rows = []
@@ -48,11 +62,16 @@ def read_history(run_dir: Path) -> list[dict[str, float]]:
 def _state(run_dir: Path, info: dict[str, Any]) -> str:
     if info.get("status") == "complete":
         return "complete"
-    return "stopped or training" if (run_dir / "last.pt").is_file() else "started"
+    return "stopped or training" if (run_dir / LAST).is_file() else "started"
 
 
 def _reports(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {p.parent.name: _json(p) for p in sorted(Path(run_dir).glob("eval/*/report.json"))}
+
+
+#: Sections of a report not searched for figures: the CIs themselves, calibration curves, a segmentation report's
+#: lesion-level "detection" table (sensitivities at fixed false-positive rates), class counts.
+NOT_FIGURES = frozenset({"ci95", "calibration", "detection", "class_counts"})
 
 
 def report_figures(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -63,7 +82,7 @@ def report_figures(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     def walk(node: dict[str, Any], prefix: str) -> None:
         cis = node.get("ci95") if isinstance(node.get("ci95"), dict) else {}
         for key, value in node.items():
-            if isinstance(value, dict) and key not in ("ci95", "calibration", "detection", "class_counts"):
+            if isinstance(value, dict) and key not in NOT_FIGURES:
                 walk(value, f"{prefix}{key}.")
             elif isinstance(value, int | float) and not isinstance(value, bool):
                 ci = cis.get(key) or node.get(f"{key}_ci95")
@@ -84,10 +103,8 @@ def describe_run(run_dir: Path) -> dict[str, Any]:
     """One run directory as a row: state, task, network, epochs, best epoch, validation and test figures, where it
     was tracked."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise RunError(f"{run_dir}: not a run directory (no config.yaml)")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    info, history, record = _json(run_dir / "run.json"), read_history(run_dir), read_record(run_dir)
+    config = _config(run_dir)
+    info, history, record = _info(run_dir), read_history(run_dir), read_record(run_dir)
     last = history[-1] if history else {}
     val = {k: v for k, v in info.items() if k.startswith("val_") and isinstance(v, int | float)} or {
         k: v for k, v in last.items() if k.startswith("val_")}
@@ -106,8 +123,8 @@ def list_runs(root: Path | str = "runs") -> list[dict[str, Any]]:
     root = Path(root)
     if not root.is_dir():
         raise RunError(f"{root}: no such folder of runs")
-    dirs = [p for p in root.iterdir() if (p / "config.yaml").is_file()]
-    return [describe_run(p) for p in sorted(dirs, key=lambda p: (p / "config.yaml").stat().st_mtime, reverse=True)]
+    dirs = [p for p in root.iterdir() if (p / CONFIG).is_file()]
+    return [describe_run(p) for p in sorted(dirs, key=lambda p: (p / CONFIG).stat().st_mtime, reverse=True)]
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -121,16 +138,13 @@ def compare_runs(paths: list[Path | str]) -> dict[str, Any]:
     paths = [Path(p) for p in paths]
     if len(paths) < 2:
         raise RunError("compare needs two runs or more")
-    for path in paths:
-        if not (path / "config.yaml").is_file():
-            raise RunError(f"{path}: not a run directory (no config.yaml)")
     labels = _labels(paths)
-    configs = [flat_params(yaml.safe_load((p / "config.yaml").read_text()) or {}) for p in paths]
+    configs = [flat_params(_config(p)) for p in paths]
     keys = sorted({k for c in configs for k in c} - IDENTITY_KEYS)
     config = {k: [c.get(k) for c in configs] for k in keys if len({c.get(k) for c in configs}) > 1}
     figures: list[dict[str, dict[str, Any]]] = []
     for path in paths:
-        info, mine = _json(path / "run.json"), {}
+        info, mine = _info(path), {}
         for key in ("epochs", "best_epoch", "threshold", "images_per_s", "wall_seconds_this_call"):
             if isinstance(info.get(key), int | float):
                 mine[key] = {"value": float(info[key]), "ci95": None}

@@ -12,29 +12,35 @@ import numpy as np
 import torch
 
 from lepton.errors import RunError
-from lepton.utils import atomic_torch_save, atomic_write_text
+from lepton.rundir import BEST, CONFIG, HISTORY, LAST, VAL_SET, RunDir
+from lepton.utils import atomic_write_text
 
 BASE_FIELDS = ("epoch", "lr", "train_loss")
-VAL_SET_FILE = "val_set.npz"
+VAL_SET_FILE = VAL_SET
 TAIL_FIELDS = ("images_per_s", "seconds")
 
 
 def save_best(run_dir: Path, model: torch.nn.Module, model_spec: dict[str, Any], epoch: int,
               metrics: dict[str, float], path: Path | None = None) -> None:
     """The selected weights with the network spec that rebuilds them (in ``best.pt`` unless ``path`` is given)."""
-    atomic_torch_save(path or run_dir / "best.pt", {"model": {k: v.cpu() for k, v in model.state_dict().items()},
-                                            "spec": model_spec, "epoch": epoch, "val": metrics})
+    checkpoint = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "spec": model_spec, "epoch": epoch,
+                  "val": metrics}
+    if path is None:
+        RunDir(run_dir).save_checkpoint(checkpoint, BEST)
+    else:
+        RunDir(path.parent).save_checkpoint(checkpoint, path.name)
 
 
 def save_last(run_dir: Path, state: dict[str, Any]) -> None:
     """The resumable checkpoint: everything ``load_last`` needs to continue exactly where the run stopped."""
-    atomic_torch_save(run_dir / "last.pt", state)
+    RunDir(run_dir).save_checkpoint(state, LAST)
 
 
 def load_last(run_dir: Path) -> dict[str, Any]:
-    if not (run_dir / "last.pt").is_file() or not (run_dir / "config.yaml").is_file():
+    files = RunDir(run_dir)
+    if files.missing((LAST, CONFIG)):
         raise RunError(f"{run_dir}: nothing to resume (no last.pt/config.yaml)")
-    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    return files.load_checkpoint(LAST, full=True)
 
 
 def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -45,7 +51,7 @@ def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(run_dir / "history.csv", buf.getvalue())
+    atomic_write_text(run_dir / HISTORY, buf.getvalue())
 
 
 def save_val_set(path: Path, task, x_val, y_val, x_train, spec, seed: int = 0) -> Path | None:

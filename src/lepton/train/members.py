@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from lepton.config import TrainConfig
-from lepton.models import create_model
-from lepton.models.layout import model_layout
+from lepton.rundir import BEST, RunDir, model_from_checkpoint
 from lepton.tasks import Task
 from lepton.train.budget import PLAN_AFTER_EPOCH
 from lepton.train.data import (
@@ -20,7 +18,6 @@ from lepton.train.data import (
     val_outputs,
     val_targets,
 )
-from lepton.utils import atomic_torch_save
 
 log = logging.getLogger("lepton.train")
 
@@ -49,13 +46,12 @@ def choose_members(run_dir: Path, task: Task, prepared: Prepared, config: TrainC
                     done: list[dict[str, Any]]) -> dict[str, Any]:
     """Ensemble or best member, by val alone: the members' mean probabilities are kept when they score at least
     the members' mean on the selection metric, else the best member. Writes ``best.pt`` and returns the choice."""
-    ckpts, outputs = [], []
+    ckpts, outputs, files = [], [], RunDir(run_dir)
     for d in done:
-        ckpt = torch.load(run_dir / "members" / f"{d['member']}.pt", map_location="cpu", weights_only=True)
-        model = create_model(**ckpt["spec"])
-        model.load_state_dict(ckpt["model"])
+        ckpt = files.load_checkpoint(f"members/{d['member']}.pt")
+        model = model_from_checkpoint(ckpt, device, str(files.file(f"members/{d['member']}.pt")))
         ckpts.append(ckpt)
-        found = val_outputs(model_layout(model.to(device)), prepared, task.activate, tta=config.tta, device=device)
+        found = val_outputs(model, prepared, task.activate, tta=config.tta, device=device)
         outputs.append(found if isinstance(found, np.ndarray) else list(found))
     scores = [task.val_metrics(val_targets(prepared.y_val), o) for o in outputs]
     sign = 1 if task.higher_is_better else -1
@@ -70,9 +66,9 @@ def choose_members(run_dir: Path, task: Task, prepared: Prepared, config: TrainC
     if keep:
         spec = {**ckpts[0]["spec"], "members": len(done)}
         weights = {f"members.{k}.{name}": v for k, c in enumerate(ckpts) for name, v in c["model"].items()}
-        atomic_torch_save(run_dir / "best.pt", {"model": weights, "spec": spec, "epoch": None, "val": ensemble})
+        files.save_checkpoint({"model": weights, "spec": spec, "epoch": None, "val": ensemble}, BEST)
     else:
-        atomic_torch_save(run_dir / "best.pt", ckpts[best_k])
+        files.save_checkpoint(ckpts[best_k], BEST)
     log.info("members' val %s: %s; ensemble %.4f: %s", task.selection_metric,
              ", ".join(f"{s[task.selection_metric]:.4f}" for s in scores), ensemble[task.selection_metric],
              "kept" if keep else f"member {done[best_k]['member']} kept")
