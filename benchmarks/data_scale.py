@@ -8,6 +8,11 @@ time, side by side with the same-run ratios. The cache is built once per size be
 build``, timed and measured too), as a user would before training. In-memory runs whose padded tensors would not fit
 in this machine's memory are skipped with the estimate. Goals (issue #27): cached peak RSS flat from N to 16N (≤ 1.15×)
 and under 2.5 GB at 160 CT-size volumes; cached images/s ≥ 0.9× in-memory.
+
+``--kinds classify`` does the same for 2-D classification: N·16 generated chest radiographs (8-bit PNGs of
+``--image-px``, default 320 px; 160 px under ``--quick``, with N = 200) in a class folder, one epoch of the compact CNN
+at ``--input-px`` (default 256; 128 under ``--quick``) per size and engine, the cache read through one DataLoader
+worker (``--loader-workers 1``), and the stored pixels' dtype and largest rounding error beside the figures.
 """
 
 from __future__ import annotations
@@ -95,7 +100,12 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=10, help="the smallest size; 4N and 16N follow (default 10)")
     parser.add_argument("--shape", default="200,512,512", help="volume size D,H,W (default 200,512,512)")
     parser.add_argument("--quick", action="store_true", help="N=4 volumes of 48x96x96")
-    parser.add_argument("--kinds", default="volumes", help="volumes (CT-like segmentation), images (2-D pairs)")
+    parser.add_argument("--kinds", default="volumes",
+                        help="comma-separated: volumes (CT-like segmentation), images (2-D pairs), classify (2-D "
+                             "classification)")
+    parser.add_argument("--image-px", type=int, help="classify: generated image side (default 320; 160 --quick)")
+    parser.add_argument("--input-px", type=int, help="classify: the network's input side (default 256; 128 --quick)")
+    parser.add_argument("--n-images", type=int, help="classify: the smallest size (default 1000; 200 --quick)")
     parser.add_argument("--work", type=Path, help="folder for the generated data, runs and cache (default: a temp)")
     args = parser.parse_args()
     n = 4 if args.quick else args.n
@@ -107,6 +117,9 @@ def main() -> int:
     sizes = [n, 4 * n, 16 * n]
     rows = []
     for kind in args.kinds.split(","):
+        if kind == "classify":
+            rows += classify(args, work, env)
+            continue
         t0 = time.perf_counter()
         if kind == "volumes":
             full = write_volumes(work / "data" / "volumes", sizes[-1], shape)
@@ -162,6 +175,66 @@ def main() -> int:
     if args.work is None:
         shutil.rmtree(work / "data", ignore_errors=True)
     return 0
+
+
+def classify(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[dict]:
+    """The 2-D classification rows: N, 4N and 16N PNGs, an epoch in memory and from the cache per size."""
+    from lepton.data.cache import CaseCache
+    from lepton.data.synthetic import write_png_classes
+
+    n = args.n_images or (200 if args.quick else 1000)
+    px = args.image_px or (160 if args.quick else 320)
+    side = args.input_px or (128 if args.quick else 256)
+    sizes = [n, 4 * n, 16 * n]
+    t0 = time.perf_counter()
+    full = work / "data" / "classify"
+    for k in range(0, sizes[-1], 500):  # in slices, so that generating holds a few hundred images at a time
+        write_png_classes(full, n=min(500, sizes[-1] - k), size=px, seed=k, start=k)
+    print(f"\nclassify: wrote {sizes[-1]} PNGs of {px}x{px} in {time.perf_counter() - t0:.0f} s; input {side}x{side}")
+    files = sorted((p.parent.name, p.name) for p in full.glob("*/*.png"))
+    rows = []
+    for size in sizes:
+        data = work / "data" / f"classify-{size}"
+        for label, name in sorted(files, key=lambda f: f[1])[:size]:
+            (data / label).mkdir(parents=True, exist_ok=True)
+            if not (data / label / name).exists():
+                os.symlink(full / label / name, data / label / name)
+        code, rss, wall, err = measured([sys.executable, "-m", "lepton.cli", "data", "cache", "build", str(data),
+                                         "--image-size", str(side)], env)
+        if code:
+            print(err[-2000:])
+            return rows
+        row = {"kind": "classify", "cases": size, "cache_build_s": wall, "cache_build_rss_mib": rss}
+        for engine in ("memory", "cache"):
+            name = f"classify-{size}-{engine}"
+            cmd = [sys.executable, "-m", "lepton.cli", "train", str(data), "--epochs", "1", "--time-budget", "0",
+                   "--batch-size", "32", "--image-size", str(side), "--model", "lepton_cnn_tiny", "--val-fraction",
+                   "0.1", "--test-fraction", "0", "--data-engine", engine, "--loader-workers",
+                   "1" if engine == "cache" else "0", "--output-dir", str(work / "runs"), "--name", name, "--quiet",
+                   "--no-tta"]
+            code, rss, wall, err = measured(cmd, env)
+            if code:
+                print(err[-3000:])
+                return rows
+            info = json.loads((work / "runs" / name / "run.json").read_text())
+            row[engine] = {"peak_rss_mib": rss, "images_per_s": info["images_per_s"], "wall_s": wall,
+                           "val_auc": info.get("val_auc")}
+        rows.append(row)
+        mem, cache = row["memory"], row["cache"]
+        speed, peak = cache["images_per_s"] / mem["images_per_s"], cache["peak_rss_mib"] / mem["peak_rss_mib"]
+        print(f"  {size:6d} images: cache build {row['cache_build_s']:.0f} s ({row['cache_build_rss_mib']:.0f} MiB) | "
+              f"memory: {_fmt(mem)} | cache: {_fmt(cache)} | cached/in-memory images/s {speed:.2f}x, "
+              f"peak RSS {peak:.2f}x")
+    if len(rows) == 3:
+        for engine in ("cache", "memory"):
+            print(f"  {engine} peak RSS {sizes[-1]} / {n} images: "
+                  f"{rows[-1][engine]['peak_rss_mib'] / rows[0][engine]['peak_rss_mib']:.2f}x"
+                  + (" (goal <= 1.15x)" if engine == "cache" else ""))
+    stored = [e.meta for e in CaseCache(Path(env["LEPTON_CACHE"]) / "cases").entries() if "dtype" in e.meta]
+    dtypes = sorted({m["dtype"] for m in stored})
+    print(f"  stored pixels: {', '.join(dtypes)}; largest rounding error {max(m['max_error'] for m in stored):.5f} "
+          f"(of [0, 1]) over {len(stored)} files")
+    return rows
 
 
 def _paired_subset(src: Path, dst: Path, n: int) -> Path:

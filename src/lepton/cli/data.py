@@ -64,11 +64,16 @@ data_app.add_typer(cache_app, name="cache")
 
 @cache_app.command("build")
 def data_cache_build(
-    source: Annotated[str, typer.Argument(help="A segmentation source: Decathlon folder, images/ + masks/, or a "
-                                               "CSV manifest (path,mask).")],
+    source: Annotated[str, typer.Argument(help="A segmentation source (Decathlon folder, images/ + masks/, CSV "
+                                               "manifest path,mask), or a classification image folder or CSV "
+                                               "manifest (path,label).")],
     window: Annotated[str | None, typer.Option(help="CT window preset or CENTER,WIDTH, as training will use.")] = None,
     preprocess: Annotated[list[str] | None, typer.Option(
         help="Volume preprocessing steps as training will use them (see `lepton train --help`).")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help="Classification: also store the pixels at this input size, as training with --image-size will read "
+             "them.", min=8, max=1024)] = None,
+    slices: Annotated[str, typer.Option(help="Classification: volume slices as training will read them.")] = "middle",
     workers: Annotated[int, typer.Option(help="Decoding processes (0 = one per core).", min=0, max=256)] = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable cases.")] = False,
     cache_dir: CacheDirOpt = None,
@@ -78,8 +83,22 @@ def data_cache_build(
     from lepton.data.cache import CaseCache
     from lepton.data.cases import cache_segmentation
     from lepton.data.pipeline import check_steps
+    from lepton.tasks import choose_task
 
     cache = CaseCache(cache_dir)
+    if choose_task(source)[0] == "classification":
+        from lepton.data.imagecache import cache_images
+
+        images = cache_images(source, window=window, slices=slices, steps=check_steps(_parse_steps(preprocess)),
+                              image_size=image_size, skip_bad=skip_bad, cache=cache, workers=workers or None)
+        if images is None:
+            from lepton.errors import DataError
+
+            raise DataError(f"{source}: this source is read into memory as it is (MedMNIST .npz, a partition); "
+                            "the case cache holds image folders and CSV manifests")
+        console.print(f"{len(images)} image(s) of {images.source} in {cache.root} ({images.decoded} file(s) decoded "
+                      f"now); labels {', '.join(images.label_names)}", highlight=False)
+        return
     store = cache_segmentation(source, window=window, steps=check_steps(_parse_steps(preprocess)), skip_bad=skip_bad,
                                cache=cache, workers=workers or None)
     size = sum(e.nbytes() for e in store.entries)

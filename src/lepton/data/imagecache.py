@@ -364,7 +364,9 @@ class CachedImages:
             x = x[0]
         return self.spec.normalize(x) if self.spec is not None else x
 
-    def chunks(self, size: int = 256):
+    def chunks(self, size: int | None = None):
+        """The images in order, ``size`` at a time (default ``chunk_size``)."""
+        size = size or chunk_size(int(np.prod(self.shape[1:])))
         for start in range(0, len(self), size):
             yield self[start:start + size]
 
@@ -373,19 +375,32 @@ class CachedImages:
         return np.concatenate([c.mean(dim=tuple(range(1, c.ndim))).numpy() for c in self.chunks()] or [np.zeros(0)])
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and (unbiased) standard deviation over every pixel, as ``x.mean``/``x.std`` over the
-        stacked tensor (read in chunks, summed in float64)."""
-        total = np.zeros(self.channels)
-        squares = np.zeros(self.channels)
-        for c in self.chunks():
-            axes = (0, *range(2, c.ndim))
-            x = c.double()
-            total += x.sum(dim=axes).numpy()
-            squares += (x * x).sum(dim=axes).numpy()
-        count = len(self) * float(np.prod(self.size))
-        mean = total / count
-        var = np.maximum(squares - count * mean ** 2, 0.0) / max(count - 1, 1)
-        return mean.tolist(), np.sqrt(var).tolist()
+        """Per-channel mean and (unbiased) standard deviation over every pixel (``channel_stats``)."""
+        return channel_stats(self.chunks())
+
+
+def chunk_size(values_per_image: int) -> int:
+    """Images per chunk when a set is read through in order: 256, fewer for large images (about 16 M values)."""
+    return max(1, min(256, (1 << 24) // max(1, values_per_image)))
+
+
+def channel_stats(batches) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) standard deviation over every pixel of batches (N, C, …) in float64, batch
+    by batch: the in-memory path (its tensor in chunks of ``chunk_size``) and the cache path
+    (``CachedImages.chunks``) give the same numbers to the last bit, so the two train alike."""
+    total = squares = None
+    count = 0.0
+    for batch in batches:
+        axes = (0, *range(2, batch.ndim))
+        x = batch.double()
+        total = x.sum(dim=axes).numpy() + (0 if total is None else total)
+        squares = (x * x).sum(dim=axes).numpy() + (0 if squares is None else squares)
+        count += x.numel() / x.shape[1]
+    if total is None:
+        raise ValueError("no images to compute statistics on")
+    mean = total / count
+    var = np.maximum(squares - count * mean ** 2, 0.0) / max(count - 1, 1)
+    return mean.tolist(), np.sqrt(var).tolist()
 
 
 def _indices(idx, n: int) -> list[int]:
