@@ -78,3 +78,46 @@ def test_whole_numbers_written_as_floats_are_taken(tmp_path):
     (tmp_path / "c.yaml").write_text("data: x.npz\nepochs: 20.0\nbatch_size: 32.0\nlr: 0.001\n")
     cfg = TrainConfig.from_yaml(tmp_path / "c.yaml").validate()
     assert cfg.epochs == 20 and isinstance(cfg.epochs, int) and cfg.batch_size == 32
+
+
+def test_every_field_is_declared_with_help_and_a_group():
+    from lepton.config import FIELDS, GROUPS
+
+    for name, f in FIELDS.items():
+        assert f.metadata["help"] and f.metadata["group"] in GROUPS, name
+    assert FIELDS["lr"].metadata["bounds"].open_low and FIELDS["schedule"].metadata["choices"] == ("cosine", "step",
+                                                                                                   "none")
+
+
+def test_a_config_grouped_by_concern_reads_as_the_flat_one(tmp_path):
+    flat = make_config("medmnist", data="x.npz", lr=0.01, augment_options={"rotate": 5.0}, task_options={"a": 1})
+    grouped = {"run": {"data": "x.npz", "preset": "medmnist"}, "optimisation": {"lr": 0.01}}
+    grouped["augmentation"] = {"augment_options": {"rotate": 5.0}}
+    grouped["task"] = {"task_options": {"a": 1}}
+    rest = {k: v for k, v in flat.to_dict().items() if k not in ("data", "preset", "lr", "augment_options",
+                                                                  "task_options")}
+    assert TrainConfig.from_dict({**grouped, **rest}).validate() == flat
+    (tmp_path / "g.yaml").write_text("data: {data: x.npz, image_size: 28}\ntask: segmentation\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "g.yaml")  # a group named like a field only when it holds a mapping
+    assert (cfg.data, cfg.image_size, cfg.task) == ("x.npz", 28, "segmentation")
+    with pytest.raises(ConfigError, match="lr is given twice"):
+        TrainConfig.from_dict({"lr": 0.1, "optimisation": {"lr": 0.2}})
+    with pytest.raises(ConfigError, match="unknown config field.*learning_rate"):
+        TrainConfig.from_dict({"optimisation": {"learning_rate": 0.2}})
+
+
+def test_federation_settings_that_are_config_fields_take_their_declaration():
+    import tomllib
+
+    from lepton.config import FIELDS
+    from lepton.federated import APP_DIR, CONFIG_FIELDS, check_settings
+
+    with pytest.raises(ConfigError, match="^federation setting image-size must be a whole number from 8"):
+        check_settings({"image-size": 4})
+    with pytest.raises(ConfigError, match="^federation setting local-epochs must be"):
+        check_settings({"local-epochs": 0})
+    assert check_settings({"image-size": 0, "batch-size": 32.0})["batch-size"] == 32
+    app_config = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    for key, name in CONFIG_FIELDS.items():  # the Flower app's defaults are the fields' (one round: one epoch)
+        if key not in ("local-epochs", "image-size"):
+            assert app_config[key] == FIELDS[name].default, key

@@ -83,7 +83,7 @@ def test_spare_budget_goes_to_ensemble_members(tmp_path):
     config = make_config("default", data="x.npz", epochs=10, time_budget_s=30.0, ensemble=5)
     fit_to_budget(config, elapsed=8.0, epoch_s=4.0, run_dir=tmp_path)  # not even one: shortened, one member
     assert (config.epochs, config.ensemble) == (7, 1)
-    with pytest.raises(ConfigError, match="ensemble must be between 1 and 16"):
+    with pytest.raises(ConfigError, match="ensemble must be a whole number from 1 to 16"):
         make_config(data="x", ensemble=0)
 
 

@@ -14,6 +14,8 @@ from lepton.cli.common import (
     app,
     console,
 )
+from lepton.cli.train import config_option
+from lepton.config import FIELDS
 
 federate_app = typer.Typer(help="Federated training on Flower: sites keep their images.", no_args_is_help=True)
 app.add_typer(federate_app, name="federate")
@@ -46,16 +48,15 @@ def federate_simulate(
         help="label-skew: Dirichlet concentration.", click_type=_finite(0, 1e6, open_low=True))] = 0.5,
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam (Flower's).")] = "fedavg",
     rounds: Annotated[int, typer.Option(help="Federated rounds.", min=1, max=10_000)] = 3,
-    local_epochs: Annotated[int, typer.Option(help="Epochs each site trains per round.", min=1, max=10_000)] = 1,
+    local_epochs: Annotated[int, config_option("epochs", "Epochs each site trains per round.")] = 1,
     fraction: Annotated[float, typer.Option(
         help="Share of the sites that train each round.", click_type=_finite(0, 1, open_low=True))] = 1.0,
-    model: Annotated[str, typer.Option(help="Network (`lepton models available`).")] = "lepton_cnn",
-    lr: Annotated[float, typer.Option(
-        help="Sites' learning rate (AdamW).", click_type=_finite(0, 10, open_low=True))] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Sites' batch size.", min=1, max=65_536)] = 64,
+    model: Annotated[str, config_option("model")] = FIELDS["model"].default,
+    lr: Annotated[float, config_option("lr", "Sites' learning rate (AdamW).")] = FIELDS["lr"].default,
+    batch_size: Annotated[int, config_option("batch_size", "Sites' batch size.")] = FIELDS["batch_size"].default,
     proximal_mu: Annotated[float, typer.Option(
         help="FedProx: weight of the proximal term.", click_type=_finite(0, 1e6))] = 0.01,
-    seed: Annotated[int, typer.Option(help="Random seed (partition and training).", min=0, max=2**32 - 1)] = 0,
+    seed: Annotated[int, config_option("seed", "Random seed (partition and training).")] = FIELDS["seed"].default,
     output_dir: Annotated[str, typer.Option(help="Parent of the run directory.")] = "runs",
     name: Annotated[str, typer.Option(help="Run name; the site manifests go to OUTPUT/NAME-sites.")] = "federated",
     secagg: Annotated[bool, typer.Option("--secagg", help="Secure aggregation (Flower's SecAgg+), 3 sites or "
@@ -83,19 +84,18 @@ def federate_run(
     superlink: Annotated[str, typer.Option(help="The SuperLink's Control address, HOST:PORT.")],
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam (Flower's).")] = "fedavg",
     rounds: Annotated[int, typer.Option(help="Federated rounds.", min=1, max=10_000)] = 3,
-    local_epochs: Annotated[int, typer.Option(help="Epochs each site trains per round.", min=1, max=10_000)] = 1,
+    local_epochs: Annotated[int, config_option("epochs", "Epochs each site trains per round.")] = 1,
     fraction: Annotated[float, typer.Option(
         help="Share of the sites that train each round.", click_type=_finite(0, 1, open_low=True))] = 1.0,
     min_sites: Annotated[int, typer.Option(help="Sites needed to start and in every round.", min=1, max=10_000)] = 2,
-    model: Annotated[str, typer.Option(help="Network (`lepton models available`).")] = "lepton_cnn",
-    lr: Annotated[float, typer.Option(
-        help="Sites' learning rate (AdamW).", click_type=_finite(0, 10, open_low=True))] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Sites' batch size.", min=1, max=65_536)] = 64,
+    model: Annotated[str, config_option("model")] = FIELDS["model"].default,
+    lr: Annotated[float, config_option("lr", "Sites' learning rate (AdamW).")] = FIELDS["lr"].default,
+    batch_size: Annotated[int, config_option("batch_size", "Sites' batch size.")] = FIELDS["batch_size"].default,
     proximal_mu: Annotated[float, typer.Option(
         help="FedProx: weight of the proximal term.", click_type=_finite(0, 1e6))] = 0.01,
     image_size: Annotated[int, typer.Option(
         help="Input size for every site (0: the sites' native size).", min=0, max=1024)] = 0,
-    seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
+    seed: Annotated[int, config_option("seed")] = FIELDS["seed"].default,
     dp_noise: Annotated[float, typer.Option(help="Differential privacy: Gaussian noise multiplier (0 = off; Flower's "
                                                   "server-side fixed clipping).", click_type=_finite(0, 1e6))] = 0.0,
     dp_clip: Annotated[float, typer.Option(

@@ -110,11 +110,11 @@ def _own_options(
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def field_option(f: dataclasses.Field) -> inspect.Parameter:
-    """A config field as a `lepton train` option: its help, group (the --help panel), bounds (refused while
-    parsing) and choices, and its flags (``--tta/--no-tta``; default ``--field-name``); None keeps the preset's."""
-    meta = f.metadata
-    kind = _TYPES[str(f.type).split("|")[0].strip()]
+def config_option(name: str, help: str | None = None, *, panel: str | None = None) -> Any:
+    """A typer option for config field ``name`` (this command's, or another's that sets the same field, such as the
+    federation's): its flags, its help (or ``help``), its bounds refused while parsing, its choices."""
+    meta = FIELDS[name].metadata
+    kind = _TYPES[str(FIELDS[name].type).split("|")[0].strip()]
     extra: dict[str, Any] = {}
     bounds = meta["bounds"]
     if bounds is not None and kind is float:
@@ -123,8 +123,15 @@ def field_option(f: dataclasses.Field) -> inspect.Parameter:
         extra.update(min=bounds.low, max=bounds.high)
     elif meta["choices"] is not None and kind is str:
         extra["click_type"] = click.Choice(meta["choices"])
-    option = typer.Option(*([meta["cli"]] if isinstance(meta["cli"], str) else []), help=meta["help"],
-                          rich_help_panel=GROUPS[meta["group"]], **extra)
+    return typer.Option(*([meta["cli"]] if isinstance(meta["cli"], str) else []), help=help or meta["help"],
+                        rich_help_panel=panel, **extra)
+
+
+def field_option(f: dataclasses.Field) -> inspect.Parameter:
+    """A config field as a `lepton train` option: its help, group (the --help panel), bounds (refused while
+    parsing) and choices, and its flags (``--tta/--no-tta``; default ``--field-name``); None keeps the preset's."""
+    kind = _TYPES[str(f.type).split("|")[0].strip()]
+    option = config_option(f.name, panel=GROUPS[f.metadata["group"]])
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[kind | None, option])
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from lepton.config import TrainConfig
+from lepton.rundir import RunDir
 
 log = logging.getLogger("lepton.train")
 
@@ -43,12 +44,12 @@ def fit_to_budget(config: TrainConfig, elapsed: float, epoch_s: float, run_dir: 
             log.info("time budget %.0f s: at %.1f s per epoch there is room for %d of %d members of %d epochs",
                      config.time_budget_s, epoch_s, members, config.ensemble, config.epochs)
             config.ensemble = members
-            config.to_yaml(run_dir / "config.yaml")
+            RunDir(run_dir).write_config(config)
         return
     log.warning("time budget %.0f s: at %.1f s per epoch this run trains %d of %d epochs",
                 config.time_budget_s, epoch_s, fit, config.epochs)
     config.epochs, config.ensemble = fit, 1
-    config.to_yaml(run_dir / "config.yaml")
+    RunDir(run_dir).write_config(config)
     if reporter is not None:
         reporter.epochs = fit
 
