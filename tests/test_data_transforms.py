@@ -51,3 +51,77 @@ def test_preprocessing_resizes_converts_and_normalises():
     torch.testing.assert_close(x[0], torch.ones(1, 16, 16), atol=1e-5, rtol=0)
     torch.testing.assert_close(spec(images)[1], torch.full((1, 16, 16), -2.0))
     assert Preprocessing.from_dict(spec.to_dict()) == spec
+
+
+GEOMETRY = {"hflip": 0.5, "vflip": 0.5, "rotate": 25.0, "translate": 0.1, "scale": 0.2, "shear": 8.0}
+
+
+def _squares(n: int, shape: tuple[int, ...], side: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dark images (or volumes) each with one bright square (cube) at its own place, and its mask."""
+    rng = np.random.default_rng(seed)
+    x = torch.full((n, 1, *shape), 0.1)
+    y = torch.zeros((n, 1, *shape), dtype=torch.int64)
+    for i in range(n):
+        at = [int(rng.integers(s // 4, s - s // 4 - side)) for s in shape]
+        window = (i, 0, *[slice(a, a + side) for a in at])
+        x[window], y[window] = 0.9, 1
+    return x, y
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (40, 64), (24, 32, 32)])
+def test_augmented_masks_follow_their_images(shape):
+    x, y = _squares(8, shape, 10 if len(shape) == 2 else 8)
+    opts = GEOMETRY if len(shape) == 2 else {k: v for k, v in GEOMETRY.items() if k != "shear"}
+    moved, masks = augment_batch(x, opts, torch.Generator().manual_seed(0), masks=y)
+    assert moved.shape == x.shape and masks.shape == y.shape and masks.dtype == torch.int64
+    assert set(masks.unique().tolist()) <= {0, 1}  # nearest neighbour: no blended classes
+    changed = 0
+    for i in range(len(x)):
+        bright, labelled = moved[i, 0] > 0.5, masks[i, 0] == 1
+        iou = float((bright & labelled).sum() / (bright | labelled).sum())
+        assert iou > 0.8, f"sample {i}: the mask left its square (IoU {iou:.2f})"
+        changed += not torch.equal(masks[i], y[i])
+    assert changed == len(x)  # every mask moved, with its image
+
+
+def test_rotation_is_rigid_on_non_square_images():
+    """A square stays a square when a wide image turns (matrices in voxel units, not in [-1, 1] per axis)."""
+    x = torch.zeros(6, 1, 40, 96)
+    x[:, :, 14:26, 42:54] = 1.0
+    for i, moved in enumerate(augment_batch(x, {"rotate": 45.0}, torch.Generator().manual_seed(2))):
+        rows, cols = torch.nonzero(moved[0] > 0.5, as_tuple=True)
+        height, width = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+        assert abs(height - width) <= 2, f"sample {i}: the square became {height} x {width}"
+        assert abs(float((moved[0] > 0.5).sum()) - 144) < 20  # and kept its area
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (16, 16, 16)])
+def test_augmentation_is_deterministic_by_seed(shape):
+    x, y = _squares(4, shape, 6)
+    opts = {**AUGMENT_PRESETS["strong"]}
+    a = augment_batch(x, opts, torch.Generator().manual_seed(5), masks=y)
+    b = augment_batch(x, opts, torch.Generator().manual_seed(5), masks=y)
+    c = augment_batch(x, opts, torch.Generator().manual_seed(6), masks=y)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_pad_or_crop_shapes_and_centring():
+    from lepton.data.pipeline import apply_steps
+    from lepton.data.transforms import pad_or_crop
+
+    x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).reshape(2, 3, 5, 7)
+    out = pad_or_crop(x, (8, 4))  # rows padded 1 before and 2 after, columns cropped 1 before and 2 after
+    assert out.shape == (2, 3, 8, 4) and type(out) is torch.Tensor
+    assert torch.equal(out[:, :, 1:6], x[:, :, :, 1:5])
+    assert not out[:, :, [0, 6, 7]].any()
+    assert torch.equal(pad_or_crop(out, (5, 4)), out[:, :, 2:7])  # MONAI's centre: row 8 // 2 becomes 5 // 2
+    masks = torch.ones(3, 1, 4, 4, 4, dtype=torch.int64)
+    padded = pad_or_crop(masks, (6, 2, 5))
+    assert padded.shape == (3, 1, 6, 2, 5) and padded.dtype == torch.int64 and int(padded.sum()) == 3 * 4 * 2 * 4
+    assert pad_or_crop(x, (5, 7)) is x
+    assert float(pad_or_crop(torch.zeros(1, 1, 2, 2), (4, 4), value=0.5)[0, 0, 0, 0]) == 0.5
+    # the same centring as the volume pipeline's crop_or_pad step
+    vol = np.random.default_rng(0).random((1, 7, 10, 5), dtype=np.float32)
+    stepped, _, _ = apply_steps(vol, None, [{"name": "crop_or_pad", "size": [8, 6, 6]}], "vol")
+    assert np.array_equal(pad_or_crop(torch.from_numpy(vol), (8, 6, 6)).numpy(), stepped)
