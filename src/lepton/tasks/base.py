@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from lepton.errors import ConfigError
+from lepton.tasks.serving import TaskServing
 
 if TYPE_CHECKING:
     import torch
@@ -26,12 +27,13 @@ if TYPE_CHECKING:
 Loss = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
-class Task:
+class Task(TaskServing):
     """Base class of a task. Subclasses set ``name`` and the selection metric and override the hooks.
 
     ``outputs`` below are always the task's activated network outputs as float arrays (N, K) — for
     classification the class probabilities — and ``info`` is the run's decision record (``run.json``:
-    whatever ``fit_decision`` stored, e.g. a threshold).
+    whatever ``fit_decision`` stored, e.g. a threshold). Inference and serving members (the inferer, encodings,
+    capabilities, batch rows) come from ``TaskServing`` (``lepton.tasks.serving``).
     """
 
     name: ClassVar[str] = ""
@@ -48,9 +50,10 @@ class Task:
     #: The source layouts this task reads (``lepton.data.layout``): a source laid out so picks this task when no
     #: task is given, and any other task given for it is refused.
     layouts: ClassVar[tuple[str, ...]] = ()
-    #: The kind of registered network (``ModelInfo.task``) this task trains; None: segmentation networks for dense
-    #: tasks, classifiers otherwise.
-    network_kind: ClassVar[str | None] = None
+    #: The kind of registered network this task trains, as ``ModelInfo.kind``: what it takes ("image": 2-D images or
+    #: 3-D volumes; "clip": frames over time, or signals) and what it answers ("vector": a row per input; "map": a row
+    #: per pixel on the input's grid; "boxes": detector rows).
+    network_kind: ClassVar[tuple[str, str]] = ("image", "vector")
     #: Lower serving precisions (bf16, int8; ``lepton.precision``) are checked against fp32 on this validation metric
     #: (a key of ``val_metrics``, higher is better) and refused when it falls more than ``precision_tolerance`` below
     #: fp32's on the version's stored val set (``precision_val_set``); None: versions of this task serve in fp32 only.
@@ -71,9 +74,18 @@ class Task:
                             validate=validate)
 
     def load_cases(self, source: str | Path, *, window: str | None, steps: list[dict] | None, skip_bad: bool,
-                   cache_dir: str | None = None, workers: int = 0, quiet: bool = False):
-        """The task's data decoded into the on-disk case cache and held by metadata (``lepton.data.cases``), or None
-        when the task reads everything into memory (``load``)."""
+                   cache_dir: str | None = None, workers: int = 0, quiet: bool = False, slices: str = "middle",
+                   image_size: int | None = None):
+        """The task's data decoded into the on-disk case cache and held by metadata (``lepton.data.cases``,
+        ``lepton.data.imagecache``), or None when the task reads this source into memory (``load``). ``image_size``
+        (when the run fixes it) lets pixels be stored at the network's size in the same pass."""
+        return None
+
+    def memory_estimate(self, source: str | Path, *, window: str | None, slices: str, steps: list[dict] | None,
+                        image_size: int | None) -> float | None:
+        """GB the in-memory path (``load``) would hold for a source, estimated without reading it whole, so that
+        ``data_engine=auto`` keeps small sets in memory without caching them; None (the default): known only from
+        the cached cases' metadata."""
         return None
 
     def inspect(self, source: str, *, window: str | None, slices: str) -> dict[str, Any]:
@@ -118,10 +130,12 @@ class Task:
             out.append((name, frame.pixels))
         return out
 
-    def answer_file(self, run, path: str | Path) -> list[dict[str, Any]] | None:
+    def answer_file(self, run, path: str | Path, output: str | Path | None = None,
+                    dicom_seg: bool = False) -> list[dict[str, Any]] | None:
         """The answers (one dict per frame, with ``path``) for a file this task predicts other than frame by frame
-        at the network's input size (``Run.predict``; ``run`` is the loaded run); None (the default): read it with
-        ``read`` and batch its frames with the other files'."""
+        at the network's input size (``Run.predict``; ``run`` is the loaded run), with its files (``encodings``)
+        written to the folder ``output`` if given; None (the default): read it with ``read`` and batch its frames
+        with the other files'."""
         return None
 
     def read_bytes(self, data: bytes, name: str, spec) -> np.ndarray | None:
@@ -135,8 +149,8 @@ class Task:
 
     def augment(self, x: torch.Tensor, y: torch.Tensor, options: dict[str, float], generator: torch.Generator):
         """A training batch (images in [0, 1]) augmented as ``options`` say (``lepton.data.transforms``), with targets
-        that depend on the geometry (boxes) moved along; returns ``(x, y)``. Dense tasks' masks are moved by the
-        loop."""
+        that depend on the geometry (boxes, masks) moved along; returns ``(x, y)``. The loop calls it on ``batch``'s
+        output."""
         from lepton.data.transforms import augment_batch
 
         return augment_batch(x, options, generator), y
@@ -281,10 +295,51 @@ class Task:
         in place of the cached ones: consistent teaching."""
         raise ConfigError(f"the {self.name} task has no distillation (classification and segmentation runs have)")
 
+    # — training and evaluation — what the loop, evaluation, clinical validation, labelling and distillation ask ----
+    #: How an input reaches the network's size (``Preprocessing.fit``): "resize" (interpolated), or "pad" (padded or
+    #: cropped, never interpolated, so that the outputs lie on the input's own grid).
+    input_fit: ClassVar[str] = "resize"
+    #: What one evaluated row is in subgroup tables and their bootstrap CIs: "image", or "case" (a volume or image
+    #: scored as a whole, e.g. by its Dice).
+    unit: ClassVar[str] = "image"
+    #: What a person labelling a case gives (``lepton label``): "class" (a class name), "mask" (a label map) or "boxes";
+    #: None: the task has no labelling rounds (``suggest`` refuses it; imported labels are read as class names).
+    annotation: ClassVar[str | None] = None
+    #: Whether evaluation writes ``predictions.csv`` (each image's true class and class probabilities), which the
+    #: validation report reads back for its failure cases (the most confident wrong answers, with Grad-CAM).
+    prediction_table: ClassVar[bool] = False
+    #: How a distillation teacher's outputs are kept for its student: "rows" (one per image, in memory; unlabelled
+    #: images may join the labelled ones) or "cases" (one soft-mask file per training case on disk, read per batch).
+    teacher_outputs: ClassVar[str] = "rows"
+
+    def binary_test(self, labels: list[str]) -> bool:
+        """Whether a run with these labels answers a binary test with one probability per image (outputs (N, 2), the
+        second class's probability the test's score): then the clinical analyses apply — decision curve, operating
+        points, calibration and its recalibration, Fairlearn's view of the subgroups."""
+        return False
+
+    def load_unlabelled(self, source: str | Path, *, window: str | None, slices: str, steps: list[dict] | None):
+        """An unlabelled pool (``lepton.data.unlabelled.UnlabelledSet``) read as this task reads its labelled cases
+        (``slices`` the run's)."""
+        from lepton.data.unlabelled import load_unlabelled
+
+        return load_unlabelled(source, window=window, slices=slices, steps=steps)
+
+    def evaluation_outputs(self, run, data) -> tuple[Any, dict[str, Any]]:
+        """A run's outputs on an evaluated data set (``lepton.evaluate``; ``run`` the loaded run) and the extra keyword
+        arguments of ``report``: by default ``run.predict_proba`` of the images with their side inputs."""
+        return run.predict_proba(data.images, self.side_inputs(data, run.preprocessing)), {}
+
+    def unit_scores(self, body: Mapping[str, Any], labels: list[str]) -> tuple[str, np.ndarray] | None:
+        """A figure per evaluated unit, read from a report's ``body`` (``report``), that subgroup tables average: its
+        name and values (a case's mean foreground Dice); None (the default): subgroup tables recompute ``scores`` on
+        each bootstrap resample."""
+        return None
+
     # -- protocols and the registry --------------------------------------------------------------------------
-    def oip_outputs(self, labels: list[str]) -> list[dict[str, Any]]:
-        """Open Inference Protocol v2 output metadata: ``name``, ``datatype``, ``shape`` (batch axis -1). Dense tasks
-        also take ``size``, the input's spatial size, which their outputs share."""
+    def oip_outputs(self, labels: list[str], size: list[int] | None = None) -> list[dict[str, Any]]:
+        """Open Inference Protocol v2 output metadata: ``name``, ``datatype``, ``shape`` (batch axis -1); ``size``, the
+        input's spatial size, for outputs on the input's grid ("sliding_window" tasks)."""
         raise NotImplementedError
 
     def oip_tensors(self, outputs: np.ndarray, labels: list[str], info: Mapping[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,9 @@ class Classification(Task):
     selection_metric = "val_auc"
     higher_is_better = True
     layouts = ("class-folders", "label-manifest", "manifest", "medmnist", "partition", "files", "file")
+    annotation = "class"
+    prediction_table = True
+    capabilities = frozenset({"explain", "batch", "stream_eval"})
 
     # -- data -----------------------------------------------------------------------------------------------
     def load(self, source, *, window, slices, steps, skip_bad, validate=True):
@@ -60,6 +63,39 @@ class Classification(Task):
         schema = declared(classification_options(self.options))
         return load_dataset(source, window=window, slices=slices, steps=steps, skip_bad=skip_bad,
                             validate=validate, **({"covariates": schema} if schema is not None else {}))
+
+    def load_cases(self, source, *, window, steps, skip_bad, cache_dir=None, workers=0, quiet=False,
+                   slices="middle", image_size=None):
+        """An image folder or CSV manifest decoded into the on-disk case cache (parallel, reused across runs) as an
+        ``ImageStore``; None for sources held in memory as they are (MedMNIST, partitions) and for covariates."""
+        from lepton.data.cache import CaseCache
+        from lepton.data.imagecache import cache_images
+
+        if declared(classification_options(self.options)) is not None:
+            return None
+        return cache_images(source, window=window, slices=slices, steps=steps, image_size=image_size,
+                            skip_bad=skip_bad, cache=CaseCache(cache_dir), workers=workers or None, quiet=quiet)
+
+    def memory_estimate(self, source, *, window, slices, steps, image_size):
+        """From a few files decoded now (``lepton.data.imagecache.estimate_memory_gb``); None for covariates and
+        sources held in memory as they are."""
+        from lepton.data.imagecache import estimate_memory_gb
+
+        if declared(classification_options(self.options)) is not None:
+            return None
+        found = estimate_memory_gb(source, window=window, slices=slices, steps=steps, image_size=image_size)
+        return None if found is None else found[0]
+
+    def tensors(self, data, spec):
+        """Images at the network's size and class indices; images in the cache stay there (``CachedImages``, read
+        per batch)."""
+        import torch
+
+        from lepton.data.imagecache import ImageStore
+
+        if isinstance(data, ImageStore):
+            return data.pixels(tuple(spec.size), spec.channels), torch.from_numpy(self.targets(data))
+        return super().tensors(data, spec)
 
     def fit_inputs(self, train, spec) -> None:
         fit_covariates(classification_options(self.options), train, spec)
@@ -115,6 +151,9 @@ class Classification(Task):
     #: A local recalibration of P(class 1) (``lepton.tasks.calibration``), applied after the softmax; None: none.
     calibration: dict[str, Any] | None = None
 
+    def binary_test(self, labels: list[str]) -> bool:
+        return len(labels) == 2
+
     def with_calibration(self, record):
         """A copy whose ``activate`` recalibrates P(class 1) of two-class outputs (``lepton.tasks.calibration``)."""
         import copy
@@ -148,15 +187,16 @@ class Classification(Task):
     def precision_val_set(self, x_val, y_val, x_train, spec, seed: int = 0) -> dict[str, np.ndarray] | None:
         """The val images and labels (a seeded subset of at most ``MAX_VAL_VALUES`` float16 values) and up to
         ``CALIBRATION_IMAGES`` training images, all in [0, 1]."""
-        x_val, y_val, x_train = (np.asarray(a) for a in (x_val, y_val, x_train))
+        y_val = np.asarray(y_val)
         if y_val.ndim != 1 or len(y_val) == 0:
             return None
         rng = np.random.default_rng(seed)
         keep = max(1, MAX_VAL_VALUES // max(int(np.prod(x_val.shape[1:])), 1))
         pick = np.sort(rng.permutation(len(y_val))[:keep]) if len(y_val) > keep else np.arange(len(y_val))
-        calib = rng.permutation(len(x_train))[:CALIBRATION_IMAGES]
-        return {"x_val": x_val[pick].astype(np.float16), "y_val": y_val[pick].astype(np.int64),
-                "x_calib": x_train[calib].astype(np.float16)}
+        calib = np.sort(rng.permutation(len(x_train))[:CALIBRATION_IMAGES])
+        # only the picked images are read: ``x_val``/``x_train`` may be images in the cache (``CachedImages``)
+        return {"x_val": _rows(x_val, pick).astype(np.float16), "y_val": y_val[pick].astype(np.int64),
+                "x_calib": _rows(x_train, calib).astype(np.float16)}
 
     def precision_outputs(self, val, predictor, spec):
         import torch
@@ -265,7 +305,14 @@ class Classification(Task):
         return lines
 
     # -- protocols and the registry --------------------------------------------------------------------------
-    def oip_outputs(self, labels: list[str]) -> list[dict[str, Any]]:
+    def batch_columns(self, labels: list[str]) -> list[tuple[str, str]]:
+        return [("label", "string"), *[(f"prob_{c}", "float64") for c in labels], ("threshold", "float64")]
+
+    def batch_row(self, outputs, answer, labels) -> dict[str, Any]:
+        return {"label": answer["label"], "threshold": answer["threshold"],
+                **{f"prob_{c}": p for c, p in answer["probabilities"].items()}}
+
+    def oip_outputs(self, labels: list[str], size: list[int] | None = None) -> list[dict[str, Any]]:
         return [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(labels)]},
                 {"name": "label", "datatype": "BYTES", "shape": [-1]}]
 
@@ -326,3 +373,12 @@ def _summary_line(key: str, m: dict[str, Any]) -> str:
 
 def _num(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else ("n/a" if x is None else str(x))
+
+
+def _rows(x, idx: np.ndarray) -> np.ndarray:
+    """``x[idx]`` as an array, for an array, a tensor or images in the cache."""
+    if isinstance(x, np.ndarray):
+        return x[idx]
+    import torch
+
+    return np.asarray(x[torch.from_numpy(np.asarray(idx, np.int64))])

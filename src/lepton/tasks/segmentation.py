@@ -22,6 +22,8 @@ from lepton.tasks.seg_metrics import (
     voxel_calibration,
     voxel_volume,
 )
+from lepton.tasks.seg_serving import SegmentationServing
+from lepton.tasks.seg_workflow import SegmentationWorkflow
 
 #: Largest network input per axis chosen from the data (larger cases are cut to it; predictions slide over them).
 MAX_SIDE = {2: 512, 3: 128}
@@ -43,8 +45,9 @@ def _dice_per_class(pred: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
 
 
 @register_task
-class Segmentation(Task):
-    """Per-pixel classes. Model selection on mean foreground Dice on val; decisions by arg-max."""
+class Segmentation(SegmentationWorkflow, SegmentationServing, Task):
+    """Per-pixel classes. Model selection on mean foreground Dice on val; decisions by arg-max (training and
+    evaluation members from ``SegmentationWorkflow``, inference and serving members from ``SegmentationServing``)."""
 
     name = "segmentation"
     selection_metric = "val_dice"
@@ -63,7 +66,8 @@ class Segmentation(Task):
 
         return load_segmentation(source, window=window, steps=steps, skip_bad=skip_bad, validate=validate)
 
-    def load_cases(self, source, *, window, steps, skip_bad, cache_dir=None, workers=0, quiet=False):
+    def load_cases(self, source, *, window, steps, skip_bad, cache_dir=None, workers=0, quiet=False, slices="auto",
+                   image_size=None):
         """The cases decoded into the on-disk case cache (parallel, reused across runs) as a ``CaseStore``."""
         from lepton.data.cache import CaseCache
         from lepton.data.cases import cache_segmentation

@@ -13,6 +13,7 @@ import torch
 from lepton.config import TrainConfig
 from lepton.data import ImageSet
 from lepton.data.cases import CaseStore
+from lepton.data.imagecache import CachedImages, ImageStore, channel_stats, chunk_size
 from lepton.data.pipeline import check_steps
 from lepton.data.splits import assign_splits
 from lepton.data.transforms import Preprocessing
@@ -50,7 +51,7 @@ def data_fingerprint(data: ImageSet, splits: np.ndarray) -> dict[str, Any]:
     """A content hash of every image, label and split assignment, plus counts (no paths, no ids)."""
     rows = sorted(f"{h}:{int(y)}:{s}" for h, y, s in
                   zip(data.content_hashes(), data.labels, splits, strict=True))
-    per_case = not isinstance(data, ImageSet)  # segmentation: every case holds several classes
+    per_case = not isinstance(data, (ImageSet, ImageStore))  # segmentation: every case holds several classes
     counts = {
         split: {"cases": int((splits == split).sum())} if per_case else
         {name: int(((splits == split) & (data.labels == k)).sum()) for k, name in enumerate(data.label_names)}
@@ -64,6 +65,8 @@ def intensity_stats(x) -> dict[str, float]:
     """Mean intensity of preprocessed training images and the spread of per-image means (drift reference)."""
     if isinstance(x, CaseStore):
         means = torch.from_numpy(x.padded_means(x.pad_to))
+    elif isinstance(x, CachedImages):
+        means = torch.from_numpy(x.image_means())
     else:
         means = x.mean(dim=tuple(range(1, x.ndim)))
     return {"mean": float(means.mean()), "std_of_image_means": float(means.std().clamp_min(1e-6))}
@@ -71,28 +74,43 @@ def intensity_stats(x) -> dict[str, float]:
 
 def choose_engine(config: TrainConfig, task: Task, quiet: bool = False):
     """The task's data through the case cache (``Task.load_cases``), then held in memory or read from the cache as
-    the config's ``data_engine`` says — ``auto``: memory while the padded tensors fit in ``memory_limit_gb``. Returns
-    ``(data, engine, reason)``; tasks without a cached path load into memory."""
+    the config's ``data_engine`` says — ``auto``: memory while the data (the padded tensors, or the decoded and
+    resized images) fit in ``memory_limit_gb``; a task that can tell beforehand (``Task.memory_estimate``) is not
+    cached at all when they do. Returns ``(data, engine, reason)``; tasks without a cached path load into memory."""
     steps = check_steps(config.preprocess)
     store = None
+    if config.data_engine == "auto":
+        estimate = task.memory_estimate(config.data, window=config.window, slices=config.slices, steps=steps,
+                                        image_size=config.image_size)
+        if estimate is not None and estimate <= config.memory_limit_gb:
+            data = task.load(config.data, window=config.window, slices=config.slices, steps=steps,
+                             skip_bad=config.skip_bad)
+            return data, "memory", (f"the images take about {estimate:.2f} GB in memory (limit "
+                                    f"{config.memory_limit_gb:g} GB)")
     if config.data_engine != "memory":
         store = task.load_cases(config.data, window=config.window, steps=steps, skip_bad=config.skip_bad,
-                                cache_dir=config.cache_dir, workers=config.workers, quiet=quiet)
+                                cache_dir=config.cache_dir, workers=config.workers, quiet=quiet,
+                                slices=config.slices, image_size=config.image_size)
     if store is None:
         if config.data_engine == "cache":
-            raise ConfigError(f"the {task.name} task reads its data into memory; data_engine=cache is for tasks "
-                              "that read through the case cache (segmentation)")
+            raise ConfigError(f"the {task.name} task reads {config.data} into memory; data_engine=cache is for "
+                              "sources the task reads through the case cache (segmentation cases; image folders "
+                              "and CSV manifests without covariates for classification)")
         data = task.load(config.data, window=config.window, slices=config.slices, steps=steps,
                          skip_bad=config.skip_bad)
         return data, "memory", ("data_engine=memory" if config.data_engine == "memory"
                                 else f"the {task.name} task reads its data into memory")
-    largest = np.max([s for s in store.shapes], axis=0)
-    padded = [-(-int(n) // 16) * 16 for n in largest[1:]]
-    need = len(store) * int(largest[0]) * int(np.prod(padded)) * IN_MEMORY_BYTES_PER_VOXEL / 2 ** 30
+    if isinstance(store, ImageStore):
+        need, what = store.in_memory_gb(config.image_size), "the images"
+    else:
+        largest = np.max([s for s in store.shapes], axis=0)
+        padded = [-(-int(n) // 16) * 16 for n in largest[1:]]
+        need = len(store) * int(largest[0]) * int(np.prod(padded)) * IN_MEMORY_BYTES_PER_VOXEL / 2 ** 30
+        what = "padded tensors"
     if config.data_engine == "cache" or need > config.memory_limit_gb:
-        return store, "cache", (f"padded tensors would take about {need:.2f} GB (limit {config.memory_limit_gb:g} "
+        return store, "cache", (f"{what} would take about {need:.2f} GB (limit {config.memory_limit_gb:g} "
                                 "GB)" if config.data_engine == "auto" else "data_engine=cache")
-    return store.to_memory(), "memory", f"padded tensors take about {need:.2f} GB (limit {config.memory_limit_gb:g} GB)"
+    return store.to_memory(), "memory", f"{what} take about {need:.2f} GB (limit {config.memory_limit_gb:g} GB)"
 
 
 def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: Task | None = None,
@@ -118,18 +136,17 @@ def prepare_data(config: TrainConfig, spec: Preprocessing | None = None, task: T
             ((config.image_size,) * dims if config.image_size else _native_size(train))
         channels = config.channels or (3 if all(s[0] == 3 for s in _shapes(train)) else 1)
         spec = Preprocessing(size, channels, [0.5] * channels, [0.5] * channels, config.window, config.slices,
-                             steps, "pad" if task.dense else "resize")
+                             steps, task.input_fit)
     if fresh:
         task.fit_inputs(train, spec)
     x, y = task.tensors(train, spec)
     if fresh and config.normalize == "dataset":
         if isinstance(x, CaseStore):
             mean, std = x.padded_stats(x.pad_to)
-            spec.mean, spec.std = mean, [max(v, 1e-3) for v in std]
-        else:
-            axes = (0, *range(2, x.ndim))
-            spec.mean = x.mean(dim=axes).tolist()
-            spec.std = x.std(dim=axes).clamp_min(1e-3).tolist()
+        else:  # in float64, in chunks as read from the cache: both paths normalise alike to the last bit
+            mean, std = channel_stats(x.chunks() if isinstance(x, CachedImages)
+                                      else torch.split(x, chunk_size(int(np.prod(x.shape[1:])))))
+        spec.mean, spec.std = mean, [max(v, 1e-3) for v in std]
     fingerprint = data_fingerprint(data, splits) | {"intensity": intensity_stats(x), "engine": engine}
     pool = None
     if config.unlabelled:
@@ -144,14 +161,12 @@ def unlabelled_pool(config: TrainConfig, task: Task, data, splits: np.ndarray, s
                     quiet: bool = False):
     """The config's unlabelled source, listed, read once for its pixel hashes and refused when it shares an image or
     a patient with the labelled source's val or test split (``check_pool``); returns it with its fingerprint."""
-    from lepton.data.unlabelled import check_pool, load_unlabelled
+    from lepton.data.unlabelled import check_pool
 
     if not task.semi_supervised:
         raise ConfigError(f"semi-supervised training (unlabelled, semi) is built for classification and "
                           f"segmentation; the {task.name} task trains on labelled cases only")
-    # a dense task reads volumes whole and 2-D images as they are, as its labelled cases were read
-    pool = load_unlabelled(config.unlabelled, window=config.window, slices="auto" if task.dense else config.slices,
-                           steps=steps)
+    pool = task.load_unlabelled(config.unlabelled, window=config.window, slices=config.slices, steps=steps)
     hashes = pool.scan(progress=not quiet)
     check_pool(pool, hashes, data, splits)
     digest = sha256_bytes("\n".join(sorted(hashes)).encode())
@@ -194,8 +209,16 @@ def val_outputs(model, prepared: Prepared, activate, *, tta: bool, device: str):
 
     if isinstance(prepared.x_val, CaseStore):
         return case_outputs(model, prepared.x_val, prepared.spec, activate, tta=tta, device=device)
-    return predict_outputs(model, prepared.spec.normalize(prepared.x_val), activate, tta=tta, device=device,
+    return predict_outputs(model, normalized(prepared.x_val, prepared.spec), activate, tta=tta, device=device,
                            extras=prepared.e_val)
+
+
+def normalized(x, spec: Preprocessing):
+    """Inputs as the network takes them: a tensor normalised now, cached images normalised batch by batch as they
+    are read (``CachedImages``), cached cases as they are (windows are normalised as they are cut)."""
+    if isinstance(x, CachedImages):
+        return x.normalized(spec)
+    return x if isinstance(x, CaseStore) else spec.normalize(x)
 
 
 def bn_sample(prepared: Prepared, seed: int, limit: int = 2048) -> torch.Tensor:
@@ -205,6 +228,8 @@ def bn_sample(prepared: Prepared, seed: int, limit: int = 2048) -> torch.Tensor:
     order = torch.randperm(len(prepared.y_train), generator=gen)
     if isinstance(prepared.x_train, CaseStore):
         return prepared.x_train[order[:32].numpy()].patches(tuple(prepared.spec.size), gen)[0]
+    if isinstance(prepared.x_train, CachedImages):  # read from the cache: a bounded sample whatever the set's size
+        limit = min(limit, 256)
     return prepared.x_train[order[:limit]]
 
 
@@ -234,11 +259,29 @@ class StepPlan(torch.utils.data.Sampler):
         return len(self.items)
 
 
-def patch_loader(store: CaseStore, size: tuple[int, ...], workers: int, device: str):
-    """A ``DataLoader`` that reads the planned steps' patches ahead of the training step: ``workers`` processes
-    (persistent, two steps prefetched each; pinned memory on CUDA), or the training process itself with 0."""
+class ImageSteps(torch.utils.data.Dataset):
+    """The training steps of an epoch over cached images, for a ``DataLoader``: an item is ``(indices, seed)`` and
+    yields those images (read from the cache) with their targets; augmentation follows in the training process, as
+    it does for images in memory, so both paths draw the same random numbers."""
+
+    def __init__(self, images: CachedImages, targets: torch.Tensor):
+        self.images, self.targets = images, targets
+
+    def __getitem__(self, item: tuple[list[int], int]) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = torch.as_tensor(item[0], dtype=torch.long)
+        return self.images[indices], self.targets[indices]
+
+
+def patch_loader(store: CaseStore | CachedImages, size: tuple[int, ...], workers: int, device: str,
+                 targets: torch.Tensor | None = None):
+    """A ``DataLoader`` that reads the planned steps' patches (cached cases) or images (cached images, with their
+    ``targets``) ahead of the training step: ``workers`` processes (persistent, two steps prefetched each; pinned
+    memory on CUDA), or the training process itself with 0."""
     plan = StepPlan()
     extra = {"persistent_workers": True, "prefetch_factor": 2} if workers else {}
-    loader = torch.utils.data.DataLoader(PatchSteps(store, size), batch_size=None, sampler=plan, num_workers=workers,
-                                         pin_memory=device.startswith("cuda"), **extra)
+    steps = ImageSteps(store, targets) if isinstance(store, CachedImages) else PatchSteps(store, size)
+    # a generator of its own: starting an epoch's iterator then draws no number from the global stream, which the
+    # in-memory path leaves to dropout (the items carry their own seeds, so the workers' seeds do not matter)
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, sampler=plan, num_workers=workers,
+                                         pin_memory=device.startswith("cuda"), generator=torch.Generator(), **extra)
     return loader, plan

@@ -13,7 +13,8 @@ import torch
 
 from lepton.config import TrainConfig
 from lepton.data.cases import CaseStore
-from lepton.data.transforms import augment_batch, augment_options
+from lepton.data.imagecache import CachedImages
+from lepton.data.transforms import augment_options
 from lepton.errors import ConfigError, RunError
 from lepton.models import create_model
 from lepton.models.adversarial import attack
@@ -21,7 +22,7 @@ from lepton.models.layout import fast_layout, model_layout
 from lepton.models.precision import resolve_precision, torch_dtype
 from lepton.runs import predict_outputs
 from lepton.tasks import Task
-from lepton.train.data import Prepared, bn_sample, case_outputs, patch_loader, val_targets
+from lepton.train.data import Prepared, bn_sample, case_outputs, normalized, patch_loader, val_targets
 from lepton.train.distributed import LR_SCALING, SINGLE, Dist, shard, wrap
 from lepton.train.optim import ema_update, lr_lambda, make_optimizer, recalibrate_bn
 
@@ -38,14 +39,13 @@ def model_spec(config: TrainConfig, task: Task, prepared: Prepared) -> dict[str,
     from lepton.models import model_info
 
     spec = prepared.spec
-    kind = model_info(config.model).task
-    wanted = task.network_kind or ("segmentation" if task.dense else "classification")
-    if kind != wanted:
+    kind = model_info(config.model).kind
+    if kind != task.network_kind:
         from lepton.models import list_models
 
-        fitting = [m.name for m in list_models() if m.task == wanted]
-        raise ConfigError(f"{config.model} is a {kind} network; the {task.name} task needs one of "
-                          f"{', '.join(fitting)}")
+        fitting = [m.name for m in list_models() if m.kind == task.network_kind]
+        raise ConfigError(f"{config.model} is an {' → '.join(kind)} network; the {task.name} task trains "
+                          f"{' → '.join(task.network_kind)} networks: {', '.join(fitting)}")
     out = {"name": config.model, "in_channels": spec.channels, "num_classes": task.num_outputs(prepared.label_names),
            "image_size": spec.size[-1]}
     if spec.spatial_dims != 2:
@@ -94,7 +94,7 @@ class Trainer:
         self.sample_weight = task.sample_weights(prepared.y_train, config)
         self.augment = augment_options(config.augment, config.augment_options)
         norm = prepared.spec.normalize
-        self.x_val = prepared.x_val if isinstance(prepared.x_val, CaseStore) else norm(prepared.x_val)
+        self.x_val = normalized(prepared.x_val, prepared.spec)
         # Averaged weights do not match averaged BatchNorm statistics; the EMA model's statistics are
         # recomputed on a fixed, un-augmented slice of the training set before each evaluation.
         self.bn_batch = norm(bn_sample(prepared, config.seed))
@@ -132,7 +132,7 @@ class Trainer:
             idx = shard(whole, dist)
             if patches is not None:  # cached cases: this step's patches, read ahead by the loader's workers
                 xb, yb = next(patches)
-                x01, yb = augment_batch(xb, self.augment, gen, masks=yb)
+                x01, yb = self.task.augment(xb, yb, self.augment, gen)
                 x01, yb = x01.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             else:
                 x01, yb = self.labelled_batch(idx, gen)
@@ -154,24 +154,22 @@ class Trainer:
                 "seen": seen, "train_seconds": seconds}
 
     def labelled_batch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training images at ``idx`` (held in memory) augmented with their targets, in [0, 1], on the device: a dense
-        task's patches cut from larger cases with the masks moved along."""
+        """Training images at ``idx`` (held in memory) as the task batches and augments them (``Task.batch``,
+        ``Task.augment``: segmentation's patches cut from larger cases, masks and boxes moved along), in [0, 1], on the
+        device."""
         data = self.data
-        if self.task.dense:
-            xb, yb = self.task.batch(data.x_train[idx], data.y_train[idx], data.spec, gen)
-            x01, yb = augment_batch(xb, self.augment, gen, masks=yb)
-        else:
-            x01, yb = self.task.augment(data.x_train[idx], data.y_train[idx], self.augment, gen)
+        xb, yb = self.task.batch(data.x_train[idx], data.y_train[idx], data.spec, gen)
+        x01, yb = self.task.augment(xb, yb, self.augment, gen)
         return x01.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
 
     def _patches(self, epoch: int, planned: list[tuple[int, torch.Tensor]]):
         """For cases in the cache: an iterator over this epoch's patch batches, each step's drawn from its own seed
         (seed, epoch, step, process), read by the patch loader; None for tensors in memory."""
-        if not isinstance(self.data.x_train, CaseStore):
+        if not isinstance(self.data.x_train, (CaseStore, CachedImages)):
             return None
         if self._loader is None:
             self._loader, self._plan = patch_loader(self.data.x_train, tuple(self.data.spec.size),
-                                                    self.config.loader_workers, self.device)
+                                                    self.config.loader_workers, self.device, self.data.y_train)
         base = (self.config.seed * 1_000_003 + epoch) * 100_003 + 7919 * self.dist.rank
         self._plan.items = [(shard(whole, self.dist).tolist(), base + step) for step, whole in planned]
         return iter(self._loader)
@@ -214,7 +212,8 @@ class Trainer:
         if self.data.e_val is not None:
             raise ConfigError("a network with inputs beside the images (covariates) trains in one process")
         # Each process predicts its contiguous share once (no padded duplicates); the shares are joined in order.
-        part = torch.tensor_split(self.x_val, self.dist.world)[self.dist.rank]
+        part = (torch.tensor_split(self.x_val, self.dist.world)[self.dist.rank] if isinstance(self.x_val, torch.Tensor)
+                else self.x_val.part(np.array_split(np.arange(len(self.x_val)), self.dist.world)[self.dist.rank]))
         mine = (predict_outputs(model, part, self.task.activate, tta=self.config.tta, device=self.device)
                 if len(part) else None)
         return np.concatenate([p for p in self.dist.gather(mine) if p is not None])
