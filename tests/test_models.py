@@ -9,8 +9,8 @@ NAMES = ["lepton_cnn", "lepton_cnn_tiny", "frame_cnn", "resnet18", "resnet34", "
 
 
 def test_registry_lists_every_network():
-    assert [m.name for m in list_models() if m.task == "classification"] == sorted(NAMES)
-    assert [m.name for m in list_models() if m.task == "segmentation"] == ["attention_unet", "segresnet", "unet"]
+    assert [m.name for m in list_models() if m.kind == ("image", "vector")] == sorted(NAMES)
+    assert [m.name for m in list_models() if m.output == "map"] == ["attention_unet", "segresnet", "unet"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -79,7 +79,7 @@ def test_a_classifier_network_is_refused_for_segmentation(flat_run, tmp_path):
     from lepton.errors import ConfigError
 
     _, root = flat_run
-    with pytest.raises(ConfigError, match="lepton_cnn is a classification network.*unet"):
+    with pytest.raises(ConfigError, match="lepton_cnn is an image → vector network.*unet"):
         lepton.train(root, task="segmentation", model="lepton_cnn", epochs=1, quiet=True, output_dir=str(tmp_path))
 
 

@@ -211,4 +211,4 @@ def test_segmentation_networks_answer_on_the_input_grid(name, dims):
     shape = (1, 1, *([32] * dims))
     with torch.no_grad():
         assert model(torch.rand(*shape)).shape == (1, 3, *shape[2:])
-    assert model_info(name).task == "segmentation" and 16 % model_info(name).divisor == 0
+    assert model_info(name).output == "map" and 16 % model_info(name).divisor == 0

@@ -115,7 +115,6 @@ def test_subgroups_of_size_zero_and_one_are_reported_and_flagged():
 def test_segmentation_subgroups_average_each_cases_dice_from_the_task_report():
     from lepton.tasks import get_task
     from lepton.tasks.seg_metrics import dice_iou
-    from lepton.validation.clinical import case_dice
     from lepton.validation.subgroups import mean_scorer, subgroup_metrics
 
     rng = np.random.default_rng(0)
@@ -128,8 +127,10 @@ def test_segmentation_subgroups_average_each_cases_dice_from_the_task_report():
         probs = np.stack([1.0 - pred, pred]).astype(np.float32) * 0.9 + 0.05
         truths.append(truth[None])
         outputs.append(probs + rng.uniform(0, 0.01, probs.shape).astype(np.float32))
-    body, _ = get_task("segmentation").report(truths, outputs, labels, {}, n_bootstrap=0, plots=None)
-    dice = case_dice(body, labels)
+    task = get_task("segmentation")
+    body, _ = task.report(truths, outputs, labels, {}, n_bootstrap=0, plots=None)
+    name, dice = task.unit_scores(body, labels)
+    assert name == "dice" and task.unit == "case"
     expected = [dice_iou(o.argmax(0), t[0], 1)[0] for o, t in zip(outputs, truths, strict=True)]
     np.testing.assert_allclose(dice, expected, atol=1e-4)  # the report rounds to 4 decimals
     site = np.array(["A", "B"] * 4, dtype=object)

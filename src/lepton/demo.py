@@ -4,6 +4,8 @@ written as real DICOM series and NIfTI files → train → evaluate → explain 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -234,3 +236,53 @@ def run_sequence_demo(output_dir: str | Path = "runs", *, quick: bool = False, s
                     "served": served, "agree": abs(offline - served) < 1e-3},
         "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def run_pathology_demo(output_dir: str | Path = "runs", *, quick: bool = False, seed: int = 0,
+                       quiet: bool = False) -> dict[str, Any]:
+    """``lepton.pathology.demo.run_pathology_demo``: generated slide pyramids → attention MIL → slide AUC, heatmaps."""
+    from lepton.pathology.demo import run_pathology_demo as run
+
+    return run(output_dir, quick=quick, seed=seed, quiet=quiet)
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One ``lepton demo --task NAME``: the function that runs it (``output_dir``, ``quick``, ``seed``, ``quiet``),
+    the line that closes it (rich markup, from its result), and its variant on volumes (``--volumes``), if any."""
+
+    run: Callable[..., dict[str, Any]]
+    done: Callable[[dict[str, Any]], str]
+    volumes: Demo | None = None
+
+
+def _classification_done(volumes: bool) -> Callable[[dict[str, Any]], str]:
+    def done(r: dict[str, Any]) -> str:
+        return (f"[bold green]Demo done[/] in {r['wall_seconds']:.0f} s: test ACC {r['test_acc']:.3f}, "
+                f"AUC {r['test_auc']:.3f} on {r['test_images']} images.\n"
+                f"  run directory: {r['run']}\n  report: {r['report']}\n"
+                f"  next: lepton predict {r['run']} {'SERIES_FOLDER' if volumes else 'IMAGE.png'}")
+
+    return done
+
+
+#: The demos by name (``lepton demo --task NAME``): one per task, and pathology's slides. A new task's demo is a
+#: function above and one entry here.
+DEMOS: dict[str, Demo] = {
+    "classification": Demo(run_demo, _classification_done(False),
+                           volumes=Demo(run_volume_demo, _classification_done(True))),
+    "segmentation": Demo(run_segmentation_demo, lambda r: (
+        f"[bold green]Segmentation demo done[/] in {r['wall_seconds']:.0f} s: test Dice {r['test_dice']:.3f} on "
+        f"{r['test_cases']} cases; DICOM SEG: {r['new_case']['prediction']['dicom_seg']}")),
+    "detection": Demo(run_detection_demo, lambda r: (
+        f"[bold green]Detection demo done[/] in {r['wall_seconds']:.0f} s: test mAP {r['images']['map']:.3f} "
+        f"(images), {r['volumes']['map']:.3f} (volumes); CPM {r['images']['cpm']:.3f}, {r['volumes']['cpm']:.3f}")),
+    "sequence": Demo(run_sequence_demo, lambda r: (
+        f"[bold green]Sequence demo done[/] in {r['wall_seconds']:.0f} s: test MAE {r['test_mae']:.2f} (predicting "
+        f"the mean: {r['baseline_mae']:.2f}), R² {r['test_r2']:.3f} on {r['test_clips']} clips; served == offline: "
+        f"{r['example']['agree']}")),
+    "pathology": Demo(run_pathology_demo, lambda r: (
+        f"[bold green]Pathology demo done[/] in {r['wall_seconds']:.0f} s: slide AUC {r['test_auc']:.3f} (95% CI "
+        f"{r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f}) on {r['split']['test']} test slides; heatmaps, GeoJSON and "
+        f"reports in {r['model']}/predictions")),
+}

@@ -57,19 +57,12 @@ def evaluate(
     if external and (data is None or str(data) == cfg.data):
         raise DataError("--external compares another site's data with the training data: pass that data with "
                         f"--data (the run was trained on {cfg.data})")
-    subset, used = select_split(run, data, split, skip_bad=skip_bad)
+    subset, used = select_split(run, data, split, skip_bad=skip_bad, cached=not external and not by and
+                                _trained_from_cache(run))
     same_source = source == cfg.data
     y = run.task.targets(subset)
-    extra: dict[str, Any] = {}
-    if run.task.dense:  # each case at its own size, with its spacing for distances in mm
-        import numpy as np
-
-        outputs = [run.segment(im, stepped=True) for im in subset.images]
-        spacings = [tuple(np.linalg.norm(a[:3, :3], axis=0)) if a is not None else (1.0,) * (np.ndim(im) - 1)
-                    for im, a in zip(subset.images, subset.affines, strict=True)]
-        extra["meta"] = {"names": subset.names, "spacings": spacings, "images": subset.images}
-    else:  # with the inputs beside the images (covariates) for a network that takes them
-        outputs = run.predict_proba(subset.images, run.task.side_inputs(subset, run.preprocessing))
+    # (segmentation: each case at its own size, with its spacing for distances in mm)
+    outputs, extra = run.task.evaluation_outputs(run, subset)
     report: dict[str, Any] = {"run": str(run.path), "task": run.task.name, "model": cfg.model, "data": source,
                               "split": used, "images": len(y)}
     out = Path(output) if output else run.path / "eval" / (used if same_source else f"{Path(source).stem}-{used}")
@@ -80,7 +73,7 @@ def evaluate(
     report["output"] = str(out)
     markdown = [f"# Evaluation: {run.path.name}", "", f"- Model: `{cfg.model}` ({run.task.name})",
                 f"- Data: `{source}`, split **{used}**, {len(y)} images", *lines]
-    if not run.task.dense and run.task.name == "classification":
+    if run.task.prediction_table:
         _write_predictions(out / "predictions.csv", subset.names, y, outputs, run.label_names)
     from lepton.validation.clinical import clinical_sections
 
@@ -119,19 +112,40 @@ def _write_predictions(path: Path, names: list[str], y, outputs, labels: list[st
     atomic_write_text(path, buf.getvalue())
 
 
-def select_split(run, data: str | Path | None, split: str, *, skip_bad: bool = False):
+def _trained_from_cache(run) -> bool:
+    """Whether the run read its data from the case cache (``data.json``'s engine) and its task scores images read
+    batch by batch (the ``stream_eval`` capability)."""
+    import json
+
+    try:
+        engine = json.loads((run.path / "data.json").read_text()).get("engine")
+    except (OSError, ValueError):
+        return False
+    return engine == "cache" and "stream_eval" in run.task.capabilities
+
+
+def select_split(run, data: str | Path | None, split: str, *, skip_bad: bool = False, cached: bool = False):
     """The images a run is evaluated on, and the split name actually used.
 
     Without ``data`` the run's own source is re-split exactly as in training; another source is used
-    at its ``split`` if it defines splits, else whole (split name ``all``).
+    at its ``split`` if it defines splits, else whole (split name ``all``). ``cached``: the source is read through
+    the case cache (``Task.load_cases``) where the task can, so the split is chosen from metadata and its images
+    are read a batch at a time (``Task.evaluation_outputs``), as the run was trained.
     """
     from lepton.data.splits import assign_splits
 
     cfg, spec = run.config, run.preprocessing
     source = str(data) if data is not None else cfg.data
     same_source = source == cfg.data
-    dataset = run.task.load(source, window=spec.window, slices=spec.slices, steps=spec.steps,
-                            skip_bad=skip_bad or (same_source and cfg.skip_bad))
+    skip = skip_bad or (same_source and cfg.skip_bad)
+    dataset = None
+    if cached:
+        side = spec.size[-1] if len(set(spec.size)) == 1 else None  # the pixels training stored
+        dataset = run.task.load_cases(source, window=spec.window, steps=spec.steps, skip_bad=skip,
+                                      cache_dir=cfg.cache_dir, workers=cfg.workers, quiet=True, slices=spec.slices,
+                                      image_size=side)
+    if dataset is None:
+        dataset = run.task.load(source, window=spec.window, slices=spec.slices, steps=spec.steps, skip_bad=skip)
     _check_labels(dataset.label_names, run.label_names, source)
     if same_source:
         splits = assign_splits(dataset, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,

@@ -78,16 +78,17 @@ class _Pretext(nn.Module):
 
     def __init__(self, net: nn.Module, info, method: str, channels: int, dims: int, example: torch.Tensor):
         super().__init__()
-        self.net, self.method, self.dense = net, method, info.task == "segmentation"
+        # an encoder-decoder answers a map on the input's grid: its own output is the feature map
+        self.net, self.method, self.maps = net, method, info.output == "map"
         self._features: torch.Tensor | None = None
-        if not self.dense:  # a classifier's last spatial feature map, caught where Grad-CAM looks
+        if not self.maps:  # a classifier's last spatial feature map, caught where Grad-CAM looks
             net.get_submodule(info.cam_layer).register_forward_hook(self._catch)
         with torch.no_grad():
             width = self.features(example).shape[1]
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         if method == "contrastive":
             self.extra = nn.Sequential(nn.Linear(width, 256), nn.ReLU(inplace=True), nn.Linear(256, PROJECTION))
-        elif self.dense:  # an encoder-decoder reconstructs through its own output layer
+        elif self.maps:  # an encoder-decoder reconstructs through its own output layer
             self.extra = nn.Identity()
         else:
             self.extra = nn.Sequential(conv(width, 64, 3, padding=1), nn.ReLU(inplace=True), conv(64, channels, 1))
@@ -97,7 +98,7 @@ class _Pretext(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
-        return out if self.dense else self._features
+        return out if self.maps else self._features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
@@ -171,8 +172,8 @@ def pretrain(source: str | Path, output: str | Path, *, quiet: bool = False, che
     spec = Preprocessing(tuple(size), config.channels, [0.5] * config.channels, [0.5] * config.channels,
                          config.window, config.slices)
     torch.manual_seed(config.seed)
-    outputs = config.channels if config.method == "masked" and info.task == "segmentation" else \
-        32 if info.task == "segmentation" else 1
+    outputs = config.channels if config.method == "masked" and info.output == "map" else \
+        32 if info.output == "map" else 1
     net = create_model(config.model, in_channels=config.channels, num_classes=outputs, image_size=size[-1],
                        spatial_dims=dims)
     model = _Pretext(net, info, config.method, config.channels, dims,

@@ -29,51 +29,12 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Synthetic chest X-rays (or CT volumes) → train → evaluate → predict, end to end on CPU."""
-    from lepton.demo import run_demo, run_segmentation_demo, run_volume_demo
+    from lepton.demo import DEMOS
 
-    if task == "pathology":
-        from lepton.pathology.demo import run_pathology_demo
-
-        result = run_pathology_demo(output_dir, quick=quick, seed=seed)
-        console.print_json(json.dumps(result))
-        low, high = result["auc_ci95"]
-        console.print(f"[bold green]Pathology demo done[/] in {result['wall_seconds']:.0f} s: slide AUC "
-                      f"{result['test_auc']:.3f} (95% CI {low:.3f}-{high:.3f}) on {result['split']['test']} test "
-                      f"slides; heatmaps, GeoJSON and reports in {result['model']}/predictions")
-        return
-    if task == "sequence":
-        from lepton.demo import run_sequence_demo
-
-        result = run_sequence_demo(output_dir, quick=quick, seed=seed)
-        console.print_json(json.dumps(result))
-        example = result["example"]
-        console.print(f"[bold green]Sequence demo done[/] in {result['wall_seconds']:.0f} s: test MAE "
-                      f"{result['test_mae']:.2f} (predicting the mean: {result['baseline_mae']:.2f}), R² "
-                      f"{result['test_r2']:.3f} on {result['test_clips']} clips; served == offline: {example['agree']}")
-        return
-    if task == "segmentation":
-        result = run_segmentation_demo(output_dir, quick=quick, seed=seed)
-        console.print_json(json.dumps(result))
-        console.print(f"[bold green]Segmentation demo done[/] in {result['wall_seconds']:.0f} s: test Dice "
-                      f"{result['test_dice']:.3f} on {result['test_cases']} cases; DICOM SEG: "
-                      f"{result['new_case']['prediction']['dicom_seg']}")
-        return
-    if task == "detection":
-        from lepton.demo import run_detection_demo
-
-        result = run_detection_demo(output_dir, quick=quick, seed=seed)
-        console.print_json(json.dumps(result))
-        console.print(f"[bold green]Detection demo done[/] in {result['wall_seconds']:.0f} s: test mAP "
-                      f"{result['images']['map']:.3f} (images), {result['volumes']['map']:.3f} (volumes); CPM "
-                      f"{result['images']['cpm']:.3f}, {result['volumes']['cpm']:.3f}")
-        return
-    if task != "classification":
-        raise ConfigError(f"demo --task is classification, segmentation, detection, pathology or sequence "
-                          f"(got {task!r})")
-    result = (run_volume_demo if volumes else run_demo)(output_dir, quick=quick, seed=seed)
+    if task not in DEMOS:
+        raise ConfigError(f"demo --task is one of {', '.join(DEMOS)} (got {task!r})")
+    chosen = DEMOS[task]
+    chosen = chosen.volumes if volumes and chosen.volumes is not None else chosen
+    result = chosen.run(output_dir, quick=quick, seed=seed)
     console.print_json(json.dumps(result))
-    console.print(
-        f"[bold green]Demo done[/] in {result['wall_seconds']:.0f} s: test ACC {result['test_acc']:.3f}, "
-        f"AUC {result['test_auc']:.3f} on {result['test_images']} images.\n"
-        f"  run directory: {result['run']}\n  report: {result['report']}\n"
-        f"  next: lepton predict {result['run']} {'SERIES_FOLDER' if volumes else 'IMAGE.png'}")
+    console.print(chosen.done(result))

@@ -27,10 +27,15 @@ def models_available() -> None:
     from rich.table import Table
 
     from lepton.models import list_models
+    from lepton.tasks import get_task, list_tasks
 
+    trains: dict[tuple[str, str], list[str]] = {}  # the tasks that train each kind of network
+    for name in list_tasks():
+        trains.setdefault(get_task(name).network_kind, []).append(name)
     table = Table("name", "task", "dims", "description", "pretrained weights")
     for info in list_models():
-        table.add_row(info.name, info.task, "/".join(f"{d}-D" for d in info.spatial_dims), info.description,
+        table.add_row(info.name, ", ".join(trains.get(info.kind, ["-"])),
+                      "/".join(f"{d}-D" for d in info.spatial_dims), info.description,
                       info.pretrained_layout or "-")
     console.print(table)
 

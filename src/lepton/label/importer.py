@@ -68,12 +68,13 @@ def import_labels(run: str | Path | Run, file: str | Path, labels: str | Path, *
 
     run = run if isinstance(run, Run) else load_run(run)
     file = Path(file)
-    column = column or ("mask" if run.task.dense else "label")
+    masks = run.task.annotation == "mask"  # label maps; else class names (boxes: read by the detection readers)
+    column = column or ("mask" if masks else "label")
     built: dict[int, Any] = {}
     boxes = reads_boxes(run)
     if boxes:  # a box CSV or COCO file, read by the detection readers
         rows = []
-    elif run.task.dense and file.suffix.lower() == ".json":  # a COCO file: its images and their shapes
+    elif masks and file.suffix.lower() == ".json":  # a COCO file: its images and their shapes
         from lepton.label.shapes import read_coco
 
         rows = []
@@ -86,7 +87,7 @@ def import_labels(run: str | Path | Run, file: str | Path, labels: str | Path, *
     _, data = labelled_set(run, None)
     hashes = [pixel_hash(image) for image in data.images]
     own = dict.fromkeys(hashes, "(the run's own boxes)") if boxes else \
-        dict.fromkeys(hashes, "(the run's own mask)") if run.task.dense else \
+        dict.fromkeys(hashes, "(the run's own mask)") if masks else \
         {h: run.label_names[int(y)] for h, y in zip(hashes, data.labels, strict=True)}
     spec = run.preprocessing
     cases, problems = box_cases(run, file) if boxes else ([], [])
@@ -98,7 +99,7 @@ def import_labels(run: str | Path | Run, file: str | Path, labels: str | Path, *
             problems.append(f"{where}: the image cannot be read ({exc}); fix the path column")
             continue
         digest = pixel_hash(pixels)
-        if run.task.dense:
+        if masks:
             label, problem = _check_mask(row[column], file.parent, pixels, affine, run.label_names, where,
                                          built.get(line))
         else:

@@ -26,6 +26,8 @@ from lepton.errors import ConfigError, DataError
 
 #: RGB colours QuPath shows the classes in (cycled).
 COLOURS = [[220, 40, 40], [40, 160, 60], [40, 90, 220], [230, 160, 20], [150, 60, 200], [20, 180, 190]]
+#: QuPath's object types (GeoJSON ``objectType``) read as drawn shapes; the others (tiles, TMA cores) are skipped.
+QUPATH_SHAPES = frozenset({"annotation", "detection", "cell"})
 
 
 def _skimage():
@@ -176,7 +178,7 @@ def read_geojson(path: str | Path, shape: tuple[int, ...], names: list[str]) -> 
     for i, feature in enumerate(features, start=1):
         where = f"{path}: feature {i}"
         props = feature.get("properties") or {}
-        if props.get("objectType", "annotation") not in ("annotation", "detection", "cell"):
+        if props.get("objectType", "annotation") not in QUPATH_SHAPES:
             continue
         cls = props.get("classification") or {}
         name = cls.get("name") if isinstance(cls, dict) else cls

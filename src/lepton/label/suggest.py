@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from lepton.data.transforms import augment_batch, augment_options
-from lepton.data.unlabelled import UnlabelledSet, load_unlabelled, pixel_hash
+from lepton.data.unlabelled import UnlabelledSet, pixel_hash
 from lepton.errors import ConfigError, DataError
-from lepton.label.boxes import reads_boxes, suggest_boxes
+from lepton.label.boxes import suggest_boxes
 from lepton.label.rounds import open_labels
 from lepton.runs import Run, load_run, predict_outputs
 from lepton.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -128,21 +128,22 @@ def suggest(run: str | Path | Run, source: str | Path, *, n: int = 50, strategy:
         raise ConfigError(f"n must be at least 1 (got {n})")
     run = run if isinstance(run, Run) else load_run(run)
     spec = run.preprocessing
-    pool = load_unlabelled(source, window=spec.window, slices="auto" if run.task.dense else spec.slices,
-                           steps=spec.steps or None)
+    kind = run.task.annotation  # what the person labelling gives: a class name, a label map, boxes
+    if kind not in ("class", "mask", "boxes"):
+        raise ConfigError(f"suggest ranks cases labelled with a class, a label map or boxes (classification, "
+                          f"segmentation and detection); a {run.task.name} run has no labelling rounds")
+    if kind == "mask" and strategy == "coreset":
+        raise ConfigError("coreset ranks by a classifier's pooled features; for label maps (segmentation) use "
+                          "entropy, tta or random")
+    pool = run.task.load_unlabelled(source, window=spec.window, slices=spec.slices, steps=spec.steps or None)
     known, data = labelled_set(run, labels)
     out = Path(output)
-    if run.task.dense:
-        if strategy == "coreset":
-            raise ConfigError("coreset ranks by a classifier's pooled features; for segmentation use entropy, tta "
-                              "or random")
+    if kind == "mask":
         rows, excluded = _suggest_dense(run, pool, known, n, strategy, seed, out, dicom_seg)
-    elif run.task.name == "classification":
+    elif kind == "class":
         rows, excluded = _suggest_classes(run, pool, known, data, n, strategy, seed, batch_size)
-    elif reads_boxes(run):
-        rows, excluded = suggest_boxes(run, pool, known, n, strategy, seed, out, batch_size)
     else:
-        raise ConfigError(f"suggest ranks classification, segmentation and detection cases; not {run.task.name}")
+        rows, excluded = suggest_boxes(run, pool, known, n, strategy, seed, out, batch_size)
     _write_csv(out / "suggestions.csv", rows)
     atomic_write_json(out / "suggest.json", {
         "run": str(run.path), "source": str(source), "strategy": strategy, "n": len(rows), "pool": len(pool),

@@ -330,6 +330,6 @@ class BoxLoss:
 
 
 @register_model("retinanet", "RetinaNet (MONAI; 2-D or 3-D box detection, ResNet + FPN, fitted anchors)",
-                head="detector.network.classification_head", spatial_dims=(2, 3), task="detection", divisor=DIVISOR)
+                head="detector.network.classification_head", spatial_dims=(2, 3), output="boxes", divisor=DIVISOR)
 def retinanet(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
     return BoxDetector(in_channels, num_classes, spatial_dims)

@@ -50,7 +50,7 @@ def create_model(
     if in_channels < 1 or num_classes < 1:
         raise ModelError(f"need in_channels >= 1 and num_classes >= 1 outputs (got {in_channels}, {num_classes})")
     info = model_info(name)
-    if options.get("covariates") and info.task == "classification":  # a classifier fused with clinical covariates
+    if options.get("covariates") and info.kind == ("image", "vector"):  # a classifier fused with clinical covariates
         from lepton.models.fusion import FEATURES, ImageCovariateNet
 
         if members is not None and members > 1:
@@ -62,7 +62,7 @@ def create_model(
         from lepton.models.networks import Ensemble
 
         # the members' mean softmax over axis 1: class probabilities, or a segmentation network's per voxel
-        if info.task not in ("classification", "segmentation") or pretrained is not None:
+        if info.kind not in (("image", "vector"), ("image", "map")) or pretrained is not None:
             raise ModelError("members > 1 builds an ensemble of classifiers or segmentation networks trained from "
                              "scratch")
         return Ensemble([create_model(name, in_channels, num_classes, image_size=image_size, spatial_dims=spatial_dims,

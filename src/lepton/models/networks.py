@@ -145,7 +145,7 @@ def efficientnet_b0(in_channels: int, num_classes: int, image_size: int, spatial
 # -- segmentation: encoder-decoders with one output channel per class (background included) ---------------------
 
 @register_model("unet", "U-Net with residual units (MONAI; 2-D or 3-D segmentation)", head="model.2",
-                spatial_dims=(2, 3), task="segmentation", divisor=16)
+                spatial_dims=(2, 3), output="map", divisor=16)
 def unet(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
     from monai.networks.nets import UNet
 
@@ -154,7 +154,7 @@ def unet(in_channels: int, num_classes: int, image_size: int, spatial_dims: int 
 
 
 @register_model("segresnet", "SegResNet (MONAI; 2-D or 3-D segmentation, residual encoder)", head="conv_final",
-                spatial_dims=(2, 3), task="segmentation", divisor=8)
+                spatial_dims=(2, 3), output="map", divisor=8)
 def segresnet(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
     from monai.networks.nets import SegResNet
 
@@ -162,7 +162,7 @@ def segresnet(in_channels: int, num_classes: int, image_size: int, spatial_dims:
 
 
 @register_model("attention_unet", "Attention U-Net (MONAI; 2-D or 3-D segmentation)", head="model.2",
-                spatial_dims=(2, 3), task="segmentation", divisor=16)
+                spatial_dims=(2, 3), output="map", divisor=16)
 def attention_unet(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 2) -> nn.Module:
     from monai.networks.nets import AttentionUnet
 

@@ -226,8 +226,8 @@ def _frame_net(head: str, in_channels: int, num_classes: int, image_size: int, s
     if spatial_dims != 3:
         raise ModelError("sequence networks take clips (N, C, T, H, W) or signals (N, C, T): spatial_dims 3 or 1")
     info = registered(encoder)
-    if info is None or info.task != "classification" or 2 not in info.spatial_dims:
-        fitting = [n for n in registered_names() if (i := registered(n)) and i.task == "classification"
+    if info is None or info.kind != ("image", "vector") or 2 not in info.spatial_dims:
+        fitting = [n for n in registered_names() if (i := registered(n)) and i.kind == ("image", "vector")
                    and 2 in i.spatial_dims]
         raise ModelError(f"encoder {encoder!r} is not a registered 2-D classifier; use one of {', '.join(fitting)}")
     # The encoder is any registered 2-D classifier; its final linear layer projects to the frame embedding.
@@ -237,27 +237,27 @@ def _frame_net(head: str, in_channels: int, num_classes: int, image_size: int, s
 
 
 @register_model("seq_gru", "2-D encoder per frame (encoder option, default frame_cnn; signals: a 1-D convolution "
-                "encoder) + bidirectional GRU over time", head="fusion.fc", spatial_dims=(3, 1), task="sequence")
+                "encoder) + bidirectional GRU over time", head="fusion.fc", spatial_dims=(3, 1), inputs="clip")
 def seq_gru(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 3, **options) -> nn.Module:
     return _frame_net("gru", in_channels, num_classes, image_size, spatial_dims, **options)
 
 
 @register_model("seq_lstm", "2-D encoder per frame (encoder option, default frame_cnn; signals: a 1-D convolution "
-                "encoder) + bidirectional LSTM over time", head="fusion.fc", spatial_dims=(3, 1), task="sequence")
+                "encoder) + bidirectional LSTM over time", head="fusion.fc", spatial_dims=(3, 1), inputs="clip")
 def seq_lstm(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 3, **options) -> nn.Module:
     return _frame_net("lstm", in_channels, num_classes, image_size, spatial_dims, **options)
 
 
 @register_model("seq_attention", "2-D encoder per frame (encoder option, default frame_cnn; signals: a 1-D "
                 "convolution encoder) + temporal attention pooling",
-                head="fusion.fc", spatial_dims=(3, 1), task="sequence")
+                head="fusion.fc", spatial_dims=(3, 1), inputs="clip")
 def seq_attention(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 3,
                   **options) -> nn.Module:
     return _frame_net("attention", in_channels, num_classes, image_size, spatial_dims, **options)
 
 
 @register_model("r2plus1d", "R(2+1)-D residual video network over clips (N, C, T, H, W)", head="fusion.fc",
-                spatial_dims=(3,), task="sequence")
+                spatial_dims=(3,), inputs="clip")
 def r2plus1d(in_channels: int, num_classes: int, image_size: int, spatial_dims: int = 3, covariates: int = 0,
              fusion: str = "late", target_mean: float = 0.0, target_std: float = 1.0) -> nn.Module:
     from lepton.errors import ModelError

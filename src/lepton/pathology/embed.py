@@ -57,9 +57,9 @@ class Backbone:
         from lepton.runs import load_run
 
         run = load_run(run_dir)
-        if run.preprocessing.channels != 3 or run.config.task not in (None, "", "classification"):
+        if run.preprocessing.channels != 3 or run.task.network_kind != ("image", "vector"):
             raise ModelError(f"{run_dir}: a tile backbone must be a 2-D classification run on RGB tiles (this run has "
-                             f"{run.preprocessing.channels} channel(s), task {run.config.task or 'classification'})")
+                             f"{run.preprocessing.channels} channel(s), task {run.task.name})")
         digest = hashlib.sha256((Path(run_dir) / "best.pt").read_bytes()).hexdigest()[:16]
         size = int(run.preprocessing.size[0])
         backbone = cls._finish({"kind": "run", "run": str(Path(run_dir).resolve()), "weights": digest,

@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from lepton import rundir
 from lepton.errors import ConfigError
 
 #: Run files carried over to the calibrated run unchanged (``run.json`` is rewritten).
-CARRIED = ("config.yaml", "best.pt", "labels.json", "preprocessing.json", "data.json", "val_set.npz", "history.csv")
+CARRIED = (rundir.CONFIG, rundir.BEST, rundir.LABELS, rundir.PREPROCESSING, rundir.DATA, rundir.VAL_SET,
+           rundir.HISTORY)
 
 
 def raw_probabilities(run, images) -> np.ndarray:
@@ -45,7 +47,7 @@ def calibrate(run, data: str | Path, *, method: str = "platt", split: str = "val
     from lepton.utils import atomic_write_json
 
     run = run if isinstance(run, Run) else load_run(run)
-    if run.task.name != "classification" or len(run.label_names) != 2:
+    if not run.task.binary_test(run.label_names):
         raise ConfigError(f"{run.path}: recalibration applies to two-class classifiers (this run: {run.task.name}, "
                           f"{len(run.label_names)} classes)")
     if str(data) == run.config.data:
@@ -71,7 +73,7 @@ def calibrate(run, data: str | Path, *, method: str = "platt", split: str = "val
     threshold = float(apply_calibration(np.array([old_threshold]), record)[0]) if old_threshold is not None else None
     info.update(calibration=_finite(record), threshold=threshold, calibrated_from=str(src.resolve()),
                 threshold_rule=f"{info.get('threshold_rule') or 'original'}, carried through the {method} map")
-    atomic_write_json(out / "run.json", info)
+    rundir.RunDir(out).write_info(info)
     result = {"output": str(out), "method": method, "images": len(y), "events": int(y.sum()), "split": used,
               "record": record, "before": _finite(before), "after": _finite(after), "threshold": threshold,
               "parent_threshold": old_threshold}

@@ -22,7 +22,7 @@ def clinical_sections(run, subset, y, outputs, body: dict[str, Any], *, by: list
     from lepton.validation import decision, subgroups
 
     task = run.task
-    binary = task.name == "classification" and not task.dense and len(run.label_names) == 2
+    binary = task.binary_test(run.label_names)
     sections: dict[str, Any] = {"_plots": []}
     lines: list[str] = []
     if by:
@@ -34,13 +34,12 @@ def clinical_sections(run, subset, y, outputs, body: dict[str, Any], *, by: list
             pred = task.decide(np.asarray(outputs), run.info)
             scorer = subgroups.binary_scorer(np.asarray(y), p, pred)
             events = np.asarray(y)
-        elif task.dense:
-            scorer, events = subgroups.mean_scorer(case_dice(body, run.label_names), "dice"), None
+        elif (per_unit := task.unit_scores(body, run.label_names)) is not None:  # e.g. each case's Dice
+            scorer, events = subgroups.mean_scorer(per_unit[1], per_unit[0]), None
         else:
             scorer, events = subgroups.task_scorer(task, y, outputs, run.info), None
-        unit = "case" if task.dense else "image"
         table = subgroups.subgroup_metrics(columns, scorer, events=events, n_bootstrap=n_bootstrap,
-                                           min_size=min_size, unit=unit)
+                                           min_size=min_size, unit=task.unit)
         if binary:  # Fairlearn's intersectional view beside the per-column table
             frame = subgroups.fairlearn_frame(np.asarray(y), p, pred, columns)
             table["fairlearn"] = {"overall": _clean(frame.overall.to_dict()),
@@ -73,12 +72,6 @@ def clinical_sections(run, subset, y, outputs, body: dict[str, Any], *, by: list
             sections["_plots"].append(str(plot_calibration_curves(
                 {"external": (np.asarray(y), np.asarray(outputs)[:, 1])}, plots / "calibration_external.png")))
     return sections, lines
-
-
-def case_dice(body: dict[str, Any], labels: list[str]) -> np.ndarray:
-    """Each case's Dice averaged over the foreground classes, from a dense task's report (its per-case rows)."""
-    return np.asarray([np.nanmean([np.nan if r.get(f"{c}/dice") is None else r[f"{c}/dice"] for c in labels[1:]])
-                       for r in body["cases"]], dtype=np.float64)
 
 
 def _forest(table: dict[str, Any], path: Path) -> Path:
@@ -123,7 +116,7 @@ def external_section(run, subset, y, outputs, *, binary: bool, n_bootstrap: int)
     fingerprint_file = Path(run.path) / "data.json"
     fingerprint = json.loads(fingerprint_file.read_text()) if fingerprint_file.is_file() else {}
     ext_intensity = None
-    if not run.task.dense:
+    if run.preprocessing.fit == "resize":  # at the network's size, as the training fingerprint measured it
         means = [float(run.preprocessing.resize(subset.images[i:i + 256]).mean(dim=(1, 2, 3)).sum())
                  for i in range(0, len(subset), 256)]
         ext_intensity = sum(means) / max(len(subset), 1)

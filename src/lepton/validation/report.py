@@ -52,9 +52,9 @@ def validation_report(run, data: str | Path | None = None, *, split: str = "test
     subset, used = select_split(run, data, split)
     leakage = leakage_checks(run, subset, data)
     cases = failure_cases(run, subset, out / "evaluation" / "predictions.csv", out / "failures", failures) \
-        if failures and run.task.name == "classification" and not run.task.dense else []
+        if failures and run.task.prediction_table else []
     calib = None
-    if run.task.name == "classification" and len(run.label_names) == 2:
+    if run.task.binary_test(run.label_names):
         from lepton.validation.external import calibration_summary
 
         y, probs = _read_predictions(out / "evaluation" / "predictions.csv")
