@@ -109,7 +109,9 @@ def test_auto_keeps_small_sets_in_memory_and_says_why(pngs, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_from_the_cache_matches_the_in_memory_path(tmp_path, one_thread, caplog):
+def test_training_from_the_cache_matches_the_in_memory_path(tmp_path, one_thread, caplog, monkeypatch):
+    from lepton.evaluate import evaluate
+    from lepton.tasks.classification import Classification
     from lepton.train import train
 
     root = write_png_classes(tmp_path / "pngs", n=64, size=16, seed=4)
@@ -133,3 +135,14 @@ def test_training_from_the_cache_matches_the_in_memory_path(tmp_path, one_thread
     # 8-bit PNGs at their own size are stored exactly, and read in workers with the same batches and random draws:
     # the two runs train alike
     assert mem["run.json"]["val_auc"] == pytest.approx(cached["run.json"]["val_auc"], abs=1e-6)
+    # the test split evaluated: from memory, and — never reading the source whole — from the cache, alike
+    reports = {"memory": evaluate(tmp_path / "runs" / "memory", n_bootstrap=0, plots=False)}
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the cached run's evaluation read the source into memory")
+
+    monkeypatch.setattr(Classification, "load", whole)
+    reports["cache"] = evaluate(tmp_path / "runs" / "cache", n_bootstrap=0, plots=False)
+    assert reports["memory"]["images"] == reports["cache"]["images"] > 0
+    mem_m, cached_m = (r["metrics"][r["primary_threshold"]] for r in (reports["memory"], reports["cache"]))
+    assert mem_m["auc"] == pytest.approx(cached_m["auc"], abs=1e-6) and mem_m["acc"] == cached_m["acc"]

@@ -100,6 +100,16 @@ class Classification(Task):
     def fit_inputs(self, train, spec) -> None:
         fit_covariates(classification_options(self.options), train, spec)
 
+    def evaluation_outputs(self, run, data):
+        """Class probabilities; images in the cache (an ``ImageStore``) are read and predicted a chunk at a time."""
+        from lepton.data.imagecache import ImageStore
+
+        if not isinstance(data, ImageStore):
+            return super().evaluation_outputs(run, data)
+        spec = run.preprocessing
+        parts = [run.predict_proba(chunk.numpy()) for chunk in data.pixels(tuple(spec.size), spec.channels).chunks()]
+        return (np.concatenate(parts) if parts else np.zeros((0, len(run.label_names)), np.float32)), {}
+
     def side_inputs(self, data, spec):
         return covariate_inputs(data, spec)
 
