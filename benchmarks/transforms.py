@@ -4,11 +4,12 @@ Four pieces, each timed the way Lepton runs it and the ways MONAI offers, on the
 
 1. **Affine augmentation** (flips, rotation, shear, scale, shift; the image bilinear, its mask nearest): the
    hand-written version before #32 (matrices in ``grid_sample`` coordinates, one ``affine_grid``, the reference);
-   ``augment_batch`` now (MONAI's ``create_*`` matrices and ``to_norm_affine``, one grid for image and mask); MONAI's
-   batched ``AffineTransform`` layer (the same matrices, a grid per call: image and mask); MONAI's dictionary
-   transforms ``RandFlipd`` + ``RandAffined`` in a ``Compose``, per sample (they take one channel-first sample).
-2. **Centre pad / crop**: the hand-written ``F.pad`` before #32 against ``pad_or_crop`` now (MONAI's
-   ``ResizeWithPadOrCrop`` on the batch folded into its channel axis), on a batch and on one mask.
+   ``augment_batch`` now (batched matrices in voxel units, MONAI's ``to_norm_affine``, one grid for image and mask);
+   the same with the matrices built by MONAI's ``create_*`` helpers one sample at a time; MONAI's batched
+   ``AffineTransform`` layer (a grid per call: image and mask); MONAI's dictionary transforms ``RandFlipd`` +
+   ``RandAffined`` in a ``Compose``, per sample (they take one channel-first sample).
+2. **Centre pad / crop**: ``pad_or_crop`` (one ``F.pad``) against MONAI's ``ResizeWithPadOrCrop`` on the batch
+   folded into its channel axis, on a batch and on one mask.
 3. **Foreground-oversampled patches from cases in memory**: the segmentation task's ``batch`` (a third of the
    patches centred on a foreground voxel, the rest anywhere) against ``RandCropByPosNegLabeld`` (``pos=1, neg=2``)
    per case.
@@ -102,6 +103,26 @@ def handwritten_affine(x: torch.Tensor, opts: dict[str, float], gen: torch.Gener
     return moved, F.grid_sample(masks.float(), grid, mode="nearest", align_corners=False).to(masks.dtype)
 
 
+def monai_matrices(x: torch.Tensor, opts: dict[str, float], gen: torch.Generator, masks: torch.Tensor):
+    """``augment_batch``'s geometry with its matrices built by MONAI's ``create_*`` helpers, one sample at a time, then
+    Lepton's one shared grid."""
+    import torch.nn.functional as F
+    from monai.transforms.utils import create_rotate, create_scale, create_shear, create_translate
+
+    from lepton.data.transforms import affine_grid, random_affine
+
+    n, dims = x.shape[0], x.ndim - 2
+    params = random_affine(x, opts, gen)  # the draws; MONAI builds each matrix (timing only: arbitrary angles)
+    mats = []
+    for i in range(n):
+        angle, shift = float(np.random.default_rng(i).uniform(-0.4, 0.4)), params[i, :dims, dims].tolist()
+        mats.append(create_translate(dims, shift) @ create_rotate(dims, angle if dims == 2 else (angle, 0.0, 0.0))
+                    @ create_shear(dims, (0.0, 0.1) if dims == 2 else 0.0) @ create_scale(dims, (1.1,) * dims))
+    grid = affine_grid(torch.as_tensor(np.stack(mats), dtype=x.dtype), x.shape)
+    moved = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return moved, F.grid_sample(masks.float(), grid, mode="nearest", align_corners=False).to(masks.dtype)
+
+
 def monai_affine(dims: int, size: int, opts: dict[str, float]):
     """MONAI's dictionary transforms with the same option meanings, as closely as they allow (MONAI draws the scale
     per axis; Lepton's is isotropic)."""
@@ -142,37 +163,33 @@ def bench_affine(dims: int, n: int, size: int, repeats: int) -> None:
     compose = monai_affine(dims, size, opts)
     per_sample = timed(lambda: [compose({"image": x[i], "label": masks[i]}) for i in range(n)], repeats)
     row(f"affine augmentation {dims}-D", "x".join(map(str, shape)), reference,
-        {"augment_batch now (MONAI matrices, one grid)": ours, "AffineTransform layer (grid per call)":
-         timed(layer, repeats), "RandFlipd+RandAffined per sample": per_sample}, reference_name="hand-written")
-
-
-def handwritten_pad_or_crop(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """``pad_or_crop`` as it was before #32 (the reference): one ``F.pad``, negative widths crop."""
-    import torch.nn.functional as F
-
-    pads: list[int] = []
-    for have, want in zip(reversed(x.shape[-len(size):]), reversed(size), strict=True):
-        before = int((want - have) / 2)
-        pads += [before, want - have - before]
-    return F.pad(x, pads)
+        {"augment_batch now (batched voxel matrices, to_norm_affine, one grid)": ours,
+         "MONAI create_* matrices per sample, one grid": timed(lambda: monai_matrices(x, opts, gen, masks), repeats),
+         "AffineTransform layer (grid per call)": timed(layer, repeats),
+         "RandFlipd+RandAffined per sample": per_sample}, reference_name="hand-written")
 
 
 def bench_pad(dims: int, n: int, size: int, repeats: int) -> None:
+    from monai.transforms import ResizeWithPadOrCrop
+    from monai.utils import convert_to_tensor
+
     from lepton.data.transforms import pad_or_crop
 
     want = (size,) * dims
+    resize = ResizeWithPadOrCrop(want)
+
+    def monai(x: torch.Tensor) -> torch.Tensor:  # the batch folded into MONAI's channel axis
+        return convert_to_tensor(resize(x.reshape(-1, *x.shape[2:])), track_meta=False).reshape(*x.shape[:2], *want)
+
     for have, label in ((size * 3 // 4 + 1, "pad"), (size * 5 // 4 + 1, "crop")):
         x = torch.rand(n, 1, *[have] * dims)
-        assert torch.equal(handwritten_pad_or_crop(x, want), pad_or_crop(x, want))
-        row(f"{label} {dims}-D", f"{n}x1x{have}^{dims}->{size}", timed(lambda x=x: handwritten_pad_or_crop(x, want),
-                                                                        repeats),
-            {"pad_or_crop now (ResizeWithPadOrCrop)": timed(lambda x=x: pad_or_crop(x, want), repeats)},
-            reference_name="hand-written")
-        one = torch.zeros(1, *[have] * dims, dtype=torch.int64)  # one mask, as the segmentation task pads them
+        assert torch.equal(monai(x), pad_or_crop(x, want))
+        row(f"{label} {dims}-D", f"{n}x1x{have}^{dims}->{size}", timed(lambda x=x: pad_or_crop(x, want), repeats),
+            {"ResizeWithPadOrCrop": timed(lambda x=x: monai(x), repeats)}, reference_name="pad_or_crop")
+        one = torch.zeros(1, 1, *[have] * dims, dtype=torch.int64)  # one mask, as the segmentation task pads them
         row(f"{label} {dims}-D, one mask", f"1x{have}^{dims}->{size}",
-            timed(lambda one=one: handwritten_pad_or_crop(one, want), repeats),
-            {"pad_or_crop now (ResizeWithPadOrCrop)": timed(lambda one=one: pad_or_crop(one, want), repeats)},
-            reference_name="hand-written")
+            timed(lambda one=one: pad_or_crop(one, want), repeats),
+            {"ResizeWithPadOrCrop": timed(lambda one=one: monai(one), repeats)}, reference_name="pad_or_crop")
 
 
 def cases(dims: int, n: int, side: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

