@@ -18,11 +18,11 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: Layers from the ground up (docs/ARCHITECTURE.md): a module may import its own layer or any below it.
 LAYERS: list[tuple[str, ...]] = [
     ("lepton", "lepton.errors", "lepton.utils", "lepton.plots"),
-    ("lepton.config", "lepton.tracking"),
+    ("lepton.config", "lepton.presets", "lepton.tracking"),
     ("lepton.data",),
-    ("lepton.models",),
+    ("lepton.models", "lepton.rundir"),
     ("lepton.tasks",),
-    ("lepton.runs", "lepton.cost"),
+    ("lepton.runs", "lepton.cost", "lepton.tracking.compare"),
     ("lepton.train", "lepton.pretrain"),
     ("lepton.pathology",
      "lepton.evaluate", "lepton.label", "lepton.explain", "lepton.robustness", "lepton.export", "lepton.precision",
@@ -233,3 +233,48 @@ def test_no_dead_code():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and not node.decorator_list
             and not node.name.startswith("__") and node.name not in OVERRIDES and words[node.name] < 2]
     assert dead == [], "defined and never used: remove them, or name their use"
+
+
+def task_branches(root: Path, names: set[str]) -> list[str]:
+    """``file:line`` of every place outside ``lepton/tasks/`` under ``root`` that branches on a task: ``.dense`` (read
+    as grep reads it, comments too) or a comparison (``==``, ``!=``, ``in``, ``not in``, a ``case`` pattern) with a
+    registered task's name, alone or in a tuple, list or set."""
+
+    def named(node: ast.AST) -> bool:
+        elts = node.elts if isinstance(node, ast.Tuple | ast.List | ast.Set) else [node]
+        return any(isinstance(e, ast.Constant) and e.value in names for e in elts)
+
+    hits = []
+    for path in sorted((root / "lepton").rglob("*.py")):
+        if "tasks" in path.relative_to(root / "lepton").parts[:-1]:
+            continue
+        where = path.relative_to(root)
+        text = path.read_text()
+        lines = enumerate(text.splitlines(), 1)
+        hits += [f"{where}:{n}: .dense" for n, line in lines if re.search(r"\.dense\b", line)]
+        for node in ast.walk(ast.parse(text, str(path))):
+            compared = isinstance(node, ast.Compare) and any(named(e) for e in (node.left, *node.comparators))
+            if compared or (isinstance(node, ast.MatchValue) and named(node.value)):
+                hits.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    return sorted(hits)
+
+
+def test_a_planted_task_branch_is_caught(tmp_path):
+    (tmp_path / "lepton" / "tasks").mkdir(parents=True)
+    (tmp_path / "lepton" / "tasks" / "mine.py").write_text("ok = task.dense or task.name == 'segmentation'\n")
+    (tmp_path / "lepton" / "evaluate.py").write_text(
+        "if run.task.dense:\n    pass\nkind = {'segmentation': 1}\nx = run.task.name != 'classification'\n"
+        "y = info.task in ('segmentation', 'other')\nz = key not in ('ci95', 'calibration')\n")
+    assert task_branches(tmp_path, {"classification", "segmentation"}) == [
+        "lepton/evaluate.py:1: .dense", "lepton/evaluate.py:4: run.task.name != 'classification'",
+        "lepton/evaluate.py:5: info.task in ('segmentation', 'other')"]
+
+
+def test_no_task_branch_outside_the_tasks():
+    """The task seam (#32): outside ``lepton/tasks/`` nothing asks whether a task is dense or which task it is; what
+    differs is a hook or a declared capability of the task (docs/ARCHITECTURE.md lists them), so a new task is one
+    module and its registration."""
+    from lepton.tasks import list_tasks
+
+    hits = task_branches(SRC, set(list_tasks()))
+    assert hits == [], "ask the task (a hook or a declared capability) instead:\n" + "\n".join(hits)

@@ -181,16 +181,15 @@ class TrainConfig:
         by servers of two versions during a rolling upgrade); ``preprocess``, ``slab``, ``ensemble``, ``precision``,
         ``lr_scaling``, ``sync_batchnorm`` and the data engine's settings too when unused or at their defaults."""
         values = dataclasses.asdict(self)
-        if values["task"] == "classification":
+        if values["task"] == FIELDS["task"].default:
             del values["task"]
         for key in ("preprocess", "slab", "task_options"):  # likewise, left out unless used
             if not values[key]:
                 del values[key]
-        for key, default in (("ensemble", 1), ("precision", "auto"), ("lr_scaling", "none"),
-                             ("sync_batchnorm", True), ("data_engine", "auto"), ("memory_limit_gb", 2.0),
-                             ("cache_dir", None), ("workers", 0), ("loader_workers", 0), ("unlabelled", None),
-                             ("semi", None), ("semi_threshold", 0.95), ("semi_weight", 1.0), ("semi_ratio", 2)):
-            if values[key] == default:
+        for key in ("ensemble", "precision", "lr_scaling", "sync_batchnorm", "data_engine", "memory_limit_gb",
+                    "cache_dir", "workers", "loader_workers", "unlabelled", "semi", "semi_threshold", "semi_weight",
+                    "semi_ratio"):  # fields newer than the first runs: at their defaults, as those runs read
+            if values[key] == FIELDS[key].default:
                 del values[key]
         return values
 
@@ -315,9 +314,10 @@ def _npz_holds_volumes(path: str) -> bool:
 
 
 def auto_preset(data: str | None, task: str | None = None) -> str:
-    """The preset ``auto`` resolves to: ``segmentation`` for the segmentation task, ``medmnist3d`` for MedMNIST-format
-    volumes, ``medmnist`` for MedMNIST-format images, else ``default``."""
-    if task in ("segmentation", "detection"):
+    """The preset ``auto`` resolves to: the task's own preset (one of its name made for it: ``segmentation``,
+    ``detection``), ``medmnist3d`` for MedMNIST-format volumes, ``medmnist`` for MedMNIST-format images, else
+    ``default``."""
+    if task and PRESETS.get(task, {}).get("task") == task:
         return task
     text = str(data or "")
     if text.lower().endswith(".npz") and _npz_holds_volumes(text):

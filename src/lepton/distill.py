@@ -95,9 +95,10 @@ def _unlabelled_images(source: str, spec) -> Any:
 
 def _key(teacher_dir: Path, fingerprint: dict[str, Any], unlabelled: int) -> str:
     """What the cached teacher outputs were computed from: the teacher's weights, the data, the unlabelled count."""
+    from lepton.rundir import BEST, RunDir
     from lepton.utils import sha256_bytes
 
-    return sha256_bytes((teacher_dir / "best.pt").read_bytes() + json.dumps(
+    return sha256_bytes(RunDir(teacher_dir).file(BEST).read_bytes() + json.dumps(
         [fingerprint.get("sha256"), unlabelled]).encode())
 
 
@@ -198,6 +199,7 @@ def distill(
 
     from lepton.config import TrainConfig
     from lepton.data.transforms import Preprocessing
+    from lepton.rundir import CONFIG, RunDir
     from lepton.runs import load_run
     from lepton.train import finish_run, prepare_data, resolve_device
     from lepton.train.checkpoint import load_last
@@ -211,7 +213,7 @@ def distill(
                            "`lepton train --resume`")
         settings = DistillSettings(**json.loads((run_dir / SETTINGS_FILE).read_text())).check()
         state = load_last(run_dir)
-        config = TrainConfig.from_yaml(run_dir / "config.yaml").validate()
+        config = RunDir(run_dir).read_config().validate()
         teacher_run = load_run(settings.teacher)
         spec = Preprocessing.from_dict(state["preprocessing"])
     else:
@@ -231,7 +233,7 @@ def distill(
                 values[key] = value
         config = TrainConfig.from_dict(values).validate()
         run_dir = Path(config.output_dir) / config.name
-        if (run_dir / "config.yaml").exists():
+        if RunDir(run_dir).has(CONFIG):
             raise RunError(f"{run_dir} already holds a run; pass resume={str(run_dir)!r} (--resume) or another name")
         spec = teacher_run.preprocessing
     task = teacher_run.task
@@ -239,8 +241,8 @@ def distill(
         task.distill_loss(task.loss, settings.temperature, settings.alpha)
     except ConfigError as exc:
         raise ConfigError(f"{settings.teacher}: a {task.name} run; {exc}") from None
-    if settings.unlabelled and task.dense:
-        raise ConfigError("unlabelled images are taken for classifiers; a segmentation student learns the "
+    if settings.unlabelled and task.teacher_outputs != "rows":
+        raise ConfigError(f"unlabelled images are taken for classifiers; a {task.name} student learns the "
                           "teacher's soft masks on its training cases")
     device = resolve_device(config.device)
     teacher_run.device = device
@@ -254,16 +256,16 @@ def distill(
     if state is not None and state["fingerprint"]["sha256"] != prepared.fingerprint["sha256"]:
         raise RunError(f"{run_dir}: the data at {config.data} changed since distillation started")
     if state is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.to_yaml(run_dir / "config.yaml")
+        files = RunDir(run_dir).create()
+        files.write_config(config)
         atomic_write_json(run_dir / SETTINGS_FILE, dataclasses.asdict(settings))
-        atomic_write_json(run_dir / "preprocessing.json", prepared.spec.to_dict())
-        atomic_write_json(run_dir / "labels.json", prepared.label_names)
-        atomic_write_json(run_dir / "data.json", prepared.fingerprint)
+        files.write_preprocessing(prepared.spec)
+        files.write_labels(prepared.label_names)
+        files.write_data(prepared.fingerprint)
     extra_x = _unlabelled_images(settings.unlabelled, prepared.spec) if settings.unlabelled else None
     x_all = prepared.x_train if extra_x is None else torch.cat([prepared.x_train, extra_x.to(prepared.x_train.dtype)])
     key = _key(Path(settings.teacher), prepared.fingerprint, 0 if extra_x is None else len(extra_x))
-    if task.dense:  # soft masks: on disk, one case at a time
+    if task.teacher_outputs == "cases":  # soft masks: on disk, one case at a time
         outputs: Any = teacher_masks(teacher_run, x_all, run_dir, key, quiet)
     else:
         outputs = torch.from_numpy(teacher_outputs(teacher_run, x_all, run_dir, key, quiet))

@@ -1,14 +1,8 @@
-"""Run directories: loading a trained run and predicting with its saved preprocessing.
-
-A run directory ``runs/<name>/`` holds ``config.yaml`` (the resolved config), ``last.pt`` (the
-resumable checkpoint, rewritten atomically each epoch), ``best.pt`` (the selected weights and the
-network spec), ``history.csv``, ``curves.png``, ``labels.json``, ``preprocessing.json``,
-``data.json`` (the data fingerprint) and ``run.json`` (status, best epoch, decision threshold).
-"""
+"""Run directories: loading a trained run and predicting with its saved preprocessing. The directory's format
+(its files, read and written) is ``lepton.rundir``'s."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +12,12 @@ import numpy as np
 
 from lepton.config import TrainConfig
 from lepton.data.transforms import Preprocessing
-from lepton.data.volume import spacing_of
 from lepton.errors import RunError
-from lepton.models.layout import fast_layout, model_layout
+from lepton.models.layout import fast_layout
+from lepton.rundir import COMPLETE, RunDir
 from lepton.tasks import Task, get_task
 
-RUN_FILES = ("config.yaml", "best.pt", "labels.json", "preprocessing.json", "run.json")
+RUN_FILES = COMPLETE  # what load_run needs (lepton.rundir)
 
 
 def predict_outputs(model, x, activate: Callable, *, batch_size: int = 256, tta: bool = False,
@@ -172,19 +166,17 @@ class Run:
                 dicom_seg: bool = False, covariates: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Predict image files (any readable format); one dict per frame: ``path`` and the task's answer.
 
-        Dense tasks answer per file with sizes and lesions, and with ``output`` also write the label map there —
-        NIfTI for volumes (the input's grid and affine), PNG for images — and with ``dicom_seg`` a DICOM SEG for
-        inputs that are DICOM series folders. ``covariates``: one mapping per path (by covariate name) for a model
-        that fuses clinical covariates with the image."""
-        if self.task.dense:
-            return [self._segment_file(Path(p), output, dicom_seg) for p in paths]
-
+        A task may answer a file itself (``Task.answer_file``): segmentation answers per file with sizes and lesions
+        on the input's grid, and with ``output`` also writes the label map there — NIfTI for volumes (the input's grid
+        and affine), PNG for images — and with ``dicom_seg`` a DICOM SEG for inputs that are DICOM series folders.
+        ``covariates``: one mapping per path (by covariate name) for a model that fuses clinical covariates with the
+        image."""
         frames, names, rows = [], [], []
         if covariates is not None and len(covariates) != len(paths):
             raise RunError(f"{len(covariates)} covariate rows for {len(paths)} files: give one per file")
         parts: list[list[dict[str, Any]] | tuple[int, int]] = []  # a file's own answers, or its frames' span
         for i, p in enumerate(paths):
-            own = self.task.answer_file(self, p) if covariates is None else None
+            own = self.task.answer_file(self, p, output, dicom_seg) if covariates is None else None
             if own is not None:
                 parts.append(own)
                 continue
@@ -204,80 +196,20 @@ class Run:
                        for name, row in zip(names, outputs, strict=True)]
         return [a for part in parts for a in (part if isinstance(part, list) else answers[part[0]:part[1]])]
 
-    def _segment_file(self, path: Path, output: str | Path | None, dicom_seg: bool) -> dict[str, Any]:
-        from lepton.data.io import read_image
-        from lepton.data.masks import is_volume
-
-        volume = is_volume(path)
-        frames = read_image(path, window=self.preprocessing.window, slices="volume" if volume else "middle")
-        if len(frames) != 1:
-            raise RunError(f"{path}: holds {len(frames)} frames; a segmentation model takes one image or volume")
-        frame = frames[0]
-        probs = self.segment(frame.pixels, frame.affine)
-        spacing = spacing_of(frame.affine)
-        answer = {"path": str(path), **self.task.describe(probs, self.label_names, spacing, frame.affine)}
-        if output is not None:
-            out = Path(output)
-            out.mkdir(parents=True, exist_ok=True)
-            stem = path.name.removesuffix(".gz").rsplit(".", 1)[0] if "." in path.name else path.name
-            labels = probs.argmax(0).astype(np.uint8)
-            answer["label_map"] = str(_write_label_map(labels, frame.affine, out / (
-                f"{stem}_seg.nii.gz" if labels.ndim == 3 else f"{stem}_seg.png")))
-            if dicom_seg and path.is_dir():
-                from lepton.data.dicomseg import write_seg
-
-                answer["dicom_seg"] = str(write_seg(labels, frame.affine, path, self.label_names,
-                                                    out / f"{stem}_seg.dcm", algorithm=self.path.name[:64]))
-        return answer
-
-
-def _write_label_map(labels: np.ndarray, affine: np.ndarray | None, path: Path) -> Path:
-    """A label map as NIfTI (volumes, with their affine) or an 8-bit PNG of class indices (images)."""
-    import gzip
-    import io
-
-    from lepton.utils import atomic_write_bytes
-
-    if labels.ndim == 3:
-        import nibabel as nib
-
-        img = nib.Nifti1Image(labels.astype(np.uint8), affine if affine is not None else np.eye(4))
-        img.header.set_xyzt_units("mm")
-        atomic_write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
-    else:
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.fromarray(labels.astype(np.uint8), mode="L").save(buf, format="PNG")
-        atomic_write_bytes(path, buf.getvalue())
-    return path
-
 
 def load_run(path: str | Path, *, device: str = "cpu") -> Run:
     """Load a finished run directory (weights from ``best.pt``) for prediction or evaluation."""
-    import torch
-
-    from lepton.models import create_model
-
     path = Path(path)
-    if not path.is_dir():
-        raise RunError(f"{path}: run directory not found")
-    missing = [f for f in RUN_FILES if not (path / f).is_file()]
-    if missing:
-        hint = " (training has not finished: resume it with `lepton train --resume`)" \
-            if (path / "last.pt").is_file() else ""
-        raise RunError(f"{path}: not a complete run, missing {', '.join(missing)}{hint}")
+    run_dir = RunDir(path)
+    run_dir.check_complete()
     try:
-        config = TrainConfig.from_yaml(path / "config.yaml")
-        spec = Preprocessing.from_dict(json.loads((path / "preprocessing.json").read_text()))
-        labels = json.loads((path / "labels.json").read_text())
-        info = json.loads((path / "run.json").read_text())
-        ckpt = torch.load(path / "best.pt", map_location="cpu", weights_only=True)
-        model = create_model(**ckpt["spec"])
-        model.load_state_dict(ckpt["model"])
+        config = run_dir.read_config()
+        spec = run_dir.read_preprocessing()
+        labels = run_dir.read_labels()
+        info = run_dir.read_info()
+        model = run_dir.load_model(device=device)
     except RunError:
         raise
     except Exception as exc:
         raise RunError(f"{path}: cannot load run ({type(exc).__name__}: {exc})") from exc
-    model = model_layout(model.to(device)).eval()
     return Run(path, config, spec, labels, info, model, device, get_task(config.task, config.task_options))

@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 from lepton.errors import RegistryError
+from lepton.rundir import ARTIFACTS, VAL_SET, RunDir
 
-#: Artifact key → file of a run directory that a registered version stores.
-RUN_ARTIFACTS = {"weights": "best.pt", "config": "config.yaml", "preprocessing": "preprocessing.json",
-                 "labels": "labels.json", "run": "run.json", "data": "data.json"}
+#: Artifact key → file of a run directory that a registered version stores (``lepton.rundir``).
+RUN_ARTIFACTS = ARTIFACTS
 
 
 class RunsMixin:
@@ -27,18 +27,16 @@ class RunsMixin:
         ways: the version's ``mlflow_run`` (in its metrics record), and the card and a tag on the MLflow run.
         """
         run_dir = Path(run_dir)
-        missing = [f for f in RUN_ARTIFACTS.values() if not (run_dir / f).is_file()]
+        files = RunDir(run_dir)
+        missing = files.missing(tuple(RUN_ARTIFACTS.values()))
         if missing:
             raise RegistryError(f"{run_dir}: not a complete run (missing {', '.join(missing)})")
-        import yaml
-
         artifacts = {key: self.store.put((run_dir / f).read_bytes()) for key, f in RUN_ARTIFACTS.items()}
-        if (run_dir / "val_set.npz").is_file():  # for checking lower serving precisions (lepton.precision)
-            artifacts["val_set"] = self.store.put((run_dir / "val_set.npz").read_bytes())
-        from lepton.config import TrainConfig
+        if files.has(VAL_SET):  # for checking lower serving precisions (lepton.precision)
+            artifacts["val_set"] = self.store.put(files.file(VAL_SET).read_bytes())
         from lepton.tasks import get_task
 
-        run_config = TrainConfig.from_yaml(run_dir / "config.yaml")
+        run_config = files.read_config()
         task = get_task(run_config.task, run_config.task_options)
         if onnx:
             import tempfile
@@ -49,10 +47,11 @@ class RunsMixin:
             run = load_run(run_dir)
             with tempfile.TemporaryDirectory() as tmp:
                 path = export_onnx(run.model, (run.preprocessing.channels, *run.preprocessing.size),
-                                   Path(tmp) / "model.onnx", activate=run.task.activate, dense=task.dense,
+                                   Path(tmp) / "model.onnx", activate=run.task.activate,
+                                   spatial_axes=task.inferer == "sliding_window",
                                    output_name=task.oip_outputs(run.label_names)[0]["name"])
                 artifacts["onnx"] = self.store.put(path.read_bytes())
-        info = json.loads((run_dir / "run.json").read_text())
+        info = files.read_info()
         reports = {r.parent.name: json.loads(r.read_text()) for r in sorted(run_dir.glob("eval/*/report.json"))}
         metrics = task.card_metrics(info, reports)
         for key in ("cost", "teacher"):  # what an answer costs (measured at training's end); a student's teacher
@@ -65,10 +64,9 @@ class RunsMixin:
             metrics["mlflow_run"] = link
         fields = dict(
             format="pytorch", source_run=source or str(run_dir.resolve()), artifacts=artifacts,
-            labels=json.loads((run_dir / "labels.json").read_text()),
-            preprocessing=json.loads((run_dir / "preprocessing.json").read_text()),
-            config=yaml.safe_load((run_dir / "config.yaml").read_text()), metrics=metrics,
-            data_fingerprint=json.loads((run_dir / "data.json").read_text()), threshold=info.get("threshold"),
+            labels=files.read_labels(), preprocessing=files.read_preprocessing_dict(),
+            config=files.read_config_values(), metrics=metrics,
+            data_fingerprint=files.read_data(), threshold=info.get("threshold"),
         )
         version = self.add_version(name, fields, description)
         if link:
@@ -103,8 +101,7 @@ class RunsMixin:
 
         from lepton.config import TrainConfig
         from lepton.data.transforms import Preprocessing
-        from lepton.models import create_model
-        from lepton.models.layout import model_layout
+        from lepton.rundir import model_from_checkpoint
         from lepton.runs import Run
 
         v = self.get(ref)
@@ -114,9 +111,7 @@ class RunsMixin:
             raise RegistryError(f"{v.ref} is an {v.format} model; load it with an ONNX runtime")
         blobs = {k: self.store.get(sha, f"{v.ref} {k}") for k, sha in v.artifacts.items()}
         ckpt = torch.load(io.BytesIO(blobs["weights"]), map_location="cpu", weights_only=True)
-        model = create_model(**ckpt["spec"])
-        model.load_state_dict(ckpt["model"])
-        model = model_layout(model.to(device)).eval()
+        model = model_from_checkpoint(ckpt, device, f"{v.ref} weights")
         config = TrainConfig.from_dict(yaml.safe_load(blobs["config"]))
         info = json.loads(blobs["run"])
         return Run(Path(v.source_run or v.ref), config, Preprocessing.from_dict(v.preprocessing), v.labels,

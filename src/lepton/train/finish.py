@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 from lepton.config import TrainConfig
-from lepton.models import create_model
-from lepton.models.layout import model_layout
 from lepton.models.precision import cpu_model, matrix_flags
+from lepton.rundir import CURVES, TRACKED, RunDir
 from lepton.runs import Run, load_run
 from lepton.tasks import Task
 from lepton.tracking.base import Tracker
@@ -26,12 +25,9 @@ from lepton.train.data import (
     val_targets,
 )
 from lepton.train.distributed import Dist
-from lepton.utils import atomic_write_json
 
-#: The run directory's files a tracked run stores with it (MLflow: under ``run/``, what ``lepton models register
-#: runs:/ID`` registers).
-TRACKED_FILES = ("config.yaml", "run.json", "best.pt", "labels.json", "preprocessing.json", "data.json",
-                 "history.csv", "curves.png", VAL_SET_FILE)
+#: The run directory's files a tracked run stores with it (``lepton.rundir.TRACKED``).
+TRACKED_FILES = TRACKED
 
 
 
@@ -43,11 +39,9 @@ def finish_run(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepare
     too, so their runs are complete in the same sense."""
     from lepton.plots import plot_curves
 
-    plot_curves(history, run_dir / "curves.png")
-    ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
-    model = create_model(**ckpt["spec"])
-    model.load_state_dict(ckpt["model"])
-    model = model_layout(model.to(device))
+    files = RunDir(run_dir)
+    plot_curves(history, files.file(CURVES))
+    model = files.load_model(device=device)
     outputs = val_outputs(model, prepared, task.activate, tta=config.tta, device=device)
     # for checking lower serving precisions of this run once registered (lepton.precision)
     save_val_set(run_dir / VAL_SET_FILE, task, prepared.x_val, prepared.y_val, prepared.x_train, prepared.spec,
@@ -83,8 +77,8 @@ def finish_run(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepare
 
     # What each answer of this run costs, timed on its own input shape (the predict path, members and TTA as served).
     info["cost"] = measure_cost(model.eval(), (prepared.spec.channels, *prepared.spec.size), task.activate,
-                                tta=config.tta, device=device, dense=task.dense)
-    atomic_write_json(run_dir / "run.json", info)
+                                tta=config.tta, device=device, windows=task.inferer == "sliding_window")
+    files.write_info(info)
     if tracker is not None:  # the run's figures, its files and its model, for the trackers
         final = {f"final/{k}": v for k, v in info.items() if k.startswith(("val_", "threshold"))
                  and k != "val_images" and isinstance(v, int | float) and not isinstance(v, bool)}

@@ -20,6 +20,7 @@ from lepton.config import TrainConfig, make_config
 from lepton.data.transforms import Preprocessing
 from lepton.errors import ConfigError, RunError
 from lepton.models.precision import cpu_model, matrix_flags
+from lepton.rundir import CONFIG, RunDir
 from lepton.runs import Run, load_run
 from lepton.tasks import Task, choose_task, get_task
 from lepton.tracking.base import Tracker, code_version, flat_params, image_grid
@@ -37,7 +38,6 @@ from lepton.train.loop import seed_epoch
 from lepton.train.members import choose_members, member_epoch_seconds, members_done
 from lepton.train.progress import Reporter
 from lepton.train.semi import SEMI_FIELDS, make_trainer
-from lepton.utils import atomic_write_json
 
 log = logging.getLogger("lepton.train")
 def resolve_device(device: str) -> str:
@@ -91,8 +91,7 @@ def train(
     dist = distributed.from_env()
     if resume is not None:
         run_dir = Path(resume)
-        config = TrainConfig.from_yaml(run_dir / "config.yaml").validate() if (
-            run_dir / "config.yaml").is_file() else None
+        config = RunDir(run_dir).read_config().validate() if RunDir(run_dir).has(CONFIG) else None
     elif config is None:
         if data is not None:  # the data's layout picks the task; a contradicting task is refused
             overrides["task"], layout = choose_task(data, overrides.get("task"))
@@ -122,7 +121,7 @@ def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, de
     if resume is not None:
         run_dir = Path(resume)
         state = load_last(run_dir)
-        config = TrainConfig.from_yaml(run_dir / "config.yaml").validate()
+        config = RunDir(run_dir).read_config().validate()
         spec = Preprocessing.from_dict(state["preprocessing"])
         if state.get("world", 1) != dist.world:
             raise RunError(f"{run_dir} was trained by {state.get('world', 1)} process(es); resume it with as many "
@@ -142,11 +141,11 @@ def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, de
                        "resume needs the same data")
     spec = prepared.spec
     if state is None and dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.to_yaml(run_dir / "config.yaml")
-        atomic_write_json(run_dir / "preprocessing.json", spec.to_dict())
-        atomic_write_json(run_dir / "labels.json", prepared.label_names)
-        atomic_write_json(run_dir / "data.json", prepared.fingerprint)
+        files = RunDir(run_dir).create()
+        files.write_config(config)
+        files.write_preprocessing(spec)
+        files.write_labels(prepared.label_names)
+        files.write_data(prepared.fingerprint)
     precision = _precision(config, device, spec.spatial_dims)
     tracker = open_tracker(track, run_dir, run_name=config.name, resume=state is not None) if dist.main else Tracker()
     with tracker:  # a failure ends the tracked run as FAILED
@@ -204,11 +203,12 @@ def _run_tags(config: TrainConfig, task: Task, prepared: Prepared, device: str, 
 
 
 def _samples(prepared: Prepared, task: Task) -> np.ndarray | None:
-    """A few val inputs side by side (a dense task's masks over them) for the trackers; None when the val set is
-    read case by case from the cache."""
+    """A few val inputs side by side (a task's label maps over them: ``Task.annotation`` "mask") for the trackers;
+    None when the val set is read case by case from the cache."""
     if not isinstance(prepared.x_val, torch.Tensor) or not len(prepared.x_val):
         return None
-    masks = prepared.y_val[:8].numpy() if task.dense and isinstance(prepared.y_val, torch.Tensor) else None
+    masks = prepared.y_val[:8].numpy() if task.annotation == "mask" and isinstance(prepared.y_val, torch.Tensor) \
+        else None
     return image_grid(prepared.x_val[:8].float().numpy(), masks)
 
 
@@ -274,14 +274,14 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
                     config.ensemble = member - 1
                     finished = False
                 if dist.main:
-                    config.to_yaml(run_dir / "config.yaml")
+                    RunDir(run_dir).write_config(config)
                 break
             if member > 1 and last is None and dist.broadcast(budget.would_overrun(
                     config.epochs * member_epoch_seconds(history))):
                 log.info("time budget of %.0f s: no time for member %d", config.time_budget_s, member)
                 config.ensemble = member - 1
                 if dist.main:
-                    config.to_yaml(run_dir / "config.yaml")
+                    RunDir(run_dir).write_config(config)
                 return best, False
             t0 = time.perf_counter()
             reporter.start_epoch(epoch)
