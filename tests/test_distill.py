@@ -170,7 +170,7 @@ def test_refusals(teacher, tmp_path):
 
     with pytest.raises(ConfigError, match="temperature"):
         distill(teacher.path, temperature=0.0, output_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="segmentation network"):
+    with pytest.raises(ConfigError, match="unet is an image → map network"):
         distill(teacher.path, student="unet", output_dir=str(tmp_path), name="seg")
     with pytest.raises(RunError, match="not a distillation"):
         distill(resume=teacher.path)
