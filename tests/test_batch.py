@@ -288,3 +288,34 @@ def test_streaming_evaluation_scores_class_folders_as_evaluate_does(tiny_run, tm
     assert (report["images"], report["unreadable"], report["unlabelled"]) == (60, 1, 1)
     assert report["summary"] == expected["summary"]
     assert (tmp_path / "streamed" / "predictions.parquet").exists() and (tmp_path / "streamed" / "report.md").exists()
+
+
+def test_the_rows_columns_are_the_tasks_own():
+    """The task seam (#32): a batch job's columns come from the run's task (``Task.batch_columns``) — the built-in
+    tasks' as before, a new task's from its own module — and a task that declares no batch rows is refused."""
+    from types import SimpleNamespace
+
+    from lepton.batch.rows import schema
+    from lepton.errors import ConfigError
+    from lepton.tasks import Task, get_task
+
+    def names(task, labels):
+        return schema(SimpleNamespace(task=task, label_names=labels)).names
+
+    ends = (["path", "frame", "truth"], ["model", "precision", "error"])
+    assert names(get_task("classification"), ["a", "b"]) == [*ends[0], "label", "prob_a", "prob_b", "threshold",
+                                                             *ends[1]]
+    assert names(get_task("segmentation"), ["background", "lesion"]) == [
+        *ends[0], "mask", "dicom_seg", "shape", "voxels_lesion", "volume_ml_lesion", "area_mm2_lesion", "lesions",
+        *ends[1]]
+
+    class Scores(Task):  # a task no module outside lepton.tasks knows of
+        name = "scores"
+        capabilities = frozenset({"batch"})
+
+        def batch_columns(self, labels):
+            return [("score", "float64")]
+
+    assert names(Scores(), ["x"]) == [*ends[0], "score", *ends[1]]
+    with pytest.raises(ConfigError, match="detection"):
+        names(get_task("detection"), ["nodule"])

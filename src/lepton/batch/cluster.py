@@ -7,7 +7,7 @@ of model actors (``ModelActor``: the run loaded once per actor, ``workers`` acto
 ``gpus_per_actor`` GPUs each). With CPU actors Ray fuses the decoding stage into the actors (an actor decodes the
 batches it answers, so no decoded tensor crosses the object store); with GPU actors decoding stays a stage of its own,
 its tasks spread over the cluster's CPUs. Rows come back to the driver in order as Arrow tables (a few hundred bytes
-an input), where the local engine's part writer makes them exactly-once; a dense task's label maps are written by
+an input), where the local engine's part writer makes them exactly-once; a segmentation's label maps are written by
 the actors themselves, so on a cluster ``masks`` must be storage every node sees.
 """
 
@@ -33,10 +33,10 @@ WINDOW = 50_000
 DECODE_BATCH = 32
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec: dict[str, Any], dense: bool) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], spec: dict[str, Any], on_grid: bool) -> dict[str, np.ndarray]:
     """A Ray task: a batch of paths decoded as the local engine decodes them, each pickled whole (frames of any
     shape, or the error) into a binary column."""
-    out = [pickle.dumps(decode(Input(str(p), str(t) or None, str(r) or None), spec, dense), protocol=5)
+    out = [pickle.dumps(decode(Input(str(p), str(t) or None, str(r) or None), spec, on_grid), protocol=5)
            for p, t, r in zip(batch["path"], batch["truth"], batch["root"], strict=True)]
     return {"path": batch["path"], "decoded": np.array(out, dtype=object)}
 
@@ -93,11 +93,11 @@ def ray_batches(predictor: Predictor, pending: Iterator[Input], *, workers: int,
         # With GPU actors, decoding runs as its own Ray tasks spread over the nodes' CPUs; with CPU actors Ray fuses it
         # into the actors (each decodes the batches it answers: no decoded tensors through the object store).
         spread = {"scheduling_strategy": "SPREAD"} if gpus_per_actor else {}
-        ds = ds.map_batches(decode_batch, fn_kwargs={"spec": predictor.spec, "dense": predictor.dense},
-                            batch_size=1 if predictor.dense else DECODE_BATCH, batch_format="numpy", num_cpus=1,
+        ds = ds.map_batches(decode_batch, fn_kwargs={"spec": predictor.spec, "on_grid": predictor.on_grid},
+                            batch_size=1 if predictor.on_grid else DECODE_BATCH, batch_format="numpy", num_cpus=1,
                             **spread)
         ds = ds.map_batches(ModelActor, fn_constructor_args=(predictor_ref, max(1, int(cpus_per_actor))),
-                            batch_size=1 if predictor.dense else predictor.batch_size, batch_format="numpy",
+                            batch_size=1 if predictor.on_grid else predictor.batch_size, batch_format="numpy",
                             compute=compute, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             whole, carry = _whole_inputs(table, carry)

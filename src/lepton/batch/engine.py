@@ -71,11 +71,11 @@ def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str |
 
     ``workers``: decoding processes (local; 0 decodes in this process) or model actors (ray). ``batch_size``: the
     forward pass's batch (default the run's). ``model_id``: what the ``model`` column says (default the run's
-    folder). ``masks``: a dense task's label maps (default ``<output stem>_masks/`` beside the output).
+    folder). ``masks``: where a task with label maps writes them (default ``<output stem>_masks/`` beside the output).
     ``labelled``: class folders give each input its ``truth``. ``address``: the Ray cluster (``auto``,
     ``ray://host:10001``; default a local Ray). ``overwrite``: drop an earlier output and its parts first.
-    ``dicom_seg``: a dense task's input that is a DICOM series also gets a DICOM SEG referencing it, beside its label
-    map (the ``dicom_seg`` column)."""
+    ``dicom_seg``: a segmentation run's input that is a DICOM series also gets a DICOM SEG referencing it, beside its
+    label map (the ``dicom_seg`` column)."""
     from lepton.runs import Run, load_run
 
     if engine not in ENGINES:
@@ -89,10 +89,12 @@ def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str |
     output = Path(output)
     if output.suffix.lower() not in (".parquet", ".csv"):
         raise ConfigError(f"{output}: the output must end in .parquet or .csv")
-    dense = run.task.dense
-    if dicom_seg and not dense:
+    if "batch" not in run.task.capabilities:
+        raise ConfigError(f"a {run.task.name} run has no batch rows: predict it with `lepton predict` without --batch")
+    on_grid = run.task.inferer == "sliding_window"  # one input at a time, answered on its own grid
+    if dicom_seg and "dicom_seg" not in run.task.encodings:
         raise ConfigError(f"dicom_seg: a {run.task.name} run writes no label maps; a DICOM SEG is for segmentation")
-    if dense and masks is None:
+    if "label_map" in run.task.encodings and masks is None:
         masks = output.with_name(output.name.rsplit(".", 1)[0] + "_masks")
     model_id = model_id or str(run.path)
     job = {"model": model_id, "task": run.task.name, "sources": [str(s) for s in sources], "precision": precision,
@@ -116,7 +118,7 @@ def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str |
                           dicom_seg=dicom_seg)
     started = time.monotonic()
     if engine == "local":
-        answering = not dense and str(run.device) == "cpu" and workers != 0
+        answering = not on_grid and str(run.device) == "cpu" and workers != 0
         batches = _local(predictor, pending, workers=default_workers(answering) if workers is None else workers,
                          answering=answering)
     else:
@@ -124,7 +126,7 @@ def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str |
 
         batches = ray_batches(predictor, pending, workers=workers or 2, address=address,
                               cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
-    flush_rows = flush_rows or (64 if dense else 4096)
+    flush_rows = flush_rows or (64 if on_grid else 4096)
     processed = _drive(batches, store, total=total, skipped=len(done), progress=progress, flush_rows=flush_rows,
                        flush_seconds=flush_seconds)
     seconds = time.monotonic() - started
@@ -217,10 +219,10 @@ def _local(predictor: Predictor, pending: Iterator[Input], *, workers: int,
         yield from _pooled(pending, answer_chunk, (), predictor.batch_size, workers, (predictor,),
                            lambda item, reason: [predictor.error_row(item, reason)])
         return
-    decoded = _decode_stream(pending, predictor.spec, predictor.dense, workers)
-    if predictor.dense:
+    decoded = _decode_stream(pending, predictor.spec, predictor.on_grid, workers)
+    if predictor.on_grid:
         for d in decoded:
-            yield [predictor.segment(d)]
+            yield [predictor.grid(d)]
         return
     group: list[Decoded] = []
     frames = 0
@@ -234,13 +236,13 @@ def _local(predictor: Predictor, pending: Iterator[Input], *, workers: int,
         yield predictor.classify(group)
 
 
-def _decode_stream(pending: Iterator[Input], spec: dict, dense: bool, workers: int) -> Iterator[Decoded]:
+def _decode_stream(pending: Iterator[Input], spec: dict, on_grid: bool, workers: int) -> Iterator[Decoded]:
     """Decoded inputs in order. ``workers`` = 0 decodes here; otherwise chunks go to a process pool (``_pooled``)."""
     if workers <= 0:
         for item in pending:
-            yield decode(item, spec, dense)
+            yield decode(item, spec, on_grid)
         return
-    for results in _pooled(pending, decode_chunk, (spec, dense), 1 if dense else 16, workers, (),
+    for results in _pooled(pending, decode_chunk, (spec, on_grid), 1 if on_grid else 16, workers, (),
                            lambda item, reason: [Decoded(item, error=reason)]):
         yield from results
 

@@ -1,14 +1,14 @@
 """What both engines share: decoding an input (in a worker process or a Ray task), the output's schema, and the rows
-a run's answers become. The forward pass is the run's own (``lepton.runs.predict_outputs`` for classifiers,
-``Run.segment`` for dense tasks); nothing here repeats it.
+a run's answers become. The forward pass is the run's own (``lepton.runs.predict_outputs``, or ``Run.segment`` for a
+task whose inferer slides over each input, ``Task.inferer``); nothing here repeats it. The answer's columns and values
+are the task's (``Task.batch_columns``, ``Task.batch_row``); only tasks that declare "batch" have them.
 
-A classifier's row: ``path``, ``frame`` (the frame's index in a multi-frame input), ``truth`` (a manifest's label),
-``label``, ``prob_<class>`` per class, ``threshold``, ``model``, ``precision``, ``error``. A segmentation row:
-``path``, ``frame``, ``truth``, ``mask`` (the label map written: NIfTI for volumes, PNG for images), ``dicom_seg``
-(with ``dicom_seg``, a DICOM SEG referencing an input that is a DICOM series), ``shape``,
-``voxels_<class>``, ``volume_ml_<class>`` (volumes with geometry), ``area_mm2_<class>`` (images with a pixel
-spacing), ``lesions``, ``model``, ``precision``, ``error``. An input that cannot be read or predicted is one row with
-its ``error`` and no answer.
+A row: ``path``, ``frame`` (the frame's index in a multi-frame input), ``truth`` (a manifest's label), the task's
+columns, ``model``, ``precision``, ``error``. A classifier's columns: ``label``, ``prob_<class>`` per class,
+``threshold``. A segmentation's: ``mask`` (the label map written: NIfTI for volumes, PNG for images), ``dicom_seg``
+(with ``dicom_seg``, a DICOM SEG referencing an input that is a DICOM series), ``shape``, ``voxels_<class>``,
+``volume_ml_<class>`` (volumes with geometry), ``area_mm2_<class>`` (images with a pixel spacing), ``lesions``. An input
+that cannot be read or predicted is one row with its ``error`` and no answer.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from lepton.batch.sources import Input
-from lepton.data.volume import spacing_of
 
 #: Decode a file into at most this many frames (a multi-frame input beyond it is an error row, not a memory spike).
 MAX_FRAMES = 4096
@@ -29,8 +28,8 @@ MAX_FRAMES = 4096
 
 @dataclass
 class Decoded:
-    """An input decoded: a classifier's normalised frames ``x`` (F, C, …) float32, or a dense task's ``pixels`` (C, …)
-    in [0, 1] with its ``affine``; or the ``error`` that stopped it."""
+    """An input decoded: normalised frames ``x`` (F, C, …) float32 at the network's size, or (``on_grid``) its
+    ``pixels`` (C, …) in [0, 1] as read, with its ``affine``; or the ``error`` that stopped it."""
 
     item: Input
     x: np.ndarray | None = None
@@ -54,15 +53,16 @@ def _spec(spec: dict[str, Any]):
     return _SPECS[key]
 
 
-def decode(item: Input, spec: dict[str, Any], dense: bool) -> Decoded:
+def decode(item: Input, spec: dict[str, Any], on_grid: bool) -> Decoded:
     """Read and preprocess one input as ``Run.predict`` does (the run's window, slices and steps; the exact
-    inference-time tensor for classifiers); any failure becomes the row's error."""
+    inference-time tensor at the network's size), or with ``on_grid`` (a task sliding over each input at its own size)
+    one image or volume as read, with its geometry; any failure becomes the row's error."""
     from lepton.data.io import read_image
 
     try:
         pre = _spec(spec)
         path = Path(item.path)
-        if dense:
+        if on_grid:
             from lepton.data.masks import is_volume
 
             frames = read_image(path, window=pre.window, slices="volume" if is_volume(path) else "middle")
@@ -80,9 +80,9 @@ def decode(item: Input, spec: dict[str, Any], dense: bool) -> Decoded:
         return Decoded(item, error=error_text(exc))
 
 
-def decode_chunk(items: list[Input], spec: dict[str, Any], dense: bool) -> list[Decoded]:
+def decode_chunk(items: list[Input], spec: dict[str, Any], on_grid: bool) -> list[Decoded]:
     """``decode`` over a chunk (what a worker process is handed at a time)."""
-    return [decode(item, spec, dense) for item in items]
+    return [decode(item, spec, on_grid) for item in items]
 
 
 def worker_init(predictor: Predictor | None = None) -> None:
@@ -125,24 +125,15 @@ def error_text(exc: BaseException) -> str:
     return text if type(exc).__name__ in ("DataError", "RunError") else f"{type(exc).__name__}: {text}"
 
 
-def schema(run, *, dense: bool | None = None):
-    """The output's Arrow schema for a run (the same for every part and both engines)."""
+def schema(run):
+    """The output's Arrow schema for a run (the same for every part and both engines): the task's columns
+    (``Task.batch_columns``) between the input's and the job's."""
     import pyarrow as pa
 
-    dense = run.task.dense if dense is None else dense
     head = [pa.field("path", pa.string(), nullable=False), pa.field("frame", pa.int32()),
             pa.field("truth", pa.string())]
     tail = [pa.field("model", pa.string()), pa.field("precision", pa.string()), pa.field("error", pa.string())]
-    if dense:
-        classes = run.label_names[1:]
-        body = [pa.field("mask", pa.string()), pa.field("dicom_seg", pa.string()), pa.field("shape", pa.string()),
-                *[pa.field(f"voxels_{c}", pa.int64()) for c in classes],
-                *[pa.field(f"volume_ml_{c}", pa.float64()) for c in classes],
-                *[pa.field(f"area_mm2_{c}", pa.float64()) for c in classes],
-                pa.field("lesions", pa.int32())]
-    else:
-        body = [pa.field("label", pa.string()), *[pa.field(f"prob_{c}", pa.float64()) for c in run.label_names],
-                pa.field("threshold", pa.float64())]
+    body = [pa.field(name, getattr(pa, kind)()) for name, kind in run.task.batch_columns(run.label_names)]
     return pa.schema(head + body + tail)
 
 
@@ -157,7 +148,9 @@ class Predictor:
         self.precision = precision
         self.masks = Path(masks) if masks is not None else None
         self.batch_size = int(batch_size or run.config.batch_size or 64)
-        self.dense = run.task.dense
+        #: The task slides over each input at its own size (``Task.inferer``): inputs are decoded with their geometry
+        #: and answered one at a time (``grid``) rather than batched at the network's size (``classify``).
+        self.on_grid = run.task.inferer == "sliding_window"
         self.spec = run.preprocessing.to_dict()
 
     def _base(self, item: Input, frame: int = 0) -> dict[str, Any]:
@@ -179,7 +172,7 @@ class Predictor:
                                    batch_size=self.batch_size, tta=self.run.config.tta, device=self.run.device)
 
     def classify(self, decoded: list[Decoded]) -> list[dict[str, Any]]:
-        """Rows for decoded classifier inputs, in their order: one forward pass over all their frames."""
+        """Rows for decoded inputs at the network's size, in their order: one forward pass over all their frames."""
         good = [d for d in decoded if d.error is None]
         outputs = None
         if good:
@@ -199,49 +192,40 @@ class Predictor:
                 continue
             for f in range(len(d.x)):
                 answer = task.encode(outputs[at], labels, info)
+                rows.append({**self._base(d.item, f), **task.batch_row(outputs[at], answer, labels)})
                 at += 1
-                rows.append({**self._base(d.item, f), "label": answer["label"], "threshold": answer["threshold"],
-                             **{f"prob_{c}": p for c, p in answer["probabilities"].items()}})
         return rows
 
-    def segment(self, d: Decoded) -> dict[str, Any]:
-        """A dense task's row for one decoded input, its label map written under ``masks``."""
+    def grid(self, d: Decoded) -> dict[str, Any]:
+        """The row for one input decoded with its geometry (``on_grid``), answered on its own grid; its label map
+        written under ``masks`` and, with ``dicom_seg``, a DICOM SEG for a DICOM series (the task's encodings)."""
         if d.error is not None:
             return self.error_row(d.item, d.error)
         try:
             from lepton.models.precision import autocast
-            from lepton.runs import _write_label_map
+            from lepton.utils import atomic_write_bytes
 
+            task, labels = self.run.task, self.run.label_names
             with autocast(self.precision, self.run.device):
                 probs = np.asarray(self.run.segment(d.pixels, d.affine), np.float32)
-            spacing = spacing_of(d.affine)
-            answer = self.run.task.describe(probs, self.run.label_names, spacing, d.affine)
-            labels = probs.argmax(0).astype(np.uint8)
-            row = {**self._base(d.item), "shape": "x".join(map(str, labels.shape)), "lesions": len(answer["lesions"])}
-            for k, name in enumerate(self.run.label_names[1:], start=1):
-                count = int((labels == k).sum())
-                row[f"voxels_{name}"] = count
-                if "volume_ml" in answer:
-                    row[f"volume_ml_{name}"] = answer["volume_ml"][name]
-                if "area_mm2" in answer:
-                    row[f"area_mm2_{name}"] = answer["area_mm2"][name]
-            if self.masks is not None:
-                target = mask_path(self.masks, d.item, volume=labels.ndim == 3)
+            answer = task.encode_grid(probs, labels, d.affine)
+            row = {**self._base(d.item), **task.batch_row(probs, answer, labels)}
+            if self.masks is not None and "label_map" in task.encodings:
+                target = mask_path(self.masks, d.item, volume=probs.ndim == 4)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                row["mask"] = str(_write_label_map(labels, d.affine, target))  # atomic: a rerun rewrites it whole
+                atomic_write_bytes(target, task.label_map(probs, d.affine)[0])  # atomic: a rerun rewrites it whole
+                row["mask"] = str(target)
                 if self.dicom_seg and Path(d.item.path).is_dir():  # a DICOM series: a SEG that references it
-                    from lepton.data.dicomseg import write_seg
-
-                    row["dicom_seg"] = str(write_seg(labels, d.affine, d.item.path, self.run.label_names,
-                                                     target.with_name(target.name.replace(".nii.gz", ".dcm")),
-                                                     algorithm=Path(self.model_id).name[:64]))
+                    row["dicom_seg"] = str(task.dicom_seg(probs, d.affine, d.item.path, labels,
+                                                          target.with_name(target.name.replace(".nii.gz", ".dcm")),
+                                                          algorithm=Path(self.model_id).name[:64]))
             return row
         except Exception as exc:
             return self.error_row(d.item, error_text(exc))
 
     def rows(self, decoded: list[Decoded]) -> list[dict[str, Any]]:
-        if self.dense:
-            return [self.segment(d) for d in decoded]
+        if self.on_grid:
+            return [self.grid(d) for d in decoded]
         return self.classify(decoded)
 
 

@@ -31,7 +31,7 @@ def evaluate_stream(run, data: str | Path, *, output: str | Path | None = None, 
     from lepton.utils import atomic_write_json, atomic_write_text
 
     run = run if isinstance(run, Run) else load_run(run)
-    if run.task.dense or run.task.name != "classification":
+    if "stream_eval" not in run.task.capabilities:
         raise ConfigError(f"streaming evaluation scores classifiers; a {run.task.name} run is evaluated with "
                           "`lepton evaluate` without --stream")
     source = Path(data)
