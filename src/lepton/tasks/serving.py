@@ -32,7 +32,8 @@ class TaskServing:
     encodings: ClassVar[frozenset[str]] = frozenset({"dicom_sr"})
     #: What else the task supports, declared rather than probed: "explain" (saliency maps of ``explain_index``'s
     #: output: the server's ``?explain``), "batch" (``lepton predict --batch`` rows: ``batch_columns``, ``batch_row``),
-    #: "stream_eval" (``lepton evaluate --stream``: the batch rows' class probabilities scored by ``report``).
+    #: "stream_eval" (``lepton evaluate --stream``: the batch rows' class probabilities scored by ``report``); a task
+    #: may declare more with members of its own (detection: "frame_answer", "explain_boxes").
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def encode_grid(self, outputs: np.ndarray, labels: list[str], affine: np.ndarray | None) -> dict[str, Any]:

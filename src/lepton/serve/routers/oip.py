@@ -90,8 +90,8 @@ def metadata(dep: Deployment, version: int) -> dict[str, Any]:
     c, size = adapter.preprocessing.channels, list(adapter.preprocessing.size)
     return {"name": dep.name, "versions": [str(v) for v in sorted(dep.handles)], "platform": adapter.platform,
             "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, *size]}, *_covariate_inputs(adapter)],
-            # dense tasks' outputs follow the input's spatial size
-            "outputs": adapter.task.oip_outputs(adapter.labels, **({"size": size} if adapter.task.dense else {})),
+            # outputs on the input's grid follow its spatial size
+            "outputs": adapter.task.oip_outputs(adapter.labels, size),
             "parameters": {"task": adapter.task.name, "labels": adapter.labels, "threshold": adapter.threshold,
                            "input_range": "[0, 1] before the model's normalisation", "cost": adapter.cost_info()}}
 
