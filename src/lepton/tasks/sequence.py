@@ -91,8 +91,9 @@ class Sequence(Task):
     #: Manifests of videos or signal records and class folders of videos pick this task; a manifest of other files
     #: (multi-frame DICOM, frame folders) is read as clips when ``--task sequence`` says so.
     layouts = ("clip-manifest", "video-folders", "label-manifest", "manifest")
-    #: The networks this task trains: the ``seq_*`` frame networks and ``r2plus1d`` (registered as "sequence").
-    network_kind = "sequence"
+    #: The networks this task trains: the ``seq_*`` frame networks and ``r2plus1d`` (clips or signals in).
+    network_kind = ("clip", "vector")
+    capabilities = frozenset({"explain"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -288,7 +289,7 @@ class Sequence(Task):
         return body, lines
 
     # -- protocols and the registry --------------------------------------------------------------------------
-    def oip_outputs(self, labels):
+    def oip_outputs(self, labels, size=None):
         return [{"name": "value", "datatype": "FP32", "shape": [-1, 1]}] if self.regression \
             else self._classes.oip_outputs(labels)
 
