@@ -31,6 +31,7 @@ from machine import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
+THREADS = 2  # torch threads (--threads)
 
 
 def peak_mib() -> float:
@@ -57,7 +58,7 @@ def train_and_score(data: Path, name: str, out: Path, *, epochs: int, budget: fl
 
     t0 = time.perf_counter()
     run = train(data, preset="detection", name=name, output_dir=str(out), epochs=epochs, time_budget_s=budget,
-                threads=2, quiet=True, seed=0, **overrides)
+                threads=THREADS, quiet=True, seed=0, **overrides)
     seconds = time.perf_counter() - t0
     report = evaluate(run, split="test", n_bootstrap=n_boot, output=run.path / "eval" / "test")
     return run, report, seconds
@@ -76,7 +77,7 @@ def segmentation_boxes(det_run, seg_source: Path, names: list[str], out: Path, *
 
     t0 = time.perf_counter()
     run = train(seg_source, preset="segmentation", name="nodules-segmentation", output_dir=str(out), epochs=epochs,
-                time_budget_s=budget, threads=2, quiet=True, seed=0, window="-1000,1400")
+                time_budget_s=budget, threads=THREADS, quiet=True, seed=0, window="-1000,1400")
     seconds = time.perf_counter() - t0
     rows = []
     for path in names:
@@ -124,6 +125,8 @@ def generated(args, out: Path, tmp: Path, results: dict) -> None:
     print(line("RetinaNet (boxes)", rep))
     results["volumes"] = {"n": n3, "test_volumes": rep["images"], "train_seconds": secs, "epochs": run.info["epochs"],
                           **{k: rep[k] for k in ("map", "map_ci95", "ap50", "ap50_ci95", "cpm", "cpm_ci95")}}
+    if args.no_segmentation:
+        return
     data = load_boxes(csv3, window="-1000,1400")
     from lepton.data.splits import assign_splits
 
@@ -197,11 +200,17 @@ def main() -> int:
     parser.add_argument("--only", choices=["generated", "volumes", "bccd"],
                         help="one part only (volumes: the generated volumes alone)")
     parser.add_argument("--quick", action="store_true", help="a few epochs on small sets")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (1 is faster on a machine shared with other jobs)")
+    parser.add_argument("--no-segmentation", action="store_true",
+                        help="volumes: the RetinaNet alone, without the segmentation-derived detector beside it")
     args = parser.parse_args()
     print(f"Detection benchmark ({'quick' if args.quick else 'full'}); CPU: {cpu_summary()}")
     import torch
 
-    torch.set_num_threads(2)
+    global THREADS
+    THREADS = args.threads
+    torch.set_num_threads(args.threads)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.output / stamp
     results: dict = {"cpu": cpu_summary(), "quick": args.quick}
