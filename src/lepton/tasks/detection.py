@@ -19,6 +19,7 @@ import numpy as np
 
 from lepton.errors import ConfigError
 from lepton.tasks.base import Loss, Task, register_task
+from lepton.tasks.det_infer import box_heatmaps, volume_answer
 from lepton.tasks.det_metrics import HIT_IOU, choose_threshold, detection_report, headline, match_all
 from lepton.tasks.metrics import fmt
 
@@ -28,61 +29,15 @@ MAX_SIDE = {2: 512, 3: 64}
 INTENSITY = ("brightness", "contrast", "gamma", "noise")
 #: A box that keeps less than this fraction of its extent on an axis after scaling is dropped from the batch.
 KEEP_FRACTION = 0.4
+#: Volumes get the random scaling and translation, and apart from it the intensity changes, each on this share of
+#: samples (MONAI's LUNA16 detection recipe zooms 20 % of its patches and changes the intensities of 15–30 %): resampled
+#: at sub-voxel offsets on every step, 4–5-voxel nodules were not learnt in 150 steps (docs/benchmarks.md). 2-D
+#: images keep them on every sample.
+VOLUME_AUGMENT_P = 0.2
 
 
 def _round(n: float, div: int) -> int:
     return max(div, round(n / div) * div)
-
-
-def explain_boxes(run, pixels: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
-    """Grad-CAM-style maps per box for one decoded image or volume (C, …) in [0, 1]: the run's answer (the boxes
-    above its threshold, highest score first, as ``Run.predict`` lists them) and one map per box (n, *the network's
-    input size) in [0, 1] (``BoxDetector.box_saliency``: the gradient of the box's class logit at its anchors times
-    the first backbone stage's activations), on the input as the network saw it, without the flipped view."""
-    import torch
-
-    row = run.predict_proba([pixels])[0]
-    answer = run.task.encode(row, run.label_names, run.info)
-    kept = run.task.decide(row[None], run.info)[0]
-    kept = kept[kept[:, -1] >= 0]
-    kept = kept[np.argsort(-kept[:, -2], kind="stable")]
-    x = run.preprocessing([pixels]).to(run.device)
-    maps = run.model.box_saliency(x, torch.from_numpy(kept).to(run.device))
-    return answer, maps.cpu().numpy()
-
-
-def detect_volume(run, pixels: np.ndarray) -> tuple[np.ndarray, int]:
-    """A 3-D run's padded detections (MAX_DETECTIONS, 8) for one volume (C, D, H, W) in [0, 1], coordinates as
-    fractions of its axes, and the number of windows it took (1: resized to the network's input size, as
-    ``Run.predict_proba`` and the server do). A volume that at the scale training saw (the network's input size over
-    the median training shape) exceeds the input size is resampled to that scale and slid over with windows of the
-    input size (``BoxDetector.detect_windows``: MONAI's sliding-window inferer, one NMS over the whole volume), flip
-    TTA as the run applies it."""
-    import torch
-    import torch.nn.functional as F
-
-    from lepton.models.detection import DIVISOR
-
-    spec, model = run.preprocessing, run.model
-    size = np.asarray(spec.size, np.float64)
-    source = model.source_shape.cpu().numpy() if hasattr(model, "source_shape") else np.zeros(3)
-    target = np.maximum(np.round(np.asarray(pixels.shape[1:]) * size / source), 1).astype(int) if source.all() \
-        else size
-    if np.all(target <= size):
-        return run.predict_proba([pixels])[0], 1
-    x = spec.normalize(spec.convert_channels(torch.from_numpy(np.ascontiguousarray(pixels, np.float32)[None])))
-    if tuple(target) != tuple(pixels.shape[1:]):
-        x = F.interpolate(x, size=tuple(int(n) for n in target), mode="trilinear", align_corners=False)
-    cval = float(-spec.mean[0] / spec.std[0])  # zero intensity, as training padded
-    roi = tuple(int(n) for n in size)
-    model.eval()
-    x = x.to(run.device)
-    rows = model.detect_windows(x, roi, cval=cval)
-    if run.config.tta:
-        rows = model.merge_flipped(rows, model.detect_windows(torch.flip(x, dims=[-1]), roi, cval=cval))
-    padded = [int(np.ceil(t / DIVISOR)) * DIVISOR for t in target]  # as detect_windows pads; MONAI's 0.25 overlap
-    steps = [int(np.ceil((t - r) / (r * 0.75))) + 1 if t > r else 1 for t, r in zip(padded, roi, strict=True)]
-    return rows[0].float().cpu().numpy(), int(np.prod(steps))
 
 
 @register_task
@@ -93,7 +48,10 @@ class Detection(Task):
     selection_metric = "val_map"
     higher_is_better = True
     layouts = ("coco", "voc", "box-manifest")
-    network_kind = "detection"
+    network_kind = ("image", "boxes")
+    annotation = "boxes"
+    #: volumes answered whole on the server (``answer_frame``); a map per box (``finding_maps``) for explanations
+    capabilities = frozenset({"frame_answer", "explain_boxes"})
 
     # -- data -----------------------------------------------------------------------------------------------
     def load(self, source, *, window, slices, steps, skip_bad, validate=True):
@@ -120,13 +78,12 @@ class Detection(Task):
             return [(str(path), f.pixels) for f in read_image(path, window=spec.window, slices="volume")]
         return super().read(path, spec)
 
-    def answer_file(self, run, path) -> list[dict[str, Any]] | None:
+    def answer_file(self, run, path, output=None, dicom_seg=False) -> list[dict[str, Any]] | None:
         """Volumes for a 3-D model (2-D images: None, the default path): each volume is detected as training saw
         its data — resized to the network's input size when, at the scale of training (the input size over the
         median training shape), it fits in it; else brought to that scale and slid over with windows of the input
         size (``detect_volume``). Answers add the boxes in voxels (``voxels``) and, where the volume has a geometry,
         in world coordinates (``world``: RAS mm, as NIfTI; LPS is x and y negated)."""
-        from lepton.data.boxes import voxel_to_world_boxes
         from lepton.data.io import read_image
 
         spec = run.preprocessing
@@ -135,23 +92,20 @@ class Detection(Task):
         answers = []
         for frame in read_image(path, window=spec.window, slices="volume"):
             name = str(path) if frame.name == Path(path).name else f"{path}{frame.name[len(Path(path).name):]}"
-            row, windows = detect_volume(run, frame.pixels)
-            answer = {"path": name, **self.encode(row, run.label_names, run.info), "windows": windows}
-            shape = np.asarray(frame.pixels.shape[1:], np.float64)
-            kept = self.decide(row[None], run.info)[0]
-            kept = kept[kept[:, -1] >= 0]
-            kept = kept[np.argsort(-kept[:, -2], kind="stable")]
-            voxels = kept[:, :6] * np.concatenate([shape, shape])
-            world = voxel_to_world_boxes(voxels, frame.affine) if frame.affine is not None else None
-            for k, box in enumerate(answer["boxes"]):
-                box["voxels"] = {f"{a}{e}": round(float(voxels[k, 3 * e + j]), 3)
-                                 for e in (0, 1) for j, a in enumerate("zyx")}
-                if world is not None:
-                    box["world"] = {f"{a}{e}": round(float(world[k, 3 * e + j]), 3)
-                                    for e in (0, 1) for j, a in enumerate("xyz")}
-            answer["world_coordinates"] = "RAS mm" if world is not None else None
-            answers.append(answer)
+            answers.append(volume_answer(run, frame, name)[1])
         return answers
+
+    def answer_frame(self, run, frame) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """A volume uploaded to the server answered as ``answer_file`` answers a file (``volume_answer``: on its own
+        grid, boxes in voxels and world mm); None for a 2-D model's images (the server's batcher)."""
+        if run.preprocessing.spatial_dims != 3:
+            return None
+        return volume_answer(run, frame, frame.name)
+
+    def finding_maps(self, run, pixels: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+        """One HiResCAM map per box of the run's answer for an image or volume, on its own grid
+        (``det_infer.box_heatmaps``)."""
+        return box_heatmaps(run, pixels)
 
     def input_size(self, train, config) -> tuple[int, ...]:
         """The median image shape scaled so its longest side is ``image_size`` (else at most 512 px / 64 voxels),
@@ -172,13 +126,15 @@ class Detection(Task):
 
     def augment(self, x, y, options, generator):
         """Flips (``hflip`` the last axis, ``vflip`` the others), scaling and translation (``scale``,
-        ``translate``) move the boxes with the image; boxes mostly pushed out are dropped; then intensity changes."""
+        ``translate``) move the boxes with the image; boxes mostly pushed out are dropped; then intensity changes.
+        Volumes get scaling with translation, and intensity changes, each on ``VOLUME_AUGMENT_P`` of the samples."""
         import torch
         import torch.nn.functional as F
 
         from lepton.data.transforms import augment_batch
 
         dims = x.ndim - 2
+        share = VOLUME_AUGMENT_P if dims == 3 else 1.0
         x, y = x.clone(), y.clone()
         for i in range(len(x)):
             valid = y[i, :, -1] >= 0
@@ -189,7 +145,7 @@ class Detection(Task):
                     lo, hi = y[i, :, axis].clone(), y[i, :, axis + dims].clone()
                     y[i, valid, axis], y[i, valid, axis + dims] = 1 - hi[valid], 1 - lo[valid]
             s, t = options.get("scale", 0.0), options.get("translate", 0.0)
-            if s or t:
+            if (s or t) and (share >= 1 or float(torch.rand(1, generator=generator)) < share):
                 zoom = 1 + (float(torch.rand(1, generator=generator)) * 2 - 1) * s
                 shift = (torch.rand(dims, generator=generator) * 2 - 1) * t
                 # u' = (u - 0.5)·zoom + 0.5 + shift per axis, u in fractions of the axis
@@ -199,7 +155,9 @@ class Detection(Task):
                     theta[0, k, k] = 1 / zoom
                     theta[0, k, dims] = -2 * float(shift[axis]) / zoom
                 grid = F.affine_grid(theta, [1, *x.shape[1:]], align_corners=False)
-                x[i] = F.grid_sample(x[i:i + 1], grid, mode="bilinear", padding_mode="zeros",
+                # the edge replicated, as augment_batch pads: zeros are no blank in windowed CT (air lies mid-window
+                # in a lung window), and zero slabs at the border slowed the 3-D detector (docs/benchmarks.md)
+                x[i] = F.grid_sample(x[i:i + 1], grid, mode="bilinear", padding_mode="border",
                                      align_corners=False)[0]
                 boxes = y[i, :, :2 * dims].clone()
                 moved = (boxes - 0.5) * zoom + 0.5 + torch.cat([shift, shift])
@@ -209,7 +167,12 @@ class Detection(Task):
                 y[i, :, :2 * dims] = torch.where(valid[:, None], clipped, boxes)
                 y[i, valid & ~kept, -1] = -1
         opts = {k: v for k, v in options.items() if k in INTENSITY}
-        return (augment_batch(x, opts, generator) if opts else x), y
+        if not opts or share >= 1:
+            return (augment_batch(x, opts, generator) if opts else x), y
+        picked = torch.rand(len(x), generator=generator) < share
+        if bool(picked.any()):
+            x[picked] = augment_batch(x[picked], opts, generator)
+        return x, y
 
     def prepare_model(self, model, y_train, spec, config) -> None:
         """Fit the network's anchor shapes to the training boxes at the network's input size."""
@@ -341,9 +304,12 @@ class Detection(Task):
         found = sorted({labels[int(c)] for c in kept[:, -1] if c >= 0})
         return ",".join(found) or "none"
 
+    def answer_line(self, answer) -> str:
+        return f"{answer.get('count', 0)} box(es)"
+
     def explain_index(self, row, info) -> int:
         raise ConfigError("a detection model answers boxes; Grad-CAM explains classifiers (one map per box: "
-                          "lepton.tasks.detection.explain_boxes)")
+                          "lepton.tasks.det_infer.box_heatmaps, lepton explain)")
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def scores(self, y, outputs, info) -> dict[str, float]:
@@ -396,7 +362,7 @@ class Detection(Task):
         return lines
 
     # -- protocols and the registry --------------------------------------------------------------------------
-    def oip_outputs(self, labels: list[str]) -> list[dict[str, Any]]:
+    def oip_outputs(self, labels: list[str], size: list[int] | None = None) -> list[dict[str, Any]]:
         from lepton.models.detection import MAX_DETECTIONS
 
         return [{"name": "boxes", "datatype": "FP32", "shape": [-1, MAX_DETECTIONS, -1]},
