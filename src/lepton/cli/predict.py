@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -170,7 +170,9 @@ def predict(
             err.print(f"{summary.errors} input(s) could not be predicted: their rows hold the reason (error column)",
                       highlight=False)
         return
-    extra = {"output": output, "dicom_seg": dicom_seg} if loaded.task.dense else {}
+    if dicom_seg and "dicom_seg" not in loaded.task.encodings:
+        raise ConfigError(f"--dicom-seg: a {loaded.task.name} model writes no DICOM SEG (segmentation models do)")
+    extra: dict[str, Any] = {"output": output, "dicom_seg": dicom_seg}  # files the task writes (Task.encodings)
     if covariates is not None:
         try:
             values = json.loads(covariates)
@@ -226,7 +228,8 @@ def explain(
     target: Annotated[str | None, typer.Option("--class", help="Class to explain (default: predicted).")] = None,
     output: Annotated[Path, typer.Option(help="Folder for overlays (PNG) and raw maps (NPY).")] = Path("explanations"),
 ) -> None:
-    """Grad-CAM heatmaps: an overlay PNG and the raw map (NPY) per image; one JSON line each."""
+    """Grad-CAM heatmaps: an overlay PNG and the raw map (NPY) per image; one JSON line each. Detection runs: one
+    HiResCAM map per box (an overlay PNG; for volumes also a NIfTI on the volume's grid)."""
     from lepton.explain import explain as explain_fn
 
     for row in explain_fn(run, images, method=method, output=output, target=target):
