@@ -16,10 +16,12 @@ Four pieces, each timed the way Lepton runs it and the ways MONAI offers, on the
 4. **The same from the case cache**: ``CaseStore.patches`` (reads only the patch's region of each memory-mapped case,
    foreground coordinates stored at caching) against reading each case and cropping with ``RandCropByPosNegLabeld``.
 
-Shapes: 2-D 64 × 64² (cases of 96² for the patch samplers) and 3-D 2 × 96³ (cases of 128³). Each figure is the median
-of ``--repeats`` calls after one warm-up; the ratios (in brackets: time / the row's first figure) come from the same
-run. ``--quick`` uses 3-D 48³ and 3 repeats. The load average is printed beside the figures: other processes make
-them noisy, the same-run ratios less so. Peak RSS (MB) is the process's, so it only grows from row to row.
+Shapes: 2-D 64 × 64² (cases of 96² for the patch samplers) and 3-D 2 × 96³ (cases of 128³). The variants of a row
+run interleaved, one call each per round, ``--repeats`` rounds after a warm-up; each figure is a median time, and the
+ratio in brackets the median over rounds of (its time / the row's first variant's time in that round). ``--quick``
+uses 3-D 48³ and 3 rounds. The load average is printed beside the figures: other processes make them noisy, the
+paired ratios less so. ``--threads 1`` avoids the stalls of a thread pool on a loaded machine. Peak RSS (MB) is the
+process's, so it only grows from row to row.
 """
 
 from __future__ import annotations
@@ -46,25 +48,28 @@ GEOMETRY_2D = {"hflip": 0.5, "vflip": 0.5, "rotate": 25.0, "translate": 0.10, "s
 GEOMETRY_3D = {"hflip": 0.5, "vflip": 0.5, "rotate": 25.0, "translate": 0.10, "scale": 0.20}
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def row(piece: str, shape: str, ours: float, others: dict[str, float], reference_name: str = "lepton") -> None:
-    cells = " | ".join(f"{name} {t * 1e3:.2f} ms ({t / ours:.2f}x)" for name, t in others.items())
-    print(f"| {piece} | {shape} | {reference_name} {ours * 1e3:.2f} ms | {cells} | {os.getloadavg()[0]:.1f} | "
-          f"{peak_rss_mb():.0f} |", flush=True)
+def row(piece: str, shape: str, variants: dict[str, Callable[[], object]], repeats: int) -> None:
+    """Time the variants interleaved (one call of each per round, after a warm-up round) and print each one's median
+    time and its median ratio to the first variant's time in the same round: load that comes and goes hits all."""
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    first = next(iter(times.values()))
+    cells = []
+    for name, values in times.items():
+        ratio = statistics.median(v / f for v, f in zip(values, first, strict=True))
+        cells.append(f"{name} {statistics.median(values) * 1e3:.2f} ms" + ("" if values is first else
+                                                                          f" ({ratio:.2f}x)"))
+    print(f"| {piece} | {shape} | {' | '.join(cells)} | {os.getloadavg()[0]:.1f} | {peak_rss_mb():.0f} |", flush=True)
 
 
 def handwritten_affine(x: torch.Tensor, opts: dict[str, float], gen: torch.Generator, masks: torch.Tensor):
@@ -150,8 +155,6 @@ def bench_affine(dims: int, n: int, size: int, repeats: int) -> None:
     x = torch.rand(shape)
     masks = (torch.rand(shape) > 0.5).long()
     gen = torch.Generator().manual_seed(0)
-    reference = timed(lambda: handwritten_affine(x, opts, gen, masks), repeats)
-    ours = timed(lambda: augment_batch(x, opts, gen, masks=masks), repeats)
     warp = {"normalized": False, "zero_centered": True, "align_corners": False}
     image_layer = AffineTransform(mode="bilinear", padding_mode="border", **warp)
     mask_layer = AffineTransform(mode="nearest", padding_mode="zeros", **warp)
@@ -161,12 +164,14 @@ def bench_affine(dims: int, n: int, size: int, repeats: int) -> None:
         return image_layer(x, theta), mask_layer(masks.float(), theta).long()
 
     compose = monai_affine(dims, size, opts)
-    per_sample = timed(lambda: [compose({"image": x[i], "label": masks[i]}) for i in range(n)], repeats)
-    row(f"affine augmentation {dims}-D", "x".join(map(str, shape)), reference,
-        {"augment_batch now (batched voxel matrices, to_norm_affine, one grid)": ours,
-         "MONAI create_* matrices per sample, one grid": timed(lambda: monai_matrices(x, opts, gen, masks), repeats),
-         "AffineTransform layer (grid per call)": timed(layer, repeats),
-         "RandFlipd+RandAffined per sample": per_sample}, reference_name="hand-written")
+    row(f"affine augmentation {dims}-D", "x".join(map(str, shape)), {
+        "hand-written": lambda: handwritten_affine(x, opts, gen, masks),
+        "augment_batch now (batched voxel matrices, to_norm_affine, one grid)":
+            lambda: augment_batch(x, opts, gen, masks=masks),
+        "MONAI create_* matrices per sample, one grid": lambda: monai_matrices(x, opts, gen, masks),
+        "AffineTransform layer (grid per call)": layer,
+        "RandFlipd+RandAffined per sample": lambda: [compose({"image": x[i], "label": masks[i]}) for i in range(n)],
+    }, repeats)
 
 
 def bench_pad(dims: int, n: int, size: int, repeats: int) -> None:
@@ -184,12 +189,12 @@ def bench_pad(dims: int, n: int, size: int, repeats: int) -> None:
     for have, label in ((size * 3 // 4 + 1, "pad"), (size * 5 // 4 + 1, "crop")):
         x = torch.rand(n, 1, *[have] * dims)
         assert torch.equal(monai(x), pad_or_crop(x, want))
-        row(f"{label} {dims}-D", f"{n}x1x{have}^{dims}->{size}", timed(lambda x=x: pad_or_crop(x, want), repeats),
-            {"ResizeWithPadOrCrop": timed(lambda x=x: monai(x), repeats)}, reference_name="pad_or_crop")
+        row(f"{label} {dims}-D", f"{n}x1x{have}^{dims}->{size}", {
+            "pad_or_crop": lambda x=x: pad_or_crop(x, want), "ResizeWithPadOrCrop": lambda x=x: monai(x)}, repeats)
         one = torch.zeros(1, 1, *[have] * dims, dtype=torch.int64)  # one mask, as the segmentation task pads them
-        row(f"{label} {dims}-D, one mask", f"1x{have}^{dims}->{size}",
-            timed(lambda one=one: pad_or_crop(one, want), repeats),
-            {"ResizeWithPadOrCrop": timed(lambda one=one: monai(one), repeats)}, reference_name="pad_or_crop")
+        row(f"{label} {dims}-D, one mask", f"1x{have}^{dims}->{size}", {
+            "pad_or_crop": lambda one=one: pad_or_crop(one, want), "ResizeWithPadOrCrop": lambda one=one: monai(one)},
+            repeats)
 
 
 def cases(dims: int, n: int, side: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,15 +226,14 @@ def bench_patches(dims: int, n: int, side: int, size: int, repeats: int) -> None
     patch = (size,) * dims
     spec = Preprocessing(patch, 1, [0.5], [0.25])
     task, gen = Segmentation(), torch.Generator().manual_seed(0)
-    ours = timed(lambda: task.batch(x, y, spec, gen), repeats)
     crop = monai_patches(patch)
 
     def monai():
         out = [crop({"image": x[i], "label": y[i]})[0] for i in range(n)]
         return torch.stack([o["image"] for o in out]), torch.stack([o["label"] for o in out])
 
-    row(f"patches in memory {dims}-D", f"{n}x{side}^{dims}->{size}", ours,
-        {"RandCropByPosNegLabeld": timed(monai, repeats)})
+    row(f"patches in memory {dims}-D", f"{n}x{side}^{dims}->{size}", {
+        "Segmentation.batch": lambda: task.batch(x, y, spec, gen), "RandCropByPosNegLabeld": monai}, repeats)
     bench_cached(dims, x, y, patch, repeats)
 
 
@@ -248,7 +252,6 @@ def bench_cached(dims: int, x: torch.Tensor, y: torch.Tensor, patch: tuple[int, 
         store = CaseStore(entries, ["background", "ball"], np.array(["train"] * n, dtype=object),
                           np.array([f"c{i}" for i in range(n)], dtype=object), tmp)
         gen = torch.Generator().manual_seed(0)
-        ours = timed(lambda: store.patches(patch, gen), repeats)
         crop = monai_patches(patch)
 
         def monai():
@@ -256,25 +259,25 @@ def bench_cached(dims: int, x: torch.Tensor, y: torch.Tensor, patch: tuple[int, 
                          "label": torch.from_numpy(store.mask(i).astype(np.int64))})[0] for i in range(n)]
             return torch.stack([o["image"] for o in out]), torch.stack([o["label"] for o in out])
 
-        row(f"patches from cache {dims}-D", f"{n}x{x.shape[-1]}^{dims}->{patch[0]}", ours,
-            {"read + RandCropByPosNegLabeld": timed(monai, repeats)})
+        row(f"patches from cache {dims}-D", f"{n}x{x.shape[-1]}^{dims}->{patch[0]}", {
+            "CaseStore.patches": lambda: store.patches(patch, gen), "read + RandCropByPosNegLabeld": monai}, repeats)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3-D at 48^3 and 3 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure (default 7; 3 quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 9; 3 quick)")
     parser.add_argument("--threads", type=int, default=2, help="PyTorch threads (default 2)")
     args = parser.parse_args()
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (3 if args.quick else 9)
     torch.set_num_threads(args.threads)
     import monai
 
     side3 = 48 if args.quick else 96
     print(f"CPU: {cpu_summary()}")
-    print(f"torch {torch.__version__} ({args.threads} threads), MONAI {monai.__version__}; median of {repeats}; "
+    print(f"torch {torch.__version__} ({args.threads} threads), MONAI {monai.__version__}; {repeats} rounds; "
           f"load average at start {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print("| piece | batch | reference | compared (x the reference's time) | load | peak RSS MB |")
+    print("| piece | batch | reference, then the others (median ratio to the reference) | load | peak RSS MB |")
     bench_affine(2, 64, 64, repeats)
     bench_affine(3, 2, side3, repeats)
     bench_pad(2, 64, 64, repeats)

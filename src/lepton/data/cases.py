@@ -244,7 +244,7 @@ class CaseStore:
         """One patch of ``size`` per case as tensors (N, C, …) float32 and (N, 1, …) int64: centred on a stored
         foreground voxel for ``fg_share`` of the patches, anywhere in the case (centre-padded when smaller) for the
         rest. Only the patch's region of each case is read: MONAI's ``RandCropByPosNegLabeld`` needs whole cases
-        (reading them made the same batches 3.9-9× slower, ``benchmarks/transforms.py``)."""
+        (reading them made the same batches 3.5-22× slower, ``benchmarks/transforms.py``)."""
         import torch
 
         xs, ys = [], []

@@ -61,9 +61,9 @@ def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
     The same generator state gives the same result.
 
     Measured on 2 CPU cores (``benchmarks/transforms.py``, ``docs/benchmarks.md``), hence not MONAI's own warps:
-    ``RandAffined`` takes one sample at a time and was 73× slower on a 64 × 64² batch, 3.6× on 2 × 48³ volumes;
-    the batched ``AffineTransform`` layer builds its grid per call, so image and mask cost two ``affine_grid``
-    calls (the slow half on CPU): ~1.6× slower than the one grid shared here.
+    ``RandAffined`` takes one sample at a time and was 28-29× slower on a 64 × 64² batch, 1.25× (one thread) to 2.9×
+    (two) on 2 × 96³ volumes; the batched ``AffineTransform`` layer builds its grid per call, so image and mask cost
+    two ``affine_grid`` calls (the slow half on CPU): 1.45-1.67× slower than the one grid shared here.
     """
     if not opts:
         return x if masks is None else (x, masks)
@@ -83,7 +83,7 @@ def random_affine(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
     coordinates, centred and in the order of ``x``'s spatial axes, as MONAI's ``Affine`` uses them; None when no
     geometric option is set (the draws are made all the same, so the intensity draws that follow do not shift).
     Built for the whole batch at once: MONAI's ``create_rotate``/``create_shear``/``create_scale``/``create_translate``
-    build the same matrices one sample at a time, which made a 64-image batch's augmentation 1.2-2.6× slower
+    build the same matrices one sample at a time, which made a 64-image batch's augmentation 1.13-1.68× slower
     (``benchmarks/transforms.py``).
 
     Images: ``hflip``/``vflip`` (probabilities), ``rotate`` and ``shear`` (degrees, ±), isotropic ``scale`` (±
@@ -173,7 +173,7 @@ def pad_or_crop(x: torch.Tensor, size: tuple[int, ...], value: float = 0.0) -> t
     Pads as MONAI's ``ResizeWithPadOrCrop`` (and so the volume pipeline's ``crop_or_pad`` step and the sliding-window
     inferer) do: an odd extra voxel goes after. A crop drops an odd extra voxel after too, so padding and cropping by
     the same amount undo each other (MONAI's crop of an even side to an odd one drops it before). Not MONAI's
-    transform itself: its metadata bookkeeping costs ~0.5-1.5 ms per call, 5-90× this single ``F.pad`` on the
+    transform itself: its metadata bookkeeping costs ~0.5-2 ms per call, 2.3-39× this single ``F.pad`` on the
     batches and per-case masks it is used on (``benchmarks/transforms.py``).
     """
     spatial = x.shape[-len(size):]

@@ -52,7 +52,6 @@ class Segmentation(SegmentationWorkflow, SegmentationServing, Task):
     name = "segmentation"
     selection_metric = "val_dice"
     higher_is_better = True
-    dense = True
     layouts = ("decathlon", "paired-folders", "mask-manifest")
     #: bf16/int8 serving is refused when its mean foreground Dice on the stored val cases (sliding windows, as
     #: served) is more than this below fp32's.
@@ -118,7 +117,7 @@ class Segmentation(SegmentationWorkflow, SegmentationServing, Task):
     def batch(self, x, y, spec, generator):
         """Patches of the network's size from cases larger than it: centred on a foreground voxel for a third of the
         patches (as nnU-Net oversamples foreground), anywhere for the rest. Not MONAI's ``RandCropByPosNegLabeld``
-        (``pos=1, neg=2``): it indexes every foreground and background voxel per case and call, 3.6-23× slower on
+        (``pos=1, neg=2``): it indexes every foreground and background voxel per case and call, 3.3-20× slower on
         64 × 96² and 2 × 128³ batches (``benchmarks/transforms.py``), and its other patches centre on background."""
         import torch
 
