@@ -14,8 +14,9 @@ import numpy as np
 
 #: The batch the server's batcher fills by default (``ServeConfig.max_batch_size``; a test keeps them equal).
 SERVING_BATCH = 32
-#: A dense task is served window by window (sliding-window inference, ``runs.segment_probs``): two at a time.
-DENSE_SERVING_BATCH = 2
+#: A task whose inferer slides windows over each input (``Task.inferer``, ``runs.segment_probs``) is served window by
+#: window: two at a time.
+WINDOW_SERVING_BATCH = 2
 
 
 def _units(model) -> list:
@@ -38,30 +39,31 @@ def _time_call(fn: Callable[[], Any], min_seconds: float, max_seconds: float) ->
     return float(np.median(times))
 
 
-def available_precisions(device: str = "cpu", dense: bool = False) -> list[str]:
+def available_precisions(device: str = "cpu", windows: bool = False) -> list[str]:
     """The serving precisions the PyTorch path can run here: fp32, and bf16 on CPUs with AMX/AVX512-BF16 or on CUDA
     (classifiers only: lower serving precisions are checked for them, ``lepton.precision``)."""
     from lepton.models.precision import cpu_has_bf16
 
-    if dense:
+    if windows:
         return ["fp32"]
     bf16 = device.startswith("cuda") or (device == "cpu" and cpu_has_bf16())
     return ["fp32", "bf16"] if bf16 else ["fp32"]
 
 
 def measure_cost(model, input_shape: tuple[int, ...], activate: Callable, *, tta: bool, device: str = "cpu",
-                 dense: bool = False, precisions: list[str] | None = None, min_seconds: float = 0.1,
+                 windows: bool = False, precisions: list[str] | None = None, min_seconds: float = 0.1,
                  max_seconds: float = 1.0) -> dict[str, Any]:
     """Time ``model``'s predict path (``runs.predict_outputs``: the task's activation, flip TTA as the run applies
     it) on random inputs of ``input_shape`` (C, …) at batch 1 and at the serving batch, per precision, and count the
-    forward passes each image takes through the network's members. Returns the cost record."""
+    forward passes each image takes through the network's members; ``windows``: the network is served window by
+    window (sliding-window inference), so the figures are per window at the window batch. Returns the cost record."""
     import torch
 
     from lepton.models.precision import autocast, cpu_model
     from lepton.runs import predict_outputs
 
-    serving = DENSE_SERVING_BATCH if dense else SERVING_BATCH
-    precisions = precisions or available_precisions(device, dense)
+    serving = WINDOW_SERVING_BATCH if windows else SERVING_BATCH
+    precisions = precisions or available_precisions(device, windows)
     seen = [0]
 
     def count(_module, inputs, _output) -> None:
@@ -95,7 +97,7 @@ def measure_cost(model, input_shape: tuple[int, ...], activate: Callable, *, tta
         figures[precision] = row
     members = len(units)
     return {"members": members, "tta_views": 2 if tta else 1, "forward_passes_per_image": passes,
-            "unit": "window" if dense else "image", "input_shape": list(input_shape),
+            "unit": "window" if windows else "image", "input_shape": list(input_shape),
             "parameters": int(sum(p.numel() for p in model.parameters())), "serving_batch": serving,
             "precisions": figures, "device": device, "threads": torch.get_num_threads(), "cpu": cpu_model(),
             "torch": torch.__version__}
@@ -105,7 +107,8 @@ def run_cost(run, *, precisions: list[str] | None = None, **kwargs: Any) -> dict
     """The cost record of a loaded run (``lepton.runs.Run``) on its own input shape and TTA setting."""
     spec = run.preprocessing
     return measure_cost(run.model, (spec.channels, *spec.size), run.task.activate, tta=run.config.tta,
-                        device=run.device, dense=run.task.dense, precisions=precisions, **kwargs)
+                        device=run.device, windows=run.task.inferer == "sliding_window", precisions=precisions,
+                        **kwargs)
 
 
 def cost_lines(cost: dict[str, Any] | None) -> list[str]:

@@ -42,14 +42,16 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 17,
-                activate: Activation = _softmax, output_name: str = "probabilities", dense: bool = False) -> Path:
+                activate: Activation = _softmax, output_name: str = "probabilities",
+                spatial_axes: bool = False) -> Path:
     """Write an ONNX graph with a dynamic batch axis: input ``input`` (N, C, H, W), output ``output_name``
-    (the task's activated outputs; class probabilities by default). ``dense`` outputs (N, K, …) on the input's
-    grid also get dynamic spatial axes (any size the network's divisor allows)."""
+    (the task's activated outputs; class probabilities by default). ``spatial_axes``: outputs (N, K, …) on the
+    input's grid (a task whose inferer slides over inputs at their own size), so the input and the output also get
+    dynamic spatial axes (any size the network's divisor allows)."""
     wrapped = WithActivation(model, activate).eval().float()
     example = torch.zeros(1, *input_shape)
     axes_in, axes_out = {0: "batch"}, {0: "batch"}
-    if dense:
+    if spatial_axes:
         for i in range(len(input_shape) - 1):
             axes_in[2 + i] = axes_out[2 + i] = f"spatial{i}"
     buf = io.BytesIO()
@@ -236,7 +238,8 @@ def export_run(
     reference = rows[0]["_probs"]
     files: dict[str, str] = {}
     if "onnx" in formats:
-        onnx_path = export_onnx(model, shape, out / "model.onnx", activate=task.activate, dense=task.dense)
+        onnx_path = export_onnx(model, shape, out / "model.onnx", activate=task.activate,
+                                spatial_axes=task.inferer == "sliding_window")
         files["onnx"] = str(onnx_path)
         rows.append(measure("onnx-fp32", _onnx_runner(onnx_path), onnx_path.stat().st_size))
         if quantize == "int8":
@@ -265,7 +268,7 @@ def export_run(
         rows.append(row)
         if "onnx" in formats:
             p_onnx = export_onnx(pruned, shape, out / "model.pruned.onnx", activate=task.activate,
-                                 dense=task.dense)
+                                 spatial_axes=task.inferer == "sliding_window")
             files["onnx-pruned"] = str(p_onnx)
     base = rows[0]
     for row in rows:
