@@ -81,29 +81,19 @@ def data_cache_build(
     """Decode and preprocess every case into the cache in parallel (what is there is verified and reused); a
     training with the same window and steps then starts from it. An interrupted build resumes where it stopped."""
     from lepton.data.cache import CaseCache
-    from lepton.data.cases import cache_segmentation
     from lepton.data.pipeline import check_steps
-    from lepton.tasks import choose_task
+    from lepton.errors import DataError
+    from lepton.tasks import choose_task, get_task
 
     cache = CaseCache(cache_dir)
-    if choose_task(source)[0] == "classification":
-        from lepton.data.imagecache import cache_images
-
-        images = cache_images(source, window=window, slices=slices, steps=check_steps(_parse_steps(preprocess)),
-                              image_size=image_size, skip_bad=skip_bad, cache=cache, workers=workers or None)
-        if images is None:
-            from lepton.errors import DataError
-
-            raise DataError(f"{source}: this source is read into memory as it is (MedMNIST .npz, a partition); "
-                            "the case cache holds image folders and CSV manifests")
-        console.print(f"{len(images)} image(s) of {images.source} in {cache.root} ({images.decoded} file(s) decoded "
-                      f"now); labels {', '.join(images.label_names)}", highlight=False)
-        return
-    store = cache_segmentation(source, window=window, steps=check_steps(_parse_steps(preprocess)), skip_bad=skip_bad,
-                               cache=cache, workers=workers or None)
-    size = sum(e.nbytes() for e in store.entries)
-    console.print(f"{len(store)} case(s) of {store.source} in {cache.root} ({size / 2**20:.1f} MiB); labels "
-                  f"{', '.join(store.label_names[1:])}", highlight=False)
+    task = get_task(choose_task(source)[0])
+    store = task.load_cases(source, window=window, steps=check_steps(_parse_steps(preprocess)), skip_bad=skip_bad,
+                            cache_dir=cache_dir, workers=workers, slices=slices, image_size=image_size)
+    if store is None:
+        raise DataError(f"{source}: the {task.name} task reads this source into memory as it is (MedMNIST .npz, a "
+                        "partition, covariates); the case cache holds image folders, manifests and segmentation cases")
+    console.print(f"{len(store)} case(s) of {store.source} in {cache.root} ({store.decoded} decoded now); labels "
+                  f"{', '.join(store.label_names)}", highlight=False)
 
 
 @cache_app.command("show")
