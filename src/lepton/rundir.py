@@ -126,8 +126,9 @@ class RunDir:
     def write_data(self, fingerprint: dict[str, Any]) -> None:
         atomic_write_json(self.path / DATA, fingerprint)
 
-    def read_data(self) -> dict[str, Any]:
-        return self._json(DATA)
+    def read_data(self, default: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``data.json``, the training data's fingerprint; ``default`` when it is absent (given)."""
+        return default if default is not None and not self.has(DATA) else self._json(DATA)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], name: str = BEST) -> None:

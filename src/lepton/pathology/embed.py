@@ -23,6 +23,7 @@ import numpy as np
 from lepton.data.slides import Slide
 from lepton.data.tiling import TileSpec, iter_tiles, plan_tiles
 from lepton.errors import ModelError
+from lepton.rundir import BEST, RunDir
 
 EMBED_VERSION = 1
 BATCH = 64
@@ -60,7 +61,7 @@ class Backbone:
         if run.preprocessing.channels != 3 or run.task.network_kind != ("image", "vector"):
             raise ModelError(f"{run_dir}: a tile backbone must be a 2-D classification run on RGB tiles (this run has "
                              f"{run.preprocessing.channels} channel(s), task {run.task.name})")
-        digest = hashlib.sha256((Path(run_dir) / "best.pt").read_bytes()).hexdigest()[:16]
+        digest = hashlib.sha256(RunDir(run_dir).file(BEST).read_bytes()).hexdigest()[:16]
         size = int(run.preprocessing.size[0])
         backbone = cls._finish({"kind": "run", "run": str(Path(run_dir).resolve()), "weights": digest,
                                 "input_size": size}, run.model, run.config.model, size)

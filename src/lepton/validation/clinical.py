@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from lepton.errors import DataError
+from lepton.rundir import RunDir
 
 log = logging.getLogger("lepton.validation")
 
@@ -107,14 +108,12 @@ def training_reference(run):
 
 def external_section(run, subset, y, outputs, *, binary: bool, n_bootstrap: int) -> tuple[dict[str, Any], list[str]]:
     """The external set against the training data and fingerprint, and calibration on its labels."""
-    import json
 
     from lepton.validation.covariates import covariate_table
     from lepton.validation.external import calibration_summary, compare_sets, markdown
 
     reference = training_reference(run)
-    fingerprint_file = Path(run.path) / "data.json"
-    fingerprint = json.loads(fingerprint_file.read_text()) if fingerprint_file.is_file() else {}
+    fingerprint = RunDir(run.path).read_data(default={})
     ext_intensity = None
     if run.preprocessing.fit == "resize":  # at the network's size, as the training fingerprint measured it
         means = [float(run.preprocessing.resize(subset.images[i:i + 256]).mean(dim=(1, 2, 3)).sum())

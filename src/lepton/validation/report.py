@@ -9,13 +9,14 @@ from __future__ import annotations
 import base64
 import csv
 import datetime as dt
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lepton.rundir import RunDir
 
 #: Items Lepton cannot fill from a run; the report lists them for the authors.
 NOT_FILLED = (
@@ -143,8 +144,7 @@ def _markdown(run, internal: dict[str, Any], ext: dict[str, Any] | None, leakage
     from lepton.validation import external as external_mod
 
     cfg, info = run.config, run.info
-    fp_file = Path(run.path) / "data.json"
-    fp = json.loads(fp_file.read_text()) if fp_file.is_file() else {}
+    fp = RunDir(run.path).read_data(default={})
     spec = run.preprocessing
     highlights: dict[str, Any] = {}
     text = run.task.card_text(run.label_names, spec.channels, info.get("threshold"), {})
