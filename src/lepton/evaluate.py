@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lepton.errors import DataError
+from lepton.errors import DataError, RunError
 from lepton.tasks.metrics import (  # noqa: F401  (the classification metrics' public home before tasks)
     auc_score,
     bootstrap_ci,
@@ -115,11 +115,11 @@ def _write_predictions(path: Path, names: list[str], y, outputs, labels: list[st
 def _trained_from_cache(run) -> bool:
     """Whether the run read its data from the case cache (``data.json``'s engine) and its task scores images read
     batch by batch (the ``stream_eval`` capability)."""
-    import json
+    from lepton.rundir import RunDir
 
     try:
-        engine = json.loads((run.path / "data.json").read_text()).get("engine")
-    except (OSError, ValueError):
+        engine = RunDir(run.path).read_data().get("engine")
+    except RunError:
         return False
     return engine == "cache" and "stream_eval" in run.task.capabilities
 

@@ -20,7 +20,7 @@ from lepton.config import TrainConfig, make_config
 from lepton.data.transforms import Preprocessing
 from lepton.errors import ConfigError, RunError
 from lepton.models.precision import cpu_model, matrix_flags
-from lepton.rundir import CONFIG, RunDir
+from lepton.rundir import BEST, CONFIG, LAST, RunDir
 from lepton.runs import Run, load_run
 from lepton.tasks import Task, choose_task, get_task
 from lepton.tracking.base import Tracker, code_version, flat_params, image_grid
@@ -113,10 +113,10 @@ def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, de
     if resume is None:
         config.name = dist.broadcast(config.name or run_name(config))
         run_dir = Path(config.output_dir) / config.name
-        if dist.restarts and (run_dir / "last.pt").is_file():
+        if dist.restarts and (run_dir / LAST).is_file():
             log.warning("torchrun restart %d: resuming %s from its last checkpoint", dist.restarts, run_dir)
             resume = run_dir
-        elif (run_dir / "config.yaml").exists() and not dist.restarts:
+        elif (run_dir / CONFIG).exists() and not dist.restarts:
             raise RunError(f"{run_dir} already holds a run; pass --resume {run_dir} or choose another --name")
     if resume is not None:
         run_dir = Path(resume)
@@ -169,9 +169,9 @@ def _train(config: TrainConfig | None, resume: str | Path | None, dist: Dist, de
                 done.append({"member": member, **best})
             if member >= max(1, config.ensemble) or not finished:
                 break
-            if member == 1 and (run_dir / "best.pt").exists() and dist.main:  # the first member's best becomes one
+            if member == 1 and (run_dir / BEST).exists() and dist.main:  # the first member's best becomes one
                 (run_dir / "members").mkdir(exist_ok=True)  # of several (a resume after the move finds it there)
-                os.replace(run_dir / "best.pt", run_dir / "members" / "1.pt")
+                os.replace(run_dir / BEST, run_dir / "members" / "1.pt")
             member += 1
         if not history:
             raise RunError(f"{run_dir}: no epoch was trained")
@@ -248,7 +248,7 @@ def _train_member(config: TrainConfig, task: Task, prepared: Prepared, device: s
         best, stale = state["best"], state["stale"]
         start_epoch = state["epoch"] + 1
         log.info("resuming %s at member %d, epoch %d", run_dir, member, start_epoch)
-    best_path = run_dir / "best.pt" if member == 1 else run_dir / "members" / f"{member}.pt"
+    best_path = run_dir / BEST if member == 1 else run_dir / "members" / f"{member}.pt"
     tag = {"member": member} if member > 1 or config.ensemble > 1 else {}
     reporter = Reporter(quiet, config.epochs, trainer.steps_per_epoch, task.selection_metric)
     finished = True
