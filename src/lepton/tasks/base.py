@@ -44,9 +44,6 @@ class Task(TaskServing):
     #: The validation metric (a key of ``val_metrics``) that picks the best epoch, and its direction.
     selection_metric: ClassVar[str] = "val_loss"
     higher_is_better: ClassVar[bool] = False
-    #: Dense tasks answer per pixel: outputs (N, K, …) on the input's grid, inputs padded (never resized) to the
-    #: network's size, predictions at each input's own size (sliding windows), flip TTA flipped back.
-    dense: ClassVar[bool] = False
     #: The source layouts this task reads (``lepton.data.layout``): a source laid out so picks this task when no
     #: task is given, and any other task given for it is refused.
     layouts: ClassVar[tuple[str, ...]] = ()
@@ -144,7 +141,7 @@ class Task(TaskServing):
         return None
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, spec, generator: torch.Generator):
-        """A training batch as the network sees it (dense tasks cut patches of ``spec.size`` from larger cases)."""
+        """A training batch as the network sees it (segmentation cuts patches of ``spec.size`` from larger cases)."""
         return x, y
 
     def augment(self, x: torch.Tensor, y: torch.Tensor, options: dict[str, float], generator: torch.Generator):
@@ -248,8 +245,8 @@ class Task(TaskServing):
     def consistency(self, student: torch.Tensor, guide: torch.Tensor, method: str,
                     threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The unlabelled loss between the network's raw outputs on the strong view and the guide's on the weak view
-        (class scores on axis 1: (N, K) or (N, K, …) for a dense task, where every pixel counts on its own), and the
-        fraction of outputs it counts. ``fixmatch``: cross-entropy to the guide's arg-max where its probability
+        (class scores on axis 1: (N, K), or (N, K, …) on the input's grid, where every pixel counts on its own), and
+        the fraction of outputs it counts. ``fixmatch``: cross-entropy to the guide's arg-max where its probability
         reaches ``threshold``; ``mean-teacher``: squared difference of the class probabilities."""
         import torch
 
@@ -282,7 +279,7 @@ class Task(TaskServing):
     # -- distillation (lepton.distill) -----------------------------------------------------------------------
     def distill_targets(self, y_train: Any, teacher: Any, temperature: float) -> Any:
         """The targets a student trains on: the labels ``y_train`` beside the teacher's outputs (a tensor of rows,
-        or a folder of per-case soft masks for dense tasks), indexable by a batch's indices as ``y_train`` is."""
+        or a folder of per-case soft masks: ``teacher_outputs``), indexable by a batch's indices as ``y_train`` is."""
         raise ConfigError(f"the {self.name} task has no distillation (classification and segmentation runs have)")
 
     def distill_loss(self, hard_loss: Loss, temperature: float, alpha: float) -> Loss:
