@@ -255,6 +255,23 @@ def test_box_augmentation_moves_boxes_with_the_image():
     assert torch.equal(ya[:, 1], y[:, 1])  # padding stays padding
 
 
+def test_volumes_are_resampled_and_reexposed_on_a_share_of_samples_images_on_all():
+    import torch
+
+    from lepton.tasks import get_task
+    from lepton.tasks.detection import VOLUME_AUGMENT_P
+
+    task = get_task("detection")
+    gen = torch.Generator().manual_seed(0)
+    for dims, expected in ((3, VOLUME_AUGMENT_P), (2, 1.0)):
+        x = torch.rand(400, 1, *([8] * dims))
+        y = torch.full((400, 1, 2 * dims + 1), -1.0)
+        for opts in ({"scale": 0.2, "translate": 0.1}, {"brightness": 0.3}):
+            xa, _ = task.augment(x, y, opts, gen)
+            changed = float((xa - x).flatten(1).abs().amax(1).gt(1e-4).float().mean())
+            assert abs(changed - expected) < 0.06, (dims, opts, changed)  # 400 draws: 4.9 binomial SDs at p = 0.2
+
+
 def test_world_boxes_round_trip_through_the_affine(tmp_path):
     from lepton.data.boxes import load_boxes, voxel_to_world_boxes, world_to_voxel_boxes
     from lepton.data.io import read_image
@@ -363,6 +380,8 @@ def flat_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_2d_train_predict_evaluate_and_serve_the_same_boxes(flat_run, tmp_path):
+    import base64
+
     import httpx
 
     from conftest import auth, running
@@ -379,7 +398,7 @@ def test_tiny_2d_train_predict_evaluate_and_serve_the_same_boxes(flat_run, tmp_p
     loose = {**run.info, "threshold": 0.0}  # every detection, to compare more than the thresholded few
     rows = run.predict_proba([np.asarray(Image.open(image), np.float32)[None] / 255])
     assert len(run.task.encode(rows[0], run.label_names, loose)["boxes"]) > 0
-    from lepton.tasks.detection import explain_boxes
+    from lepton.tasks.det_infer import explain_boxes
 
     kept_info, run.info = run.info, loose
     try:  # one Grad-CAM-style map per listed box, at the network's input size
@@ -387,12 +406,36 @@ def test_tiny_2d_train_predict_evaluate_and_serve_the_same_boxes(flat_run, tmp_p
     finally:
         run.info = kept_info
     assert maps.shape == (answer["count"], *run.preprocessing.size) and maps.min() >= 0 and maps.max() == 1
+    # lepton explain: the three best boxes, each map over the image at its own size
+    from lepton.explain import explain
+
+    third = sorted((b["score"] for b in run.task.encode(rows[0], run.label_names, loose)["boxes"]), reverse=True)[2]
+    few = {**run.info, "threshold": third - 1e-5}  # answers round scores to 5 decimals
+    run.info = few
+    try:
+        (explained,) = explain(run, [image], output=tmp_path / "maps")
+    finally:
+        run.info = kept_info
+    assert explained["count"] >= 3 and [b["box"] for b in explained["boxes"]] == \
+        [b["box"] for b in run.task.encode(rows[0], run.label_names, few)["boxes"]]
+    assert all(Image.open(b["overlay"]).size == Image.open(image).size for b in explained["boxes"])
     report = evaluate(run, split="test", n_bootstrap=50, output=tmp_path / "eval")
     assert 0 <= report["map"] <= 1 and "opacity" in report["per_class"] and (tmp_path / "eval" / "froc.png").is_file()
     reg = Registry.open(tmp_path / "reg")
     reg.register_run(run.path, "boxes")
+    (run.path / "run.json").write_text(json.dumps(few))  # a version answering the three best boxes
+    try:
+        reg.register_run(run.path, "few-boxes")
+    finally:
+        (run.path / "run.json").write_text(json.dumps(kept_info))
     key = reg.create_key("clinic")
-    with running(ServeConfig(models=["boxes"], registry=str(tmp_path / "reg"), rate_limit=0)) as url:
+    with running(ServeConfig(models=["boxes", "few-boxes"], registry=str(tmp_path / "reg"), rate_limit=0)) as url:
+        r = httpx.post(f"{url}/v1/models/few-boxes/predict?explain=gradcam", content=image.read_bytes(),
+                       headers=auth(key), timeout=60)
+        assert r.status_code == 200, r.text
+        boxes = r.json()["boxes"]
+        assert [b["box"] for b in boxes] == [b["box"] for b in explained["boxes"]]
+        assert all(base64.b64decode(b["explanation"]["overlay_png_base64"]).startswith(b"\x89PNG") for b in boxes)
         r = httpx.post(f"{url}/v1/models/boxes/predict", content=image.read_bytes(), headers=auth(key), timeout=60)
         assert r.status_code == 200, r.text
         served = r.json()
@@ -453,6 +496,49 @@ def test_3d_boxes_end_to_end(tmp_path):
                                                            for b in big["boxes"]], atol=1e-4)
     world = np.array([[b["world"][k] for k in ("x0", "y0", "z0", "x1", "y1", "z1")] for b in big["boxes"]])
     np.testing.assert_allclose(world, voxel_to_world_boxes(voxels, frame.affine), atol=2e-3)
+    # the three best boxes: served on the volume's own grid as offline, and explained per box
+    import base64
+    import io
+
+    import httpx
+
+    from conftest import auth, running
+    from lepton.explain import explain
+    from lepton.registry import Registry
+    from lepton.serve import ServeConfig
+
+    run.info["threshold"] = big["boxes"][2]["score"] - 1e-5  # answers round scores to 5 decimals
+    (run.path / "run.json").write_text(json.dumps(run.info))
+    (offline,) = run.predict([tmp_path / "big.nii.gz"])
+    assert offline["count"] >= 3 and offline["windows"] > 1
+    rows = explain(run, [tmp_path / "big.nii.gz"], output=tmp_path / "maps")
+    assert [b["box"] for b in rows[0]["boxes"]] == [b["box"] for b in offline["boxes"]]
+    for box in rows[0]["boxes"]:
+        heat = nib.load(box["nifti"])
+        assert heat.shape == (16, 64, 64) and np.allclose(heat.affine, frame.affine)  # the volume's (d, h, w) grid
+        assert float(np.asarray(heat.dataobj).max()) == pytest.approx(1.0)
+        assert Image.open(box["overlay"]).size[0] > 0
+    reg = Registry.open(tmp_path / "reg")
+    reg.register_run(run.path, "nodules")
+    key = reg.create_key("clinic")
+    with running(ServeConfig(models=["nodules"], registry=str(tmp_path / "reg"), rate_limit=0)) as url:
+        body = (tmp_path / "big.nii.gz").read_bytes()
+        r = httpx.post(f"{url}/v1/models/nodules/predict", files={"file": ("big.nii.gz", body)}, headers=auth(key),
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        served = r.json()
+        assert served["boxes"] == offline["boxes"] and served["windows"] == offline["windows"]
+        assert served["world_coordinates"] == "RAS mm"
+        r = httpx.post(f"{url}/v1/models/nodules/predict?explain=gradcam", files={"file": ("big.nii.gz", body)},
+                       headers=auth(key), timeout=120)
+        assert r.status_code == 200, r.text
+        explained = r.json()["boxes"]
+        assert [b["box"] for b in explained] == [b["box"] for b in offline["boxes"]]
+        png = base64.b64decode(explained[0]["explanation"]["overlay_png_base64"])
+        assert Image.open(io.BytesIO(png)).format == "PNG"
+        r = httpx.post(f"{url}/v1/models/nodules/predict?explain=gradcam%2B%2B", files={"file": ("big.nii.gz", body)},
+                       headers=auth(key), timeout=120)
+        assert r.status_code == 422, r.text
 
 
 def test_detection_refuses_what_boxes_do_not_allow(tmp_path):

@@ -1,4 +1,5 @@
-"""Explanations: Grad-CAM and Grad-CAM++ heatmaps (MONAI's implementations) with PNG overlays."""
+"""Explanations: Grad-CAM and Grad-CAM++ heatmaps (MONAI's implementations) with PNG overlays; for detection runs
+one HiResCAM map per box."""
 
 from __future__ import annotations
 
@@ -152,6 +153,11 @@ def explain(run, paths: list[str | Path], *, method: str = "gradcam", output: st
     from lepton.runs import Run, load_run
 
     run = run if isinstance(run, Run) else load_run(run)
+    if "explain_boxes" in run.task.capabilities:
+        if method != "gradcam":
+            raise ConfigError(f"a {run.task.name} run's boxes are explained by HiResCAM per box (the default "
+                              f"method); drop --method {method}")
+        return explain_boxes(run, paths, output=output, target=target)
     class_idx = None
     if target is not None:
         if target not in run.label_names:
@@ -183,6 +189,51 @@ def explain(run, paths: list[str | Path], *, method: str = "gradcam", output: st
             row["nifti"] = str(_save_volume_map(heat, np.shape(pixels)[1:], affine, out / f"{stem}_{tag}.nii.gz"))
         results.append(row)
     return results
+
+
+def explain_boxes(run, paths: list[str | Path], *, output: str | Path = "explanations",
+                  target: str | None = None) -> list[dict[str, Any]]:
+    """One map per box a detection run finds (``Task.finding_maps``: HiResCAM at the box's anchors, on the input's
+    own grid), written as ``<name>_box<k>.png`` — the image with the map over it; for a volume the axial slices the
+    box spans — and for volumes also ``<name>_box<k>.nii.gz`` with the input's affine. One row per image: its boxes as
+    the run answers them (``target``: only that class's), each with its files."""
+    from lepton.data.io import read_image
+
+    if target is not None and target not in run.label_names:
+        raise ConfigError(f"unknown class {target!r}; the run's classes are {run.label_names}")
+    spec = run.preprocessing
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for p in paths:
+        for frame in read_image(p, window=spec.window, slices="volume" if spec.spatial_dims == 3 else spec.slices):
+            name = frame.name.replace("#", "_").replace("=", "")
+            stem = name.removesuffix(".gz").rsplit(".", 1)[0] if "." in name else name
+            answer, maps = run.task.finding_maps(run, frame.pixels)
+            shown = frame.pixels.mean(0)
+            boxes = []
+            for k, (box, heat) in enumerate(zip(answer["boxes"], maps, strict=True)):
+                if target is not None and box["label"] != target:
+                    continue
+                png = out / f"{stem}_box{k}.png"
+                row = {**box, "overlay": str(png)}
+                atomic_write_bytes(png, box_png(shown, heat, box))
+                if heat.ndim == 3:
+                    row["nifti"] = str(_save_volume_map(heat, heat.shape, frame.affine, out / f"{stem}_box{k}.nii.gz"))
+                boxes.append(row)
+            results.append({"image": name, "method": "hirescam", "count": len(boxes), "boxes": boxes})
+    return results
+
+
+def box_png(image: np.ndarray, heatmap: np.ndarray, box: dict[str, Any]) -> bytes:
+    """A box's map over its image (H, W) as a PNG overlay; over a volume (D, H, W) a montage of the axial slices the
+    box spans (``box["box"]``: its coordinates as fractions of the axes, as a detection answer lists them)."""
+    if heatmap.ndim == 2:
+        return overlay_png(image, heatmap)
+    depth = len(heatmap)
+    z0 = min(int(box["box"]["z0"] * depth), depth - 1)
+    z1 = max(z0 + 1, int(np.ceil(box["box"]["z1"] * depth)))
+    return montage_png(image[z0:z1], heatmap[z0:z1])
 
 
 def _save_volume_map(heat: np.ndarray, shape: tuple[int, ...], affine: np.ndarray | None, path: Path) -> Path:

@@ -12,7 +12,6 @@ import numpy as np
 
 from lepton.data.io import Frame, read_image_bytes
 from lepton.data.transforms import Preprocessing
-from lepton.data.volume import spacing_of
 from lepton.errors import DataError
 from lepton.tasks import Task, get_task
 
@@ -34,12 +33,20 @@ class ModelAdapter:
     precision_record: dict[str, Any] | None = None
     #: The version's measured inference cost (``lepton.cost``), recorded when it was trained.
     cost: dict[str, Any] | None = None
+    #: Whether this backend computes saliency maps (``explain``): the PyTorch one does, ONNX Runtime does not.
+    explains = False
+    #: Volumes answered whole on their own grid by the task (its "frame_answer": ``answer_frame``, detection's sliding
+    #: windows at the scale of training), outside the batchers, as ``lepton predict`` answers them: the PyTorch backend.
+    whole_frames = False
 
     def __init__(self, name: str, version: int, labels: list[str], preprocessing: Preprocessing,
                  threshold: float | None, task: Task):
         self.name, self.version, self.labels = name, version, labels
         self.preprocessing, self.threshold, self.task = preprocessing, threshold, task
         self.info = {"threshold": threshold}  # the decision record the task reads
+        #: The task's network slides over each input at its own size (``Task.inferer``): requests are answered on
+        #: their own grid (``segment``) through a window batcher, not resized into the fixed-size batcher.
+        self.on_grid = task.inferer == "sliding_window"
         #: The covariates this version fuses with the image (their fitted schema), or None.
         self.covariates = None
         if preprocessing.options.get("covariates"):
@@ -79,20 +86,21 @@ class ModelAdapter:
 
     def decode_request(self, payload: bytes, filename: str | None = None) -> np.ndarray | Frame:
         """Decode an uploaded file (sniffed by content) to (C, H, W) in [0, 1]: PNG, JPEG, DICOM, NIfTI, NPY; for a
-        volume model (C, D, H, W) from NIfTI, a zip of one DICOM series, or NPY. A dense task's model gets the
-        ``Frame`` as read (its geometry kept, the run's steps not yet applied): its answer goes back on that grid."""
+        volume model (C, D, H, W) from NIfTI, a zip of one DICOM series, or NPY. A model answering on the input's grid
+        (``on_grid``) gets the ``Frame`` as read (its geometry kept, the run's steps not yet applied): its answer goes
+        back on that grid."""
         name = "upload" + (".nii.gz" if (filename or "").lower().endswith(".nii.gz") else Path(filename or "").suffix)
         own = self.task.read_bytes(payload, name[:20], self.preprocessing)
         if own is not None:  # a task with its own reader (clips)
             return own
         frames = read_image_bytes(payload, name[:20], window=self.preprocessing.window,
                                   slices="volume" if self.volumes else "middle", max_pixels=MAX_SERVE_PIXELS,
-                                  steps=None if self.task.dense else self.preprocessing.steps)
+                                  steps=None if self.on_grid else self.preprocessing.steps)
         pixels = frames[0].pixels
         if int(np.prod(pixels.shape[1:])) > MAX_SERVE_PIXELS:
             raise DataError(f"upload: {'x'.join(map(str, pixels.shape[1:]))} is over the server's limit of "
                             f"{MAX_SERVE_PIXELS} pixels")
-        return frames[0] if self.task.dense else pixels
+        return frames[0] if self.on_grid or self.whole_frames else pixels
 
     def decode_array(self, array: Any) -> np.ndarray:
         """A nested list or array in [0, 1]: (H, W) or (C, H, W); for a volume model (D, H, W) or (C, D, H, W)."""
@@ -110,12 +118,12 @@ class ModelAdapter:
             raise DataError("array: too many pixels")
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
             raise DataError("array: values must be finite and within [0, 1]")
-        if self.task.dense:
+        if self.on_grid:
             if self.preprocessing.steps and self.volumes:
                 raise DataError("array: has no voxel geometry for this model's preprocessing steps; send a NIfTI "
                                 "file or a zipped DICOM series")
             return Frame(arr, "array", "array")
-        return arr
+        return Frame(arr, "array", "array") if self.whole_frames else arr
 
     def attach(self, pixels: np.ndarray, covariates: dict[str, Any] | None) -> np.ndarray | tuple:
         """A decoded input with the request's covariates encoded beside it, ``(pixels, features)``, for a version
@@ -146,7 +154,7 @@ class ModelAdapter:
         return self.task.encode(outputs, self.labels, self.info)
 
     def segment(self, frame: Frame, windows=None, sw_batch_size: int = 2) -> np.ndarray:
-        """A dense task's outputs (K, …) for one decoded frame, on its own grid (sliding windows, the run's steps
+        """The task's outputs (K, …) for one decoded frame, on its own grid (sliding windows, the run's steps
         applied and undone). ``windows``: a callable from a batch of normalised windows to their activated outputs
         (the server's window batcher, shared by requests) instead of this adapter's own forward pass."""
         from lepton.runs import segment_image
@@ -162,7 +170,7 @@ class ModelAdapter:
         return np.stack(windows).astype(np.float32, copy=False)
 
     def predict_windows(self, batch: np.ndarray) -> np.ndarray:
-        """A dense task's activated outputs (N, K, …) for a batch of windows: one forward pass (flip TTA is the
+        """The task's activated outputs (N, K, …) for a batch of windows: one forward pass (flip TTA is the
         caller's, as two windows)."""
         import torch
 
@@ -175,43 +183,30 @@ class ModelAdapter:
             return activate(model(fast_layout(torch.from_numpy(batch)))).float().numpy()
 
     def segment_response(self, frame: Frame, probs: np.ndarray) -> dict[str, Any]:
-        """The answer for a dense task: sizes and lesions (``describe``) and the label map as a base64 file — NIfTI
-        with the input's affine for volumes, a PNG of class indices for images."""
+        """The answer on the input's grid (``Task.encode_grid``: for segmentation sizes and lesions) with, for a task
+        that has them, its label map as a base64 file (``Task.label_map``: NIfTI with the input's affine for volumes,
+        a PNG of class indices for images)."""
         import base64
-        import gzip
 
-        affine = frame.affine
-        spacing = spacing_of(affine)
-        body = self.task.describe(probs, self.labels, spacing, affine)
-        labels = probs.argmax(0).astype(np.uint8)
-        if labels.ndim == 3:
-            import nibabel as nib
-
-            img = nib.Nifti1Image(labels, affine if affine is not None else np.eye(4))
-            data, fmt = gzip.compress(img.to_bytes(), mtime=0), "nifti"
-        else:
-            from PIL import Image
-
-            buf = io.BytesIO()
-            Image.fromarray(labels, mode="L").save(buf, format="PNG")
-            data, fmt = buf.getvalue(), "png"
-        body["label_map"] = {"format": fmt, "encoding": "base64", "data": base64.b64encode(data).decode()}
+        body = self.task.encode_grid(probs, self.labels, frame.affine)
+        if "label_map" in self.task.encodings:
+            data, fmt = self.task.label_map(probs, frame.affine)
+            body["label_map"] = {"format": fmt, "encoding": "base64", "data": base64.b64encode(data).decode()}
         return body
 
     def dicom_seg(self, upload: bytes, frame: Frame, probs: np.ndarray) -> bytes:
-        """A DICOM SEG of the label map that references the uploaded series (a zip of one DICOM series)."""
+        """A DICOM SEG of the answer (``Task.dicom_seg``) that references the uploaded series (a zip of one DICOM
+        series)."""
         import tempfile
 
         from lepton.data.archive import unpacked
-        from lepton.data.dicomseg import write_seg
         from lepton.data.io import sniff_bytes
 
         if sniff_bytes(upload[:352], "upload.zip") != "zip" or frame.affine is None:
             raise DataError("dicom_seg: a DICOM SEG references its source images; upload the series as a zip")
-        labels = probs.argmax(0).astype(np.uint8)
         with unpacked(io.BytesIO(upload), "upload") as folder, tempfile.TemporaryDirectory() as out:
-            path = write_seg(labels, frame.affine, folder, self.labels, Path(out) / "seg.dcm",
-                             algorithm=self.name[:64], version=str(self.version))
+            path = self.task.dicom_seg(probs, frame.affine, folder, self.labels, Path(out) / "seg.dcm",
+                                       algorithm=self.name[:64], version=str(self.version))
             return path.read_bytes()
 
     _tta = False
@@ -227,12 +222,14 @@ class TorchAdapter(ModelAdapter):
     """A registered PyTorch version, run with the run's own preprocessing and TTA setting."""
 
     platform = "pytorch"
+    explains = True
 
     def __init__(self, registry, ref: str):
         v = registry.get(ref)
         super().__init__(*self._fields(v))
         self._registry, self._ref, self.run = registry, f"{v.name}@{v.version}", None
         self.cost = v.metrics.get("cost")
+        self.whole_frames = self.volumes and "frame_answer" in self.task.capabilities
 
     def setup(self) -> None:
         self.run = self._registry.load_run(self._ref)
@@ -303,7 +300,7 @@ class OnnxAdapter(ModelAdapter):
         return lambda outputs: outputs  # exported with the task's activation in the graph
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        if not self._foreign and not self.task.dense:  # Lepton's export: probabilities, the run's flip TTA
+        if not self._foreign and not self.on_grid:  # Lepton's export: probabilities, the run's flip TTA
             from lepton.precision import onnx_outputs
 
             out = onnx_outputs(self.session, batch, self._tta, chunk=len(batch) or 1)
@@ -311,8 +308,8 @@ class OnnxAdapter(ModelAdapter):
                 raise RuntimeError(f"{self.name}@{self.version}: ONNX output shape {out.shape} does not fit the labels")
             return out
         out = self.session.run(None, {self._input: batch.astype(np.float32)})[0]
-        dense = self.task.dense and out.ndim == batch.ndim
-        if (out.ndim != 2 and not dense) or out.shape[1] != self.task.num_outputs(self.labels):
+        grid = self.on_grid and out.ndim == batch.ndim
+        if (out.ndim != 2 and not grid) or out.shape[1] != self.task.num_outputs(self.labels):
             raise RuntimeError(f"{self.name}@{self.version}: ONNX output shape {out.shape} does not fit the labels")
         if not self._foreign:  # exported by Lepton with the task's activation in the graph
             return out

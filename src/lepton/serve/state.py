@@ -20,6 +20,7 @@ import numpy as np
 from lepton.errors import LeptonError
 from lepton.registry import Registry
 from lepton.registry.access import KeyInfo
+from lepton.serve import frames
 from lepton.serve.adapters import ModelAdapter, make_adapter
 from lepton.serve.auth import KeyCache, RateLimiter
 from lepton.serve.batching import Batcher, QueueFull, model_concurrency
@@ -52,7 +53,7 @@ def freeze_heap() -> None:
 class Handle:
     adapter: ModelAdapter
     batcher: Batcher
-    windows: Batcher | None = None  # a dense task's sliding windows, batched across requests
+    windows: Batcher | None = None  # sliding windows of a task answering on the input's grid, batched across requests
 
     def batchers(self) -> list[Batcher]:
         return [b for b in (self.batcher, self.windows) if b is not None]
@@ -198,7 +199,7 @@ class Server:
             return made
 
         batcher = make(adapter.prepare, adapter.predict)
-        windows = make(adapter.prepare_windows, adapter.predict_windows) if adapter.task.dense else None
+        windows = make(adapter.prepare_windows, adapter.predict_windows) if adapter.on_grid else None
         self._heap_grew = True
         log.info("%s@%s loaded (%s) in process %d, %s", name, version, adapter.platform, os.getpid(),
                  adapter.precision)
@@ -263,12 +264,12 @@ class Server:
             asyncio.get_running_loop().create_task(self._shadow(dep, pixels, outputs))
         return chosen, outputs
 
-    async def _shadow(self, dep: Deployment, pixels, served: np.ndarray, dense: bool = False) -> None:
+    async def _shadow(self, dep: Deployment, pixels, served: np.ndarray, on_grid: bool = False) -> None:
         handle = dep.handles.get(dep.shadow)
         if handle is None:
             return
         try:
-            outputs = await (self._windows(dep, handle, pixels) if dense else handle.batcher.submit(pixels))
+            outputs = await (self._windows(dep, handle, pixels) if on_grid else handle.batcher.submit(pixels))
         except Exception as exc:  # shadow failures are recorded, never surfaced to clients
             self.metrics.shadow.labels(dep.name, str(dep.shadow), "error").inc()
             log.warning("shadow %s@%s failed: %s", dep.name, dep.shadow, type(exc).__name__)
@@ -279,10 +280,11 @@ class Server:
 
     async def segment(self, dep: Deployment, frame, client: str | None,
                       upload: bytes | None = None) -> tuple[int, dict]:
-        """A dense task's answer for one decoded frame with the routed version — its sliding windows batched with
-        those of every request in flight (the version's window batcher: queue limit, batch metrics) — with a base64
-        DICOM SEG when given the ``upload`` (a zipped series) it references; returns (version, response body). A
-        shadow version segments the same frame in the background and is counted as agreeing or not."""
+        """The answer on its own grid (``ModelAdapter.on_grid``) for one decoded frame with the routed version — its
+        sliding windows batched with those of every request in flight (the version's window batcher: queue limit,
+        batch metrics) — with a base64 DICOM SEG when given the ``upload`` (a zipped series) it references; returns
+        (version, response body). A shadow version answers the same frame in the background and is counted as agreeing
+        or not."""
         chosen = dep.choose(client)
         handle = dep.handles.get(chosen)
         if handle is None:
@@ -302,7 +304,7 @@ class Server:
         mean = float(frame.pixels.mean())
         dep.drift_mean = mean if dep.drift_mean is None else 0.98 * dep.drift_mean + 0.02 * mean
         if dep.shadow is not None and dep.shadow != chosen and dep.shadow in dep.handles:
-            asyncio.get_running_loop().create_task(self._shadow(dep, frame, probs, dense=True))
+            asyncio.get_running_loop().create_task(self._shadow(dep, frame, probs, on_grid=True))
         return chosen, body
 
     async def _windows(self, dep: Deployment, handle: Handle, frame) -> np.ndarray:
@@ -323,6 +325,16 @@ class Server:
     def explain(self, adapter, pixels: np.ndarray, method: str, index: int) -> dict[str, bytes]:
         with self._explain_lock:  # Grad-CAM hooks the shared model: one explanation at a time
             return adapter.explain(pixels, method, index)
+
+    def explain_findings(self, adapter, pixels: np.ndarray, answer: dict[str, Any]) -> None:
+        frames.explain_boxes(adapter, pixels, answer, self._explain_lock)  # a map per box into the answer
+
+    async def answer_frame(self, dep: Deployment, frame, client: str | None, explain: bool = False) -> tuple[int, dict]:
+        """A volume answered whole on its own grid, as offline (``serve.frames.answer``); returns (version, body)."""
+        version, outputs, body = await frames.answer(self, dep, frame, client, explain)
+        if outputs is not None:
+            self._record(dep, version, frame.pixels, dep.handles[version].adapter, outputs)
+        return version, body
 
     def _record(self, dep: Deployment, version: int, pixels: np.ndarray, adapter: ModelAdapter,
                 outputs: np.ndarray) -> None:

@@ -125,16 +125,26 @@ async def predict(name: str, request: Request):
         raise ApiError(422, "invalid_request", f"dicom_seg must be true or false (got {dicom_seg!r})")
     srv, dep = target.server, target.deployment
     adapter = dep.handles[dep.primary].adapter
-    if dicom_seg in ("true", "1") and not adapter.task.dense:
+    if dicom_seg in ("true", "1") and "dicom_seg" not in adapter.task.encodings:
         raise ApiError(422, "invalid_request", f"dicom_seg is for segmentation models; {name} is a "
                                                f"{adapter.task.name} model")
+    boxes = "explain_boxes" in adapter.task.capabilities  # a map per box (HiResCAM) rather than per class
+    if explain is not None and "explain" not in adapter.task.capabilities and not boxes:
+        raise ApiError(422, "invalid_request", f"explain is for classifiers; {name} is a {adapter.task.name} model, "
+                                               "whose answer is not a class")
+    if explain is not None and boxes and explain != "gradcam":
+        raise ApiError(422, "invalid_request", f"{name}'s boxes are explained by HiResCAM per box: explain=gradcam")
     pixels = await decode_request(request, adapter, srv.config.max_upload_bytes)
     state = request.scope["state"]  # the access middleware's; no State wrapper needed on the hot path
-    if adapter.task.dense:  # a map on the input's own grid, outside the fixed-size batcher
-        if explain is not None:
-            raise ApiError(422, "invalid_request", "explain is for classifiers; a segmentation's answer is its map")
+    if adapter.on_grid:  # an answer on the input's own grid, outside the fixed-size batcher
         upload = await _upload(request) if dicom_seg in ("1", "true") else None
         version, body = await srv.segment(dep, pixels, request.headers.get("x-lepton-client"), upload)
+        state["log"]["version"] = version
+        return JSONResponse({**body, "model": name, "version": version, "request_id": state["request_id"],
+                             "latency_ms": round((time.perf_counter() - start) * 1000, 2)})
+    if adapter.whole_frames:  # a volume answered whole on its own grid (sliding windows), as offline
+        version, body = await srv.answer_frame(dep, pixels, request.headers.get("x-lepton-client"),
+                                               explain is not None)
         state["log"]["version"] = version
         return JSONResponse({**body, "model": name, "version": version, "request_id": state["request_id"],
                              "latency_ms": round((time.perf_counter() - start) * 1000, 2)})
@@ -147,9 +157,13 @@ async def predict(name: str, request: Request):
     served = (dep.handles.get(version) or dep.handles[dep.primary]).adapter
     body = served.encode_response(outputs)
     if explain is not None:
-        if not hasattr(served, "explain"):
+        if not served.explains:
             raise ApiError(422, "invalid_request", f"{name}@{version} is served with ONNX Runtime; "
                                                    "explanations need the PyTorch backend")
+        if boxes:
+            await asyncio.to_thread(srv.explain_findings, served, pixels, body)
+            return JSONResponse({**body, "model": name, "version": version, "request_id": state["request_id"],
+                                 "latency_ms": round((time.perf_counter() - start) * 1000, 2)})
         index = served.task.explain_index(outputs, served.info)
         pngs = await asyncio.to_thread(srv.explain, served, pixels, explain, index)
         body["explanation"] = {"method": explain, "class": served.label(outputs) or f"output {index}",
