@@ -129,9 +129,12 @@ class DicomNode:
         version = self.registry.get(self.model_ref).version
         if self._run is None or version != self.version:
             run = self.registry.load_run(f"{self.model_ref.split('@')[0]}@{version}")
-            if run.task.dense and run.preprocessing.spatial_dims != 3:
+            if "dicom_seg" in run.task.encodings and run.preprocessing.spatial_dims != 3:
                 raise DataError(f"{self.model_ref} segments 2-D images: the node stores DICOM SEG for volume "
                                 "(series) models; classify, or use a 3-D segmentation model")
+            if not {"dicom_seg", "dicom_sr"} & run.task.encodings:
+                raise DataError(f"{self.model_ref} is a {run.task.name} model: its answers have no DICOM encoding "
+                                "(SR or SEG) for the node to store")
             if self._run is not None:
                 log.info("node %s: %s is now version %s", self.name, self.model_ref, version)
             self._run, self.version = run, version
@@ -271,12 +274,12 @@ class DicomNode:
                 folder = fetch(Source.parse(f"dicomweb+{self.base}?StudyInstanceUID={study}"
                                             f"&SeriesInstanceUID={series_uid}"), self.cache)[0]
             files = sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
-            if run.task.dense:
+            if "dicom_seg" in run.task.encodings:  # the answer as a DICOM SEG of the series, not an SR
                 with tempfile.TemporaryDirectory() as tmp:
                     (row,) = run.predict([folder], output=tmp, dicom_seg=True)
                     seg = pydicom.dcmread(row["dicom_seg"])
                 self._store(client, seg)
-                reports.append({"label": f"{len(row.get('lesions', []))} lesion(s)", "kind": "SEG",
+                reports.append({"label": run.task.answer_line(row), "kind": "SEG",
                                 "series": pseudonym(series_uid), "report": pseudonym(str(seg.SOPInstanceUID))})
                 continue
             inputs = [folder] if run.preprocessing.spatial_dims == 3 else files
@@ -287,14 +290,13 @@ class DicomNode:
                 for row in rows:
                     sr = answer_sr(evidence, row, model=self.model_ref.split("@")[0], version=self.version)
                     self._store(client, sr)
-                    label = row["label"] if "label" in row else f"{row.get('count', 0)} box(es)"
-                    reports.append({"label": label, "kind": "SR", "series": pseudonym(series_uid),
+                    reports.append({"label": run.task.answer_line(row), "kind": "SR", "series": pseudonym(series_uid),
                                     "report": pseudonym(str(sr.SOPInstanceUID))})
                 if self.explain:
                     sc = self._overlay(run, item, evidence[0])
                     self._store(client, sc)
-                    reports.append({"label": rows[0]["label"], "kind": "SC", "series": pseudonym(series_uid),
-                                    "report": pseudonym(str(sc.SOPInstanceUID))})
+                    reports.append({"label": run.task.answer_line(rows[0]), "kind": "SC",
+                                    "series": pseudonym(series_uid), "report": pseudonym(str(sc.SOPInstanceUID))})
         return reports
 
     def _overlay(self, run, item: Path, reference):
