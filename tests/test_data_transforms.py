@@ -125,3 +125,20 @@ def test_pad_or_crop_shapes_and_centring():
     vol = np.random.default_rng(0).random((1, 7, 10, 5), dtype=np.float32)
     stepped, _, _ = apply_steps(vol, None, [{"name": "crop_or_pad", "size": [8, 6, 6]}], "vol")
     assert np.array_equal(pad_or_crop(torch.from_numpy(vol), (8, 6, 6)).numpy(), stepped)
+
+
+def test_affine_grid_normalises_as_monai():
+    from monai.networks import to_norm_affine
+
+    from lepton.data.transforms import affine_grid, random_affine
+
+    for shape in ((3, 1, 20, 36), (2, 1, 9, 16, 12)):
+        x = torch.zeros(shape)
+        theta = random_affine(x, {"rotate": 30.0, "scale": 0.2, "translate": 0.2, "shear": 10.0},
+                              torch.Generator().manual_seed(0))
+        dims = len(shape) - 2
+        norm = to_norm_affine(theta.double(), shape[2:], shape[2:], align_corners=False, zero_centered=True)
+        order = [*range(dims - 1, -1, -1), dims]
+        expected = torch.nn.functional.affine_grid(norm[:, order][:, :, order][:, :dims].float(), list(shape),
+                                                   align_corners=False)
+        torch.testing.assert_close(affine_grid(theta, shape), expected, atol=1e-5, rtol=0)

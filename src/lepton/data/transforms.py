@@ -54,8 +54,9 @@ def augment_batch(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
                   masks: torch.Tensor | None = None):
     """Randomly flip, rotate, shear, scale, shift and re-expose a batch in [0, 1] (images or volumes).
 
-    The geometric options draw one affine matrix per sample in voxel units (``random_affine``), MONAI's
-    ``to_norm_affine`` turns them into ``grid_sample`` coordinates, and the whole batch moves in one warp
+    The geometric options draw one affine matrix per sample in voxel units (``random_affine``), mapped to
+    ``grid_sample`` coordinates as MONAI's ``to_norm_affine`` maps them (``affine_grid``), and the whole batch moves
+    in one warp
     (bilinear, border padding). With ``masks`` (N, 1, …) of class indices, the same sampling grid moves each mask
     (nearest neighbour, zero outside) and ``(images, masks)`` is returned; intensity changes touch the images only.
     The same generator state gives the same result.
@@ -116,22 +117,24 @@ def random_affine(x: torch.Tensor, opts: dict[str, float], generator: torch.Gene
     rotate, h, w = eye.clone(), dims - 2, dims - 1
     rotate[:, h, h], rotate[:, h, w], rotate[:, w, h], rotate[:, w, w] = (angle.cos(), angle.sin(), -angle.sin(),
                                                                           angle.cos())
-    # MONAI's to_norm_affine maps zero-centred voxel units to grid_sample's [-1, 1] by 2 / (side - 1) (corners not
+    # to_norm_affine (affine_grid) maps zero-centred voxel units to grid_sample's [-1, 1] by 2 / (side - 1) (corners not
     # aligned), so a shift of u (side - 1) moves by the fraction u of the side, as the hand-written version did.
     sides = torch.tensor(x.shape[2:], dtype=torch.float64) - 1
     theta = torch.eye(dims + 1, dtype=torch.float64).repeat(n, 1, 1)
     theta[:, :dims, :dims] = rotate @ linear
     theta[:, :dims, dims] = shifts.flip(1) * sides
-    return theta.to(x.dtype)
+    return theta.to(device=x.device, dtype=x.dtype)
 
 
 def affine_grid(theta: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """The ``grid_sample`` grid of centred voxel matrices ``theta`` (N, d + 1, d + 1), as MONAI's
-    ``AffineTransform`` builds it (``to_norm_affine``, zero-centred, corners not aligned), for a batch of ``shape``."""
-    from monai.networks import to_norm_affine
-
+    """The ``grid_sample`` grid of centred voxel matrices ``theta`` (N, d + 1, d + 1) for a batch of ``shape``, as
+    MONAI's ``AffineTransform`` builds it (``to_norm_affine``, zero-centred, corners not aligned: 2 / (side - 1) per
+    axis). Written out rather than imported: importing ``monai.networks`` for it cost 2-8 s per process on 2 loaded
+    cores, where a classification run otherwise needs no MONAI (a test checks it against ``to_norm_affine``)."""
     dims = len(shape) - 2
-    norm = to_norm_affine(theta, shape[2:], shape[2:], align_corners=False, zero_centered=True)
+    sides = torch.tensor(shape[2:], dtype=torch.float64, device=theta.device)
+    scale = torch.cat([2.0 / (sides - 1).clamp_min(1.0), torch.ones(1, dtype=torch.float64, device=theta.device)])
+    norm = scale[:, None] * theta.double() / scale[None, :]  # diag(scale) @ theta @ diag(scale)^-1
     order = [*range(dims - 1, -1, -1), dims]  # grid_sample's coordinates run (x, y, z): the axes reversed
     norm = norm[:, order][:, :, order]
     return F.affine_grid(norm[:, :dims].to(theta.dtype), list(shape), align_corners=False)
