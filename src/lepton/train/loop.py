@@ -207,14 +207,16 @@ class Trainer:
                 return mine  # consumed case by case by the task's metrics
             return [o for part in self.dist.gather(list(mine)) for o in part]
         if not self.dist.enabled:
+            # in chunks of the training batch, which already fits with gradients: memory does not grow with val
             return predict_outputs(model, self.x_val, self.task.activate, tta=self.config.tta, device=self.device,
-                                   extras=self.data.e_val)
+                                   extras=self.data.e_val, batch_size=self.config.batch_size)
         if self.data.e_val is not None:
             raise ConfigError("a network with inputs beside the images (covariates) trains in one process")
         # Each process predicts its contiguous share once (no padded duplicates); the shares are joined in order.
         part = (torch.tensor_split(self.x_val, self.dist.world)[self.dist.rank] if isinstance(self.x_val, torch.Tensor)
                 else self.x_val.part(np.array_split(np.arange(len(self.x_val)), self.dist.world)[self.dist.rank]))
-        mine = (predict_outputs(model, part, self.task.activate, tta=self.config.tta, device=self.device)
+        mine = (predict_outputs(model, part, self.task.activate, tta=self.config.tta, device=self.device,
+                                batch_size=self.config.batch_size)
                 if len(part) else None)
         return np.concatenate([p for p in self.dist.gather(mine) if p is not None])
 
