@@ -38,7 +38,7 @@ def write_pngs(root: Path, n: int, size: int = 256, seed: int = 0) -> Path:
     import numpy as np
     from PIL import Image
 
-    from lepton.data.synthetic import make_synthetic
+    from lepton.data.tools.synthetic import make_synthetic
 
     images, _, _ = make_synthetic(min(n, 256), size, seed=seed)
     for i in range(n):
@@ -49,7 +49,7 @@ def write_pngs(root: Path, n: int, size: int = 256, seed: int = 0) -> Path:
 
 
 def train_run(root: Path) -> Path:
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
     from lepton.train import train
 
     npz = write_synthetic_npz(root / "synth.npz", n=256, size=64, seed=1)

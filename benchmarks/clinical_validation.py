@@ -9,7 +9,8 @@
    the time of each.
 2. PneumoniaMNIST (``../shared/data/pneumoniamnist.npz``, train/val only): a CNN trained on its train split (val
    for model selection); a
-   shifted copy of its val split made with the robustness corruptions (``lepton.data.corruptions``: contrast and
+   shifted copy of its val split made with the robustness corruptions (``lepton.data.transforms.corruptions``:
+   contrast and
    Gaussian noise) plays the external site, split in two halves. The external report (domain classifier,
    calibration) runs on the held-apart half; Platt and isotonic recalibrations are fitted on the other half and
    measured on the held-apart one: calibration slope and in-the-large before and after, with CIs.
@@ -137,7 +138,7 @@ def shifted_copy(source: Path, out: Path, names: list[str], seed: int = 0) -> Pa
     recalibration) and ``test`` (held apart)."""
     import torch
 
-    from lepton.data.corruptions import corrupt
+    from lepton.data.transforms.corruptions import corrupt
 
     npz = np.load(source)
     x = torch.from_numpy(npz["val_images"].astype(np.float32)[:, None] / 255)

@@ -125,7 +125,7 @@ def main() -> int:
             full = write_volumes(work / "data" / "volumes", sizes[-1], shape)
             case = "x".join(map(str, shape))
         else:
-            from lepton.data.synthetic import write_segmentation_cases
+            from lepton.data.tools.synthetic import write_segmentation_cases
 
             full = write_segmentation_cases(work / "data" / "images", n=sizes[-1], dims=2, shape=(256,))
             case = "256x256"
@@ -179,8 +179,8 @@ def main() -> int:
 
 def classify(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[dict]:
     """The 2-D classification rows: N, 4N and 16N PNGs, an epoch in memory and from the cache per size."""
-    from lepton.data.cache import CaseCache
-    from lepton.data.synthetic import write_png_classes
+    from lepton.data.index.cache import CaseCache
+    from lepton.data.tools.synthetic import write_png_classes
 
     n = args.n_images or (200 if args.quick else 1000)
     px = args.image_px or (160 if args.quick else 320)

@@ -70,7 +70,7 @@ def segmentation_boxes(det_run, seg_source: Path, names: list[str], out: Path, *
     from scipy.ndimage import find_objects
     from scipy.ndimage import label as components
 
-    from lepton.data.io import read_image
+    from lepton.data.readers.io import read_image
     from lepton.models.detection import MAX_DETECTIONS
     from lepton.tasks.det_metrics import detection_report
     from lepton.train import train
@@ -97,8 +97,8 @@ def segmentation_boxes(det_run, seg_source: Path, names: list[str], out: Path, *
 
 
 def generated(args, out: Path, tmp: Path, results: dict) -> None:
-    from lepton.data.boxes import load_boxes
-    from lepton.data.synthetic import write_detection_cases
+    from lepton.data.readers.boxes import load_boxes
+    from lepton.data.tools.synthetic import write_detection_cases
     from lepton.evaluate import select_split
 
     n2, n3 = (40, 48) if args.quick else (160, 96)
@@ -128,7 +128,7 @@ def generated(args, out: Path, tmp: Path, results: dict) -> None:
     if args.no_segmentation:
         return
     data = load_boxes(csv3, window="-1000,1400")
-    from lepton.data.splits import assign_splits
+    from lepton.data.index.splits import assign_splits
 
     cfg = run.config
     splits = assign_splits(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
@@ -150,7 +150,7 @@ def generated(args, out: Path, tmp: Path, results: dict) -> None:
 
 def bccd(args, out: Path, tmp: Path, results: dict) -> None:
     """BCCD's VOC boxes as a CSV: its train list to train (val carved from it), its val list as the test split."""
-    from lepton.data.boxes import read_voc
+    from lepton.data.readers.boxes import read_voc
 
     base = args.bccd / "BCCD"
     if not (base / "Annotations").is_dir():

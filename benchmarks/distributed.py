@@ -67,7 +67,7 @@ def main() -> None:
             data = DATA
             source = "shared PneumoniaMNIST (train 4,708 / val 524, 28x28)"
         else:
-            from lepton.data.synthetic import write_synthetic_npz
+            from lepton.data.tools.synthetic import write_synthetic_npz
 
             data = write_synthetic_npz(tmp / "synthetic.npz", n=2000, size=28, seed=0)
             source = "synthetic (shared data absent)"

@@ -61,7 +61,7 @@ def main() -> None:
         return
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     from lepton.data import load_dataset
-    from lepton.data.partition import write_partition
+    from lepton.data.index.partition import write_partition
     from lepton.federated.simulation import simulate
     from lepton.federated.site import SiteSettings
     from lepton.train import train

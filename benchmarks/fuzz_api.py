@@ -53,7 +53,7 @@ def _free_port() -> int:
 
 def build_registry(root: Path) -> dict:
     """A registry with cxr v1 (production) and v2 for tenant 'clinic', 'shared' for everyone, and an admin key."""
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
     from lepton.registry import Registry
     from lepton.train import train
 

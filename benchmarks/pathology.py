@@ -60,8 +60,8 @@ def peak_rss_mb() -> float:
 
 def extract(args: argparse.Namespace) -> None:
     """One extraction in this process: print tiles, seconds, a checksum and the peak RSS as JSON."""
-    from lepton.data.slides import open_slide
-    from lepton.data.tiling import TileSpec, iter_tiles, plan_tiles
+    from lepton.data.readers.slides import open_slide
+    from lepton.data.readers.tiling import TileSpec, iter_tiles, plan_tiles
 
     spec = TileSpec(**json.loads(args.spec))
     with open_slide(args.slide) as slide:
@@ -82,9 +82,9 @@ def extract(args: argparse.Namespace) -> None:
 
 
 def tiling(folder: Path, size: int) -> list[dict]:
-    from lepton.data.slidegen import plan_slide, write_slide
-    from lepton.data.slides import open_slide
-    from lepton.data.tiling import TileSpec, plan_tiles
+    from lepton.data.readers.slides import open_slide
+    from lepton.data.readers.tiling import TileSpec, plan_tiles
+    from lepton.data.tools.slidegen import plan_slide, write_slide
 
     path = folder / f"slide_{size}.tiff"
     started = time.perf_counter()

@@ -1,7 +1,8 @@
 """Sequences and covariates on CPU: temporal heads and a video network on generated cine loops, the multimodal report on
 real radiographs with clinical covariates, and real ECG records through the same temporal heads.
 
-1. **Generated loops** (``lepton.data.cine``: a beating chamber whose contraction sets an EF-like target, written as
+1. **Generated loops** (``lepton.data.tools.cine``: a beating chamber whose contraction sets an EF-like target,
+written as
    multi-frame ultrasound DICOM; age and sex shift the EF): ``seq_gru``, ``seq_lstm``, ``seq_attention`` (frame_cnn
    per frame) and ``r2plus1d``, image only, side by side — test MAE with a 95 % bootstrap CI, R², seconds per epoch —
    then the attention head with covariates (late fusion and FiLM) and a covariates-only ridge regression, on the same
@@ -45,9 +46,9 @@ def peak_rss_mb() -> float:
 def test_rows(manifest: Path, options: dict, seed: int):
     """The seeded test split train() draws for this manifest: targets, covariate rows, paths, the data set and every
     clip's split."""
-    from lepton.data.clips import load_clips
-    from lepton.data.covariates import parse_covariates
-    from lepton.data.splits import assign_splits
+    from lepton.data.index.splits import assign_splits
+    from lepton.data.readers.clips import load_clips
+    from lepton.data.readers.covariates import parse_covariates
 
     data = load_clips(manifest, fps=options["fps"], length=options["frames"], size=options["size"],
                       target="value" if options["target"] == "value" else "class",
@@ -94,8 +95,8 @@ def auc_ci(y: np.ndarray, p: np.ndarray, n: int = 1000) -> tuple[float, list[flo
 def loops(tmp: Path, quick: bool, only: tuple[str, ...] = ()) -> None:
     from sklearn.linear_model import RidgeCV
 
-    from lepton.data.cine import write_cine_set
-    from lepton.data.covariates import encode, fit_schema, parse_covariates
+    from lepton.data.readers.covariates import encode, fit_schema, parse_covariates
+    from lepton.data.tools.cine import write_cine_set
 
     n, epochs, frames = (30, 1, 8) if quick else (80, 6, 8)
     manifest = write_cine_set(tmp / "loops", n=n, size=64, seed=1)
@@ -144,7 +145,7 @@ def loops(tmp: Path, quick: bool, only: tuple[str, ...] = ()) -> None:
 def nih(tmp: Path, quick: bool) -> None:
     from sklearn.linear_model import LogisticRegressionCV
 
-    from lepton.data.covariates import encode, fit_schema, parse_covariates
+    from lepton.data.readers.covariates import encode, fit_schema, parse_covariates
 
     src = SHARED / "nih_cxr_clinical"
     if not (src / "metadata.csv").is_file():
@@ -195,7 +196,7 @@ def nih(tmp: Path, quick: bool) -> None:
 def ecg(quick: bool) -> None:
     import torch
 
-    from lepton.data.sequence import read_wfdb
+    from lepton.data.readers.sequence import read_wfdb
     from lepton.models.sequence import SignalNet
 
     record = SHARED / "ecg" / "100"

@@ -207,7 +207,7 @@ def count_forward_passes(registry: Path, body: bytes, clients: int, max_batch_si
                          max_wait_ms: float) -> tuple[int, int]:
     """In this process: ``clients`` concurrent segmentation requests through the server's own code path (the window
     batcher), the network's forward calls counted by a hook on the module itself. Returns (forward calls, windows)."""
-    from lepton.data.io import read_image_bytes
+    from lepton.data.readers.io import read_image_bytes
     from lepton.serve import ServeConfig
     from lepton.serve.state import Server
 
@@ -247,7 +247,7 @@ def segmentation_rows(tmp: Path, clients: int, seconds: float, rounds: int, env:
     from PIL import Image
 
     import lepton
-    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.data.tools.synthetic import write_segmentation_cases
     from lepton.registry import Registry
 
     load_before = _loadavg()
@@ -364,7 +364,7 @@ def main() -> int:
     from PIL import Image
 
     import lepton
-    from lepton.data.synthetic import make_synthetic, write_synthetic_npz
+    from lepton.data.tools.synthetic import make_synthetic, write_synthetic_npz
     from lepton.registry import Registry
 
     tmp = Path(tempfile.mkdtemp(prefix="lepton-serve-bench-"))

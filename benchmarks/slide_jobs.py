@@ -48,7 +48,7 @@ def main() -> None:
     import httpx
     import numpy as np
 
-    from lepton.data.slidegen import plan_slide, write_slide
+    from lepton.data.tools.slidegen import plan_slide, write_slide
     from lepton.pathology.embed import Backbone
     from lepton.pathology.mil import SlideModel, abmil
     from lepton.pathology.workflow import predict_slide

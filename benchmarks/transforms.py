@@ -114,7 +114,7 @@ def monai_matrices(x: torch.Tensor, opts: dict[str, float], gen: torch.Generator
     import torch.nn.functional as F
     from monai.transforms.utils import create_rotate, create_scale, create_shear, create_translate
 
-    from lepton.data.transforms import affine_grid, random_affine
+    from lepton.data.transforms.preprocessing import affine_grid, random_affine
 
     n, dims = x.shape[0], x.ndim - 2
     params = random_affine(x, opts, gen)  # the draws; MONAI builds each matrix (timing only: arbitrary angles)
@@ -148,7 +148,7 @@ def monai_affine(dims: int, size: int, opts: dict[str, float]):
 def bench_affine(dims: int, n: int, size: int, repeats: int) -> None:
     from monai.networks.layers import AffineTransform
 
-    from lepton.data.transforms import augment_batch, random_affine
+    from lepton.data.transforms.preprocessing import augment_batch, random_affine
 
     opts = GEOMETRY_2D if dims == 2 else GEOMETRY_3D
     shape = (n, 1, *[size] * dims)
@@ -178,7 +178,7 @@ def bench_pad(dims: int, n: int, size: int, repeats: int) -> None:
     from monai.transforms import ResizeWithPadOrCrop
     from monai.utils import convert_to_tensor
 
-    from lepton.data.transforms import pad_or_crop
+    from lepton.data.transforms.preprocessing import pad_or_crop
 
     want = (size,) * dims
     resize = ResizeWithPadOrCrop(want)
@@ -219,7 +219,7 @@ def monai_patches(size: tuple[int, ...]):
 
 
 def bench_patches(dims: int, n: int, side: int, size: int, repeats: int) -> None:
-    from lepton.data.transforms import Preprocessing
+    from lepton.data.transforms.preprocessing import Preprocessing
     from lepton.tasks.segmentation import Segmentation
 
     x, y = cases(dims, n, side)
@@ -238,8 +238,8 @@ def bench_patches(dims: int, n: int, side: int, size: int, repeats: int) -> None
 
 
 def bench_cached(dims: int, x: torch.Tensor, y: torch.Tensor, patch: tuple[int, ...], repeats: int) -> None:
-    from lepton.data.cache import CaseCache
-    from lepton.data.cases import CaseStore
+    from lepton.data.index.cache import CaseCache
+    from lepton.data.index.cases import CaseStore
 
     with tempfile.TemporaryDirectory() as tmp:
         cache, entries = CaseCache(tmp), []

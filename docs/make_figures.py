@@ -18,7 +18,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     import lepton
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
     from lepton.explain import overlay_png, saliency_maps
 
     tmp = Path(tempfile.mkdtemp())

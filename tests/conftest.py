@@ -89,7 +89,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def synthetic_npz(tmp_path_factory) -> Path:
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
 
     return write_synthetic_npz(tmp_path_factory.mktemp("npz") / "synth.npz", n=240, size=32, seed=1)
 
@@ -124,7 +124,7 @@ def tiny_run(tmp_path_factory, synthetic_npz):
 def seg_run(tmp_path_factory):
     """A small 2-D segmentation run (synthetic chest images with opacity masks, a few epochs) and its cases."""
     import lepton
-    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.data.tools.synthetic import write_segmentation_cases
 
     root = tmp_path_factory.mktemp("seg-run")
     cases = write_segmentation_cases(root / "cases", n=16, dims=2, seed=0)
@@ -191,7 +191,7 @@ def auth(key: str) -> dict[str, str]:
 
 
 def png_bytes(seed: int = 0, size: int = 32) -> bytes:
-    from lepton.data.synthetic import make_synthetic
+    from lepton.data.tools.synthetic import make_synthetic
 
     images, _, _ = make_synthetic(1, size, seed=seed)
     buf = io.BytesIO()

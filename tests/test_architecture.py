@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, ...]] = [
     ("lepton", "lepton.errors", "lepton.utils", "lepton.plots"),
     ("lepton.config", "lepton.presets", "lepton.tracking"),
-    ("lepton.data",),
+    ("lepton.data", "lepton.hospital"),
     ("lepton.models", "lepton.rundir"),
     ("lepton.tasks",),
     ("lepton.runs", "lepton.cost", "lepton.tracking.compare"),
@@ -139,10 +139,10 @@ def upward(graph: dict[str, set[str]]) -> list[str]:
 def test_the_graph_is_read_from_the_code():
     graph = import_graph()
     assert len(graph) > 60
-    assert "lepton.tasks.base" in graph["lepton.runs"] and "lepton.data.base" in graph["lepton.data.dicom"]
+    assert "lepton.tasks.base" in graph["lepton.runs"] and "lepton.data.base" in graph["lepton.data.readers.dicom"]
     assert "lepton.registry.bundle" in graph["lepton.registry.core"]  # a deferred import counts too
-    assert "lepton.data" in graph["lepton.data.io"]  # a module imports its package first
-    assert "lepton.data.dataset" in graph["lepton.train.data"]  # `from lepton.data import ImageSet`, handed on
+    assert "lepton.data.readers" in graph["lepton.data.readers.io"]  # a module imports its package first
+    assert "lepton.data.index.dataset" in graph["lepton.train.data"]  # `from lepton.data import ImageSet`, handed on
 
 
 def test_a_package_init_importing_its_modules_is_a_circle_and_a_lazy_one_is_not(tmp_path):
@@ -161,8 +161,9 @@ def test_a_package_init_importing_its_modules_is_a_circle_and_a_lazy_one_is_not(
 def test_a_planted_circle_and_an_upward_arrow_are_caught():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert cycles(graph) == [["a", "b", "c"]]
-    assert layer("lepton.data.io") < layer("lepton.tasks.base") < layer("lepton.serve.routers.oip")
-    assert upward({"lepton.data.io": {"lepton.runs", "lepton.data.base"}}) == ["lepton.data.io -> lepton.runs"]
+    assert layer("lepton.data.readers.io") < layer("lepton.tasks.base") < layer("lepton.serve.routers.oip")
+    assert upward({"lepton.data.readers.io": {"lepton.runs", "lepton.data.base"}}) == \
+        ["lepton.data.readers.io -> lepton.runs"]
 
 
 def test_no_import_circles():
@@ -177,10 +178,10 @@ def test_data_and_models_hand_names_on_lazily():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
     from lepton.data import ImageSet, load_dataset
-    from lepton.data.dataset import ImageSet as defined
+    from lepton.data.index.dataset import ImageSet as defined
     from lepton.models import create_model, list_models
 
-    assert ImageSet is defined and load_dataset.__module__ == "lepton.data.sources"
+    assert ImageSet is defined and load_dataset.__module__ == "lepton.data.index.sources"
     assert create_model.__module__ == list_models.__module__ == "lepton.models.factory"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         _ = __import__("lepton.data").data.nothing
@@ -192,9 +193,9 @@ def test_imports_only_point_to_the_same_layer_or_below():
 
 def test_formats_do_not_import_each_other_and_the_sdk_not_the_server():
     graph = import_graph()
-    formats = {"lepton.data.raster", "lepton.data.npy", "lepton.data.dicom", "lepton.data.nifti"}
+    formats = {f"lepton.data.readers.{name}" for name in ("raster", "npy", "dicom", "nifti")}
     for name in formats:
-        assert not graph[name] & (formats | {"lepton.data.io"}), name
+        assert not graph[name] & (formats | {"lepton.data.readers.io"}), name
     assert not any(t.startswith("lepton.serve") for t in graph["lepton.client"])
 
 

@@ -22,7 +22,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 
 def write_pngs(root: Path, n: int, *, seed: int = 0, size: int = 32, nested: bool = False) -> list[Path]:
-    from lepton.data.synthetic import make_synthetic
+    from lepton.data.tools.synthetic import make_synthetic
 
     images, _, _ = make_synthetic(n, size, seed=seed)
     paths = []
@@ -216,9 +216,9 @@ def test_a_segmentation_run_writes_nifti_masks_and_volumes_per_class(tmp_path_fa
 
     import lepton
     from lepton.batch import predict_batch
-    from lepton.data.dicomseg import read_seg
-    from lepton.data.io import read_image
-    from lepton.data.synthetic import nodule_phantom, write_dicom_series, write_segmentation_cases
+    from lepton.data.readers.dicomseg import read_seg
+    from lepton.data.readers.io import read_image
+    from lepton.data.tools.synthetic import nodule_phantom, write_dicom_series, write_segmentation_cases
 
     root = write_segmentation_cases(tmp_path_factory.mktemp("dec") / "Task01", n=6, dims=3, seed=2)
     run = lepton.train(root, task="segmentation", epochs=2, batch_size=2, time_budget_s=0, quiet=True,
@@ -266,7 +266,7 @@ def test_batch_options_need_a_results_file(tiny_run, tmp_path):
 
 def test_streaming_evaluation_scores_class_folders_as_evaluate_does(tiny_run, tmp_path):
     from lepton.batch import evaluate_stream
-    from lepton.data.synthetic import make_synthetic
+    from lepton.data.tools.synthetic import make_synthetic
     from lepton.evaluate import evaluate
 
     images, y, _ = make_synthetic(60, 32, seed=5)

@@ -103,7 +103,7 @@ def test_registry_commands_print_no_third_party_info_logs(tmp_path):
 
 
 def test_predict_takes_a_registry_reference_and_folders(tmp_path, tiny_run):
-    from lepton.data.synthetic import make_synthetic
+    from lepton.data.tools.synthetic import make_synthetic
     from lepton.registry import Registry
 
     reg = Registry.open(tmp_path / "reg")
@@ -135,7 +135,7 @@ def test_predict_takes_a_registry_reference_and_folders(tmp_path, tiny_run):
 
 
 def test_data_inspect_reports_dicom_series_geometry(tmp_path):
-    from lepton.data.synthetic import write_dicom_series
+    from lepton.data.tools.synthetic import write_dicom_series
 
     slices = np.zeros((5, 8, 8), np.float32)
     write_dicom_series(tmp_path / "good", slices, spacing=(0.5, 0.5, 3.0), series_uid="1.2.3")

@@ -339,7 +339,7 @@ def test_a_segmentation_mask_over_the_image_with_class_toggles_and_opacity(brows
 def seg3d_site(tmp_path_factory):
     """A served 3-D segmentation model (a Decathlon folder of CT phantoms, one short epoch) and its cases."""
     import lepton
-    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.data.tools.synthetic import write_segmentation_cases
 
     root = tmp_path_factory.mktemp("seg3d-console")
     cases = write_segmentation_cases(root / "Task01", n=6, dims=3, seed=0)
@@ -406,7 +406,7 @@ def test_a_volume_mask_follows_the_slice_slider_and_keys(browser, seg3d_site):
 @pytest.fixture(scope="module")
 def slide_site(tmp_path_factory):
     """A server with one slide model (and no image model) and a generated slide."""
-    from lepton.data.slidegen import plan_slide, write_slide
+    from lepton.data.tools.slidegen import plan_slide, write_slide
     from lepton.registry import Registry
     from lepton.serve import ServeConfig
     from test_serve_slides import _slide_model
@@ -453,7 +453,7 @@ def det_site(tmp_path_factory):
     import json
 
     import lepton
-    from lepton.data.synthetic import write_detection_cases
+    from lepton.data.tools.synthetic import write_detection_cases
 
     root = tmp_path_factory.mktemp("det-console")
     boxes = write_detection_cases(root / "cxr", 12, dims=2, seed=0)

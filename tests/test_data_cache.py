@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from conftest import lepton_cmd
-from lepton.data.cache import CaseCache
-from lepton.data.cases import cache_segmentation
-from lepton.data.masks import load_segmentation
-from lepton.data.synthetic import write_segmentation_cases
+from lepton.data.index.cache import CaseCache
+from lepton.data.index.cases import cache_segmentation
+from lepton.data.readers.masks import load_segmentation
+from lepton.data.tools.synthetic import write_segmentation_cases
 
 
 @pytest.fixture

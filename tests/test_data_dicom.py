@@ -5,7 +5,7 @@ from pydicom.pixels import apply_rescale
 
 from conftest import pydicom_file
 from lepton.data import load_dataset, read_image
-from lepton.data.dicom import WINDOW_PRESETS, apply_window
+from lepton.data.readers.dicom import WINDOW_PRESETS, apply_window
 from lepton.errors import DataError
 
 
@@ -82,7 +82,7 @@ def test_patient_id_is_pseudonymised_never_kept(tmp_path):
 
 
 def test_dicom_folder_groups_patients_across_splits(tmp_path):
-    from lepton.data.splits import assign_splits
+    from lepton.data.index.splits import assign_splits
 
     base = pydicom.dcmread(pydicom_file("CT_small.dcm"))
     rng = np.random.default_rng(0)

@@ -15,11 +15,11 @@ from PIL import Image
 
 from lepton.config import TrainConfig
 from lepton.data import load_dataset
-from lepton.data.cache import CaseCache
-from lepton.data.imagecache import ImageStore, cache_images
-from lepton.data.splits import assign_splits
-from lepton.data.synthetic import write_png_classes
-from lepton.data.transforms import Preprocessing
+from lepton.data.index.cache import CaseCache
+from lepton.data.index.imagecache import ImageStore, cache_images
+from lepton.data.index.splits import assign_splits
+from lepton.data.tools.synthetic import write_png_classes
+from lepton.data.transforms.preprocessing import Preprocessing
 from lepton.tasks import get_task
 from lepton.train.data import choose_engine, data_fingerprint
 
@@ -99,7 +99,7 @@ def test_auto_keeps_small_sets_in_memory_and_says_why(pngs, tmp_path):
     data, engine, _ = choose_engine(TrainConfig(**base, data_engine="cache"), task, quiet=True)
     assert engine == "cache"
     npz = tmp_path / "x.npz"
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
 
     write_synthetic_npz(npz, n=30, size=16)
     data, engine, reason = choose_engine(TrainConfig(**{**base, "data": str(npz)}), task, quiet=True)

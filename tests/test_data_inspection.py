@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from lepton.data.inspection import inspect_source
+from lepton.data.index.inspection import inspect_source
 
 
 def test_inspect_reports_counts_duplicates_and_unreadable(tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lepton.data.io import read_image, sniff_format, to_unit_range
+from lepton.data.readers.io import read_image, sniff_format, to_unit_range
 from lepton.errors import DataError
 
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import lepton_cmd, write_png_folder
-from lepton.data.layout import detect_layout, looks_like_label_map
-from lepton.data.synthetic import write_segmentation_cases
+from lepton.data.index.layout import detect_layout, looks_like_label_map
+from lepton.data.tools.synthetic import write_segmentation_cases
 from lepton.errors import ConfigError, DataError
 from lepton.tasks import choose_task, inspect_data
 

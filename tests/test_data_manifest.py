@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from lepton.data import load_dataset
-from lepton.data.splits import assign_splits
+from lepton.data.index.splits import assign_splits
 from lepton.errors import DataError
 
 

@@ -6,9 +6,9 @@ import pytest
 
 from conftest import nibabel_file
 from lepton.data import read_image
-from lepton.data.io import read_image_bytes, sniff_bytes, sniff_format
-from lepton.data.nifti import HEADER_BYTES, gunzip_head, read_nifti_volume
-from lepton.data.readers import SNIFF_BYTES
+from lepton.data.readers.io import read_image_bytes, sniff_bytes, sniff_format
+from lepton.data.readers.nifti import HEADER_BYTES, gunzip_head, read_nifti_volume
+from lepton.data.readers.registry import SNIFF_BYTES
 from lepton.errors import DataError
 
 

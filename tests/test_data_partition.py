@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import lepton_cmd
 from lepton.data import load_dataset
-from lepton.data.partition import partition_indices, write_partition
+from lepton.data.index.partition import partition_indices, write_partition
 from lepton.errors import DataError
 
 
@@ -155,7 +155,7 @@ def test_a_site_without_some_class_still_loads_with_the_whole_label_set(syntheti
     site = load_dataset(lacking[0])
     assert site.label_names == data.label_names and site.partial_labels
     assert len(np.unique(site.labels[site.splits == "train"])) < data.num_classes
-    from lepton.data.splits import assign_splits
+    from lepton.data.index.splits import assign_splits
 
     assign_splits(site, val_fraction=0.15, test_fraction=0.0, seed=0)  # no "class missing from train" error
     with pytest.raises(DataError, match="have no images"):  # a whole source without a class is still refused

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lepton.data import load_dataset, read_image
-from lepton.data.pipeline import apply_steps, check_steps, parse_step
-from lepton.data.synthetic import write_dicom_series
+from lepton.data.tools.synthetic import write_dicom_series
+from lepton.data.transforms.pipeline import apply_steps, check_steps, parse_step
 from lepton.errors import ConfigError, DataError, ModelError
 from lepton.models import create_model
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lepton.data.nifti import read_nifti_volume
-from lepton.data.series import inspect_series, read_series
-from lepton.data.synthetic import write_dicom_series
+from lepton.data.readers.nifti import read_nifti_volume
+from lepton.data.readers.series import inspect_series, read_series
+from lepton.data.tools.synthetic import write_dicom_series
 from lepton.errors import DataError
 
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct_series"

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from lepton.data.dataset import ImageSet
-from lepton.data.splits import assign_splits
+from lepton.data.index.dataset import ImageSet
+from lepton.data.index.splits import assign_splits
 from lepton.errors import DataError
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lepton.data.transforms import AUGMENT_PRESETS, Preprocessing, augment_batch, augment_options
+from lepton.data.transforms.preprocessing import AUGMENT_PRESETS, Preprocessing, augment_batch, augment_options
 from lepton.errors import ConfigError
 
 
@@ -107,8 +107,8 @@ def test_augmentation_is_deterministic_by_seed(shape):
 
 
 def test_pad_or_crop_shapes_and_centring():
-    from lepton.data.pipeline import apply_steps
-    from lepton.data.transforms import pad_or_crop
+    from lepton.data.transforms.pipeline import apply_steps
+    from lepton.data.transforms.preprocessing import pad_or_crop
 
     x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).reshape(2, 3, 5, 7)
     out = pad_or_crop(x, (8, 4))  # rows padded 1 before and 2 after, columns cropped 1 before and 2 after
@@ -130,7 +130,7 @@ def test_pad_or_crop_shapes_and_centring():
 def test_affine_grid_normalises_as_monai():
     from monai.networks import to_norm_affine
 
-    from lepton.data.transforms import affine_grid, random_affine
+    from lepton.data.transforms.preprocessing import affine_grid, random_affine
 
     for shape in ((3, 1, 20, 36), (2, 1, 9, 16, 12)):
         x = torch.zeros(shape)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lepton.data.sequence import read_sequence
-from lepton.data.video import is_video, probe_video, write_video
+from lepton.data.readers.sequence import read_sequence
+from lepton.data.readers.video import is_video, probe_video, write_video
 from lepton.errors import ConfigError, DataError
 
 pytest.importorskip("av")
@@ -74,7 +74,7 @@ def test_huge_declared_frame_count_and_size_are_refused(tmp_path):
         read_sequence(path, fps=5, length=4)
     small = write_video(tmp_path / "ok.mp4", ramp(), fps=10)
     with pytest.raises(DataError, match="over the limit of 100 pixels"):
-        from lepton.data.sequence import read_video
+        from lepton.data.readers.sequence import read_video
 
         read_video(small, max_pixels=100)
     with pytest.raises(DataError, match="12 frames is over|declares 12 frames, over the limit of 5"):
@@ -91,7 +91,7 @@ def _video_classes(root: Path, n: int = 4) -> None:
 
 
 def test_video_folders_and_manifests_pick_the_sequence_task(tmp_path):
-    from lepton.data.clips import load_clips
+    from lepton.data.readers.clips import load_clips
     from lepton.tasks import choose_task
 
     _video_classes(tmp_path / "videos")
@@ -107,7 +107,7 @@ def test_video_folders_and_manifests_pick_the_sequence_task(tmp_path):
     with pytest.raises(ConfigError, match="--task classification contradicts the data"):
         choose_task(manifest, "classification")
     with pytest.raises(DataError, match="no covariates"):
-        from lepton.data.covariates import parse_covariates
+        from lepton.data.readers.covariates import parse_covariates
 
         load_clips(tmp_path / "videos", fps=4, length=4, size=8, covariates=parse_covariates("age:numeric"))
 

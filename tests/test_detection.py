@@ -74,7 +74,7 @@ def _expected(data):
 
 @pytest.mark.parametrize("fmt", ["csv", "coco", "voc"])
 def test_every_format_reads_the_same_boxes_and_keeps_negatives(tmp_path, fmt):
-    from lepton.data.boxes import load_boxes
+    from lepton.data.readers.boxes import load_boxes
     from lepton.tasks import choose_task
 
     root = _images(tmp_path / "d")
@@ -92,7 +92,7 @@ def test_every_format_reads_the_same_boxes_and_keeps_negatives(tmp_path, fmt):
 
 
 def test_voc_split_lists_and_volumes_with_z(tmp_path):
-    from lepton.data.boxes import load_boxes
+    from lepton.data.readers.boxes import load_boxes
 
     root = _voc(_images(tmp_path / "voc"))
     (root / "ImageSets" / "Main").mkdir(parents=True)
@@ -117,7 +117,7 @@ def test_voc_split_lists_and_volumes_with_z(tmp_path):
     (["a.png", 6, -1, 9, 5, "cell"], "boxes.csv row 6: box outside the image"),
 ])
 def test_bad_boxes_name_the_file_and_row_and_skip_bad_drops_them(tmp_path, row, message, caplog):
-    from lepton.data.boxes import load_boxes
+    from lepton.data.readers.boxes import load_boxes
 
     root = _images(tmp_path / "d")
     source = _csv(root, extra=[row])
@@ -130,7 +130,7 @@ def test_bad_boxes_name_the_file_and_row_and_skip_bad_drops_them(tmp_path, row, 
 
 
 def test_bad_boxes_in_coco_and_voc_name_the_annotation_and_object(tmp_path):
-    from lepton.data.boxes import load_boxes
+    from lepton.data.readers.boxes import load_boxes
 
     root = _images(tmp_path / "d")
     bad = {**TRUTH, "b.png": [(5, 5, 50, 9, "cell")]}
@@ -273,9 +273,9 @@ def test_volumes_are_resampled_and_reexposed_on_a_share_of_samples_images_on_all
 
 
 def test_world_boxes_round_trip_through_the_affine(tmp_path):
-    from lepton.data.boxes import load_boxes, voxel_to_world_boxes, world_to_voxel_boxes
-    from lepton.data.io import read_image
-    from lepton.data.synthetic import write_detection_cases
+    from lepton.data.readers.boxes import load_boxes, voxel_to_world_boxes, world_to_voxel_boxes
+    from lepton.data.readers.io import read_image
+    from lepton.data.tools.synthetic import write_detection_cases
 
     csv_path = write_detection_cases(tmp_path / "vol", 4, dims=3, seed=3)
     voxel = load_boxes(csv_path)
@@ -368,7 +368,7 @@ def test_box_saliency_stays_with_its_box(one_thread):
 
 @pytest.fixture(scope="module")
 def flat_run(tmp_path_factory):
-    from lepton.data.synthetic import write_detection_cases
+    from lepton.data.tools.synthetic import write_detection_cases
     from lepton.train import train
 
     root = tmp_path_factory.mktemp("det2d")
@@ -457,7 +457,7 @@ def test_tiny_2d_train_predict_evaluate_and_serve_the_same_boxes(flat_run, tmp_p
 
 @pytest.mark.slow
 def test_3d_boxes_end_to_end(tmp_path):
-    from lepton.data.synthetic import write_detection_cases
+    from lepton.data.tools.synthetic import write_detection_cases
     from lepton.evaluate import evaluate
     from lepton.train import train
 
@@ -476,8 +476,8 @@ def test_3d_boxes_end_to_end(tmp_path):
     # a volume twice the training size on each in-plane axis: slid over at the training scale, not shrunk
     import nibabel as nib
 
-    from lepton.data.boxes import voxel_to_world_boxes
-    from lepton.data.synthetic import nodule_phantom
+    from lepton.data.readers.boxes import voxel_to_world_boxes
+    from lepton.data.tools.synthetic import nodule_phantom
 
     hu, _ = nodule_phantom(np.random.default_rng(4), (16, 64, 64), count=3)
     affine = np.diag([-0.5, -0.5, 2.0, 1.0])
@@ -487,7 +487,7 @@ def test_3d_boxes_end_to_end(tmp_path):
     (small,) = run.predict([tmp_path / "vol" / "imagesTr" / "case000.nii.gz"])
     assert big["windows"] > 1 and small["windows"] == 1 and big["count"] > 0
     assert small["count"] == loose["count"] and big["world_coordinates"] == "RAS mm"
-    from lepton.data.io import read_image
+    from lepton.data.readers.io import read_image
 
     frame = read_image(tmp_path / "big.nii.gz", slices="volume")[0]
     voxels = np.array([[b["voxels"][k] for k in ("z0", "y0", "x0", "z1", "y1", "x1")] for b in big["boxes"]])
@@ -559,9 +559,9 @@ def test_detection_refuses_what_boxes_do_not_allow(tmp_path):
 def test_boxes_as_a_dicom_sr_parse_back_with_highdicom(tmp_path):
     import pydicom
 
-    from lepton.data.boxes import voxel_to_world_boxes
-    from lepton.data.io import read_image
-    from lepton.data.synthetic import write_dicom_series
+    from lepton.data.readers.boxes import voxel_to_world_boxes
+    from lepton.data.readers.io import read_image
+    from lepton.data.tools.synthetic import write_dicom_series
     from lepton.pacs.sr import answer_sr, read_boxes
 
     hu = np.full((6, 20, 24), -1000.0, np.float32)
@@ -615,8 +615,8 @@ def test_box_uncertainty_peaks_at_the_threshold_and_mirrored_answers_agree():
 def test_suggest_writes_box_preannotations_that_read_back_and_import(flat_run, tmp_path, one_thread):
     import shutil
 
-    from lepton.data.boxes import load_boxes
-    from lepton.data.synthetic import write_detection_cases
+    from lepton.data.readers.boxes import load_boxes
+    from lepton.data.tools.synthetic import write_detection_cases
     from lepton.errors import ConfigError
     from lepton.label.importer import import_labels
     from lepton.label.suggest import suggest

@@ -42,7 +42,7 @@ def student(teacher, tmp_path_factory):
 def seg_teacher(tmp_path_factory):
     """A 2-D segmentation ensemble of two U-Nets with flip TTA (one epoch each) on 10 generated 32-px cases."""
     import lepton
-    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.data.tools.synthetic import write_segmentation_cases
 
     root = tmp_path_factory.mktemp("seg-teacher")
     cases = write_segmentation_cases(root / "cases", n=10, dims=2, seed=0, shape=(32,))
@@ -195,7 +195,7 @@ def test_cli_distils_and_registers_with_the_teachers_version(teacher, tmp_path):
 
 
 def test_unlabelled_images_are_read_at_the_teachers_size(tmp_path, png_folder):
-    from lepton.data.transforms import Preprocessing
+    from lepton.data.transforms.preprocessing import Preprocessing
     from lepton.distill import _unlabelled_images
     from lepton.errors import DataError
 

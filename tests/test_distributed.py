@@ -35,7 +35,7 @@ def _env(threads: int = 1) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory) -> Path:
     """32 training images: one epoch is exactly two steps of a 16-image global batch."""
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
 
     return write_synthetic_npz(tmp_path_factory.mktemp("ddp") / "small.npz", n=64, size=32, seed=3,
                                fractions=(0.5, 0.25, 0.25))
@@ -189,7 +189,7 @@ D.shutdown(dist)
 
 def test_validation_predicts_each_image_once_and_matches_one_process(tmp_path):
     """17 val images over 2 processes: 9 + 8 predictions gathered in order, none padded or repeated."""
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
 
     data = write_synthetic_npz(tmp_path / "odd.npz", n=70, size=32, seed=5, fractions=(0.5, 0.25, 0.25))
     (tmp_path / "gather.py").write_text(GATHER)

@@ -78,7 +78,7 @@ def test_evaluate_run_writes_report(tiny_run):
 
 
 def test_evaluate_other_source_and_errors(tiny_run, tmp_path):
-    from lepton.data.synthetic import make_synthetic
+    from lepton.data.tools.synthetic import make_synthetic
 
     images, labels, _ = make_synthetic(40, 32, seed=9)
     np.savez(tmp_path / "external.npz", test_images=images, test_labels=labels[:, None],

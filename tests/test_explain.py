@@ -14,7 +14,7 @@ from lepton.explain import saliency_maps
 @pytest.fixture(scope="module")
 def lesion_run(tmp_path_factory):
     """lepton_cnn trained on 48-px synthetic X-rays whose lesion masks are known."""
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
     from lepton.train import train
 
     out = tmp_path_factory.mktemp("explain")

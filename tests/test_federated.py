@@ -48,8 +48,8 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory) -> list[Path]:
     from lepton.data import load_dataset
-    from lepton.data.partition import write_partition
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.index.partition import write_partition
+    from lepton.data.tools.synthetic import write_synthetic_npz
 
     root = tmp_path_factory.mktemp("fed")
     source = write_synthetic_npz(root / "source.npz", n=200, size=28, seed=4)
@@ -186,8 +186,8 @@ def test_a_federation_over_tls(sites, tmp_path):
 def test_a_site_that_drops_out_does_not_stop_the_federation(tmp_path):
     """Three sites, two needed: one SuperNode killed while the rounds run; the federation finishes without it."""
     from lepton.data import load_dataset
-    from lepton.data.partition import write_partition
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.index.partition import write_partition
+    from lepton.data.tools.synthetic import write_synthetic_npz
 
     source = write_synthetic_npz(tmp_path / "source.npz", n=240, size=28, seed=6)
     manifests = write_partition(load_dataset(source), str(source), tmp_path / "sites", 3, "iid", seed=1)
@@ -255,7 +255,7 @@ def test_what_a_site_sends_is_weights_and_numbers_only(sites):
     described = handlers["query"](_message("query", RecordDict({"config": ConfigRecord(settings)})), _context(data))
     summary = json.loads(described.content["summary"]["summary"])
     agreed = site.agree({"7": summary})
-    from lepton.data.transforms import Preprocessing
+    from lepton.data.transforms.preprocessing import Preprocessing
     from lepton.models import create_model
 
     model = site.model_spec_for(site.SiteSettings.from_config(settings), Preprocessing.from_dict(agreed["spec"]),
@@ -295,7 +295,7 @@ def test_sites_that_differ_are_refused_by_name():
 
 
 def test_fedprox_keeps_a_site_near_the_global_weights(sites):
-    from lepton.data.transforms import Preprocessing
+    from lepton.data.transforms.preprocessing import Preprocessing
     from lepton.models import create_model
 
     settings0 = site.SiteSettings(batch_size=16, augment="none", local_epochs=2, lr=3e-3)

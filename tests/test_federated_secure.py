@@ -70,8 +70,8 @@ class LoopbackGrid:
 @pytest.fixture(scope="module")
 def three_sites(tmp_path_factory) -> list[Path]:
     from lepton.data import load_dataset
-    from lepton.data.partition import write_partition
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.index.partition import write_partition
+    from lepton.data.tools.synthetic import write_synthetic_npz
 
     root = tmp_path_factory.mktemp("secagg")
     source = write_synthetic_npz(root / "source.npz", n=240, size=28, seed=5)

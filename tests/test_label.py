@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lepton.data.synthetic import make_synthetic
+from lepton.data.tools.synthetic import make_synthetic
 from lepton.errors import ConfigError, DataError
 from lepton.label.importer import _check_mask, import_labels, read_case
 from lepton.label.rounds import open_labels
@@ -79,7 +79,7 @@ def write(path, rows):
 
 
 def test_mask_geometry_and_unknown_labels_are_refused(tmp_path):
-    from lepton.data.io import read_image
+    from lepton.data.readers.io import read_image
 
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     names = ["background", "liver"]
@@ -118,7 +118,7 @@ def test_k_center_picks_the_far_cases_first():
 def test_segmentation_preannotations_on_the_image_grid_and_back(tmp_path):
     import shutil
 
-    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.data.tools.synthetic import write_segmentation_cases
     from lepton.train import train
 
     root = write_segmentation_cases(tmp_path / "seg", n=6, dims=3, shape=(16, 16, 16), seed=0)
@@ -205,7 +205,7 @@ def test_2d_preannotations_as_coco_and_geojson_and_back(tmp_path):
     import json
     import shutil
 
-    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.data.tools.synthetic import write_segmentation_cases
     from lepton.train import train
 
     root = write_segmentation_cases(tmp_path / "seg", n=6, dims=2, shape=(32,), seed=0)
@@ -241,8 +241,8 @@ def test_suggest_ranks_unlabelled_slides_by_entropy_with_qupath_geojson(tmp_path
     from typer.testing import CliRunner
 
     from lepton.cli import app
-    from lepton.data.slidegen import write_slide_set
-    from lepton.data.tiling import TileSpec
+    from lepton.data.readers.tiling import TileSpec
+    from lepton.data.tools.slidegen import write_slide_set
     from lepton.label.slides import suggest_slides, threshold_entropy
     from lepton.pathology.embed import Backbone
     from lepton.pathology.workflow import train_slides
@@ -286,8 +286,8 @@ def test_suggest_ranks_unlabelled_slides_by_entropy_with_qupath_geojson(tmp_path
 def test_round_report_prices_each_rounds_gain_with_cis_and_a_plot(tiny_run, synthetic_npz, tmp_path):
     import shutil
 
-    from lepton.data.synthetic import LABEL_NAMES
-    from lepton.data.unlabelled import pixel_hash
+    from lepton.data.readers.unlabelled import pixel_hash
+    from lepton.data.tools.synthetic import LABEL_NAMES
     from lepton.errors import RunError
     from lepton.label.report import round_report
     from lepton.train import train

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from conftest import lepton_cmd, orthanc_server, upload_to_orthanc
-from lepton.data.synthetic import ct_phantom, write_dicom_series
+from lepton.data.tools.synthetic import ct_phantom, write_dicom_series
 from lepton.pacs.sr import classification_sr, read_classification
 
 
@@ -27,7 +27,7 @@ def _study(root, k: int, patient: str) -> tuple[list, str, str]:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A registered CT volume classifier (one quick epoch on synthetic phantoms)."""
-    from lepton.data.synthetic import write_ct_cases
+    from lepton.data.tools.synthetic import write_ct_cases
     from lepton.registry import Registry
     from lepton.train import train
 
@@ -189,7 +189,7 @@ def test_pacs_export_builds_a_deidentified_training_set(tmp_path):
         ds = pydicom.dcmread(path)
         assert "PAT-7" not in str(ds) and study not in str(ds) and series not in str(ds)
         assert ds.PatientIdentityRemoved == "YES" and ds.SeriesInstanceUID == folder.name
-    from lepton.data.io import read_image
+    from lepton.data.readers.io import read_image
 
     assert read_image(folder, window="lung", slices="volume")[0].pixels.shape[1] == 8  # still one readable series
 
@@ -198,7 +198,7 @@ def test_a_segmentation_model_stores_a_dicom_seg(tmp_path):
     """A 3-D segmentation model's answer goes back as DICOM SEG referencing the series (read back with highdicom)."""
     import highdicom as hd
 
-    from lepton.data.synthetic import nodule_phantom, write_segmentation_cases
+    from lepton.data.tools.synthetic import nodule_phantom, write_segmentation_cases
     from lepton.pacs.node import DicomNode
     from lepton.registry import Registry
     from lepton.train import train
@@ -271,8 +271,8 @@ SHARED_CT = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
 def test_a_real_jpeg2000_ct_goes_through_the_pacs_and_gets_a_report(model, tmp_path):
     """The shared abdominal CT (20 JPEG 2000 slices of 512 x 512): uploaded to Orthanc, fetched over WADO-RS in its
     own transfer syntax, read as a volume in Hounsfield units, and answered with an SR in its study."""
-    from lepton.data.dicomweb import Source, fetch
-    from lepton.data.io import read_image
+    from lepton.data.readers.io import read_image
+    from lepton.hospital.dicomweb import Source, fetch
     from lepton.pacs.node import DicomNode
 
     files = sorted(SHARED_CT.iterdir())

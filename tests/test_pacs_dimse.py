@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from conftest import lepton_cmd, orthanc_server
-from lepton.data.synthetic import ct_phantom, write_dicom_series
+from lepton.data.tools.synthetic import ct_phantom, write_dicom_series
 from lepton.errors import DataError
 from lepton.pacs.dimse import CANNOT_UNDERSTAND, DOES_NOT_MATCH, AeAddress, StorageSCP, echo, send, tls_context
 from lepton.pacs.sr import read_classification
@@ -30,7 +30,7 @@ PATIENT = "PAT-DIMSE-77"
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A registered CT volume classifier (one quick epoch on synthetic phantoms)."""
-    from lepton.data.synthetic import write_ct_cases
+    from lepton.data.tools.synthetic import write_ct_cases
     from lepton.registry import Registry
     from lepton.train import train
 

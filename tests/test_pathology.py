@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lepton.data.slidegen import plan_slide, render, write_slide
-from lepton.data.slides import open_slide
-from lepton.data.tiling import TileSpec, iter_tiles, plan_tiles, tissue_mask
+from lepton.data.readers.slides import open_slide
+from lepton.data.readers.tiling import TileSpec, iter_tiles, plan_tiles, tissue_mask
+from lepton.data.tools.slidegen import plan_slide, render, write_slide
 from lepton.errors import DataError
 
 SIDE = 1536
@@ -195,7 +195,7 @@ def test_tissue_mask_keeps_tissue_and_drops_pen_debris_and_glass(tmp_path, plan)
 
 
 def test_tile_grid_is_cached_and_reused_and_tiles_stream(tmp_path, plan):
-    from lepton.data.cache import CaseCache
+    from lepton.data.index.cache import CaseCache
 
     path = write_slide(tmp_path / "s.tiff", plan, tile=128)
     cache = CaseCache(tmp_path / "cache")
@@ -238,7 +238,7 @@ def test_real_slides_open_or_are_refused_with_the_reason():
 
 @pytest.fixture(scope="module")
 def slide_set(tmp_path_factory):
-    from lepton.data.slidegen import write_slide_set
+    from lepton.data.tools.slidegen import write_slide_set
 
     return write_slide_set(tmp_path_factory.mktemp("slides"), 12, size=1024, seed=3)
 
@@ -284,7 +284,7 @@ def test_mil_recovers_tumour_slides_and_writes_heatmap_geojson_and_report(tmp_pa
         assert feature["properties"]["objectType"] == "annotation"
     assert "Slide report" in files["markdown"].read_text()
     # the regions the model attended to lie on the generated tumour
-    from lepton.data.slidegen import plan_slide
+    from lepton.data.tools.slidegen import plan_slide
 
     idx = int(tumour.rsplit("slide", 1)[1][:3])
     side = int(json.loads(files["report"].read_text())["slide"]["width"])

@@ -115,7 +115,7 @@ def test_a_registered_backbone_trains_by_name_and_is_refused_where_it_does_not_f
     from typer.testing import CliRunner
 
     from lepton.cli import app
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
     from lepton.errors import RegistryError
     from lepton.registry import Registry
 

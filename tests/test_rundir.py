@@ -66,7 +66,7 @@ def _write_run(path: Path, config_text: str | None = None) -> tuple[RunDir, obje
     """A complete run directory written through RunDir alone: a small untrained lepton_cnn and its files."""
     import torch
 
-    from lepton.data.transforms import Preprocessing
+    from lepton.data.transforms.preprocessing import Preprocessing
     from lepton.models import create_model
 
     torch.manual_seed(0)

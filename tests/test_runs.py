@@ -11,7 +11,7 @@ from lepton.runs import load_run
 
 
 def test_predict_files_of_every_kind(tiny_run, tmp_path):
-    from lepton.data.synthetic import make_synthetic
+    from lepton.data.tools.synthetic import make_synthetic
 
     images, _, _ = make_synthetic(2, 32, seed=4)
     Image.fromarray(images[0]).save(tmp_path / "a.png")

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def flat_run(tmp_path_factory):
     import lepton
-    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.data.tools.synthetic import write_segmentation_cases
 
     root = write_segmentation_cases(tmp_path_factory.mktemp("seg2d") / "cases", n=60, dims=2, seed=0)
     run = lepton.train(root, task="segmentation", epochs=20, batch_size=8, time_budget_s=0, quiet=True,
@@ -36,7 +36,7 @@ def flat_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def volume_run(tmp_path_factory):
     import lepton
-    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.data.tools.synthetic import write_segmentation_cases
 
     root = write_segmentation_cases(tmp_path_factory.mktemp("seg3d") / "cases", n=40, dims=3, seed=1)
     # a spacing step: predictions are made on 1.5 mm voxels and returned on each input's own grid
@@ -85,10 +85,10 @@ def test_a_classifier_network_is_refused_for_segmentation(flat_run, tmp_path):
 
 def test_3d_run_predicts_series_and_nifti_on_their_own_grid(volume_run, tmp_path):
     import lepton
-    from lepton.data.dicomseg import read_seg
-    from lepton.data.series import read_series
-    from lepton.data.synthetic import nodule_phantom, write_dicom_series
-    from lepton.data.volume import network_affine, network_order
+    from lepton.data.readers.dicomseg import read_seg
+    from lepton.data.readers.series import read_series
+    from lepton.data.readers.volume import network_affine, network_order
+    from lepton.data.tools.synthetic import nodule_phantom, write_dicom_series
 
     run, _ = volume_run
     assert run.preprocessing.steps and run.info["val_dice"] > 0.5
@@ -159,7 +159,7 @@ def test_export_register_and_serve_both_kinds(flat_run, volume_run, tmp_path):
                                  headers={**auth(key), "x-filename": "case.nii.gz"})
             assert refused.status_code == 422 and "explain is for classifiers" in refused.text
             series = tmp_path / f"series-{backend}"
-            from lepton.data.synthetic import nodule_phantom, write_dicom_series
+            from lepton.data.tools.synthetic import nodule_phantom, write_dicom_series
 
             write_dicom_series(series, nodule_phantom(np.random.default_rng(5), (16, 32, 32), count=1)[0],
                                spacing=(1.0, 1.0, 2.0))
@@ -167,7 +167,7 @@ def test_export_register_and_serve_both_kinds(flat_run, volume_run, tmp_path):
                            files={"file": ("s.zip", series_zip(series))})
             assert z.status_code == 200, z.text
             (tmp_path / "seg.dcm").write_bytes(base64.b64decode(z.json()["dicom_seg"]["data"]))
-            from lepton.data.dicomseg import read_seg
+            from lepton.data.readers.dicomseg import read_seg
 
             seg, _ = read_seg(tmp_path / "seg.dcm")
             sent = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(z.json()["label_map"]["data"])))

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lepton.data.dicomseg import read_seg, write_seg
-from lepton.data.masks import load_segmentation, read_mask
-from lepton.data.series import read_series
-from lepton.data.synthetic import nodule_phantom, write_dicom_series, write_segmentation_cases
-from lepton.data.volume import network_affine, network_order
+from lepton.data.readers.dicomseg import read_seg, write_seg
+from lepton.data.readers.masks import load_segmentation, read_mask
+from lepton.data.readers.series import read_series
+from lepton.data.readers.volume import network_affine, network_order
+from lepton.data.tools.synthetic import nodule_phantom, write_dicom_series, write_segmentation_cases
 from lepton.errors import DataError
 from lepton.tasks.seg_metrics import case_metrics, detection, lesions, mean_ci
 
@@ -145,10 +145,10 @@ import logging, sys
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 from pathlib import Path
 import numpy as np
-from lepton.data.dicomseg import read_seg, write_seg
-from lepton.data.series import read_series
-from lepton.data.synthetic import nodule_phantom, write_dicom_series
-from lepton.data.volume import network_affine, network_order
+from lepton.data.readers.dicomseg import read_seg, write_seg
+from lepton.data.readers.series import read_series
+from lepton.data.tools.synthetic import nodule_phantom, write_dicom_series
+from lepton.data.readers.volume import network_affine, network_order
 root = Path({str(tmp_path)!r})
 hu, truth = nodule_phantom(np.random.default_rng(3), (6, 16, 16), count=1)
 write_dicom_series(root / "s", hu, spacing=(1.0, 1.0, 2.0))

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from lepton.config import make_config
-from lepton.data.synthetic import write_synthetic_npz
-from lepton.data.unlabelled import load_unlabelled
+from lepton.data.readers.unlabelled import load_unlabelled
+from lepton.data.tools.synthetic import write_synthetic_npz
 from lepton.errors import ConfigError, DataError
 from lepton.tasks import get_task
 from lepton.train.data import prepare_data
@@ -103,7 +103,7 @@ def seg_sets(tmp_path_factory):
     same count of different images, and one that holds the labelled cases' own images (val among them)."""
     import shutil
 
-    from lepton.data.synthetic import write_segmentation_cases
+    from lepton.data.tools.synthetic import write_segmentation_cases
 
     root = tmp_path_factory.mktemp("semi-seg")
     labelled = write_segmentation_cases(root / "labelled", n=12, dims=2, seed=0, shape=(32,))

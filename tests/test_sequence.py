@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lepton.data.cine import beating_chamber, write_cine, write_cine_set
-from lepton.data.covariates import check_table, check_values, encode, fit_schema, parse_covariates
-from lepton.data.sequence import frame_indices, read_sequence, read_wfdb, sample_times
+from lepton.data.readers.covariates import check_table, check_values, encode, fit_schema, parse_covariates
+from lepton.data.readers.sequence import frame_indices, read_sequence, read_wfdb, sample_times
+from lepton.data.tools.cine import beating_chamber, write_cine, write_cine_set
 from lepton.errors import ConfigError, DataError
 
 

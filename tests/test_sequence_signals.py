@@ -38,8 +38,8 @@ def write_records(root: Path, n: int = 12, fs: float = 250.0) -> Path:
 
 
 def test_records_resampled_by_interpolation_and_detected_as_sequences(tmp_path):
-    from lepton.data.clips import load_clips
-    from lepton.data.sequence import read_sequence
+    from lepton.data.readers.clips import load_clips
+    from lepton.data.readers.sequence import read_sequence
     from lepton.tasks import choose_task
 
     manifest = write_records(tmp_path, n=4)

@@ -25,7 +25,7 @@ def registry(seg_run, tmp_path_factory):
 
 
 def test_windows_of_concurrent_requests_share_forward_passes(seg_run, registry):
-    from lepton.data.io import read_image_bytes
+    from lepton.data.readers.io import read_image_bytes
     from lepton.serve import ServeConfig
     from lepton.serve.errors import ApiError
     from lepton.serve.state import Server

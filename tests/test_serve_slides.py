@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import auth, running
-from lepton.data.slidegen import plan_slide, write_slide
+from lepton.data.tools.slidegen import plan_slide, write_slide
 
 SPEC = {"mpp": 1.0, "size": 64, "overlap": 0, "min_tissue": 0.5}
 
@@ -186,8 +186,8 @@ def test_a_slide_job_by_dicomweb_reference_answers_what_predict_slide_answers(sl
     import pydicom
 
     from conftest import orthanc_server, upload_to_orthanc
-    from lepton.data.dicomweb import Source
-    from lepton.data.synthetic import ct_phantom, write_dicom_series
+    from lepton.data.tools.synthetic import ct_phantom, write_dicom_series
+    from lepton.hospital.dicomweb import Source
     from lepton.pathology.workflow import predict_slide
 
     s, key = slide_server, slide_server["keys"]["clinic"]

@@ -24,7 +24,7 @@ def ct_zip(folder: Path, slices: int = 6, size: int = 32) -> bytes:
     """A synthetic CT series (DICOM, Hounsfield units) zipped, as a person uploads a series."""
     import numpy as np
 
-    from lepton.data.synthetic import ct_phantom, write_dicom_series
+    from lepton.data.tools.synthetic import ct_phantom, write_dicom_series
 
     files = write_dicom_series(folder, ct_phantom(np.random.default_rng(0), (slices, size, size)))
     buf = io.BytesIO()

@@ -323,7 +323,7 @@ def test_a_tracking_server_that_comes_up_late_gets_what_was_buffered(mlflow_serv
 def test_a_two_process_run_logs_once(tmp_path):
     from mlflow import MlflowClient
 
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
 
     data = write_synthetic_npz(tmp_path / "small.npz", n=64, size=32, seed=3, fractions=(0.5, 0.25, 0.25))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -157,7 +157,7 @@ def test_ensemble_members_are_trained_and_chosen_on_val(tmp_path, synthetic_npz)
 @pytest.mark.slow
 def test_kill_and_resume_inside_a_later_member(tmp_path):
     """SIGKILL during the second member: the resumed run trains the same members as an uninterrupted one."""
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
 
     data = write_synthetic_npz(tmp_path / "d.npz", n=300, size=32, seed=3)
     args = ["train", str(data), "--epochs", "3", "--batch-size", "32", "--output-dir", str(tmp_path),
@@ -192,7 +192,7 @@ def test_freeze_backbone_and_balanced_sampling(tmp_path, synthetic_npz):
 @pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     """Kill a real training process mid-run with SIGKILL, resume it, compare with a clean run."""
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
 
     data = write_synthetic_npz(tmp_path / "d.npz", n=500, size=40, seed=3)
     # (the medmnist preset, which fills its budget with members: --epochs alone now means one network)

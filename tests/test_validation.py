@@ -185,7 +185,7 @@ def test_platt_and_isotonic_maps_agree_in_numpy_and_torch_and_mend_the_slope():
 @pytest.fixture(scope="module")
 def local_site(tmp_path_factory):
     """Another site's labelled data: the synthetic set at another seed, darker and lower in contrast."""
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
 
     root = tmp_path_factory.mktemp("site")
     path = write_synthetic_npz(root / "site.npz", n=160, size=32, seed=7)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lepton.data import load_dataset
-from lepton.data.transforms import Preprocessing, augment_batch, augment_options
+from lepton.data.transforms.preprocessing import Preprocessing, augment_batch, augment_options
 from lepton.errors import DataError, ModelError
 from lepton.models import create_model
 from lepton.models.layout import fast_layout, model_layout
@@ -110,7 +110,7 @@ def test_shared_adrenalmnist3d_learns(tmp_path):
 
 
 def test_corruptions_act_on_volumes_slice_by_slice():
-    from lepton.data.corruptions import CORRUPTIONS, corrupt
+    from lepton.data.transforms.corruptions import CORRUPTIONS, corrupt
 
     vol = torch.rand(2, 1, 4, 16, 16)
     for name in CORRUPTIONS:

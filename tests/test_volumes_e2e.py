@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> Path:
-    from lepton.data.synthetic import write_ct_cases
+    from lepton.data.tools.synthetic import write_ct_cases
 
     return write_ct_cases(tmp_path_factory.mktemp("ct"), n=48, seed=0)
 
@@ -54,8 +54,8 @@ def test_manifest_of_series_and_nifti_files_loads_as_volumes(cases):
 
 
 def test_train_evaluate_explain(volume_run, cases, tmp_path):
-    from lepton.data.series import read_series
-    from lepton.data.volume import network_affine
+    from lepton.data.readers.series import read_series
+    from lepton.data.readers.volume import network_affine
     from lepton.evaluate import evaluate
     from lepton.explain import explain
 

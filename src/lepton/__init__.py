@@ -27,7 +27,7 @@ _EXPORTS = {
     "list_models": "lepton.models",
     "load_dataset": "lepton.data",
     "read_image": "lepton.data",
-    "inspect_source": "lepton.data.inspection",
+    "inspect_source": "lepton.data.index.inspection",
     "inspect_data": "lepton.tasks",
     "choose_task": "lepton.tasks",
     "make_config": "lepton.config",

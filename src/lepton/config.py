@@ -75,7 +75,7 @@ class TrainConfig:
     slices: str = setting("middle", "Volumes and multi-frame files: the middle slice, all slices, or volume (whole "
                                     "volumes for 3-D networks).", "data", choices=("middle", "all", "volume"))
     preprocess: list[dict[str, Any]] = setting([], (  # noqa: RUF009 (likewise)
-        "Volume preprocessing steps (MONAI dictionary transforms, lepton.data.pipeline), in order, e.g. "
+        "Volume preprocessing steps (MONAI dictionary transforms, lepton.data.transforms.pipeline), in order, e.g. "
         "[{name: spacing, mm: [1.5, 1.5, 3.0]}, {name: crop_foreground, margin: 4}]. Saved with the run; predict "
         "and serve apply them."), "data", cli=False)
     slab: bool = setting(False, "2.5-D: a 2-D network reads a volume's slices as channels (cheaper than 3-D).",

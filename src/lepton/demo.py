@@ -19,7 +19,7 @@ def run_demo(output_dir: str | Path = "runs", *, quick: bool = False, seed: int 
     predict two PNG files; return the paths and headline figures."""
     from PIL import Image
 
-    from lepton.data.synthetic import write_synthetic_npz
+    from lepton.data.tools.synthetic import write_synthetic_npz
     from lepton.evaluate import evaluate
     from lepton.train import train
 
@@ -57,7 +57,7 @@ def run_volume_demo(output_dir: str | Path = "runs", *, quick: bool = False, see
     with a CSV manifest, resampled and cropped by MONAI transforms, a 3-D ``lepton_cnn`` trained on whole
     volumes, evaluated on the test cases, a Grad-CAM
     map written as NIfTI beside a slice montage, and a series folder and a NIfTI file predicted."""
-    from lepton.data.synthetic import write_ct_cases
+    from lepton.data.tools.synthetic import write_ct_cases
     from lepton.evaluate import evaluate
     from lepton.explain import explain
     from lepton.train import train
@@ -95,10 +95,10 @@ def run_segmentation_demo(output_dir: str | Path = "runs", *, quick: bool = Fals
     """CT phantoms with lung nodules (a Decathlon folder of NIfTI files) → a 3-D U-Net → Dice, HD95 and lesion
     detection on the test cases → a new phantom written as a DICOM series, segmented, its label map written as NIfTI
     and as a DICOM SEG that is read back with highdicom and compared voxel for voxel."""
-    from lepton.data.dicomseg import read_seg
-    from lepton.data.series import read_series
-    from lepton.data.synthetic import nodule_phantom, write_dicom_series, write_segmentation_cases
-    from lepton.data.volume import network_order
+    from lepton.data.readers.dicomseg import read_seg
+    from lepton.data.readers.series import read_series
+    from lepton.data.readers.volume import network_order
+    from lepton.data.tools.synthetic import nodule_phantom, write_dicom_series, write_segmentation_cases
     from lepton.evaluate import evaluate
     from lepton.train import train
 
@@ -140,7 +140,7 @@ def run_detection_demo(output_dir: str | Path = "runs", *, quick: bool = False, 
     """Box-labelled lesions, end to end: chest-radiograph-like images with opacities and CT-like volumes with lung
     nodules (``write_detection_cases``: boxes around each lesion, negatives kept) → RetinaNet (2-D, then 3-D) → mAP,
     CPM and per-class AP with CIs on the test split → boxes for an image and a volume, as the server answers them."""
-    from lepton.data.synthetic import write_detection_cases
+    from lepton.data.tools.synthetic import write_detection_cases
     from lepton.evaluate import evaluate
     from lepton.train import train
 
@@ -180,7 +180,7 @@ def run_sequence_demo(output_dir: str | Path = "runs", *, quick: bool = False, s
     import httpx
     import uvicorn
 
-    from lepton.data.cine import read_manifest_rows, write_cine_set
+    from lepton.data.tools.cine import read_manifest_rows, write_cine_set
     from lepton.evaluate import evaluate
     from lepton.registry import Registry
     from lepton.serve import ServeConfig, create_app

@@ -67,11 +67,11 @@ class DistillSettings:
 def _unlabelled_images(source: str, spec) -> Any:
     """Images without labels, in [0, 1] at the teacher's input size: a folder (every readable image file under it,
     recursively; unreadable ones skipped with a warning) or a MedMNIST-format ``.npz`` (its ``train_images``, never
-    its val or test images), listed by ``lepton.data.unlabelled``."""
+    its val or test images), listed by ``lepton.data.readers.unlabelled``."""
     import torch
 
-    from lepton.data.io import read_image
-    from lepton.data.unlabelled import load_unlabelled
+    from lepton.data.readers.io import read_image
+    from lepton.data.readers.unlabelled import load_unlabelled
 
     path = Path(source)
     if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".npz")):
@@ -198,7 +198,7 @@ def distill(
     import torch
 
     from lepton.config import TrainConfig
-    from lepton.data.transforms import Preprocessing
+    from lepton.data.transforms.preprocessing import Preprocessing
     from lepton.rundir import CONFIG, RunDir
     from lepton.runs import load_run
     from lepton.train import finish_run, prepare_data, resolve_device

@@ -132,7 +132,7 @@ def select_split(run, data: str | Path | None, split: str, *, skip_bad: bool = F
     the case cache (``Task.load_cases``) where the task can, so the split is chosen from metadata and its images
     are read a batch at a time (``Task.evaluation_outputs``), as the run was trained.
     """
-    from lepton.data.splits import assign_splits
+    from lepton.data.index.splits import assign_splits
 
     cfg, spec = run.config, run.preprocessing
     source = str(data) if data is not None else cfg.data

@@ -149,7 +149,7 @@ def explain(run, paths: list[str | Path], *, method: str = "gradcam", output: st
     on the input's own grid and affine, so a viewer shows it over the scan. ``target`` names the class to explain
     (default: each image's predicted class).
     """
-    from lepton.data.io import read_image
+    from lepton.data.readers.io import read_image
     from lepton.runs import Run, load_run
 
     run = run if isinstance(run, Run) else load_run(run)
@@ -197,7 +197,7 @@ def explain_boxes(run, paths: list[str | Path], *, output: str | Path = "explana
     own grid), written as ``<name>_box<k>.png`` — the image with the map over it; for a volume the axial slices the
     box spans — and for volumes also ``<name>_box<k>.nii.gz`` with the input's affine. One row per image: its boxes as
     the run answers them (``target``: only that class's), each with its files."""
-    from lepton.data.io import read_image
+    from lepton.data.readers.io import read_image
 
     if target is not None and target not in run.label_names:
         raise ConfigError(f"unknown class {target!r}; the run's classes are {run.label_names}")

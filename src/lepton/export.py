@@ -291,7 +291,7 @@ def export_run(
 
 def _finetune(model: nn.Module, data, config, epochs: int, loss_fn) -> None:
     """A short fine-tune of a pruned model (pruning masks stay applied) on the run's train split."""
-    from lepton.data.transforms import augment_batch, augment_options
+    from lepton.data.transforms.preprocessing import augment_batch, augment_options
 
     opts = augment_options(config.augment, config.augment_options)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr * 0.1,

@@ -7,7 +7,7 @@ together and pushing the batch's other images away. ``masked`` (masked-image mod
 blanked, a light decoder reconstructs them from the backbone's features, mean squared error on the blanked pixels
 only.
 
-The source is read through ``lepton.data.unlabelled`` and decoded batch by batch (folders and manifests stream).
+The source is read through ``lepton.data.readers.unlabelled`` and decoded batch by batch (folders and manifests stream).
 Every epoch's order and every step's augmentation derive from (seed, epoch, step), and ``last.pt`` is written
 atomically at each epoch's end and every ``checkpoint_s`` seconds within one, so a run killed at any point resumes
 where its last checkpoint left it with the same draws.
@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lepton.data.transforms import AUGMENT_PRESETS, Preprocessing, augment_batch
-from lepton.data.unlabelled import UnlabelledSet, load_unlabelled
+from lepton.data.readers.unlabelled import UnlabelledSet, load_unlabelled
+from lepton.data.transforms.preprocessing import AUGMENT_PRESETS, Preprocessing, augment_batch
 from lepton.errors import ConfigError, RunError
 from lepton.models import create_model, model_info
 from lepton.models.pretrained import BACKBONE_KEY

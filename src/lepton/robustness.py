@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lepton.data.corruptions import CORRUPTIONS, corrupt
+from lepton.data.transforms.corruptions import CORRUPTIONS, corrupt
 from lepton.models.adversarial import attack
 
 __all__ = ["CORRUPTIONS", "attack", "corrupt", "render_markdown", "robustness"]

@@ -22,7 +22,7 @@ from lepton.utils import atomic_torch_save, atomic_write_json
 if TYPE_CHECKING:
     import torch
 
-    from lepton.data.transforms import Preprocessing
+    from lepton.data.transforms.preprocessing import Preprocessing
 
 CONFIG = "config.yaml"
 INFO = "run.json"
@@ -116,7 +116,7 @@ class RunDir:
         atomic_write_json(self.path / PREPROCESSING, spec if isinstance(spec, dict) else spec.to_dict())
 
     def read_preprocessing(self) -> Preprocessing:
-        from lepton.data.transforms import Preprocessing
+        from lepton.data.transforms.preprocessing import Preprocessing
 
         return Preprocessing.from_dict(self._json(PREPROCESSING))
 

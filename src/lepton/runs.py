@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from lepton.config import TrainConfig
-from lepton.data.transforms import Preprocessing
+from lepton.data.transforms.preprocessing import Preprocessing
 from lepton.errors import RunError
 from lepton.models.layout import fast_layout
 from lepton.rundir import COMPLETE, RunDir
@@ -109,7 +109,7 @@ def segment_image(model, spec: Preprocessing, pixels: np.ndarray, affine: np.nda
     are applied, the network slides over the result (``segment_probs``), and the probabilities are resampled back
     when the steps moved the grid. ``stepped``: the image went through the steps already; outputs stay on its grid.
     ``model`` is a module or any callable from a batch tensor to outputs."""
-    from lepton.data.pipeline import apply_steps
+    from lepton.data.transforms.pipeline import apply_steps
 
     if spec.steps and pixels.ndim == 4 and not stepped:
         moved, moved_affine, _ = apply_steps(pixels, affine, spec.steps, "input")

@@ -45,7 +45,7 @@ def _spec(spec: dict[str, Any]):
     """The Preprocessing of a spec dict, built once per process."""
     import json
 
-    from lepton.data.transforms import Preprocessing
+    from lepton.data.transforms.preprocessing import Preprocessing
 
     key = json.dumps(spec, sort_keys=True, default=str)
     if key not in _SPECS:
@@ -57,13 +57,13 @@ def decode(item: Input, spec: dict[str, Any], on_grid: bool) -> Decoded:
     """Read and preprocess one input as ``Run.predict`` does (the run's window, slices and steps; the exact
     inference-time tensor at the network's size), or with ``on_grid`` (a task sliding over each input at its own size)
     one image or volume as read, with its geometry; any failure becomes the row's error."""
-    from lepton.data.io import read_image
+    from lepton.data.readers.io import read_image
 
     try:
         pre = _spec(spec)
         path = Path(item.path)
         if on_grid:
-            from lepton.data.masks import is_volume
+            from lepton.data.readers.masks import is_volume
 
             frames = read_image(path, window=pre.window, slices="volume" if is_volume(path) else "middle")
             if len(frames) != 1:
@@ -232,7 +232,7 @@ class Predictor:
 def mask_path(masks: Path, item: Input, *, volume: bool) -> Path:
     """Where an input's label map goes: its path below the source's folder mirrored under ``masks`` (else its name
     with a short hash of its path), ``_seg.nii.gz`` for volumes and ``_seg.png`` for images."""
-    from lepton.data.masks import stem
+    from lepton.data.readers.masks import stem
 
     path = Path(item.path)
     suffix = "_seg.nii.gz" if volume else "_seg.png"

@@ -80,7 +80,7 @@ def _walk(root: Path, *, series: bool, labelled: bool) -> Iterator[Input]:
 
 
 def _holds_dicom(folder: Path, files: list[str]) -> bool:
-    from lepton.data.io import sniff_format
+    from lepton.data.readers.io import sniff_format
 
     for name in files[:8]:
         try:
@@ -138,7 +138,7 @@ def _listing(path: Path, *, series: bool) -> Iterator[Input]:
 
 def _decathlon(root: Path) -> Iterator[Input]:
     """A Decathlon folder's images: ``training`` entries' images, then the ``test`` list."""
-    from lepton.data.masks import _inside
+    from lepton.data.readers.masks import _inside
 
     where = str(root / "dataset.json")
     try:
@@ -155,7 +155,7 @@ def _decathlon(root: Path) -> Iterator[Input]:
 
 def _dicomweb(url: str, truth: str | None = None) -> Iterator[Input]:
     """A DICOMweb source's series, fetched into the local cache (those fetched before are not fetched again)."""
-    from lepton.data.dicomweb import Source, cache_root, fetch
+    from lepton.hospital.dicomweb import Source, cache_root, fetch
 
     for folder in fetch(Source.parse(url)):
         yield Input(str(folder), truth, str(cache_root()))

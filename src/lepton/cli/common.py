@@ -100,6 +100,6 @@ def _print_version(v, card: bool = False) -> None:
 def _parse_steps(items: list[str] | None) -> list[dict] | None:
     if not items:
         return None
-    from lepton.data.pipeline import parse_step
+    from lepton.data.transforms.pipeline import parse_step
 
     return [parse_step(text) for text in items]

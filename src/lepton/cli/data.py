@@ -38,7 +38,7 @@ def data_inspect(
     duplicates and unreadable files (segmentation: cases, label names, cases and voxel share per class, spacing);
     for DICOM series, each series' geometry (slices, spacing, orientation, gaps, tilt)."""
     if series:
-        from lepton.data.inspection import inspect_source
+        from lepton.data.index.inspection import inspect_source
 
         result = inspect_source(source, window=window, slices=slices, series=True)
     else:
@@ -80,8 +80,8 @@ def data_cache_build(
 ) -> None:
     """Decode and preprocess every case into the cache in parallel (what is there is verified and reused); a
     training with the same window and steps then starts from it. An interrupted build resumes where it stopped."""
-    from lepton.data.cache import CaseCache
-    from lepton.data.pipeline import check_steps
+    from lepton.data.index.cache import CaseCache
+    from lepton.data.transforms.pipeline import check_steps
     from lepton.errors import DataError
     from lepton.tasks import choose_task, get_task
 
@@ -100,7 +100,7 @@ def data_cache_build(
 def data_cache_show(cache_dir: CacheDirOpt = None,
                     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """What the cache holds: entries, size, sources and interrupted writes."""
-    from lepton.data.cache import CaseCache
+    from lepton.data.index.cache import CaseCache
 
     shown = CaseCache(cache_dir).show()
     if as_json:
@@ -122,7 +122,7 @@ def data_cache_prune(
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Remove interrupted writes, and entries by age, source or (with --verify) corruption."""
-    from lepton.data.cache import CaseCache
+    from lepton.data.index.cache import CaseCache
 
     if source is not None and Path(source).exists():
         source = str(Path(source).expanduser().absolute())
@@ -150,7 +150,7 @@ def data_partition(
     from rich.table import Table
 
     from lepton.data import load_dataset
-    from lepton.data.partition import write_partition
+    from lepton.data.index.partition import write_partition
 
     load = {k: v for k, v in (("window", window), ("slices", slices)) if v is not None}
     data = load_dataset(source, **load)

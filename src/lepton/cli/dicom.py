@@ -137,7 +137,7 @@ def pacs_export(
 ) -> None:
     """Build a training set from the PACS: fetch the series SOURCE selects, de-identify them (PS3.15 Basic
     Profile) into OUT. Nothing identifying is printed."""
-    from lepton.data.deid import load_key
+    from lepton.hospital.deid import load_key
     from lepton.pacs.export import export
 
     result = export(source, out, key=load_key(key_file))
@@ -159,7 +159,7 @@ def dicom_deidentify(
     """De-identify DICOM with the PS3.15 Basic Application Level Confidentiality Profile: listed attributes
     removed, emptied or replaced, private attributes removed, UIDs remapped consistently; images with burned-in
     annotation refused. Files are written as NEW_SOP_INSTANCE_UID.dcm."""
-    from lepton.data.deid import deidentify, load_key
+    from lepton.hospital.deid import deidentify, load_key
 
     report = deidentify(source, out, key=load_key(key_file))
     console.print(f"{report.written} written to {out}; {len(report.refused)} refused")

@@ -184,7 +184,7 @@ def predict(
     paths: list[Path] = []
     for item in images:
         if item.startswith("dicomweb+"):
-            from lepton.data.dicomweb import Source, fetch
+            from lepton.hospital.dicomweb import Source, fetch
 
             paths.extend(fetch(Source.parse(item)))  # one cached folder per series, named by a pseudonym
         else:
@@ -205,7 +205,7 @@ def predict(
 def _expand(paths: list[Path], series: bool = False) -> list[Path]:
     """Files as given, folders as their visible files (recursively, sorted); a missing path stays, to be reported.
     With ``series`` (a volume model) a folder that directly holds DICOM files is one input: a series."""
-    from lepton.data.io import sniff_format
+    from lepton.data.readers.io import sniff_format
 
     out: list[Path] = []
     for path in paths:

@@ -30,7 +30,7 @@ def slides_info(
     mpp: SlideMpp = None,
 ) -> None:
     """Levels, µm/px and magnification of a slide, as JSON."""
-    from lepton.data.slides import open_slide
+    from lepton.data.readers.slides import open_slide
 
     with open_slide(slide, mpp=mpp) as s:
         console.print_json(json.dumps(s.describe()))
@@ -50,7 +50,7 @@ def slides_tile(
     cache: Cache = None,
 ) -> None:
     """Tissue tiles of a slide at a µm/px: the mask, the grid (cached), every tile read (tiles/s shown)."""
-    from lepton.data.tiling import TileSpec, tile_slide
+    from lepton.data.readers.tiling import TileSpec, tile_slide
 
     spec = TileSpec(mpp=tile_mpp, size=size, overlap=overlap, min_tissue=min_tissue)
     console.print_json(json.dumps(tile_slide(slide, spec, mpp=mpp, output=output, cache=cache, workers=workers,
@@ -67,7 +67,7 @@ def slides_generate(
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Generated pyramidal slides (tissue, pen marks, half with tumour, two per patient) with a slides.csv manifest."""
-    from lepton.data.slidegen import write_slide_set
+    from lepton.data.tools.slidegen import write_slide_set
 
     manifest = write_slide_set(folder, n, size=size, container=container, compression=compression, seed=seed)
     console.print(f"{n} slides and their manifest: {manifest}")
@@ -88,7 +88,7 @@ def slides_train(
     cache: Cache = None,
 ) -> None:
     """Attention-MIL slide classifier on frozen tile embeddings; patient-grouped splits; test AUC with its CI."""
-    from lepton.data.tiling import TileSpec
+    from lepton.data.readers.tiling import TileSpec
     from lepton.pathology.embed import Backbone
     from lepton.pathology.workflow import train_slides
 

@@ -11,9 +11,9 @@ from lepton.utils import lazy_exports
 _EXPORTS = {
     "DataError": "lepton.errors",
     "Frame": "lepton.data.base",
-    "ImageSet": "lepton.data.dataset",
-    "load_dataset": "lepton.data.sources",
-    "read_image": "lepton.data.io",
+    "ImageSet": "lepton.data.index.dataset",
+    "load_dataset": "lepton.data.index.sources",
+    "read_image": "lepton.data.readers.io",
 }
 __all__ = list(_EXPORTS)
 

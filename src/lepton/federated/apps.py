@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from lepton.data.transforms import Preprocessing
+from lepton.data.transforms.preprocessing import Preprocessing
 from lepton.errors import DataError
 from lepton.federated import check_settings, rundir, secure, site
 

@@ -107,7 +107,7 @@ def legacy_train(msg: Message, data: str, settings, train_fn, site_id: int) -> M
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
-    from lepton.data.transforms import Preprocessing
+    from lepton.data.transforms.preprocessing import Preprocessing
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)
@@ -132,7 +132,7 @@ def legacy_evaluate(msg: Message, data: str, settings, evaluate_fn, site_id: int
     from flwr.common import Code, EvaluateRes, Status
     from flwr.compat.common import recorddict_compat as compat
 
-    from lepton.data.transforms import Preprocessing
+    from lepton.data.transforms.preprocessing import Preprocessing
 
     ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
     config = dict(ins.config)

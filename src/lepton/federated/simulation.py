@@ -20,7 +20,7 @@ def simulate(source: str, sites: int, settings: dict[str, Any], scheme: str = "i
         raise ConfigError("simulation needs Flower's simulation engine: pip install 'lepton[federated,simulation]'") \
             from None
     from lepton.data import load_dataset
-    from lepton.data.partition import write_partition
+    from lepton.data.index.partition import write_partition
     from lepton.federated import check_settings
     from lepton.federated.apps import build_client_app, build_server_app
     from lepton.rundir import INFO, RunDir

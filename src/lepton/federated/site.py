@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lepton.config import FIELDS, TrainConfig, make_config
-from lepton.data.transforms import Preprocessing
+from lepton.data.transforms.preprocessing import Preprocessing
 from lepton.errors import DataError
 from lepton.federated import CONFIG_FIELDS
 from lepton.tasks import get_task

@@ -1,5 +1,5 @@
 """Active learning for detection runs: images ranked by how unsure the run is of their boxes, the run's boxes written
-as pre-annotations that ``lepton.data.boxes`` reads back, and corrected box files checked on import.
+as pre-annotations that ``lepton.data.readers.boxes`` reads back, and corrected box files checked on import.
 
 Strategies: ``entropy`` (``Detection.uncertainty``: the candidate box whose score lies nearest the decision threshold),
 ``tta`` (``Detection.disagreement``: how far the boxes move when the image is mirrored left-right) and ``random``;
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lepton.data.unlabelled import UnlabelledSet, pixel_hash
+from lepton.data.readers.unlabelled import UnlabelledSet, pixel_hash
 from lepton.errors import ConfigError, DataError
 from lepton.runs import Run
 from lepton.utils import atomic_write_json, atomic_write_text
@@ -100,7 +100,8 @@ def pixel_boxes(rows: np.ndarray, shape: tuple[int, ...], names: list[str]) -> l
 
 
 def box_csv(cases: list[tuple[str, tuple[int, ...], list[dict[str, Any]]]]) -> str:
-    """The box CSV ``lepton.data.boxes.read_box_csv`` reads: a row per box, an empty-coordinate row per image without
+    """The box CSV ``lepton.data.readers.boxes.read_box_csv`` reads: a row per box, an empty-coordinate row per image
+    without
     boxes."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
@@ -111,7 +112,7 @@ def box_csv(cases: list[tuple[str, tuple[int, ...], list[dict[str, Any]]]]) -> s
 
 
 def coco_boxes(cases: list[tuple[str, tuple[int, ...], list[dict[str, Any]]]], names: list[str]) -> dict[str, Any]:
-    """A COCO detection document (``lepton.data.boxes.read_coco`` reads it) of the cases' boxes."""
+    """A COCO detection document (``lepton.data.readers.boxes.read_coco`` reads it) of the cases' boxes."""
     images, annotations = [], []
     for image_id, (path, (h, w), found) in enumerate(cases, start=1):
         images.append({"id": image_id, "file_name": path, "height": int(h), "width": int(w)})
@@ -127,10 +128,11 @@ def coco_boxes(cases: list[tuple[str, tuple[int, ...], list[dict[str, Any]]]], n
 
 
 def box_cases(run: Run, file: Path) -> tuple[list[tuple[str, str, str, str]], list[str]]:
-    """The images of a corrected box file (a box CSV or COCO JSON, read by ``lepton.data.boxes``; a box outside its
+    """The images of a corrected box file (a box CSV or COCO JSON, read by ``lepton.data.readers.boxes``; a box
+    outside its
     image, inverted or empty refuses the whole file) as ``(where, case, pixel hash, label identity)``, and the
     problems found: labels that are not the run's."""
-    from lepton.data.boxes import load_boxes
+    from lepton.data.readers.boxes import load_boxes
 
     try:
         data = load_boxes(file, window=run.preprocessing.window, skip_bad=False, validate=False)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lepton.data.unlabelled import pixel_hash
+from lepton.data.readers.unlabelled import pixel_hash
 from lepton.errors import DataError
 from lepton.label.rounds import open_labels
 from lepton.runs import Run, load_run
@@ -35,7 +35,7 @@ def read_case(text: str, base: Path, slices: str = "middle", window: str | None 
               steps: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The pixels (in [0, 1]) and affine of a case named as ``suggest`` names them: a file or series folder
     (relative to ``base``), or ``file.npz#i``."""
-    from lepton.data.unlabelled import load_unlabelled
+    from lepton.data.readers.unlabelled import load_unlabelled
 
     head, sep, index = text.rpartition("#")
     if sep and head.lower().endswith(".npz") and index.isdigit():
@@ -44,8 +44,8 @@ def read_case(text: str, base: Path, slices: str = "middle", window: str | None 
         if int(index) >= len(pool):
             raise DataError(f"{path}: has {len(pool)} images; there is no #{index}")
         return pool.read(int(index))
-    from lepton.data.io import read_image
-    from lepton.data.masks import is_volume
+    from lepton.data.readers.io import read_image
+    from lepton.data.readers.masks import is_volume
 
     path = Path(text) if Path(text).is_absolute() else base / text
     frames = read_image(path, window=window, slices="volume" if slices == "volume" or is_volume(path) else slices,
@@ -153,7 +153,7 @@ def _check_mask(text: str, base: Path, pixels: np.ndarray, affine: np.ndarray | 
                 where: str, build=None) -> tuple[str, str | None]:
     """A mask's identity (its content hash) or the reason it is refused. ``build``: a COCO image's shapes, drawn onto
     the image's grid; a ``.geojson`` file's polygons are drawn the same way."""
-    from lepton.data.masks import check_geometry, read_mask
+    from lepton.data.readers.masks import check_geometry, read_mask
 
     path = Path(text) if Path(text).is_absolute() else base / text
     try:

@@ -75,7 +75,7 @@ def _matched_round(path: Path, by_round: dict[int, set[str]]) -> tuple[int, dict
     """How many rounds a run was trained after (``by_round``: each round's cases, in round order), from the rounds'
     cases found in its data (any split): an unbroken run of complete rounds from the first, none later; with the
     cases found per round."""
-    from lepton.data.unlabelled import pixel_hash
+    from lepton.data.readers.unlabelled import pixel_hash
     from lepton.label.suggest import labelled_set
     from lepton.runs import load_run
 

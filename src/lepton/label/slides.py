@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from lepton.data.layout import SLIDE_SUFFIXES
+from lepton.data.index.layout import SLIDE_SUFFIXES
 from lepton.errors import ConfigError, DataError
 from lepton.utils import atomic_write_json
 
@@ -107,8 +107,8 @@ def suggest_slides(model_dir: str | Path, source: str | Path, *, n: int = 20, st
     """
     from rich.progress import track
 
-    from lepton.data.slides import open_slide
-    from lepton.data.tiling import TileSpec
+    from lepton.data.readers.slides import open_slide
+    from lepton.data.readers.tiling import TileSpec
     from lepton.pathology.embed import Backbone, embed_slide
     from lepton.pathology.mil import SlideModel
     from lepton.pathology.outputs import geojson, top_regions

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lepton.data.transforms import augment_batch, augment_options
-from lepton.data.unlabelled import UnlabelledSet, pixel_hash
+from lepton.data.readers.unlabelled import UnlabelledSet, pixel_hash
+from lepton.data.transforms.preprocessing import augment_batch, augment_options
 from lepton.errors import ConfigError, DataError
 from lepton.label.boxes import suggest_boxes
 from lepton.label.rounds import open_labels
@@ -225,7 +225,7 @@ def _suggest_dense(run: Run, pool: UnlabelledSet, known: set[str], n: int, strat
             row["geojson"] = str(path.resolve())
             flat.append((row["path"], labels))
         if dicom_seg and pool.paths and pool.paths[i].is_dir():
-            from lepton.data.dicomseg import write_seg
+            from lepton.data.readers.dicomseg import write_seg
 
             row["dicom_seg"] = str(write_seg(labels, affine, pool.paths[i], run.label_names,
                                              out / "preannotations" / f"{rank:04d}_{stem}_seg.dcm"))

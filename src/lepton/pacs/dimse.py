@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lepton.data.dicomweb import pseudonym
 from lepton.errors import DataError
+from lepton.hospital.dicomweb import pseudonym
 
 log = logging.getLogger("lepton.pacs")
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)

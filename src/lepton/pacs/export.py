@@ -1,5 +1,5 @@
 """A training set from the PACS for use outside the hospital: the series a DICOMweb source selects, fetched and
-de-identified (``lepton.data.deid``), one folder per series named by its new (keyed) Series Instance UID."""
+de-identified (``lepton.hospital.deid``), one folder per series named by its new (keyed) Series Instance UID."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lepton.data.deid import Report, deidentify
-from lepton.data.dicomweb import Source, fetch
+from lepton.hospital.deid import Report, deidentify
+from lepton.hospital.dicomweb import Source, fetch
 
 
 @dataclass

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from lepton.config import check_number
-from lepton.data.dicomweb import Source, fetch, pseudonym
 from lepton.errors import DataError
+from lepton.hospital.dicomweb import Source, fetch, pseudonym
 
 #: The node's numeric settings: (low, high, whole number), inclusive; `lepton pacs node` states the same bounds.
 SETTING_BOUNDS: dict[str, tuple[float, float, bool]] = {
@@ -143,7 +143,7 @@ class DicomNode:
     # -- one poll ----------------------------------------------------------------------------------------------
     def studies(self) -> dict[str, list[tuple[str, str, int]]]:
         """QIDO-RS (or the inbox): watched series grouped by study: ``{study: [(series, modality, instances), …]}``."""
-        from lepton.data.dicomweb import find_series
+        from lepton.hospital.dicomweb import find_series
 
         found: dict[str, list[tuple[str, str, int]]] = {}
         if self.inbox is not None:

@@ -2,5 +2,5 @@
 multiple-instance learning over them (``mil``), and what a slide's prediction is given back as — a heatmap over the
 thumbnail, QuPath-readable GeoJSON regions and a report (``outputs``); ``workflow`` drives them over a slide set.
 
-Reading and tiling slides is the data layer's (``lepton.data.slides``, ``lepton.data.tiling``).
+Reading and tiling slides is the data layer's (``lepton.data.readers.slides``, ``lepton.data.readers.tiling``).
 """

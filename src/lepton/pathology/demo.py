@@ -14,8 +14,8 @@ def run_pathology_demo(output_dir: str | Path = "runs", *, quick: bool = False, 
                        quiet: bool = False) -> dict[str, Any]:
     """Generate the slides, train and evaluate the slide model, and predict two test slides; return the paths and
     headline figures."""
-    from lepton.data.slidegen import write_slide_set
-    from lepton.data.tiling import TileSpec
+    from lepton.data.readers.tiling import TileSpec
+    from lepton.data.tools.slidegen import write_slide_set
     from lepton.pathology.embed import Backbone
     from lepton.pathology.workflow import predict_slide, train_slides
 

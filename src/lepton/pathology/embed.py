@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from lepton.data.slides import Slide
-from lepton.data.tiling import TileSpec, iter_tiles, plan_tiles
+from lepton.data.readers.slides import Slide
+from lepton.data.readers.tiling import TileSpec, iter_tiles, plan_tiles
 from lepton.errors import ModelError
 from lepton.rundir import BEST, RunDir
 
@@ -125,7 +125,7 @@ def embed_slide(slide: Slide, spec: TileSpec, backbone: Backbone, *, cache: Any 
                 progress: bool = False, on_progress: Callable[[int, int], None] | None = None) -> SlideFeatures:
     """Every tissue tile of ``slide`` through ``backbone``, streamed in batches; from the cache when done before.
     ``on_progress(done, total)`` is called after each batch of tiles (a server job's progress)."""
-    from lepton.data.cache import CaseCache, default_cache_dir
+    from lepton.data.index.cache import CaseCache, default_cache_dir
 
     store = None if cache is False else (cache if isinstance(cache, CaseCache) else
                                          CaseCache(cache or default_cache_dir() / "slides"))

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from lepton.data.slides import open_slide
-from lepton.data.tiling import TileSpec
+from lepton.data.readers.slides import open_slide
+from lepton.data.readers.tiling import TileSpec
 from lepton.errors import DataError
 from lepton.pathology.embed import Backbone, SlideFeatures, embed_slide
 from lepton.pathology.mil import SlideModel, grouped_split, slide_metrics, train_mil

@@ -100,7 +100,7 @@ class RunsMixin:
         import yaml
 
         from lepton.config import TrainConfig
-        from lepton.data.transforms import Preprocessing
+        from lepton.data.transforms.preprocessing import Preprocessing
         from lepton.rundir import model_from_checkpoint
         from lepton.runs import Run
 

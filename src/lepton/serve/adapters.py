@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from lepton.data.io import Frame, read_image_bytes
-from lepton.data.transforms import Preprocessing
+from lepton.data.readers.io import Frame, read_image_bytes
+from lepton.data.transforms.preprocessing import Preprocessing
 from lepton.errors import DataError
 from lepton.tasks import Task, get_task
 
@@ -50,7 +50,7 @@ class ModelAdapter:
         #: The covariates this version fuses with the image (their fitted schema), or None.
         self.covariates = None
         if preprocessing.options.get("covariates"):
-            from lepton.data.covariates import CovariateSchema
+            from lepton.data.readers.covariates import CovariateSchema
 
             self.covariates = CovariateSchema.from_dict(preprocessing.options["covariates"])
 
@@ -199,8 +199,8 @@ class ModelAdapter:
         series)."""
         import tempfile
 
-        from lepton.data.archive import unpacked
-        from lepton.data.io import sniff_bytes
+        from lepton.data.readers.archive import unpacked
+        from lepton.data.readers.io import sniff_bytes
 
         if sniff_bytes(upload[:352], "upload.zip") != "zip" or frame.affine is None:
             raise DataError("dicom_seg: a DICOM SEG references its source images; upload the series as a zip")

@@ -80,10 +80,10 @@ class ServeConfig:
 
 
 def dicomweb_bases(urls: list[str]) -> list[str]:
-    """Trusted DICOMweb base URLs as ``lepton.data.dicomweb.Source`` spells a source's base (so a reference matches
+    """Trusted DICOMweb base URLs as ``lepton.hospital.dicomweb.Source`` spells a source's base (so a reference matches
     by equality); ConfigError for one that is not an http(s) URL with a host, or that carries a query."""
-    from lepton.data.dicomweb import SCHEME, Source
     from lepton.errors import ConfigError, DataError
+    from lepton.hospital.dicomweb import SCHEME, Source
 
     bases = []
     for url in urls or []:

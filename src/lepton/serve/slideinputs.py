@@ -1,7 +1,7 @@
 """What a slide job reads: an upload (a TIFF-based file, a DICOM instance, or a zip of a DICOM slide's instances),
 a file named under the server's ``slide_root``, or a DICOMweb reference to one VL whole-slide series on a service in
 ``dicomweb_allow``. A reference to any other service is refused 403 before any request leaves the server (it never
-fetches an address a client chose); the series is retrieved inside the job by ``lepton.data.dicomweb.fetch``,
+fetches an address a client chose); the series is retrieved inside the job by ``lepton.hospital.dicomweb.fetch``,
 bounded by ``max_slide_bytes``, and nothing of the reference but the service's base URL reaches job state or logs.
 Client mistakes are ``ApiError`` (4xx); a job's own failures ``DataError`` (the job fails with the reason)."""
 
@@ -26,7 +26,7 @@ def prepare_upload(config, folder: Path, filename: str | None) -> Path:
     """The uploaded bytes (``upload.part``) as a slide the readers open: a DICOM file, a zip of a DICOM slide's
     instances (unpacked, names flattened), or a TIFF-based file (its suffix kept); then opened and its
     thumbnail decoded, so a file that is not a readable slide is refused now (ApiError 415/422)."""
-    from lepton.data.slides import open_slide
+    from lepton.data.readers.slides import open_slide
 
     part = folder / "upload.part"
     with open(part, "rb") as fh:
@@ -104,8 +104,8 @@ REFERENCE_FILTERS = ("StudyInstanceUID", "SeriesInstanceUID")
 def resolve_reference(allowed: list[str], given: Any):
     """A slide named by DICOMweb reference (``http(s)://HOST/PATH?StudyInstanceUID=…&SeriesInstanceUID=…``) as a
     ``Source``: 403 unless its base URL is one of ``allowed`` (exactly); 422 unless it names one series by UID."""
-    from lepton.data.dicomweb import SCHEME, Source
     from lepton.errors import DataError
+    from lepton.hospital.dicomweb import SCHEME, Source
 
     if not isinstance(given, str) or not given or len(given) > 4096:
         raise ApiError(400, "invalid_request", '"dicomweb" must be a URL: http(s)://HOST:PORT/dicom-web?'
@@ -132,8 +132,8 @@ def retrieve(source: Any, cache: Path, max_bytes: int, update: Callable[..., Non
     instances retrieved (at most every 0.5 s). Returns the folder the slide reader opens."""
     import time
 
-    from lepton.data.dicomweb import fetch, find_series
     from lepton.errors import DataError
+    from lepton.hospital.dicomweb import fetch, find_series
 
     def progress(done: int, total: int | None) -> None:
         if done in (0, total) or time.monotonic() - last[0] >= 0.5:

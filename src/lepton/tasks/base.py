@@ -21,8 +21,8 @@ from lepton.tasks.serving import TaskServing
 if TYPE_CHECKING:
     import torch
 
-    from lepton.data.dataset import ImageSet
-    from lepton.data.layout import Layout
+    from lepton.data.index.dataset import ImageSet
+    from lepton.data.index.layout import Layout
 
 Loss = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
@@ -44,7 +44,7 @@ class Task(TaskServing):
     #: The validation metric (a key of ``val_metrics``) that picks the best epoch, and its direction.
     selection_metric: ClassVar[str] = "val_loss"
     higher_is_better: ClassVar[bool] = False
-    #: The source layouts this task reads (``lepton.data.layout``): a source laid out so picks this task when no
+    #: The source layouts this task reads (``lepton.data.index.layout``): a source laid out so picks this task when no
     #: task is given, and any other task given for it is refused.
     layouts: ClassVar[tuple[str, ...]] = ()
     #: The kind of registered network this task trains, as ``ModelInfo.kind``: what it takes ("image": 2-D images or
@@ -73,8 +73,9 @@ class Task(TaskServing):
     def load_cases(self, source: str | Path, *, window: str | None, steps: list[dict] | None, skip_bad: bool,
                    cache_dir: str | None = None, workers: int = 0, quiet: bool = False, slices: str = "middle",
                    image_size: int | None = None):
-        """The task's data decoded into the on-disk case cache and held by metadata (``lepton.data.cases``,
-        ``lepton.data.imagecache``), or None when the task reads this source into memory (``load``). ``image_size``
+        """The task's data decoded into the on-disk case cache and held by metadata (``lepton.data.index.cases``,
+        ``lepton.data.index.imagecache``), or None when the task reads this source into memory (``load``).
+        ``image_size``
         (when the run fixes it) lets pixels be stored at the network's size in the same pass."""
         return None
 
@@ -87,7 +88,7 @@ class Task(TaskServing):
 
     def inspect(self, source: str, *, window: str | None, slices: str) -> dict[str, Any]:
         """``lepton data inspect``: what is in a source of this task's data, and what is wrong with it."""
-        from lepton.data.inspection import inspect_source
+        from lepton.data.index.inspection import inspect_source
 
         return inspect_source(source, window=window, slices=slices)
 
@@ -119,7 +120,7 @@ class Task(TaskServing):
 
     def read(self, path: str | Path, spec) -> list[tuple[str, np.ndarray]]:
         """A file to predict on as (name, decoded input) pairs, read as training read its data (``Run.predict``)."""
-        from lepton.data.io import read_image
+        from lepton.data.readers.io import read_image
 
         out = []
         for frame in read_image(path, window=spec.window, slices=spec.slices, steps=spec.steps):
@@ -145,10 +146,11 @@ class Task(TaskServing):
         return x, y
 
     def augment(self, x: torch.Tensor, y: torch.Tensor, options: dict[str, float], generator: torch.Generator):
-        """A training batch (images in [0, 1]) augmented as ``options`` say (``lepton.data.transforms``), with targets
+        """A training batch (images in [0, 1]) augmented as ``options`` say
+        (``lepton.data.transforms.preprocessing``), with targets
         that depend on the geometry (boxes, masks) moved along; returns ``(x, y)``. The loop calls it on ``batch``'s
         output."""
-        from lepton.data.transforms import augment_batch
+        from lepton.data.transforms.preprocessing import augment_batch
 
         return augment_batch(x, options, generator), y
 
@@ -238,7 +240,7 @@ class Task(TaskServing):
         """An unlabelled batch in [0, 1] as two views: the weak one the guide (teacher, pseudo-labeller) sees and the
         strong one the network learns on. By default two independent augmentations: the answer of a task that scores
         whole images does not move with the image."""
-        from lepton.data.transforms import augment_batch
+        from lepton.data.transforms.preprocessing import augment_batch
 
         return augment_batch(x, weak, generator), augment_batch(x, strong, generator)
 
@@ -316,9 +318,10 @@ class Task(TaskServing):
         return False
 
     def load_unlabelled(self, source: str | Path, *, window: str | None, slices: str, steps: list[dict] | None):
-        """An unlabelled pool (``lepton.data.unlabelled.UnlabelledSet``) read as this task reads its labelled cases
+        """An unlabelled pool (``lepton.data.readers.unlabelled.UnlabelledSet``) read as this task reads its labelled
+        cases
         (``slices`` the run's)."""
-        from lepton.data.unlabelled import load_unlabelled
+        from lepton.data.readers.unlabelled import load_unlabelled
 
         return load_unlabelled(source, window=window, slices=slices, steps=steps)
 
@@ -397,11 +400,11 @@ def list_tasks() -> list[str]:
 def choose_task(source: str | Path, task: str | None = None) -> tuple[str, Layout]:
     """The task for a data source, and the layout that chose it.
 
-    The source's layout (``lepton.data.layout.detect_layout``) picks the task that declares it in ``layouts``. An
+    The source's layout (``lepton.data.index.layout.detect_layout``) picks the task that declares it in ``layouts``. An
     explicit ``task`` is kept when it reads that layout, and refused naming both when the layout says otherwise, so
     that a Decathlon folder is never trained as a classifier of images against label maps.
     """
-    from lepton.data.layout import detect_layout
+    from lepton.data.index.layout import detect_layout
 
     layout = detect_layout(source)
     readers = [name for name, cls in sorted(_registered().items()) if layout.name in cls.layouts]

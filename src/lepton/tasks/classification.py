@@ -68,8 +68,8 @@ class Classification(Task):
                    slices="middle", image_size=None):
         """An image folder or CSV manifest decoded into the on-disk case cache (parallel, reused across runs) as an
         ``ImageStore``; None for sources held in memory as they are (MedMNIST, partitions) and for covariates."""
-        from lepton.data.cache import CaseCache
-        from lepton.data.imagecache import cache_images
+        from lepton.data.index.cache import CaseCache
+        from lepton.data.index.imagecache import cache_images
 
         if declared(classification_options(self.options)) is not None:
             return None
@@ -77,9 +77,9 @@ class Classification(Task):
                             skip_bad=skip_bad, cache=CaseCache(cache_dir), workers=workers or None, quiet=quiet)
 
     def memory_estimate(self, source, *, window, slices, steps, image_size):
-        """From a few files decoded now (``lepton.data.imagecache.estimate_memory_gb``); None for covariates and
+        """From a few files decoded now (``lepton.data.index.imagecache.estimate_memory_gb``); None for covariates and
         sources held in memory as they are."""
-        from lepton.data.imagecache import estimate_memory_gb
+        from lepton.data.index.imagecache import estimate_memory_gb
 
         if declared(classification_options(self.options)) is not None:
             return None
@@ -91,7 +91,7 @@ class Classification(Task):
         per batch)."""
         import torch
 
-        from lepton.data.imagecache import ImageStore
+        from lepton.data.index.imagecache import ImageStore
 
         if isinstance(data, ImageStore):
             return data.pixels(tuple(spec.size), spec.channels), torch.from_numpy(self.targets(data))
@@ -102,7 +102,7 @@ class Classification(Task):
 
     def evaluation_outputs(self, run, data):
         """Class probabilities; images in the cache (an ``ImageStore``) are read and predicted a chunk at a time."""
-        from lepton.data.imagecache import ImageStore
+        from lepton.data.index.imagecache import ImageStore
 
         if not isinstance(data, ImageStore):
             return super().evaluation_outputs(run, data)

@@ -14,7 +14,7 @@ from lepton.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-    from lepton.data.covariates import CovariateSchema
+    from lepton.data.readers.covariates import CovariateSchema
 
 #: The task options covariates add, with their defaults.
 COVARIATE_OPTIONS: dict[str, Any] = {"covariates": None, "covariate_missing": "error", "fusion": "late"}
@@ -29,7 +29,7 @@ def check_options(options: Mapping[str, Any]) -> None:
 
 def declared(options: Mapping[str, Any]) -> CovariateSchema | None:
     """The covariates the task options declare (``covariates``, ``covariate_missing``), or None."""
-    from lepton.data.covariates import parse_covariates
+    from lepton.data.readers.covariates import parse_covariates
 
     return parse_covariates(options.get("covariates"), options.get("covariate_missing") or "error")
 
@@ -37,7 +37,7 @@ def declared(options: Mapping[str, Any]) -> CovariateSchema | None:
 def fit(options: Mapping[str, Any], train: Any, spec: Any) -> None:
     """The declared covariates fitted on the training split (``train.covariates``) into ``spec.options`` with the
     fusion, so prediction and serving encode as training did; nothing when none are declared."""
-    from lepton.data.covariates import fit_schema
+    from lepton.data.readers.covariates import fit_schema
 
     schema = declared(options)
     if schema is not None:
@@ -50,7 +50,7 @@ def inputs(data: Any, spec: Any) -> torch.Tensor | None:
     mapping of values by name per input, checked against the fitted schema; None for a run without covariates."""
     import torch
 
-    from lepton.data.covariates import CovariateSchema, check_values, encode
+    from lepton.data.readers.covariates import CovariateSchema, check_values, encode
 
     stored = spec.options.get("covariates")
     if not stored:
@@ -65,7 +65,7 @@ def inputs(data: Any, spec: Any) -> torch.Tensor | None:
 
 def model_options(spec: Any) -> dict[str, Any]:
     """``create_model`` options for a run with covariates: their encoded width and the fusion; empty without."""
-    from lepton.data.covariates import CovariateSchema
+    from lepton.data.readers.covariates import CovariateSchema
 
     if not spec.options.get("covariates"):
         return {}

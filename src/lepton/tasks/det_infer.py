@@ -81,7 +81,7 @@ def volume_answer(run, frame, name: str) -> tuple[np.ndarray, dict[str, Any]]:
     """One volume's outputs (``detect_volume``) and answer: the task's encoded boxes (fractions of the axes), the
     number of windows, each box in voxels of the volume's own grid (``voxels``: z, y, x) and, where the volume has a
     geometry, in world coordinates (``world``: RAS mm, as NIfTI; LPS is x and y negated)."""
-    from lepton.data.boxes import voxel_to_world_boxes
+    from lepton.data.readers.boxes import voxel_to_world_boxes
 
     row, windows = detect_volume(run, frame.pixels)
     answer = {"path": name, **run.task.encode(row, run.label_names, run.info), "windows": windows}

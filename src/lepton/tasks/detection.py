@@ -55,7 +55,7 @@ class Detection(Task):
 
     # -- data -----------------------------------------------------------------------------------------------
     def load(self, source, *, window, slices, steps, skip_bad, validate=True):
-        from lepton.data.boxes import load_boxes
+        from lepton.data.readers.boxes import load_boxes
 
         if steps:
             raise ConfigError("volume preprocessing steps move voxels, not boxes; the detection task takes none "
@@ -63,7 +63,7 @@ class Detection(Task):
         return load_boxes(source, window=window, skip_bad=skip_bad, validate=validate)
 
     def inspect(self, source, *, window, slices):
-        from lepton.data.boxes import load_boxes
+        from lepton.data.readers.boxes import load_boxes
 
         data = load_boxes(source, window=window, skip_bad=True, validate=False)
         counts = {name: int(sum((c == k).sum() for c in data.classes)) for k, name in enumerate(data.label_names)}
@@ -73,7 +73,7 @@ class Detection(Task):
     def read(self, path, spec):
         """A file to predict on: volumes whole for a 3-D model (as training read them), else as any task reads."""
         if spec.spatial_dims == 3:
-            from lepton.data.io import read_image
+            from lepton.data.readers.io import read_image
 
             return [(str(path), f.pixels) for f in read_image(path, window=spec.window, slices="volume")]
         return super().read(path, spec)
@@ -84,7 +84,7 @@ class Detection(Task):
         median training shape), it fits in it; else brought to that scale and slid over with windows of the input
         size (``detect_volume``). Answers add the boxes in voxels (``voxels``) and, where the volume has a geometry,
         in world coordinates (``world``: RAS mm, as NIfTI; LPS is x and y negated)."""
-        from lepton.data.io import read_image
+        from lepton.data.readers.io import read_image
 
         spec = run.preprocessing
         if spec.spatial_dims != 3:
@@ -131,7 +131,7 @@ class Detection(Task):
         import torch
         import torch.nn.functional as F
 
-        from lepton.data.transforms import augment_batch
+        from lepton.data.transforms.preprocessing import augment_batch
 
         dims = x.ndim - 2
         share = VOLUME_AUGMENT_P if dims == 3 else 1.0

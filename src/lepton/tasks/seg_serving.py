@@ -49,7 +49,7 @@ class SegmentationServing:
     capabilities: ClassVar[frozenset[str]] = frozenset({"batch"})
 
     def encode_grid(self, outputs: np.ndarray, labels: list[str], affine: np.ndarray | None) -> dict[str, Any]:
-        from lepton.data.volume import spacing_of
+        from lepton.data.readers.volume import spacing_of
 
         return self.describe(outputs, labels, spacing_of(affine), affine)  # type: ignore[attr-defined]
 
@@ -58,7 +58,7 @@ class SegmentationServing:
 
     def dicom_seg(self, outputs: np.ndarray, affine: np.ndarray | None, series: str | Path, labels: list[str],
                   path: Path, *, algorithm: str, version: str = "1") -> Path:
-        from lepton.data.dicomseg import write_seg
+        from lepton.data.readers.dicomseg import write_seg
 
         return write_seg(outputs.argmax(0).astype(np.uint8), affine, series, labels, path, algorithm=algorithm,
                          version=version)
@@ -68,8 +68,8 @@ class SegmentationServing:
         """One file's answer on its own grid (sizes, lesions); with ``output`` its label map written there
         (``<stem>_seg.nii.gz`` or ``_seg.png``) and with ``dicom_seg`` a DICOM SEG for an input that is a DICOM series
         folder."""
-        from lepton.data.io import read_image
-        from lepton.data.masks import is_volume
+        from lepton.data.readers.io import read_image
+        from lepton.data.readers.masks import is_volume
 
         path = Path(path)
         frames = read_image(path, window=run.preprocessing.window, slices="volume" if is_volume(path) else "middle")

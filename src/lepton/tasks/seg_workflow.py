@@ -23,13 +23,13 @@ class SegmentationWorkflow:
 
     def augment(self, x, y, options, generator):
         """The batch's masks moved with the images by the same geometric change (nearest neighbour)."""
-        from lepton.data.transforms import augment_batch
+        from lepton.data.transforms.preprocessing import augment_batch
 
         return augment_batch(x, options, generator, masks=y)
 
     def load_unlabelled(self, source, *, window, slices, steps):
         """Volumes read whole and 2-D images as they are, as the labelled cases were read (``slices`` set aside)."""
-        from lepton.data.unlabelled import load_unlabelled
+        from lepton.data.readers.unlabelled import load_unlabelled
 
         return load_unlabelled(source, window=window, slices="auto", steps=steps)
 

@@ -61,21 +61,21 @@ class Segmentation(SegmentationWorkflow, SegmentationServing, Task):
 
     # -- data -----------------------------------------------------------------------------------------------
     def load(self, source, *, window, slices, steps, skip_bad, validate=True):
-        from lepton.data.masks import load_segmentation
+        from lepton.data.readers.masks import load_segmentation
 
         return load_segmentation(source, window=window, steps=steps, skip_bad=skip_bad, validate=validate)
 
     def load_cases(self, source, *, window, steps, skip_bad, cache_dir=None, workers=0, quiet=False, slices="auto",
                    image_size=None):
         """The cases decoded into the on-disk case cache (parallel, reused across runs) as a ``CaseStore``."""
-        from lepton.data.cache import CaseCache
-        from lepton.data.cases import cache_segmentation
+        from lepton.data.index.cache import CaseCache
+        from lepton.data.index.cases import cache_segmentation
 
         return cache_segmentation(source, window=window, steps=steps, skip_bad=skip_bad, cache=CaseCache(cache_dir),
                                   workers=workers or None, quiet=quiet)
 
     def inspect(self, source, *, window, slices):
-        from lepton.data.inspection import inspect_segmentation
+        from lepton.data.index.inspection import inspect_segmentation
 
         return inspect_segmentation(source, window=window)
 
@@ -101,8 +101,8 @@ class Segmentation(SegmentationWorkflow, SegmentationServing, Task):
 
         import torch
 
-        from lepton.data.cases import CaseStore
-        from lepton.data.transforms import Preprocessing, pad_or_crop
+        from lepton.data.index.cases import CaseStore
+        from lepton.data.transforms.preprocessing import Preprocessing, pad_or_crop
 
         largest = np.max([s[1:] for s in data.shapes], axis=0)
         full = tuple(max(int(s), -(-int(n) // 16) * 16) for s, n in zip(spec.size, largest, strict=True))
@@ -146,7 +146,7 @@ class Segmentation(SegmentationWorkflow, SegmentationServing, Task):
         """Views on one grid, so the guide's map and the network's compare voxel by voxel: the weak view's geometry
         (flips, shifts) once, then the strong view's intensity changes (exposure, gamma, noise, corruptions) alone
         on top of it."""
-        from lepton.data.transforms import GEOMETRY_KEYS, augment_batch
+        from lepton.data.transforms.preprocessing import GEOMETRY_KEYS, augment_batch
 
         weak_view = augment_batch(x, weak, generator)
         return weak_view, augment_batch(weak_view, {k: v for k, v in strong.items() if k not in GEOMETRY_KEYS},
@@ -162,7 +162,7 @@ class Segmentation(SegmentationWorkflow, SegmentationServing, Task):
         import torch
         from monai.losses import DiceCELoss
 
-        from lepton.data.cases import CaseStore
+        from lepton.data.index.cases import CaseStore
 
         counts = None
         if config.imbalance == "weighted":
@@ -220,7 +220,7 @@ class Segmentation(SegmentationWorkflow, SegmentationServing, Task):
         with their shapes, and up to 64 training windows of the network's size for int8 calibration."""
         import torch
 
-        from lepton.data.cases import CaseStore
+        from lepton.data.index.cases import CaseStore
 
         n = len(x_val)
         if n == 0:

@@ -3,7 +3,8 @@ multi-frame series or still images (one-frame clips), optionally fused with clin
 
 Options (``TrainConfig.task_options``): ``fps`` and ``frames`` (the clip every input is sampled to), ``size`` (each
 frame's side in pixels), ``target`` (``class`` or ``value``), ``covariates`` (``name:kind[:unit],…``, see
-``lepton.data.covariates``) with ``covariate_missing`` (``error`` or ``impute``) and ``fusion`` (``late`` or ``film``),
+``lepton.data.readers.covariates``) with ``covariate_missing`` (``error`` or ``impute``) and ``fusion`` (``late`` or
+``film``),
 and ``encoder`` (the per-frame 2-D network of the ``seq_*`` networks).
 """
 
@@ -53,13 +54,14 @@ def sequence_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def annotation_summary(names: list[str]) -> dict[str, Any]:
-    """What the DICOM clips' headers say about burned-in annotations (``lepton.data.annotations``): how many declare
+    """What the DICOM clips' headers say about burned-in annotations (``lepton.data.readers.annotations``): how many
+    declare
     BurnedInAnnotation YES (listed: text may remain inside the scan region, where no header locates it), and how many
     have several scan regions or overlay planes, which reading masks."""
     import pydicom
 
-    from lepton.data.annotations import annotation_report
-    from lepton.data.io import sniff_format
+    from lepton.data.readers.annotations import annotation_report
+    from lepton.data.readers.io import sniff_format
 
     yes, regions, overlays = [], 0, 0
     for name in names:
@@ -116,7 +118,7 @@ class Sequence(Task):
         return declared(sequence_options(self.options))
 
     def load(self, source, *, window, slices, steps, skip_bad, validate=True):
-        from lepton.data.clips import load_clips
+        from lepton.data.readers.clips import load_clips
 
         opts = sequence_options(self.options)
         return load_clips(source, fps=opts["fps"], length=opts["frames"], size=opts["size"],
@@ -180,7 +182,7 @@ class Sequence(Task):
         return out
 
     def read(self, path, spec) -> list[tuple[str, np.ndarray]]:
-        from lepton.data.clips import read_clip
+        from lepton.data.readers.clips import read_clip
 
         opts = spec.options or sequence_options(self.options)
         clip, _, _ = read_clip(Path(path), fps=float(opts["fps"]), length=int(opts["frames"]),
@@ -192,7 +194,7 @@ class Sequence(Task):
         written to a private temporary file first, since the DICOM reader decodes only the frames it samples."""
         import tempfile
 
-        from lepton.data.io import sniff_bytes
+        from lepton.data.readers.io import sniff_bytes
 
         kind = sniff_bytes(data[:4096], name)
         suffix = ".dcm" if kind == "dicom" else Path(name).suffix or ".bin"

@@ -12,11 +12,11 @@ import torch
 
 from lepton.config import TrainConfig
 from lepton.data import ImageSet
-from lepton.data.cases import CaseStore
-from lepton.data.imagecache import CachedImages, ImageStore, channel_stats, chunk_size
-from lepton.data.pipeline import check_steps
-from lepton.data.splits import assign_splits
-from lepton.data.transforms import Preprocessing
+from lepton.data.index.cases import CaseStore
+from lepton.data.index.imagecache import CachedImages, ImageStore, channel_stats, chunk_size
+from lepton.data.index.splits import assign_splits
+from lepton.data.transforms.pipeline import check_steps
+from lepton.data.transforms.preprocessing import Preprocessing
 from lepton.errors import ConfigError, DataError
 from lepton.tasks import Task, get_task
 from lepton.utils import sha256_bytes
@@ -36,7 +36,8 @@ class Prepared:
     #: Per-sample inputs beside the images (``Task.side_inputs``: covariates), or None.
     e_train: torch.Tensor | None = None
     e_val: torch.Tensor | None = None
-    #: Semi-supervised training: the unlabelled pool (``lepton.data.unlabelled.UnlabelledSet``), checked to share
+    #: Semi-supervised training: the unlabelled pool (``lepton.data.readers.unlabelled.UnlabelledSet``), checked to
+    #: share
     #: no image and no patient with val/test; decoded batch by batch as the steps draw it.
     unlabelled: Any = None
 
@@ -161,7 +162,7 @@ def unlabelled_pool(config: TrainConfig, task: Task, data, splits: np.ndarray, s
                     quiet: bool = False):
     """The config's unlabelled source, listed, read once for its pixel hashes and refused when it shares an image or
     a patient with the labelled source's val or test split (``check_pool``); returns it with its fingerprint."""
-    from lepton.data.unlabelled import check_pool
+    from lepton.data.readers.unlabelled import check_pool
 
     if not task.semi_supervised:
         raise ConfigError(f"semi-supervised training (unlabelled, semi) is built for classification and "

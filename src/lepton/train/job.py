@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lepton.config import TrainConfig, make_config
-from lepton.data.transforms import Preprocessing
+from lepton.data.transforms.preprocessing import Preprocessing
 from lepton.errors import ConfigError, RunError
 from lepton.models.precision import cpu_model, matrix_flags
 from lepton.rundir import BEST, CONFIG, LAST, RunDir

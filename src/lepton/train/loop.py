@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from lepton.config import TrainConfig
-from lepton.data.cases import CaseStore
-from lepton.data.imagecache import CachedImages
-from lepton.data.transforms import augment_options
+from lepton.data.index.cases import CaseStore
+from lepton.data.index.imagecache import CachedImages
+from lepton.data.transforms.preprocessing import augment_options
 from lepton.errors import ConfigError, RunError
 from lepton.models import create_model
 from lepton.models.adversarial import attack

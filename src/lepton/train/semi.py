@@ -11,7 +11,7 @@ and the loss between them (``Task.consistency``).
 
 An epoch is one pass over the unlabelled pool, ``semi_ratio`` unlabelled cases per labelled one in each step; the
 labelled cases cycle in their own seeded order. The pool never holds val or test images or patients
-(``lepton.data.unlabelled.check_pool`` refused it before training), and pseudo-labels live only inside the step:
+(``lepton.data.readers.unlabelled.check_pool`` refused it before training), and pseudo-labels live only inside the step:
 validation and the stored val set see labelled cases alone.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from lepton.config import TrainConfig
-from lepton.data.cases import CaseStore
-from lepton.data.transforms import AUGMENT_PRESETS
+from lepton.data.index.cases import CaseStore
+from lepton.data.transforms.preprocessing import AUGMENT_PRESETS
 from lepton.errors import ConfigError, RunError
 from lepton.models.layout import fast_layout
 from lepton.tasks import Task

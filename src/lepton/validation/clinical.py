@@ -92,7 +92,7 @@ def _clean(d: dict[str, Any]) -> dict[str, Any]:
 def training_reference(run):
     """The run's training split, re-split exactly as in training; None (with a log line) when its source is not
     readable here."""
-    from lepton.data.splits import assign_splits
+    from lepton.data.index.splits import assign_splits
 
     cfg, spec = run.config, run.preprocessing
     try:

@@ -118,7 +118,7 @@ def _is_dicom(path: Path) -> bool:
 
 
 def _manifest_rows(source: Path) -> dict[str, dict[str, str]]:
-    """A manifest's rows by the image path they name (resolved as ``lepton.data.manifest`` resolves it)."""
+    """A manifest's rows by the image path they name (resolved as ``lepton.data.readers.manifest`` resolves it)."""
     with open(source, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     out = {}

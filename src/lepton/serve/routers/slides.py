@@ -179,7 +179,7 @@ async def _receive(request: Request, path: Path) -> None:
 
 
 def _check_slide(path: Path) -> None:
-    from lepton.data.slides import open_slide
+    from lepton.data.readers.slides import open_slide
     from lepton.errors import LeptonError
 
     try:

@@ -105,7 +105,7 @@ async def whoami(request: Request, key: KeyInfo | None = Depends(api_key)):
 async def view(request: Request, key: KeyInfo | None = Depends(api_key)):
     """An uploaded image's slices as PNGs under a window, for the console's viewer (no model involved)."""
     from lepton.data.base import resolve_window
-    from lepton.data.io import read_image_bytes
+    from lepton.data.readers.io import read_image_bytes
     from lepton.errors import DataError
     from lepton.serve.inputs import read_body
 

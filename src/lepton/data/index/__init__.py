@@ -1,0 +1,1 @@
+"""The case index and the on-disk case cache: sources, layouts, splits, cases."""

@@ -1,0 +1,1 @@
+"""Readers: each input format into frames, volumes, masks, boxes or sequences."""

@@ -1,0 +1,1 @@
+"""Generators that write real file formats for demos, tests and benchmarks."""

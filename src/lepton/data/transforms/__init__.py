@@ -1,0 +1,1 @@
+"""Preprocessing saved with runs, MONAI pipelines, augmentation and corruptions."""

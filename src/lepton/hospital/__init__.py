@@ -1,0 +1,1 @@
+"""Hospital integration below the PACS node: DICOMweb as a data source, de-identification."""
