@@ -10,10 +10,9 @@
 2. PneumoniaMNIST (``../shared/data/pneumoniamnist.npz``, train/val only): a CNN trained on its train split (val
    for model selection); a
    shifted copy of its val split made with the robustness corruptions (``lepton.data.transforms.corruptions``:
-   contrast and
-   Gaussian noise) plays the external site, split in two halves. The external report (domain classifier,
-   calibration) runs on the held-apart half; Platt and isotonic recalibrations are fitted on the other half and
-   measured on the held-apart one: calibration slope and in-the-large before and after, with CIs.
+   contrast and Gaussian noise) plays the external site, split in two halves. The external report (domain classifier,
+   calibration) runs on the held-apart half; Platt and isotonic recalibrations are fitted on the other half and measured
+   on the held-apart one: calibration slope and in-the-large before and after, with CIs.
 
 Skips with a message when the data are absent. ``--quick`` trains for fewer epochs with fewer resamples.
 """

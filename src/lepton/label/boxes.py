@@ -101,8 +101,7 @@ def pixel_boxes(rows: np.ndarray, shape: tuple[int, ...], names: list[str]) -> l
 
 def box_csv(cases: list[tuple[str, tuple[int, ...], list[dict[str, Any]]]]) -> str:
     """The box CSV ``lepton.data.readers.boxes.read_box_csv`` reads: a row per box, an empty-coordinate row per image
-    without
-    boxes."""
+    without boxes."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
@@ -129,9 +128,8 @@ def coco_boxes(cases: list[tuple[str, tuple[int, ...], list[dict[str, Any]]]], n
 
 def box_cases(run: Run, file: Path) -> tuple[list[tuple[str, str, str, str]], list[str]]:
     """The images of a corrected box file (a box CSV or COCO JSON, read by ``lepton.data.readers.boxes``; a box
-    outside its
-    image, inverted or empty refuses the whole file) as ``(where, case, pixel hash, label identity)``, and the
-    problems found: labels that are not the run's."""
+    outside its image, inverted or empty refuses the whole file) as ``(where, case, pixel hash, label identity)``, and
+    the problems found: labels that are not the run's."""
     from lepton.data.readers.boxes import load_boxes
 
     try:

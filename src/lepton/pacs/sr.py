@@ -224,8 +224,7 @@ OVERLAY_SERIES_NUMBER = 9902
 def _orientation(reference, volume: bool) -> tuple[str, str]:
     """Patient Orientation of the overlay's pixels (the row direction, then the column direction). A volume's
     montage tiles are axial slices in the network's order (``lepton.data.readers.volume.network_order``: columns
-    toward the
-    patient's right, rows toward posterior); a 2-D input keeps the reference image's own layout."""
+    toward the patient's right, rows toward posterior); a 2-D input keeps the reference image's own layout."""
     if volume:
         return ("R", "P")
     given = [str(v) for v in (reference.get("PatientOrientation") or []) if str(v)]

@@ -75,8 +75,7 @@ class Task(TaskServing):
                    image_size: int | None = None):
         """The task's data decoded into the on-disk case cache and held by metadata (``lepton.data.index.cases``,
         ``lepton.data.index.imagecache``), or None when the task reads this source into memory (``load``).
-        ``image_size``
-        (when the run fixes it) lets pixels be stored at the network's size in the same pass."""
+        ``image_size`` (when the run fixes it) lets pixels be stored at the network's size in the same pass."""
         return None
 
     def memory_estimate(self, source: str | Path, *, window: str | None, slices: str, steps: list[dict] | None,
@@ -319,8 +318,7 @@ class Task(TaskServing):
 
     def load_unlabelled(self, source: str | Path, *, window: str | None, slices: str, steps: list[dict] | None):
         """An unlabelled pool (``lepton.data.readers.unlabelled.UnlabelledSet``) read as this task reads its labelled
-        cases
-        (``slices`` the run's)."""
+        cases (``slices`` the run's)."""
         from lepton.data.readers.unlabelled import load_unlabelled
 
         return load_unlabelled(source, window=window, slices=slices, steps=steps)

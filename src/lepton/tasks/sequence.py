@@ -4,8 +4,7 @@ multi-frame series or still images (one-frame clips), optionally fused with clin
 Options (``TrainConfig.task_options``): ``fps`` and ``frames`` (the clip every input is sampled to), ``size`` (each
 frame's side in pixels), ``target`` (``class`` or ``value``), ``covariates`` (``name:kind[:unit],…``, see
 ``lepton.data.readers.covariates``) with ``covariate_missing`` (``error`` or ``impute``) and ``fusion`` (``late`` or
-``film``),
-and ``encoder`` (the per-frame 2-D network of the ``seq_*`` networks).
+``film``), and ``encoder`` (the per-frame 2-D network of the ``seq_*`` networks).
 """
 
 from __future__ import annotations
@@ -55,9 +54,8 @@ def sequence_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def annotation_summary(names: list[str]) -> dict[str, Any]:
     """What the DICOM clips' headers say about burned-in annotations (``lepton.data.readers.annotations``): how many
-    declare
-    BurnedInAnnotation YES (listed: text may remain inside the scan region, where no header locates it), and how many
-    have several scan regions or overlay planes, which reading masks."""
+    declare BurnedInAnnotation YES (listed: text may remain inside the scan region, where no header locates it), and how
+    many have several scan regions or overlay planes, which reading masks."""
     import pydicom
 
     from lepton.data.readers.annotations import annotation_report

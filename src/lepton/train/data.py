@@ -37,8 +37,7 @@ class Prepared:
     e_train: torch.Tensor | None = None
     e_val: torch.Tensor | None = None
     #: Semi-supervised training: the unlabelled pool (``lepton.data.readers.unlabelled.UnlabelledSet``), checked to
-    #: share
-    #: no image and no patient with val/test; decoded batch by batch as the steps draw it.
+    #: share no image and no patient with val/test; decoded batch by batch as the steps draw it.
     unlabelled: Any = None
 
 

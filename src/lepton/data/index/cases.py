@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,27 @@ def _build(image: str, mask: str, window: str | None, steps: list[dict] | None, 
     return key, entry.meta, True
 
 
+def run_jobs(build: Callable[..., Any], jobs: list[tuple], workers: int, label: str, quiet: bool) -> list[Any]:
+    """``build(*job)`` for every job, in order, in ``workers`` spawned processes (in this one for a single worker),
+    with a progress bar: how both caches decode their sources. ``build`` must be a module-level function."""
+    results: list[Any] = [None] * len(jobs)
+    with _Progress(len(jobs), label, quiet) as progress:
+        if workers == 1:
+            for i, job in enumerate(jobs):
+                results[i] = build(*job)
+                progress.advance()
+        else:
+            import multiprocessing
+
+            # spawn, not fork: the parent may hold PyTorch's thread pools, which a forked child must not inherit
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(build, *job): i for i, job in enumerate(jobs)}
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    progress.advance()
+    return results
+
+
 def cache_segmentation(source: str | Path, *, window: str | None = None, steps: list[dict] | None = None,
                        skip_bad: bool = False, validate: bool = True, cache: CaseCache | None = None,
                        workers: int | None = None, quiet: bool = False) -> CaseStore:
@@ -76,22 +98,8 @@ def cache_segmentation(source: str | Path, *, window: str | None = None, steps: 
     workers = max(1, min(workers or os.cpu_count() or 1, len(records) or 1))
     jobs = [(str(image), str(mask), window, steps, str(cache.root), str(path.absolute()))
             for image, mask, _, _ in records]
-    results: list[Any] = [None] * len(jobs)
     start = time.perf_counter()
-    with _Progress(len(jobs), f"caching {path.name}", quiet) as progress:
-        if workers == 1:
-            for i, job in enumerate(jobs):
-                results[i] = _build(*job)
-                progress.advance()
-        else:
-            import multiprocessing
-
-            # spawn, not fork: the parent may hold PyTorch's thread pools, which a forked child must not inherit
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(_build, *job): i for i, job in enumerate(jobs)}
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    progress.advance()
+    results = run_jobs(_build, jobs, workers, f"caching {path.name}", quiet)
     built = sum(1 for _key, _meta, decoded in results if decoded)
     log.info("%d case(s) of %s in the cache %s, %d decoded now (%.1f s, %d worker(s))", len(jobs), path,
              cache.root, built, time.perf_counter() - start, workers)

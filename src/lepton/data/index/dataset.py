@@ -43,8 +43,7 @@ class ImageSet:
     # may have no image here (label skew).
     partial_labels: bool = False
     #: Each image's checked clinical covariates by name (``lepton.data.readers.covariates``), when a manifest's
-    #: columns are
-    #: declared as covariates; empty otherwise.
+    #: columns are declared as covariates; empty otherwise.
     covariates: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:

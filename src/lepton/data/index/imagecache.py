@@ -128,27 +128,9 @@ def _build(path: str, series: str | None, window: str | None, slices: str, steps
 
 def _run(jobs: list[tuple], workers: int | None, label: str, quiet: bool) -> list[Any]:
     """``_build`` over ``jobs`` in ``workers`` spawned processes (every core by default), with a progress bar."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from lepton.data.index.cases import run_jobs
 
-    from lepton.data.index.cases import _Progress
-
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    results: list[Any] = [None] * len(jobs)
-    with _Progress(len(jobs), label, quiet) as progress:
-        if workers == 1:
-            for i, job in enumerate(jobs):
-                results[i] = _build(*job)
-                progress.advance()
-        else:
-            import multiprocessing
-
-            # spawn, not fork: the parent may hold PyTorch's thread pools, which a forked child must not inherit
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(_build, *job): i for i, job in enumerate(jobs)}
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    progress.advance()
-    return results
+    return run_jobs(_build, jobs, max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1)), label, quiet)
 
 
 def cache_images(source: str | Path, *, window: str | None = None, slices: str = "middle",

@@ -33,8 +33,8 @@ def load_dataset(
     (optionally under ``train/``, ``val/``, ``test/``) holding PNG, JPEG, BMP, TIFF, DICOM, NIfTI
     or NPY files. Unreadable files fail the load with a list of every one, unless ``skip_bad``. ``steps`` are
     volume preprocessing steps (``lepton.data.transforms.pipeline``) applied to every volume as it is read.
-    ``covariates``
-    declares a CSV manifest's other columns as clinical covariates (``ImageSet.covariates``); other sources have none.
+    ``covariates`` declares a CSV manifest's other columns as clinical covariates (``ImageSet.covariates``); other
+    sources have none.
 
     >>> data = load_dataset("chest_xrays/")             # doctest: +SKIP
     >>> data.label_names, len(data)                     # doctest: +SKIP

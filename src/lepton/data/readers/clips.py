@@ -3,8 +3,7 @@ clips, WFDB signal records) with a class or a value per clip and, optionally, cl
 columns.
 
 Each clip is read at a fixed frame rate and length (``lepton.data.readers.sequence``: only those frames are decoded)
-and each
-frame resized to the network's square size when read, so memory holds (C, T, S, S) per clip and no more.
+and each frame resized to the network's square size when read, so memory holds (C, T, S, S) per clip and no more.
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ CineRate, RecommendedDisplayFrameRate, in that order); a header without any is r
 ``length`` of them, from the clip's middle (``uniform``) or from a random start (``random``) — so only those frames
 are decoded. Ultrasound frames are cropped to the scan region of ``SequenceOfUltrasoundRegions`` and what the header
 locates as annotation is masked (``lepton.data.readers.annotations``); YBR and palette colour become RGB. Patient
-identifiers
-are reduced to a pseudonym, never kept.
+identifiers are reduced to a pseudonym, never kept.
 """
 
 from __future__ import annotations
@@ -279,9 +278,8 @@ def read_video(path: str | Path, *, fps: float | None = None, length: int | None
                max_frames: int = MAX_FRAMES, max_pixels: int = MAX_PIXELS,
                rng: np.random.Generator | None = None) -> Clip:
     """A video file (MP4, AVI, MOV, MKV, WebM; ``lepton.data.readers.video``) as a clip timed by its frames'
-    presentation
-    timestamps; with ``fps`` and ``length`` sampled as ``read_dicom_sequence`` samples, only the kept frames
-    converted. Frames are RGB unless the stream stores grey. Header limits are checked before decoding."""
+    presentation timestamps; with ``fps`` and ``length`` sampled as ``read_dicom_sequence`` samples, only the kept
+    frames converted. Frames are RGB unless the stream stores grey. Header limits are checked before decoding."""
     from lepton.data.readers.video import decode_video, probe_video
 
     path = Path(path)

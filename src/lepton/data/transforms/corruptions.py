@@ -2,8 +2,7 @@
 
 The families follow those MedMNIST-C applies to X-ray data; severities are scaled so level 1 is barely
 visible and level 5 is strong. Training augmentation (``lepton.data.transforms.preprocessing``) and the robustness
-report
-(``lepton.robustness``) both draw on this table.
+report (``lepton.robustness``) both draw on this table.
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 
 Two kinds of transform, on purpose: per-case preprocessing is a MONAI ``Compose`` of dictionary transforms saved with
 the run (``lepton.data.transforms.pipeline``); augmentation runs on whole batches of tensors (MONAI's affine matrices,
-one
-``grid_sample`` per batch) rather than MONAI's per-sample random transforms, which measured far slower on batches
+one ``grid_sample`` per batch) rather than MONAI's per-sample random transforms, which measured far slower on batches
 (``benchmarks/transforms.py``), so data preparation stays a small fraction of a training step.
 """
 
