@@ -58,7 +58,7 @@ class Grade(Task):
         body["summary"] = [f"MAE {body['metrics']['mae']:.3f}"]
         return body, [f"| MAE | {body['metrics']['mae']:.4f} |"]
 
-    def oip_outputs(self, labels: list[str]) -> list[dict[str, Any]]:
+    def oip_outputs(self, labels: list[str], size: list[int] | None = None) -> list[dict[str, Any]]:
         return [{"name": "grade", "datatype": "FP32", "shape": [-1, 1]}]
 
     def oip_tensors(self, outputs, labels, info) -> dict[str, Any]:
