@@ -209,6 +209,8 @@ class Segmentation(SegmentationWorkflow, SegmentationServing, Task):
             p_true = np.take_along_axis(probs, truth.astype(np.int64), axis=0)
             nll += float(-np.log(np.clip(p_true, 1e-7, 1.0)).sum())
             voxels += p_true.size
+            # let this case go before the next is predicted: the loop's names would hold ~4 copies of a CT case
+            del truth, probs, pred, p_true
         dices = np.mean(per_class, axis=0).tolist()
         out = {"val_loss": nll / max(voxels, 1), "val_dice": float(np.mean(dices))}
         out.update({f"val_dice_{c}": d for c, d in enumerate(dices, start=1)})
