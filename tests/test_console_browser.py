@@ -370,7 +370,7 @@ def test_a_volume_mask_follows_the_slice_slider_and_keys(browser, seg3d_site):
     assert max(per_slice) > 0, "the model found no nodule voxel in the case"
     page, watch = _page(browser, seg3d_site, "admin")
     page.set_input_files("#files", str(case))
-    _until(page, f"document.getElementById('slice').max === '{labels.shape[0] - 1}'")
+    _until(page, f"document.getElementById('slice').max === '{labels.shape[0] - 1}'", timeout=90)  # a 3-D answer
     _until(page, "document.getElementById('mask-canvas').dataset.slice !== undefined")
     assert "lesion" in page.locator("#results tbody tr td").nth(1).inner_text()
 
