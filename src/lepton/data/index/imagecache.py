@@ -207,6 +207,8 @@ class ImageStore:
     decoded: int = 0
     partial_labels: bool = False
     covariates: list[dict] = field(default_factory=list)
+    #: Pixel entries already built and verified, by size key and record: ``pixels`` does not check them again.
+    pixel_keys: dict[Any, dict[int, str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -262,8 +264,7 @@ class ImageStore:
         """Decode the records (those at ``only``) into the cache, pixels at ``size`` when given (one side: every
         axis)."""
         cache = self.cache or CaseCache()
-        if size is not None and not isinstance(size, int) and len(set(size)) == 1:
-            size = int(size[0])  # one key for a square (cube) whichever way it was asked for
+        size = _size_key(size)
         picked = range(len(self.records)) if only is None else only
         jobs = [(str(self.records[k][0]), self.records[k][4] if len(self.records[k]) > 4 else None, self.window,
                  self.slices, self.steps, size if size is None or isinstance(size, int) else list(size),
@@ -272,6 +273,9 @@ class ImageStore:
         start = time.perf_counter()
         results = _run(jobs, self.workers, f"caching {Path(self.source).name}", self.quiet)
         self.decoded = sum(1 for r in results if r[3])
+        if size is not None:
+            self.pixel_keys.setdefault(size, {}).update(
+                {k: r[2] for k, r in zip(picked, results, strict=True) if r[0] is not None})
         log.info("%d file(s) of %s in the cache %s, %d decoded now (%.1f s)", len(jobs), self.source, cache.root,
                  self.decoded, time.perf_counter() - start)
         return results
@@ -280,14 +284,15 @@ class ImageStore:
         """The images at ``size`` with ``channels``, read from the cache on indexing; files not yet stored at that
         size are decoded now (in parallel)."""
         cache = self.cache or CaseCache()
-        needed = sorted({k for k, _ in self.frames})
-        results = self._build(tuple(size), needed)
-        folders = {}
-        for k, (mkey, reason, pkey, _) in zip(needed, results, strict=True):
-            if mkey is None:
-                raise DataError(f"{self.records[k][0]}: {reason} (it was readable when the source was listed)")
-            folders[k] = cache.folder(pkey)
-        return CachedImages([(folders[k], j) for k, j in self.frames], tuple(size), channels)
+        key = _size_key(tuple(size))
+        built = self.pixel_keys.get(key, {})
+        missing = sorted({k for k, _ in self.frames} - set(built))
+        if missing:  # built (or verified) at the listing when the run's size was known then: not read again
+            for k, (mkey, reason, _pkey, _) in zip(missing, self._build(tuple(size), missing), strict=True):
+                if mkey is None:
+                    raise DataError(f"{self.records[k][0]}: {reason} (it was readable when the source was listed)")
+        keys = self.pixel_keys.get(key, {})
+        return CachedImages([(cache.folder(keys[k]), j) for k, j in self.frames], tuple(size), channels)
 
 
 class CachedImages:
@@ -383,6 +388,13 @@ def channel_stats(batches) -> tuple[list[float], list[float]]:
     mean = total / count
     var = np.maximum(squares - count * mean ** 2, 0.0) / max(count - 1, 1)
     return mean.tolist(), np.sqrt(var).tolist()
+
+
+def _size_key(size: int | tuple[int, ...] | None) -> int | tuple[int, ...] | None:
+    """One key for a square (cube) size whichever way it was asked for: its side."""
+    if size is not None and not isinstance(size, int) and len(set(size)) == 1:
+        return int(size[0])
+    return size
 
 
 def _indices(idx, n: int) -> list[int]:
