@@ -110,11 +110,16 @@ def _own_options(
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
+def _kind(f: dataclasses.Field) -> type:
+    """A field's value type from its declared annotation (``float | None`` → float)."""
+    return _TYPES[str(f.type).split("|")[0].strip()]
+
+
 def config_option(name: str, help: str | None = None, *, panel: str | None = None) -> Any:
     """A typer option for config field ``name`` (this command's, or another's that sets the same field, such as the
     federation's): its flags, its help (or ``help``), its bounds refused while parsing, its choices."""
     meta = FIELDS[name].metadata
-    kind = _TYPES[str(FIELDS[name].type).split("|")[0].strip()]
+    kind = _kind(FIELDS[name])
     extra: dict[str, Any] = {}
     bounds = meta["bounds"]
     if bounds is not None and kind is float:
@@ -130,10 +135,9 @@ def config_option(name: str, help: str | None = None, *, panel: str | None = Non
 def field_option(f: dataclasses.Field) -> inspect.Parameter:
     """A config field as a `lepton train` option: its help, group (the --help panel), bounds (refused while
     parsing) and choices, and its flags (``--tta/--no-tta``; default ``--field-name``); None keeps the preset's."""
-    kind = _TYPES[str(f.type).split("|")[0].strip()]
     option = config_option(f.name, panel=GROUPS[f.metadata["group"]])
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[kind | None, option])
+                             annotation=Annotated[_kind(f) | None, option])
 
 
 def _signature() -> inspect.Signature:
@@ -222,8 +226,6 @@ def _launch(nproc: int, max_restarts: int, name: str | None) -> int:
         elif not arg.startswith(("--nproc=", "--max-restarts=")):
             argv.append(arg)
     return launch(argv + (["--name", name] if name else []), nproc, max_restarts)
-
-
 
 
 train.__signature__ = _signature()  # typer reads the options from it
