@@ -107,7 +107,7 @@ def run_cost(run, *, precisions: list[str] | None = None, **kwargs: Any) -> dict
     """The cost record of a loaded run (``lepton.runs.Run``) on its own input shape and TTA setting."""
     spec = run.preprocessing
     return measure_cost(run.model, (spec.channels, *spec.size), run.task.activate, tta=run.config.tta,
-                        device=run.device, windows=run.task.inferer == "sliding_window", precisions=precisions,
+                        device=run.device, windows=run.task.on_grid, precisions=precisions,
                         **kwargs)
 
 

@@ -239,7 +239,7 @@ def export_run(
     files: dict[str, str] = {}
     if "onnx" in formats:
         onnx_path = export_onnx(model, shape, out / "model.onnx", activate=task.activate,
-                                spatial_axes=task.inferer == "sliding_window")
+                                spatial_axes=task.on_grid)
         files["onnx"] = str(onnx_path)
         rows.append(measure("onnx-fp32", _onnx_runner(onnx_path), onnx_path.stat().st_size))
         if quantize == "int8":
@@ -268,7 +268,7 @@ def export_run(
         rows.append(row)
         if "onnx" in formats:
             p_onnx = export_onnx(pruned, shape, out / "model.pruned.onnx", activate=task.activate,
-                                 spatial_axes=task.inferer == "sliding_window")
+                                 spatial_axes=task.on_grid)
             files["onnx-pruned"] = str(p_onnx)
     base = rows[0]
     for row in rows:

@@ -91,7 +91,7 @@ def predict_batch(run, sources: str | Path | Iterable[str | Path], output: str |
         raise ConfigError(f"{output}: the output must end in .parquet or .csv")
     if "batch" not in run.task.capabilities:
         raise ConfigError(f"a {run.task.name} run has no batch rows: predict it with `lepton predict` without --batch")
-    on_grid = run.task.inferer == "sliding_window"  # one input at a time, answered on its own grid
+    on_grid = run.task.on_grid  # one input at a time, answered on its own grid
     if dicom_seg and "dicom_seg" not in run.task.encodings:
         raise ConfigError(f"dicom_seg: a {run.task.name} run writes no label maps; a DICOM SEG is for segmentation")
     if "label_map" in run.task.encodings and masks is None:

@@ -150,7 +150,7 @@ class Predictor:
         self.batch_size = int(batch_size or run.config.batch_size or 64)
         #: The task slides over each input at its own size (``Task.inferer``): inputs are decoded with their geometry
         #: and answered one at a time (``grid``) rather than batched at the network's size (``classify``).
-        self.on_grid = run.task.inferer == "sliding_window"
+        self.on_grid = run.task.on_grid
         self.spec = run.preprocessing.to_dict()
 
     def _base(self, item: Input, frame: int = 0) -> dict[str, Any]:

@@ -48,7 +48,7 @@ class RunsMixin:
             with tempfile.TemporaryDirectory() as tmp:
                 path = export_onnx(run.model, (run.preprocessing.channels, *run.preprocessing.size),
                                    Path(tmp) / "model.onnx", activate=run.task.activate,
-                                   spatial_axes=task.inferer == "sliding_window",
+                                   spatial_axes=task.on_grid,
                                    output_name=task.oip_outputs(run.label_names)[0]["name"])
                 artifacts["onnx"] = self.store.put(path.read_bytes())
         info = files.read_info()

@@ -46,7 +46,7 @@ class ModelAdapter:
         self.info = {"threshold": threshold}  # the decision record the task reads
         #: The task's network slides over each input at its own size (``Task.inferer``): requests are answered on
         #: their own grid (``segment``) through a window batcher, not resized into the fixed-size batcher.
-        self.on_grid = task.inferer == "sliding_window"
+        self.on_grid = task.on_grid
         #: The covariates this version fuses with the image (their fitted schema), or None.
         self.covariates = None
         if preprocessing.options.get("covariates"):

@@ -36,6 +36,11 @@ class TaskServing:
     #: may declare more with members of its own (detection: "frame_answer", "explain_boxes").
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
+    @property
+    def on_grid(self) -> bool:
+        """Whether each input is answered at its own size (the "sliding_window" inferer) rather than resized."""
+        return self.inferer == "sliding_window"
+
     def encode_grid(self, outputs: np.ndarray, labels: list[str], affine: np.ndarray | None) -> dict[str, Any]:
         """The JSON answer for one input's outputs (K, …) on its own grid ("sliding_window" tasks), in world units
         where ``affine`` (the input's voxel-to-world matrix, or None) gives them."""

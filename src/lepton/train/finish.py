@@ -77,7 +77,7 @@ def finish_run(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepare
 
     # What each answer of this run costs, timed on its own input shape (the predict path, members and TTA as served).
     info["cost"] = measure_cost(model.eval(), (prepared.spec.channels, *prepared.spec.size), task.activate,
-                                tta=config.tta, device=device, windows=task.inferer == "sliding_window")
+                                tta=config.tta, device=device, windows=task.on_grid)
     files.write_info(info)
     if tracker is not None:  # the run's figures, its files and its model, for the trackers
         final = {f"final/{k}": v for k, v in info.items() if k.startswith(("val_", "threshold"))
