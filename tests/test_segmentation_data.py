@@ -212,3 +212,34 @@ def test_segmentation_networks_answer_on_the_input_grid(name, dims):
     with torch.no_grad():
         assert model(torch.rand(*shape)).shape == (1, 3, *shape[2:])
     assert model_info(name).output == "map" and 16 % model_info(name).divisor == 0
+
+
+def test_val_metrics_and_network_input_by_slabs_equal_the_whole_case(monkeypatch):
+    import torch
+
+    from lepton.data.transforms.preprocessing import Preprocessing
+    from lepton.runs import network_input
+    from lepton.tasks import get_task
+    from lepton.tasks import segmentation as seg
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, (1, 9, 6, 5)).astype(np.uint8)
+    probs = rng.dirichlet([1, 1, 1], (9, 6, 5)).transpose(3, 0, 1, 2).astype(np.float32)
+    pred = probs.argmax(0)
+    dices = [2 * np.sum((pred == c) & (truth[0] == c)) / (np.sum(pred == c) + np.sum(truth[0] == c)) for c in (1, 2)]
+    nll = -np.log(np.take_along_axis(probs, truth.astype(np.int64), 0)).mean()
+    task = get_task("segmentation")
+    whole = task.val_metrics([truth], [probs])
+    monkeypatch.setattr(seg, "SLAB_VOXELS", 60)  # two slices of 6 x 5 per slab: five slabs, the last one short
+    slabs = task.val_metrics([truth], [probs])
+    for got in (whole, slabs):
+        assert got["val_dice_1"] == pytest.approx(dices[0]) and got["val_dice_2"] == pytest.approx(dices[1])
+        assert got["val_loss"] == pytest.approx(nll, rel=1e-6)
+    empty = task.val_metrics([np.zeros_like(truth)], [np.stack([np.ones((9, 6, 5), np.float32), *[np.zeros(
+        (9, 6, 5), np.float32)] * 2])])
+    assert empty["val_dice"] == 1.0  # a class absent from both counts as agreement
+
+    spec = Preprocessing(size=(4, 4, 4), channels=1, mean=[0.3], std=[0.2])
+    pixels = rng.random((1, 9, 6, 5)).astype(np.float32)
+    expected = spec.normalize(torch.from_numpy(pixels)[None])
+    assert torch.equal(network_input(spec, pixels, slab_voxels=60), expected)

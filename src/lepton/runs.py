@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from lepton.errors import RunError
 from lepton.models.layout import fast_layout
 from lepton.rundir import COMPLETE, RunDir
 from lepton.tasks import Task, get_task
+
+if TYPE_CHECKING:
+    import torch
 
 RUN_FILES = COMPLETE  # what load_run needs (lepton.rundir)
 
@@ -56,15 +59,31 @@ def flip_mean(outputs, flipped):
     return (outputs + flipped) / 2
 
 
-def segment_probs(model, spec: Preprocessing, pixels: np.ndarray, activate: Callable, *, tta: bool = False,
-                  device: str = "cpu", overlap: float = 0.25, sw_batch_size: int = 2) -> np.ndarray:
-    """A dense task's outputs (K, …) for one decoded image (C, …) in [0, 1] at its own size: MONAI's sliding-window
-    inference with windows of the network's input size (Gaussian-weighted, ``overlap``; ``sw_batch_size`` windows
-    per call of ``model``), smaller inputs padded as in training, flip TTA flipped back."""
+def network_input(spec: Preprocessing, pixels: np.ndarray, slab_voxels: int = 1 << 22) -> torch.Tensor:
+    """A decoded image (C, …) in [0, 1] (an array or a memory map) as the network takes it, (1, C, …) float32:
+    channels converted and normalised slab by slab along the first spatial axis, so a CT case costs one copy,
+    not the three that whole-array arithmetic makes."""
+    import torch
+
+    first = spec.convert_channels(torch.from_numpy(np.array(pixels[:, :1], np.float32))[None])
+    out = torch.empty((1, first.shape[1], *pixels.shape[1:]), dtype=torch.float32)
+    step = max(1, slab_voxels // max(int(np.prod(pixels.shape[2:])), 1))
+    for lo in range(0, pixels.shape[1], step):
+        slab = torch.from_numpy(np.array(pixels[:, lo:lo + step], np.float32))[None]
+        out[:, :, lo:lo + step] = spec.normalize(spec.convert_channels(slab))
+    return out
+
+
+def segment_probs(model, spec: Preprocessing, pixels: np.ndarray | torch.Tensor, activate: Callable, *,
+                  tta: bool = False, device: str = "cpu", overlap: float = 0.25, sw_batch_size: int = 2) -> np.ndarray:
+    """A dense task's outputs (K, …) for one decoded image (C, …) in [0, 1] at its own size — or for a tensor that
+    ``network_input`` already made of it: MONAI's sliding-window inference with windows of the network's input
+    size (Gaussian-weighted, ``overlap``; ``sw_batch_size`` windows per call of ``model``), smaller inputs padded
+    as in training, flip TTA flipped back."""
     import torch
     from monai.inferers import sliding_window_inference
 
-    x = spec.normalize(spec.convert_channels(torch.from_numpy(np.ascontiguousarray(pixels, np.float32)[None])))
+    x = pixels if isinstance(pixels, torch.Tensor) else network_input(spec, pixels)
     pad_value = float(-spec.mean[0] / spec.std[0])  # zero intensity, as training padded
 
     def predictor(xb):

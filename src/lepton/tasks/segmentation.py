@@ -35,6 +35,10 @@ PRECISION_VOXELS = 32 << 20
 CALIBRATION_VOXELS = 4 << 20
 
 
+#: Voxels per slab when val metrics walk a case (a CT case whole would need ~1.5 GB of temporaries).
+SLAB_VOXELS = 1 << 22
+
+
 def _dice_per_class(pred: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
     """Dice of class ``k`` per case for batches (N, …); cases where both are empty count 1."""
     axes = tuple(range(1, pred.ndim))
@@ -202,15 +206,24 @@ class Segmentation(SegmentationWorkflow, SegmentationServing, Task):
         per_class: list[list[float]] = []
         nll, voxels = 0.0, 0
         for truth, probs in zip(y, outputs, strict=True):
-            truth = np.asarray(truth)
-            probs = np.asarray(probs)
-            pred = probs.argmax(0)[None]
-            per_class.append([float(_dice_per_class(pred, truth, c)[0]) for c in range(1, probs.shape[0])])
-            p_true = np.take_along_axis(probs, truth.astype(np.int64), axis=0)
-            nll += float(-np.log(np.clip(p_true, 1e-7, 1.0)).sum())
-            voxels += p_true.size
-            # let this case go before the next is predicted: the loop's names would hold ~4 copies of a CT case
-            del truth, probs, pred, p_true
+            k = probs.shape[0]
+            inter, total = np.zeros(k, np.int64), np.zeros(k, np.int64)
+            # slab by slab along the first spatial axis: a CT case's arg-max, int64 targets and log-likelihoods
+            # taken whole are ~1.5 GB of temporaries beside its probabilities
+            step = max(1, SLAB_VOXELS // max(int(np.prod(probs.shape[2:])), 1))
+            for lo in range(0, probs.shape[1], step):
+                p = np.asarray(probs[:, lo:lo + step])
+                t = np.asarray(truth[:, lo:lo + step]).astype(np.int64)
+                pred = p.argmax(0)[None]
+                for c in range(1, k):
+                    hit_p, hit_t = pred == c, t == c
+                    inter[c] += int(np.logical_and(hit_p, hit_t).sum())
+                    total[c] += int(hit_p.sum()) + int(hit_t.sum())
+                p_true = np.take_along_axis(p, t, axis=0)
+                nll += float(-np.log(np.clip(p_true, 1e-7, 1.0)).sum(dtype=np.float64))
+                voxels += p_true.size
+            per_class.append([2.0 * inter[c] / total[c] if total[c] else 1.0 for c in range(1, k)])
+            del truth, probs  # let this case go before the next is predicted
         dices = np.mean(per_class, axis=0).tolist()
         out = {"val_loss": nll / max(voxels, 1), "val_dice": float(np.mean(dices))}
         out.update({f"val_dice_{c}": d for c, d in enumerate(dices, start=1)})

@@ -197,10 +197,12 @@ def val_targets(y) -> np.ndarray | Iterator[np.ndarray]:
 def case_outputs(model, store: CaseStore, spec: Preprocessing, activate, *, tta: bool, device: str,
                  indices: Iterable[int] | None = None) -> Iterator[np.ndarray]:
     """A dense task's outputs for cached cases, one case at a time, by sliding windows over each whole case."""
-    from lepton.runs import segment_probs
+    from lepton.runs import network_input, segment_probs
 
     for i in range(len(store)) if indices is None else indices:
-        yield segment_probs(model, spec, store.image(i), activate, tta=tta, device=device)
+        # the network's input made from the memory map, which is let go before the windows slide
+        yield segment_probs(model, spec, network_input(spec, store.entries[i].array("image")), activate, tta=tta,
+                            device=device)
 
 
 def val_outputs(model, prepared: Prepared, activate, *, tta: bool, device: str):
@@ -221,16 +223,24 @@ def normalized(x, spec: Preprocessing):
     return x if isinstance(x, CaseStore) else spec.normalize(x)
 
 
-def bn_sample(prepared: Prepared, seed: int, limit: int = 2048) -> torch.Tensor:
-    """A fixed, un-augmented slice of the training inputs in [0, 1] for BatchNorm recalibration: up to ``limit``
-    images, or one patch from each of up to 32 cached cases."""
+def bn_sample(prepared: Prepared, seed: int, batch: int, limit: int = 2048) -> Iterator[torch.Tensor]:
+    """A fixed, un-augmented slice of the training inputs in [0, 1] for BatchNorm recalibration, in batches: up to
+    ``limit`` images (in batches of 256), or one patch from each of up to 32 cached cases (in training batches of
+    ``batch``). Read anew at each call (the same slice, by ``seed``), so nothing of it is held between evaluations:
+    32 patches of 128³ are 268 MB, which used to stay in memory for the whole run."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(prepared.y_train), generator=gen)
     if isinstance(prepared.x_train, CaseStore):
-        return prepared.x_train[order[:32].numpy()].patches(tuple(prepared.spec.size), gen)[0]
+        chosen = order[:32].numpy()
+        size = tuple(prepared.spec.size)
+        for start in range(0, len(chosen), batch):
+            yield prepared.x_train[chosen[start:start + batch]].patches(size, gen)[0]
+        return
     if isinstance(prepared.x_train, CachedImages):  # read from the cache: a bounded sample whatever the set's size
         limit = min(limit, 256)
-    return prepared.x_train[order[:limit]]
+    chosen = order[:limit]
+    for start in range(0, len(chosen), 256):
+        yield prepared.x_train[chosen[start:start + 256]]
 
 
 class PatchSteps(torch.utils.data.Dataset):

@@ -97,7 +97,7 @@ class Trainer:
         self.x_val = normalized(prepared.x_val, prepared.spec)
         # Averaged weights do not match averaged BatchNorm statistics; the EMA model's statistics are
         # recomputed on a fixed, un-augmented slice of the training set before each evaluation.
-        self.bn_batch = norm(bn_sample(prepared, config.seed))
+        self.bn_batches = lambda: (norm(b) for b in bn_sample(prepared, config.seed, config.batch_size))
         self._loader, self._plan = None, None
 
     @property
@@ -198,7 +198,7 @@ class Trainer:
         """The task's outputs on the val split (the EMA model's BatchNorm statistics recomputed first)."""
         model = model or self.eval_model
         if self.ema is not None and model is self.ema.module:
-            recalibrate_bn(model, self.bn_batch, self.device)
+            recalibrate_bn(model, self.bn_batches, self.device)
         if isinstance(self.x_val, CaseStore):  # one cached case at a time; each process its contiguous share
             share = np.array_split(np.arange(len(self.x_val)), self.dist.world)[self.dist.rank]
             mine = case_outputs(model, self.x_val, self.data.spec, self.task.activate, tta=self.config.tta,

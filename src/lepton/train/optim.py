@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -61,8 +62,9 @@ def ema_update(decay: float):
     return update
 
 
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, device: str, batch_size: int = 256) -> None:
-    """Recompute BatchNorm statistics as a cumulative average over ``x`` (averaged weights need their own)."""
+def recalibrate_bn(model: nn.Module, batches: Callable[[], Iterable[torch.Tensor]], device: str) -> None:
+    """Recompute BatchNorm statistics as a cumulative average over the inputs that ``batches()`` yields (averaged
+    weights need their own); a model without BatchNorm reads nothing."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -72,8 +74,8 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, device: str, batch_size: i
         m.momentum = None  # cumulative average over the slice
     model.train()
     with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            model(fast_layout(x[start:start + batch_size].to(device)))
+        for batch in batches():
+            model(fast_layout(batch.to(device)))
     for m, momentum in momenta.items():
         m.momentum = momentum
     model.eval()
