@@ -7,7 +7,7 @@ import io
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,9 +17,15 @@ from lepton.errors import ConfigError
 from lepton.models.layout import fast_layout
 from lepton.utils import atomic_write_bytes, atomic_write_json
 
+if TYPE_CHECKING:
+    from lepton.runs import Run
+
 FORMATS = ("onnx", "torchscript")
 #: Exported models must reproduce PyTorch's probabilities within this absolute tolerance.
 PARITY_ATOL = 1e-4
+#: The ONNX metadata key naming what a graph answers when it is not the task's outputs: "heads" — a network's
+#: layers only, its answers decoded around the session by the network's own code (``BoxDetector.use_graph``).
+GRAPH_KEY = "lepton_graph"
 
 
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -47,18 +53,59 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opse
     """Write an ONNX graph with a dynamic batch axis: input ``input`` (N, C, H, W), output ``output_name``
     (the task's activated outputs; class probabilities by default). ``spatial_axes``: outputs (N, K, …) on the
     input's grid (a task whose inferer slides over inputs at their own size), so the input and the output also get
-    dynamic spatial axes (any size the network's divisor allows)."""
-    wrapped = WithActivation(model, activate).eval().float()
+    dynamic spatial axes (any size the network's divisor allows).
+
+    A network whose answer is decoded around its layers declares the graph to write instead, ``onnx_graph()`` →
+    (module, output names) (detection: the head maps of one window of the network's size, anchors and NMS outside),
+    and the file's metadata names it (``GRAPH_KEY``: "heads") so that a server runs the network's own decoding around
+    the session (``run_around``) rather than reading its outputs as answers."""
+    graph = getattr(model, "onnx_graph", None)
+    if graph is not None:
+        wrapped, names = graph()
+        wrapped = wrapped.eval().float()
+    else:
+        wrapped, names = WithActivation(model, activate).eval().float(), [output_name]
     example = torch.zeros(1, *input_shape)
-    axes_in, axes_out = {0: "batch"}, {0: "batch"}
+    axes_in = {0: "batch"}
+    axes_out: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names}
     if spatial_axes:
         for i in range(len(input_shape) - 1):
-            axes_in[2 + i] = axes_out[2 + i] = f"spatial{i}"
+            axes_in[2 + i] = f"spatial{i}"
+            for n in names:
+                axes_out[n][2 + i] = f"spatial{i}" if graph is None else f"{n}_spatial{i}"
     buf = io.BytesIO()
-    torch.onnx.export(wrapped, (example,), buf, input_names=["input"], output_names=[output_name],
-                      dynamic_axes={"input": axes_in, output_name: axes_out}, opset_version=opset, dynamo=False)
-    atomic_write_bytes(path, buf.getvalue())
+    torch.onnx.export(wrapped, (example,), buf, input_names=["input"], output_names=names,
+                      dynamic_axes={"input": axes_in, **axes_out}, opset_version=opset, dynamo=False)
+    data = buf.getvalue()
+    if graph is not None:
+        import onnx
+
+        proto = onnx.load_from_string(data)
+        onnx.helper.set_model_props(proto, {GRAPH_KEY: "heads"})
+        data = proto.SerializeToString()
+    atomic_write_bytes(path, data)
     return path
+
+
+def run_around(session, load_run: Callable[[], Run]) -> Run | None:
+    """The run whose own decoding answers around ONNX Runtime ``session`` when the session's graph is a network's
+    head maps (``GRAPH_KEY`` "heads", ``export_onnx``): ``load_run()`` with its network's layers replaced by the
+    session (``use_graph``), so its answers — a volume's sliding windows, flip TTA, NMS — are computed as in PyTorch;
+    None for a graph that answers the task's outputs itself."""
+    if not _heads(session):
+        return None
+    run = load_run()
+    _use_session(run.model, session)
+    return run
+
+
+def _heads(session) -> bool:
+    return session.get_modelmeta().custom_metadata_map.get(GRAPH_KEY) == "heads"
+
+
+def _use_session(model: nn.Module, session) -> None:
+    name = session.get_inputs()[0].name
+    model.use_graph(lambda x: session.run(None, {name: np.ascontiguousarray(x, np.float32)}))
 
 
 def export_torchscript(model: nn.Module, input_shape: tuple[int, int, int], path: Path,
@@ -145,12 +192,20 @@ def sparsity(model: nn.Module) -> float:
     return float(sum((w == 0).sum().item() for w in weights) / total) if total else 0.0
 
 
-def _onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _onnx_runner(path: Path, model: nn.Module, activate: Activation) -> Callable[[np.ndarray], np.ndarray]:
+    """The exported graph's answers: its output, or for a graph of ``model``'s head maps, ``model``'s own decoding
+    around the session (a copy, its layers replaced)."""
+    import copy
+
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if _heads(session):
+        around = copy.deepcopy(model)
+        _use_session(around, session)
+        return _torch_runner(WithActivation(around, activate).eval())
     return lambda x: session.run(None, {"input": x})[0]
 
 
@@ -241,13 +296,13 @@ def export_run(
         onnx_path = export_onnx(model, shape, out / "model.onnx", activate=task.activate,
                                 spatial_axes=task.on_grid)
         files["onnx"] = str(onnx_path)
-        rows.append(measure("onnx-fp32", _onnx_runner(onnx_path), onnx_path.stat().st_size))
+        rows.append(measure("onnx-fp32", _onnx_runner(onnx_path, model, task.activate), onnx_path.stat().st_size))
         if quantize == "int8":
             x_train = spec.normalize(data.x_train).numpy()
             pick = np.random.default_rng(0).permutation(len(x_train))[:256]
             q_path = quantize_onnx(onnx_path, out / "model.int8.onnx", x_train[pick])
             files["onnx-int8"] = str(q_path)
-            rows.append(measure("onnx-int8", _onnx_runner(q_path), q_path.stat().st_size))
+            rows.append(measure("onnx-int8", _onnx_runner(q_path, model, task.activate), q_path.stat().st_size))
     if "torchscript" in formats:
         ts_path = export_torchscript(model, shape, out / "model.ts", activate=task.activate)
         files["torchscript"] = str(ts_path)

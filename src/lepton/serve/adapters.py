@@ -19,10 +19,6 @@ from lepton.tasks import Task, get_task
 MAX_SERVE_PIXELS = 4096 * 4096
 
 
-def _identity(outputs):
-    return outputs
-
-
 class ModelAdapter:
     """Turns request payloads into the task's outputs (probabilities for classification) for one version."""
 
@@ -36,7 +32,7 @@ class ModelAdapter:
     #: Whether this backend computes saliency maps (``explain``): the PyTorch one does, ONNX Runtime does not.
     explains = False
     #: Volumes answered whole on their own grid by the task (its "frame_answer": ``answer_frame``, detection's sliding
-    #: windows at the scale of training), outside the batchers, as ``lepton predict`` answers them: the PyTorch backend.
+    #: windows at the scale of training) with the run's code, outside the batchers, as ``lepton predict`` answers them.
     whole_frames = False
 
     def __init__(self, name: str, version: int, labels: list[str], preprocessing: Preprocessing,
@@ -161,7 +157,7 @@ class ModelAdapter:
 
         model, activate = self._segment_model(), self._segment_activation()
         if windows is not None:
-            model, activate = windows, _identity
+            model, activate = windows, lambda outputs: outputs
         return segment_image(model, self.preprocessing, frame.pixels, frame.affine, activate, tta=self._tta,
                              sw_batch_size=sw_batch_size)
 
@@ -290,6 +286,9 @@ class OnnxAdapter(ModelAdapter):
         data = self._registry.store.get(self._sha, f"{self.name}@{self.version} onnx")
         self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         self._input = self.session.get_inputs()[0].name
+        from lepton.export import run_around  # a graph of head maps (detection): the run's code answers around it
+        self.run = run_around(self.session, lambda: self._registry.load_run(f"{self.name}@{self.version}"))
+        self.whole_frames = self.run is not None and self.volumes and "frame_answer" in self.task.capabilities
 
     def _segment_model(self):
         import torch
@@ -300,9 +299,11 @@ class OnnxAdapter(ModelAdapter):
         return lambda outputs: outputs  # exported with the task's activation in the graph
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        if not self._foreign and not self.on_grid:  # Lepton's export: probabilities, the run's flip TTA
-            from lepton.precision import onnx_outputs
+        from lepton.precision import onnx_outputs, torch_outputs
 
+        if self.run is not None:  # the run's decoding (flip TTA included) around the session's head maps
+            return torch_outputs(self.run.model, batch, self.task.activate, self.run.config.tta, "fp32")
+        if not self._foreign and not self.on_grid:  # Lepton's export: probabilities, the run's flip TTA
             out = onnx_outputs(self.session, batch, self._tta, chunk=len(batch) or 1)
             if out.ndim != 2 or out.shape[1] != self.task.num_outputs(self.labels):
                 raise RuntimeError(f"{self.name}@{self.version}: ONNX output shape {out.shape} does not fit the labels")

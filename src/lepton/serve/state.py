@@ -329,12 +329,13 @@ class Server:
     def explain_findings(self, adapter, pixels: np.ndarray, answer: dict[str, Any]) -> None:
         frames.explain_boxes(adapter, pixels, answer, self._explain_lock)  # a map per box into the answer
 
-    async def answer_frame(self, dep: Deployment, frame, client: str | None, explain: bool = False) -> tuple[int, dict]:
-        """A volume answered whole on its own grid, as offline (``serve.frames.answer``); returns (version, body)."""
-        version, outputs, body = await frames.answer(self, dep, frame, client, explain)
+    async def answer_frame(self, dep: Deployment, frame, client: str | None, explain: bool = False,
+                           version: int | None = None) -> tuple[int, np.ndarray | None, dict]:
+        """A volume answered whole on its own grid as offline by ``version`` or the routed one (``frames.answer``)."""
+        version, outputs, body = await frames.answer(self, dep, frame, client, explain, version)
         if outputs is not None:
             self._record(dep, version, frame.pixels, dep.handles[version].adapter, outputs)
-        return version, body
+        return version, outputs, body
 
     def _record(self, dep: Deployment, version: int, pixels: np.ndarray, adapter: ModelAdapter,
                 outputs: np.ndarray) -> None:

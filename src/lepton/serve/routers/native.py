@@ -143,7 +143,7 @@ async def predict(name: str, request: Request):
         return JSONResponse({**body, "model": name, "version": version, "request_id": state["request_id"],
                              "latency_ms": round((time.perf_counter() - start) * 1000, 2)})
     if adapter.whole_frames:  # a volume answered whole on its own grid (sliding windows), as offline
-        version, body = await srv.answer_frame(dep, pixels, request.headers.get("x-lepton-client"),
+        version, _, body = await srv.answer_frame(dep, pixels, request.headers.get("x-lepton-client"),
                                                explain is not None)
         state["log"]["version"] = version
         return JSONResponse({**body, "model": name, "version": version, "request_id": state["request_id"],

@@ -1,5 +1,7 @@
 """Open Inference Protocol v2 (KServe, Triton): server and model metadata, health and ``infer`` with JSON
-tensors. The input tensor is the model's preprocessed image size in [0, 1]; outputs come from the task."""
+tensors. The input tensor is the model's preprocessed image size in [0, 1] — for a version answering volumes whole
+(``ModelAdapter.whole_frames``: a 3-D detector) any size, each volume answered on its own grid as ``lepton predict``
+answers a file (``serve.frames``) —; outputs come from the task."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from lepton import __version__
 from lepton.serve import schemas
+from lepton.serve.adapters import MAX_SERVE_PIXELS
 from lepton.serve.deps import Target, infer_target, served_version
 from lepton.serve.errors import ApiError
 from lepton.serve.inputs import read_body
@@ -54,7 +57,8 @@ INFER_BODY = {
                     "schema": {"type": "integer", "minimum": 1},
                     "description": "Length of the JSON header when binary tensor data follows it."}],
     "requestBody": {"required": True, "description": (
-        "The model's image input, `input`: FP32 [N, C, H, W] in [0, 1] at the size the metadata gives (N <= 1024). "
+        "The model's image input, `input`: FP32 [N, C, H, W] in [0, 1] at the size the metadata gives (N <= 1024; "
+        "-1: any length — a 3-D detector's volumes, each answered on its own grid as `lepton predict` answers it). "
         "A model that fuses clinical covariates also takes one named input per covariate, [N, 1]: FP32 for a "
         "numeric one (NaN: missing), BYTES (UTF-8) for a categorical one; the metadata's `inputs` list them. "
         "Malformed requests and tensors that do not fit the metadata are answered 400."), "content": {
@@ -85,9 +89,16 @@ async def ready(request: Request):
     return JSONResponse({"ready": True})
 
 
+def _input_size(adapter) -> list[int]:
+    """The input's spatial size as the metadata gives it: the model's, or -1 on each axis for volumes answered whole
+    on their own grid."""
+    spec = adapter.preprocessing
+    return [-1] * spec.spatial_dims if adapter.whole_frames else list(spec.size)
+
+
 def metadata(dep: Deployment, version: int) -> dict[str, Any]:
     adapter = dep.handles[version].adapter
-    c, size = adapter.preprocessing.channels, list(adapter.preprocessing.size)
+    c, size = adapter.preprocessing.channels, _input_size(adapter)
     return {"name": dep.name, "versions": [str(v) for v in sorted(dep.handles)], "platform": adapter.platform,
             "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, *size]}, *_covariate_inputs(adapter)],
             # outputs on the input's grid follow its spatial size
@@ -149,8 +160,8 @@ def _covariate_rows(request: InferRequest, adapter, n: int) -> list[dict[str, An
 def _input_batch(request: InferRequest, channels: int, size: tuple[int, ...],
                  named: tuple[str, ...] = ()) -> np.ndarray:
     """The model's one input as float32 (N, C, H, W) — volumes (N, C, D, H, W) — in [0, 1], checked against the
-    metadata: name, datatype and shape; ApiError 400 naming the field otherwise."""
-    expected = f"[N, {channels}, {', '.join(map(str, size))}]"
+    metadata: name, datatype and shape (-1 in ``size``: any length); ApiError 400 naming the field otherwise."""
+    expected = _shape_text(channels, size)
     unknown = [n for n in request.inputs if n != INPUT and n not in named]
     if unknown or INPUT not in request.inputs:
         raise ApiError(400, "invalid_request", f"this model has one input, {INPUT!r} (FP32 {expected}); "
@@ -159,12 +170,17 @@ def _input_batch(request: InferRequest, channels: int, size: tuple[int, ...],
     if datatype != "FP32":
         raise ApiError(400, "invalid_request", f"input {INPUT!r}: datatype must be FP32 (got {datatype})")
     shape = list(data.shape)
-    if not (shape[1:] == [channels, *size] and 1 <= shape[0] <= MAX_BATCH):
+    fits = len(shape) == 2 + len(size) and all(w in (-1, n) for w, n in zip([channels, *size], shape[1:], strict=True))
+    if not (fits and 1 <= shape[0] <= MAX_BATCH):
         raise ApiError(400, "invalid_request", f"input {INPUT!r}: shape must be {expected} with "
                                                f"1 <= N <= {MAX_BATCH} (got {shape})")
     if not np.isfinite(data).all() or data.min() < 0 or data.max() > 1:
         raise ApiError(400, "invalid_request", f"input {INPUT!r}: values must be finite and within [0, 1]")
     return data
+
+
+def _shape_text(channels: int, size) -> str:
+    return f"[N, {channels}, {', '.join('any' if n == -1 else str(n) for n in size)}]"
 
 
 @router.post("/models/{name}/infer", openapi_extra=INFER_BODY, response_model=schemas.InferResponse,
@@ -186,9 +202,9 @@ async def _infer(name: str, request: Request, target: Target) -> Response:
     srv, dep, v = target.server, target.deployment, target.version
     body = await read_body(request, srv.config.max_upload_bytes)
     adapter = dep.handles[v].adapter
-    spec = adapter.preprocessing
+    spec, size = adapter.preprocessing, _input_size(adapter)
     named = tuple(adapter.covariates.names) if adapter.covariates is not None else ()
-    expected = f"[N, {spec.channels}, {', '.join(map(str, spec.size))}]"
+    expected = _shape_text(spec.channels, size)
 
     def expect(name: str, datatype: str, shape: list[int]) -> str | None:
         """The image input's name, datatype and rank, checked before any size limit (covariates: later)."""
@@ -200,15 +216,21 @@ async def _infer(name: str, request: Request, target: Target) -> Response:
             return f"shape must be {expected} with 1 <= N <= {MAX_BATCH} (got {shape})"
         return None
 
+    # volumes answered whole: at most one upload's worth of voxels (``MAX_SERVE_PIXELS``) in all
+    limit = MAX_SERVE_PIXELS if adapter.whole_frames else MAX_BATCH * int(np.prod(spec.size))
     parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), expect=expect,
-                                 max_elements=MAX_BATCH * spec.channels * int(np.prod(spec.size)))
-    data = _input_batch(parsed, spec.channels, spec.size, named)
-    items = list(data)
-    if named:  # each image with its covariates
-        rows = _covariate_rows(parsed, adapter, len(data))
-        items = [adapter.attach(img, row) for img, row in zip(data, rows, strict=True)]
-    results = await asyncio.gather(*(srv.infer(dep, item, None, version=v) for item in items))
-    outputs = np.stack([o for _, o in results])
+                                 max_elements=spec.channels * limit)
+    data = _input_batch(parsed, spec.channels, size, named)
+    if adapter.whole_frames:  # each volume on its own grid, one after another, as offline (not resized)
+        outputs = np.stack([(await srv.answer_frame(dep, adapter.decode_array(vol), None, version=v))[1]
+                            for vol in data])
+    else:
+        items = list(data)
+        if named:  # each image with its covariates
+            rows = _covariate_rows(parsed, adapter, len(data))
+            items = [adapter.attach(img, row) for img, row in zip(data, rows, strict=True)]
+        results = await asyncio.gather(*(srv.infer(dep, item, None, version=v) for item in items))
+        outputs = np.stack([o for _, o in results])
     tensors = adapter.task.oip_tensors(outputs, adapter.labels, adapter.info)
     content, headers = encode_infer_response(
         {"model_name": name, "model_version": str(v), "id": parsed.id or request.state.request_id}, tensors, parsed)
