@@ -35,7 +35,11 @@ def test_hit_miss_and_invalidation(cases, tmp_path):
     assert again.decoded == 0 and again.content_hashes() == first.content_hashes()
     memory = load_segmentation(cases)
     assert first.content_hashes() == memory.content_hashes()  # the same decoded arrays as the in-memory reader
-    np.testing.assert_array_equal(first.image(2), memory.images[2])
+    assert first.image_hashes() == memory.image_hashes()
+    # stored as uint16 steps of 1/65535 (half of float32 on disk), read back within half a step
+    assert first.entries[2].array("image").dtype == np.uint16
+    np.testing.assert_allclose(first.image(2), memory.images[2], rtol=0, atol=0.5 / 65535 + 1e-7)
+    assert first.image(2).dtype == np.float32 and np.abs(first.image(2) - memory.images[2]).max() > 0
     np.testing.assert_array_equal(first.mask(2), memory.masks[2])
     # a changed mask file: that case alone is decoded again
     mask_path = cases / "labelsTr" / "case003.nii.gz"
@@ -61,7 +65,7 @@ def test_a_corrupt_entry_is_detected_and_rebuilt(cases, tmp_path, caplog):
     rebuilt = cache_segmentation(cases, cache=cache, workers=1)
     assert rebuilt.decoded == 1 and "corrupt" in caplog.text
     assert rebuilt.entries[1].verify()
-    np.testing.assert_array_equal(rebuilt.image(1), load_segmentation(cases).images[1])
+    np.testing.assert_allclose(rebuilt.image(1), load_segmentation(cases).images[1], rtol=0, atol=0.5 / 65535 + 1e-7)
     (rebuilt.entries[4].path / "meta.json").write_text("{not json")
     assert cache_segmentation(cases, cache=cache, workers=1).decoded == 1
 
@@ -145,3 +149,15 @@ def test_training_from_the_cache_matches_the_in_memory_path(cases, tmp_path):
     np.testing.assert_allclose(mem["spec"]["std"], cached["spec"]["std"], rtol=1e-4)
     assert mem["spec"]["size"] == cached["spec"]["size"]
     assert cached["run"]["val_images"] == mem["run"]["val_images"] and 0 <= cached["run"]["val_dice"] <= 1
+
+
+def test_images_in_the_unit_range_are_stored_as_uint16_and_others_as_float32():
+    from lepton.data.index.cases import compact
+
+    unit = np.linspace(0, 1, 1001, dtype=np.float32).reshape(1, 7, 11, 13)
+    stored, scale = compact(unit)
+    assert stored.dtype == np.uint16 and stored.max() == 65535 and stored.min() == 0
+    assert np.abs(stored * np.float32(scale) - unit).max() <= 0.5 / 65535 + 1e-7
+    hu = np.array([[-1000.0, 40.0, 3000.0]], np.float32)
+    assert compact(hu)[0] is hu and compact(hu)[1] == 1.0
+    assert compact(np.array([[0.5, 1.0001]], np.float32))[0].dtype == np.float32

@@ -59,18 +59,22 @@ def flip_mean(outputs, flipped):
     return (outputs + flipped) / 2
 
 
-def network_input(spec: Preprocessing, pixels: np.ndarray, slab_voxels: int = 1 << 22) -> torch.Tensor:
-    """A decoded image (C, …) in [0, 1] (an array or a memory map) as the network takes it, (1, C, …) float32:
-    channels converted and normalised slab by slab along the first spatial axis, so a CT case costs one copy,
-    not the three that whole-array arithmetic makes."""
+def network_input(spec: Preprocessing, pixels: np.ndarray, slab_voxels: int = 1 << 22,
+                  scale: float = 1.0) -> torch.Tensor:
+    """A decoded image (C, …) in [0, 1] (an array or a memory map; its values times ``scale``) as the network takes
+    it, (1, C, …) float32: channels converted and normalised slab by slab along the first spatial axis, so a CT case
+    costs one copy, not the three that whole-array arithmetic makes."""
     import torch
 
-    first = spec.convert_channels(torch.from_numpy(np.array(pixels[:, :1], np.float32))[None])
+    def read(part: np.ndarray) -> torch.Tensor:
+        values = np.array(part, np.float32)
+        return torch.from_numpy(values * np.float32(scale) if scale != 1.0 else values)[None]
+
+    first = spec.convert_channels(read(pixels[:, :1]))
     out = torch.empty((1, first.shape[1], *pixels.shape[1:]), dtype=torch.float32)
     step = max(1, slab_voxels // max(int(np.prod(pixels.shape[2:])), 1))
     for lo in range(0, pixels.shape[1], step):
-        slab = torch.from_numpy(np.array(pixels[:, lo:lo + step], np.float32))[None]
-        out[:, :, lo:lo + step] = spec.normalize(spec.convert_channels(slab))
+        out[:, :, lo:lo + step] = spec.normalize(spec.convert_channels(read(pixels[:, lo:lo + step])))
     return out
 
 

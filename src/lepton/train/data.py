@@ -199,10 +199,14 @@ def case_outputs(model, store: CaseStore, spec: Preprocessing, activate, *, tta:
     """A dense task's outputs for cached cases, one case at a time, by sliding windows over each whole case."""
     from lepton.runs import network_input, segment_probs
 
+    def probs(i: int) -> np.ndarray:  # the memory map and the network input are let go when it returns
+        stored, scale = store.image_source(i)
+        x = network_input(spec, stored, scale=scale)
+        del stored
+        return segment_probs(model, spec, x, activate, tta=tta, device=device)
+
     for i in range(len(store)) if indices is None else indices:
-        # the network's input made from the memory map, which is let go before the windows slide
-        yield segment_probs(model, spec, network_input(spec, store.entries[i].array("image")), activate, tta=tta,
-                            device=device)
+        yield probs(i)
 
 
 def val_outputs(model, prepared: Prepared, activate, *, tta: bool, device: str):

@@ -1,9 +1,10 @@
 """A content-addressed, on-disk cache of decoded, preprocessed cases.
 
 An entry is a folder named by the SHA-256 of the source files' contents and the preprocessing options (window,
-volume steps, cache version): ``image.npy`` (float32, as the readers give it), ``mask.npy`` (uint8) when there is one,
-``fg.npy`` (a sample of foreground voxel coordinates for patch sampling) and ``meta.json`` (shape, geometry, class
-voxel counts, intensity sums, the decoded content hash and a CRC-32 of every array file).
+volume steps, cache version): ``image.npy`` (uint16 steps of 1/65535 for values in [0, 1], else float32),
+``mask.npy`` (uint8) when there is one, ``fg.npy`` (a sample of foreground voxel coordinates for patch sampling) and
+``meta.json`` (shape, geometry, class voxel counts, intensity sums, the decoded content hashes and a CRC-32 of every
+array file).
 
 Why plain ``.npy`` files: a case is opened by memory map and a training patch reads only the pages it covers, with no
 decompression on the two cores that also train; a compressed, chunked store (blosc2, zarr) saves disk at the price of
@@ -33,7 +34,7 @@ from lepton.errors import DataError
 log = logging.getLogger("lepton.data")
 
 #: Bumped when the decoding or the entry format changes: older entries are then simply not found.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: segmentation images in [0, 1] stored as uint16 (``cases.compact``)
 BLOCK = 1 << 24
 
 

@@ -52,6 +52,8 @@ def _build(image: str, mask: str, window: str | None, steps: list[dict] | None, 
     pixels = np.ascontiguousarray(pixels, np.float32)
     labels = np.ascontiguousarray(labels, np.uint8)
     content = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes() + labels.tobytes()).hexdigest()
+    image_sha = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+    stored, scale = compact(pixels)
     fg = np.argwhere(labels[0] > 0).astype(np.int32)
     if len(fg) > FG_SAMPLE:
         fg = fg[np.random.default_rng(int(content[:8], 16)).choice(len(fg), FG_SAMPLE, replace=False)]
@@ -59,10 +61,20 @@ def _build(image: str, mask: str, window: str | None, steps: list[dict] | None, 
     meta = {"source": source, "image": image, "mask": mask, "shape": list(pixels.shape), "modality": modality,
             "patient": patient, "affine": None if affine is None else np.asarray(affine).tolist(),
             "class_counts": np.bincount(labels.ravel()).tolist(), "content_sha256": content,
+            "image_sha256": image_sha, "image_scale": scale,
             "sum": pixels.sum(axis=axes, dtype=np.float64).tolist(),
             "sumsq": np.square(pixels, dtype=np.float64).sum(axis=axes).tolist()}
-    entry = cache.put(key, {"image": pixels, "mask": labels, "fg": fg.reshape(-1, pixels.ndim - 1)}, meta)
+    entry = cache.put(key, {"image": stored, "mask": labels, "fg": fg.reshape(-1, pixels.ndim - 1)}, meta)
     return key, entry.meta, True
+
+
+def compact(pixels: np.ndarray) -> tuple[np.ndarray, float]:
+    """How an image is stored: values in [0, 1] (what the readers give) as uint16 steps of 1/65535 — half the disk
+    and page cache of float32, at most 7.7e-6 off, far below the 1/4096 of a 12-bit CT's unit steps — with the scale
+    that reads them back; anything else as float32, scale 1."""
+    if pixels.size and float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0:
+        return np.rint(pixels * np.float32(65535)).astype(np.uint16), 1.0 / 65535
+    return pixels, 1.0
 
 
 def run_jobs(build: Callable[..., Any], jobs: list[tuple], workers: int, label: str, quiet: bool) -> list[Any]:
@@ -186,11 +198,9 @@ class CaseStore:
         return [e.meta["content_sha256"] for e in self.entries]
 
     def image_hashes(self) -> list[str]:
-        """SHA-256 of each case's image alone, as ``MaskSet.image_hashes`` (read from the cache, one case at a
-        time)."""
-        return [hashlib.sha256(str(tuple(e.meta["shape"])).encode()
-                               + np.ascontiguousarray(self.image(i), np.float32).tobytes()).hexdigest()
-                for i, e in enumerate(self.entries)]
+        """SHA-256 of each case's image alone, as ``MaskSet.image_hashes``, from the metadata (taken of the decoded
+        float32 image before it was stored)."""
+        return [e.meta["image_sha256"] for e in self.entries]
 
     def class_counts(self) -> np.ndarray:
         """Voxels per class over all cases."""
@@ -216,7 +226,13 @@ class CaseStore:
 
     # -- pixels ---------------------------------------------------------------------------------------------------
     def image(self, i: int) -> np.ndarray:
-        return np.array(self.entries[i].array("image"))
+        """Case ``i``'s image (C, …) float32 in memory."""
+        stored, scale = self.image_source(i)
+        return np.array(stored, np.float32) * np.float32(scale) if scale != 1.0 else np.array(stored, np.float32)
+
+    def image_source(self, i: int) -> tuple[np.ndarray, float]:
+        """Case ``i``'s image as stored (a memory map, uint16 or float32) and the scale that gives its values."""
+        return self.entries[i].array("image"), float(self.entries[i].meta.get("image_scale", 1.0))
 
     def mask(self, i: int) -> np.ndarray:
         return np.array(self.entries[i].array("mask"))
@@ -271,7 +287,9 @@ class CaseStore:
             else:
                 start = [int(torch.randint(e - p + 1, (1,), generator=generator)) for e, p in zip(extent, size,
                                                                                                  strict=True)]
-            xs.append(self._region(i, "image", start, offset, size, shape, np.float32))
+            x = self._region(i, "image", start, offset, size, shape, np.float32)
+            scale = entry.meta.get("image_scale", 1.0)
+            xs.append(x * np.float32(scale) if scale != 1.0 else x)
             ys.append(self._region(i, "mask", start, offset, size, shape, np.uint8))
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64))
 
