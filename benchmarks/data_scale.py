@@ -69,6 +69,20 @@ def write_volumes(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0
     return root
 
 
+def _written(root: Path, n: int, shape: tuple[int, int, int]) -> bool:
+    """Whether ``root`` already holds ``n`` generated volumes of ``shape`` (a rerun with ``--work`` reuses them:
+    160 CT-size volumes take half an hour to write on 2 cores)."""
+    import nibabel as nib
+
+    try:
+        items = json.loads((root / "dataset.json").read_text())["training"]
+    except (OSError, ValueError, KeyError):
+        return False
+    if len(items) != n or not all((root / item[k]).is_file() for item in items for k in ("image", "label")):
+        return False
+    return nib.load(str(root / items[-1]["image"])).shape == shape[::-1]
+
+
 def subset(src: Path, dst: Path, n: int) -> Path:
     """The first ``n`` cases of a Decathlon folder, by links."""
     spec = json.loads((src / "dataset.json").read_text())
@@ -122,14 +136,19 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         if kind == "volumes":
-            full = write_volumes(work / "data" / "volumes", sizes[-1], shape)
+            full = work / "data" / "volumes"
             case = "x".join(map(str, shape))
+            if _written(full, sizes[-1], shape):
+                print(f"\n{kind}: reusing the {sizes[-1]} cases of {case} in {full}")
+            else:
+                write_volumes(full, sizes[-1], shape)
+                print(f"\n{kind}: wrote {sizes[-1]} cases of {case} in {time.perf_counter() - t0:.0f} s")
         else:
             from lepton.data.tools.synthetic import write_segmentation_cases
 
             full = write_segmentation_cases(work / "data" / "images", n=sizes[-1], dims=2, shape=(256,))
             case = "256x256"
-        print(f"\n{kind}: wrote {sizes[-1]} cases of {case} in {time.perf_counter() - t0:.0f} s")
+            print(f"\n{kind}: wrote {sizes[-1]} cases of {case} in {time.perf_counter() - t0:.0f} s")
         for size in sizes:
             data = subset(full, work / "data" / f"{kind}-{size}", size) if kind == "volumes" else full
             if kind != "volumes":
