@@ -36,6 +36,9 @@ def test_hit_miss_and_invalidation(cases, tmp_path):
     memory = load_segmentation(cases)
     assert first.content_hashes() == memory.content_hashes()  # the same decoded arrays as the in-memory reader
     assert first.image_hashes() == memory.image_hashes()
+    held = first.to_memory()  # the auto engine's in-memory copy keys on the decoding, not on the stored steps
+    assert held.content_hashes() == memory.content_hashes() and held.image_hashes() == memory.image_hashes()
+    assert held.subset(np.arange(6) % 2 == 1).image_hashes() == memory.image_hashes()[1::2]
     # stored as uint16 steps of 1/65535 (half of float32 on disk), read back within half a step
     assert first.entries[2].array("image").dtype == np.uint16
     np.testing.assert_allclose(first.image(2), memory.images[2], rtol=0, atol=0.5 / 65535 + 1e-7)

@@ -242,12 +242,14 @@ class CaseStore:
         return None if value is None else np.asarray(value)
 
     def to_memory(self):
-        """The cases read into a ``MaskSet`` (the in-memory path, for sets that fit)."""
+        """The cases read into a ``MaskSet`` (the in-memory path, for sets that fit): the stored images (within
+        7.7e-6 of the decoding), keyed by the decoding's hashes."""
         from lepton.data.readers.masks import MaskSet
 
         return MaskSet([self.image(i) for i in range(len(self))], [self.mask(i) for i in range(len(self))],
                        [self.affine(i) for i in range(len(self))], self.label_names, self.splits, self.groups,
-                       self.names, self.modalities, self.source, self.has_patient_ids, self.bad_files)
+                       self.names, self.modalities, self.source, self.has_patient_ids, self.bad_files,
+                       known_content_hashes=self.content_hashes(), known_image_hashes=self.image_hashes())
 
     def padded_stats(self, size: tuple[int, ...]) -> tuple[list[float], list[float]]:
         """Per-channel mean and standard deviation of the cases centre-padded with zeros to ``size`` — what the

@@ -51,6 +51,10 @@ class MaskSet:
     source: str
     has_patient_ids: bool = False
     bad_files: list[tuple[str, str]] = field(default_factory=list)
+    #: The hashes of the decoded cases when the images are a stored copy of them (``CaseStore.to_memory``: uint16
+    #: steps, within 7.7e-6), so that splits, fingerprints and leakage checks key on the source's decoding.
+    known_content_hashes: list[str] | None = None
+    known_image_hashes: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -74,18 +78,25 @@ class MaskSet:
 
     def subset(self, mask: np.ndarray) -> MaskSet:
         idx = np.flatnonzero(mask)
+        known = {k: None if v is None else [v[i] for i in idx]
+                 for k, v in (("known_content_hashes", self.known_content_hashes),
+                              ("known_image_hashes", self.known_image_hashes))}
         return MaskSet([self.images[i] for i in idx], [self.masks[i] for i in idx], [self.affines[i] for i in idx],
                        self.label_names, self.splits[idx], self.groups[idx], [self.names[i] for i in idx],
-                       [self.modalities[i] for i in idx], self.source, self.has_patient_ids)
+                       [self.modalities[i] for i in idx], self.source, self.has_patient_ids, **known)
 
     def content_hashes(self) -> list[str]:
         """SHA-256 of each case's decoded image and mask."""
+        if self.known_content_hashes is not None:
+            return list(self.known_content_hashes)
         return [hashlib.sha256(str(im.shape).encode() + np.ascontiguousarray(im, np.float32).tobytes()
                                + np.ascontiguousarray(m, np.uint8).tobytes()).hexdigest()
                 for im, m in zip(self.images, self.masks, strict=True)]
 
     def image_hashes(self) -> list[str]:
         """SHA-256 of each case's decoded image alone (the key an unlabelled pool is checked by)."""
+        if self.known_image_hashes is not None:
+            return list(self.known_image_hashes)
         return [hashlib.sha256(str(im.shape).encode() + np.ascontiguousarray(im, np.float32).tobytes()).hexdigest()
                 for im in self.images]
 
