@@ -164,3 +164,25 @@ def test_images_in_the_unit_range_are_stored_as_uint16_and_others_as_float32():
     hu = np.array([[-1000.0, 40.0, 3000.0]], np.float32)
     assert compact(hu)[0] is hu and compact(hu)[1] == 1.0
     assert compact(np.array([[0.5, 1.0001]], np.float32))[0].dtype == np.float32
+
+
+def test_unchanged_entries_are_not_read_again_and_changed_ones_are(cases, tmp_path, monkeypatch):
+    from lepton.data.index import cache as cache_module
+
+    cache = CaseCache(tmp_path / "cache")
+    entry = cache_segmentation(cases, cache=cache, workers=1).entries[0]
+    old = time.time_ns() - 10 * 10**9  # past the 2 s in which a rewrite could keep size and time
+    for path in entry.path.glob("*.npy"):
+        os.utime(path, ns=(old, old))
+    read = []
+    crc = cache_module._crc32
+    monkeypatch.setattr(cache_module, "_crc32", lambda path: read.append(path) or crc(path))
+    files = len(entry.meta["crc32"])
+    assert cache.get(entry.key) is not None and len(read) == files  # checked in full, then stamped
+    assert cache.get(entry.key) is not None and len(read) == files  # unchanged since: not read again
+    assert entry.verify() and len(read) == 2 * files  # prune --verify reads every byte regardless
+    target = entry.path / "image.npy"
+    raw = bytearray(target.read_bytes())
+    raw[-7] ^= 0xFF  # same size, new modification time
+    target.write_bytes(bytes(raw))
+    assert cache.get(entry.key) is None and not entry.path.exists()  # read again, caught, removed
