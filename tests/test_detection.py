@@ -191,6 +191,54 @@ def test_metrics_on_known_cases():
     assert rep["per_class"]["lesion"]["ap"] == 0.0 and rep["per_class"]["other"]["ap"] is None
 
 
+
+def test_3d_box_conventions_agree_from_the_writer_to_the_metric(tmp_path):
+    """One convention from the generator to the score (#30): boxes as read hold exactly the nodule's voxels in
+    (z, y, x) order with exclusive upper corners, the metric's 3-D IoU is the hand IoU, the detector's anchors sit at
+    the centres of its stride-4 cells with the fitted shapes (not MONAI's rounded ones), and MONAI's box coder takes
+    an anchor to a nodule box and back."""
+    import torch
+
+    from lepton.data.readers.boxes import load_boxes
+    from lepton.data.readers.masks import read_mask
+    from lepton.data.tools.synthetic import write_detection_cases
+    from lepton.models.detection import FIRST_STRIDE, BoxDetector, BoxLoss
+    from lepton.tasks.det_metrics import box_iou
+
+    data = load_boxes(write_detection_cases(tmp_path, 3, dims=3, seed=0), window="-1000,1400")
+    for name, image, boxes in zip(data.names, data.images, data.boxes, strict=True):
+        mask = read_mask(name.replace("imagesTr", "labelsTr"))[0][0] > 0
+        assert image.shape[1:] == mask.shape == (16, 32, 32)
+        for box in boxes.astype(int):  # z0, y0, x0, z1, y1, x1: the box's voxels are the mask's, none outside
+            inside = mask[box[0]:box[3], box[1]:box[4], box[2]:box[5]]
+            assert inside.sum() == mask.sum() and inside[[0, -1]].any() and inside[:, :, [0, -1]].any()
+    cube = np.array([[0, 0, 0, 5, 5, 5]], float)  # a 5-voxel nodule, the generator's usual size
+    assert box_iou(cube, cube + 1)[0, 0] == pytest.approx(64 / (250 - 64))  # one voxel off on every axis: 0.344
+    assert box_iou(cube, cube + np.array([1, 0, 0, 1, 0, 0]))[0, 0] == pytest.approx(100 / 150)  # off along z only
+    net = BoxDetector(1, 1, spatial_dims=3)
+    net.set_anchor_shapes(np.array([[3, 3, 3], [5, 5, 5], [7, 7, 7]], np.float32))
+    net.train()
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, 16, 32, 32))
+    first = out["anchors"][: int(out["locs"][0]) * 3]
+    centres = (first[:, :3] + first[:, 3:]) / 2
+    assert set(centres[:, 0].tolist()) == {2.0, 6.0, 10.0, 14.0}  # voxels 4i…4i+3 centre at 4i + 2
+    assert set(centres[:, 2].tolist()) == {float(FIRST_STRIDE * i + 2) for i in range(8)}
+    # the fitted shapes exactly (MONAI rounds corners to whole voxels: 5 -> 4, 3 -> 4, 7 -> 8)
+    torch.testing.assert_close(first[:3], torch.tensor([[0.5] * 3 + [3.5] * 3, [-0.5] * 3 + [4.5] * 3,
+                                                        [-1.5] * 3 + [5.5] * 3]))
+    old = BoxDetector(1, 1, spatial_dims=3)  # a run saved before exact anchors keeps the anchors it trained on
+    old.load_state_dict({k: v for k, v in net.state_dict().items() if k != "exact_anchors"})
+    old.train()
+    with torch.no_grad():
+        rounded = old(torch.zeros(1, 1, 16, 32, 32))["anchors"][:3]
+    torch.testing.assert_close(rounded[:, 3:] - rounded[:, :3], torch.tensor([[4.0] * 3, [4.0] * 3, [8.0] * 3]))
+    coder = BoxLoss(3, 1).det.box_coder
+    target = torch.tensor([[3.0, 10.0, 20.0, 8.0, 15.0, 25.0]])
+    codes = coder.encode_single(target, first[:1])
+    torch.testing.assert_close(coder.decode_single(codes, first[:1]), target)
+
+
 def test_bootstrap_cis_cover_the_estimate():
     from lepton.tasks.det_metrics import detection_report
 

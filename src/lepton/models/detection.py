@@ -9,6 +9,8 @@ against padded targets of the same layout. The fitted anchor shapes are a buffer
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -56,6 +58,22 @@ def fit_anchor_shapes(sizes: np.ndarray, k: int = ANCHORS_PER_LOCATION, scales=L
     return np.maximum(shapes[np.argsort(shapes.prod(1))], 2.0).astype(np.float32)
 
 
+@functools.cache
+def _exact_anchors() -> type:
+    """MONAI's ``AnchorGeneratorWithAnchorShape`` without its rounding of the base anchors' corners to whole pixels
+    (a class built on first use: monai is imported lazily)."""
+    from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+
+    class ExactAnchors(AnchorGeneratorWithAnchorShape):
+        @staticmethod
+        def generate_anchors_using_shape(anchor_shapes: torch.Tensor, dtype: torch.dtype = torch.float32,
+                                         device: torch.device | None = None) -> torch.Tensor:
+            half = anchor_shapes / 2.0
+            return torch.cat([-half, half], dim=1).to(dtype=dtype, device=device)
+
+    return ExactAnchors
+
+
 class _ResNetFPN(nn.Module):
     """The stem and first two stages of a MONAI ResNet under MONAI's feature pyramid (strides 4, 8 and a max-pooled
     16): RetinaNet's feature extractor, without torchvision's layer getter."""
@@ -98,22 +116,30 @@ class BoxDetector(nn.Module):
         for head in (network.classification_head, network.regression_head):  # two of the four conv blocks: CPU cost
             head.conv = nn.Sequential(*list(head.conv.children())[:3 * HEAD_BLOCKS])
         self.register_buffer("anchor_shapes", _default_shapes(spatial_dims))
+        # 1: anchors of exactly the fitted shapes; 0 (runs saved before it existed): MONAI's rounded corners
+        self.register_buffer("exact_anchors", torch.ones(()))
         # the median training image shape (zeros: unknown); with the input size it gives the scale training saw
         self.register_buffer("source_shape", torch.zeros(spatial_dims))
-        self.detector = RetinaNetDetector(network, self._generator(self.anchor_shapes))
+        self.detector = RetinaNetDetector(network, self._generator(self.anchor_shapes, exact=True))
         self.detector.set_box_selector_parameters(score_thresh=0.02, topk_candidates_per_level=100, nms_thresh=0.3,
                                                   detections_per_img=MAX_DETECTIONS)
         self._built = self._key()
 
     @staticmethod
-    def _generator(shapes: torch.Tensor):
+    def _generator(shapes: torch.Tensor, *, exact: bool):
+        """MONAI's anchor generator for base shapes (k, dims) at ``LEVEL_SCALES``; ``exact``: the anchors have the
+        shapes given, where MONAI rounds each anchor's corners to whole pixels — which turns a 5-voxel anchor into a
+        4-voxel one and a 3.3-voxel one into 4 (half-to-even on ±2.5, ±1.65), undoing the fit for lesions a few
+        voxels across."""
         from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 
-        return AnchorGeneratorWithAnchorShape(feature_map_scales=LEVEL_SCALES,
-                                              base_anchor_shapes=[tuple(float(v) for v in s) for s in shapes.tolist()])
+        base = [tuple(float(v) for v in s) for s in shapes.tolist()]
+        if not exact:
+            return AnchorGeneratorWithAnchorShape(feature_map_scales=LEVEL_SCALES, base_anchor_shapes=base)
+        return _exact_anchors()(feature_map_scales=LEVEL_SCALES, base_anchor_shapes=base)
 
     def _key(self) -> tuple:
-        return tuple(round(float(v), 4) for v in self.anchor_shapes.flatten().tolist())
+        return (*(round(float(v), 4) for v in self.anchor_shapes.flatten().tolist()), bool(self.exact_anchors))
 
     def set_anchor_shapes(self, shapes: np.ndarray) -> None:
         """Use base anchor shapes (k, dims) in pixels (``fit_anchor_shapes``)."""
@@ -122,11 +148,12 @@ class BoxDetector(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "source_shape", self.source_shape.clone())  # runs saved before it existed
+        state_dict.setdefault(prefix + "exact_anchors", torch.zeros(()))  # trained on MONAI's rounded anchors
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _sync(self) -> None:
         if self._key() != self._built:  # new shapes fitted or loaded with the state dict
-            self.detector.anchor_generator = self._generator(self.anchor_shapes.cpu())
+            self.detector.anchor_generator = self._generator(self.anchor_shapes.cpu(), exact=bool(self.exact_anchors))
             self.detector.anchors = None
             self._built = self._key()
 
@@ -309,7 +336,8 @@ class BoxLoss:
                     out.append(matched)
                 return out
 
-        self.det = _AtssDetector(_Shape(), BoxDetector._generator(_default_shapes(spatial_dims)))
+        # the anchors come with the outputs (``BoxDetector.forward``); this generator is never asked
+        self.det = _AtssDetector(_Shape(), BoxDetector._generator(_default_shapes(spatial_dims), exact=True))
         self.det.set_atss_matcher(num_candidates=4, center_in_gt=False)
         self.det.set_hard_negative_sampler(batch_size_per_image=64, positive_fraction=0.3, pool_size=20, min_neg=16)
         self.dims = spatial_dims
