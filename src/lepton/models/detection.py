@@ -10,6 +10,7 @@ against padded targets of the same layout. The fitted anchor shapes are a buffer
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -93,6 +94,35 @@ class _ResNetFPN(nn.Module):
 
         f1 = self.layer1(self.stem(x))
         return self.fpn(OrderedDict([("0", f1), ("1", self.layer2(f1))]))
+
+
+class _HeadMaps(nn.Module):
+    """The RetinaNet's head maps as one flat tuple, class logits per pyramid level then box regressions per level:
+    the graph ONNX export writes for a ``BoxDetector`` (``BoxDetector.onnx_graph``)."""
+
+    def __init__(self, network: nn.Module, keys: tuple[str, str]):
+        super().__init__()
+        self.network, self.keys = network, keys
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        head = self.network(x)
+        return tuple(m for key in self.keys for m in head[key])
+
+
+class _GraphHeads(nn.Module):
+    """Head maps computed outside PyTorch (``run``: float32 array (N, C, …) to ``_HeadMaps``'s outputs as arrays, e.g.
+    an ONNX Runtime session on its graph), answered as the RetinaNet answers them, a dict of per-level lists."""
+
+    def __init__(self, run: Callable[[np.ndarray], list[np.ndarray]], keys: tuple[str, str], levels: int):
+        super().__init__()
+        self.run, self.keys, self.levels = run, keys, levels
+
+    def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        maps = [torch.from_numpy(np.asarray(m)).to(x.device) for m in self.run(x.detach().float().cpu().numpy())]
+        if len(maps) != len(self.keys) * self.levels:
+            raise RuntimeError(f"the exported graph answered {len(maps)} head maps; the detector reads "
+                               f"{len(self.keys) * self.levels} ({self.levels} levels of class logits and boxes)")
+        return {key: maps[i * self.levels:(i + 1) * self.levels] for i, key in enumerate(self.keys)}
 
 
 class BoxDetector(nn.Module):
@@ -240,6 +270,24 @@ class BoxDetector(nn.Module):
             hook.remove()
             self.train(was_training)
         return torch.stack(out) if out else torch.zeros(0, *x.shape[2:])
+
+    def onnx_graph(self) -> tuple[nn.Module, list[str]]:
+        """What ONNX export writes for this network (``lepton.export.export_onnx``): the module giving its head maps,
+        class logits then box regressions per pyramid level, for a batch of inputs (or windows) of the network's
+        size, and their output names. Anchors, box decoding and NMS stay outside the graph — a volume's windows are
+        stitched into head maps over the whole volume before its anchors and one NMS (``detect_windows``) — and run
+        here around it (``use_graph``)."""
+        keys = (self.detector.cls_key, self.detector.box_reg_key)
+        return _HeadMaps(self.detector.network, keys), [f"{k}_{i}" for k in ("class_logits", "box_regression")
+                                                        for i in range(len(LEVEL_SCALES))]
+
+    def use_graph(self, run: Callable[[np.ndarray], list[np.ndarray]]) -> None:
+        """Compute the head maps with ``run`` (a float32 input (N, C, …) to ``onnx_graph``'s outputs as arrays: an
+        ONNX Runtime session on its graph) in place of the network's layers, which are dropped: ``forward``,
+        ``detect_windows`` and flip TTA then answer through the same anchors, decoding, window merging and NMS as in
+        PyTorch. ``box_saliency`` needs the layers."""
+        keys = (self.detector.cls_key, self.detector.box_reg_key)
+        self.detector.network = _GraphHeads(run, keys, len(LEVEL_SCALES))
 
     def merge_flipped(self, outputs: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         """Flip TTA: the detections on the input flipped along its last axis, mapped back and fused with those on the
