@@ -243,3 +243,26 @@ def test_val_metrics_and_network_input_by_slabs_equal_the_whole_case(monkeypatch
     pixels = rng.random((1, 9, 6, 5)).astype(np.float32)
     expected = spec.normalize(torch.from_numpy(pixels)[None])
     assert torch.equal(network_input(spec, pixels, slab_voxels=60), expected)
+
+
+def test_val_metrics_let_each_case_go_before_the_next_is_read():
+    import weakref
+
+    from lepton.tasks import get_task
+
+    rng = np.random.default_rng(1)
+    truths = [rng.integers(0, 2, (1, 6, 5, 4)).astype(np.uint8) for _ in range(3)]
+    alive = []
+
+    def cases():  # as the cached validation yields them: one case's probabilities at a time
+        for _ in truths:
+            alive.append(any(ref() is not None for ref in refs))
+            held = [rng.dirichlet([1, 1], (6, 5, 4)).transpose(3, 0, 1, 2).astype(np.float32)]
+            refs.append(weakref.ref(held[0]))
+            yield held.pop()
+
+    refs: list = []
+    out = get_task("segmentation").val_metrics(truths, cases())
+    assert 0 <= out["val_dice"] <= 1 and alive == [False, False, False]
+    with pytest.raises(ValueError, match="fewer outputs"):
+        get_task("segmentation").val_metrics(truths, iter([np.full((2, 6, 5, 4), 0.5, np.float32)] * 2))

@@ -35,8 +35,31 @@ PRECISION_VOXELS = 32 << 20
 CALIBRATION_VOXELS = 4 << 20
 
 
-#: Voxels per slab when val metrics walk a case (a CT case whole would need ~1.5 GB of temporaries).
+#: Voxels per slab when val metrics walk a case (``_case_counts``).
 SLAB_VOXELS = 1 << 22
+
+
+def _case_counts(truth, probs) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """One case's per-class intersections and totals (prediction + truth voxels), summed negative log-likelihood and
+    voxel count, slab by slab along the first spatial axis: a CT case's arg-max, int64 targets and log-likelihoods
+    taken whole are ~1.5 GB of temporaries beside its probabilities. A function, so that no slab (a view that keeps
+    the case's probabilities alive) outlives the call."""
+    k = probs.shape[0]
+    inter, total = np.zeros(k, np.int64), np.zeros(k, np.int64)
+    nll, voxels = 0.0, 0
+    step = max(1, SLAB_VOXELS // max(int(np.prod(probs.shape[2:])), 1))
+    for lo in range(0, probs.shape[1], step):
+        p = np.asarray(probs[:, lo:lo + step])
+        t = np.asarray(truth[:, lo:lo + step]).astype(np.int64)
+        pred = p.argmax(0)[None]
+        for c in range(1, k):
+            hit_p, hit_t = pred == c, t == c
+            inter[c] += int(np.logical_and(hit_p, hit_t).sum())
+            total[c] += int(hit_p.sum()) + int(hit_t.sum())
+        p_true = np.take_along_axis(p, t, axis=0)
+        nll += float(-np.log(np.clip(p_true, 1e-7, 1.0)).sum(dtype=np.float64))
+        voxels += p_true.size
+    return inter, total, nll, voxels
 
 
 def _dice_per_class(pred: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
@@ -205,25 +228,19 @@ class Segmentation(SegmentationWorkflow, SegmentationServing, Task):
         from the cache one by one are never all in memory)."""
         per_class: list[list[float]] = []
         nll, voxels = 0.0, 0
-        for truth, probs in zip(y, outputs, strict=True):
+        cases = iter(outputs)
+        for truth in y:  # not zip(): its reused result tuple would hold the last case until the next is predicted
+            probs = next(cases, None)
+            if probs is None:
+                raise ValueError("val_metrics: fewer outputs than cases")
             k = probs.shape[0]
-            inter, total = np.zeros(k, np.int64), np.zeros(k, np.int64)
-            # slab by slab along the first spatial axis: a CT case's arg-max, int64 targets and log-likelihoods
-            # taken whole are ~1.5 GB of temporaries beside its probabilities
-            step = max(1, SLAB_VOXELS // max(int(np.prod(probs.shape[2:])), 1))
-            for lo in range(0, probs.shape[1], step):
-                p = np.asarray(probs[:, lo:lo + step])
-                t = np.asarray(truth[:, lo:lo + step]).astype(np.int64)
-                pred = p.argmax(0)[None]
-                for c in range(1, k):
-                    hit_p, hit_t = pred == c, t == c
-                    inter[c] += int(np.logical_and(hit_p, hit_t).sum())
-                    total[c] += int(hit_p.sum()) + int(hit_t.sum())
-                p_true = np.take_along_axis(p, t, axis=0)
-                nll += float(-np.log(np.clip(p_true, 1e-7, 1.0)).sum(dtype=np.float64))
-                voxels += p_true.size
+            inter, total, case_nll, case_voxels = _case_counts(truth, probs)
+            nll += case_nll
+            voxels += case_voxels
             per_class.append([2.0 * inter[c] / total[c] if total[c] else 1.0 for c in range(1, k)])
             del truth, probs  # let this case go before the next is predicted
+        if next(cases, None) is not None:
+            raise ValueError("val_metrics: more outputs than cases")
         dices = np.mean(per_class, axis=0).tolist()
         out = {"val_loss": nll / max(voxels, 1), "val_dice": float(np.mean(dices))}
         out.update({f"val_dice_{c}": d for c, d in enumerate(dices, start=1)})
