@@ -128,11 +128,12 @@ def main() -> int:
     total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     work = args.work or Path(tempfile.mkdtemp(prefix="lepton-bench-scale-"))
     env = {**os.environ, "LEPTON_CACHE": str(work / "cache")}
+    runs = work / "runs" / time.strftime("%Y%m%d-%H%M%S")  # a rerun with --work keeps the earlier runs
     sizes = [n, 4 * n, 16 * n]
     rows = []
     for kind in args.kinds.split(","):
         if kind == "classify":
-            rows += classify(args, work, env)
+            rows += classify(args, work, env, runs)
             continue
         t0 = time.perf_counter()
         if kind == "volumes":
@@ -168,12 +169,12 @@ def main() -> int:
                 name = f"{kind}-{size}-{engine}"
                 cmd = [sys.executable, "-m", "lepton.cli", "train", str(data), "--epochs", "1", "--time-budget", "0",
                        "--batch-size", "2", "--val-fraction", "0.05", "--test-fraction", "0", "--data-engine", engine,
-                       "--output-dir", str(work / "runs"), "--name", name, "--quiet", "--no-tta"]
+                       "--output-dir", str(runs), "--name", name, "--quiet", "--no-tta"]
                 code, rss, wall, err = measured(cmd, env)
                 if code:
                     print(err[-3000:])
                     return 1
-                info = json.loads((work / "runs" / name / "run.json").read_text())
+                info = json.loads((runs / name / "run.json").read_text())
                 row[engine] = {"peak_rss_mib": rss, "images_per_s": info["images_per_s"], "wall_s": wall}
             rows.append(row)
             mem, cache = row["memory"], row["cache"]
@@ -196,7 +197,7 @@ def main() -> int:
     return 0
 
 
-def classify(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[dict]:
+def classify(args: argparse.Namespace, work: Path, env: dict[str, str], runs: Path) -> list[dict]:
     """The 2-D classification rows: N, 4N and 16N PNGs, an epoch in memory and from the cache per size."""
     from lepton.data.index.cache import CaseCache
     from lepton.data.tools.synthetic import write_png_classes
@@ -229,13 +230,13 @@ def classify(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[
             cmd = [sys.executable, "-m", "lepton.cli", "train", str(data), "--epochs", "1", "--time-budget", "0",
                    "--batch-size", "32", "--image-size", str(side), "--model", "lepton_cnn_tiny", "--val-fraction",
                    "0.1", "--test-fraction", "0", "--data-engine", engine, "--loader-workers",
-                   "1" if engine == "cache" else "0", "--output-dir", str(work / "runs"), "--name", name, "--quiet",
+                   "1" if engine == "cache" else "0", "--output-dir", str(runs), "--name", name, "--quiet",
                    "--no-tta"]
             code, rss, wall, err = measured(cmd, env)
             if code:
                 print(err[-3000:])
                 return rows
-            info = json.loads((work / "runs" / name / "run.json").read_text())
+            info = json.loads((runs / name / "run.json").read_text())
             row[engine] = {"peak_rss_mib": rss, "images_per_s": info["images_per_s"], "wall_s": wall,
                            "val_auc": info.get("val_auc")}
         rows.append(row)
