@@ -209,14 +209,15 @@ def case_outputs(model, store: CaseStore, spec: Preprocessing, activate, *, tta:
         yield probs(i)
 
 
-def val_outputs(model, prepared: Prepared, activate, *, tta: bool, device: str):
-    """The task's outputs on the val split: an array (N, K, …), or a generator over cached cases."""
+def val_outputs(model, prepared: Prepared, activate, *, tta: bool, device: str, batch_size: int):
+    """The task's outputs on the val split: an array (N, K, …) predicted in chunks of ``batch_size`` (the training
+    batch, which fits with gradients: memory does not grow with val), or a generator over cached cases."""
     from lepton.runs import predict_outputs
 
     if isinstance(prepared.x_val, CaseStore):
         return case_outputs(model, prepared.x_val, prepared.spec, activate, tta=tta, device=device)
     return predict_outputs(model, normalized(prepared.x_val, prepared.spec), activate, tta=tta, device=device,
-                           extras=prepared.e_val)
+                           extras=prepared.e_val, batch_size=batch_size)
 
 
 def normalized(x, spec: Preprocessing):

@@ -42,7 +42,8 @@ def finish_run(run_dir: Path, config: TrainConfig, task: Task, prepared: Prepare
     files = RunDir(run_dir)
     plot_curves(history, files.file(CURVES))
     model = files.load_model(device=device)
-    outputs = val_outputs(model, prepared, task.activate, tta=config.tta, device=device)
+    outputs = val_outputs(model, prepared, task.activate, tta=config.tta, device=device,
+                          batch_size=config.batch_size)
     # for checking lower serving precisions of this run once registered (lepton.precision)
     save_val_set(run_dir / VAL_SET_FILE, task, prepared.x_val, prepared.y_val, prepared.x_train, prepared.spec,
                  seed=config.seed)

@@ -51,7 +51,8 @@ def choose_members(run_dir: Path, task: Task, prepared: Prepared, config: TrainC
         ckpt = files.load_checkpoint(f"members/{d['member']}.pt")
         model = model_from_checkpoint(ckpt, device, str(files.file(f"members/{d['member']}.pt")))
         ckpts.append(ckpt)
-        found = val_outputs(model, prepared, task.activate, tta=config.tta, device=device)
+        found = val_outputs(model, prepared, task.activate, tta=config.tta, device=device,
+                            batch_size=config.batch_size)
         outputs.append(found if isinstance(found, np.ndarray) else list(found))
     scores = [task.val_metrics(val_targets(prepared.y_val), o) for o in outputs]
     sign = 1 if task.higher_is_better else -1
