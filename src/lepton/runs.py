@@ -66,9 +66,10 @@ def network_input(spec: Preprocessing, pixels: np.ndarray, slab_voxels: int = 1 
     costs one copy, not the three that whole-array arithmetic makes."""
     import torch
 
+    from lepton.data.index.cases import stored_values
+
     def read(part: np.ndarray) -> torch.Tensor:
-        values = np.array(part, np.float32)
-        return torch.from_numpy(values * np.float32(scale) if scale != 1.0 else values)[None]
+        return torch.from_numpy(stored_values(part, scale))[None]
 
     first = spec.convert_channels(read(pixels[:, :1]))
     out = torch.empty((1, first.shape[1], *pixels.shape[1:]), dtype=torch.float32)

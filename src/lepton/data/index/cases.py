@@ -51,8 +51,12 @@ def _build(image: str, mask: str, window: str | None, steps: list[dict] | None, 
         return None, f"unreadable ({exc})", False
     pixels = np.ascontiguousarray(pixels, np.float32)
     labels = np.ascontiguousarray(labels, np.uint8)
-    content = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes() + labels.tobytes()).hexdigest()
-    image_sha = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+    # one pass over the pixels for both hashes (image alone; image and mask), without copying them
+    digest = hashlib.sha256(str(pixels.shape).encode())
+    digest.update(pixels.data)
+    image_sha = digest.hexdigest()
+    digest.update(labels.data)
+    content = digest.hexdigest()
     stored, scale = compact(pixels)
     fg = np.argwhere(labels[0] > 0).astype(np.int32)
     if len(fg) > FG_SAMPLE:
@@ -75,6 +79,12 @@ def compact(pixels: np.ndarray) -> tuple[np.ndarray, float]:
     if pixels.size and float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0:
         return np.rint(pixels * np.float32(65535)).astype(np.uint16), 1.0 / 65535
     return pixels, 1.0
+
+
+def stored_values(part: np.ndarray, scale: float) -> np.ndarray:
+    """Stored image values (a region of a memory map, uint16 or float32) as float32 in [0, 1] (``compact``)."""
+    values = np.array(part, np.float32)
+    return values * np.float32(scale) if scale != 1.0 else values
 
 
 def run_jobs(build: Callable[..., Any], jobs: list[tuple], workers: int, label: str, quiet: bool) -> list[Any]:
@@ -227,8 +237,7 @@ class CaseStore:
     # -- pixels ---------------------------------------------------------------------------------------------------
     def image(self, i: int) -> np.ndarray:
         """Case ``i``'s image (C, …) float32 in memory."""
-        stored, scale = self.image_source(i)
-        return np.array(stored, np.float32) * np.float32(scale) if scale != 1.0 else np.array(stored, np.float32)
+        return stored_values(*self.image_source(i))
 
     def image_source(self, i: int) -> tuple[np.ndarray, float]:
         """Case ``i``'s image as stored (a memory map, uint16 or float32) and the scale that gives its values."""
@@ -289,9 +298,8 @@ class CaseStore:
             else:
                 start = [int(torch.randint(e - p + 1, (1,), generator=generator)) for e, p in zip(extent, size,
                                                                                                  strict=True)]
-            x = self._region(i, "image", start, offset, size, shape, np.float32)
-            scale = entry.meta.get("image_scale", 1.0)
-            xs.append(x * np.float32(scale) if scale != 1.0 else x)
+            xs.append(stored_values(self._region(i, "image", start, offset, size, shape, np.float32),
+                                    entry.meta.get("image_scale", 1.0)))
             ys.append(self._region(i, "mask", start, offset, size, shape, np.uint8))
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64))
 
